@@ -1,0 +1,108 @@
+#pragma once
+// The backend seam. Layers (src/layers) compose these primitives and never touch memory or threads directly;
+// a CUDA backend implements the same interface on device pointers and the layers run unchanged.
+//
+// Conventions: all matrices are row-major; `ld*` are row strides in elements. "accumulate" kernels add into
+// their output (gradients accumulate across micro-batches and across branches of the residual stream).
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace moelab {
+
+enum class Trans { N, T };
+
+// One problem of a grouped GEMM: C_g (M_g x N) = alpha * op(A_g) op(B_g) + beta * C_g.
+// Groups share N, K and the transposes, and differ in M (e.g. tokens routed to each expert) and pointers.
+struct GemmGroup {
+  int64_t m = 0;
+  const float* a = nullptr;
+  const float* b = nullptr;
+  float* c = nullptr;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+
+  // ---- memory -------------------------------------------------------------------------------------------
+  virtual float* alloc(size_t count) = 0;  // zero-initialised, 64-byte aligned
+  virtual void free(float* ptr) = 0;
+  virtual void fill(float* x, float value, int64_t n) = 0;
+  virtual void copy(float* dst, const float* src, int64_t n) = 0;
+
+  // ---- matrix products ------------------------------------------------------------------------------------
+  // C (M x N) = alpha * op(A) op(B) + beta * C; op(A) is M x K, op(B) is K x N.
+  virtual void gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                    const float* b, int64_t ldb, float beta, float* c, int64_t ldc) = 0;
+  // `batch` independent gemms of the same shape, operands `stride_*` elements apart.
+  virtual void gemm_strided_batched(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha,
+                                    const float* a, int64_t lda, int64_t stride_a, const float* b, int64_t ldb,
+                                    int64_t stride_b, float beta, float* c, int64_t ldc, int64_t stride_c,
+                                    int64_t batch) = 0;
+  virtual void grouped_gemm(Trans ta, Trans tb, int64_t n, int64_t k, float alpha, const GemmGroup* groups,
+                            int64_t group_count, int64_t lda, int64_t ldb, float beta, int64_t ldc) = 0;
+
+  // ---- elementwise ----------------------------------------------------------------------------------------
+  virtual void add(float* out, const float* a, const float* b, int64_t n) = 0;          // out = a + b
+  virtual void add_inplace(float* x, const float* y, int64_t n) = 0;                    // x += y
+  virtual void add_bias(float* x, const float* bias, int64_t rows, int64_t cols) = 0;  // x[r, :] += bias
+  virtual void gelu_forward(float* out, const float* in, int64_t n) = 0;                // exact (erf) GELU
+  virtual void gelu_backward(float* din, const float* in, const float* dout, int64_t n) = 0;
+  // SwiGLU on (rows, 2F) input [gate | up] -> (rows, F) output silu(gate) * up.
+  virtual void swiglu_forward(float* out, const float* in, int64_t rows, int64_t f) = 0;
+  virtual void swiglu_backward(float* din, const float* in, const float* dout, int64_t rows, int64_t f) = 0;
+  // Rotary embedding (rotate-half) applied in place to the first `n_rot_heads` heads of each row: x is
+  // (B, T, row_stride) and head h occupies [h*hd, (h+1)*hd). `inverse` rotates by -angle (the backward).
+  virtual void rope(float* x, int64_t batch, int64_t seq, int64_t row_stride, int64_t n_rot_heads, int64_t head_dim,
+                    float theta, bool inverse) = 0;
+  // out[b, t, :] = table[tokens[b, t], :] (+ pos[t, :] when pos != nullptr)
+  virtual void embedding_forward(float* out, const int32_t* tokens, const float* table, const float* pos,
+                                 int64_t batch, int64_t seq, int64_t dim) = 0;
+  // dtable[tokens[b,t], :] += dout[b, t, :]; dpos[t, :] += sum_b dout[b, t, :] when dpos != nullptr.
+  virtual void embedding_backward(float* dtable, float* dpos, const int32_t* tokens, const float* dout,
+                                  int64_t batch, int64_t seq, int64_t dim, int64_t vocab) = 0;
+
+  // ---- reductions -----------------------------------------------------------------------------------------
+  // dbias[c] += sum_r dout[r, c]
+  virtual void bias_backward(float* dbias, const float* dout, int64_t rows, int64_t cols) = 0;
+  // LayerNorm / RMSNorm over the last dim; saves per-row mean (LayerNorm only) and 1/std for the backward.
+  // bias may be null. Backward accumulates into din, dweight, dbias (dbias may be null).
+  virtual void layernorm_forward(float* out, float* mean, float* rstd, const float* in, const float* weight,
+                                 const float* bias, int64_t rows, int64_t cols, float eps) = 0;
+  virtual void layernorm_backward(float* din, float* dweight, float* dbias, const float* dout, const float* in,
+                                  const float* weight, const float* mean, const float* rstd, int64_t rows,
+                                  int64_t cols) = 0;
+  virtual void rmsnorm_forward(float* out, float* rstd, const float* in, const float* weight, int64_t rows,
+                               int64_t cols, float eps) = 0;
+  virtual void rmsnorm_backward(float* din, float* dweight, const float* dout, const float* in, const float* weight,
+                                const float* rstd, int64_t rows, int64_t cols) = 0;
+  // Scaled causal softmax over `count` (T x T) score matrices, in place: row t keeps columns <= t, zeros the rest.
+  virtual void causal_softmax_forward(float* scores, float scale, int64_t count, int64_t seq) = 0;
+  // dscores = scale * P * (dP - rowsum(dP * P)), written over dprobs.
+  virtual void causal_softmax_backward(float* dprobs, const float* probs, float scale, int64_t count,
+                                       int64_t seq) = 0;
+  // Fused softmax + cross-entropy over (rows, vocab) logits. losses[r] = -log softmax(logits[r])[targets[r]]
+  // (0 where targets[r] < 0, which marks an ignored position). When grad_scale != 0 the logits are overwritten
+  // in place by grad_scale * (softmax - onehot), so the probabilities are never stored a second time.
+  virtual void softmax_cross_entropy(float* logits, float* losses, const int32_t* targets, int64_t rows,
+                                     int64_t vocab, float grad_scale) = 0;
+  // sum of x and sum of x^2 in double, deterministic for a fixed thread count.
+  virtual double sum(const float* x, int64_t n) = 0;
+  virtual double sum_squares(const float* x, int64_t n) = 0;
+  // AdamW (decoupled weight decay) on one contiguous parameter block, torch.optim.AdamW semantics.
+  virtual void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, float lr, float beta1,
+                            float beta2, float eps, float weight_decay, float grad_scale, int64_t step) = 0;
+  virtual void scale(float* x, float alpha, int64_t n) = 0;
+
+  // Threads used by this backend's kernels (CPU) or ignored (GPU).
+  virtual void set_threads(int threads) = 0;
+  virtual int threads() const = 0;
+};
+
+// The CPU backend: OpenMP threads, oneDNN GEMM.
+std::unique_ptr<Backend> make_cpu_backend(int threads);
+
+}  // namespace moelab

@@ -1,0 +1,423 @@
+// CPU backend: the readable reference implementation of every kernel. OpenMP threads with static schedules
+// and fixed-order reductions, so a given thread count always produces bitwise-identical results.
+#include <omp.h>
+#include <oneapi/dnnl/dnnl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "backend/backend.h"
+#include "core/error.h"
+
+namespace moelab {
+namespace {
+
+constexpr float kInvSqrt2 = 0.70710678118654752440f;
+constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
+
+// Splits [0, n) into `parts` contiguous chunks; chunk i is [begin, end).
+inline void chunk_range(int64_t n, int parts, int i, int64_t& begin, int64_t& end) {
+  const int64_t base = n / parts, extra = n % parts;
+  begin = i * base + std::min<int64_t>(i, extra);
+  end = begin + base + (i < extra ? 1 : 0);
+}
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(int threads) { set_threads(threads); }
+  std::string name() const override { return "cpu"; }
+
+  void set_threads(int threads) override {
+    threads_ = threads > 0 ? threads : omp_get_num_procs();
+    omp_set_num_threads(threads_);
+  }
+  int threads() const override { return threads_; }
+
+  float* alloc(size_t count) override {
+    const size_t bytes = ((std::max<size_t>(count, 1) * sizeof(float) + 63) / 64) * 64;
+    auto* p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    if (!p) throw Error("out of memory allocating " + std::to_string(bytes >> 20) + " MiB; reduce the batch size "
+                        "or the model");
+    std::memset(p, 0, bytes);
+    return p;
+  }
+  void free(float* ptr) override { std::free(ptr); }
+
+  void fill(float* x, float value, int64_t n) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) x[i] = value;
+  }
+  void copy(float* dst, const float* src, int64_t n) override {
+    if (n > 0) std::memcpy(dst, src, n * sizeof(float));
+  }
+  void scale(float* x, float alpha, int64_t n) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) x[i] *= alpha;
+  }
+
+  // ---- matrix products ------------------------------------------------------------------------------------
+  void gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+            const float* b, int64_t ldb, float beta, float* c, int64_t ldc) override {
+    if (m == 0 || n == 0) return;
+    if (k == 0) {  // oneDNN rejects K = 0; the product is empty, so C = beta * C.
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.f ? 0.f : beta * c[i * ldc + j];
+      return;
+    }
+    const dnnl_status_t status = dnnl_sgemm(ta == Trans::T ? 'T' : 'N', tb == Trans::T ? 'T' : 'N', m, n, k, alpha,
+                                            a, lda, b, ldb, beta, c, ldc);
+    MOELAB_CHECK(status == dnnl_success, "dnnl_sgemm failed with status " + std::to_string(status));
+  }
+
+  void gemm_strided_batched(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                            int64_t lda, int64_t stride_a, const float* b, int64_t ldb, int64_t stride_b,
+                            float beta, float* c, int64_t ldc, int64_t stride_c, int64_t batch) override {
+    // Small per-head products: one single-threaded gemm per thread beats splitting each tiny gemm.
+    // oneDNN runs sequentially when called inside an OpenMP parallel region.
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < batch; ++i)
+      gemm(ta, tb, m, n, k, alpha, a + i * stride_a, lda, b + i * stride_b, ldb, beta, c + i * stride_c, ldc);
+  }
+
+  void grouped_gemm(Trans ta, Trans tb, int64_t n, int64_t k, float alpha, const GemmGroup* groups,
+                    int64_t group_count, int64_t lda, int64_t ldb, float beta, int64_t ldc) override {
+    for (int64_t g = 0; g < group_count; ++g)
+      gemm(ta, tb, groups[g].m, n, k, alpha, groups[g].a, lda, groups[g].b, ldb, beta, groups[g].c, ldc);
+  }
+
+  // ---- elementwise ----------------------------------------------------------------------------------------
+  void add(float* out, const float* a, const float* b, int64_t n) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+  }
+  void add_inplace(float* x, const float* y, int64_t n) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+  }
+  void add_bias(float* x, const float* bias, int64_t rows, int64_t cols) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = x + r * cols;
+      for (int64_t c = 0; c < cols; ++c) row[c] += bias[c];
+    }
+  }
+  void gelu_forward(float* out, const float* in, int64_t n) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) out[i] = 0.5f * in[i] * (1.f + std::erf(in[i] * kInvSqrt2));
+  }
+  void gelu_backward(float* din, const float* in, const float* dout, int64_t n) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      const float x = in[i];
+      const float cdf = 0.5f * (1.f + std::erf(x * kInvSqrt2));
+      const float pdf = kInvSqrt2Pi * std::exp(-0.5f * x * x);
+      din[i] = dout[i] * (cdf + x * pdf);
+    }
+  }
+  void swiglu_forward(float* out, const float* in, int64_t rows, int64_t f) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* gate = in + r * 2 * f;
+      const float* up = gate + f;
+      float* o = out + r * f;
+      for (int64_t j = 0; j < f; ++j) {
+        const float sig = 1.f / (1.f + std::exp(-gate[j]));
+        o[j] = gate[j] * sig * up[j];
+      }
+    }
+  }
+  void swiglu_backward(float* din, const float* in, const float* dout, int64_t rows, int64_t f) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* gate = in + r * 2 * f;
+      const float* up = gate + f;
+      const float* d = dout + r * f;
+      float* dgate = din + r * 2 * f;
+      float* dup = dgate + f;
+      for (int64_t j = 0; j < f; ++j) {
+        const float sig = 1.f / (1.f + std::exp(-gate[j]));
+        const float silu = gate[j] * sig;
+        dup[j] = d[j] * silu;
+        dgate[j] = d[j] * up[j] * sig * (1.f + gate[j] * (1.f - sig));
+      }
+    }
+  }
+  void rope(float* x, int64_t batch, int64_t seq, int64_t row_stride, int64_t n_rot_heads, int64_t head_dim,
+            float theta, bool inverse) override {
+    const int64_t half = head_dim / 2;
+    std::vector<float> cos_table(seq * half), sin_table(seq * half);
+    for (int64_t t = 0; t < seq; ++t)
+      for (int64_t i = 0; i < half; ++i) {
+        const double inv_freq = std::pow(static_cast<double>(theta), -2.0 * i / head_dim);
+        const double angle = t * inv_freq;
+        cos_table[t * half + i] = static_cast<float>(std::cos(angle));
+        sin_table[t * half + i] = static_cast<float>(std::sin(angle)) * (inverse ? -1.f : 1.f);
+      }
+#pragma omp parallel for schedule(static)
+    for (int64_t bt = 0; bt < batch * seq; ++bt) {
+      const int64_t t = bt % seq;
+      const float* cs = cos_table.data() + t * half;
+      const float* sn = sin_table.data() + t * half;
+      for (int64_t h = 0; h < n_rot_heads; ++h) {
+        float* v = x + bt * row_stride + h * head_dim;
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = v[i], b = v[i + half];
+          v[i] = a * cs[i] - b * sn[i];
+          v[i + half] = b * cs[i] + a * sn[i];
+        }
+      }
+    }
+  }
+  void embedding_forward(float* out, const int32_t* tokens, const float* table, const float* pos, int64_t batch,
+                         int64_t seq, int64_t dim) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t bt = 0; bt < batch * seq; ++bt) {
+      const float* row = table + static_cast<int64_t>(tokens[bt]) * dim;
+      float* o = out + bt * dim;
+      if (pos) {
+        const float* p = pos + (bt % seq) * dim;
+        for (int64_t c = 0; c < dim; ++c) o[c] = row[c] + p[c];
+      } else {
+        std::memcpy(o, row, dim * sizeof(float));
+      }
+    }
+  }
+  void embedding_backward(float* dtable, float* dpos, const int32_t* tokens, const float* dout, int64_t batch,
+                          int64_t seq, int64_t dim, int64_t vocab) override {
+    // Each thread owns a slice of the channels, so rows hit by repeated tokens never race and the summation
+    // order (token order) is fixed.
+#pragma omp parallel
+    {
+      int64_t c0, c1;
+      chunk_range(dim, omp_get_num_threads(), omp_get_thread_num(), c0, c1);
+      for (int64_t bt = 0; bt < batch * seq; ++bt) {
+        float* drow = dtable + static_cast<int64_t>(tokens[bt]) * dim;
+        const float* d = dout + bt * dim;
+        for (int64_t c = c0; c < c1; ++c) drow[c] += d[c];
+      }
+      if (dpos) {
+        for (int64_t bt = 0; bt < batch * seq; ++bt) {
+          float* prow = dpos + (bt % seq) * dim;
+          const float* d = dout + bt * dim;
+          for (int64_t c = c0; c < c1; ++c) prow[c] += d[c];
+        }
+      }
+    }
+  }
+
+  // ---- reductions -----------------------------------------------------------------------------------------
+  void bias_backward(float* dbias, const float* dout, int64_t rows, int64_t cols) override {
+#pragma omp parallel
+    {
+      int64_t c0, c1;
+      chunk_range(cols, omp_get_num_threads(), omp_get_thread_num(), c0, c1);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* d = dout + r * cols;
+        for (int64_t c = c0; c < c1; ++c) dbias[c] += d[c];
+      }
+    }
+  }
+
+  void layernorm_forward(float* out, float* mean, float* rstd, const float* in, const float* weight,
+                         const float* bias, int64_t rows, int64_t cols, float eps) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* x = in + r * cols;
+      float* y = out + r * cols;
+      double sum = 0.0;
+      for (int64_t c = 0; c < cols; ++c) sum += x[c];
+      const float mu = static_cast<float>(sum / cols);
+      double var = 0.0;
+      for (int64_t c = 0; c < cols; ++c) var += static_cast<double>(x[c] - mu) * (x[c] - mu);
+      const float rs = static_cast<float>(1.0 / std::sqrt(var / cols + eps));
+      for (int64_t c = 0; c < cols; ++c) y[c] = (x[c] - mu) * rs * weight[c] + (bias ? bias[c] : 0.f);
+      mean[r] = mu;
+      rstd[r] = rs;
+    }
+  }
+  void layernorm_backward(float* din, float* dweight, float* dbias, const float* dout, const float* in,
+                          const float* weight, const float* mean, const float* rstd, int64_t rows,
+                          int64_t cols) override {
+    // dweight/dbias are reductions over rows: each thread sums its static block of rows into a private buffer,
+    // and the buffers are added in thread order.
+    const int nthreads = threads_;
+    std::vector<float> partial(static_cast<size_t>(nthreads) * 2 * cols, 0.f);
+#pragma omp parallel num_threads(nthreads)
+    {
+      const int tid = omp_get_thread_num();
+      int64_t r0, r1;
+      chunk_range(rows, omp_get_num_threads(), tid, r0, r1);
+      float* pw = partial.data() + static_cast<size_t>(tid) * 2 * cols;
+      float* pb = pw + cols;
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* x = in + r * cols;
+        const float* dy = dout + r * cols;
+        float* dx = din + r * cols;
+        const float mu = mean[r], rs = rstd[r];
+        // dxhat = dy * w; dx = rs * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+        double sum_dxhat = 0.0, sum_dxhat_xhat = 0.0;
+        for (int64_t c = 0; c < cols; ++c) {
+          const float xhat = (x[c] - mu) * rs;
+          const float dxhat = dy[c] * weight[c];
+          sum_dxhat += dxhat;
+          sum_dxhat_xhat += static_cast<double>(dxhat) * xhat;
+          pw[c] += dy[c] * xhat;
+          pb[c] += dy[c];
+        }
+        const float m1 = static_cast<float>(sum_dxhat / cols), m2 = static_cast<float>(sum_dxhat_xhat / cols);
+        for (int64_t c = 0; c < cols; ++c) {
+          const float xhat = (x[c] - mu) * rs;
+          dx[c] += rs * (dy[c] * weight[c] - m1 - xhat * m2);
+        }
+      }
+    }
+    for (int t = 0; t < nthreads; ++t) {
+      const float* pw = partial.data() + static_cast<size_t>(t) * 2 * cols;
+      for (int64_t c = 0; c < cols; ++c) {
+        dweight[c] += pw[c];
+        if (dbias) dbias[c] += pw[cols + c];
+      }
+    }
+  }
+  void rmsnorm_forward(float* out, float* rstd, const float* in, const float* weight, int64_t rows, int64_t cols,
+                       float eps) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* x = in + r * cols;
+      float* y = out + r * cols;
+      double ss = 0.0;
+      for (int64_t c = 0; c < cols; ++c) ss += static_cast<double>(x[c]) * x[c];
+      const float rs = static_cast<float>(1.0 / std::sqrt(ss / cols + eps));
+      for (int64_t c = 0; c < cols; ++c) y[c] = x[c] * rs * weight[c];
+      rstd[r] = rs;
+    }
+  }
+  void rmsnorm_backward(float* din, float* dweight, const float* dout, const float* in, const float* weight,
+                        const float* rstd, int64_t rows, int64_t cols) override {
+    const int nthreads = threads_;
+    std::vector<float> partial(static_cast<size_t>(nthreads) * cols, 0.f);
+#pragma omp parallel num_threads(nthreads)
+    {
+      const int tid = omp_get_thread_num();
+      int64_t r0, r1;
+      chunk_range(rows, omp_get_num_threads(), tid, r0, r1);
+      float* pw = partial.data() + static_cast<size_t>(tid) * cols;
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* x = in + r * cols;
+        const float* dy = dout + r * cols;
+        float* dx = din + r * cols;
+        const float rs = rstd[r];
+        // y = xhat * w, xhat = x * rs; dx = rs * (dxhat - xhat * mean(dxhat * xhat))
+        double sum_dxhat_xhat = 0.0;
+        for (int64_t c = 0; c < cols; ++c) {
+          const float xhat = x[c] * rs;
+          sum_dxhat_xhat += static_cast<double>(dy[c] * weight[c]) * xhat;
+          pw[c] += dy[c] * xhat;
+        }
+        const float m2 = static_cast<float>(sum_dxhat_xhat / cols);
+        for (int64_t c = 0; c < cols; ++c) dx[c] += rs * (dy[c] * weight[c] - x[c] * rs * m2);
+      }
+    }
+    for (int t = 0; t < nthreads; ++t)
+      for (int64_t c = 0; c < cols; ++c) dweight[c] += partial[static_cast<size_t>(t) * cols + c];
+  }
+
+  void causal_softmax_forward(float* scores, float scale, int64_t count, int64_t seq) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < count * seq; ++row) {
+      const int64_t t = row % seq;
+      float* s = scores + row * seq;
+      float mx = -INFINITY;
+      for (int64_t j = 0; j <= t; ++j) mx = std::max(mx, s[j] * scale);
+      float sum = 0.f;
+      for (int64_t j = 0; j <= t; ++j) {
+        s[j] = std::exp(s[j] * scale - mx);
+        sum += s[j];
+      }
+      const float inv = 1.f / sum;
+      for (int64_t j = 0; j <= t; ++j) s[j] *= inv;
+      for (int64_t j = t + 1; j < seq; ++j) s[j] = 0.f;
+    }
+  }
+  void causal_softmax_backward(float* dprobs, const float* probs, float scale, int64_t count,
+                               int64_t seq) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < count * seq; ++row) {
+      const int64_t t = row % seq;
+      float* d = dprobs + row * seq;
+      const float* p = probs + row * seq;
+      float dot = 0.f;
+      for (int64_t j = 0; j <= t; ++j) dot += d[j] * p[j];
+      for (int64_t j = 0; j <= t; ++j) d[j] = scale * p[j] * (d[j] - dot);
+      for (int64_t j = t + 1; j < seq; ++j) d[j] = 0.f;
+    }
+  }
+  void softmax_cross_entropy(float* logits, float* losses, const int32_t* targets, int64_t rows, int64_t vocab,
+                             float grad_scale) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      float* z = logits + r * vocab;
+      const int32_t target = targets[r];
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < vocab; ++j) mx = std::max(mx, z[j]);
+      double sum = 0.0;
+      for (int64_t j = 0; j < vocab; ++j) sum += std::exp(static_cast<double>(z[j] - mx));
+      const double log_sum = std::log(sum);
+      losses[r] = target >= 0 ? static_cast<float>(log_sum - (z[target] - mx)) : 0.f;
+      if (grad_scale != 0.f) {
+        if (target < 0) {
+          std::memset(z, 0, vocab * sizeof(float));
+          continue;
+        }
+        const float inv_sum = static_cast<float>(1.0 / sum);
+        for (int64_t j = 0; j < vocab; ++j) z[j] = grad_scale * std::exp(z[j] - mx) * inv_sum;
+        z[target] -= grad_scale;
+      }
+    }
+  }
+  double sum(const float* x, int64_t n) override { return reduce(x, n, false); }
+  double sum_squares(const float* x, int64_t n) override { return reduce(x, n, true); }
+  double reduce(const float* x, int64_t n, bool squares) {
+    const int nthreads = threads_;
+    std::vector<double> partial(nthreads, 0.0);
+#pragma omp parallel num_threads(nthreads)
+    {
+      const int tid = omp_get_thread_num();
+      int64_t i0, i1;
+      chunk_range(n, omp_get_num_threads(), tid, i0, i1);
+      double s = 0.0;
+      for (int64_t i = i0; i < i1; ++i) s += squares ? static_cast<double>(x[i]) * x[i] : x[i];
+      partial[tid] = s;
+    }
+    double total = 0.0;
+    for (double s : partial) total += s;
+    return total;
+  }
+  void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, float lr, float beta1,
+                    float beta2, float eps, float weight_decay, float grad_scale, int64_t step) override {
+    const float bc1 = 1.f - static_cast<float>(std::pow(static_cast<double>(beta1), static_cast<double>(step)));
+    const float bc2 = 1.f - static_cast<float>(std::pow(static_cast<double>(beta2), static_cast<double>(step)));
+    const float step_size = lr / bc1;
+    const float bc2_sqrt = std::sqrt(bc2);
+    const float decay = 1.f - lr * weight_decay;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      const float g = grad[i] * grad_scale;
+      m[i] = beta1 * m[i] + (1.f - beta1) * g;
+      v[i] = beta2 * v[i] + (1.f - beta2) * g * g;
+      param[i] = param[i] * decay - step_size * m[i] / (std::sqrt(v[i]) / bc2_sqrt + eps);
+    }
+  }
+
+ private:
+  int threads_ = 1;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(int threads) { return std::make_unique<CpuBackend>(threads); }
+
+}  // namespace moelab

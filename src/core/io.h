@@ -1,0 +1,11 @@
+#pragma once
+#include <string>
+
+namespace moelab {
+
+// Writes `content` to `path` via a temporary file in the same directory and a rename, so a crash never leaves
+// a half-written file behind. Creates parent directories.
+void write_file_atomic(const std::string& path, const std::string& content);
+std::string read_file(const std::string& path, const std::string& what);
+
+}  // namespace moelab

@@ -1,0 +1,30 @@
+#include "layers/layers.h"
+
+namespace moelab {
+
+void mlp_forward(Backend& be, FfnKind kind, Tensor out, Tensor pre, Tensor act, Tensor in, Tensor w1, Tensor b1,
+                 Tensor w2, Tensor b2) {
+  const int64_t n = in.rows(), f = act.cols();
+  linear_forward(be, pre, in, w1, b1);
+  if (kind == FfnKind::Gelu) {
+    MOELAB_CHECK(pre.cols() == f, "GELU pre-activation width");
+    be.gelu_forward(act.data, pre.data, n * f);
+  } else {
+    MOELAB_CHECK(pre.cols() == 2 * f, "SwiGLU pre-activation must be [gate | up]");
+    be.swiglu_forward(act.data, pre.data, n, f);
+  }
+  linear_forward(be, out, act, w2, b2, /*accumulate_out=*/true);
+}
+
+void mlp_backward(Backend& be, FfnKind kind, Tensor din, Tensor dw1, Tensor db1, Tensor dw2, Tensor db2, Tensor dpre,
+                  Tensor dact, Tensor dout, Tensor in, Tensor pre, Tensor act, Tensor w1, Tensor w2) {
+  const int64_t n = in.rows(), f = act.cols();
+  linear_backward(be, dact, dw2, db2, dout, act, w2);
+  if (kind == FfnKind::Gelu)
+    be.gelu_backward(dpre.data, pre.data, dact.data, n * f);
+  else
+    be.swiglu_backward(dpre.data, pre.data, dact.data, n, f);
+  linear_backward(be, din, dw1, db1, dpre, in, w1, /*accumulate_din=*/true);
+}
+
+}  // namespace moelab

@@ -1,0 +1,444 @@
+#include "model/config.h"
+
+#include <toml++/toml.h>
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <functional>
+#include <limits>
+#include <map>
+#include <sstream>
+#include <variant>
+
+#include "core/error.h"
+
+namespace moelab {
+namespace {
+
+enum class KeyType { Int, Float, Bool, String, Choice };
+
+// One schema entry. Exactly one of the accessors matching `type` is set; Choice keys read and write their
+// enum through its name.
+struct KeyDef {
+  std::string name;
+  KeyType type = KeyType::Int;
+  std::string help;
+  double min = -std::numeric_limits<double>::infinity();
+  double max = std::numeric_limits<double>::infinity();
+  std::vector<std::string> choices;
+  std::function<int64_t&(Config&)> int_ref;
+  std::function<double&(Config&)> float_ref;
+  std::function<bool&(Config&)> bool_ref;
+  std::function<std::string&(Config&)> string_ref;
+  std::function<void(Config&, const std::string&)> set_choice;
+  std::function<std::string(const Config&)> get_choice;
+};
+
+template <typename E>
+struct EnumNames {
+  std::vector<std::pair<E, std::string>> names;
+  std::string of(E e) const {
+    for (auto& [v, n] : names)
+      if (v == e) return n;
+    return "?";
+  }
+  std::vector<std::string> list() const {
+    std::vector<std::string> out;
+    for (auto& p : names) out.push_back(p.second);
+    return out;
+  }
+  E parse(const std::string& s) const {
+    for (auto& [v, n] : names)
+      if (n == s) return v;
+    throw Error("bad enum");
+  }
+};
+
+const EnumNames<NormKind> kNormNames{{{NormKind::LayerNorm, "layernorm"}, {NormKind::RMSNorm, "rmsnorm"}}};
+const EnumNames<PosKind> kPosNames{
+    {{PosKind::Learned, "learned"}, {PosKind::Sinusoidal, "sinusoidal"}, {PosKind::Rope, "rope"}}};
+const EnumNames<FfnKind> kFfnNames{{{FfnKind::Gelu, "gelu"}, {FfnKind::SwiGLU, "swiglu"}}};
+const EnumNames<ScheduleKind> kScheduleNames{
+    {{ScheduleKind::Cosine, "cosine"}, {ScheduleKind::WSD, "wsd"}, {ScheduleKind::Constant, "constant"}}};
+
+KeyDef int_key(std::string name, std::function<int64_t&(Config&)> ref, double min, double max, std::string help) {
+  KeyDef k;
+  k.name = std::move(name), k.type = KeyType::Int, k.help = std::move(help), k.min = min, k.max = max;
+  k.int_ref = std::move(ref);
+  return k;
+}
+KeyDef float_key(std::string name, std::function<double&(Config&)> ref, double min, double max, std::string help) {
+  KeyDef k;
+  k.name = std::move(name), k.type = KeyType::Float, k.help = std::move(help), k.min = min, k.max = max;
+  k.float_ref = std::move(ref);
+  return k;
+}
+KeyDef bool_key(std::string name, std::function<bool&(Config&)> ref, std::string help) {
+  KeyDef k;
+  k.name = std::move(name), k.type = KeyType::Bool, k.help = std::move(help);
+  k.bool_ref = std::move(ref);
+  return k;
+}
+KeyDef string_key(std::string name, std::function<std::string&(Config&)> ref, std::string help) {
+  KeyDef k;
+  k.name = std::move(name), k.type = KeyType::String, k.help = std::move(help);
+  k.string_ref = std::move(ref);
+  return k;
+}
+template <typename E>
+KeyDef choice_key(std::string name, const EnumNames<E>& names, std::function<E&(Config&)> ref, std::string help) {
+  KeyDef k;
+  k.name = std::move(name), k.type = KeyType::Choice, k.help = std::move(help);
+  k.choices = names.list();
+  k.set_choice = [&names, ref](Config& c, const std::string& s) { ref(c) = names.parse(s); };
+  k.get_choice = [&names, ref](const Config& c) { return names.of(ref(const_cast<Config&>(c))); };
+  return k;
+}
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+const std::vector<KeyDef>& schema() {
+  static const std::vector<KeyDef> keys = {
+      // [model]
+      int_key("model.vocab_size", [](Config& c) -> int64_t& { return c.model.vocab_size; }, 2, 1 << 24,
+              "vocabulary size (must cover every token id in the data)"),
+      int_key("model.d_model", [](Config& c) -> int64_t& { return c.model.d_model; }, 1, 1 << 16,
+              "width of the residual stream"),
+      int_key("model.n_layers", [](Config& c) -> int64_t& { return c.model.n_layers; }, 1, 1024,
+              "number of transformer blocks"),
+      int_key("model.n_heads", [](Config& c) -> int64_t& { return c.model.n_heads; }, 1, 1024,
+              "attention heads (must divide d_model)"),
+      int_key("model.d_ff", [](Config& c) -> int64_t& { return c.model.d_ff; }, 0, 1 << 20,
+              "FFN hidden size; 0 means 4 * d_model"),
+      int_key("model.seq_len", [](Config& c) -> int64_t& { return c.model.seq_len; }, 1, 1 << 16,
+              "context length in tokens"),
+      choice_key<NormKind>("model.norm", kNormNames, [](Config& c) -> NormKind& { return c.model.norm; },
+                           "normalisation layer"),
+      choice_key<PosKind>("model.pos", kPosNames, [](Config& c) -> PosKind& { return c.model.pos; },
+                          "position encoding"),
+      choice_key<FfnKind>("model.ffn", kFfnNames, [](Config& c) -> FfnKind& { return c.model.ffn; },
+                          "feed-forward activation"),
+      bool_key("model.bias", [](Config& c) -> bool& { return c.model.bias; },
+               "biases on linear layers and LayerNorm (fairseq style)"),
+      bool_key("model.tied_embeddings", [](Config& c) -> bool& { return c.model.tied_embeddings; },
+               "output head shares the token embedding matrix"),
+      float_key("model.norm_eps", [](Config& c) -> double& { return c.model.norm_eps; }, 0, 1,
+                "epsilon inside the norm's square root"),
+      float_key("model.rope_theta", [](Config& c) -> double& { return c.model.rope_theta; }, 1, kInf,
+                "RoPE base frequency"),
+      float_key("model.init_std", [](Config& c) -> double& { return c.model.init_std; }, 0, 10,
+                "std of the normal init of weights (output projections are scaled by 1/sqrt(2 n_layers))"),
+      // [train]
+      int_key("train.batch_size", [](Config& c) -> int64_t& { return c.train.batch_size; }, 1, 1 << 20,
+              "sequences per micro-batch"),
+      int_key("train.grad_accum", [](Config& c) -> int64_t& { return c.train.grad_accum; }, 1, 1 << 20,
+              "micro-batches accumulated per optimizer step"),
+      int_key("train.steps", [](Config& c) -> int64_t& { return c.train.steps; }, 1, 1e12, "optimizer steps"),
+      float_key("train.lr", [](Config& c) -> double& { return c.train.lr; }, 0, 10, "peak learning rate"),
+      float_key("train.min_lr", [](Config& c) -> double& { return c.train.min_lr; }, 0, 10,
+                "learning rate at the end of the decay"),
+      int_key("train.warmup_steps", [](Config& c) -> int64_t& { return c.train.warmup_steps; }, 0, 1e12,
+              "linear warm-up steps"),
+      choice_key<ScheduleKind>("train.schedule", kScheduleNames,
+                               [](Config& c) -> ScheduleKind& { return c.train.schedule; },
+                               "LR schedule after warm-up: cosine decay, WSD (stable then linear decay), constant"),
+      float_key("train.wsd_decay_fraction", [](Config& c) -> double& { return c.train.wsd_decay_fraction; }, 0, 1,
+                "WSD: fraction of all steps spent decaying to min_lr"),
+      float_key("train.beta1", [](Config& c) -> double& { return c.train.beta1; }, 0, 0.999999, "AdamW beta1"),
+      float_key("train.beta2", [](Config& c) -> double& { return c.train.beta2; }, 0, 0.999999, "AdamW beta2"),
+      float_key("train.adam_eps", [](Config& c) -> double& { return c.train.adam_eps; }, 0, 1, "AdamW epsilon"),
+      float_key("train.weight_decay", [](Config& c) -> double& { return c.train.weight_decay; }, 0, 10,
+                "decoupled weight decay on weight matrices"),
+      bool_key("train.decay_embeddings", [](Config& c) -> bool& { return c.train.decay_embeddings; },
+               "also decay embedding tables (norms and biases are never decayed)"),
+      float_key("train.grad_clip", [](Config& c) -> double& { return c.train.grad_clip; }, 0, kInf,
+                "clip the global gradient norm to this value; 0 disables"),
+      int_key("train.seed", [](Config& c) -> int64_t& { return c.train.seed; }, 0, 9.2e18,
+              "seed for initialisation and batch sampling"),
+      int_key("train.threads", [](Config& c) -> int64_t& { return c.train.threads; }, 0, 4096,
+              "CPU threads; 0 means all cores"),
+      int_key("train.log_every", [](Config& c) -> int64_t& { return c.train.log_every; }, 1, 1e12,
+              "steps between progress lines"),
+      string_key("train.out_dir", [](Config& c) -> std::string& { return c.train.out_dir; },
+                 "run directory: resolved config and metrics.jsonl are written here"),
+      // [data]
+      string_key("data.train_path", [](Config& c) -> std::string& { return c.data.train_path; },
+                 "training tokens: a flat binary file of little-endian token ids"),
+      string_key("data.val_path", [](Config& c) -> std::string& { return c.data.val_path; },
+                 "optional validation tokens, same format"),
+      string_key("data.dtype", [](Config& c) -> std::string& { return c.data.dtype; },
+                 "token id width in the data files: uint16 or uint32"),
+  };
+  return keys;
+}
+
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j)
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
+    std::swap(prev, cur);
+  }
+  return prev[b.size()];
+}
+
+const KeyDef& find_key(const std::string& name, const std::string& where) {
+  for (const auto& k : schema())
+    if (k.name == name) return k;
+  std::string best;
+  size_t best_distance = 4;
+  for (const auto& k : schema()) {
+    const size_t d = edit_distance(name, k.name);
+    if (d < best_distance) best_distance = d, best = k.name;
+  }
+  throw Error("unknown config key '" + name + "'" + where +
+              (best.empty() ? "" : " (did you mean '" + best + "'?)") + "; `moelab config --list` shows every key");
+}
+
+std::string type_name(const KeyDef& k) {
+  switch (k.type) {
+    case KeyType::Int: return "int";
+    case KeyType::Float: return "float";
+    case KeyType::Bool: return "bool";
+    case KeyType::String: return "string";
+    case KeyType::Choice: {
+      std::string s;
+      for (auto& c : k.choices) s += (s.empty() ? "" : "|") + c;
+      return s;
+    }
+  }
+  return "?";
+}
+
+std::string format_double(double v) {
+  std::ostringstream os;
+  os.precision(17);
+  os << v;
+  std::string s = os.str();
+  if (s.find_first_of(".eEn") == std::string::npos) s += ".0";  // keep it a TOML float
+  return s;
+}
+
+std::string range_text(const KeyDef& k) {
+  auto num = [&](double v) {
+    if (std::isinf(v)) return std::string(v < 0 ? "-inf" : "inf");
+    return k.type == KeyType::Int ? std::to_string(static_cast<int64_t>(v)) : format_double(v);
+  };
+  const std::string lo = num(k.min), hi = num(k.max);
+  return "[" + lo + ", " + hi + "]";
+}
+
+void check_range(const KeyDef& k, double v, const std::string& where) {
+  if (!(v >= k.min && v <= k.max) || std::isnan(v))
+    throw Error("config key '" + k.name + "'" + where + " = " + format_double(v) + " is out of range " +
+                range_text(k));
+}
+
+void set_int(Config& c, const KeyDef& k, int64_t v, const std::string& where) {
+  check_range(k, static_cast<double>(v), where);
+  k.int_ref(c) = v;
+}
+void set_float(Config& c, const KeyDef& k, double v, const std::string& where) {
+  check_range(k, v, where);
+  k.float_ref(c) = v;
+}
+void set_choice(Config& c, const KeyDef& k, const std::string& v, const std::string& where) {
+  if (std::find(k.choices.begin(), k.choices.end(), v) == k.choices.end())
+    throw Error("config key '" + k.name + "'" + where + " = '" + v + "' is not one of " + type_name(k));
+  k.set_choice(c, v);
+}
+
+[[noreturn]] void type_error(const KeyDef& k, const std::string& where, const std::string& got) {
+  throw Error("config key '" + k.name + "'" + where + " expects " + type_name(k) + ", got " + got);
+}
+
+void set_from_toml(Config& c, const KeyDef& k, const toml::node& node, const std::string& where) {
+  switch (k.type) {
+    case KeyType::Int:
+      if (auto v = node.as_integer()) return set_int(c, k, v->get(), where);
+      if (auto v = node.as_floating_point(); v && std::floor(v->get()) == v->get())
+        return set_int(c, k, static_cast<int64_t>(v->get()), where);
+      type_error(k, where, "a " + std::string(toml::impl::node_type_friendly_names[static_cast<int>(node.type())]));
+    case KeyType::Float:
+      if (auto v = node.as_floating_point()) return set_float(c, k, v->get(), where);
+      if (auto v = node.as_integer()) return set_float(c, k, static_cast<double>(v->get()), where);
+      type_error(k, where, "a " + std::string(toml::impl::node_type_friendly_names[static_cast<int>(node.type())]));
+    case KeyType::Bool:
+      if (auto v = node.as_boolean()) {
+        k.bool_ref(c) = v->get();
+        return;
+      }
+      type_error(k, where, "a non-boolean");
+    case KeyType::String:
+      if (auto v = node.as_string()) {
+        k.string_ref(c) = v->get();
+        return;
+      }
+      type_error(k, where, "a non-string");
+    case KeyType::Choice:
+      if (auto v = node.as_string()) return set_choice(c, k, v->get(), where);
+      type_error(k, where, "a non-string");
+  }
+}
+
+void walk_table(Config& c, const toml::table& table, const std::string& prefix, const std::string& source) {
+  for (auto&& [key, node] : table) {
+    const std::string name = prefix.empty() ? std::string(key.str()) : prefix + "." + std::string(key.str());
+    if (auto sub = node.as_table()) {
+      walk_table(c, *sub, name, source);
+      continue;
+    }
+    const std::string where = " in " + source;
+    set_from_toml(c, find_key(name, where), node, where);
+  }
+}
+
+// A TOML basic string literal.
+std::string quote(const std::string& s) {
+  std::string out = "\"";
+  for (char ch : s) {
+    if (ch == '"' || ch == '\\') out += '\\';
+    out += ch;
+  }
+  return out + "\"";
+}
+
+std::string value_text(const Config& c, const KeyDef& k) {
+  Config& m = const_cast<Config&>(c);
+  switch (k.type) {
+    case KeyType::Int: return std::to_string(k.int_ref(m));
+    case KeyType::Float: return format_double(k.float_ref(m));
+    case KeyType::Bool: return k.bool_ref(m) ? "true" : "false";
+    case KeyType::String: return quote(k.string_ref(m));
+    case KeyType::Choice: return "\"" + k.get_choice(c) + "\"";
+  }
+  return "";
+}
+
+}  // namespace
+
+void apply_override(Config& c, const std::string& assignment) {
+  const auto eq = assignment.find('=');
+  if (eq == std::string::npos || eq == 0)
+    throw Error("--set expects key=value (e.g. --set model.d_model=512), got '" + assignment + "'");
+  const std::string name = assignment.substr(0, eq), text = assignment.substr(eq + 1);
+  const std::string where = " (from --set)";
+  const KeyDef& k = find_key(name, where);
+  switch (k.type) {
+    case KeyType::Int: {
+      size_t used = 0;
+      double v = 0;
+      try {
+        v = std::stod(text, &used);
+      } catch (...) {
+        used = 0;
+      }
+      if (used != text.size() || text.empty() || std::floor(v) != v) type_error(k, where, "'" + text + "'");
+      return set_int(c, k, static_cast<int64_t>(v), where);
+    }
+    case KeyType::Float: {
+      size_t used = 0;
+      double v = 0;
+      try {
+        v = std::stod(text, &used);
+      } catch (...) {
+        used = 0;
+      }
+      if (used != text.size() || text.empty()) type_error(k, where, "'" + text + "'");
+      return set_float(c, k, v, where);
+    }
+    case KeyType::Bool:
+      if (text == "true" || text == "1") k.bool_ref(c) = true;
+      else if (text == "false" || text == "0") k.bool_ref(c) = false;
+      else type_error(k, where, "'" + text + "'");
+      return;
+    case KeyType::String: k.string_ref(c) = text; return;
+    case KeyType::Choice: return set_choice(c, k, text, where);
+  }
+}
+
+void validate(const Config& c) {
+  const auto& m = c.model;
+  if (m.d_model % m.n_heads != 0)
+    throw Error("model.d_model = " + std::to_string(m.d_model) + " is not divisible by model.n_heads = " +
+                std::to_string(m.n_heads) + "; choose n_heads dividing d_model");
+  if (m.pos == PosKind::Rope && m.head_dim() % 2 != 0)
+    throw Error("model.pos = \"rope\" needs an even head dimension, but d_model / n_heads = " +
+                std::to_string(m.head_dim()));
+  if (m.pos == PosKind::Sinusoidal && (m.d_model % 2 != 0 || m.d_model < 4))
+    throw Error("model.pos = \"sinusoidal\" needs an even model.d_model >= 4");
+  if (c.train.min_lr > c.train.lr)
+    throw Error("train.min_lr = " + format_double(c.train.min_lr) + " exceeds train.lr = " +
+                format_double(c.train.lr));
+  if (c.train.warmup_steps > c.train.steps)
+    throw Error("train.warmup_steps = " + std::to_string(c.train.warmup_steps) + " exceeds train.steps = " +
+                std::to_string(c.train.steps));
+  if (c.data.dtype != "uint16" && c.data.dtype != "uint32")
+    throw Error("data.dtype = '" + c.data.dtype + "' must be \"uint16\" or \"uint32\"");
+  if (c.data.dtype == "uint16" && m.vocab_size > 65536)
+    throw Error("model.vocab_size = " + std::to_string(m.vocab_size) +
+                " does not fit data.dtype = \"uint16\"; use \"uint32\"");
+}
+
+Config config_from_string(const std::string& text, const std::vector<std::string>& overrides,
+                          const std::string& source) {
+  Config c;
+  toml::table table;
+  try {
+    table = toml::parse(text, source);
+  } catch (const toml::parse_error& e) {
+    std::ostringstream os;
+    os << "cannot parse config " << source << " at line " << e.source().begin.line << ", column "
+       << e.source().begin.column << ": " << e.description();
+    throw Error(os.str());
+  }
+  walk_table(c, table, "", source);
+  for (const auto& o : overrides) apply_override(c, o);
+  validate(c);
+  return c;
+}
+
+Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
+  if (path.empty()) return config_from_string("", overrides, "<defaults>");
+  std::ifstream in(path);
+  if (!in) throw Error("cannot open config file '" + path + "': check the path (configs/ has examples)");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return config_from_string(ss.str(), overrides, path);
+}
+
+std::string to_toml(const Config& c) {
+  std::string out = "# resolved moelab config: every key, defaults included\n";
+  std::string section;
+  for (const auto& k : schema()) {
+    const auto dot = k.name.find('.');
+    const std::string sec = k.name.substr(0, dot), key = k.name.substr(dot + 1);
+    if (sec != section) {
+      out += (section.empty() ? "\n[" : "\n[") + sec + "]\n";
+      section = sec;
+    }
+    out += key + " = " + value_text(c, k) + "\n";
+  }
+  return out;
+}
+
+std::vector<ConfigKeyInfo> config_keys() {
+  Config defaults;
+  std::vector<ConfigKeyInfo> out;
+  for (const auto& k : schema()) {
+    std::string help = k.help;
+    if (k.type == KeyType::Int || k.type == KeyType::Float) help += " " + range_text(k);
+    out.push_back({k.name, type_name(k), value_text(defaults, k), help});
+  }
+  return out;
+}
+
+std::string to_string(NormKind k) { return kNormNames.of(k); }
+std::string to_string(PosKind k) { return kPosNames.of(k); }
+std::string to_string(FfnKind k) { return kFfnNames.of(k); }
+std::string to_string(ScheduleKind k) { return kScheduleNames.of(k); }
+
+}  // namespace moelab

@@ -1,0 +1,93 @@
+#pragma once
+// Every tunable of a run lives in Config. Keys are declared once in a schema (config.cpp) that drives TOML
+// parsing, `--set key=value` overrides, range validation, `moelab config --list` and the resolved config
+// written beside each run: a key exists in all of those places or in none.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moelab {
+
+enum class NormKind { LayerNorm, RMSNorm };
+enum class PosKind { Learned, Sinusoidal, Rope };
+enum class FfnKind { Gelu, SwiGLU };
+enum class ScheduleKind { Cosine, WSD, Constant };
+
+struct ModelConfig {
+  int64_t vocab_size = 8192;
+  int64_t d_model = 256;
+  int64_t n_layers = 4;
+  int64_t n_heads = 4;
+  int64_t d_ff = 0;  // 0 means 4 * d_model
+  int64_t seq_len = 256;
+  NormKind norm = NormKind::RMSNorm;
+  PosKind pos = PosKind::Rope;
+  FfnKind ffn = FfnKind::Gelu;
+  bool bias = false;
+  bool tied_embeddings = true;
+  double norm_eps = 1e-5;
+  double rope_theta = 10000.0;
+  double init_std = 0.02;
+
+  int64_t ffn_hidden() const { return d_ff > 0 ? d_ff : 4 * d_model; }
+  int64_t head_dim() const { return d_model / n_heads; }
+};
+
+struct TrainConfig {
+  int64_t batch_size = 8;   // sequences per micro-batch
+  int64_t grad_accum = 1;   // micro-batches per optimizer step
+  int64_t steps = 1000;     // optimizer steps
+  double lr = 3e-3;
+  double min_lr = 3e-4;
+  int64_t warmup_steps = 100;
+  ScheduleKind schedule = ScheduleKind::Cosine;
+  double wsd_decay_fraction = 0.2;  // WSD: share of steps spent in the final linear decay
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double adam_eps = 1e-8;
+  double weight_decay = 0.1;
+  bool decay_embeddings = false;  // weight decay on embeddings; norms and biases are never decayed
+  double grad_clip = 1.0;         // global-norm clip; 0 disables
+  int64_t seed = 1;
+  int64_t threads = 0;  // 0 means all cores
+  int64_t log_every = 10;
+  std::string out_dir = "runs/default";
+};
+
+struct DataConfig {
+  std::string train_path;  // flat binary file of token ids
+  std::string val_path;    // optional, same format
+  std::string dtype = "uint16";
+};
+
+struct Config {
+  ModelConfig model;
+  TrainConfig train;
+  DataConfig data;
+};
+
+struct ConfigKeyInfo {
+  std::string name;
+  std::string type;           // "int", "float", "bool", "string" or "a|b|c"
+  std::string default_value;  // rendered from a default-constructed Config
+  std::string help;
+};
+
+// Reads a TOML file (sections [model], [train], [data]) over the defaults, then applies overrides of the form
+// "section.key=value" in order. Throws moelab::Error naming the key for unknown keys, wrong types and
+// out-of-range values, and for inconsistent combinations (e.g. d_model not divisible by n_heads).
+Config load_config(const std::string& path, const std::vector<std::string>& overrides);
+Config config_from_string(const std::string& toml_text, const std::vector<std::string>& overrides,
+                          const std::string& source_name = "<string>");
+void apply_override(Config& config, const std::string& assignment);
+void validate(const Config& config);
+// The config as TOML, every key present, so a run can be reproduced from it alone.
+std::string to_toml(const Config& config);
+std::vector<ConfigKeyInfo> config_keys();
+
+std::string to_string(NormKind k);
+std::string to_string(PosKind k);
+std::string to_string(FfnKind k);
+std::string to_string(ScheduleKind k);
+
+}  // namespace moelab

@@ -1,0 +1,58 @@
+#include "model/param_layout.h"
+
+#include <cmath>
+
+namespace moelab {
+
+ParamLayout::ParamLayout(const ModelConfig& m) {
+  const int64_t C = m.d_model, F = m.ffn_hidden(), V = m.vocab_size;
+  const float std = static_cast<float>(m.init_std);
+  // Projections that write into the residual stream are scaled down so the stream's variance does not grow
+  // with depth (GPT-2).
+  const float residual_std = static_cast<float>(m.init_std / std::sqrt(2.0 * m.n_layers));
+  const bool norm_bias = m.norm == NormKind::LayerNorm && m.bias;
+  add("tok_emb.weight", {V, C}, ParamKind::Embedding, std);
+  if (m.pos == PosKind::Learned) add("pos_emb.weight", {m.seq_len, C}, ParamKind::Embedding, std);
+  for (int64_t i = 0; i < m.n_layers; ++i) {
+    const std::string p = "layers." + std::to_string(i) + ".";
+    add(p + "norm1.weight", {C}, ParamKind::NormWeight, 0.f);
+    if (norm_bias) add(p + "norm1.bias", {C}, ParamKind::Bias, 0.f);
+    add(p + "attn.qkv.weight", {3 * C, C}, ParamKind::Matrix, std);
+    if (m.bias) add(p + "attn.qkv.bias", {3 * C}, ParamKind::Bias, 0.f);
+    add(p + "attn.out.weight", {C, C}, ParamKind::Matrix, residual_std);
+    if (m.bias) add(p + "attn.out.bias", {C}, ParamKind::Bias, 0.f);
+    add(p + "norm2.weight", {C}, ParamKind::NormWeight, 0.f);
+    if (norm_bias) add(p + "norm2.bias", {C}, ParamKind::Bias, 0.f);
+    const int64_t fc1_rows = m.ffn == FfnKind::SwiGLU ? 2 * F : F;
+    add(p + "ffn.fc1.weight", {fc1_rows, C}, ParamKind::Matrix, std);
+    if (m.bias) add(p + "ffn.fc1.bias", {fc1_rows}, ParamKind::Bias, 0.f);
+    add(p + "ffn.fc2.weight", {C, F}, ParamKind::Matrix, residual_std);
+    if (m.bias) add(p + "ffn.fc2.bias", {C}, ParamKind::Bias, 0.f);
+  }
+  add("final_norm.weight", {C}, ParamKind::NormWeight, 0.f);
+  if (norm_bias) add("final_norm.bias", {C}, ParamKind::Bias, 0.f);
+  if (!m.tied_embeddings) add("lm_head.weight", {V, C}, ParamKind::Matrix, std);
+}
+
+void ParamLayout::add(const std::string& name, Shape shape, ParamKind kind, float init_std) {
+  entries_.push_back({name, shape, total_, kind, init_std});
+  total_ += shape.numel();
+}
+
+const ParamEntry& ParamLayout::find(const std::string& name) const {
+  for (const auto& e : entries_)
+    if (e.name == name) return e;
+  throw Error("model has no parameter named '" + name + "'");
+}
+
+bool ParamLayout::has(const std::string& name) const {
+  for (const auto& e : entries_)
+    if (e.name == name) return true;
+  return false;
+}
+
+bool is_decayed(ParamKind kind, bool decay_embeddings) {
+  return kind == ParamKind::Matrix || (kind == ParamKind::Embedding && decay_embeddings);
+}
+
+}  // namespace moelab

@@ -1,0 +1,46 @@
+#pragma once
+// The parameter layout: every parameter's name, shape and offset in one flat block. Parameters, gradients
+// and both AdamW moments are four arenas with this same layout, so an optimizer or a checkpoint walks one list.
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "model/config.h"
+
+namespace moelab {
+
+enum class ParamKind { Matrix, Embedding, NormWeight, Bias };
+
+struct ParamEntry {
+  std::string name;
+  Shape shape;
+  int64_t offset = 0;  // in floats, from the start of the block
+  ParamKind kind = ParamKind::Matrix;
+  float init_std = 0.f;  // 0: zeros for biases; norm weights start at 1
+};
+
+class ParamLayout {
+ public:
+  explicit ParamLayout(const ModelConfig& config);
+  const std::vector<ParamEntry>& entries() const { return entries_; }
+  const ParamEntry& find(const std::string& name) const;
+  bool has(const std::string& name) const;
+  int64_t total() const { return total_; }
+  Tensor view(float* base, const std::string& name) const {
+    const auto& e = find(name);
+    return Tensor(base + e.offset, e.shape);
+  }
+  Tensor view_or_empty(float* base, const std::string& name) const {
+    return has(name) ? view(base, name) : Tensor();
+  }
+
+ private:
+  void add(const std::string& name, Shape shape, ParamKind kind, float init_std);
+  std::vector<ParamEntry> entries_;
+  int64_t total_ = 0;
+};
+
+// Whether AdamW decays this parameter: weight matrices always, embeddings only when asked, never norms/biases.
+bool is_decayed(ParamKind kind, bool decay_embeddings);
+
+}  // namespace moelab

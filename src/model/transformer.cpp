@@ -1,0 +1,207 @@
+#include "model/transformer.h"
+
+#include <cmath>
+
+#include "core/rng.h"
+#include "layers/layers.h"
+
+namespace moelab {
+
+struct Transformer::LayerWeights {
+  Tensor norm1_w, norm1_b, qkv_w, qkv_b, out_w, out_b, norm2_w, norm2_b, fc1_w, fc1_b, fc2_w, fc2_b;
+};
+
+Transformer::LayerWeights Transformer::layer_weights(float* base, int64_t i) const {
+  const std::string p = "layers." + std::to_string(i) + ".";
+  auto v = [&](const std::string& n) { return layout_.view_or_empty(base, p + n); };
+  return {v("norm1.weight"), v("norm1.bias"), v("attn.qkv.weight"), v("attn.qkv.bias"), v("attn.out.weight"),
+          v("attn.out.bias"), v("norm2.weight"), v("norm2.bias"), v("ffn.fc1.weight"), v("ffn.fc1.bias"),
+          v("ffn.fc2.weight"), v("ffn.fc2.bias")};
+}
+
+Tensor Transformer::act(const std::string& name, int64_t layer) const {
+  Tensor t = acts_.view(layer < 0 ? name : "layers." + std::to_string(layer) + "." + name);
+  // Views are sized for max_batch; a smaller batch uses the leading part.
+  Shape s = t.shape;
+  if (s.rank >= 2 && s[0] == max_batch_) s.dims[0] = batch_;
+  return Tensor(t.data, s);
+}
+
+Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t max_batch)
+    : config_(config), backend_(backend), layout_(config), max_batch_(max_batch), acts_(backend) {
+  const int64_t B = max_batch, T = config.seq_len, C = config.d_model, H = config.n_heads, V = config.vocab_size;
+  const int64_t F = config.ffn_hidden(), pre_width = config.ffn == FfnKind::SwiGLU ? 2 * F : F;
+  params_ = backend_.alloc(layout_.total());
+  grads_ = backend_.alloc(layout_.total());
+
+  // Saved activations, per layer: everything the backward reads. Shapes are (B, T, ...) so a smaller batch
+  // can use a prefix.
+  acts_.reserve("embed", {B, T, C});
+  for (int64_t i = 0; i < config.n_layers; ++i) {
+    const std::string p = "layers." + std::to_string(i) + ".";
+    acts_.reserve(p + "ln1", {B, T, C});
+    acts_.reserve(p + "ln1_mean", {B, T});
+    acts_.reserve(p + "ln1_rstd", {B, T});
+    acts_.reserve(p + "qkv", {B, T, 3 * C});
+    acts_.reserve(p + "probs", {B, H, T, T});
+    acts_.reserve(p + "atty", {B, T, C});
+    acts_.reserve(p + "res_att", {B, T, C});
+    acts_.reserve(p + "ln2", {B, T, C});
+    acts_.reserve(p + "ln2_mean", {B, T});
+    acts_.reserve(p + "ln2_rstd", {B, T});
+    acts_.reserve(p + "fc_pre", {B, T, pre_width});
+    acts_.reserve(p + "fc_act", {B, T, F});
+    acts_.reserve(p + "res_ffn", {B, T, C});
+  }
+  acts_.reserve("lnf", {B, T, C});
+  acts_.reserve("lnf_mean", {B, T});
+  acts_.reserve("lnf_rstd", {B, T});
+  acts_.reserve("logits", {B, T, V});
+  acts_.reserve("losses", {B, T});
+  // Backward scratch, shared by all layers.
+  acts_.reserve("d_res", {B, T, C});
+  acts_.reserve("d_ln", {B, T, C});
+  acts_.reserve("d_qkv", {B, T, 3 * C});
+  acts_.reserve("d_probs", {B, H, T, T});
+  acts_.reserve("d_atty", {B, T, C});
+  acts_.reserve("d_fc_pre", {B, T, pre_width});
+  acts_.reserve("d_fc_act", {B, T, F});
+  if (config.pos == PosKind::Sinusoidal) acts_.reserve("sinusoidal", {T, C});
+  acts_.allocate();
+  if (config.pos == PosKind::Sinusoidal) {
+    sinusoidal_.resize(T * C);
+    sinusoidal_table(sinusoidal_.data(), T, C);
+    backend_.copy(acts_.view("sinusoidal").data, sinusoidal_.data(), T * C);
+  }
+}
+
+Transformer::~Transformer() {
+  backend_.free(params_);
+  backend_.free(grads_);
+}
+
+void Transformer::init_weights(uint64_t seed) {
+  Rng rng(seed);
+  std::vector<float> host(layout_.total());
+  for (const auto& e : layout_.entries()) {
+    float* p = host.data() + e.offset;
+    const int64_t n = e.shape.numel();
+    switch (e.kind) {
+      case ParamKind::NormWeight:
+        for (int64_t i = 0; i < n; ++i) p[i] = 1.f;
+        break;
+      case ParamKind::Bias:
+        for (int64_t i = 0; i < n; ++i) p[i] = 0.f;
+        break;
+      default:
+        for (int64_t i = 0; i < n; ++i) p[i] = static_cast<float>(rng.normal()) * e.init_std;
+    }
+  }
+  backend_.copy(params_, host.data(), layout_.total());
+}
+
+void Transformer::zero_grad() { backend_.fill(grads_, 0.f, layout_.total()); }
+
+Tensor Transformer::logits() const { return act("logits"); }
+
+double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64_t batch, float backward_scale) {
+  MOELAB_CHECK(batch >= 1 && batch <= max_batch_, "batch " + std::to_string(batch) + " exceeds the arena");
+  MOELAB_CHECK(backward_scale == 0.f || targets != nullptr, "backward needs targets");
+  Backend& be = backend_;
+  const auto& m = config_;
+  batch_ = batch;
+  tokens_ = tokens;
+  const int64_t T = m.seq_len, V = m.vocab_size;
+  for (int64_t i = 0; i < batch * T; ++i)
+    if (tokens[i] < 0 || tokens[i] >= V)
+      throw Error("token id " + std::to_string(tokens[i]) + " is outside the vocabulary [0, " + std::to_string(V) +
+                  "); set model.vocab_size to cover the data");
+  const float eps = static_cast<float>(m.norm_eps);
+  const AttentionShape attn{batch, T, m.d_model, m.n_heads, m.pos == PosKind::Rope, static_cast<float>(m.rope_theta)};
+
+  Tensor pos = m.pos == PosKind::Learned      ? layout_.view(params_, "pos_emb.weight")
+               : m.pos == PosKind::Sinusoidal ? acts_.view("sinusoidal")
+                                              : Tensor();
+  embedding_forward(be, act("embed"), tokens, layout_.view(params_, "tok_emb.weight"), pos);
+
+  Tensor residual = act("embed");
+  for (int64_t i = 0; i < m.n_layers; ++i) {
+    const LayerWeights w = layer_weights(params_, i);
+    Tensor ln1 = act("ln1", i), qkv = act("qkv", i), atty = act("atty", i), res_att = act("res_att", i);
+    norm_forward(be, m.norm, ln1, act("ln1_mean", i), act("ln1_rstd", i), residual, w.norm1_w, w.norm1_b, eps);
+    linear_forward(be, qkv, ln1, w.qkv_w, w.qkv_b);
+    attention_forward(be, attn, atty, act("probs", i), qkv);
+    be.copy(res_att.data, residual.data, res_att.numel());
+    linear_forward(be, res_att, atty, w.out_w, w.out_b, /*accumulate_out=*/true);
+
+    Tensor ln2 = act("ln2", i), res_ffn = act("res_ffn", i);
+    norm_forward(be, m.norm, ln2, act("ln2_mean", i), act("ln2_rstd", i), res_att, w.norm2_w, w.norm2_b, eps);
+    be.copy(res_ffn.data, res_att.data, res_ffn.numel());
+    mlp_forward(be, m.ffn, res_ffn, act("fc_pre", i), act("fc_act", i), ln2, w.fc1_w, w.fc1_b, w.fc2_w, w.fc2_b);
+    residual = res_ffn;
+  }
+  Tensor lnf = act("lnf");
+  norm_forward(be, m.norm, lnf, act("lnf_mean"), act("lnf_rstd"), residual, layout_.view(params_, "final_norm.weight"),
+               layout_.view_or_empty(params_, "final_norm.bias"), eps);
+  Tensor head = layout_.view(params_, m.tied_embeddings ? "tok_emb.weight" : "lm_head.weight");
+  Tensor logits = act("logits");
+  linear_forward(be, logits, lnf, head, Tensor());
+  if (!targets) return 0.0;
+
+  counted_ = 0;
+  for (int64_t i = 0; i < batch * T; ++i) {
+    if (targets[i] >= V)
+      throw Error("target id " + std::to_string(targets[i]) + " is outside the vocabulary; set model.vocab_size");
+    counted_ += targets[i] >= 0;
+  }
+  if (counted_ == 0) return 0.0;
+  const float grad_scale = backward_scale / static_cast<float>(counted_);
+  const double loss_sum = cross_entropy_forward_backward(be, logits, act("losses"), targets, grad_scale);
+  return loss_sum / static_cast<double>(counted_);
+}
+
+void Transformer::backward() {
+  Backend& be = backend_;
+  const auto& m = config_;
+  const int64_t T = m.seq_len;
+  const AttentionShape attn{batch_, T, m.d_model, m.n_heads, m.pos == PosKind::Rope, static_cast<float>(m.rope_theta)};
+
+  // Output head: d_logits already holds the scaled gradient (written by the fused cross-entropy).
+  Tensor d_res = act("d_res");
+  Tensor d_ln = act("d_ln");
+  const char* head_name = m.tied_embeddings ? "tok_emb.weight" : "lm_head.weight";
+  linear_backward(be, d_ln, layout_.view(grads_, head_name), Tensor(), act("logits"), act("lnf"),
+                  layout_.view(params_, head_name));
+  Tensor last = m.n_layers > 0 ? act("res_ffn", m.n_layers - 1) : act("embed");
+  be.fill(d_res.data, 0.f, d_res.numel());
+  norm_backward(be, m.norm, d_res, layout_.view(grads_, "final_norm.weight"),
+                layout_.view_or_empty(grads_, "final_norm.bias"), d_ln, last,
+                layout_.view(params_, "final_norm.weight"), act("lnf_mean"), act("lnf_rstd"));
+
+  // d_res carries the gradient of the residual stream down through the blocks.
+  for (int64_t i = m.n_layers - 1; i >= 0; --i) {
+    const LayerWeights w = layer_weights(params_, i);
+    const LayerWeights g = layer_weights(grads_, i);
+    Tensor layer_in = i > 0 ? act("res_ffn", i - 1) : act("embed");
+    Tensor res_att = act("res_att", i);
+
+    // FFN branch: res_ffn = res_att + mlp(norm2(res_att))
+    be.fill(d_ln.data, 0.f, d_ln.numel());
+    mlp_backward(be, m.ffn, d_ln, g.fc1_w, g.fc1_b, g.fc2_w, g.fc2_b, act("d_fc_pre"), act("d_fc_act"), d_res,
+                 act("ln2", i), act("fc_pre", i), act("fc_act", i), w.fc1_w, w.fc2_w);
+    norm_backward(be, m.norm, d_res, g.norm2_w, g.norm2_b, d_ln, res_att, w.norm2_w, act("ln2_mean", i),
+                  act("ln2_rstd", i));
+
+    // Attention branch: res_att = layer_in + out_proj(attention(qkv(norm1(layer_in))))
+    Tensor d_atty = act("d_atty"), d_qkv = act("d_qkv");
+    linear_backward(be, d_atty, g.out_w, g.out_b, d_res, act("atty", i), w.out_w);
+    attention_backward(be, attn, d_qkv, act("d_probs"), d_atty, act("probs", i), act("qkv", i));
+    linear_backward(be, d_ln, g.qkv_w, g.qkv_b, d_qkv, act("ln1", i), w.qkv_w);
+    norm_backward(be, m.norm, d_res, g.norm1_w, g.norm1_b, d_ln, layer_in, w.norm1_w, act("ln1_mean", i),
+                  act("ln1_rstd", i));
+  }
+  embedding_backward(be, layout_.view(grads_, "tok_emb.weight"), layout_.view_or_empty(grads_, "pos_emb.weight"),
+                     tokens_, d_res);
+}
+
+}  // namespace moelab

@@ -1,0 +1,64 @@
+#pragma once
+// The decoder-only transformer: pre-norm blocks of attention and FFN on a residual stream, a final norm and a
+// (tied or untied) output head. Parameters and gradients live in two blocks laid out by ParamLayout;
+// activations for a batch of up to `max_batch` sequences in one Arena, all sized once at construction.
+#include <memory>
+#include <vector>
+
+#include "backend/backend.h"
+#include "core/arena.h"
+#include "model/config.h"
+#include "model/param_layout.h"
+
+namespace moelab {
+
+class Transformer {
+ public:
+  Transformer(const ModelConfig& config, Backend& backend, int64_t max_batch);
+  ~Transformer();
+  Transformer(const Transformer&) = delete;
+  Transformer& operator=(const Transformer&) = delete;
+
+  const ModelConfig& config() const { return config_; }
+  const ParamLayout& layout() const { return layout_; }
+  Backend& backend() { return backend_; }
+  int64_t num_params() const { return layout_.total(); }
+  float* params() { return params_; }
+  float* grads() { return grads_; }
+
+  // Normal(0, init_std) weights (scaled on residual projections), zero biases, unit norm weights.
+  void init_weights(uint64_t seed);
+  void zero_grad();
+
+  // tokens, targets: (batch, seq_len) host arrays, batch <= max_batch; targets may be null (logits only) and
+  // a negative target marks a position excluded from the loss. Returns the mean loss over counted positions.
+  // With backward_scale != 0 the logits are replaced by backward_scale * dloss/dlogits, ready for backward().
+  double forward(const int32_t* tokens, const int32_t* targets, int64_t batch, float backward_scale = 0.f);
+  // Accumulates parameter gradients of backward_scale * mean loss of the last forward.
+  void backward();
+
+  // Logits (batch, seq, vocab) of the last forward (only valid when it was called without backward_scale).
+  Tensor logits() const;
+  int64_t last_batch() const { return batch_; }
+  int64_t counted_positions() const { return counted_; }
+
+ private:
+  struct LayerWeights;
+  LayerWeights layer_weights(float* base, int64_t layer) const;
+  Tensor act(const std::string& name, int64_t layer = -1) const;
+
+  ModelConfig config_;
+  Backend& backend_;
+  ParamLayout layout_;
+  int64_t max_batch_;
+  float* params_ = nullptr;
+  float* grads_ = nullptr;
+  Arena acts_;
+  std::vector<float> sinusoidal_;  // (seq_len, C) fixed table when pos == sinusoidal
+  float* sinusoidal_device_ = nullptr;
+  const int32_t* tokens_ = nullptr;  // of the last forward (held by the caller until backward)
+  int64_t batch_ = 0;
+  int64_t counted_ = 0;
+};
+
+}  // namespace moelab

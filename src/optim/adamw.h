@@ -1,0 +1,38 @@
+#pragma once
+// AdamW with decoupled weight decay (torch.optim.AdamW semantics). Moments live in two blocks with the
+// model's parameter layout; per-parameter decay follows is_decayed().
+#include "backend/backend.h"
+#include "model/config.h"
+#include "model/param_layout.h"
+
+namespace moelab {
+
+class AdamW {
+ public:
+  AdamW(const ParamLayout& layout, const TrainConfig& train, Backend& backend);
+  ~AdamW();
+  AdamW(const AdamW&) = delete;
+  AdamW& operator=(const AdamW&) = delete;
+
+  // One update with learning rate lr; grads are multiplied by grad_scale first (gradient clipping).
+  void step(float* params, const float* grads, double lr, float grad_scale);
+  int64_t steps_taken() const { return step_; }
+  float* first_moment() { return m_; }
+  float* second_moment() { return v_; }
+  void set_steps_taken(int64_t s) { step_ = s; }
+
+ private:
+  const ParamLayout& layout_;
+  TrainConfig train_;
+  Backend& backend_;
+  float* m_ = nullptr;
+  float* v_ = nullptr;
+  int64_t step_ = 0;
+};
+
+// Global L2 norm of the gradient block, and the clip factor min(1, max_norm / (norm + 1e-6)) as in
+// torch.nn.utils.clip_grad_norm_ (max_norm <= 0 disables clipping).
+double global_grad_norm(Backend& backend, const float* grads, int64_t n);
+float clip_factor(double norm, double max_norm);
+
+}  // namespace moelab

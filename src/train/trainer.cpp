@@ -1,0 +1,164 @@
+#include "train/trainer.h"
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "core/io.h"
+#include "core/timer.h"
+#include "model/flops.h"
+#include "optim/schedule.h"
+
+namespace moelab {
+
+Trainer::Trainer(const Config& config, Backend& backend)
+    : config_(config), backend_(backend), data_rng_(static_cast<uint64_t>(config.train.seed) ^ 0x5eed0da7aULL) {
+  model_ = std::make_unique<Transformer>(config.model, backend, config.train.batch_size);
+  model_->init_weights(static_cast<uint64_t>(config.train.seed));
+  optimizer_ = std::make_unique<AdamW>(model_->layout(), config.train, backend);
+}
+
+StepStats Trainer::step(const TokenFile& data) {
+  const int64_t B = config_.train.batch_size, T = config_.model.seq_len;
+  return step([&](std::vector<int32_t>& tokens, std::vector<int32_t>& targets) {
+    sample_batch(data, data_rng_, B, T, tokens, targets);
+  });
+}
+
+StepStats Trainer::step(const BatchSource& next_batch) {
+  Timer timer;
+  const auto& t = config_.train;
+  const int64_t B = t.batch_size, T = config_.model.seq_len;
+  model_->zero_grad();
+  double loss_sum = 0.0;
+  for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
+    next_batch(tokens_, targets_);
+    MOELAB_CHECK(static_cast<int64_t>(tokens_.size()) == B * T && tokens_.size() == targets_.size(),
+                 "micro-batch must be (batch_size, seq_len)");
+    loss_sum += model_->forward(tokens_.data(), targets_.data(), B, 1.f / static_cast<float>(t.grad_accum));
+    model_->backward();
+  }
+  StepStats s;
+  s.step = steps_done_ + 1;
+  s.loss = loss_sum / static_cast<double>(t.grad_accum);
+  if (!std::isfinite(s.loss))
+    throw Error("training loss became " + std::string(std::isnan(s.loss) ? "NaN" : "infinite") + " at step " +
+                std::to_string(s.step) + "; lower train.lr, raise train.warmup_steps or set train.grad_clip");
+  s.grad_norm = global_grad_norm(backend_, model_->grads(), model_->num_params());
+  s.lr = learning_rate(t, steps_done_);
+  optimizer_->step(model_->params(), model_->grads(), s.lr, clip_factor(s.grad_norm, t.grad_clip));
+  ++steps_done_;
+  s.seconds = timer.seconds();
+  return s;
+}
+
+double Trainer::evaluate(const TokenFile& data, int64_t max_batches) {
+  const int64_t B = config_.train.batch_size, T = config_.model.seq_len;
+  const int64_t windows = eval_windows(data, T);
+  if (windows == 0) throw Error("evaluation file '" + data.path() + "' is shorter than one window of seq_len + 1");
+  double loss_sum = 0.0;
+  int64_t counted = 0;
+  for (int64_t w = 0, batches = 0; w < windows && (max_batches <= 0 || batches < max_batches); w += B, ++batches) {
+    const int64_t n = std::min(B, windows - w);
+    read_windows(data, w, n, T, tokens_, targets_);
+    loss_sum += model_->forward(tokens_.data(), targets_.data(), n) * static_cast<double>(model_->counted_positions());
+    counted += model_->counted_positions();
+  }
+  return loss_sum / static_cast<double>(counted);
+}
+
+namespace {
+
+std::string format_duration(double seconds) {
+  char buf[32];
+  const int64_t s = static_cast<int64_t>(seconds);
+  if (s >= 3600) std::snprintf(buf, sizeof buf, "%ldh%02ldm", s / 3600, (s % 3600) / 60);
+  else if (s >= 60) std::snprintf(buf, sizeof buf, "%ldm%02lds", s / 60, s % 60);
+  else std::snprintf(buf, sizeof buf, "%lds", s);
+  return buf;
+}
+
+void check_vocab(const TokenFile& file, const ModelConfig& m) {
+  if (file.max_token() >= m.vocab_size)
+    throw Error("token file '" + file.path() + "' contains id " + std::to_string(file.max_token()) +
+                " but model.vocab_size = " + std::to_string(m.vocab_size) + "; raise model.vocab_size");
+}
+
+}  // namespace
+
+TrainSummary run_training(const Config& config, std::ostream& log) {
+  if (config.data.train_path.empty())
+    throw Error("data.train_path is not set: point it at a token file (e.g. --set data.train_path=FILE)");
+  auto backend = make_cpu_backend(static_cast<int>(config.train.threads));
+  TokenFile train_data(config.data.train_path, config.data.dtype);
+  check_vocab(train_data, config.model);
+  std::unique_ptr<TokenFile> val_data;
+  if (!config.data.val_path.empty()) {
+    val_data = std::make_unique<TokenFile>(config.data.val_path, config.data.dtype);
+    check_vocab(*val_data, config.model);
+  }
+
+  const std::filesystem::path out_dir(config.train.out_dir);
+  std::filesystem::create_directories(out_dir);
+  write_file_atomic((out_dir / "config.toml").string(), to_toml(config));
+  std::ofstream metrics(out_dir / "metrics.jsonl", std::ios::trunc);
+  if (!metrics) throw Error("cannot write metrics to '" + (out_dir / "metrics.jsonl").string() + "'");
+
+  Trainer trainer(config, *backend);
+  const auto& t = config.train;
+  const int64_t tokens_per_step = t.batch_size * t.grad_accum * config.model.seq_len;
+  const double flops_per_token = exact_training_flops_per_token(config.model);
+  char line[512];
+  std::snprintf(line, sizeof line,
+                "moelab train: %.2fM parameters, %ld steps x %ld tokens, %d threads, %.1f MFLOP/token, out %s\n",
+                trainer.model().num_params() / 1e6, static_cast<long>(t.steps), static_cast<long>(tokens_per_step),
+                backend->threads(), flops_per_token / 1e6, out_dir.c_str());
+  log << line << std::flush;
+
+  TrainSummary summary;
+  Timer total;
+  double window_seconds = 0;
+  int64_t window_steps = 0;
+  for (int64_t s = 0; s < t.steps; ++s) {
+    const StepStats st = trainer.step(train_data);
+    summary.losses.push_back(st.loss);
+    window_seconds += st.seconds;
+    ++window_steps;
+    const double tok_s = window_steps * tokens_per_step / std::max(window_seconds, 1e-9);
+    nlohmann::json rec = {{"step", st.step},
+                          {"loss", st.loss},
+                          {"lr", st.lr},
+                          {"grad_norm", st.grad_norm},
+                          {"tokens", st.step * tokens_per_step},
+                          {"flops", flops_per_token * static_cast<double>(st.step * tokens_per_step)},
+                          {"step_seconds", st.seconds},
+                          {"elapsed_seconds", total.seconds()}};
+    metrics << rec.dump() << "\n";
+    if (st.step % t.log_every == 0 || st.step == t.steps) {
+      metrics.flush();
+      const double eta = (t.steps - st.step) * (total.seconds() / st.step);
+      std::snprintf(line, sizeof line, "step %6ld/%ld | loss %.4f | lr %.2e | grad-norm %.3f | %.0f tok/s | "
+                    "%.2f GFLOP/s | eta %s\n", static_cast<long>(st.step), static_cast<long>(t.steps), st.loss, st.lr,
+                    st.grad_norm, tok_s, tok_s * flops_per_token / 1e9, format_duration(eta).c_str());
+      log << line << std::flush;
+      window_seconds = 0;
+      window_steps = 0;
+    }
+  }
+  summary.steps = t.steps;
+  summary.seconds = total.seconds();
+  summary.final_loss = summary.losses.back();
+  summary.tokens_per_second = static_cast<double>(t.steps * tokens_per_step) / summary.seconds;
+  if (val_data) {
+    summary.val_loss = trainer.evaluate(*val_data, 0);
+    std::snprintf(line, sizeof line, "validation loss %.4f (perplexity %.2f) on %s\n", summary.val_loss,
+                  std::exp(summary.val_loss), config.data.val_path.c_str());
+    log << line;
+    metrics << nlohmann::json{{"step", t.steps}, {"val_loss", summary.val_loss}}.dump() << "\n";
+  }
+  return summary;
+}
+
+}  // namespace moelab

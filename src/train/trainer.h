@@ -1,0 +1,70 @@
+#pragma once
+// The training loop: sample micro-batches, forward/backward with gradient accumulation, clip, AdamW step on a
+// schedule, log progress to stdout and metrics.jsonl in the run directory.
+#include <functional>
+#include <memory>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "core/rng.h"
+#include "data/token_file.h"
+#include "model/config.h"
+#include "model/transformer.h"
+#include "optim/adamw.h"
+
+namespace moelab {
+
+struct StepStats {
+  int64_t step = 0;      // 1-based index of the optimizer step just taken
+  double loss = 0;       // mean training loss over the step's micro-batches
+  double lr = 0;
+  double grad_norm = 0;  // before clipping
+  double seconds = 0;    // wall time of the step
+};
+
+class Trainer {
+ public:
+  // Builds the model and optimizer from config and initialises the weights from train.seed.
+  Trainer(const Config& config, Backend& backend);
+
+  // Fills one micro-batch: tokens and targets, each (batch_size, seq_len).
+  using BatchSource = std::function<void(std::vector<int32_t>& tokens, std::vector<int32_t>& targets)>;
+  // One optimizer step over train.grad_accum micro-batches from `next_batch`. Throws moelab::Error on a
+  // non-finite loss.
+  StepStats step(const BatchSource& next_batch);
+  // One optimizer step on random windows of `data`.
+  StepStats step(const TokenFile& data);
+  // Mean loss over up to max_batches batches of sequential windows (all windows when max_batches <= 0).
+  double evaluate(const TokenFile& data, int64_t max_batches);
+
+  Transformer& model() { return *model_; }
+  AdamW& optimizer() { return *optimizer_; }
+  int64_t steps_done() const { return steps_done_; }
+  Rng& data_rng() { return data_rng_; }
+
+ private:
+  Config config_;
+  Backend& backend_;
+  std::unique_ptr<Transformer> model_;
+  std::unique_ptr<AdamW> optimizer_;
+  Rng data_rng_;
+  int64_t steps_done_ = 0;
+  std::vector<int32_t> tokens_, targets_;
+};
+
+struct TrainSummary {
+  int64_t steps = 0;
+  double final_loss = 0;
+  double val_loss = -1;  // -1 when no validation data
+  double tokens_per_second = 0;
+  double seconds = 0;
+  std::vector<double> losses;  // per step
+};
+
+// Runs a whole training job as configured: writes <out_dir>/config.toml and <out_dir>/metrics.jsonl, prints
+// a progress line every train.log_every steps to `log`.
+TrainSummary run_training(const Config& config, std::ostream& log);
+
+}  // namespace moelab

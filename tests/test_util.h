@@ -1,0 +1,83 @@
+#pragma once
+// Shared helpers for the tests: random fills and a finite-difference gradient checker.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "core/rng.h"
+#include "core/tensor.h"
+
+namespace moelab::testing {
+
+inline void fill_normal(float* x, int64_t n, Rng& rng, float std = 1.f, float mean = 0.f) {
+  for (int64_t i = 0; i < n; ++i) x[i] = mean + std * static_cast<float>(rng.normal());
+}
+
+// A host buffer that owns its floats and hands out a shaped view.
+struct Buffer {
+  std::vector<float> data;
+  Shape shape;
+  explicit Buffer(Shape s = {}) : data(std::max<int64_t>(s.numel(), 1)), shape(s) {}
+  Tensor t() { return Tensor(data.data(), shape); }
+  void zero() { std::fill(data.begin(), data.end(), 0.f); }
+};
+
+// Checks analytic gradients of a scalar function against central finite differences.
+// `loss()` evaluates the scalar in double from the current values; the analytic gradient of each checked
+// tensor must already be in its paired grad buffer. Entries are sampled (up to `samples` per tensor).
+struct FdTolerance {
+  double eps = 1e-2;    // finite-difference step
+  double rtol = 2e-2;   // relative to max(|analytic|, |numeric|)
+  double atol_frac = 2e-3;  // absolute floor, as a fraction of the tensor's largest analytic gradient
+};
+
+inline void check_gradients(const std::string& label, const std::vector<std::pair<std::string, std::pair<Tensor, Tensor>>>& pairs,
+                            const std::function<double()>& loss, Rng& rng, int samples = 48, FdTolerance tol = {}) {
+  for (const auto& [name, pair] : pairs) {
+    const Tensor value = pair.first, grad = pair.second;
+    const int64_t n = value.numel();
+    double max_grad = 0;
+    for (int64_t i = 0; i < n; ++i) max_grad = std::max(max_grad, std::fabs(static_cast<double>(grad.data[i])));
+    const double atol = std::max(1e-6, tol.atol_frac * max_grad);
+    std::vector<int64_t> idx;
+    if (n <= samples) {
+      for (int64_t i = 0; i < n; ++i) idx.push_back(i);
+    } else {
+      for (int i = 0; i < samples; ++i) idx.push_back(static_cast<int64_t>(rng.below(n)));
+    }
+    int bad = 0;
+    for (int64_t i : idx) {
+      const float saved = value.data[i];
+      value.data[i] = static_cast<float>(saved + tol.eps);
+      const double up = loss();
+      value.data[i] = static_cast<float>(saved - tol.eps);
+      const double down = loss();
+      value.data[i] = saved;
+      const double h = (static_cast<double>(static_cast<float>(saved + tol.eps)) -
+                        static_cast<double>(static_cast<float>(saved - tol.eps)));
+      const double numeric = (up - down) / h;
+      const double analytic = grad.data[i];
+      const double err = std::fabs(numeric - analytic);
+      if (err > atol + tol.rtol * std::max(std::fabs(numeric), std::fabs(analytic))) {
+        if (++bad <= 5)
+          ADD_FAILURE() << label << ": d/d " << name << "[" << i << "] analytic " << analytic << " vs numeric "
+                        << numeric << " (atol " << atol << ")";
+      }
+    }
+    EXPECT_EQ(bad, 0) << label << ": " << bad << " of " << idx.size() << " sampled entries of " << name
+                      << " disagree with finite differences";
+    EXPECT_GT(max_grad, 0.0) << label << ": gradient of " << name << " is identically zero";
+  }
+}
+
+inline double dot(const float* a, const float* b, int64_t n) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(a[i]) * b[i];
+  return s;
+}
+
+}  // namespace moelab::testing
