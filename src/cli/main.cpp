@@ -53,7 +53,9 @@ int main(int argc, char** argv) {
   std::string train_out, val_out;
   double val_fraction = 0.05;
   auto* bytes = data->add_subcommand("bytes", "encode text files as byte tokens (vocab 256) into a uint16 token file");
-  bytes->add_option("inputs", inputs, "text files to encode")->required()->check(CLI::ExistingFile);
+  bytes->add_option("inputs", inputs, "text files or directories (every file below, sorted) to encode")
+      ->required()
+      ->check(CLI::ExistingPath);
   bytes->add_option("--out", train_out, "training token file to write")->required();
   bytes->add_option("--val-out", val_out, "validation token file (the tail of each input) to write");
   bytes->add_option("--val-fraction", val_fraction, "share of each input held out for validation")

@@ -160,6 +160,10 @@ const std::vector<KeyDef>& schema() {
               "CPU threads; 0 means all cores"),
       int_key("train.log_every", [](Config& c) -> int64_t& { return c.train.log_every; }, 1, 1e12,
               "steps between progress lines"),
+      int_key("train.eval_every", [](Config& c) -> int64_t& { return c.train.eval_every; }, 0, 1e12,
+              "steps between validation evaluations (needs data.val_path); 0: only at the end"),
+      int_key("train.eval_batches", [](Config& c) -> int64_t& { return c.train.eval_batches; }, 0, 1e12,
+              "batches of sequential windows per evaluation; 0: the whole validation file"),
       string_key("train.out_dir", [](Config& c) -> std::string& { return c.train.out_dir; },
                  "run directory: resolved config and metrics.jsonl are written here"),
       // [data]

@@ -51,6 +51,8 @@ struct TrainConfig {
   int64_t seed = 1;
   int64_t threads = 0;  // 0 means all cores
   int64_t log_every = 10;
+  int64_t eval_every = 0;     // steps between validation evaluations; 0: only at the end
+  int64_t eval_batches = 50;  // batches per evaluation; 0: the whole validation file
   std::string out_dir = "runs/default";
 };
 

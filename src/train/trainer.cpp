@@ -146,13 +146,20 @@ TrainSummary run_training(const Config& config, std::ostream& log) {
       window_seconds = 0;
       window_steps = 0;
     }
+    if (val_data && t.eval_every > 0 && st.step % t.eval_every == 0 && st.step != t.steps) {
+      const double val = trainer.evaluate(*val_data, t.eval_batches);
+      metrics << nlohmann::json{{"step", st.step}, {"val_loss", val}}.dump() << "\n";
+      std::snprintf(line, sizeof line, "step %6ld/%ld | validation loss %.4f\n", static_cast<long>(st.step),
+                    static_cast<long>(t.steps), val);
+      log << line << std::flush;
+    }
   }
   summary.steps = t.steps;
   summary.seconds = total.seconds();
   summary.final_loss = summary.losses.back();
   summary.tokens_per_second = static_cast<double>(t.steps * tokens_per_step) / summary.seconds;
   if (val_data) {
-    summary.val_loss = trainer.evaluate(*val_data, 0);
+    summary.val_loss = trainer.evaluate(*val_data, t.eval_batches);
     std::snprintf(line, sizeof line, "validation loss %.4f (perplexity %.2f) on %s\n", summary.val_loss,
                   std::exp(summary.val_loss), config.data.val_path.c_str());
     log << line;

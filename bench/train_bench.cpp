@@ -1,0 +1,99 @@
+// Training throughput of one config: tokens/s, achieved model FLOP/s and MFU against the fp32 GEMM peak of
+// this machine, measured in the same run with the same thread count.
+//   train_bench [--config FILE] [--set key=value ...] [--steps N] [--warmup N]
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cstdio>
+
+#include "backend/backend.h"
+#include "core/rng.h"
+#include "core/timer.h"
+#include "model/config.h"
+#include "model/flops.h"
+#include "train/trainer.h"
+
+namespace {
+
+// Best fp32 GEMM rate over square problems large enough to be compute-bound, through the engine's own backend.
+double measure_gemm_peak(moelab::Backend& be, double seconds_per_size) {
+  double best = 0;
+  for (int64_t n : {512, 1024, 2048}) {
+    float* a = be.alloc(n * n);
+    float* b = be.alloc(n * n);
+    float* c = be.alloc(n * n);
+    be.fill(a, 0.5f, n * n);
+    be.fill(b, 0.25f, n * n);
+    be.gemm(moelab::Trans::N, moelab::Trans::N, n, n, n, 1.f, a, n, b, n, 0.f, c, n);  // warm-up
+    moelab::Timer t;
+    int64_t calls = 0;
+    while (t.seconds() < seconds_per_size || calls < 2) {
+      be.gemm(moelab::Trans::N, moelab::Trans::N, n, n, n, 1.f, a, n, b, n, 0.f, c, n);
+      ++calls;
+    }
+    const double flops = 2.0 * n * n * n * calls / t.seconds();
+    std::printf("  gemm %4ld^3 fp32: %8.1f GFLOP/s\n", static_cast<long>(n), flops / 1e9);
+    best = std::max(best, flops);
+    be.free(a);
+    be.free(b);
+    be.free(c);
+  }
+  return best;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Training throughput and MFU of one moelab config (random tokens, full forward/backward/AdamW)."};
+  std::string config_path;
+  std::vector<std::string> overrides;
+  int steps = 10, warmup = 2;
+  app.add_option("-c,--config", config_path, "TOML config (default: the built-in defaults)");
+  app.add_option("--set", overrides, "override a config key, e.g. --set train.threads=2");
+  app.add_option("--steps", steps, "timed optimizer steps")->check(CLI::PositiveNumber);
+  app.add_option("--warmup", warmup, "untimed steps first")->check(CLI::NonNegativeNumber);
+  CLI11_PARSE(app, argc, argv);
+
+  try {
+    const moelab::Config cfg = moelab::load_config(config_path, overrides);
+    auto be = moelab::make_cpu_backend(static_cast<int>(cfg.train.threads));
+    const auto& m = cfg.model;
+    std::printf("moelab train_bench: d_model %ld, layers %ld, heads %ld, d_ff %ld, seq %ld, vocab %ld, ffn %s, "
+                "batch %ld x %ld, threads %d\n",
+                static_cast<long>(m.d_model), static_cast<long>(m.n_layers), static_cast<long>(m.n_heads),
+                static_cast<long>(m.ffn_hidden()), static_cast<long>(m.seq_len), static_cast<long>(m.vocab_size),
+                moelab::to_string(m.ffn).c_str(), static_cast<long>(cfg.train.batch_size),
+                static_cast<long>(cfg.train.grad_accum), be->threads());
+
+    std::printf("measuring the fp32 GEMM peak (%d threads):\n", be->threads());
+    const double peak = measure_gemm_peak(*be, 1.0);
+
+    moelab::Trainer trainer(cfg, *be);
+    moelab::Rng rng(1);
+    const int64_t tokens_per_micro = cfg.train.batch_size * m.seq_len;
+    auto random_batch = [&](std::vector<int32_t>& tok, std::vector<int32_t>& tgt) {
+      tok.resize(tokens_per_micro);
+      tgt.resize(tokens_per_micro);
+      for (auto& t : tok) t = static_cast<int32_t>(rng.below(m.vocab_size));
+      for (auto& t : tgt) t = static_cast<int32_t>(rng.below(m.vocab_size));
+    };
+    for (int i = 0; i < warmup; ++i) trainer.step(random_batch);
+    double step_seconds = 0;
+    for (int i = 0; i < steps; ++i) step_seconds += trainer.step(random_batch).seconds;
+
+    const double tokens = static_cast<double>(steps) * tokens_per_micro * cfg.train.grad_accum;
+    const double tok_s = tokens / step_seconds;
+    const double flops_per_token = moelab::exact_training_flops_per_token(m);
+    const double achieved = tok_s * flops_per_token;
+    std::printf("parameters           %.2fM\n", trainer.model().num_params() / 1e6);
+    std::printf("model FLOPs/token    %.1f MFLOP (exact matmul count, fwd+bwd)\n", flops_per_token / 1e6);
+    std::printf("step time            %.1f ms (mean of %d steps)\n", 1e3 * step_seconds / steps, steps);
+    std::printf("tokens/s             %.0f\n", tok_s);
+    std::printf("achieved             %.1f GFLOP/s\n", achieved / 1e9);
+    std::printf("GEMM peak (fp32)     %.1f GFLOP/s\n", peak / 1e9);
+    std::printf("MFU                  %.1f%%\n", 100.0 * achieved / peak);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "train_bench: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
