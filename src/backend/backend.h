@@ -65,6 +65,18 @@ class Backend {
   virtual void embedding_backward(float* dtable, float* dpos, const int32_t* tokens, const float* dout,
                                   int64_t batch, int64_t seq, int64_t dim, int64_t vocab) = 0;
 
+  // ---- MoE dispatch / combine (index arrays live where the backend's memory lives) -------------------------
+  // dst[r, :] = scale[r] * src[index[r], :]  (scale may be null: 1)
+  virtual void gather_rows(float* dst, const float* src, const int32_t* index, const float* scale, int64_t rows,
+                           int64_t cols) = 0;
+  // out[n, :] += sum over j in [offsets[n], offsets[n+1]) of weight[rows[j]] * src[rows[j], :]  (weight may be
+  // null: 1). Each output row is summed in a fixed order by one thread: deterministic, no atomics.
+  virtual void combine_rows(float* out, const float* src, const int64_t* offsets, const int32_t* rows,
+                            const float* weight, int64_t n, int64_t cols) = 0;
+  // out[r] = dot(a[index[r], :], b[r, :])
+  virtual void row_dots(float* out, const float* a, const int32_t* index, const float* b, int64_t rows,
+                        int64_t cols) = 0;
+
   // ---- reductions -----------------------------------------------------------------------------------------
   // dbias[c] += sum_r dout[r, c]
   virtual void bias_backward(float* dbias, const float* dout, int64_t rows, int64_t cols) = 0;

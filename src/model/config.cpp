@@ -59,6 +59,8 @@ const EnumNames<NormKind> kNormNames{{{NormKind::LayerNorm, "layernorm"}, {NormK
 const EnumNames<PosKind> kPosNames{
     {{PosKind::Learned, "learned"}, {PosKind::Sinusoidal, "sinusoidal"}, {PosKind::Rope, "rope"}}};
 const EnumNames<FfnKind> kFfnNames{{{FfnKind::Gelu, "gelu"}, {FfnKind::SwiGLU, "swiglu"}}};
+const EnumNames<RouterKind> kRouterNames{
+    {{RouterKind::TokenChoice, "token_choice"}, {RouterKind::ExpertChoice, "expert_choice"}}};
 const EnumNames<ScheduleKind> kScheduleNames{
     {{ScheduleKind::Cosine, "cosine"}, {ScheduleKind::WSD, "wsd"}, {ScheduleKind::Constant, "constant"}}};
 
@@ -129,6 +131,32 @@ const std::vector<KeyDef>& schema() {
                 "RoPE base frequency"),
       float_key("model.init_std", [](Config& c) -> double& { return c.model.init_std; }, 0, 10,
                 "std of the normal init of weights (output projections are scaled by 1/sqrt(2 n_layers))"),
+      // [moe]
+      int_key("moe.experts", [](Config& c) -> int64_t& { return c.model.moe.experts; }, 0, 1 << 20,
+              "routed experts per MoE layer; 0 with expansion 0 means a dense model"),
+      int_key("moe.expansion", [](Config& c) -> int64_t& { return c.model.moe.expansion; }, 0, 1 << 20,
+              "fine-grained shorthand: E gives E*G experts of size d_ff/G with top_k*G active (experts must be 0)"),
+      int_key("moe.top_k", [](Config& c) -> int64_t& { return c.model.moe.top_k; }, 1, 1 << 20,
+              "experts per token (token choice); with expansion, multiplied by granularity"),
+      int_key("moe.granularity", [](Config& c) -> int64_t& { return c.model.moe.granularity; }, 1, 1 << 16,
+              "G: expert hidden size = d_ff / G (must divide d_ff)"),
+      int_key("moe.every", [](Config& c) -> int64_t& { return c.model.moe.every; }, 1, 1024,
+              "MoE in every n-th layer (layers i with (i+1) % n == 0); 2 = every other layer as in fairseq"),
+      int_key("moe.shared_experts", [](Config& c) -> int64_t& { return c.model.moe.shared_experts; }, 0, 1 << 16,
+              "always-active experts of size d_ff/G per MoE layer"),
+      choice_key<RouterKind>("moe.router", kRouterNames, [](Config& c) -> RouterKind& { return c.model.moe.router; },
+                             "routing: tokens pick top-k experts, or experts pick their top tokens per position group"),
+      float_key("moe.capacity_factor", [](Config& c) -> double& { return c.model.moe.capacity_factor; }, 0, 1e6,
+                "token choice: expert capacity = ceil(cf * tokens * k / experts), overflow dropped; 0 = dropless. "
+                "expert choice: each expert takes round(cf * group * k / experts) tokens per group (0 means 1)"),
+      bool_key("moe.renormalize", [](Config& c) -> bool& { return c.model.moe.renormalize; },
+               "token choice: renormalise the top-k gate weights to sum to 1"),
+      float_key("moe.aux_loss_weight", [](Config& c) -> double& { return c.model.moe.aux_loss_weight; }, 0, 1e3,
+                "weight of the load-balancing loss E * sum_e f_e P_e (token choice)"),
+      float_key("moe.z_loss_weight", [](Config& c) -> double& { return c.model.moe.z_loss_weight; }, 0, 1e3,
+                "weight of the router z-loss mean(logsumexp(logits)^2)"),
+      bool_key("moe.expert_grad_scale", [](Config& c) -> bool& { return c.model.moe.expert_grad_scale; },
+               "scale expert gradients by 1/sqrt(routed experts), as fairseq does"),
       // [train]
       int_key("train.batch_size", [](Config& c) -> int64_t& { return c.train.batch_size; }, 1, 1 << 20,
               "sequences per micro-batch"),
@@ -374,6 +402,20 @@ void validate(const Config& c) {
                 std::to_string(m.head_dim()));
   if (m.pos == PosKind::Sinusoidal && (m.d_model % 2 != 0 || m.d_model < 4))
     throw Error("model.pos = \"sinusoidal\" needs an even model.d_model >= 4");
+  const auto& moe = m.moe;
+  if (moe.experts > 0 && moe.expansion > 0)
+    throw Error("set either moe.experts (explicit) or moe.expansion (fine-grained shorthand), not both");
+  if (moe.enabled()) {
+    if (m.ffn_hidden() % moe.granularity != 0)
+      throw Error("moe.granularity = " + std::to_string(moe.granularity) + " does not divide the FFN hidden size " +
+                  std::to_string(m.ffn_hidden()) + " (model.d_ff); choose G dividing d_ff");
+    if (moe.active_experts() > moe.routed_experts())
+      throw Error("moe.top_k selects " + std::to_string(moe.active_experts()) + " experts per token but there are only " +
+                  std::to_string(moe.routed_experts()) + " routed experts");
+    if (moe.every > m.n_layers)
+      throw Error("moe.every = " + std::to_string(moe.every) + " exceeds model.n_layers = " +
+                  std::to_string(m.n_layers) + ": no layer would be MoE");
+  }
   if (c.train.min_lr > c.train.lr)
     throw Error("train.min_lr = " + format_double(c.train.min_lr) + " exceeds train.lr = " +
                 format_double(c.train.lr));
@@ -444,5 +486,6 @@ std::string to_string(NormKind k) { return kNormNames.of(k); }
 std::string to_string(PosKind k) { return kPosNames.of(k); }
 std::string to_string(FfnKind k) { return kFfnNames.of(k); }
 std::string to_string(ScheduleKind k) { return kScheduleNames.of(k); }
+std::string to_string(RouterKind k) { return kRouterNames.of(k); }
 
 }  // namespace moelab

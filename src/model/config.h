@@ -13,6 +13,37 @@ enum class PosKind { Learned, Sinusoidal, Rope };
 enum class FfnKind { Gelu, SwiGLU };
 enum class ScheduleKind { Cosine, WSD, Constant };
 
+enum class RouterKind { TokenChoice, ExpertChoice };
+
+// Mixture-of-Experts layers (see docs/config.md). Disabled when experts == 0 and expansion == 0.
+// Two ways to say the same thing:
+//  - explicit: `experts` routed experts of hidden size d_ff / granularity, `top_k` active per token;
+//  - fine-grained shorthand (llm-random / Krajewski): expansion E and granularity G give E*G experts of size
+//    d_ff / G with top_k * G active, so active FLOPs stay constant as G grows.
+struct MoeConfig {
+  int64_t experts = 0;
+  int64_t expansion = 0;      // > 0 selects the shorthand; then `experts` must be 0
+  int64_t top_k = 2;
+  int64_t granularity = 1;    // G = d_ff / d_expert
+  int64_t every = 1;          // MoE in layers i with (i + 1) % every == 0 (2 = every other layer, fairseq)
+  int64_t shared_experts = 0; // always-active experts of size d_ff / G, added to the routed output
+  RouterKind router = RouterKind::TokenChoice;
+  double capacity_factor = 0.0;  // token choice: 0 = dropless; expert choice: capacity multiplier (> 0)
+  bool renormalize = false;      // token choice: renormalise the k selected weights to sum to 1
+  double aux_loss_weight = 0.01; // load balancing (Switch form), token choice only
+  double z_loss_weight = 0.0;    // router z-loss
+  bool expert_grad_scale = false; // scale expert gradients by 1/sqrt(routed experts) (fairseq)
+
+  bool enabled() const { return experts > 0 || expansion > 0; }
+  int64_t routed_experts() const { return expansion > 0 ? expansion * granularity : experts; }
+  int64_t active_experts() const { return expansion > 0 ? top_k * granularity : top_k; }
+  bool is_moe_layer(int64_t layer) const { return enabled() && (layer + 1) % every == 0; }
+  // Sparsity S = (E_total - K) / E_total: the share of routed experts a token does not use.
+  double sparsity() const {
+    return enabled() ? static_cast<double>(routed_experts() - active_experts()) / routed_experts() : 0.0;
+  }
+};
+
 struct ModelConfig {
   int64_t vocab_size = 8192;
   int64_t d_model = 256;
@@ -28,9 +59,11 @@ struct ModelConfig {
   double norm_eps = 1e-5;
   double rope_theta = 10000.0;
   double init_std = 0.02;
+  MoeConfig moe;
 
   int64_t ffn_hidden() const { return d_ff > 0 ? d_ff : 4 * d_model; }
   int64_t head_dim() const { return d_model / n_heads; }
+  int64_t expert_hidden() const { return ffn_hidden() / moe.granularity; }
 };
 
 struct TrainConfig {
@@ -91,5 +124,6 @@ std::string to_string(NormKind k);
 std::string to_string(PosKind k);
 std::string to_string(FfnKind k);
 std::string to_string(ScheduleKind k);
+std::string to_string(RouterKind k);
 
 }  // namespace moelab

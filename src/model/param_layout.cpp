@@ -23,11 +23,26 @@ ParamLayout::ParamLayout(const ModelConfig& m) {
     if (m.bias) add(p + "attn.out.bias", {C}, ParamKind::Bias, 0.f);
     add(p + "norm2.weight", {C}, ParamKind::NormWeight, 0.f);
     if (norm_bias) add(p + "norm2.bias", {C}, ParamKind::Bias, 0.f);
-    const int64_t fc1_rows = m.ffn == FfnKind::SwiGLU ? 2 * F : F;
-    add(p + "ffn.fc1.weight", {fc1_rows, C}, ParamKind::Matrix, std);
-    if (m.bias) add(p + "ffn.fc1.bias", {fc1_rows}, ParamKind::Bias, 0.f);
-    add(p + "ffn.fc2.weight", {C, F}, ParamKind::Matrix, residual_std);
-    if (m.bias) add(p + "ffn.fc2.bias", {C}, ParamKind::Bias, 0.f);
+    const int64_t glu = m.ffn == FfnKind::SwiGLU ? 2 : 1;  // SwiGLU's fc1 holds [gate | up]
+    if (!m.moe.is_moe_layer(i)) {
+      add(p + "ffn.fc1.weight", {glu * F, C}, ParamKind::Matrix, std);
+      if (m.bias) add(p + "ffn.fc1.bias", {glu * F}, ParamKind::Bias, 0.f);
+      add(p + "ffn.fc2.weight", {C, F}, ParamKind::Matrix, residual_std);
+      if (m.bias) add(p + "ffn.fc2.bias", {C}, ParamKind::Bias, 0.f);
+      continue;
+    }
+    const int64_t E = m.moe.routed_experts(), Fe = m.expert_hidden(), Fs = m.moe.shared_experts * Fe;
+    add(p + "moe.router.weight", {E, C}, ParamKind::Matrix, std);
+    add(p + "moe.experts.fc1.weight", {E, glu * Fe, C}, ParamKind::Matrix, std);
+    if (m.bias) add(p + "moe.experts.fc1.bias", {E, glu * Fe}, ParamKind::Bias, 0.f);
+    add(p + "moe.experts.fc2.weight", {E, C, Fe}, ParamKind::Matrix, residual_std);
+    if (m.bias) add(p + "moe.experts.fc2.bias", {E, C}, ParamKind::Bias, 0.f);
+    if (Fs > 0) {
+      add(p + "moe.shared.fc1.weight", {glu * Fs, C}, ParamKind::Matrix, std);
+      if (m.bias) add(p + "moe.shared.fc1.bias", {glu * Fs}, ParamKind::Bias, 0.f);
+      add(p + "moe.shared.fc2.weight", {C, Fs}, ParamKind::Matrix, residual_std);
+      if (m.bias) add(p + "moe.shared.fc2.bias", {C}, ParamKind::Bias, 0.f);
+    }
   }
   add("final_norm.weight", {C}, ParamKind::NormWeight, 0.f);
   if (norm_bias) add("final_norm.bias", {C}, ParamKind::Bias, 0.f);

@@ -19,6 +19,38 @@ Transformer::LayerWeights Transformer::layer_weights(float* base, int64_t i) con
           v("ffn.fc2.weight"), v("ffn.fc2.bias")};
 }
 
+MoeWeights Transformer::moe_weights(float* base, int64_t i) const {
+  const std::string p = "layers." + std::to_string(i) + ".moe.";
+  auto v = [&](const std::string& n) { return layout_.view_or_empty(base, p + n); };
+  return {v("router.weight"), v("experts.fc1.weight"), v("experts.fc1.bias"), v("experts.fc2.weight"),
+          v("experts.fc2.bias"), v("shared.fc1.weight"), v("shared.fc1.bias"), v("shared.fc2.weight"),
+          v("shared.fc2.bias")};
+}
+
+Tensor Transformer::rows_view(const std::string& name, int64_t rows) const {
+  if (!acts_.has(name)) return Tensor();
+  const Tensor t = acts_.view(name);
+  return Tensor(t.data, {rows, t.cols()});
+}
+
+MoeActivations Transformer::moe_activations(int64_t i) const {
+  const MoeDims d = MoeDims::from(config_, batch_);
+  const std::string p = "layers." + std::to_string(i) + ".moe_";
+  const int64_t n = d.tokens(), r = d.max_rows();
+  return {rows_view(p + "logits", n),   rows_view(p + "probs", n),      rows_view(p + "x_sorted", r),
+          rows_view(p + "pre", r),      rows_view(p + "act", r),        rows_view(p + "y_sorted", r),
+          rows_view(p + "shared_pre", n), rows_view(p + "shared_act", n)};
+}
+
+MoeScratch Transformer::moe_scratch() const {
+  const MoeDims d = MoeDims::from(config_, batch_);
+  const int64_t n = d.tokens(), r = d.max_rows();
+  const Tensor w = acts_.view("d_moe_weight"), ones = acts_.view("moe_ones");
+  return {rows_view("d_moe_x_sorted", r), rows_view("d_moe_pre", r),        rows_view("d_moe_act", r),
+          rows_view("d_moe_y_sorted", r), Tensor(w.data, {r}),              rows_view("d_moe_logits", n),
+          rows_view("d_moe_shared_pre", n), rows_view("d_moe_shared_act", n), Tensor(ones.data, {r})};
+}
+
 Tensor Transformer::act(const std::string& name, int64_t layer) const {
   Tensor t = acts_.view(layer < 0 ? name : "layers." + std::to_string(layer) + "." + name);
   // Views are sized for max_batch; a smaller batch uses the leading part.
@@ -49,9 +81,43 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
     acts_.reserve(p + "ln2", {B, T, C});
     acts_.reserve(p + "ln2_mean", {B, T});
     acts_.reserve(p + "ln2_rstd", {B, T});
-    acts_.reserve(p + "fc_pre", {B, T, pre_width});
-    acts_.reserve(p + "fc_act", {B, T, F});
+    if (config.moe.is_moe_layer(i)) {
+      const MoeDims d = MoeDims::from(config, B);
+      const int64_t R = d.max_rows();
+      acts_.reserve(p + "moe_logits", {B * T, d.experts});
+      acts_.reserve(p + "moe_probs", {B * T, d.experts});
+      acts_.reserve(p + "moe_x_sorted", {R, C});
+      acts_.reserve(p + "moe_pre", {R, d.fc1_rows()});
+      acts_.reserve(p + "moe_act", {R, d.expert_hidden});
+      acts_.reserve(p + "moe_y_sorted", {R, C});
+      if (d.shared_hidden > 0) {
+        acts_.reserve(p + "moe_shared_pre", {B * T, d.shared_fc1_rows()});
+        acts_.reserve(p + "moe_shared_act", {B * T, d.shared_hidden});
+      }
+    } else {
+      acts_.reserve(p + "fc_pre", {B, T, pre_width});
+      acts_.reserve(p + "fc_act", {B, T, F});
+    }
     acts_.reserve(p + "res_ffn", {B, T, C});
+  }
+  routing_.resize(config.n_layers);
+  moe_stats_.resize(config.n_layers);
+  if (config.moe.enabled()) {
+    const MoeDims d = MoeDims::from(config, B);
+    const int64_t R = d.max_rows();
+    for (int64_t i = 0; i < config.n_layers; ++i)
+      if (config.moe.is_moe_layer(i)) routing_[i].reserve(d);
+    acts_.reserve("d_moe_x_sorted", {R, C});
+    acts_.reserve("d_moe_pre", {R, d.fc1_rows()});
+    acts_.reserve("d_moe_act", {R, d.expert_hidden});
+    acts_.reserve("d_moe_y_sorted", {R, C});
+    acts_.reserve("d_moe_weight", {R});
+    acts_.reserve("d_moe_logits", {B * T, d.experts});
+    acts_.reserve("moe_ones", {R});
+    if (d.shared_hidden > 0) {
+      acts_.reserve("d_moe_shared_pre", {B * T, d.shared_fc1_rows()});
+      acts_.reserve("d_moe_shared_act", {B * T, d.shared_hidden});
+    }
   }
   acts_.reserve("lnf", {B, T, C});
   acts_.reserve("lnf_mean", {B, T});
@@ -68,6 +134,7 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
   acts_.reserve("d_fc_act", {B, T, F});
   if (config.pos == PosKind::Sinusoidal) acts_.reserve("sinusoidal", {T, C});
   acts_.allocate();
+  if (acts_.has("moe_ones")) backend_.fill(acts_.view("moe_ones").data, 1.f, acts_.view("moe_ones").numel());
   if (config.pos == PosKind::Sinusoidal) {
     sinusoidal_.resize(T * C);
     sinusoidal_table(sinusoidal_.data(), T, C);
@@ -111,6 +178,8 @@ double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64
   const auto& m = config_;
   batch_ = batch;
   tokens_ = tokens;
+  backward_scale_ = backward_scale;
+  aux_loss_ = 0.0;
   const int64_t T = m.seq_len, V = m.vocab_size;
   for (int64_t i = 0; i < batch * T; ++i)
     if (tokens[i] < 0 || tokens[i] >= V)
@@ -137,7 +206,14 @@ double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64
     Tensor ln2 = act("ln2", i), res_ffn = act("res_ffn", i);
     norm_forward(be, m.norm, ln2, act("ln2_mean", i), act("ln2_rstd", i), res_att, w.norm2_w, w.norm2_b, eps);
     be.copy(res_ffn.data, res_att.data, res_ffn.numel());
-    mlp_forward(be, m.ffn, res_ffn, act("fc_pre", i), act("fc_act", i), ln2, w.fc1_w, w.fc1_b, w.fc2_w, w.fc2_b);
+    if (m.moe.is_moe_layer(i)) {
+      const MoeDims d = MoeDims::from(m, batch);
+      moe_forward(be, d, res_ffn.reshaped({batch * T, m.d_model}), ln2.reshaped({batch * T, m.d_model}),
+                  moe_weights(params_, i), moe_activations(i), routing_[i], moe_stats_[i]);
+      aux_loss_ += d.aux_loss_weight * moe_stats_[i].aux_loss + d.z_loss_weight * moe_stats_[i].z_loss;
+    } else {
+      mlp_forward(be, m.ffn, res_ffn, act("fc_pre", i), act("fc_act", i), ln2, w.fc1_w, w.fc1_b, w.fc2_w, w.fc2_b);
+    }
     residual = res_ffn;
   }
   Tensor lnf = act("lnf");
@@ -187,8 +263,15 @@ void Transformer::backward() {
 
     // FFN branch: res_ffn = res_att + mlp(norm2(res_att))
     be.fill(d_ln.data, 0.f, d_ln.numel());
-    mlp_backward(be, m.ffn, d_ln, g.fc1_w, g.fc1_b, g.fc2_w, g.fc2_b, act("d_fc_pre"), act("d_fc_act"), d_res,
-                 act("ln2", i), act("fc_pre", i), act("fc_act", i), w.fc1_w, w.fc2_w);
+    if (m.moe.is_moe_layer(i)) {
+      const Shape flat{batch_ * T, m.d_model};
+      moe_backward(be, MoeDims::from(m, batch_), d_ln.reshaped(flat), moe_weights(grads_, i), d_res.reshaped(flat),
+                   act("ln2", i).reshaped(flat), moe_weights(params_, i), moe_activations(i), moe_scratch(),
+                   routing_[i], backward_scale_);
+    } else {
+      mlp_backward(be, m.ffn, d_ln, g.fc1_w, g.fc1_b, g.fc2_w, g.fc2_b, act("d_fc_pre"), act("d_fc_act"), d_res,
+                   act("ln2", i), act("fc_pre", i), act("fc_act", i), w.fc1_w, w.fc2_w);
+    }
     norm_backward(be, m.norm, d_res, g.norm2_w, g.norm2_b, d_ln, res_att, w.norm2_w, act("ln2_mean", i),
                   act("ln2_rstd", i));
 

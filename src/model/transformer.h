@@ -9,6 +9,7 @@
 #include "core/arena.h"
 #include "model/config.h"
 #include "model/param_layout.h"
+#include "moe/moe.h"
 
 namespace moelab {
 
@@ -39,6 +40,10 @@ class Transformer {
 
   // Logits (batch, seq, vocab) of the last forward (only valid when it was called without backward_scale).
   Tensor logits() const;
+  // Weighted auxiliary loss of the last forward: sum over MoE layers of aux_weight * aux + z_weight * z.
+  double last_aux_loss() const { return aux_loss_; }
+  // Router statistics of the last forward, one entry per layer (empty tokens_per_expert for dense layers).
+  const std::vector<MoeStats>& moe_stats() const { return moe_stats_; }
   int64_t last_batch() const { return batch_; }
   int64_t counted_positions() const { return counted_; }
 
@@ -46,6 +51,11 @@ class Transformer {
   struct LayerWeights;
   LayerWeights layer_weights(float* base, int64_t layer) const;
   Tensor act(const std::string& name, int64_t layer = -1) const;
+  MoeWeights moe_weights(float* base, int64_t layer) const;
+  MoeActivations moe_activations(int64_t layer) const;
+  MoeScratch moe_scratch() const;
+  // A (rows, cols) view of the start of an arena slot sized for the most rows any batch can dispatch.
+  Tensor rows_view(const std::string& name, int64_t rows) const;
 
   ModelConfig config_;
   Backend& backend_;
@@ -59,6 +69,10 @@ class Transformer {
   const int32_t* tokens_ = nullptr;  // of the last forward (held by the caller until backward)
   int64_t batch_ = 0;
   int64_t counted_ = 0;
+  float backward_scale_ = 0.f;
+  double aux_loss_ = 0.0;
+  std::vector<Routing> routing_;    // per layer (used by MoE layers)
+  std::vector<MoeStats> moe_stats_;  // per layer
 };
 
 }  // namespace moelab

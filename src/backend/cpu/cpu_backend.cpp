@@ -208,6 +208,46 @@ class CpuBackend final : public Backend {
     }
   }
 
+  // ---- MoE dispatch / combine --------------------------------------------------------------------------
+  void gather_rows(float* dst, const float* src, const int32_t* index, const float* scale, int64_t rows,
+                   int64_t cols) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* s = src + static_cast<int64_t>(index[r]) * cols;
+      float* d = dst + r * cols;
+      if (scale) {
+        const float w = scale[r];
+        for (int64_t c = 0; c < cols; ++c) d[c] = w * s[c];
+      } else {
+        std::memcpy(d, s, cols * sizeof(float));
+      }
+    }
+  }
+  void combine_rows(float* out, const float* src, const int64_t* offsets, const int32_t* rows, const float* weight,
+                    int64_t n, int64_t cols) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      float* o = out + i * cols;
+      for (int64_t j = offsets[i]; j < offsets[i + 1]; ++j) {
+        const int64_t r = rows[j];
+        const float* s = src + r * cols;
+        const float w = weight ? weight[r] : 1.f;
+        for (int64_t c = 0; c < cols; ++c) o[c] += w * s[c];
+      }
+    }
+  }
+  void row_dots(float* out, const float* a, const int32_t* index, const float* b, int64_t rows,
+                int64_t cols) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* x = a + static_cast<int64_t>(index[r]) * cols;
+      const float* y = b + r * cols;
+      float s = 0.f;
+      for (int64_t c = 0; c < cols; ++c) s += x[c] * y[c];
+      out[r] = s;
+    }
+  }
+
   // ---- reductions -----------------------------------------------------------------------------------------
   void bias_backward(float* dbias, const float* dout, int64_t rows, int64_t cols) override {
 #pragma omp parallel

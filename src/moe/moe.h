@@ -1,0 +1,116 @@
+#pragma once
+// A Mixture-of-Experts FFN layer as four seams (Megatron-Core style), each a plain function:
+//   route    (router.cpp):   logits -> probabilities -> (token, expert, weight) assignments, sorted by expert
+//   dispatch (dispatch.cpp): gather the assigned token rows into one contiguous block per expert
+//   experts  (experts.cpp):  grouped GEMM over the per-expert slices, activation, grouped GEMM
+//   combine  (dispatch.cpp): weighted sum of each token's expert outputs back into the residual stream
+// An all-to-all dispatcher for expert parallelism replaces dispatch/combine without touching the others.
+// Sorting by expert and combining per token in a fixed order means no atomics: results are deterministic.
+#include <cstdint>
+#include <vector>
+
+#include "backend/backend.h"
+#include "core/tensor.h"
+#include "model/config.h"
+
+namespace moelab {
+
+struct MoeDims {
+  int64_t batch = 0, seq = 0, d_model = 0;
+  int64_t experts = 0;        // routed experts E
+  int64_t top_k = 0;          // active routed experts per token K (token choice) / average (expert choice)
+  int64_t expert_hidden = 0;  // F_e = d_ff / G
+  int64_t shared_hidden = 0;  // shared_experts * F_e (0: none)
+  FfnKind ffn = FfnKind::Gelu;
+  RouterKind router = RouterKind::TokenChoice;
+  double capacity_factor = 0;
+  bool renormalize = false;
+  bool bias = false;
+  float aux_loss_weight = 0;
+  float z_loss_weight = 0;
+  bool expert_grad_scale = false;
+
+  static MoeDims from(const ModelConfig& m, int64_t batch);
+  int64_t tokens() const { return batch * seq; }
+  int64_t fc1_rows() const { return ffn == FfnKind::SwiGLU ? 2 * expert_hidden : expert_hidden; }
+  int64_t shared_fc1_rows() const { return ffn == FfnKind::SwiGLU ? 2 * shared_hidden : shared_hidden; }
+  // Token choice: per-expert capacity (0 = unlimited). Expert choice: tokens each expert takes per group.
+  int64_t token_choice_capacity() const;
+  int64_t expert_choice_capacity() const;
+  // Upper bound on dispatched rows, for sizing buffers once.
+  int64_t max_rows() const;
+};
+
+struct MoeWeights {
+  Tensor router;          // (E, C)
+  Tensor fc1_w, fc1_b;    // (E, P, C), (E, P) with P = F_e or 2 F_e (SwiGLU [gate | up]); bias may be empty
+  Tensor fc2_w, fc2_b;    // (E, C, F_e), (E, C)
+  Tensor shared_fc1_w, shared_fc1_b, shared_fc2_w, shared_fc2_b;  // dense FFN of width shared_hidden, or empty
+};
+
+// Saved forward activations of one MoE layer (views into the model's arena).
+struct MoeActivations {
+  Tensor logits, probs;            // (N, E) router logits and softmax, fp32
+  Tensor x_sorted;                 // (R, C)  token rows gathered in expert order
+  Tensor pre, act;                 // (R, P), (R, F_e)
+  Tensor y_sorted;                 // (R, C)  expert outputs, before weighting
+  Tensor shared_pre, shared_act;   // (N, shared P), (N, shared_hidden) or empty
+};
+
+// Backward scratch shared by all MoE layers.
+struct MoeScratch {
+  Tensor d_x_sorted, d_pre, d_act, d_y_sorted;  // like the activations
+  Tensor d_weight;                              // (R)
+  Tensor d_logits;                              // (N, E)
+  Tensor d_shared_pre, d_shared_act;            // or empty
+  Tensor ones;                                  // (R) of 1.0, for bias gradients as a GEMM
+};
+
+// Routing decisions of the last forward (host memory, sized once).
+struct Routing {
+  int64_t rows = 0;                      // dispatched (token, expert) pairs R
+  std::vector<int32_t> row_token;        // (R) sorted by expert, then token
+  std::vector<int32_t> row_expert;       // (R)
+  std::vector<float> row_weight;         // (R) gate weight applied to the expert output
+  std::vector<int64_t> expert_offsets;   // (E + 1) rows of expert e are [offsets[e], offsets[e+1])
+  std::vector<int64_t> token_offsets;    // (N + 1) into token_rows
+  std::vector<int32_t> token_rows;       // (R) each token's rows, in expert order
+  // Token choice only: the k experts each token selected, with their probabilities and rows (-1 = dropped).
+  std::vector<int32_t> topk_expert;      // (N, K)
+  std::vector<float> topk_prob;          // (N, K)
+  std::vector<int32_t> topk_row;         // (N, K)
+  std::vector<float> lse;                // (N) logsumexp of the logits, for the z-loss
+  std::vector<double> assigned_fraction; // (E) f_e: share of top-k choices (before dropping) going to expert e
+  std::vector<double> mean_prob;         // (E) P_e: mean router probability of expert e
+  void reserve(const MoeDims& d);
+};
+
+struct MoeStats {
+  std::vector<int64_t> tokens_per_expert;  // (E) rows each expert processed
+  double dropped_fraction = 0;   // share of top-k choices dropped by capacity (token choice)
+  int64_t idle_experts = 0;      // experts that received no token
+  double router_entropy = 0;     // mean over tokens of -sum_e p log p (nats)
+  double aux_loss = 0;           // E * sum_e f_e P_e (1 when perfectly balanced)
+  double z_loss = 0;             // mean logsumexp(logits)^2
+  double tokens_cv() const;      // coefficient of variation of tokens_per_expert
+};
+
+// Forward of the whole layer: out (N, C) += MoE(in (N, C)). Fills routing and stats.
+void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const MoeWeights& w, const MoeActivations& a,
+                 Routing& routing, MoeStats& stats);
+// Backward: din += d/d in, parameter gradients accumulate. loss_scale multiplies the auxiliary losses' own
+// gradients (aux_loss_weight * aux + z_loss_weight * z), matching the scale applied to the main loss.
+void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& grads, Tensor dout, Tensor in,
+                  const MoeWeights& w, const MoeActivations& a, const MoeScratch& s, const Routing& routing,
+                  float loss_scale);
+
+// ---- the seams, exposed for tests and for other dispatchers ---------------------------------------------------
+// probs = softmax(logits) rows, plus per-row logsumexp; fp32 with a double accumulator.
+void router_softmax(const float* logits, float* probs, float* lse, int64_t n, int64_t e);
+void route_token_choice(const MoeDims& d, const float* probs, Routing& routing);
+void route_expert_choice(const MoeDims& d, const float* probs, Routing& routing);
+// Given row assignments (row_token/row_expert/row_weight, in any order within the routing), sorts them by
+// expert (then token) and builds expert and token offsets.
+void build_dispatch(const MoeDims& d, Routing& routing);
+
+}  // namespace moelab

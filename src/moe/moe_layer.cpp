@@ -1,0 +1,195 @@
+// The MoE layer: route -> dispatch -> experts -> combine, and the exact reverse for the backward.
+#include <algorithm>
+#include <cmath>
+
+#include "layers/layers.h"
+#include "moe/moe.h"
+
+namespace moelab {
+
+double MoeStats::tokens_cv() const {
+  if (tokens_per_expert.empty()) return 0;
+  double mean = 0, var = 0;
+  for (auto t : tokens_per_expert) mean += static_cast<double>(t);
+  mean /= static_cast<double>(tokens_per_expert.size());
+  for (auto t : tokens_per_expert) var += (t - mean) * (t - mean);
+  var /= static_cast<double>(tokens_per_expert.size());
+  return mean > 0 ? std::sqrt(var) / mean : 0;
+}
+
+namespace {
+
+void activation_forward(Backend& be, FfnKind kind, float* act, const float* pre, int64_t rows, int64_t f) {
+  if (kind == FfnKind::Gelu) be.gelu_forward(act, pre, rows * f);
+  else be.swiglu_forward(act, pre, rows, f);
+}
+
+void activation_backward(Backend& be, FfnKind kind, float* dpre, const float* pre, const float* dact, int64_t rows,
+                         int64_t f) {
+  if (kind == FfnKind::Gelu) be.gelu_backward(dpre, pre, dact, rows * f);
+  else be.swiglu_backward(dpre, pre, dact, rows, f);
+}
+
+// Experts: (R, C) rows sorted by expert -> (R, C) outputs, one grouped GEMM per matrix.
+void experts_forward(Backend& be, const MoeDims& d, const MoeWeights& w, const MoeActivations& a, const Routing& r) {
+  const int64_t E = d.experts, C = d.d_model, F = d.expert_hidden, P = d.fc1_rows();
+  std::vector<GemmGroup> groups(E);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t off = r.expert_offsets[e];
+    groups[e] = {r.expert_offsets[e + 1] - off, a.x_sorted.data + off * C, w.fc1_w.data + e * P * C,
+                 a.pre.data + off * P};
+  }
+  be.grouped_gemm(Trans::N, Trans::T, P, C, 1.f, groups.data(), E, C, C, 0.f, P);
+  if (!w.fc1_b.empty())
+    for (int64_t e = 0; e < E; ++e)
+      be.add_bias(groups[e].c, w.fc1_b.data + e * P, groups[e].m, P);
+  activation_forward(be, d.ffn, a.act.data, a.pre.data, r.rows, F);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t off = r.expert_offsets[e];
+    groups[e] = {groups[e].m, a.act.data + off * F, w.fc2_w.data + e * C * F, a.y_sorted.data + off * C};
+  }
+  be.grouped_gemm(Trans::N, Trans::T, C, F, 1.f, groups.data(), E, F, F, 0.f, C);
+  if (!w.fc2_b.empty())
+    for (int64_t e = 0; e < E; ++e)
+      be.add_bias(groups[e].c, w.fc2_b.data + e * C, groups[e].m, C);
+}
+
+void experts_backward(Backend& be, const MoeDims& d, const MoeWeights& g, const MoeWeights& w,
+                      const MoeActivations& a, const MoeScratch& s, const Routing& r) {
+  const int64_t E = d.experts, C = d.d_model, F = d.expert_hidden, P = d.fc1_rows();
+  // fairseq scales expert parameter gradients (not the activation gradients) by 1/sqrt(E).
+  const float alpha = d.expert_grad_scale ? 1.f / std::sqrt(static_cast<float>(E)) : 1.f;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t off = r.expert_offsets[e], m = r.expert_offsets[e + 1] - off;
+    if (m == 0) continue;
+    const float* dy = s.d_y_sorted.data + off * C;
+    // y (m, C) = act (m, F) @ W2 (C, F)^T + b2
+    be.gemm(Trans::N, Trans::N, m, F, C, 1.f, dy, C, w.fc2_w.data + e * C * F, F, 0.f, s.d_act.data + off * F, F);
+    be.gemm(Trans::T, Trans::N, C, F, m, alpha, dy, C, a.act.data + off * F, F, 1.f, g.fc2_w.data + e * C * F, F);
+    if (!g.fc2_b.empty())  // db2 (1, C) += alpha * ones (1, m) @ dy (m, C)
+      be.gemm(Trans::N, Trans::N, 1, C, m, alpha, s.ones.data, m, dy, C, 1.f, g.fc2_b.data + e * C, C);
+  }
+  activation_backward(be, d.ffn, s.d_pre.data, a.pre.data, s.d_act.data, r.rows, F);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t off = r.expert_offsets[e], m = r.expert_offsets[e + 1] - off;
+    if (m == 0) continue;
+    const float* dpre = s.d_pre.data + off * P;
+    // pre (m, P) = x (m, C) @ W1 (P, C)^T + b1
+    be.gemm(Trans::N, Trans::N, m, C, P, 1.f, dpre, P, w.fc1_w.data + e * P * C, C, 0.f,
+            s.d_x_sorted.data + off * C, C);
+    be.gemm(Trans::T, Trans::N, P, C, m, alpha, dpre, P, a.x_sorted.data + off * C, C, 1.f,
+            g.fc1_w.data + e * P * C, C);
+    if (!g.fc1_b.empty())
+      be.gemm(Trans::N, Trans::N, 1, P, m, alpha, s.ones.data, m, dpre, P, 1.f, g.fc1_b.data + e * P, P);
+  }
+}
+
+void compute_stats(const MoeDims& d, const float* probs, const Routing& r, MoeStats& st) {
+  const int64_t n = d.tokens(), E = d.experts;
+  st.tokens_per_expert.assign(E, 0);
+  st.idle_experts = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    st.tokens_per_expert[e] = r.expert_offsets[e + 1] - r.expert_offsets[e];
+    st.idle_experts += st.tokens_per_expert[e] == 0;
+  }
+  st.dropped_fraction =
+      d.router == RouterKind::TokenChoice ? 1.0 - static_cast<double>(r.rows) / static_cast<double>(n * d.top_k) : 0.0;
+  double entropy = 0, z = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t e = 0; e < E; ++e) {
+      const double p = probs[i * E + e];
+      if (p > 0) entropy -= p * std::log(p);
+    }
+    z += static_cast<double>(r.lse[i]) * r.lse[i];
+  }
+  st.router_entropy = entropy / static_cast<double>(n);
+  st.z_loss = z / static_cast<double>(n);
+  double aux = 0;
+  for (int64_t e = 0; e < E; ++e) aux += r.assigned_fraction[e] * r.mean_prob[e];
+  st.aux_loss = d.router == RouterKind::TokenChoice ? static_cast<double>(E) * aux : 0.0;
+}
+
+}  // namespace
+
+void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const MoeWeights& w, const MoeActivations& a,
+                 Routing& r, MoeStats& stats) {
+  const int64_t n = d.tokens(), C = d.d_model, E = d.experts;
+  MOELAB_CHECK(in.rows() == n && in.cols() == C, "MoE input " + in.shape.str());
+  // route
+  linear_forward(be, a.logits, in, w.router, Tensor());
+  router_softmax(a.logits.data, a.probs.data, r.lse.data(), n, E);
+  if (d.router == RouterKind::TokenChoice) route_token_choice(d, a.probs.data, r);
+  else route_expert_choice(d, a.probs.data, r);
+  // dispatch -> experts -> combine
+  be.gather_rows(a.x_sorted.data, in.data, r.row_token.data(), nullptr, r.rows, C);
+  experts_forward(be, d, w, a, r);
+  be.combine_rows(out.data, a.y_sorted.data, r.token_offsets.data(), r.token_rows.data(), r.row_weight.data(), n, C);
+  if (d.shared_hidden > 0)
+    mlp_forward(be, d.ffn, out, a.shared_pre, a.shared_act, in, w.shared_fc1_w, w.shared_fc1_b, w.shared_fc2_w,
+                w.shared_fc2_b);
+  compute_stats(d, a.probs.data, r, stats);
+}
+
+void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& g, Tensor dout, Tensor in,
+                  const MoeWeights& w, const MoeActivations& a, const MoeScratch& s, const Routing& r,
+                  float loss_scale) {
+  const int64_t n = d.tokens(), C = d.d_model, E = d.experts, K = d.top_k;
+  if (d.shared_hidden > 0)
+    mlp_backward(be, d.ffn, din, g.shared_fc1_w, g.shared_fc1_b, g.shared_fc2_w, g.shared_fc2_b, s.d_shared_pre,
+                 s.d_shared_act, dout, in, a.shared_pre, a.shared_act, w.shared_fc1_w, w.shared_fc2_w);
+  // combine backward: the gate weight's gradient and the weighted output gradient of each row
+  be.row_dots(s.d_weight.data, dout.data, r.row_token.data(), a.y_sorted.data, r.rows, C);
+  be.gather_rows(s.d_y_sorted.data, dout.data, r.row_token.data(), r.row_weight.data(), r.rows, C);
+  experts_backward(be, d, g, w, a, s, r);
+  // dispatch backward: each token sums the input gradients of its rows
+  be.combine_rows(din.data, s.d_x_sorted.data, r.token_offsets.data(), r.token_rows.data(), nullptr, n, C);
+
+  // Router: d loss / d probs, then through the softmax to the logits.
+  float* dlogits = s.d_logits.data;
+  const float* probs = a.probs.data;
+  const float* dweight = s.d_weight.data;
+  be.fill(dlogits, 0.f, n * E);
+  if (d.router == RouterKind::TokenChoice) {
+    for (int64_t i = 0; i < n; ++i) {
+      float* dp = dlogits + i * E;
+      if (d.renormalize) {
+        // w_j = p_j / S over the k selected: dL/dp_j = (dL/dw_j - sum_q dL/dw_q w_q) / S
+        float denom = 0, dot = 0;
+        for (int64_t j = 0; j < K; ++j) denom += r.topk_prob[i * K + j];
+        for (int64_t j = 0; j < K; ++j) {
+          const int32_t row = r.topk_row[i * K + j];
+          if (row >= 0) dot += dweight[row] * r.topk_prob[i * K + j] / denom;
+        }
+        for (int64_t j = 0; j < K; ++j) {
+          const int32_t row = r.topk_row[i * K + j];
+          dp[r.topk_expert[i * K + j]] += ((row >= 0 ? dweight[row] : 0.f) - dot) / denom;
+        }
+      } else {
+        for (int64_t j = 0; j < K; ++j) {
+          const int32_t row = r.topk_row[i * K + j];
+          if (row >= 0) dp[r.topk_expert[i * K + j]] += dweight[row];
+        }
+      }
+    }
+    if (d.aux_loss_weight > 0) {
+      // aux = E * sum_e f_e * mean_i p_ie, with f_e treated as a constant (it is a count).
+      for (int64_t e = 0; e < E; ++e) {
+        const float g_aux = static_cast<float>(loss_scale * d.aux_loss_weight * E * r.assigned_fraction[e] / n);
+        for (int64_t i = 0; i < n; ++i) dlogits[i * E + e] += g_aux;
+      }
+    }
+  } else {
+    for (int64_t q = 0; q < r.rows; ++q) dlogits[r.row_token[q] * E + r.row_expert[q]] += dweight[q];
+  }
+  const float z_scale = loss_scale * d.z_loss_weight * 2.f / static_cast<float>(n);
+  for (int64_t i = 0; i < n; ++i) {
+    float* dl = dlogits + i * E;
+    const float* p = probs + i * E;
+    float dot = 0;
+    for (int64_t e = 0; e < E; ++e) dot += dl[e] * p[e];
+    for (int64_t e = 0; e < E; ++e) dl[e] = p[e] * (dl[e] - dot) + z_scale * r.lse[i] * p[e];
+  }
+  linear_backward(be, din, g.router, Tensor(), s.d_logits, in, w.router, /*accumulate_din=*/true);
+}
+
+}  // namespace moelab

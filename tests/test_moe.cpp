@@ -1,0 +1,293 @@
+// MoE layers: invariances (one expert = dense FFN, dropless = infinite capacity), capacity dropping,
+// finite-difference gradients through router, dispatch and experts, expert-choice causality, determinism.
+#include <memory>
+
+#include "backend/backend.h"
+#include "layers/layers.h"
+#include "model/transformer.h"
+#include "moe/moe.h"
+#include "test_util.h"
+
+namespace moelab {
+namespace {
+
+using testing::Buffer;
+using testing::fill_normal;
+
+// Host buffers for one MoE layer of the given dims, with random weights.
+struct MoeFixture {
+  MoeDims d;
+  Buffer router, fc1_w, fc1_b, fc2_w, fc2_b, sh1_w, sh1_b, sh2_w, sh2_b;
+  Buffer g_router, g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b, g_sh1_w, g_sh1_b, g_sh2_w, g_sh2_b;
+  Buffer logits, probs, x_sorted, pre, act, y_sorted, sh_pre, sh_act;
+  Buffer d_x_sorted, d_pre, d_act, d_y_sorted, d_weight, d_logits, d_sh_pre, d_sh_act, ones;
+  Routing routing;
+  MoeStats stats;
+
+  explicit MoeFixture(const MoeDims& dims, Rng& rng) : d(dims) {
+    const int64_t E = d.experts, C = d.d_model, F = d.expert_hidden, P = d.fc1_rows(), N = d.tokens();
+    const int64_t R = d.max_rows(), S = d.shared_hidden, SP = d.shared_fc1_rows();
+    auto make = [](Buffer& v, Buffer& g, Shape s) { v = Buffer(s), g = Buffer(s); };
+    make(router, g_router, {E, C});
+    make(fc1_w, g_fc1_w, {E, P, C});
+    make(fc2_w, g_fc2_w, {E, C, F});
+    if (d.bias) make(fc1_b, g_fc1_b, {E, P}), make(fc2_b, g_fc2_b, {E, C});
+    if (S > 0) {
+      make(sh1_w, g_sh1_w, {SP, C});
+      make(sh2_w, g_sh2_w, {C, S});
+      if (d.bias) make(sh1_b, g_sh1_b, {SP}), make(sh2_b, g_sh2_b, {C});
+    }
+    for (Buffer* b : {&router, &fc1_w, &fc2_w, &fc1_b, &fc2_b, &sh1_w, &sh2_w, &sh1_b, &sh2_b})
+      fill_normal(b->data.data(), b->shape.numel(), rng, 0.5f);
+    logits = Buffer({N, E}), probs = Buffer({N, E}), x_sorted = Buffer({R, C}), pre = Buffer({R, P});
+    act = Buffer({R, F}), y_sorted = Buffer({R, C});
+    d_x_sorted = Buffer({R, C}), d_pre = Buffer({R, P}), d_act = Buffer({R, F}), d_y_sorted = Buffer({R, C});
+    d_weight = Buffer({R}), d_logits = Buffer({N, E}), ones = Buffer({R});
+    std::fill(ones.data.begin(), ones.data.end(), 1.f);
+    if (S > 0) sh_pre = Buffer({N, SP}), sh_act = Buffer({N, S}), d_sh_pre = Buffer({N, SP}), d_sh_act = Buffer({N, S});
+    routing.reserve(d);
+  }
+  static Tensor opt(Buffer& b) { return b.shape.rank == 0 ? Tensor() : b.t(); }
+  MoeWeights weights() {
+    return {router.t(), fc1_w.t(), opt(fc1_b), fc2_w.t(), opt(fc2_b), opt(sh1_w), opt(sh1_b), opt(sh2_w), opt(sh2_b)};
+  }
+  MoeWeights grads() {
+    return {g_router.t(), g_fc1_w.t(), opt(g_fc1_b), g_fc2_w.t(), opt(g_fc2_b), opt(g_sh1_w), opt(g_sh1_b),
+            opt(g_sh2_w), opt(g_sh2_b)};
+  }
+  MoeActivations acts() {
+    return {logits.t(), probs.t(), x_sorted.t(), pre.t(), act.t(), y_sorted.t(), opt(sh_pre), opt(sh_act)};
+  }
+  MoeScratch scratch() {
+    return {d_x_sorted.t(), d_pre.t(), d_act.t(), d_y_sorted.t(), d_weight.t(), d_logits.t(), opt(d_sh_pre),
+            opt(d_sh_act), ones.t()};
+  }
+  void forward(Backend& be, Tensor out, Tensor in) { moe_forward(be, d, out, in, weights(), acts(), routing, stats); }
+  void backward(Backend& be, Tensor din, Tensor dout, Tensor in, float scale = 1.f) {
+    moe_backward(be, d, din, grads(), dout, in, weights(), acts(), scratch(), routing, scale);
+  }
+};
+
+MoeDims dims(RouterKind router, int64_t E, int64_t K, int64_t F, double cf, FfnKind ffn = FfnKind::Gelu) {
+  MoeDims d;
+  d.batch = 3, d.seq = 4, d.d_model = 6;
+  d.experts = E, d.top_k = K, d.expert_hidden = F;
+  d.router = router, d.capacity_factor = cf, d.ffn = ffn;
+  return d;
+}
+
+class MoeTest : public ::testing::Test {
+ protected:
+  std::unique_ptr<Backend> be = make_cpu_backend(2);
+  Rng rng{2024};
+};
+
+TEST_F(MoeTest, OneExpertTopOneEqualsDenseFfn) {
+  for (FfnKind ffn : {FfnKind::Gelu, FfnKind::SwiGLU}) {
+    MoeDims d = dims(RouterKind::TokenChoice, 1, 1, 8, 0.0, ffn);
+    MoeFixture f(d, rng);
+    const int64_t N = d.tokens(), C = d.d_model;
+    Buffer x({N, C}), base({N, C});
+    fill_normal(x.data.data(), N * C, rng);
+    fill_normal(base.data.data(), N * C, rng);
+    Buffer out_moe = base, out_dense = base;
+    f.forward(*be, out_moe.t(), x.t());
+    // The dense FFN with expert 0's weights.
+    Buffer pre({N, d.fc1_rows()}), act({N, d.expert_hidden});
+    Tensor w1 = f.fc1_w.t().reshaped({d.fc1_rows(), C}), w2 = f.fc2_w.t().reshaped({C, d.expert_hidden});
+    mlp_forward(*be, ffn, out_dense.t(), pre.t(), act.t(), x.t(), w1, Tensor(), w2, Tensor());
+    for (int64_t i = 0; i < N * C; ++i) ASSERT_EQ(out_moe.data[i], out_dense.data[i]) << "entry " << i;
+    EXPECT_EQ(f.stats.dropped_fraction, 0.0);
+    EXPECT_EQ(f.routing.row_weight[0], 1.f);  // softmax over one expert is exactly 1
+    // Backward: expert gradients equal the dense FFN's; the router gets none (the gate is constant).
+    Buffer dout({N, C}), dx_moe({N, C}), dx_dense({N, C}), dw1({d.fc1_rows(), C}), dw2({C, d.expert_hidden});
+    Buffer dpre({N, d.fc1_rows()}), dact({N, d.expert_hidden});
+    fill_normal(dout.data.data(), N * C, rng);
+    f.backward(*be, dx_moe.t(), dout.t(), x.t());
+    mlp_backward(*be, ffn, dx_dense.t(), dw1.t(), Tensor(), dw2.t(), Tensor(), dpre.t(), dact.t(), dout.t(), x.t(),
+                 pre.t(), act.t(), w1, w2);
+    for (size_t i = 0; i < dw1.data.size(); ++i) ASSERT_EQ(f.g_fc1_w.data[i], dw1.data[i]);
+    for (size_t i = 0; i < dw2.data.size(); ++i) ASSERT_EQ(f.g_fc2_w.data[i], dw2.data[i]);
+    for (int64_t i = 0; i < N * C; ++i) ASSERT_NEAR(dx_moe.data[i], dx_dense.data[i], 1e-6);
+    for (float g : f.g_router.data) ASSERT_NEAR(g, 0.f, 1e-6);
+  }
+}
+
+TEST_F(MoeTest, DroplessEqualsInfiniteCapacity) {
+  MoeDims d0 = dims(RouterKind::TokenChoice, 4, 2, 5, 0.0), dinf = dims(RouterKind::TokenChoice, 4, 2, 5, 1e6);
+  Rng r1(7), r2(7);
+  MoeFixture a(d0, r1), b(dinf, r2);
+  const int64_t N = d0.tokens(), C = d0.d_model;
+  Buffer x({N, C}), out_a({N, C}), out_b({N, C}), dout({N, C}), dx_a({N, C}), dx_b({N, C});
+  fill_normal(x.data.data(), N * C, rng);
+  fill_normal(dout.data.data(), N * C, rng);
+  a.forward(*be, out_a.t(), x.t());
+  b.forward(*be, out_b.t(), x.t());
+  EXPECT_EQ(out_a.data, out_b.data);
+  a.backward(*be, dx_a.t(), dout.t(), x.t());
+  b.backward(*be, dx_b.t(), dout.t(), x.t());
+  EXPECT_EQ(dx_a.data, dx_b.data);
+  EXPECT_EQ(a.g_router.data, b.g_router.data);
+  EXPECT_EQ(a.g_fc1_w.data, b.g_fc1_w.data);
+}
+
+TEST_F(MoeTest, CapacityDropsOverflowInRankThenTokenOrder) {
+  // All tokens prefer expert 0 (a large router bias through the input): capacity ceil(0.5 * 12 * 1 / 4) = 2.
+  MoeDims d = dims(RouterKind::TokenChoice, 4, 1, 5, 0.5);
+  MoeFixture f(d, rng);
+  const int64_t N = d.tokens(), C = d.d_model;
+  std::fill(f.router.data.begin(), f.router.data.end(), 0.f);
+  for (int64_t c = 0; c < C; ++c) f.router.data[c] = 1.f;  // expert 0 scores sum(x)
+  Buffer x({N, C}), out({N, C});
+  for (auto& v : x.data) v = 1.f + 0.1f * static_cast<float>(rng.uniform());
+  f.forward(*be, out.t(), x.t());
+  EXPECT_EQ(f.routing.rows, 2);
+  EXPECT_NEAR(f.stats.dropped_fraction, 10.0 / 12.0, 1e-12);
+  EXPECT_EQ(f.stats.idle_experts, 3);
+  // The first two tokens won the slots; the others pass through (zero MoE output).
+  EXPECT_EQ(f.routing.row_token[0], 0);
+  EXPECT_EQ(f.routing.row_token[1], 1);
+  for (int64_t n = 2; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) ASSERT_EQ(out.data[n * C + c], 0.f);
+}
+
+struct FdCase {
+  const char* name;
+  RouterKind router;
+  int64_t experts, top_k, hidden;
+  double capacity;
+  bool renormalize, bias;
+  int64_t shared;
+  FfnKind ffn;
+};
+void PrintTo(const FdCase& c, std::ostream* os) { *os << c.name; }
+
+class MoeFd : public ::testing::TestWithParam<FdCase> {};
+
+TEST_P(MoeFd, GradientsThroughRouterDispatchAndExperts) {
+  const FdCase& fc = GetParam();
+  auto be = make_cpu_backend(2);
+  Rng rng(31);
+  MoeDims d = dims(fc.router, fc.experts, fc.top_k, fc.hidden, fc.capacity, fc.ffn);
+  d.renormalize = fc.renormalize;
+  d.bias = fc.bias;
+  d.shared_hidden = fc.shared * fc.hidden;
+  d.aux_loss_weight = 0.3f;  // large, so the auxiliary gradients are visible next to the main term
+  d.z_loss_weight = 0.2f;
+  MoeFixture f(d, rng);
+  const int64_t N = d.tokens(), C = d.d_model;
+  Buffer x({N, C}), out({N, C}), dout({N, C}), dx({N, C});
+  fill_normal(x.data.data(), N * C, rng);
+  fill_normal(dout.data.data(), N * C, rng);
+  f.forward(*be, out.t(), x.t());
+  if (fc.capacity > 0 && fc.router == RouterKind::TokenChoice) EXPECT_GT(f.stats.dropped_fraction, 0.0);
+  f.backward(*be, dx.t(), dout.t(), x.t());
+  // Snapshot the routing so we can tell whether a perturbation flipped a discrete decision.
+  const std::vector<int32_t> tokens0(f.routing.row_token.begin(), f.routing.row_token.begin() + f.routing.rows);
+  const std::vector<int32_t> experts0(f.routing.row_expert.begin(), f.routing.row_expert.begin() + f.routing.rows);
+  int flips = 0;
+  auto loss = [&] {
+    out.zero();
+    f.forward(*be, out.t(), x.t());
+    const std::vector<int32_t> t(f.routing.row_token.begin(), f.routing.row_token.begin() + f.routing.rows);
+    const std::vector<int32_t> e(f.routing.row_expert.begin(), f.routing.row_expert.begin() + f.routing.rows);
+    flips += (t != tokens0 || e != experts0);
+    return testing::dot(out.data.data(), dout.data.data(), N * C) + d.aux_loss_weight * f.stats.aux_loss +
+           d.z_loss_weight * f.stats.z_loss;
+  };
+  std::vector<std::pair<std::string, std::pair<Tensor, Tensor>>> pairs = {
+      {"x", {x.t(), dx.t()}}, {"router", {f.router.t(), f.g_router.t()}}, {"fc1", {f.fc1_w.t(), f.g_fc1_w.t()}},
+      {"fc2", {f.fc2_w.t(), f.g_fc2_w.t()}}};
+  if (fc.bias) {
+    pairs.push_back({"fc1_b", {f.fc1_b.t(), f.g_fc1_b.t()}});
+    pairs.push_back({"fc2_b", {f.fc2_b.t(), f.g_fc2_b.t()}});
+  }
+  if (fc.shared > 0) pairs.push_back({"shared_fc1", {f.sh1_w.t(), f.g_sh1_w.t()}});
+  testing::check_gradients(fc.name, pairs, loss, rng, 40, {.eps = 1e-3, .rtol = 3e-2, .atol_frac = 3e-3});
+  EXPECT_EQ(flips, 0) << "a finite-difference step changed a routing decision; the check is invalid";
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Routers, MoeFd,
+    ::testing::Values(
+        FdCase{"token_choice_top2_capacity_bias", RouterKind::TokenChoice, 4, 2, 5, 0.75, false, true, 0, FfnKind::Gelu},
+        FdCase{"token_choice_top2_renormalized", RouterKind::TokenChoice, 4, 2, 5, 0.0, true, false, 0, FfnKind::Gelu},
+        FdCase{"expert_choice_shared", RouterKind::ExpertChoice, 4, 2, 5, 1.0, false, false, 1, FfnKind::SwiGLU},
+        // G = 2: expansion 2 x G 2 = 4 experts of half size, top 1 x G = 2.
+        FdCase{"fine_grained_g2", RouterKind::TokenChoice, 4, 2, 3, 0.0, false, false, 0, FfnKind::Gelu}),
+    [](const ::testing::TestParamInfo<FdCase>& info) { return std::string(info.param.name); });
+
+ModelConfig small_moe_model(RouterKind router) {
+  ModelConfig m;
+  m.vocab_size = 32;
+  m.d_model = 16;
+  m.n_layers = 2;
+  m.n_heads = 2;
+  m.d_ff = 32;
+  m.seq_len = 6;
+  m.moe.experts = 4;
+  m.moe.top_k = router == RouterKind::TokenChoice ? 2 : 1;
+  m.moe.router = router;
+  m.moe.capacity_factor = router == RouterKind::TokenChoice ? 0.0 : 1.0;
+  m.moe.z_loss_weight = 0.001;
+  return m;
+}
+
+TEST(MoeModel, ExpertChoiceIsCausal) {
+  // Changing a later token of a sequence leaves every earlier position (of every sequence) unchanged.
+  const ModelConfig m = small_moe_model(RouterKind::ExpertChoice);
+  auto be = make_cpu_backend(2);
+  const int64_t B = 4, T = m.seq_len, V = m.vocab_size;
+  Transformer model(m, *be, B);
+  model.init_weights(5);
+  Rng rng(8);
+  std::vector<int32_t> tokens(B * T);
+  for (auto& t : tokens) t = static_cast<int32_t>(rng.below(V));
+  model.forward(tokens.data(), nullptr, B);
+  const std::vector<float> before(model.logits().data, model.logits().data + B * T * V);
+  const int64_t changed_pos = 4;
+  tokens[1 * T + changed_pos] = (tokens[1 * T + changed_pos] + 7) % V;  // sequence 1, position 4
+  model.forward(tokens.data(), nullptr, B);
+  const float* after = model.logits().data;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < changed_pos; ++t)
+      for (int64_t v = 0; v < V; ++v)
+        ASSERT_EQ(after[(b * T + t) * V + v], before[(b * T + t) * V + v]) << "sequence " << b << " position " << t;
+  bool changed = false;
+  for (int64_t v = 0; v < V; ++v) changed |= after[(1 * T + changed_pos) * V + v] != before[(1 * T + changed_pos) * V + v];
+  EXPECT_TRUE(changed);
+}
+
+TEST(MoeModel, WholeModelGradientsMatchFiniteDifferences) {
+  for (RouterKind router : {RouterKind::TokenChoice, RouterKind::ExpertChoice}) {
+    ModelConfig m = small_moe_model(router);
+    m.d_model = 8;
+    m.d_ff = 12;
+    m.moe.every = 2;  // layer 1 only: dense and MoE layers together
+    m.moe.shared_experts = 1;
+    m.moe.aux_loss_weight = 0.1;
+    m.moe.z_loss_weight = 0.05;
+    m.init_std = 0.3;
+    auto be = make_cpu_backend(2);
+    const int64_t B = 3;
+    Transformer model(m, *be, B);
+    model.init_weights(3);
+    Rng rng(4);
+    std::vector<int32_t> tokens(B * m.seq_len), targets(B * m.seq_len);
+    for (auto& t : tokens) t = static_cast<int32_t>(rng.below(m.vocab_size));
+    for (auto& t : targets) t = static_cast<int32_t>(rng.below(m.vocab_size));
+    model.zero_grad();
+    model.forward(tokens.data(), targets.data(), B, 1.f);
+    model.backward();
+    std::vector<std::pair<std::string, std::pair<Tensor, Tensor>>> pairs;
+    for (const auto& e : model.layout().entries())
+      if (e.name.find("moe") != std::string::npos || e.name.find("layers.0.ffn") != std::string::npos)
+        pairs.push_back({e.name, {model.layout().view(model.params(), e.name), model.layout().view(model.grads(), e.name)}});
+    auto loss = [&] { return model.forward(tokens.data(), targets.data(), B) + model.last_aux_loss(); };
+    testing::check_gradients(router == RouterKind::TokenChoice ? "model token choice" : "model expert choice", pairs,
+                             loss, rng, 24, {.eps = 1e-3, .rtol = 3e-2, .atol_frac = 3e-3});
+  }
+}
+
+}  // namespace
+}  // namespace moelab
