@@ -5,7 +5,7 @@
 // purpose (no engine headers), so it can be rebuilt with one command:
 //
 //   g++ -O3 -march=native -fopenmp -std=c++20 bench/gemm_libs.cpp -o /tmp/gemm_libs -ldnnl -lopenblas
-//   /tmp/gemm_libs [--threads N] [--seconds S]
+//   /tmp/gemm_libs [--threads N] [--seconds S] [--retries R]
 //
 // Layout conventions (all row-major, matching the engine):
 //   activations X[T, in], weights W[out, in], Y[T, out] with T = 8*256 tokens.
@@ -159,6 +159,21 @@ private:
 // Above this many foreign cores during a shape's measurement the numbers are
 // marked as disturbed (kernel housekeeping alone stays far below).
 constexpr double kForeignWarn = 0.05;
+
+// Give up waiting after this long: a shape measured under load is still
+// reported (flagged) rather than stalling the run forever.
+constexpr double kQuietWaitMax = 120.0;
+
+// Blocks until one full second passes with other processes using less than
+// kForeignWarn cores, or max_s elapses.
+void wait_for_quiet(double max_s) {
+    const auto t0 = Clock::now();
+    while (std::chrono::duration<double>(Clock::now() - t0).count() < max_s) {
+        ForeignLoad probe;
+        std::this_thread::sleep_for(std::chrono::seconds(1));
+        if (probe.cores() <= kForeignWarn) return;
+    }
+}
 
 const char* isa_name(dnnl_cpu_isa_t isa) {
     switch (isa) {
@@ -364,9 +379,11 @@ struct Result {
 };
 
 void usage(const char* argv0) {
-    std::fprintf(stderr, "usage: %s [--threads N] [--seconds S]\n"
+    std::fprintf(stderr, "usage: %s [--threads N] [--seconds S] [--retries R]\n"
                          "  --threads N   threads for both libraries (default 2)\n"
-                         "  --seconds S   timed seconds per measurement (default 0.5)\n", argv0);
+                         "  --seconds S   timed seconds per library and shape (default 0.5)\n"
+                         "  --retries R   re-time a shape disturbed by other processes up to R times (default 3)\n",
+                 argv0);
 }
 
 void print_line(const char* lib, const Timing& t) {
@@ -379,14 +396,16 @@ void print_line(const char* lib, const Timing& t) {
 int main(int argc, char** argv) {
     int threads = 2;
     double seconds = 0.5;
+    int retries = 3;
     for (int i = 1; i < argc; ++i) {
         std::string a = argv[i];
         if (a == "--threads" && i + 1 < argc) threads = std::atoi(argv[++i]);
         else if (a == "--seconds" && i + 1 < argc) seconds = std::atof(argv[++i]);
+        else if (a == "--retries" && i + 1 < argc) retries = std::atoi(argv[++i]);
         else if (a == "-h" || a == "--help") { usage(argv[0]); return 0; }
         else { usage(argv[0]); return 2; }
     }
-    if (threads < 1 || !(seconds > 0)) { usage(argv[0]); return 2; }
+    if (threads < 1 || !(seconds > 0) || retries < 0) { usage(argv[0]); return 2; }
 
     // oneDNN (OpenMP runtime) sizes its parallel regions from omp_get_max_threads();
     // the pthread OpenBLAS ignores OpenMP and has its own setting.
@@ -450,9 +469,23 @@ int main(int argc, char** argv) {
                 if (st != dnnl_success) { std::fprintf(stderr, "dnnl_gemm_bf16bf16f32 failed: %d\n", int(st)); std::exit(1); }
             }});
 
-        ForeignLoad probe;
-        std::vector<Timing> t = measure(cs, s.flops(), seconds);
-        r.foreign_cores = probe.cores();
+        // Re-time a shape that was disturbed by other processes, after waiting
+        // for the machine to go quiet; keep the least disturbed attempt.
+        std::vector<Timing> t;
+        r.foreign_cores = 1e9;
+        for (int attempt = 0; attempt <= retries; ++attempt) {
+            if (attempt > 0) {
+                std::printf("    disturbed (%.2f foreign cores), waiting for quiet and retrying (%d/%d)\n",
+                            r.foreign_cores, attempt, retries);
+                std::fflush(stdout);
+                wait_for_quiet(kQuietWaitMax);
+            }
+            ForeignLoad probe;
+            std::vector<Timing> ta = measure(cs, s.flops(), seconds);
+            const double fl = probe.cores();
+            if (fl < r.foreign_cores) t = std::move(ta), r.foreign_cores = fl;
+            if (r.foreign_cores <= kForeignWarn) break;
+        }
         r.dnnl = t[0];
         r.blas = t[1];
         if (s.bf16) r.dnnl_bf16 = t[2];

@@ -6,6 +6,7 @@
 #include <cstdio>
 
 #include "backend/backend.h"
+#include "bench_util.h"
 #include "core/rng.h"
 #include "core/timer.h"
 #include "model/config.h"
@@ -67,26 +68,13 @@ int main(int argc, char** argv) {
     std::printf("measuring the fp32 GEMM peak (%d threads):\n", be->threads());
     const double peak = measure_gemm_peak(*be, 1.0);
 
-    moelab::Trainer trainer(cfg, *be);
-    moelab::Rng rng(1);
-    const int64_t tokens_per_micro = cfg.train.batch_size * m.seq_len;
-    auto random_batch = [&](std::vector<int32_t>& tok, std::vector<int32_t>& tgt) {
-      tok.resize(tokens_per_micro);
-      tgt.resize(tokens_per_micro);
-      for (auto& t : tok) t = static_cast<int32_t>(rng.below(m.vocab_size));
-      for (auto& t : tgt) t = static_cast<int32_t>(rng.below(m.vocab_size));
-    };
-    for (int i = 0; i < warmup; ++i) trainer.step(random_batch);
-    double step_seconds = 0;
-    for (int i = 0; i < steps; ++i) step_seconds += trainer.step(random_batch).seconds;
-
-    const double tokens = static_cast<double>(steps) * tokens_per_micro * cfg.train.grad_accum;
-    const double tok_s = tokens / step_seconds;
+    const auto timing = moelab::bench::time_training(cfg, *be, steps, warmup);
+    const double tok_s = timing.tokens_per_second;
     const double flops_per_token = moelab::exact_training_flops_per_token(m);
     const double achieved = tok_s * flops_per_token;
-    std::printf("parameters           %.2fM\n", trainer.model().num_params() / 1e6);
+    std::printf("parameters           %.2fM\n", timing.params / 1e6);
     std::printf("model FLOPs/token    %.1f MFLOP (exact matmul count, fwd+bwd)\n", flops_per_token / 1e6);
-    std::printf("step time            %.1f ms (mean of %d steps)\n", 1e3 * step_seconds / steps, steps);
+    std::printf("step time            %.1f ms (mean of %d steps)\n", 1e3 * timing.seconds_per_step, steps);
     std::printf("tokens/s             %.0f\n", tok_s);
     std::printf("achieved             %.1f GFLOP/s\n", achieved / 1e9);
     std::printf("GEMM peak (fp32)     %.1f GFLOP/s\n", peak / 1e9);

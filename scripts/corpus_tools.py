@@ -30,7 +30,8 @@ JARGON_GZ = "/usr/share/doc/jargon-text/jargon.txt.gz"
 WORDNET_DIR = "/usr/share/wordnet"
 CXX_INCLUDE = "/usr/include/c++/12"
 
-VAL_FRACTION = 0.03
+VAL_FRACTION = 0.03      # target share of each source's bytes in val
+VAL_MAX_FRACTION = 0.045  # never more than this
 # Short Bible books kept out of train and val entirely (for a later paraphrase evaluation). Their text
 # goes to heldout/bible_web/ (and the KJV rendering of the same books to heldout/bible_kjv/); the
 # commentary documents on these books (MHCC, Scofield) go to heldout/ as well so nothing about them leaks.
@@ -61,7 +62,7 @@ def normalize_text(paragraphs):
         for line in para:
             line = unicodedata.normalize("NFC", line)
             line = "".join(ch for ch in line if ch in "\t" or unicodedata.category(ch)[0] != "C")
-            line = re.sub(r"\s+", " ", line).strip()
+            line = re.sub(r"\s+", " ", line.replace("¶", " ")).strip()
             if line:
                 lines.append(line)
         if lines:
@@ -279,7 +280,9 @@ def sword_documents(module, per_chapter=False):
 
 def diatheke_verses(module, book_osis):
     """[(ref, text)] for one book via diatheke (internal OSIS output, cleaned here)."""
-    raw = subprocess.run(["diatheke", "-b", module, "-k", book_osis], capture_output=True,
+    # -o fs keeps (empty) footnote and cross-reference elements in the output: diatheke otherwise
+    # deletes them without a trace and the words on either side run together ("Yahweh’sword")
+    raw = subprocess.run(["diatheke", "-b", module, "-o", "fs", "-k", book_osis], capture_output=True,
                          text=True, check=True).stdout
     verses = []
     ref_re = re.compile(r"(?:^|(?<=>)|(?<=\s))((?:[1-4I]+ )?[A-Z][A-Za-z ()]*?) (\d+):(\d+): ")
@@ -312,10 +315,22 @@ ATTACH_RIGHT = {"``", "(", "[", "$"}
 
 
 def brown_detok(tokens):
+    # Brown puts sentence punctuation after a closing quote ("city '' ."); print it American style
+    tokens = list(tokens)
+    for i in range(len(tokens) - 1):
+        if tokens[i] == "''" and tokens[i + 1] in (".", ",", "!", "?"):
+            tokens[i], tokens[i + 1] = tokens[i + 1], tokens[i]
     out = []          # list of strings
     no_space = True   # suppress space before next token
     single_open = False
-    for w in tokens:
+    for i, w in enumerate(tokens):
+        if w == "'":  # single quote: open or close, from context, else alternate
+            prev = tokens[i - 1] if i else None
+            nxt = tokens[i + 1] if i + 1 < len(tokens) else None
+            if prev is None or prev in (",", ":", ";", "(", "--", "``"):
+                single_open = False
+            elif nxt is None or nxt in (".", ",", ";", ":", "?", "!", ")", "''", "--"):
+                single_open = True
         if w == "``":
             piece, left, right = '"', False, True
         elif w == "''":
@@ -349,11 +364,25 @@ def brown_document(path):
         if not block.strip():
             continue
         words = []
+
+        def flush():
+            if words:
+                paragraphs.append([brown_detok(words)])
+            words.clear()
+
         for line in block.strip("\n").split("\n"):
+            toks = []
             for tok in line.split():
                 w, sep, tag = tok.rpartition("/")
                 if not sep:
                     w, tag = tok, ""
+                toks.append((w, tag))
+            if not toks:
+                continue
+            headline = all(t.endswith("-hl") for _, t in toks)
+            if headline:  # headlines / section titles ("Merger proposed") are paragraphs of their own
+                flush()
+            for w, tag in toks:
                 base = tag.split("-")[0]
                 # the NLTK copy doubles sentence-final ; ? ! : (";/. ;/.")
                 if base == "." and words and words[-1] == w and w in ";?!:":
@@ -362,8 +391,9 @@ def brown_document(path):
                 if base == "." and w == "." and words and words[-1].endswith(".") and len(words[-1]) > 1:
                     continue
                 words.append(w)
-        if words:
-            paragraphs.append([brown_detok(words)])
+            if headline:
+                flush()
+        flush()
     return normalize_text(paragraphs)
 
 
@@ -375,6 +405,18 @@ def brown_documents(brown_dir):
 # ----------------------------------------------------------------------------------------------------
 # fortunes
 
+def fix_mojibake(line):
+    """Undo UTF-8 text that was decoded as Latin-1 and re-encoded (once or twice): "donÃ¢ÂÂt"."""
+    for _ in range(3):
+        if not re.search("[\u00c2\u00c3\u00e2][\u0080-\u00bf]", line):
+            break
+        try:
+            line = line.encode("latin-1").decode("utf-8")
+        except (UnicodeEncodeError, UnicodeDecodeError):
+            break
+    return line
+
+
 def fortune_documents():
     docs = []
     for name in sorted(os.listdir(FORTUNE_DIR)):
@@ -382,7 +424,7 @@ def fortune_documents():
         if name.endswith((".dat", ".u8")) or os.path.islink(p) or not os.path.isfile(p) or name in FORTUNE_SKIP:
             continue
         with open(p, encoding="utf-8", errors="replace") as f:
-            raw = f.read()
+            raw = "\n".join(fix_mojibake(ln) for ln in f.read().split("\n"))
         paragraphs = []
         for cookie in re.split(r"^%\s*$", raw, flags=re.M):
             lines = [ln.expandtabs(8).strip() for ln in cookie.split("\n")]
@@ -416,6 +458,8 @@ def jargon_reflow(lines):
     out, heading = [], []
     for p in paras:
         if set(p[0].strip()) <= set("═─-=* "):
+            continue
+        if any(re.search("[\u2500-\u257f]", l) for l in p):  # box-drawn tables: not prose
             continue
         indents = [len(l) - len(l.lstrip(" ")) for l in p]
         heading.append(len(p) == 1 and indents[0] == 0)  # "Chapter 1. ...", "Appendix A. ..."
@@ -578,13 +622,25 @@ def sha256_of(files):
 # ----------------------------------------------------------------------------------------------------
 
 def split_docs(source, docs):
-    """Deterministic split by whole documents: within each source the ceil(3%) documents whose
-    sha256('source/doc_id') is smallest go to val, the rest to train."""
-    if len(docs) < 2:
-        return {d[0]: "train" for d in docs}
+    """Deterministic split by whole documents. Within each source, walk the documents in order of
+    sha256('<source>/<doc_id>') and move each to val while that keeps the source's val share at most
+    VAL_MAX_FRACTION of its bytes; stop once val holds VAL_FRACTION of the bytes. Everything else is
+    train. (A byte target rather than a document count keeps one huge document, such as the Treasury
+    of David on Psalm 119, from making val lopsided.)"""
+    total = sum(len(d[2].encode()) for d in docs)
     ranked = sorted(docs, key=lambda d: hashlib.sha256(f"{source}/{d[0]}".encode()).hexdigest())
-    nval = max(1, math.ceil(VAL_FRACTION * len(docs)))
-    return {d[0]: ("val" if i < nval else "train") for i, d in enumerate(ranked)}
+    assign = {d[0]: "train" for d in docs}
+    val = 0
+    if len(docs) < 2:
+        return assign
+    for doc_id, _book, text in ranked:
+        if val >= VAL_FRACTION * total:
+            break
+        n = len(text.encode())
+        if val + n <= VAL_MAX_FRACTION * total:
+            assign[doc_id] = "val"
+            val += n
+    return assign
 
 
 def write(path, text):
@@ -619,19 +675,21 @@ def build(args):
         dict(name="scofield", title="Scofield Reference Notes, 1917 (one document per Bible book)",
              package="sword-comm-scofield", loader=lambda: sword_documents("Scofield"), bible=True),
         dict(name="jargon", title="The Jargon File 4.4.7 (intro, lexicon by letter, appendices)",
-             package="jargon-text", loader=jargon_documents,
+             package="jargon-text", loader=jargon_documents, license="public domain",
              license_phrase="This document (the Jargon File) is in the public domain"),
         dict(name="fortunes", title="fortune-mod cookie files, non-offensive set (one document per file)",
              package="fortunes", extra_packages=["fortunes-min"], loader=fortune_documents,
-             license_phrase="This program falls under the BSD copyright"),
+             license="BSD", license_phrase="This program falls under the BSD copyright"),
     ]
     # lowercase module names in conf files: TDavid is [TDavid] in tdavid.conf etc.
     for s in sources:
         if s["package"].startswith("npm:"):
             continue
         s["version"] = dpkg_version(s["package"])
-        if "license_phrase" in s:
-            s["license"] = quoted_license(s["package"], s["license_phrase"])
+        if "license_phrase" in s:  # not a machine-readable copyright file: quote it
+            s["license_quote"] = quoted_license(s["package"], s["license_phrase"])
+            if not s["license_quote"]:
+                raise SystemExit(f"licence statement not found in /usr/share/doc/{s['package']}/copyright")
         else:
             s["license"] = dep5_license(s["package"])
         s["license_file"] = f"/usr/share/doc/{s['package']}/copyright"
@@ -666,8 +724,8 @@ def build(args):
         for k in counts:
             totals[k]["documents"] += counts[k]["documents"]
             totals[k]["bytes"] += counts[k]["bytes"]
-        entry = {k: s[k] for k in ("name", "title", "package", "version", "license", "license_note",
-                                   "license_file", "extra_versions") if s.get(k) is not None}
+        entry = {k: s[k] for k in ("name", "title", "package", "version", "license", "license_quote",
+                                   "license_note", "license_file", "extra_versions") if s.get(k) is not None}
         entry.update(counts)
         manifest_sources.append(entry)
         log(f"{s['name']:<9} {s['package']} {s['version']} ({entry.get('license')}): "
@@ -692,7 +750,7 @@ def build(args):
         "package": "sword-text-kjv", "version": dpkg_version("sword-text-kjv"),
         "license": dep5_license("sword-text-kjv"), "license_file": "/usr/share/doc/sword-text-kjv/copyright",
         "train": {"documents": 0, "bytes": 0}, "val": {"documents": 0, "bytes": 0}, "heldout": kjv})
-    log(f"kjv       sword-text-kjv {dpkg_version('sword-text-kjv')}: heldout only, "
+    log(f"kjv       sword-text-kjv {dpkg_version('sword-text-kjv')} ({dep5_license('sword-text-kjv')}): heldout only, "
         f"{kjv['documents']} docs {kjv['bytes'] / 1e6:.3f} MB")
     nverses = 0
     for module, sub in (("engWEB2015eb", "bible_web"), ("engKJV2006eb", "bible_kjv")):
@@ -728,8 +786,10 @@ def build(args):
     manifest = {
         "recipe_version": args.recipe_version,
         "format": "one UTF-8 plain-text file per document; paragraphs separated by a blank line",
-        "split": {"rule": "per source, the ceil(3%) documents with the smallest sha256('<source>/<doc_id>') "
-                          "go to val, the rest to train", "val_fraction": VAL_FRACTION},
+        "split": {"rule": "per source, walk documents in order of sha256('<source>/<doc_id>'); a document goes "
+                          "to val if the source's val bytes stay <= val_max_fraction of its bytes; stop when val "
+                          "holds >= val_fraction; everything else is train",
+                  "val_fraction": VAL_FRACTION, "val_max_fraction": VAL_MAX_FRACTION},
         "heldout_bible_books": HELDOUT_BOOKS,
         "sources": manifest_sources,
         "totals": totals,

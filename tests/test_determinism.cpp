@@ -43,13 +43,21 @@ Config small_config(std::vector<std::string> extra = {}) {
 TEST(Determinism, SameSeedSameThreadsGivesIdenticalLosses) {
   const std::string path = write_tokens("moelab_det_tokens.bin", 5000, 64);
   TokenFile data(path, "uint16");
-  for (const char* variant : {"model.pos=rope", "model.pos=learned"}) {
-    const Config c = small_config({variant});
+  const std::vector<std::vector<std::string>> variants = {
+      {"model.pos=rope"},
+      {"model.pos=learned", "model.norm=layernorm", "model.bias=true"},
+      {"moe.experts=4", "moe.top_k=2", "moe.capacity_factor=1.0", "moe.z_loss_weight=0.001"},
+      {"moe.experts=4", "moe.top_k=1", "moe.router=expert_choice", "moe.every=2"}};
+  for (const auto& variant_keys : variants) {
+    const std::string variant = variant_keys[0] + (variant_keys.size() > 1 ? " ..." : "");
+    const Config c = small_config(variant_keys);
     const auto a = train_losses(c, data, 6), b = train_losses(c, data, 6);
     ASSERT_EQ(a.size(), b.size());
     for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i], b[i]) << variant << " step " << i;  // bitwise
     EXPECT_LT(a.back(), a.front()) << "training should reduce the loss on structured data";
-    const auto other = train_losses(small_config({variant, "train.seed=2"}), data, 6);
+    auto seeded = variant_keys;
+    seeded.push_back("train.seed=2");
+    const auto other = train_losses(small_config(seeded), data, 6);
     EXPECT_NE(other[0], a[0]) << "a different seed should give a different run";
   }
 }

@@ -34,6 +34,7 @@ struct MoeConfig {
   double z_loss_weight = 0.0;    // router z-loss
   bool expert_grad_scale = false; // scale expert gradients by 1/sqrt(routed experts) (fairseq)
 
+  double capacity_factor_or_one() const { return capacity_factor > 0 ? capacity_factor : 1.0; }
   bool enabled() const { return experts > 0 || expansion > 0; }
   int64_t routed_experts() const { return expansion > 0 ? expansion * granularity : experts; }
   int64_t active_experts() const { return expansion > 0 ? top_k * granularity : top_k; }

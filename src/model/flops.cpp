@@ -1,5 +1,7 @@
 #include "model/flops.h"
 
+#include "moe/moe.h"
+
 namespace moelab {
 
 double exact_training_flops_per_token(const ModelConfig& m) {
@@ -12,7 +14,24 @@ double exact_training_flops_per_token(const ModelConfig& m) {
                            + 2 * T * C        // probs @ v
                            + 2 * C * C        // output projection
                            + 2 * C * fc1_width + 2 * F * C;  // FFN
-  const double forward = m.n_layers * per_layer + 2 * C * V;  // + output head
+  double forward = 2 * C * V;  // output head
+  for (int64_t i = 0; i < m.n_layers; ++i) {
+    if (!m.moe.is_moe_layer(i)) {
+      forward += per_layer;
+      continue;
+    }
+    const MoeDims d = MoeDims::from(m, 1);
+    // Rows each token is dispatched to: k for token choice (an upper bound when capacity drops tokens),
+    // E * capacity / batch for expert choice (the batch cancels out).
+    const double rows_per_token = m.moe.router == RouterKind::TokenChoice
+                                      ? static_cast<double>(d.top_k)
+                                      : m.moe.capacity_factor_or_one() * static_cast<double>(d.top_k);
+    const double expert_ffn = 2 * C * d.fc1_rows() + 2 * d.expert_hidden * C;
+    const double shared_ffn = 2 * C * d.shared_fc1_rows() + 2 * d.shared_hidden * C;
+    forward += per_layer - (2 * C * fc1_width + 2 * F * C)  // attention part of the block
+               + 2 * C * d.experts                           // router
+               + rows_per_token * expert_ffn + shared_ffn;
+  }
   return 3 * forward;
 }
 

@@ -66,6 +66,17 @@ bool ParamLayout::has(const std::string& name) const {
   return false;
 }
 
+int64_t active_parameter_count(const ParamLayout& layout, const ModelConfig& m) {
+  int64_t active = 0;
+  for (const auto& e : layout.entries()) {
+    if (e.name.find(".moe.experts.") != std::string::npos)
+      active += e.shape.numel() / m.moe.routed_experts() * m.moe.active_experts();
+    else
+      active += e.shape.numel();
+  }
+  return active;
+}
+
 bool is_decayed(ParamKind kind, bool decay_embeddings) {
   return kind == ParamKind::Matrix || (kind == ParamKind::Embedding && decay_embeddings);
 }

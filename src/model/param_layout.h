@@ -40,6 +40,10 @@ class ParamLayout {
   int64_t total_ = 0;
 };
 
+// Parameters one token touches: everything except routed experts, plus top_k of the routed experts of each
+// MoE layer (the active parameter count N_a of the scaling-law papers, embeddings included).
+int64_t active_parameter_count(const ParamLayout& layout, const ModelConfig& config);
+
 // Whether AdamW decays this parameter: weight matrices always, embeddings only when asked, never norms/biases.
 bool is_decayed(ParamKind kind, bool decay_embeddings);
 

@@ -1,5 +1,6 @@
 #include "train/trainer.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -32,17 +33,19 @@ StepStats Trainer::step(const BatchSource& next_batch) {
   const auto& t = config_.train;
   const int64_t B = t.batch_size, T = config_.model.seq_len;
   model_->zero_grad();
-  double loss_sum = 0.0;
+  double loss_sum = 0.0, aux_sum = 0.0;
   for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
     next_batch(tokens_, targets_);
     MOELAB_CHECK(static_cast<int64_t>(tokens_.size()) == B * T && tokens_.size() == targets_.size(),
                  "micro-batch must be (batch_size, seq_len)");
     loss_sum += model_->forward(tokens_.data(), targets_.data(), B, 1.f / static_cast<float>(t.grad_accum));
+    aux_sum += model_->last_aux_loss();
     model_->backward();
   }
   StepStats s;
   s.step = steps_done_ + 1;
   s.loss = loss_sum / static_cast<double>(t.grad_accum);
+  s.aux_loss = aux_sum / static_cast<double>(t.grad_accum);
   if (!std::isfinite(s.loss))
     throw Error("training loss became " + std::string(std::isnan(s.loss) ? "NaN" : "infinite") + " at step " +
                 std::to_string(s.step) + "; lower train.lr, raise train.warmup_steps or set train.grad_clip");
@@ -70,6 +73,28 @@ double Trainer::evaluate(const TokenFile& data, int64_t max_batches) {
 }
 
 namespace {
+
+// Router statistics of every MoE layer, for metrics.jsonl.
+nlohmann::json router_stats_json(const Transformer& model) {
+  nlohmann::json layers = nlohmann::json::array();
+  const auto& stats = model.moe_stats();
+  for (size_t i = 0; i < stats.size(); ++i) {
+    const auto& s = stats[i];
+    if (s.tokens_per_expert.empty()) continue;
+    const auto [lo, hi] = std::minmax_element(s.tokens_per_expert.begin(), s.tokens_per_expert.end());
+    layers.push_back({{"layer", i},
+                      {"tokens_per_expert", s.tokens_per_expert},
+                      {"tokens_min", *lo},
+                      {"tokens_max", *hi},
+                      {"tokens_cv", s.tokens_cv()},
+                      {"dropped_fraction", s.dropped_fraction},
+                      {"idle_experts", s.idle_experts},
+                      {"router_entropy", s.router_entropy},
+                      {"aux_loss", s.aux_loss},
+                      {"z_loss", s.z_loss}});
+  }
+  return layers;
+}
 
 std::string format_duration(double seconds) {
   char buf[32];
@@ -116,6 +141,21 @@ TrainSummary run_training(const Config& config, std::ostream& log) {
                 trainer.model().num_params() / 1e6, static_cast<long>(t.steps), static_cast<long>(tokens_per_step),
                 backend->threads(), flops_per_token / 1e6, out_dir.c_str());
   log << line << std::flush;
+  const auto& moe = config.model.moe;
+  const int64_t active = active_parameter_count(trainer.model().layout(), config.model);
+  if (moe.enabled()) {
+    int64_t moe_layers = 0;
+    for (int64_t i = 0; i < config.model.n_layers; ++i) moe_layers += moe.is_moe_layer(i);
+    std::snprintf(line, sizeof line,
+                  "MoE: %ld of %ld layers, %s, %ld routed experts of hidden %ld (G = %ld), top-%ld, %ld shared; "
+                  "sparsity S = %.3f; parameters %.2fM total, %.2fM active\n",
+                  static_cast<long>(moe_layers), static_cast<long>(config.model.n_layers),
+                  to_string(moe.router).c_str(), static_cast<long>(moe.routed_experts()),
+                  static_cast<long>(config.model.expert_hidden()), static_cast<long>(moe.granularity),
+                  static_cast<long>(moe.active_experts()), static_cast<long>(moe.shared_experts), moe.sparsity(),
+                  trainer.model().num_params() / 1e6, active / 1e6);
+    log << line << std::flush;
+  }
 
   TrainSummary summary;
   Timer total;
@@ -135,6 +175,10 @@ TrainSummary run_training(const Config& config, std::ostream& log) {
                           {"flops", flops_per_token * static_cast<double>(st.step * tokens_per_step)},
                           {"step_seconds", st.seconds},
                           {"elapsed_seconds", total.seconds()}};
+    if (moe.enabled()) {
+      rec["aux_loss"] = st.aux_loss;
+      if (st.step % t.log_every == 0 || st.step == t.steps) rec["router"] = router_stats_json(trainer.model());
+    }
     metrics << rec.dump() << "\n";
     if (st.step % t.log_every == 0 || st.step == t.steps) {
       metrics.flush();

@@ -18,7 +18,8 @@ namespace moelab {
 
 struct StepStats {
   int64_t step = 0;      // 1-based index of the optimizer step just taken
-  double loss = 0;       // mean training loss over the step's micro-batches
+  double loss = 0;       // mean training cross-entropy over the step's micro-batches
+  double aux_loss = 0;   // mean weighted MoE auxiliary loss (balancing + z), added to the objective
   double lr = 0;
   double grad_norm = 0;  // before clipping
   double seconds = 0;    // wall time of the step

@@ -1,0 +1,35 @@
+#pragma once
+// Shared by the benchmark programs: timing training steps on random tokens.
+#include "core/rng.h"
+#include "train/trainer.h"
+
+namespace moelab::bench {
+
+struct StepTiming {
+  double seconds_per_step = 0;
+  double tokens_per_second = 0;
+  int64_t params = 0;
+};
+
+// Mean wall time of `steps` optimizer steps after `warmup` untimed ones, on uniformly random tokens.
+inline StepTiming time_training(const Config& cfg, Backend& be, int steps, int warmup) {
+  Trainer trainer(cfg, be);
+  Rng rng(1);
+  const int64_t tokens_per_micro = cfg.train.batch_size * cfg.model.seq_len;
+  auto random_batch = [&](std::vector<int32_t>& tok, std::vector<int32_t>& tgt) {
+    tok.resize(tokens_per_micro);
+    tgt.resize(tokens_per_micro);
+    for (auto& t : tok) t = static_cast<int32_t>(rng.below(cfg.model.vocab_size));
+    for (auto& t : tgt) t = static_cast<int32_t>(rng.below(cfg.model.vocab_size));
+  };
+  for (int i = 0; i < warmup; ++i) trainer.step(random_batch);
+  double seconds = 0;
+  for (int i = 0; i < steps; ++i) seconds += trainer.step(random_batch).seconds;
+  StepTiming t;
+  t.seconds_per_step = seconds / steps;
+  t.tokens_per_second = static_cast<double>(tokens_per_micro * cfg.train.grad_accum) / t.seconds_per_step;
+  t.params = trainer.model().num_params();
+  return t;
+}
+
+}  // namespace moelab::bench
