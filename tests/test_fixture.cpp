@@ -36,6 +36,23 @@ Fixture load_fixture(const std::string& file) {
       "train.adam_eps=" + num(t["eps"]), "train.weight_decay=" + num(t["weight_decay"]),
       "train.grad_clip=" + num(t["grad_clip"]), "train.schedule=" + t["schedule"].get<std::string>(),
       "train.threads=2"};
+  if (c.contains("moe")) {
+    const json& m = c["moe"];
+    const int64_t expansion = m.value("expansion", 0), g = m["granularity"].get<int64_t>();
+    if (expansion > 0) {  // fine-grained shorthand: the fixture records the resolved experts and top-k
+      overrides.push_back("moe.expansion=" + std::to_string(expansion));
+      overrides.push_back("moe.top_k=" + std::to_string(m["top_k"].get<int64_t>() / g));
+    } else {
+      overrides.push_back("moe.experts=" + num(m["experts"]));
+      overrides.push_back("moe.top_k=" + num(m["top_k"]));
+    }
+    for (const std::string key : {"granularity", "every", "shared_experts", "capacity_factor", "aux_loss_weight",
+                                  "z_loss_weight"})
+      overrides.push_back("moe." + key + "=" + num(m[key]));
+    overrides.push_back("moe.router=" + m["router"].get<std::string>());
+    overrides.push_back("moe.renormalize=" + b(m["renormalize"]));
+    overrides.push_back("moe.expert_grad_scale=" + b(m["expert_grad_scale"]));
+  }
   f.config = config_from_string("", overrides);
   return f;
 }
@@ -90,6 +107,7 @@ TEST_P(FixtureTest, ForwardBackwardAndTenAdamWStepsMatchPyTorch) {
   const auto tokens = batch_tokens(f.j["batches"][0], false), targets = batch_tokens(f.j["batches"][0], true);
   const double loss = model.forward(tokens.data(), targets.data(), B);
   EXPECT_NEAR(loss, f.j["loss"].get<double>(), 2e-6 * std::fabs(f.j["loss"].get<double>()));
+  if (f.j.contains("aux_loss")) EXPECT_NEAR(model.last_aux_loss(), f.j["aux_loss"].get<double>(), 1e-6);
   // Logits: float32 forward through 2 layers; 1e-5 of the largest logit.
   expect_close("logits", model.logits().data, f.j["logits"].get<std::vector<double>>(), 1e-5, 1e-4);
 
@@ -114,6 +132,8 @@ TEST_P(FixtureTest, ForwardBackwardAndTenAdamWStepsMatchPyTorch) {
     EXPECT_NEAR(st.loss, step_losses[s], 1e-5) << "loss at step " << s;
     EXPECT_NEAR(st.grad_norm, step_norms[s], 1e-4 * step_norms[s]) << "grad norm at step " << s;
     EXPECT_NEAR(st.lr, step_lrs[s], 1e-12) << "lr at step " << s;
+    if (f.j.contains("step_aux_losses"))
+      EXPECT_NEAR(st.aux_loss, f.j["step_aux_losses"][s].get<double>(), 1e-6) << "aux loss at step " << s;
   }
   // Parameters after 10 steps: float32 vs float64 trajectories drift slightly; 1e-4 absolute.
   for (const auto& e : model.layout().entries()) {
@@ -129,7 +149,8 @@ TEST_P(FixtureTest, ForwardBackwardAndTenAdamWStepsMatchPyTorch) {
 
 INSTANTIATE_TEST_SUITE_P(PyTorch, FixtureTest,
                          ::testing::Values("dense_gelu_ln_learned.json", "dense_swiglu_rms_rope.json",
-                                           "dense_gelu_ln_sin_untied.json"),
+                                           "dense_gelu_ln_sin_untied.json", "moe_token_top2_capacity.json",
+                                           "moe_expert_choice.json", "moe_fine_grained.json"),
                          [](const ::testing::TestParamInfo<const char*>& info) {
                            std::string n = info.param;
                            return n.substr(0, n.find('.'));
