@@ -771,7 +771,8 @@ def build(args):
     ood = [
         {"name": "code", "file": "ood/code.txt", "package": "libstdc++-12-dev",
          "version": dpkg_version("libstdc++-12-dev"),
-         "license": "GPL-3+ with GCC Runtime Library Exception (evaluation only, never trained on)",
+         "license": "GNU General Public License (v3 or later) with version 3.1 of the GCC Runtime Library "
+                    "Exception (evaluation only, never trained on)",
          "content": f"first {nfiles} files (sorted paths, files over {OOD_CODE_MAX_FILE} bytes skipped) "
                     f"of {CXX_INCLUDE}",
          "bytes": len(code.encode())},

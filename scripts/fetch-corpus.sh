@@ -20,7 +20,7 @@ REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
 OUT="$REPO_ROOT/data/corpus"
 FORCE=0
 
-usage() { sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 while (( $# )); do
   case "$1" in
     --out) [[ $# -ge 2 ]] || { echo "fetch-corpus: --out needs a directory" >&2; exit 2; }; OUT="$2"; shift 2 ;;
