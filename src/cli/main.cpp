@@ -34,6 +34,10 @@ int main(int argc, char** argv) {
   auto* train = app.add_subcommand("train", "train a model from a TOML config (see configs/)");
   train->add_option("-c,--config", config_path, "TOML config file; omitted keys take their defaults");
   train->add_option("--set", overrides, kOverrideHelp);
+  bool resume = false;
+  train->add_flag("--resume", resume,
+                  "continue from <train.out_dir>/checkpoint (bit-identical to an uninterrupted run); without it an "
+                  "existing checkpoint is an error");
   train->footer(
       "Example:\n  moelab train --config configs/dense-tiny.toml --set train.steps=200 --set train.threads=2\n"
       "Writes <train.out_dir>/config.toml (the resolved config) and metrics.jsonl (one JSON line per step).");
@@ -65,7 +69,7 @@ int main(int argc, char** argv) {
   try {
     if (train->parsed()) {
       const moelab::Config cfg = moelab::load_config(config_path, overrides);
-      moelab::run_training(cfg, std::cout);
+      moelab::run_training(cfg, std::cout, resume);
       return 0;
     }
     if (config->parsed()) {

@@ -192,6 +192,8 @@ const std::vector<KeyDef>& schema() {
               "steps between validation evaluations (needs data.val_path); 0: only at the end"),
       int_key("train.eval_batches", [](Config& c) -> int64_t& { return c.train.eval_batches; }, 0, 1e12,
               "batches of sequential windows per evaluation; 0: the whole validation file"),
+      int_key("train.checkpoint_every", [](Config& c) -> int64_t& { return c.train.checkpoint_every; }, 0, 1e12,
+              "steps between checkpoints in <out_dir>/checkpoint; 0: only at the end"),
       string_key("train.out_dir", [](Config& c) -> std::string& { return c.train.out_dir; },
                  "run directory: resolved config and metrics.jsonl are written here"),
       // [data]

@@ -87,6 +87,7 @@ struct TrainConfig {
   int64_t log_every = 10;
   int64_t eval_every = 0;     // steps between validation evaluations; 0: only at the end
   int64_t eval_batches = 50;  // batches per evaluation; 0: the whole validation file
+  int64_t checkpoint_every = 0;  // steps between checkpoints; 0: only at the end
   std::string out_dir = "runs/default";
 };
 

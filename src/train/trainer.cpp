@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/io.h"
+#include "train/checkpoint.h"
 #include "core/timer.h"
 #include "model/flops.h"
 #include "optim/schedule.h"
@@ -55,6 +56,23 @@ StepStats Trainer::step(const BatchSource& next_batch) {
   ++steps_done_;
   s.seconds = timer.seconds();
   return s;
+}
+
+void Trainer::save(const std::string& dir) const {
+  CheckpointState st;
+  st.step = steps_done_;
+  st.adam_step = optimizer_->steps_taken();
+  st.data_rng = data_rng_.state();
+  save_checkpoint(dir, config_, model_->layout(), model_->params(), optimizer_->first_moment(),
+                  optimizer_->second_moment(), st);
+}
+
+void Trainer::load(const std::string& dir) {
+  const CheckpointState st = load_checkpoint(dir, model_->layout(), model_->params(), optimizer_->first_moment(),
+                                             optimizer_->second_moment());
+  steps_done_ = st.step;
+  optimizer_->set_steps_taken(st.adam_step);
+  data_rng_.set_state(st.data_rng);
 }
 
 double Trainer::evaluate(const TokenFile& data, int64_t max_batches) {
@@ -113,7 +131,27 @@ void check_vocab(const TokenFile& file, const ModelConfig& m) {
 
 }  // namespace
 
-TrainSummary run_training(const Config& config, std::ostream& log) {
+namespace {
+
+// Keeps the metrics lines of steps <= last_step (the checkpoint a run resumes from), so a resumed run's
+// metrics.jsonl reads as one uninterrupted run.
+void truncate_metrics(const std::filesystem::path& path, int64_t last_step) {
+  if (!std::filesystem::exists(path)) return;
+  std::ifstream in(path);
+  std::string line, kept;
+  while (std::getline(in, line)) {
+    try {
+      if (nlohmann::json::parse(line).value("step", int64_t{0}) <= last_step) kept += line + "\n";
+    } catch (const nlohmann::json::exception&) {
+      break;  // a line cut short by the crash
+    }
+  }
+  write_file_atomic(path.string(), kept);
+}
+
+}  // namespace
+
+TrainSummary run_training(const Config& config, std::ostream& log, bool resume) {
   if (config.data.train_path.empty())
     throw Error("data.train_path is not set: point it at a token file (e.g. --set data.train_path=FILE)");
   auto backend = make_cpu_backend(static_cast<int>(config.train.threads));
@@ -127,11 +165,22 @@ TrainSummary run_training(const Config& config, std::ostream& log) {
 
   const std::filesystem::path out_dir(config.train.out_dir);
   std::filesystem::create_directories(out_dir);
-  write_file_atomic((out_dir / "config.toml").string(), to_toml(config));
-  std::ofstream metrics(out_dir / "metrics.jsonl", std::ios::trunc);
-  if (!metrics) throw Error("cannot write metrics to '" + (out_dir / "metrics.jsonl").string() + "'");
-
+  const std::string existing = find_checkpoint(out_dir.string());
+  if (!existing.empty() && !resume)
+    throw Error("run directory '" + out_dir.string() + "' already holds a checkpoint; pass --resume to continue it, "
+                "or choose another train.out_dir");
   Trainer trainer(config, *backend);
+  if (resume && !existing.empty()) {
+    trainer.load(existing);
+    truncate_metrics(out_dir / "metrics.jsonl", trainer.steps_done());
+    log << "resuming from " << existing << " at step " << trainer.steps_done() << "\n";
+  } else {
+    std::filesystem::remove(out_dir / "metrics.jsonl");
+  }
+  write_file_atomic((out_dir / "config.toml").string(), to_toml(config));
+  std::ofstream metrics(out_dir / "metrics.jsonl", std::ios::app);
+  if (!metrics) throw Error("cannot write metrics to '" + (out_dir / "metrics.jsonl").string() + "'");
+  const std::string checkpoint_dir = (out_dir / "checkpoint").string();
   const auto& t = config.train;
   const int64_t tokens_per_step = t.batch_size * t.grad_accum * config.model.seq_len;
   const double flops_per_token = exact_training_flops_per_token(config.model);
@@ -161,7 +210,7 @@ TrainSummary run_training(const Config& config, std::ostream& log) {
   Timer total;
   double window_seconds = 0;
   int64_t window_steps = 0;
-  for (int64_t s = 0; s < t.steps; ++s) {
+  for (int64_t s = trainer.steps_done(); s < t.steps; ++s) {
     const StepStats st = trainer.step(train_data);
     summary.losses.push_back(st.loss);
     window_seconds += st.seconds;
@@ -190,6 +239,10 @@ TrainSummary run_training(const Config& config, std::ostream& log) {
       window_seconds = 0;
       window_steps = 0;
     }
+    if (t.checkpoint_every > 0 && st.step % t.checkpoint_every == 0 && st.step != t.steps) {
+      metrics.flush();
+      trainer.save(checkpoint_dir);
+    }
     if (val_data && t.eval_every > 0 && st.step % t.eval_every == 0 && st.step != t.steps) {
       const double val = trainer.evaluate(*val_data, t.eval_batches);
       metrics << nlohmann::json{{"step", st.step}, {"val_loss", val}}.dump() << "\n";
@@ -200,8 +253,11 @@ TrainSummary run_training(const Config& config, std::ostream& log) {
   }
   summary.steps = t.steps;
   summary.seconds = total.seconds();
-  summary.final_loss = summary.losses.back();
-  summary.tokens_per_second = static_cast<double>(t.steps * tokens_per_step) / summary.seconds;
+  summary.final_loss = summary.losses.empty() ? 0.0 : summary.losses.back();
+  summary.tokens_per_second =
+      static_cast<double>(summary.losses.size() * tokens_per_step) / std::max(summary.seconds, 1e-9);
+  metrics.flush();
+  if (trainer.steps_done() > 0) trainer.save(checkpoint_dir);
   if (val_data) {
     summary.val_loss = trainer.evaluate(*val_data, t.eval_batches);
     std::snprintf(line, sizeof line, "validation loss %.4f (perplexity %.2f) on %s\n", summary.val_loss,

@@ -40,6 +40,11 @@ class Trainer {
   // Mean loss over up to max_batches batches of sequential windows (all windows when max_batches <= 0).
   double evaluate(const TokenFile& data, int64_t max_batches);
 
+  // Writes a checkpoint of weights, optimizer moments, step and sampler position to `dir`; load() restores
+  // all of it, so training continues bit-identically.
+  void save(const std::string& dir) const;
+  void load(const std::string& dir);
+
   Transformer& model() { return *model_; }
   AdamW& optimizer() { return *optimizer_; }
   int64_t steps_done() const { return steps_done_; }
@@ -65,7 +70,10 @@ struct TrainSummary {
 };
 
 // Runs a whole training job as configured: writes <out_dir>/config.toml and <out_dir>/metrics.jsonl, prints
-// a progress line every train.log_every steps to `log`.
-TrainSummary run_training(const Config& config, std::ostream& log);
+// a progress line every train.log_every steps to `log`, checkpoints to <out_dir>/checkpoint every
+// train.checkpoint_every steps and at the end. With `resume`, continues from that checkpoint (metrics after
+// it are discarded, so the resumed curve is the uninterrupted one); without it, an existing checkpoint is an
+// error rather than something silently overwritten.
+TrainSummary run_training(const Config& config, std::ostream& log, bool resume = false);
 
 }  // namespace moelab

@@ -1,0 +1,71 @@
+#pragma once
+// Checkpoints: a directory holding
+//   model.safetensors      the weights (fp32), readable by the `safetensors` package and PyTorch
+//   optimizer.safetensors  AdamW moments, named "exp_avg.<param>" and "exp_avg_sq.<param>"
+//   state.json             step, optimizer step, data-sampler RNG state (the loader position), format version
+//   config.toml            the resolved config of the run that wrote it
+// A checkpoint is written into a temporary directory and renamed into place, so a crash never leaves a
+// half-written one; loading validates every tensor's name, shape and byte range and fails with a clear error.
+#include <map>
+#include <string>
+#include <vector>
+
+#include "core/rng.h"
+#include "core/tensor.h"
+#include "model/config.h"
+#include "model/param_layout.h"
+
+namespace moelab {
+
+struct NamedTensor {
+  std::string name;
+  Shape shape;
+  const float* data;
+};
+
+// Writes tensors (F32, row-major) and string metadata in the safetensors format, atomically.
+void write_safetensors(const std::string& path, const std::vector<NamedTensor>& tensors,
+                       const std::map<std::string, std::string>& metadata = {});
+
+// A safetensors file read fully into memory, its header validated against the file size.
+class SafetensorsFile {
+ public:
+  explicit SafetensorsFile(const std::string& path);
+  bool has(const std::string& name) const { return index_.count(name) != 0; }
+  // Copies tensor `name` into dst after checking its dtype (F32) and shape.
+  void read(const std::string& name, const Shape& expected, float* dst) const;
+  std::vector<std::string> names() const;
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+
+ private:
+  struct Entry {
+    std::string dtype;
+    Shape shape;
+    size_t begin = 0, end = 0;
+  };
+  std::string path_;
+  std::string bytes_;
+  size_t data_start_ = 0;
+  std::map<std::string, Entry> index_;
+  std::map<std::string, std::string> metadata_;
+};
+
+struct CheckpointState {
+  int64_t step = 0;       // optimizer steps completed
+  int64_t adam_step = 0;  // AdamW's bias-correction step counter
+  Rng::State data_rng{};  // the training sampler's position
+};
+
+// Saves params/moments (host pointers laid out by `layout`) and state to `dir`, replacing any previous one.
+void save_checkpoint(const std::string& dir, const Config& config, const ParamLayout& layout, const float* params,
+                     const float* exp_avg, const float* exp_avg_sq, const CheckpointState& state);
+// Loads into buffers laid out by `layout` (exp_avg/exp_avg_sq may be null to load weights only).
+CheckpointState load_checkpoint(const std::string& dir, const ParamLayout& layout, float* params, float* exp_avg,
+                                float* exp_avg_sq);
+// The directory of a complete checkpoint under `run_dir` ("" if none): run_dir/checkpoint, or the previous one
+// if a save was interrupted between its two renames.
+std::string find_checkpoint(const std::string& run_dir);
+// The resolved config stored with a checkpoint.
+Config checkpoint_config(const std::string& dir);
+
+}  // namespace moelab
