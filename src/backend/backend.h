@@ -55,9 +55,12 @@ class Backend {
   virtual void swiglu_forward(float* out, const float* in, int64_t rows, int64_t f) = 0;
   virtual void swiglu_backward(float* din, const float* in, const float* dout, int64_t rows, int64_t f) = 0;
   // Rotary embedding (rotate-half) applied in place to the first `n_rot_heads` heads of each row: x is
-  // (B, T, row_stride) and head h occupies [h*hd, (h+1)*hd). `inverse` rotates by -angle (the backward).
+  // (B, T, row_stride), head h occupies [h*hd, (h+1)*hd), and row t sits at position first_position + t.
+  // `inverse` rotates by -angle (the backward).
   virtual void rope(float* x, int64_t batch, int64_t seq, int64_t row_stride, int64_t n_rot_heads, int64_t head_dim,
-                    float theta, bool inverse) = 0;
+                    float theta, bool inverse, int64_t first_position) = 0;
+  // In-place softmax of each row of x (rows, cols) after multiplying by scale.
+  virtual void softmax_rows(float* x, int64_t rows, int64_t cols, float scale) = 0;
   // out[b, t, :] = table[tokens[b, t], :] (+ pos[t, :] when pos != nullptr)
   virtual void embedding_forward(float* out, const int32_t* tokens, const float* table, const float* pos,
                                  int64_t batch, int64_t seq, int64_t dim) = 0;

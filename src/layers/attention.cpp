@@ -11,7 +11,7 @@ void attention_forward(Backend& be, const AttentionShape& s, Tensor out, Tensor 
   expect_shape(qkv, {B, T, 3 * C}, "attention qkv");
   expect_shape(probs, {B, H, T, T}, "attention probs");
   expect_shape(out, {B, T, C}, "attention out");
-  if (s.rope) be.rope(qkv.data, B, T, 3 * C, 2 * H, hd, s.rope_theta, /*inverse=*/false);  // q and k heads
+  if (s.rope) be.rope(qkv.data, B, T, 3 * C, 2 * H, hd, s.rope_theta, /*inverse=*/false, 0);  // q and k heads
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   for (int64_t b = 0; b < B; ++b) {
     const float* q = qkv.data + b * T * 3 * C;
@@ -60,7 +60,7 @@ void attention_backward(Backend& be, const AttentionShape& s, Tensor dqkv, Tenso
     be.gemm_strided_batched(Trans::T, Trans::N, T, hd, T, 1.f, ds, T, T * T, q, 3 * C, hd, 0.f, dk, 3 * C, hd, H);
   }
   // RoPE is a rotation, so its backward is the inverse rotation of the gradient.
-  if (s.rope) be.rope(dqkv.data, B, T, 3 * C, 2 * H, hd, s.rope_theta, /*inverse=*/true);
+  if (s.rope) be.rope(dqkv.data, B, T, 3 * C, 2 * H, hd, s.rope_theta, /*inverse=*/true, 0);
 }
 
 }  // namespace moelab

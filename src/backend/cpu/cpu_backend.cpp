@@ -146,13 +146,13 @@ class CpuBackend final : public Backend {
     }
   }
   void rope(float* x, int64_t batch, int64_t seq, int64_t row_stride, int64_t n_rot_heads, int64_t head_dim,
-            float theta, bool inverse) override {
+            float theta, bool inverse, int64_t first_position) override {
     const int64_t half = head_dim / 2;
     std::vector<float> cos_table(seq * half), sin_table(seq * half);
     for (int64_t t = 0; t < seq; ++t)
       for (int64_t i = 0; i < half; ++i) {
         const double inv_freq = std::pow(static_cast<double>(theta), -2.0 * i / head_dim);
-        const double angle = t * inv_freq;
+        const double angle = static_cast<double>(first_position + t) * inv_freq;
         cos_table[t * half + i] = static_cast<float>(std::cos(angle));
         sin_table[t * half + i] = static_cast<float>(std::sin(angle)) * (inverse ? -1.f : 1.f);
       }
@@ -365,6 +365,21 @@ class CpuBackend final : public Backend {
       for (int64_t c = 0; c < cols; ++c) dweight[c] += partial[static_cast<size_t>(t) * cols + c];
   }
 
+  void softmax_rows(float* x, int64_t rows, int64_t cols, float scale) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      float* s = x + r * cols;
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < cols; ++j) mx = std::max(mx, s[j] * scale);
+      double sum = 0;
+      for (int64_t j = 0; j < cols; ++j) {
+        s[j] = std::exp(s[j] * scale - mx);
+        sum += s[j];
+      }
+      const float inv = static_cast<float>(1.0 / sum);
+      for (int64_t j = 0; j < cols; ++j) s[j] *= inv;
+    }
+  }
   void causal_softmax_forward(float* scores, float scale, int64_t count, int64_t seq) override {
 #pragma omp parallel for schedule(static)
     for (int64_t row = 0; row < count * seq; ++row) {
