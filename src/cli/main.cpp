@@ -3,6 +3,8 @@
 #include <cstdio>
 #include <iostream>
 
+#include "cli/data_command.h"
+#include "cli/model_commands.h"
 #include "core/error.h"
 #include "data/bytes.h"
 #include "model/config.h"
@@ -64,6 +66,9 @@ int main(int argc, char** argv) {
   bytes->add_option("--val-out", val_out, "validation token file (the tail of each input) to write");
   bytes->add_option("--val-fraction", val_fraction, "share of each input held out for validation")
       ->check(CLI::Range(0.0, 0.5));
+
+  moelab::add_data_commands(*data);
+  moelab::add_model_commands(app);
 
   CLI11_PARSE(app, argc, argv);
   try {

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <limits>
@@ -197,10 +198,16 @@ const std::vector<KeyDef>& schema() {
       string_key("train.out_dir", [](Config& c) -> std::string& { return c.train.out_dir; },
                  "run directory: resolved config and metrics.jsonl are written here"),
       // [data]
+      string_key("data.dir", [](Config& c) -> std::string& { return c.data.dir; },
+                 "prepared data directory (`moelab data prepare`): supplies the paths below when they are empty"),
       string_key("data.train_path", [](Config& c) -> std::string& { return c.data.train_path; },
-                 "training tokens: a flat binary file of little-endian token ids"),
+                 "training tokens: a token shard (or a flat file of ids); default <dir>/train.bin"),
       string_key("data.val_path", [](Config& c) -> std::string& { return c.data.val_path; },
-                 "optional validation tokens, same format"),
+                 "validation tokens, evaluated every train.eval_every steps; default <dir>/val.bin"),
+      string_key("data.ood_paths", [](Config& c) -> std::string& { return c.data.ood_paths; },
+                 "comma-separated out-of-domain token shards, evaluated with the validation set; default <dir>/ood_*.bin"),
+      string_key("data.tokenizer", [](Config& c) -> std::string& { return c.data.tokenizer; },
+                 "SentencePiece model for eval/generate; default <dir>/tokenizer.model; none: byte-level"),
       string_key("data.dtype", [](Config& c) -> std::string& { return c.data.dtype; },
                  "token id width in the data files: uint16 or uint32"),
   };
@@ -456,6 +463,28 @@ Config load_config(const std::string& path, const std::vector<std::string>& over
   std::stringstream ss;
   ss << in.rdbuf();
   return config_from_string(ss.str(), overrides, path);
+}
+
+DataConfig resolve_data_paths(const DataConfig& data) {
+  namespace fs = std::filesystem;
+  DataConfig d = data;
+  if (d.dir.empty()) return d;
+  const fs::path dir(d.dir);
+  if (!fs::is_directory(dir))
+    throw Error("data.dir = '" + d.dir + "' is not a directory; create it with `moelab data prepare`");
+  if (d.train_path.empty()) d.train_path = (dir / "train.bin").string();
+  if (d.val_path.empty() && fs::exists(dir / "val.bin")) d.val_path = (dir / "val.bin").string();
+  if (d.tokenizer.empty() && fs::exists(dir / "tokenizer.model")) d.tokenizer = (dir / "tokenizer.model").string();
+  if (d.ood_paths.empty()) {
+    std::vector<std::string> found;
+    for (const auto& e : fs::directory_iterator(dir)) {
+      const std::string name = e.path().filename().string();
+      if (name.rfind("ood_", 0) == 0 && e.path().extension() == ".bin") found.push_back(e.path().string());
+    }
+    std::sort(found.begin(), found.end());
+    for (const auto& f : found) d.ood_paths += (d.ood_paths.empty() ? "" : ",") + f;
+  }
+  return d;
 }
 
 std::string to_toml(const Config& c) {

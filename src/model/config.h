@@ -92,8 +92,11 @@ struct TrainConfig {
 };
 
 struct DataConfig {
-  std::string train_path;  // flat binary file of token ids
-  std::string val_path;    // optional, same format
+  std::string dir;         // a `moelab data prepare` output: train.bin, val.bin, ood_*.bin, tokenizer.model
+  std::string train_path;  // token shard (or legacy flat file); default <dir>/train.bin
+  std::string val_path;    // optional; default <dir>/val.bin when it exists
+  std::string ood_paths;   // comma-separated out-of-domain shards; default <dir>/ood_*.bin
+  std::string tokenizer;   // SentencePiece model; default <dir>/tokenizer.model; none: byte-level (vocab 256)
   std::string dtype = "uint16";
 };
 
@@ -118,6 +121,8 @@ Config config_from_string(const std::string& toml_text, const std::vector<std::s
                           const std::string& source_name = "<string>");
 void apply_override(Config& config, const std::string& assignment);
 void validate(const Config& config);
+// Fills data paths left empty from data.dir (train.bin, val.bin, ood_*.bin, tokenizer.model).
+DataConfig resolve_data_paths(const DataConfig& data);
 // The config as TOML, every key present, so a run can be reproduced from it alone.
 std::string to_toml(const Config& config);
 std::vector<ConfigKeyInfo> config_keys();

@@ -124,6 +124,10 @@ std::string format_duration(double seconds) {
 }
 
 void check_vocab(const TokenFile& file, const ModelConfig& m) {
+  if (file.vocab_size() > 0 && file.vocab_size() != m.vocab_size)
+    throw Error("vocabulary mismatch: token shard '" + file.path() + "' was written with vocabulary " +
+                std::to_string(file.vocab_size()) + " but model.vocab_size = " + std::to_string(m.vocab_size) +
+                "; set model.vocab_size to match, or re-encode the data");
   if (file.max_token() >= m.vocab_size)
     throw Error("token file '" + file.path() + "' contains id " + std::to_string(file.max_token()) +
                 " but model.vocab_size = " + std::to_string(m.vocab_size) + "; raise model.vocab_size");
@@ -152,16 +156,28 @@ void truncate_metrics(const std::filesystem::path& path, int64_t last_step) {
 }  // namespace
 
 TrainSummary run_training(const Config& config, std::ostream& log, bool resume) {
-  if (config.data.train_path.empty())
-    throw Error("data.train_path is not set: point it at a token file (e.g. --set data.train_path=FILE)");
+  const DataConfig data = resolve_data_paths(config.data);
+  if (data.train_path.empty())
+    throw Error("no training data: set data.dir to a `moelab data prepare` directory, or data.train_path to a "
+                "token file");
   auto backend = make_cpu_backend(static_cast<int>(config.train.threads));
-  TokenFile train_data(config.data.train_path, config.data.dtype);
+  TokenFile train_data(data.train_path, data.dtype);
   check_vocab(train_data, config.model);
-  std::unique_ptr<TokenFile> val_data;
-  if (!config.data.val_path.empty()) {
-    val_data = std::make_unique<TokenFile>(config.data.val_path, config.data.dtype);
-    check_vocab(*val_data, config.model);
+  // Evaluation sets: validation first, then each out-of-domain set, named by file stem.
+  std::vector<std::pair<std::string, std::unique_ptr<TokenFile>>> eval_sets;
+  if (!data.val_path.empty()) eval_sets.emplace_back("val", std::make_unique<TokenFile>(data.val_path, data.dtype));
+  for (size_t begin = 0; begin < data.ood_paths.size();) {
+    size_t end = data.ood_paths.find(',', begin);
+    if (end == std::string::npos) end = data.ood_paths.size();
+    const std::string path = data.ood_paths.substr(begin, end - begin);
+    if (!path.empty()) {
+      std::string name = std::filesystem::path(path).stem().string();
+      if (name.rfind("ood_", 0) == 0) name = name.substr(4);
+      eval_sets.emplace_back("ood_" + name, std::make_unique<TokenFile>(path, data.dtype));
+    }
+    begin = end + 1;
   }
+  for (auto& [name, file] : eval_sets) check_vocab(*file, config.model);
 
   const std::filesystem::path out_dir(config.train.out_dir);
   std::filesystem::create_directories(out_dir);
@@ -206,6 +222,22 @@ TrainSummary run_training(const Config& config, std::ostream& log, bool resume) 
     log << line << std::flush;
   }
 
+  // Loss on every evaluation set, logged as one metrics line {"step", "<set>_loss"...} and one progress line.
+  auto evaluate_all = [&](int64_t step) {
+    nlohmann::json rec = {{"step", step}};
+    std::string text = "step " + std::to_string(step) + " | eval";
+    for (auto& [name, file] : eval_sets) {
+      const double loss = trainer.evaluate(*file, t.eval_batches);
+      rec[name + "_loss"] = loss;
+      char part[96];
+      std::snprintf(part, sizeof part, " | %s %.4f (ppl %.2f)", name.c_str(), loss, std::exp(loss));
+      text += part;
+    }
+    metrics << rec.dump() << "\n" << std::flush;
+    log << text << "\n" << std::flush;
+    return rec;
+  };
+
   TrainSummary summary;
   Timer total;
   double window_seconds = 0;
@@ -243,13 +275,8 @@ TrainSummary run_training(const Config& config, std::ostream& log, bool resume) 
       metrics.flush();
       trainer.save(checkpoint_dir);
     }
-    if (val_data && t.eval_every > 0 && st.step % t.eval_every == 0 && st.step != t.steps) {
-      const double val = trainer.evaluate(*val_data, t.eval_batches);
-      metrics << nlohmann::json{{"step", st.step}, {"val_loss", val}}.dump() << "\n";
-      std::snprintf(line, sizeof line, "step %6ld/%ld | validation loss %.4f\n", static_cast<long>(st.step),
-                    static_cast<long>(t.steps), val);
-      log << line << std::flush;
-    }
+    if (!eval_sets.empty() && t.eval_every > 0 && st.step % t.eval_every == 0 && st.step != t.steps)
+      evaluate_all(st.step);
   }
   summary.steps = t.steps;
   summary.seconds = total.seconds();
@@ -258,12 +285,9 @@ TrainSummary run_training(const Config& config, std::ostream& log, bool resume) 
       static_cast<double>(summary.losses.size() * tokens_per_step) / std::max(summary.seconds, 1e-9);
   metrics.flush();
   if (trainer.steps_done() > 0) trainer.save(checkpoint_dir);
-  if (val_data) {
-    summary.val_loss = trainer.evaluate(*val_data, t.eval_batches);
-    std::snprintf(line, sizeof line, "validation loss %.4f (perplexity %.2f) on %s\n", summary.val_loss,
-                  std::exp(summary.val_loss), config.data.val_path.c_str());
-    log << line;
-    metrics << nlohmann::json{{"step", t.steps}, {"val_loss", summary.val_loss}}.dump() << "\n";
+  if (!eval_sets.empty()) {
+    const nlohmann::json rec = evaluate_all(trainer.steps_done());
+    if (rec.contains("val_loss")) summary.val_loss = rec["val_loss"].get<double>();
   }
   return summary;
 }

@@ -1,0 +1,123 @@
+#include "eval/inference.h"
+
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
+
+#include "core/error.h"
+#include "core/io.h"
+#include "data/prepare.h"
+#include "data/token_file.h"
+#include "train/checkpoint.h"
+
+namespace moelab {
+namespace fs = std::filesystem;
+
+TextCodec::TextCodec(const Config& config) {
+  const DataConfig data = resolve_data_paths(config.data);
+  if (!data.tokenizer.empty()) {
+    tokenizer_ = std::make_unique<Tokenizer>(data.tokenizer);
+    if (tokenizer_->vocab_size() != config.model.vocab_size)
+      throw Error("tokenizer '" + data.tokenizer + "' has " + std::to_string(tokenizer_->vocab_size()) +
+                  " pieces but model.vocab_size = " + std::to_string(config.model.vocab_size));
+  } else if (config.model.vocab_size != 256) {
+    throw Error("the model has no tokenizer (set data.tokenizer or data.dir) and is not byte-level (vocab 256)");
+  }
+}
+
+std::vector<int32_t> TextCodec::encode(const std::string& text) const {
+  if (tokenizer_) return tokenizer_->encode(text);
+  std::vector<int32_t> ids;
+  for (unsigned char c : text) ids.push_back(c);
+  return ids;
+}
+
+std::string TextCodec::decode(const std::vector<int32_t>& ids) const {
+  if (tokenizer_) return tokenizer_->decode(ids);
+  std::string s;
+  for (int32_t id : ids) s.push_back(static_cast<char>(id));
+  return s;
+}
+
+int32_t TextCodec::end_of_document() const { return tokenizer_ ? tokenizer_->eos_id() : -1; }
+
+LoadedModel load_model(const std::string& checkpoint, int threads, int64_t batch) {
+  std::string dir = checkpoint;
+  if (!fs::exists(dir)) throw Error("checkpoint '" + checkpoint + "' does not exist (give a run directory or its "
+                                    "checkpoint/ directory)");
+  if (fs::is_directory(dir) && !fs::exists(fs::path(dir) / "state.json")) {
+    dir = find_checkpoint(checkpoint);  // a run directory
+    if (dir.empty()) throw Error("'" + checkpoint + "' holds no checkpoint (neither state.json nor checkpoint/)");
+  }
+  LoadedModel lm;
+  lm.config = checkpoint_config(dir);
+  lm.backend = make_cpu_backend(threads);
+  lm.model = std::make_unique<Transformer>(lm.config.model, *lm.backend, batch);
+  lm.batch = batch;
+  load_checkpoint(dir, lm.model->layout(), lm.model->params(), nullptr, nullptr);
+  return lm;
+}
+
+double PerplexityResult::perplexity() const { return std::exp(loss); }
+double PerplexityResult::bits_per_byte() const {
+  return bytes > 0 ? loss * static_cast<double>(tokens) / (static_cast<double>(bytes) * std::log(2.0)) : 0.0;
+}
+
+namespace {
+bool is_token_file(const std::string& path) {
+  if (!fs::is_regular_file(path)) return false;
+  const std::string ext = fs::path(path).extension().string();
+  return ext == ".bin";
+}
+}  // namespace
+
+PerplexityResult evaluate_perplexity(LoadedModel& lm, const std::string& input, int64_t max_batches) {
+  if (!fs::exists(input)) throw Error("evaluation input '" + input + "' does not exist");
+  PerplexityResult result;
+  result.input = input;
+  std::string shard = input;
+  fs::path tmp;
+  if (!is_token_file(input)) {
+    // Text, JSONL or a directory: encode with the model's own tokenizer into a temporary shard.
+    const DataConfig data = resolve_data_paths(lm.config.data);
+    tmp = fs::temp_directory_path() / ("moelab_eval_" + std::to_string(::getpid()) + ".bin");
+    if (!data.tokenizer.empty()) {
+      Tokenizer tokenizer(data.tokenizer);
+      encode_to_shard(tokenizer, {input}, tmp.string());
+    } else {
+      TextCodec codec(lm.config);  // byte-level
+      std::string bytes;
+      for (const auto& file : list_input_files({input})) {
+        for (int32_t id : codec.encode(read_file(file, "input"))) {
+          bytes.push_back(static_cast<char>(id & 0xff));
+          bytes.push_back(static_cast<char>(id >> 8));
+        }
+      }
+      write_file_atomic(tmp.string(), bytes);
+    }
+    for (const auto& file : list_input_files({input})) result.bytes += static_cast<int64_t>(fs::file_size(file));
+    shard = tmp.string();
+  }
+  TokenFile tokens(shard, lm.config.data.dtype);
+  if (tokens.vocab_size() > 0 && tokens.vocab_size() != lm.config.model.vocab_size)
+    throw Error("vocabulary mismatch: '" + input + "' was encoded with vocabulary " +
+                std::to_string(tokens.vocab_size()) + ", the model has " + std::to_string(lm.config.model.vocab_size));
+  const int64_t T = lm.config.model.seq_len, B = lm.batch;
+  const int64_t windows = eval_windows(tokens, T);
+  if (windows == 0) throw Error("'" + input + "' is shorter than one window of " + std::to_string(T + 1) + " tokens");
+  std::vector<int32_t> ids, targets;
+  double loss_sum = 0;
+  for (int64_t w = 0, batches = 0; w < windows && (max_batches <= 0 || batches < max_batches); w += B, ++batches) {
+    const int64_t n = std::min(B, windows - w);
+    read_windows(tokens, w, n, T, ids, targets);
+    loss_sum += lm.model->forward(ids.data(), targets.data(), n) * static_cast<double>(lm.model->counted_positions());
+    result.tokens += lm.model->counted_positions();
+  }
+  result.loss = loss_sum / static_cast<double>(result.tokens);
+  if (result.tokens < windows * T) result.bytes = 0;  // only part of the text was scored: bytes/token unknown
+  if (!tmp.empty()) fs::remove(tmp);
+  return result;
+}
+
+}  // namespace moelab
