@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <iostream>
 
+#include "cli/count_command.h"
 #include "cli/data_command.h"
 #include "cli/model_commands.h"
 #include "core/error.h"
@@ -69,6 +70,7 @@ int main(int argc, char** argv) {
 
   moelab::add_data_commands(*data);
   moelab::add_model_commands(app);
+  moelab::add_count_command(app);
 
   CLI11_PARSE(app, argc, argv);
   try {
