@@ -90,17 +90,17 @@ TEST_F(Cli, UserErrorsGiveOneClearMessage) {
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.output.find("no training data"), std::string::npos) << r.output;
 
-  std::ofstream(dir / "odd.bin") << "abc";  // 3 bytes: not whole uint16 tokens
+  std::ofstream(dir / "odd.bin") << "abc";  // 3 bytes: no shard header, and not whole uint16 tokens
   r = run("train --set data.train_path=" + (dir / "odd.bin").string());
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.output.find("not a positive multiple"), std::string::npos) << r.output;
 
-  // Byte tokens (ids up to 255) do not fit a vocabulary of 100.
+  // A byte-level shard (vocabulary 256) does not match a model vocabulary of 100.
   const std::string src = std::string(MOELAB_SOURCE_DIR) + "/src/model/config.cpp";
   ASSERT_EQ(run("data bytes " + src + " --out " + (dir / "t.bin").string()).code, 0);
   r = run("train --set data.train_path=" + (dir / "t.bin").string() + " --set model.vocab_size=100");
   EXPECT_EQ(r.code, 1);
-  EXPECT_NE(r.output.find("raise model.vocab_size"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("vocabulary mismatch"), std::string::npos) << r.output;
 }
 
 TEST_F(Cli, HelpTeaches) {

@@ -3,8 +3,10 @@
 
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include "core/io.h"
+#include "data/shard.h"
 #include "train/trainer.h"
 
 namespace moelab {
@@ -87,6 +89,22 @@ TEST(Determinism, GradientAccumulationEqualsOneLargeBatch) {
   const int64_t n = t_big.model().num_params();
   for (int64_t i = 0; i < n; ++i)
     ASSERT_NEAR(t_acc.model().params()[i], t_big.model().params()[i], 1e-6) << "parameter " << i;
+}
+
+TEST(Training, VocabularyMismatchIsAClearError) {
+  const auto path = std::filesystem::temp_directory_path() / "moelab_vocab_mismatch.bin";
+  ShardWriter writer(path.string(), 100);
+  std::vector<int32_t> ids(500, 7);
+  writer.append(ids);
+  writer.finish();
+  const Config c = small_config({"data.train_path=" + path.string()});  // vocab 64 != 100
+  std::ostringstream log;
+  try {
+    run_training(c, log);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("vocabulary mismatch"), std::string::npos) << e.what();
+  }
 }
 
 TEST(Training, NonFiniteLossIsAClearError) {

@@ -59,7 +59,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> inputs;
   std::string train_out, val_out;
   double val_fraction = 0.05;
-  auto* bytes = data->add_subcommand("bytes", "encode text files as byte tokens (vocab 256) into a uint16 token file");
+  auto* bytes = data->add_subcommand("bytes", "encode text files as byte tokens (vocab 256) into a token shard");
   bytes->add_option("inputs", inputs, "text files or directories (every file below, sorted) to encode")
       ->required()
       ->check(CLI::ExistingPath);

@@ -4,9 +4,9 @@
 
 namespace moelab {
 
-// Encodes text files (or every file under a directory) as byte-level tokens (vocabulary 256, one token per byte) into a flat uint16 token file,
-// optionally holding out the last `val_fraction` of each input for validation. A stand-in tokenizer until a
-// trained SentencePiece model is available; returns the number of training tokens written.
+// Encodes text files (or every file under a directory) as byte-level tokens (vocabulary 256, one token per
+// byte) into a token shard, optionally holding out the last `val_fraction` of each input for validation.
+// The tokenizer-free baseline: no training, any text, and small models learn it quickly.
 struct ByteEncodeResult {
   int64_t train_tokens = 0;
   int64_t val_tokens = 0;
