@@ -107,7 +107,9 @@ TEST_P(FixtureTest, ForwardBackwardAndTenAdamWStepsMatchPyTorch) {
   const auto tokens = batch_tokens(f.j["batches"][0], false), targets = batch_tokens(f.j["batches"][0], true);
   const double loss = model.forward(tokens.data(), targets.data(), B);
   EXPECT_NEAR(loss, f.j["loss"].get<double>(), 2e-6 * std::fabs(f.j["loss"].get<double>()));
-  if (f.j.contains("aux_loss")) EXPECT_NEAR(model.last_aux_loss(), f.j["aux_loss"].get<double>(), 1e-6);
+  if (f.j.contains("aux_loss")) {
+    EXPECT_NEAR(model.last_aux_loss(), f.j["aux_loss"].get<double>(), 1e-6);
+  }
   // Logits: float32 forward through 2 layers; 1e-5 of the largest logit.
   expect_close("logits", model.logits().data, f.j["logits"].get<std::vector<double>>(), 1e-5, 1e-4);
 
@@ -132,8 +134,9 @@ TEST_P(FixtureTest, ForwardBackwardAndTenAdamWStepsMatchPyTorch) {
     EXPECT_NEAR(st.loss, step_losses[s], 1e-5) << "loss at step " << s;
     EXPECT_NEAR(st.grad_norm, step_norms[s], 1e-4 * step_norms[s]) << "grad norm at step " << s;
     EXPECT_NEAR(st.lr, step_lrs[s], 1e-12) << "lr at step " << s;
-    if (f.j.contains("step_aux_losses"))
+    if (f.j.contains("step_aux_losses")) {
       EXPECT_NEAR(st.aux_loss, f.j["step_aux_losses"][s].get<double>(), 1e-6) << "aux loss at step " << s;
+    }
   }
   // Parameters after 10 steps: float32 vs float64 trajectories drift slightly; 1e-4 absolute.
   for (const auto& e : model.layout().entries()) {

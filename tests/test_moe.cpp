@@ -180,7 +180,9 @@ TEST_P(MoeFd, GradientsThroughRouterDispatchAndExperts) {
   fill_normal(x.data.data(), N * C, rng);
   fill_normal(dout.data.data(), N * C, rng);
   f.forward(*be, out.t(), x.t());
-  if (fc.capacity > 0 && fc.router == RouterKind::TokenChoice) EXPECT_GT(f.stats.dropped_fraction, 0.0);
+  if (fc.capacity > 0 && fc.router == RouterKind::TokenChoice) {
+    EXPECT_GT(f.stats.dropped_fraction, 0.0);
+  }
   f.backward(*be, dx.t(), dout.t(), x.t());
   // Snapshot the routing so we can tell whether a perturbation flipped a discrete decision.
   const std::vector<int32_t> tokens0(f.routing.row_token.begin(), f.routing.row_token.begin() + f.routing.rows);
