@@ -9,6 +9,7 @@
 #include "core/io.h"
 #include "data/prepare.h"
 #include "data/token_file.h"
+#include "eval/window_loss.h"
 #include "train/checkpoint.h"
 
 namespace moelab {
@@ -103,19 +104,10 @@ PerplexityResult evaluate_perplexity(LoadedModel& lm, const std::string& input, 
   if (tokens.vocab_size() > 0 && tokens.vocab_size() != lm.config.model.vocab_size)
     throw Error("vocabulary mismatch: '" + input + "' was encoded with vocabulary " +
                 std::to_string(tokens.vocab_size()) + ", the model has " + std::to_string(lm.config.model.vocab_size));
-  const int64_t T = lm.config.model.seq_len, B = lm.batch;
-  const int64_t windows = eval_windows(tokens, T);
-  if (windows == 0) throw Error("'" + input + "' is shorter than one window of " + std::to_string(T + 1) + " tokens");
-  std::vector<int32_t> ids, targets;
-  double loss_sum = 0;
-  for (int64_t w = 0, batches = 0; w < windows && (max_batches <= 0 || batches < max_batches); w += B, ++batches) {
-    const int64_t n = std::min(B, windows - w);
-    read_windows(tokens, w, n, T, ids, targets);
-    loss_sum += lm.model->forward(ids.data(), targets.data(), n) * static_cast<double>(lm.model->counted_positions());
-    result.tokens += lm.model->counted_positions();
-  }
-  result.loss = loss_sum / static_cast<double>(result.tokens);
-  if (result.tokens < windows * T) result.bytes = 0;  // only part of the text was scored: bytes/token unknown
+  const WindowLoss wl = mean_window_loss(*lm.model, tokens, lm.batch, max_batches);
+  result.loss = wl.loss;
+  result.tokens = wl.tokens;
+  if (!wl.complete) result.bytes = 0;  // only part of the text was scored: bytes per token unknown
   if (!tmp.empty()) fs::remove(tmp);
   return result;
 }

@@ -10,6 +10,7 @@
 #include "core/io.h"
 #include "train/checkpoint.h"
 #include "core/timer.h"
+#include "eval/window_loss.h"
 #include "model/flops.h"
 #include "optim/schedule.h"
 
@@ -76,18 +77,7 @@ void Trainer::load(const std::string& dir) {
 }
 
 double Trainer::evaluate(const TokenFile& data, int64_t max_batches) {
-  const int64_t B = config_.train.batch_size, T = config_.model.seq_len;
-  const int64_t windows = eval_windows(data, T);
-  if (windows == 0) throw Error("evaluation file '" + data.path() + "' is shorter than one window of seq_len + 1");
-  double loss_sum = 0.0;
-  int64_t counted = 0;
-  for (int64_t w = 0, batches = 0; w < windows && (max_batches <= 0 || batches < max_batches); w += B, ++batches) {
-    const int64_t n = std::min(B, windows - w);
-    read_windows(data, w, n, T, tokens_, targets_);
-    loss_sum += model_->forward(tokens_.data(), targets_.data(), n) * static_cast<double>(model_->counted_positions());
-    counted += model_->counted_positions();
-  }
-  return loss_sum / static_cast<double>(counted);
+  return mean_window_loss(*model_, data, config_.train.batch_size, max_batches).loss;
 }
 
 namespace {

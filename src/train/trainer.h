@@ -37,7 +37,7 @@ class Trainer {
   StepStats step(const BatchSource& next_batch);
   // One optimizer step on random windows of `data`.
   StepStats step(const TokenFile& data);
-  // Mean loss over up to max_batches batches of sequential windows (all windows when max_batches <= 0).
+  // Mean loss over up to max_batches batches of windows spread over the file (all when max_batches <= 0).
   double evaluate(const TokenFile& data, int64_t max_batches);
 
   // Writes a checkpoint of weights, optimizer moments, step and sampler position to `dir`; load() restores
