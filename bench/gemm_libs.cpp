@@ -474,17 +474,15 @@ int main(int argc, char** argv) {
         std::vector<Timing> t;
         r.foreign_cores = 1e9;
         for (int attempt = 0; attempt <= retries; ++attempt) {
-            if (attempt > 0) {
-                std::printf("    disturbed (%.2f foreign cores), waiting for quiet and retrying (%d/%d)\n",
-                            r.foreign_cores, attempt, retries);
-                std::fflush(stdout);
-                wait_for_quiet(kQuietWaitMax);
-            }
             ForeignLoad probe;
             std::vector<Timing> ta = measure(cs, s.flops(), seconds);
             const double fl = probe.cores();
             if (fl < r.foreign_cores) t = std::move(ta), r.foreign_cores = fl;
-            if (r.foreign_cores <= kForeignWarn) break;
+            if (r.foreign_cores <= kForeignWarn || attempt == retries) break;
+            std::printf("    disturbed (%.2f foreign cores), waiting for quiet and retrying (%d/%d)\n", fl,
+                        attempt + 1, retries);
+            std::fflush(stdout);
+            wait_for_quiet(kQuietWaitMax);
         }
         r.dnnl = t[0];
         r.blas = t[1];

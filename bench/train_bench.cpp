@@ -6,6 +6,7 @@
 #include <cstdio>
 
 #include "backend/backend.h"
+#include "backend/peak.h"
 #include "bench_util.h"
 #include "core/rng.h"
 #include "core/timer.h"
@@ -13,35 +14,6 @@
 #include "model/flops.h"
 #include "train/trainer.h"
 
-namespace {
-
-// Best fp32 GEMM rate over square problems large enough to be compute-bound, through the engine's own backend.
-double measure_gemm_peak(moelab::Backend& be, double seconds_per_size) {
-  double best = 0;
-  for (int64_t n : {512, 1024, 2048}) {
-    float* a = be.alloc(n * n);
-    float* b = be.alloc(n * n);
-    float* c = be.alloc(n * n);
-    be.fill(a, 0.5f, n * n);
-    be.fill(b, 0.25f, n * n);
-    be.gemm(moelab::Trans::N, moelab::Trans::N, n, n, n, 1.f, a, n, b, n, 0.f, c, n);  // warm-up
-    moelab::Timer t;
-    int64_t calls = 0;
-    while (t.seconds() < seconds_per_size || calls < 2) {
-      be.gemm(moelab::Trans::N, moelab::Trans::N, n, n, n, 1.f, a, n, b, n, 0.f, c, n);
-      ++calls;
-    }
-    const double flops = 2.0 * n * n * n * calls / t.seconds();
-    std::printf("  gemm %4ld^3 fp32: %8.1f GFLOP/s\n", static_cast<long>(n), flops / 1e9);
-    best = std::max(best, flops);
-    be.free(a);
-    be.free(b);
-    be.free(c);
-  }
-  return best;
-}
-
-}  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"Training throughput and MFU of one moelab config (random tokens, full forward/backward/AdamW)."};
@@ -66,11 +38,11 @@ int main(int argc, char** argv) {
                 static_cast<long>(cfg.train.grad_accum), be->threads());
 
     std::printf("measuring the fp32 GEMM peak (%d threads):\n", be->threads());
-    const double peak = measure_gemm_peak(*be, 1.0);
+    const double peak = moelab::measure_gemm_peak(*be, 1.0, stdout);
 
     const auto timing = moelab::bench::time_training(cfg, *be, steps, warmup);
     const double tok_s = timing.tokens_per_second;
-    const double flops_per_token = moelab::exact_training_flops_per_token(m);
+    const double flops_per_token = moelab::exact_training_flops_per_token(m);  // what the engine computes
     const double achieved = tok_s * flops_per_token;
     std::printf("parameters           %.2fM\n", timing.params / 1e6);
     std::printf("model FLOPs/token    %.1f MFLOP (exact matmul count, fwd+bwd)\n", flops_per_token / 1e6);

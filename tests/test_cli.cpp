@@ -49,23 +49,37 @@ TEST_F(Cli, BytesThenTrainWritesRunDirectory) {
           (dir / "val.bin").string() +
           " --set model.vocab_size=256 --set model.d_model=32 --set model.n_layers=1 --set model.n_heads=2"
           " --set model.seq_len=32 --set train.batch_size=4 --set train.steps=20 --set train.warmup_steps=2"
-          " --set train.log_every=10 --set train.threads=2 --set train.out_dir=" + out.string());
+          " --set train.log_every=10 --set train.threads=2 --set train.flops_convention=kaplan"
+          " --set train.out_dir=" + out.string());
   ASSERT_EQ(r.code, 0) << r.output;
   EXPECT_NE(r.output.find("step     20/20"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("tok/s"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("MFU"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("(kaplan)"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("| eval | val "), std::string::npos) << r.output;
   ASSERT_TRUE(fs::exists(out / "config.toml"));
   std::ifstream metrics(out / "metrics.jsonl");
   std::string line;
   int steps = 0;
   double first = 0, last = 0;
+  double flops_per_token = 0, mfu = 0, cumulative = 0;
   while (std::getline(metrics, line)) {
     const auto j = nlohmann::json::parse(line);
+    if (j.contains("flops_per_token")) flops_per_token = j["flops_per_token"].get<double>();
+    if (j.contains("mfu")) mfu = j["mfu"].get<double>();
+    if (j.contains("flops")) cumulative = j["flops"].get<double>();
     if (!j.contains("loss")) continue;
     (steps == 0 ? first : last) = j["loss"].get<double>();
     ++steps;
   }
   EXPECT_EQ(steps, 20);
+  // Kaplan: 6 N_nonembedding + 6 n_layers n_ctx d_model, N_nonembedding = one block of d_model 32 (RMSNorm,
+  // no biases: 2*32 + 4*32*32 + 2*32*128 = 12,352) + the final norm (32) = 12,384
+  // -> 6*12,384 + 6*1*32*32 = 80,448 FLOPs per token.
+  EXPECT_DOUBLE_EQ(flops_per_token, 80448.0);
+  EXPECT_DOUBLE_EQ(cumulative, 80448.0 * 20 * 4 * 32);
+  EXPECT_GT(mfu, 0.0);
+  EXPECT_LT(mfu, 1.0);
   EXPECT_LT(last, first);
   // The resolved config reproduces the run.
   r = run("config --print --config " + (out / "config.toml").string());

@@ -195,6 +195,10 @@ const std::vector<KeyDef>& schema() {
               "batches of sequential windows per evaluation; 0: the whole validation file"),
       int_key("train.checkpoint_every", [](Config& c) -> int64_t& { return c.train.checkpoint_every; }, 0, 1e12,
               "steps between checkpoints in <out_dir>/checkpoint; 0: only at the end"),
+      string_key("train.flops_convention", [](Config& c) -> std::string& { return c.train.flops_convention; },
+                 "model FLOPs in the logs: exact, kaplan, chinchilla, abnar, abnar_router or krajewski"),
+      float_key("train.peak_flops", [](Config& c) -> double& { return c.train.peak_flops; }, 0, kInf,
+                "FLOP/s for MFU; 0: measure this machine's fp32 GEMM peak at start-up (about 1 s)"),
       string_key("train.out_dir", [](Config& c) -> std::string& { return c.train.out_dir; },
                  "run directory: resolved config and metrics.jsonl are written here"),
       // [data]
@@ -431,6 +435,10 @@ void validate(const Config& c) {
   if (c.train.warmup_steps > c.train.steps)
     throw Error("train.warmup_steps = " + std::to_string(c.train.warmup_steps) + " exceeds train.steps = " +
                 std::to_string(c.train.steps));
+  static const char* kConventions[] = {"exact", "kaplan", "chinchilla", "abnar", "abnar_router", "krajewski"};
+  if (std::find(std::begin(kConventions), std::end(kConventions), c.train.flops_convention) == std::end(kConventions))
+    throw Error("train.flops_convention = '" + c.train.flops_convention +
+                "' is not one of exact, kaplan, chinchilla, abnar, abnar_router, krajewski");
   if (c.data.dtype != "uint16" && c.data.dtype != "uint32")
     throw Error("data.dtype = '" + c.data.dtype + "' must be \"uint16\" or \"uint32\"");
   if (c.data.dtype == "uint16" && m.vocab_size > 65536)

@@ -88,6 +88,8 @@ struct TrainConfig {
   int64_t eval_every = 0;     // steps between validation evaluations; 0: only at the end
   int64_t eval_batches = 50;  // batches per evaluation; 0: the whole validation file
   int64_t checkpoint_every = 0;  // steps between checkpoints; 0: only at the end
+  std::string flops_convention = "exact";  // how model FLOPs are counted in the logs (docs/counting.md)
+  double peak_flops = 0;  // FLOP/s that MFU is measured against; 0: measure the fp32 GEMM peak at start
   std::string out_dir = "runs/default";
 };
 

@@ -11,7 +11,9 @@
 #include "train/checkpoint.h"
 #include "core/timer.h"
 #include "eval/window_loss.h"
+#include "backend/peak.h"
 #include "model/flops.h"
+#include "scaling/count.h"
 #include "optim/schedule.h"
 
 namespace moelab {
@@ -189,13 +191,21 @@ TrainSummary run_training(const Config& config, std::ostream& log, bool resume) 
   const std::string checkpoint_dir = (out_dir / "checkpoint").string();
   const auto& t = config.train;
   const int64_t tokens_per_step = t.batch_size * t.grad_accum * config.model.seq_len;
-  const double flops_per_token = exact_training_flops_per_token(config.model);
+  FlopConvention convention = FlopConvention::Exact;
+  for (FlopConvention c : all_flop_conventions())
+    if (to_string(c) == t.flops_convention) convention = c;
+  const double flops_per_token = training_flops_per_token(config.model, convention);
+  const double peak = t.peak_flops > 0 ? t.peak_flops : measure_gemm_peak(*backend, 0.3);
   char line[512];
   std::snprintf(line, sizeof line,
-                "moelab train: %.2fM parameters, %ld steps x %ld tokens, %d threads, %.1f MFLOP/token, out %s\n",
+                "moelab train: %.2fM parameters, %ld steps x %ld tokens, %d threads, %.1f MFLOP/token (%s), "
+                "peak %.1f GFLOP/s (%s), out %s\n",
                 trainer.model().num_params() / 1e6, static_cast<long>(t.steps), static_cast<long>(tokens_per_step),
-                backend->threads(), flops_per_token / 1e6, out_dir.c_str());
+                backend->threads(), flops_per_token / 1e6, t.flops_convention.c_str(), peak / 1e9,
+                t.peak_flops > 0 ? "configured" : "measured fp32 GEMM", out_dir.c_str());
   log << line << std::flush;
+  metrics << nlohmann::json{{"step", trainer.steps_done()}, {"flops_per_token", flops_per_token},
+                            {"flops_convention", t.flops_convention}, {"peak_flops", peak}}.dump() << "\n";
   const auto& moe = config.model.moe;
   const int64_t active = active_parameter_count(trainer.model().layout(), config.model);
   if (moe.enabled()) {
@@ -250,13 +260,19 @@ TrainSummary run_training(const Config& config, std::ostream& log, bool resume) 
       rec["aux_loss"] = st.aux_loss;
       if (st.step % t.log_every == 0 || st.step == t.steps) rec["router"] = router_stats_json(trainer.model());
     }
+    const bool log_step = st.step % t.log_every == 0 || st.step == t.steps;
+    if (log_step) {  // throughput over the steps since the last progress line
+      rec["flops_per_second"] = tok_s * flops_per_token;
+      rec["mfu"] = tok_s * flops_per_token / peak;
+    }
     metrics << rec.dump() << "\n";
-    if (st.step % t.log_every == 0 || st.step == t.steps) {
+    if (log_step) {
       metrics.flush();
       const double eta = (t.steps - st.step) * (total.seconds() / st.step);
       std::snprintf(line, sizeof line, "step %6ld/%ld | loss %.4f | lr %.2e | grad-norm %.3f | %.0f tok/s | "
-                    "%.2f GFLOP/s | eta %s\n", static_cast<long>(st.step), static_cast<long>(t.steps), st.loss, st.lr,
-                    st.grad_norm, tok_s, tok_s * flops_per_token / 1e9, format_duration(eta).c_str());
+                    "%.2f GFLOP/s | MFU %.1f%% | eta %s\n", static_cast<long>(st.step), static_cast<long>(t.steps),
+                    st.loss, st.lr, st.grad_norm, tok_s, tok_s * flops_per_token / 1e9,
+                    100.0 * tok_s * flops_per_token / peak, format_duration(eta).c_str());
       log << line << std::flush;
       window_seconds = 0;
       window_steps = 0;
