@@ -8,7 +8,7 @@ set -euo pipefail
 packages=(
   build-essential cmake ninja-build pkg-config git
   libdnnl-dev libopenblas-dev libomp-dev
-  libcli11-dev libtomlplusplus-dev nlohmann-json3-dev libsentencepiece-dev
+  libcli11-dev libtomlplusplus-dev nlohmann-json3-dev libsentencepiece-dev libnlopt-cxx-dev libsqlite3-dev
   libgtest-dev libbenchmark-dev
 )
 if [[ "${1:-}" == "--fixtures" ]]; then
