@@ -5,6 +5,7 @@
 
 #include "cli/count_command.h"
 #include "cli/data_command.h"
+#include "cli/fit_commands.h"
 #include "cli/model_commands.h"
 #include "core/error.h"
 #include "data/bytes.h"
@@ -71,6 +72,7 @@ int main(int argc, char** argv) {
   moelab::add_data_commands(*data);
   moelab::add_model_commands(app);
   moelab::add_count_command(app);
+  moelab::add_fit_commands(app);
 
   CLI11_PARSE(app, argc, argv);
   try {
