@@ -7,6 +7,7 @@
 #include "cli/data_command.h"
 #include "cli/fit_commands.h"
 #include "cli/model_commands.h"
+#include "cli/sweep_commands.h"
 #include "core/error.h"
 #include "data/bytes.h"
 #include "model/config.h"
@@ -73,6 +74,7 @@ int main(int argc, char** argv) {
   moelab::add_model_commands(app);
   moelab::add_count_command(app);
   moelab::add_fit_commands(app);
+  moelab::add_sweep_commands(app);
 
   CLI11_PARSE(app, argc, argv);
   try {

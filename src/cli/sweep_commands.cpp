@@ -1,0 +1,124 @@
+#include "cli/sweep_commands.h"
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <filesystem>
+#include <functional>
+#include <iostream>
+#include <memory>
+
+#include "core/error.h"
+#include "core/io.h"
+#include "sweep/plan.h"
+#include "sweep/results.h"
+#include "sweep/runner.h"
+
+namespace moelab {
+namespace {
+
+struct SweepOptions {
+  std::string spec, dir, out, loss = "smoothed", moelab;
+  bool csv = false, all = false;
+  SweepRunOptions run;
+  SlurmOptions slurm;
+};
+
+// Subcommand callbacks run inside CLI11's parse, after main()'s try block would see them: report here.
+std::function<void()> guarded(std::function<void()> body) {
+  return [body]() {
+    try {
+      body();
+    } catch (const Error& e) {
+      std::fprintf(stderr, "moelab: error: %s\n", e.what());
+      throw CLI::RuntimeError(1);
+    } catch (const CLI::Error&) {
+      throw;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "moelab: unexpected error: %s\n", e.what());
+      throw CLI::RuntimeError(2);
+    }
+  };
+}
+
+}  // namespace
+
+void add_sweep_commands(CLI::App& app) {
+  auto o = std::make_shared<SweepOptions>();
+  auto* sweep = app.add_subcommand("sweep", "plan, run and collect sweeps of training runs (docs/sweeps.md)");
+  sweep->require_subcommand(1);
+
+  auto* plan = sweep->add_subcommand("plan", "expand a sweep spec into runs: DIR/plan.json, DIR/runs/<name>/config.toml");
+  plan->add_option("spec", o->spec, "sweep spec (TOML; examples in configs/sweeps/)")->required()->check(CLI::ExistingFile);
+  plan->add_option("--out", o->out, "sweep directory to create; omitted: only print the table");
+  plan->footer("Example:\n  moelab sweep plan configs/sweeps/isoflop-sparsity.toml --out runs/sweeps/isoflop\n"
+               "Prints name, d_model, layers, experts, top-k, G, S, total and active parameters, tokens D, FLOPs;\n"
+               "runs that cannot be realised are listed with the reason and not planned.");
+  plan->callback(guarded([o]() {
+    SweepPlan p = plan_sweep(o->spec);
+    if (!o->out.empty()) write_plan(p, o->out, read_file(o->spec, "sweep spec"));
+    std::cout << plan_table(p);
+    if (!o->out.empty())
+      std::cout << "planned " << p.feasible_runs().size() << " runs in " << o->out << "; train them with `moelab sweep run "
+                << o->out << " --jobs N`\n";
+  }));
+
+  auto* run = sweep->add_subcommand("run", "train the pending runs of a sweep, N at a time (resumes after a kill)");
+  run->add_option("dir", o->dir, "sweep directory (from `sweep plan --out`)")->required();
+  run->add_option("-j,--jobs", o->run.jobs, "runs trained at once")->check(CLI::PositiveNumber);
+  run->add_option("-t,--threads-per-job", o->run.threads_per_job, "train.threads of each run")->check(CLI::PositiveNumber);
+  run->add_option("--index", o->run.index,
+                  "train only the run with this plan index and write only its result.json (Slurm array tasks)");
+  run->add_option("--moelab", o->run.binary, "moelab executable to run training with (default: this one)");
+  run->footer("Example:\n  moelab sweep run runs/sweeps/isoflop --jobs 2 --threads-per-job 1\n"
+              "Each run trains as its own process; finished runs are skipped, interrupted ones resume from their\n"
+              "checkpoint, a failing run is recorded as failed and the others go on. Results: DIR/results.db.");
+  run->callback(guarded([o]() {
+    const SweepRunSummary s = run_sweep(o->dir, o->run);
+    if (o->run.index < 0 && s.failed > 0) throw CLI::RuntimeError(3);
+    if (o->run.index >= 0 && s.failed > 0) throw CLI::RuntimeError(3);
+  }));
+
+  auto* status = sweep->add_subcommand("status", "progress of a sweep: done/failed/running/pending per run");
+  status->add_option("dir", o->dir, "sweep directory")->required();
+  status->callback(guarded([o]() { std::cout << sweep_status(o->dir); }));
+
+  auto* exp = sweep->add_subcommand("export", "write the sweep's results as a table (CSV) for law fitting");
+  exp->add_option("dir", o->dir, "sweep directory")->required();
+  exp->add_flag("--csv", o->csv, "CSV output (the only format, and the default)");
+  exp->add_option("--out", o->out, "file to write (default: stdout)");
+  exp->add_option("--loss", o->loss, "what the `loss` column holds: smoothed (default), final or val");
+  exp->add_flag("--all", o->all, "include failed runs (status column says which)");
+  exp->callback(guarded([o]() {
+    const std::string csv = results_csv(read_results(o->dir), o->loss, o->all);
+    if (o->out.empty()) std::cout << csv;
+    else write_file_atomic(o->out, csv);
+  }));
+
+  auto* slurm = sweep->add_subcommand("slurm", "write DIR/sweep.sbatch: a Slurm job array, one task per run");
+  slurm->add_option("dir", o->dir, "sweep directory")->required();
+  slurm->add_option("--partition", o->slurm.partition, "Slurm partition (default: the cluster's)");
+  slurm->add_option("--time", o->slurm.time, "time limit per task (default 04:00:00)");
+  slurm->add_option("--cpus", o->slurm.cpus, "cpus per task = training threads (default 2)")->check(CLI::PositiveNumber);
+  slurm->add_option("--max-parallel", o->slurm.max_parallel, "at most this many tasks at once (array %N)");
+  slurm->add_option("--moelab", o->slurm.binary, "moelab executable path on the cluster (default: this one)");
+  slurm->callback(guarded([o]() {
+    const std::string script = slurm_script(o->dir, o->slurm);
+    const auto root = std::filesystem::absolute(o->dir);
+    std::filesystem::create_directories(root / "slurm");
+    write_file_atomic((root / "sweep.sbatch").string(), script);
+    std::filesystem::permissions(root / "sweep.sbatch", std::filesystem::perms::owner_exec,
+                                 std::filesystem::perm_options::add);
+    std::cout << "wrote " << (root / "sweep.sbatch").string() << "; submit with `sbatch " << (root / "sweep.sbatch").string()
+              << "`, then `moelab sweep collect " << o->dir << "`\n";
+  }));
+
+  auto* collect = sweep->add_subcommand("collect", "rebuild DIR/results.db from the runs' result.json files");
+  collect->add_option("dir", o->dir, "sweep directory")->required();
+  collect->callback(guarded([o]() {
+    const int64_t n = collect_results(o->dir);
+    std::cout << "collected " << n << " run results into " << (std::filesystem::absolute(o->dir) / "results.db").string()
+              << "\n";
+  }));
+}
+
+}  // namespace moelab

@@ -1,0 +1,409 @@
+// Sweeps: planner arithmetic (D from a budget within one optimizer step, sparsity realised exactly, infeasible
+// runs with their reasons), the runner (kill -9 of a running sweep then resume: every run once in results.db,
+// finished runs not retrained; a failing run isolated), collect, the Slurm script and the CSV export.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sqlite3.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "core/error.h"
+#include "core/io.h"
+#include "core/rng.h"
+#include "data/shard.h"
+#include "sweep/plan.h"
+#include "sweep/results.h"
+#include "sweep/runner.h"
+
+namespace moelab {
+namespace {
+
+namespace fs = std::filesystem;
+
+fs::path temp_dir(const std::string& name) {
+  const fs::path d = fs::temp_directory_path() / ("moelab_sweep_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(d);
+  fs::create_directories(d);
+  return d;
+}
+
+// A tiny prepared-data directory: train.bin (train_tokens), val.bin and ood_web.bin, vocabulary 64.
+fs::path make_data(const fs::path& dir, int64_t train_tokens = 40000) {
+  fs::create_directories(dir);
+  Rng rng(5);
+  auto write = [&](const std::string& name, int64_t n) {
+    ShardWriter w((dir / name).string(), 64);
+    std::vector<int32_t> ids(n);
+    for (int64_t i = 0; i < n; ++i) ids[i] = static_cast<int32_t>((i * 7 + rng.below(5)) % 64);
+    w.append(ids);
+    w.finish();
+  };
+  write("train.bin", train_tokens);
+  write("val.bin", 2000);
+  write("ood_web.bin", 2000);
+  return dir;
+}
+
+std::string base_spec(const fs::path& data, const std::string& kind, int64_t checkpoint_every = 20) {
+  return "[sweep]\nname = \"test\"\nkind = \"" + kind + "\"\ncheckpoint_every = " + std::to_string(checkpoint_every) +
+         "\n[base.model]\nvocab_size = 64\nd_model = 32\nn_layers = 2\nn_heads = 2\nseq_len = 16\n"
+         "[base.train]\nbatch_size = 4\neval_batches = 2\nlog_every = 1000\npeak_flops = 1e9\nthreads = 1\n"
+         "[base.data]\ndir = \"" + data.string() + "\"\n";
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+const PlannedRun& find_run(const SweepPlan& plan, const std::string& name) {
+  for (const auto& r : plan.runs)
+    if (r.name == name) return r;
+  throw std::runtime_error("no run " + name);
+}
+
+TEST(SweepPlan, CompactNumbers) {
+  EXPECT_EQ(compact_number(1e12), "1e12");
+  EXPECT_EQ(compact_number(1.5e6), "1.5e6");
+  EXPECT_EQ(compact_number(2e-5), "2e-5");
+  EXPECT_EQ(compact_number(0.75), "0.75");
+  EXPECT_EQ(compact_number(100), "100");
+}
+
+TEST(SweepPlan, IsoflopTokensFromBudgetWithinOneStepAndSparsityExact) {
+  const fs::path dir = temp_dir("isoflop");
+  const fs::path data = make_data(dir / "data");
+  const std::string spec = base_spec(data, "isoflop") +
+                           "[rules]\nlr = 4e-3\nlr_d_ref = 64\nlr_power = 1.0\nwarmup_fraction = 0.1\n"
+                           "[[shape]]\nd_model = 32\nn_layers = 2\nn_heads = 2\n"
+                           "[[shape]]\nd_model = 48\nn_layers = 3\nn_heads = 3\n"
+                           "[isoflop]\nbudgets = [2e9, 5e9]\nsparsity = [0.0, 0.5, 0.75, 0.875, 0.9]\ntop_k = 2\n";
+  const SweepPlan plan = plan_sweep_from_string(spec, "test");
+  EXPECT_EQ(plan.runs.size(), 2u * 2u * 5u);
+  EXPECT_EQ(plan.corpus_tokens, 40000);
+  for (const auto& r : plan.runs) {
+    ASSERT_TRUE(r.feasible) << r.name << ": " << r.reason;
+    const auto& c = r.config;
+    const int64_t tokens_per_step = c.train.batch_size * c.train.grad_accum * c.model.seq_len;
+    const double d = r.budget / training_flops_per_token(c.model, FlopConvention::Exact);
+    // D rounded up to whole steps: never below the budget's D, and less than one step above it.
+    EXPECT_GE(static_cast<double>(r.tokens), d - 1e-6) << r.name;
+    EXPECT_LT(static_cast<double>(r.tokens) - d, static_cast<double>(tokens_per_step)) << r.name;
+    EXPECT_EQ(r.tokens, c.train.steps * tokens_per_step);
+    EXPECT_EQ(r.steps, static_cast<int64_t>(std::ceil(d / tokens_per_step)));
+    EXPECT_DOUBLE_EQ(r.flops, r.flops_per_token * static_cast<double>(r.tokens));
+    // Sparsity realised exactly: (E - K) / E == S, with K = 2.
+    EXPECT_EQ(c.model.moe.top_k, 2);
+    EXPECT_EQ(count_parameters(c.model).sparsity, r.target_sparsity) << r.name;
+    EXPECT_EQ(c.model.moe.experts, std::llround(2 / (1 - r.target_sparsity)));
+    // Rules: lr = 4e-3 * (64 / d)^1, min_lr = lr / 10, warm-up = 10% of the steps; checkpoints every 20 steps.
+    EXPECT_NEAR(c.train.lr, 4e-3 * 64.0 / c.model.d_model, 1e-8);
+    EXPECT_NEAR(c.train.min_lr, c.train.lr * 0.1, 1e-9);
+    EXPECT_EQ(c.train.warmup_steps, std::llround(0.1 * r.steps));
+    EXPECT_EQ(c.train.checkpoint_every, 20);
+    EXPECT_EQ(c.data.train_path, (data / "train.bin").string());
+  }
+  // The same budget gives more tokens to the smaller shape.
+  EXPECT_GT(find_run(plan, "c2e9-d32l2-e8k2").tokens, find_run(plan, "c2e9-d48l3-e8k2").tokens);
+  fs::remove_all(dir);
+}
+
+TEST(SweepPlan, InfeasibleRunsAreReportedWithTheirReason) {
+  const fs::path dir = temp_dir("infeasible");
+  const fs::path data = make_data(dir / "data", 20000);
+  // 1e6 FLOPs is below one step; 1e12 needs far more than 20,000 tokens; S = 0.3 with K = 2 needs E = 2.857.
+  const SweepPlan plan = plan_sweep_from_string(
+      base_spec(data, "isoflop") + "[isoflop]\nbudgets = [1e6, 2e9, 1e12]\nsparsity = [0.3, 0.75]\ntop_k = 2\n", "t");
+  auto reason = [&](const std::string& name) {
+    const PlannedRun& r = find_run(plan, name);
+    EXPECT_FALSE(r.feasible) << name;
+    return r.reason;
+  };
+  EXPECT_NE(reason("c1e6-d32l2-e8k2").find("below one optimizer step"), std::string::npos);
+  EXPECT_NE(reason("c1e12-d32l2-e8k2").find("training shard holds 20000"), std::string::npos);
+  EXPECT_NE(reason("c2e9-d32l2-s0.3").find("not an integer"), std::string::npos);
+  EXPECT_TRUE(find_run(plan, "c2e9-d32l2-e8k2").feasible);
+  EXPECT_EQ(plan.feasible_runs().size(), 1u);
+  EXPECT_NE(plan_table(plan).find("INFEASIBLE"), std::string::npos);
+
+  // Granularity not dividing d_ff (128), and K not an integer with E fixed.
+  const SweepPlan g = plan_sweep_from_string(
+      base_spec(data, "granularity") + "[granularity]\ngranularity = [1, 3, 4]\nexpansion = 4\ntokens = [2000]\n", "t");
+  EXPECT_TRUE(find_run(g, "t2e3-d32l2-x4g4").feasible);
+  EXPECT_EQ(find_run(g, "t2e3-d32l2-x4g4").config.model.moe.routed_experts(), 16);
+  // Constant active FLOPs across G: the active parameters differ only by the router (E_total * d_model per layer).
+  EXPECT_EQ(find_run(g, "t2e3-d32l2-x4g4").counts.active - find_run(g, "t2e3-d32l2-x4g1").counts.active,
+            (16 - 4) * 32 * 2);
+  EXPECT_NE(find_run(g, "t2e3-d32l2-x4g3").reason.find("does not divide d_ff = 128"), std::string::npos);
+  const SweepPlan e = plan_sweep_from_string(
+      base_spec(data, "isoflop") + "[isoflop]\nbudgets = [2e9]\nsparsity = [0.5, 0.6]\nexperts = 8\n", "t");
+  EXPECT_TRUE(find_run(e, "c2e9-d32l2-e8k4").feasible);
+  EXPECT_NE(find_run(e, "c2e9-d32l2-s0.6").reason.find("needs top_k = 3.2"), std::string::npos);
+
+  // Fixed total parameters: no ladder shape within the tolerance.
+  const SweepPlan p = plan_sweep_from_string(
+      base_spec(data, "fixed_params") +
+          "[[shape]]\nd_model = 32\nn_layers = 2\nn_heads = 2\n[fixed_params]\nparams = [1e9]\nsparsity = [0.5]\n"
+          "tokens = [2000]\n",
+      "t");
+  ASSERT_EQ(p.runs.size(), 1u);
+  EXPECT_NE(p.runs[0].reason.find("add a shape to the ladder"), std::string::npos);
+
+  // Malformed specs are errors, not infeasible runs.
+  EXPECT_NE(error_of([&] { plan_sweep_from_string(base_spec(data, "isoflop") + "[isoflop]\nbudget = [1]\n", "t"); })
+                .find("unknown key 'budget'"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { plan_sweep_from_string(base_spec(data, "nope"), "t"); }).find("must be one of"),
+            std::string::npos);
+  fs::remove_all(dir);
+}
+
+TEST(SweepPlan, WritesResolvedConfigsAndRefusesADifferentPlan) {
+  const fs::path dir = temp_dir("write");
+  const fs::path data = make_data(dir / "data");
+  const std::string spec = base_spec(data, "list") +
+                           "[[run]]\nname = \"a\"\nsteps = 7\n"
+                           "[[run]]\nname = \"b\"\nset = [\"moe.experts=4\", \"train.lr=0.02\"]\ntokens = 300\n";
+  SweepPlan plan = plan_sweep_from_string(spec, "t");
+  write_plan(plan, (dir / "sweep").string(), spec);
+  const Config b = load_config((dir / "sweep" / "runs" / "b" / "config.toml").string(), {});
+  EXPECT_EQ(b.train.out_dir, (dir / "sweep" / "runs" / "b").string());
+  EXPECT_EQ(b.model.moe.experts, 4);
+  EXPECT_DOUBLE_EQ(b.train.lr, 0.02);  // the run's own setting wins over the lr rule
+  EXPECT_EQ(b.train.steps, 5);         // ceil(300 / 64)
+  EXPECT_EQ(load_config((dir / "sweep" / "runs" / "a" / "config.toml").string(), {}).train.steps, 7);
+  const auto j = nlohmann::json::parse(read_file((dir / "sweep" / "plan.json").string(), "t"));
+  EXPECT_EQ(j["runs"][1]["index"], 1);
+  EXPECT_EQ(read_plan((dir / "sweep").string()).runs.size(), 2u);
+  SweepPlan again = plan_sweep_from_string(spec, "t");
+  EXPECT_NO_THROW(write_plan(again, (dir / "sweep").string(), spec));
+  SweepPlan other = plan_sweep_from_string(spec + "[[run]]\nname = \"c\"\nsteps = 3\n", "t");
+  EXPECT_NE(error_of([&] { write_plan(other, (dir / "sweep").string(), spec); }).find("different sweep plan"),
+            std::string::npos);
+  fs::remove_all(dir);
+}
+
+// Rows of results.db: name -> status.
+std::map<std::string, std::string> db_rows(const fs::path& db_path, int64_t* row_count = nullptr) {
+  std::map<std::string, std::string> rows;
+  sqlite3* db = nullptr;
+  EXPECT_EQ(sqlite3_open_v2(db_path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr), SQLITE_OK);
+  sqlite3_stmt* stmt = nullptr;
+  EXPECT_EQ(sqlite3_prepare_v2(db, "SELECT name, status, loss, params, tokens, sparsity FROM results", -1, &stmt, nullptr),
+            SQLITE_OK);
+  int64_t n = 0;
+  while (stmt && sqlite3_step(stmt) == SQLITE_ROW) {
+    rows[reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0))] =
+        reinterpret_cast<const char*>(sqlite3_column_text(stmt, 1));
+    ++n;
+  }
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
+  if (row_count) *row_count = n;
+  return rows;
+}
+
+int count_of(const std::string& text, const std::string& needle) {
+  int n = 0;
+  for (size_t p = text.find(needle); p != std::string::npos; p = text.find(needle, p + 1)) ++n;
+  return n;
+}
+
+TEST(SweepRun, KillNineThenRerunResumesAndTrainsEachRunOnce) {
+  const fs::path dir = temp_dir("kill");
+  const fs::path data = make_data(dir / "data", 300000);
+  std::string spec = base_spec(data, "list", 10);
+  for (const char* name : {"r0", "r1", "r2"})
+    spec += std::string("[[run]]\nname = \"") + name +
+            "\"\nsteps = 300\nset = [\"model.d_model=64\", \"model.seq_len=32\", \"train.batch_size=8\", "
+            "\"moe.experts=4\", \"moe.top_k=2\"]\n";
+  SweepPlan plan = plan_sweep_from_string(spec, "t");
+  ASSERT_EQ(plan.feasible_runs().size(), 3u) << plan_table(plan);
+  const fs::path sweep = dir / "sweep";
+  write_plan(plan, sweep.string(), spec);
+
+  SweepRunOptions options;
+  options.binary = MOELAB_BINARY;
+  options.jobs = 1;
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {  // the sweep runner, in its own process group so it and its children die together
+    ::setpgid(0, 0);
+    std::ofstream log((dir / "first.log").string());
+    options.log = &log;
+    try {
+      run_sweep(sweep.string(), options);
+    } catch (...) {
+      ::_exit(1);
+    }
+    ::_exit(0);
+  }
+  ::setpgid(pid, pid);
+  // Kill once r0 is finished and r1 is mid-way (has a checkpoint, no result).
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  bool mid_way = false;
+  while (std::chrono::steady_clock::now() < deadline) {
+    auto r0 = read_result((sweep / "runs" / "r0").string());
+    if (r0 && fs::exists(sweep / "runs" / "r1" / "checkpoint") && !fs::exists(sweep / "runs" / "r1" / "result.json")) {
+      mid_way = true;
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  ::kill(-pid, SIGKILL);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  ASSERT_TRUE(mid_way) << "never saw r1 mid-way; log:\n" << read_file((dir / "first.log").string(), "log");
+  ASSERT_TRUE(WIFSIGNALED(status));
+  // Give the killed trainer (SIGKILLed with its group) a moment to be reaped by init.
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  const std::string r0_result = read_file((sweep / "runs" / "r0" / "result.json").string(), "r0");
+  EXPECT_EQ(read_result((sweep / "runs" / "r0").string())->status, "ok");
+
+  std::ostringstream status_text;
+  status_text << sweep_status(sweep.string());
+  EXPECT_NE(status_text.str().find("1/3 done"), std::string::npos) << status_text.str();
+  EXPECT_NE(status_text.str().find("interrupted at step"), std::string::npos) << status_text.str();
+
+  std::ostringstream second_log;
+  options.log = &second_log;
+  options.jobs = 2;
+  const SweepRunSummary s = run_sweep(sweep.string(), options);
+  EXPECT_EQ(s.skipped, 1);
+  EXPECT_EQ(s.ok, 2);
+  EXPECT_EQ(s.failed, 0);
+
+  int64_t rows = 0;
+  const auto db = db_rows(sweep / "results.db", &rows);
+  EXPECT_EQ(rows, 3);
+  for (const char* name : {"r0", "r1", "r2"}) EXPECT_EQ(db.count(name) ? db.at(name) : "", "ok") << name;
+  // r0 was not retrained: one attempt in its log, its result untouched.
+  EXPECT_EQ(count_of(read_file((sweep / "runs" / "r0" / "train.log").string(), "log"), "training attempt started"), 1);
+  EXPECT_EQ(read_file((sweep / "runs" / "r0" / "result.json").string(), "r0"), r0_result);
+  // r1 resumed from its checkpoint and logged every step exactly once.
+  const std::string r1_log = read_file((sweep / "runs" / "r1" / "train.log").string(), "log");
+  EXPECT_EQ(count_of(r1_log, "training attempt started"), 2);
+  EXPECT_NE(r1_log.find("resuming from"), std::string::npos);
+  const RunResult r1 = *read_result((sweep / "runs" / "r1").string());
+  EXPECT_EQ(r1.steps_done, 300);
+  EXPECT_TRUE(std::isfinite(r1.val_loss));
+  EXPECT_EQ(r1.ood_losses.count("ood_web_loss"), 1u);
+  EXPECT_EQ(r1.experts, 4);
+  EXPECT_DOUBLE_EQ(r1.sparsity, 0.5);
+  // A third invocation has nothing left to do.
+  std::ostringstream third_log;
+  options.log = &third_log;
+  EXPECT_EQ(run_sweep(sweep.string(), options).skipped, 3);
+  fs::remove_all(dir);
+}
+
+TEST(SweepRun, AFailingRunIsRecordedAndTheOthersFinish) {
+  const fs::path dir = temp_dir("fail");
+  const fs::path data = make_data(dir / "data");
+  const std::string spec = base_spec(data, "list") +
+                           "[[run]]\nname = \"good\"\nsteps = 20\nset = [\"moe.experts=4\"]\n"
+                           "[[run]]\nname = \"bad\"\nsteps = 20\n"
+                           "[[run]]\nname = \"good2\"\nsteps = 20\n";
+  SweepPlan plan = plan_sweep_from_string(spec, "t");
+  const fs::path sweep = dir / "sweep";
+  write_plan(plan, sweep.string(), spec);
+  // Break one run's config after planning, as a hand edit would.
+  write_file_atomic((sweep / "runs" / "bad" / "config.toml").string(), "[model]\nnot_a_key = 3\n");
+
+  std::ostringstream log;
+  SweepRunOptions options;
+  options.binary = MOELAB_BINARY;
+  options.jobs = 2;
+  options.log = &log;
+  const SweepRunSummary s = run_sweep(sweep.string(), options);
+  EXPECT_EQ(s.ok, 2);
+  EXPECT_EQ(s.failed, 1);
+  const RunResult bad = *read_result((sweep / "runs" / "bad").string());
+  EXPECT_EQ(bad.status, "failed");
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_NE(bad.error.find("not_a_key"), std::string::npos) << bad.error;
+  const auto db = db_rows(sweep / "results.db");
+  EXPECT_EQ(db.at("bad"), "failed");
+  EXPECT_EQ(db.at("good"), "ok");
+  EXPECT_EQ(db.at("good2"), "ok");
+  EXPECT_NE(sweep_status(sweep.string()).find("failed: training exited with code 1"), std::string::npos);
+
+  // Export: the fitting tool's columns, ok runs only unless --all.
+  const std::string csv = results_csv(read_results(sweep.string()), "smoothed", false);
+  std::istringstream lines(csv);
+  std::string header, row;
+  std::getline(lines, header);
+  for (const char* col : {"params", "tokens", "loss", "sparsity", "granularity", "flops", "val_loss", "ood_web_loss"})
+    EXPECT_NE(("," + header + ",").find(std::string(",") + col + ","), std::string::npos) << col << " in " << header;
+  int n = 0;
+  while (std::getline(lines, row)) ++n;
+  EXPECT_EQ(n, 2);
+  EXPECT_EQ(count_of(results_csv(read_results(sweep.string()), "final", true), "\n"), 4);
+  EXPECT_NE(csv.find("good,ok,"), std::string::npos);
+
+  // Collect rebuilds the database from the result files alone.
+  fs::remove(sweep / "results.db");
+  EXPECT_EQ(collect_results(sweep.string()), 3);
+  int64_t rows = 0;
+  EXPECT_EQ(db_rows(sweep / "results.db", &rows).at("good2"), "ok");
+  EXPECT_EQ(rows, 3);
+  fs::remove_all(dir);
+}
+
+TEST(SweepSlurm, ScriptIsAnArrayOfIndexedRunsAndIndexModeWritesNoDatabase) {
+  const fs::path dir = temp_dir("slurm");
+  const fs::path data = make_data(dir / "data");
+  const std::string spec = base_spec(data, "isoflop") +
+                           "[isoflop]\nbudgets = [1e6, 1e9]\nsparsity = [0.5, 0.75]\n";  // 1e6: infeasible
+  SweepPlan plan = plan_sweep_from_string(spec, "t");
+  const fs::path sweep = dir / "sweep";
+  write_plan(plan, sweep.string(), spec);
+  SlurmOptions o;
+  o.partition = "debug";
+  o.time = "01:00:00";
+  o.cpus = 4;
+  o.binary = "/opt/moelab/bin/moelab";
+  const std::string script = slurm_script(sweep.string(), o);
+  EXPECT_EQ(script.rfind("#!/bin/bash\n", 0), 0u);
+  EXPECT_NE(script.find("#SBATCH --array=0-1\n"), std::string::npos) << script;  // two feasible runs
+  EXPECT_NE(script.find("#SBATCH --partition=debug\n"), std::string::npos);
+  EXPECT_NE(script.find("#SBATCH --time=01:00:00\n"), std::string::npos);
+  EXPECT_NE(script.find("#SBATCH --cpus-per-task=4\n"), std::string::npos);
+  EXPECT_NE(script.find("/opt/moelab/bin/moelab sweep run " + sweep.string() + " --index \"$SLURM_ARRAY_TASK_ID\""),
+            std::string::npos)
+      << script;
+  EXPECT_NE(script.find("moelab sweep collect"), std::string::npos);
+  o.max_parallel = 1;
+  EXPECT_NE(slurm_script(sweep.string(), o).find("#SBATCH --array=0-1%1\n"), std::string::npos);
+
+  // What an array task does: train one run by index, write its result.json, never touch results.db.
+  std::ostringstream log;
+  SweepRunOptions options;
+  options.binary = MOELAB_BINARY;
+  options.index = 1;
+  options.log = &log;
+  const SweepRunSummary s = run_sweep(sweep.string(), options);
+  EXPECT_EQ(s.ok, 1);
+  const auto runs = read_plan(sweep.string()).feasible_runs();
+  EXPECT_EQ(read_result((sweep / "runs" / runs[1]->name).string())->status, "ok");
+  EXPECT_FALSE(read_result((sweep / "runs" / runs[0]->name).string()).has_value());
+  EXPECT_FALSE(fs::exists(sweep / "results.db"));
+  options.index = 2;
+  EXPECT_NE(error_of([&] { run_sweep(sweep.string(), options); }).find("out of range"), std::string::npos);
+  EXPECT_EQ(collect_results(sweep.string()), 1);
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace moelab
