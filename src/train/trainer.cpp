@@ -240,6 +240,7 @@ TrainSummary run_training(const Config& config, std::ostream& log, bool resume) 
 
   TrainSummary summary;
   Timer total;
+  bool warned_peak = false;
   double window_seconds = 0;
   int64_t window_steps = 0;
   for (int64_t s = trainer.steps_done(); s < t.steps; ++s) {
@@ -274,6 +275,11 @@ TrainSummary run_training(const Config& config, std::ostream& log, bool resume) 
                     st.loss, st.lr, st.grad_norm, tok_s, tok_s * flops_per_token / 1e9,
                     100.0 * tok_s * flops_per_token / peak, format_duration(eta).c_str());
       log << line << std::flush;
+      if (tok_s * flops_per_token > peak && !warned_peak && t.peak_flops <= 0) {
+        warned_peak = true;
+        log << "note: the achieved rate exceeds the GEMM peak measured at start-up (" << peak / 1e9
+            << " GFLOP/s): the machine was busy then. Set train.peak_flops for a stable MFU.\n";
+      }
       window_seconds = 0;
       window_steps = 0;
     }
