@@ -171,6 +171,34 @@ TEST(Fit, SparsityRecoversKnownParameters) {
     EXPECT_NEAR(law_loss(LawKind::Sparsity, fit.theta, p) / p.L, 1.0, 0.01) << "N " << p.N << " D " << p.D << " S " << p.S;
 }
 
+TEST(Fit, IsoflopOptimumStaysWhereTheRunsAre) {
+  // A sparsity sweep at fixed active size: the sparser the model, the larger its total N, so the data cover a
+  // slanted band in (log N, S). The surface falls towards large N and small S, a corner no run reaches: the
+  // reported optimum must stay inside the band (at S = 0, N* cannot exceed the largest dense model).
+  std::vector<Observation> pts;
+  const double sparsities[] = {0, 0.5, 0.75, 0.875};
+  for (double S : sparsities)
+    for (int i = 0; i < 3; ++i) {
+      Observation p;
+      p.C = 1e12, p.S = S;
+      p.N = 1e6 * (1 + i) / (1 - S);  // total parameters grow with sparsity
+      const double x = std::log(p.N), y = -std::log1p(-S);
+      p.L = 6.0 - 0.3 * x + 0.5 * y + 0.02 * x * x;
+      pts.push_back(p);
+    }
+  const auto fits = fit_isoflop(pts, 2);
+  ASSERT_EQ(fits.size(), 1u);
+  const auto& f = fits[0];
+  // Inside the band: N*(1 - S*) between the smallest and largest active size of the data (1e6 .. 3e6).
+  const double active = f.N_star * (1 - f.S_star);
+  EXPECT_GE(active, 1e6 * 0.999) << "N* " << f.N_star << " S* " << f.S_star;
+  EXPECT_LE(active, 3e6 * 1.001) << "N* " << f.N_star << " S* " << f.S_star;
+  for (const auto& [S, N, L] : f.per_sparsity) {
+    EXPECT_GE(N * (1 - S), 1e6 * 0.999) << "S " << S;
+    EXPECT_LE(N * (1 - S), 3e6 * 1.001) << "S " << S;
+  }
+}
+
 TEST(Fit, IsoflopRecoversSurfaceMinimum) {
   // Two budgets, each a quadratic bowl in x = log N, y = -log(1-S) with a known minimum inside the data's box.
   Rng rng(5);

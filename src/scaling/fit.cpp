@@ -253,6 +253,49 @@ double IsoflopSurface::eval(double x, double y) const {
   return s;
 }
 
+namespace {
+
+// Convex hull (counter-clockwise, Andrew's monotone chain) of the data in (log N, -log(1-S)). The surface is a
+// fit to the data, so its optimum is only read inside the region the runs cover: extrapolating a quadratic to
+// an uncovered corner of the bounding box (e.g. the largest N at S = 0 when only sparse models were that large)
+// gives minima no run supports.
+using Point2 = std::array<double, 2>;
+std::vector<Point2> convex_hull(std::vector<Point2> pts) {
+  std::sort(pts.begin(), pts.end());
+  pts.erase(std::unique(pts.begin(), pts.end()), pts.end());
+  if (pts.size() < 3) return pts;
+  auto cross = [](const Point2& o, const Point2& a, const Point2& b) {
+    return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0]);
+  };
+  std::vector<Point2> hull(2 * pts.size());
+  size_t k = 0;
+  for (size_t i = 0; i < pts.size(); ++i) {
+    while (k >= 2 && cross(hull[k - 2], hull[k - 1], pts[i]) <= 0) --k;
+    hull[k++] = pts[i];
+  }
+  for (size_t i = pts.size() - 1, t = k + 1; i > 0; --i) {
+    while (k >= t && cross(hull[k - 2], hull[k - 1], pts[i - 1]) <= 0) --k;
+    hull[k++] = pts[i - 1];
+  }
+  hull.resize(k - 1);
+  return hull;
+}
+
+// Inside (or within `tol` of) a counter-clockwise hull of at least 3 vertices.
+bool inside_hull(const std::vector<Point2>& hull, double x, double y, double tol) {
+  for (size_t i = 0; i < hull.size(); ++i) {
+    const Point2& a = hull[i];
+    const Point2& b = hull[(i + 1) % hull.size()];
+    const double ex = b[0] - a[0], ey = b[1] - a[1];
+    const double len = std::hypot(ex, ey);
+    if (len == 0) continue;
+    if ((ex * (y - a[1]) - ey * (x - a[0])) / len < -tol) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
 IsoflopBudgetFit fit_isoflop_budget(const std::vector<Observation>& points, int degree) {
   if (degree < 1 || degree > 6) throw Error("--degree " + std::to_string(degree) + " is out of range; use 1..6");
   IsoflopBudgetFit fit;
@@ -281,7 +324,8 @@ IsoflopBudgetFit fit_isoflop_budget(const std::vector<Observation>& points, int 
   if (rows < cols)
     throw Error("isoflop budget C = " + std::to_string(fit.C) + " has " + std::to_string(rows) +
                 " points but a degree-" + std::to_string(degree) + " surface has " + std::to_string(cols) +
-                " coefficients; add runs at this budget or lower --degree");
+                " coefficients; add runs at this budget or lower --degree (runs whose FLOPs differ slightly from "
+                "their planned budget can be grouped by it with --columns C=budget)");
   std::vector<double> A(rows * cols), b(rows);
   for (size_t r = 0; r < rows; ++r) {
     const double u = (std::log(points[r].N) - s.x_center) / s.x_scale;
@@ -298,23 +342,41 @@ IsoflopBudgetFit fit_isoflop_budget(const std::vector<Observation>& points, int 
   }
   fit.rmse = std::sqrt(ss / rows);
 
-  // Joint minimum over the box: a 101 x 101 scan, then bounded Nelder-Mead from the best cell.
+  // Joint minimum over the region the data cover (their convex hull; the box when the data are collinear):
+  // a 101 x 101 scan of the box keeping covered cells, then bounded Nelder-Mead from the best cell.
+  std::vector<Point2> data_xy;
+  for (const auto& p : points) data_xy.push_back({std::log(p.N), -std::log1p(-p.S)});
+  const std::vector<Point2> hull = vary_x && vary_y ? convex_hull(data_xy) : std::vector<Point2>{};
+  const double hull_tol = 1e-9 * (1 + std::fabs(fit.x_hi) + std::fabs(fit.y_hi));
+  auto covered = [&](double x, double y) { return hull.size() < 3 || inside_hull(hull, x, y, hull_tol); };
   constexpr int kScan = 100;
   double bx = fit.x_lo, by = fit.y_lo, bf = kInf;
   for (int i = 0; i <= kScan; ++i)
     for (int j = 0; j <= kScan; ++j) {
       const double x = fit.x_lo + (fit.x_hi - fit.x_lo) * i / kScan, y = fit.y_lo + (fit.y_hi - fit.y_lo) * j / kScan;
+      if (!covered(x, y)) continue;
       const double v = s.eval(x, y);
       if (v < bf) bf = v, bx = x, by = y;
     }
+  for (const auto& [x, y] : data_xy) {  // the data points themselves are always covered
+    const double v = s.eval(x, y);
+    if (v < bf) bf = v, bx = x, by = y;
+  }
+  struct HullSurface {
+    const IsoflopSurface* surface;
+    const std::function<bool(double, double)>* covered;
+  };
+  const std::function<bool(double, double)> covered_fn = covered;
+  HullSurface hs{&s, &covered_fn};
   if (vary_x && vary_y) {
     nlopt::opt opt(nlopt::LN_NELDERMEAD, 2);
     opt.set_lower_bounds({fit.x_lo, fit.y_lo});
     opt.set_upper_bounds({fit.x_hi, fit.y_hi});
     auto f = [](const std::vector<double>& z, std::vector<double>&, void* d) {
-      return static_cast<IsoflopSurface*>(d)->eval(z[0], z[1]);
+      const auto* h = static_cast<HullSurface*>(d);
+      return (*h->covered)(z[0], z[1]) ? h->surface->eval(z[0], z[1]) : kInf;
     };
-    opt.set_min_objective(f, &s);
+    opt.set_min_objective(f, &hs);
     opt.set_xtol_abs(1e-10);
     opt.set_maxeval(2000);
     opt.set_initial_step({(fit.x_hi - fit.x_lo) / kScan, (fit.y_hi - fit.y_lo) / kScan});
@@ -340,9 +402,17 @@ IsoflopBudgetFit fit_isoflop_budget(const std::vector<Observation>& points, int 
   std::sort(sparsities.begin(), sparsities.end());
   for (double S : sparsities) {
     const double y = -std::log1p(-S);
-    double x = fit.x_lo;
-    const double l = vary_x ? minimize_1d([&](double xx) { return s.eval(xx, y); }, fit.x_lo, fit.x_hi, x)
-                            : s.eval(x, y);
+    // The range of log N the data cover at this sparsity.
+    double lo = kInf, hi = -kInf;
+    for (int i = 0; i <= 4 * kScan; ++i) {
+      const double xx = fit.x_lo + (fit.x_hi - fit.x_lo) * i / (4 * kScan);
+      if (covered(xx, y)) lo = std::min(lo, xx), hi = std::max(hi, xx);
+    }
+    for (const auto& [px, py] : data_xy)
+      if (std::fabs(py - y) < 1e-12) lo = std::min(lo, px), hi = std::max(hi, px);
+    double x = lo;
+    const double l = vary_x && hi > lo ? minimize_1d([&](double xx) { return s.eval(xx, y); }, lo, hi, x)
+                                       : s.eval(x, y);
     fit.per_sparsity.push_back({S, std::exp(x), l});
   }
   return fit;
