@@ -8,6 +8,7 @@
 #include <sstream>
 #include <vector>
 
+#include "cli/report_errors.h"
 #include "core/error.h"
 #include "scaling/count.h"
 
@@ -175,20 +176,10 @@ void add_count_command(CLI::App& app) {
       "Example:\n  moelab count --config configs/fairseq-moe-4b.toml --tokens 300e9\n"
       "Never builds the model, so any shape answers instantly. Conventions: kaplan, chinchilla, abnar,\n"
       "abnar_router, krajewski, exact (what the engine computes); see docs/counting.md.\n");
-  count->callback([options, tokens]() {
-    // main() catches moelab::Error only around its own dispatch, after parsing; this callback runs inside the
-    // parse, so it reports errors itself and ends the parse with the same exit codes.
-    try {
-      options->tokens_given = tokens->count() > 0;
-      run_count(*options);
-    } catch (const Error& e) {
-      std::fprintf(stderr, "moelab: error: %s\n", e.what());
-      throw CLI::RuntimeError(1);
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "moelab: unexpected error: %s\n", e.what());
-      throw CLI::RuntimeError(2);
-    }
-  });
+  count->callback(reporting_errors([options, tokens]() {
+    options->tokens_given = tokens->count() > 0;
+    run_count(*options);
+  }));
 }
 
 }  // namespace moelab

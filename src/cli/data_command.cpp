@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "cli/report_errors.h"
 #include "core/error.h"
 #include "data/prepare.h"
 #include "data/tokenizer.h"
@@ -15,21 +16,6 @@
 namespace moelab {
 
 namespace {
-
-// Runs `body`, turning errors into the CLI's message and exit code (as main.cpp does for its own commands).
-void run_reporting_errors(const std::function<void()>& body) {
-  try {
-    body();
-  } catch (const Error& e) {
-    std::fprintf(stderr, "moelab: error: %s\n", e.what());
-    throw CLI::RuntimeError(1);
-  } catch (const CLI::Error&) {
-    throw;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "moelab: unexpected error: %s\n", e.what());
-    throw CLI::RuntimeError(2);
-  }
-}
 
 struct DataArgs {
   std::vector<std::string> inputs;

@@ -9,6 +9,7 @@
 #include <memory>
 #include <sstream>
 
+#include "cli/report_errors.h"
 #include "core/error.h"
 #include "core/io.h"
 #include "model/config.h"
@@ -24,21 +25,6 @@ std::string fmt(const char* f, double v) {
   char buf[64];
   std::snprintf(buf, sizeof buf, f, v);
   return buf;
-}
-
-// Runs a subcommand body inside CLI11's parse, mapping errors to exit codes as main() does.
-void guarded(const std::function<void()>& body) {
-  try {
-    body();
-  } catch (const Error& e) {
-    std::fprintf(stderr, "moelab: error: %s\n", e.what());
-    throw CLI::RuntimeError(1);
-  } catch (const CLI::Error&) {
-    throw;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "moelab: unexpected error: %s\n", e.what());
-    throw CLI::RuntimeError(2);
-  }
 }
 
 std::string interval_text(const nlohmann::ordered_json& i) {
@@ -135,7 +121,7 @@ void add_fit_commands(CLI::App& app) {
   fit->footer("Example:\n  moelab fit --law chinchilla --data runs.csv --bootstrap 100 --seed 1 --out fit.json\n"
               "See docs/fitting.md for the laws, start grids and the fit.json format.");
   fit->callback([fo, delta, expansion]() {
-    guarded([&] {
+    run_reporting_errors([&] {
       FitRequest req;
       req.law = law_from_string(fo->law);
       req.data_path = fo->data;
@@ -167,7 +153,7 @@ void add_fit_commands(CLI::App& app) {
   opt->add_flag("--json", oo->json, "print JSON");
   opt->footer("Example:\n  moelab optimize --fit fit.json --budget 1e20");
   opt->callback([oo, oexp, osmax]() {
-    guarded([&] {
+    run_reporting_errors([&] {
       OptimizeOptions o;
       o.budget = oo->budget;
       if (oexp->count()) o.expansion = oo->expansion;
@@ -189,7 +175,7 @@ void add_fit_commands(CLI::App& app) {
   pred->footer("Example:\n  moelab predict --fit fit.json --config configs/quickstart.toml --tokens 2e9\n"
                "N is counted from the config as the fit's param_count; G and S come from its [moe] section.");
   pred->callback([po]() {
-    guarded([&] {
+    run_reporting_errors([&] {
       const Config cfg = load_config(po->config, po->overrides);
       const auto r = predict_report(load_fit(po->fit), cfg.model, po->tokens, po->config);
       if (po->json) {

@@ -4,24 +4,12 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 
+#include "cli/report_errors.h"
 #include "core/error.h"
 #include "eval/generate.h"
 #include "eval/inference.h"
 
 namespace moelab {
-namespace {
-
-// Runs a command body, turning user errors into one message and exit code 1.
-void guarded(const std::function<void()>& body) {
-  try {
-    body();
-  } catch (const Error& e) {
-    std::fprintf(stderr, "moelab: error: %s\n", e.what());
-    throw CLI::RuntimeError(1);
-  }
-}
-
-}  // namespace
 
 void add_model_commands(CLI::App& app) {
   // eval
@@ -42,7 +30,7 @@ void add_model_commands(CLI::App& app) {
   eval->add_flag("--json", eval_args->json, "print one JSON object per input");
   eval->footer("Example:\n  moelab eval --checkpoint runs/quickstart data/corpus/val data/prepared/ood_code.bin");
   eval->callback([eval_args] {
-    guarded([&] {
+    run_reporting_errors([&] {
       LoadedModel lm = load_model(eval_args->checkpoint, eval_args->threads, 8);
       for (const auto& input : eval_args->inputs) {
         const PerplexityResult r = evaluate_perplexity(lm, input, eval_args->batches);
@@ -82,7 +70,7 @@ void add_model_commands(CLI::App& app) {
   gen->add_option("--threads", gen_args->threads, "CPU threads (0: all cores)");
   gen->footer("Example:\n  moelab generate --checkpoint runs/quickstart --prompt \"In the beginning\" -n 200 -t 0.8 --top-p 0.95");
   gen->callback([gen_args] {
-    guarded([&] {
+    run_reporting_errors([&] {
       LoadedModel lm = load_model(gen_args->checkpoint, gen_args->threads, 1);
       TextCodec codec(lm.config);
       std::vector<int32_t> prompt = codec.encode(gen_args->prompt);

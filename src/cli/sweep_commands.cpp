@@ -7,6 +7,7 @@
 #include <iostream>
 #include <memory>
 
+#include "cli/report_errors.h"
 #include "core/error.h"
 #include "core/io.h"
 #include "sweep/plan.h"
@@ -23,23 +24,6 @@ struct SweepOptions {
   SlurmOptions slurm;
 };
 
-// Subcommand callbacks run inside CLI11's parse, after main()'s try block would see them: report here.
-std::function<void()> guarded(std::function<void()> body) {
-  return [body]() {
-    try {
-      body();
-    } catch (const Error& e) {
-      std::fprintf(stderr, "moelab: error: %s\n", e.what());
-      throw CLI::RuntimeError(1);
-    } catch (const CLI::Error&) {
-      throw;
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "moelab: unexpected error: %s\n", e.what());
-      throw CLI::RuntimeError(2);
-    }
-  };
-}
-
 }  // namespace
 
 void add_sweep_commands(CLI::App& app) {
@@ -53,7 +37,7 @@ void add_sweep_commands(CLI::App& app) {
   plan->footer("Example:\n  moelab sweep plan configs/sweeps/isoflop-sparsity.toml --out runs/sweeps/isoflop\n"
                "Prints name, d_model, layers, experts, top-k, G, S, total and active parameters, tokens D, FLOPs;\n"
                "runs that cannot be realised are listed with the reason and not planned.");
-  plan->callback(guarded([o]() {
+  plan->callback(reporting_errors([o]() {
     SweepPlan p = plan_sweep(o->spec);
     if (!o->out.empty()) write_plan(p, o->out, read_file(o->spec, "sweep spec"));
     std::cout << plan_table(p);
@@ -72,7 +56,7 @@ void add_sweep_commands(CLI::App& app) {
   run->footer("Example:\n  moelab sweep run runs/sweeps/isoflop --jobs 2 --threads-per-job 1\n"
               "Each run trains as its own process; finished runs are skipped, interrupted ones resume from their\n"
               "checkpoint, a failing run is recorded as failed and the others go on. Results: DIR/results.db.");
-  run->callback(guarded([o]() {
+  run->callback(reporting_errors([o]() {
     const SweepRunSummary s = run_sweep(o->dir, o->run);
     if (o->run.index < 0 && s.failed > 0) throw CLI::RuntimeError(3);
     if (o->run.index >= 0 && s.failed > 0) throw CLI::RuntimeError(3);
@@ -80,7 +64,7 @@ void add_sweep_commands(CLI::App& app) {
 
   auto* status = sweep->add_subcommand("status", "progress of a sweep: done/failed/running/pending per run");
   status->add_option("dir", o->dir, "sweep directory")->required();
-  status->callback(guarded([o]() { std::cout << sweep_status(o->dir); }));
+  status->callback(reporting_errors([o]() { std::cout << sweep_status(o->dir); }));
 
   auto* exp = sweep->add_subcommand("export", "write the sweep's results as a table (CSV) for law fitting");
   exp->add_option("dir", o->dir, "sweep directory")->required();
@@ -88,7 +72,7 @@ void add_sweep_commands(CLI::App& app) {
   exp->add_option("--out", o->out, "file to write (default: stdout)");
   exp->add_option("--loss", o->loss, "what the `loss` column holds: smoothed (default), final or val");
   exp->add_flag("--all", o->all, "include failed runs (status column says which)");
-  exp->callback(guarded([o]() {
+  exp->callback(reporting_errors([o]() {
     const std::string csv = results_csv(read_results(o->dir), o->loss, o->all);
     if (o->out.empty()) std::cout << csv;
     else write_file_atomic(o->out, csv);
@@ -101,7 +85,7 @@ void add_sweep_commands(CLI::App& app) {
   slurm->add_option("--cpus", o->slurm.cpus, "cpus per task = training threads (default 2)")->check(CLI::PositiveNumber);
   slurm->add_option("--max-parallel", o->slurm.max_parallel, "at most this many tasks at once (array %N)");
   slurm->add_option("--moelab", o->slurm.binary, "moelab executable path on the cluster (default: this one)");
-  slurm->callback(guarded([o]() {
+  slurm->callback(reporting_errors([o]() {
     const std::string script = slurm_script(o->dir, o->slurm);
     const auto root = std::filesystem::absolute(o->dir);
     std::filesystem::create_directories(root / "slurm");
@@ -114,7 +98,7 @@ void add_sweep_commands(CLI::App& app) {
 
   auto* collect = sweep->add_subcommand("collect", "rebuild DIR/results.db from the runs' result.json files");
   collect->add_option("dir", o->dir, "sweep directory")->required();
-  collect->callback(guarded([o]() {
+  collect->callback(reporting_errors([o]() {
     const int64_t n = collect_results(o->dir);
     std::cout << "collected " << n << " run results into " << (std::filesystem::absolute(o->dir) / "results.db").string()
               << "\n";
