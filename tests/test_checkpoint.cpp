@@ -13,31 +13,15 @@
 
 #include "core/io.h"
 #include "train/checkpoint.h"
+#include "test_util.h"
 #include "train/trainer.h"
 
 namespace moelab {
 namespace {
 
 namespace fs = std::filesystem;
-
-fs::path temp_dir(const std::string& name) {
-  const fs::path d = fs::temp_directory_path() / ("moelab_ckpt_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d;
-}
-
-std::string write_tokens(const fs::path& path, int64_t count, int32_t vocab) {
-  std::string bytes;
-  Rng rng(17);
-  for (int64_t i = 0; i < count; ++i) {
-    const uint16_t tok = static_cast<uint16_t>((i % vocab + rng.below(3)) % vocab);
-    bytes.push_back(static_cast<char>(tok & 0xff));
-    bytes.push_back(static_cast<char>(tok >> 8));
-  }
-  write_file_atomic(path.string(), bytes);
-  return path.string();
-}
+using testing::temp_dir;
+using testing::write_tokens;
 
 std::vector<std::string> small_overrides() {
   return {"model.vocab_size=64", "model.d_model=32", "model.n_layers=2",   "model.n_heads=4",
@@ -47,7 +31,7 @@ std::vector<std::string> small_overrides() {
 }
 
 TEST(Checkpoint, ResumeContinuesBitIdentically) {
-  const fs::path dir = temp_dir("resume");
+  const fs::path dir = temp_dir("ckpt_resume");
   TokenFile data(write_tokens(dir / "tokens.bin", 5000, 64), "uint16");
   const Config c = config_from_string("", small_overrides());
   auto be = make_cpu_backend(2);
@@ -71,7 +55,7 @@ TEST(Checkpoint, ResumeContinuesBitIdentically) {
 
 TEST(Checkpoint, WeightsAreStandardSafetensors) {
   // Parse the file by the format's definition: u64 little-endian header size, JSON header, raw data.
-  const fs::path dir = temp_dir("format");
+  const fs::path dir = temp_dir("ckpt_format");
   std::vector<float> a = {1.f, 2.f, 3.f, 4.f, 5.f, 6.f}, b = {-1.5f};
   write_safetensors((dir / "t.safetensors").string(), {{"a", {2, 3}, a.data()}, {"b", {1}, b.data()}},
                     {{"format", "pt"}});
@@ -102,7 +86,7 @@ std::string error_of(const std::function<void()>& f) {
 }
 
 TEST(Checkpoint, BadCheckpointsGiveClearErrors) {
-  const fs::path dir = temp_dir("errors");
+  const fs::path dir = temp_dir("ckpt_errors");
   const Config c = config_from_string("", small_overrides());
   auto be = make_cpu_backend(2);
   Trainer trainer(c, *be);
@@ -157,7 +141,7 @@ std::vector<double> losses_of(const fs::path& metrics) {
 }
 
 TEST(Checkpoint, KillNineThenResumeGivesTheUninterruptedCurve) {
-  const fs::path dir = temp_dir("kill");
+  const fs::path dir = temp_dir("ckpt_kill");
   const std::string tokens = write_tokens(dir / "tokens.bin", 20000, 256);
   std::vector<std::string> args = {"train",
                                    "--set", "data.train_path=" + tokens,

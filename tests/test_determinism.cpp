@@ -7,24 +7,11 @@
 
 #include "core/io.h"
 #include "data/shard.h"
+#include "test_util.h"
 #include "train/trainer.h"
 
 namespace moelab {
 namespace {
-
-std::string write_tokens(const std::string& name, int64_t count, int32_t vocab) {
-  const auto path = std::filesystem::temp_directory_path() / name;
-  std::string bytes;
-  Rng rng(17);
-  for (int64_t i = 0; i < count; ++i) {
-    // Mildly structured data (a noisy counter) so the loss moves.
-    const uint16_t tok = static_cast<uint16_t>((i % vocab + rng.below(3)) % vocab);
-    bytes.push_back(static_cast<char>(tok & 0xff));
-    bytes.push_back(static_cast<char>(tok >> 8));
-  }
-  write_file_atomic(path.string(), bytes);
-  return path.string();
-}
 
 std::vector<double> train_losses(const Config& c, const TokenFile& data, int steps) {
   auto be = make_cpu_backend(static_cast<int>(c.train.threads));
@@ -43,7 +30,7 @@ Config small_config(std::vector<std::string> extra = {}) {
 }
 
 TEST(Determinism, SameSeedSameThreadsGivesIdenticalLosses) {
-  const std::string path = write_tokens("moelab_det_tokens.bin", 5000, 64);
+  const std::string path = testing::write_tokens(std::filesystem::temp_directory_path() / "moelab_det_tokens.bin", 5000, 64);
   TokenFile data(path, "uint16");
   const std::vector<std::vector<std::string>> variants = {
       {"model.pos=rope"},
@@ -108,7 +95,7 @@ TEST(Training, VocabularyMismatchIsAClearError) {
 }
 
 TEST(Training, NonFiniteLossIsAClearError) {
-  const std::string path = write_tokens("moelab_nan_tokens.bin", 2000, 64);
+  const std::string path = testing::write_tokens(std::filesystem::temp_directory_path() / "moelab_nan_tokens.bin", 2000, 64);
   TokenFile data(path, "uint16");
   Config c = small_config();
   auto be = make_cpu_backend(2);

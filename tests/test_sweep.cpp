@@ -21,18 +21,13 @@
 #include "sweep/plan.h"
 #include "sweep/results.h"
 #include "sweep/runner.h"
+#include "test_util.h"
 
 namespace moelab {
 namespace {
 
 namespace fs = std::filesystem;
-
-fs::path temp_dir(const std::string& name) {
-  const fs::path d = fs::temp_directory_path() / ("moelab_sweep_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d;
-}
+using testing::temp_dir;
 
 // A tiny prepared-data directory: train.bin (train_tokens), val.bin and ood_web.bin, vocabulary 64.
 fs::path make_data(const fs::path& dir, int64_t train_tokens = 40000) {
@@ -82,7 +77,7 @@ TEST(SweepPlan, CompactNumbers) {
 }
 
 TEST(SweepPlan, IsoflopTokensFromBudgetWithinOneStepAndSparsityExact) {
-  const fs::path dir = temp_dir("isoflop");
+  const fs::path dir = temp_dir("sweep_isoflop");
   const fs::path data = make_data(dir / "data");
   const std::string spec = base_spec(data, "isoflop") +
                            "[rules]\nlr = 4e-3\nlr_d_ref = 64\nlr_power = 1.0\nwarmup_fraction = 0.1\n"
@@ -120,7 +115,7 @@ TEST(SweepPlan, IsoflopTokensFromBudgetWithinOneStepAndSparsityExact) {
 }
 
 TEST(SweepPlan, InfeasibleRunsAreReportedWithTheirReason) {
-  const fs::path dir = temp_dir("infeasible");
+  const fs::path dir = temp_dir("sweep_infeasible");
   const fs::path data = make_data(dir / "data", 20000);
   // 1e6 FLOPs is below one step; 1e12 needs far more than 20,000 tokens; S = 0.3 with K = 2 needs E = 2.857.
   const SweepPlan plan = plan_sweep_from_string(
@@ -170,7 +165,7 @@ TEST(SweepPlan, InfeasibleRunsAreReportedWithTheirReason) {
 }
 
 TEST(SweepPlan, WritesResolvedConfigsAndRefusesADifferentPlan) {
-  const fs::path dir = temp_dir("write");
+  const fs::path dir = temp_dir("sweep_write");
   const fs::path data = make_data(dir / "data");
   const std::string spec = base_spec(data, "list") +
                            "[[run]]\nname = \"a\"\nsteps = 7\n"
@@ -221,7 +216,7 @@ int count_of(const std::string& text, const std::string& needle) {
 }
 
 TEST(SweepRun, KillNineThenRerunResumesAndTrainsEachRunOnce) {
-  const fs::path dir = temp_dir("kill");
+  const fs::path dir = temp_dir("sweep_kill");
   const fs::path data = make_data(dir / "data", 300000);
   std::string spec = base_spec(data, "list", 10);
   for (const char* name : {"r0", "r1", "r2"})
@@ -309,7 +304,7 @@ TEST(SweepRun, KillNineThenRerunResumesAndTrainsEachRunOnce) {
 }
 
 TEST(SweepRun, AFailingRunIsRecordedAndTheOthersFinish) {
-  const fs::path dir = temp_dir("fail");
+  const fs::path dir = temp_dir("sweep_fail");
   const fs::path data = make_data(dir / "data");
   const std::string spec = base_spec(data, "list") +
                            "[[run]]\nname = \"good\"\nsteps = 20\nset = [\"moe.experts=4\"]\n"
@@ -362,7 +357,7 @@ TEST(SweepRun, AFailingRunIsRecordedAndTheOthersFinish) {
 }
 
 TEST(SweepSlurm, ScriptIsAnArrayOfIndexedRunsAndIndexModeWritesNoDatabase) {
-  const fs::path dir = temp_dir("slurm");
+  const fs::path dir = temp_dir("sweep_slurm");
   const fs::path data = make_data(dir / "data");
   const std::string spec = base_spec(data, "isoflop") +
                            "[isoflop]\nbudgets = [1e6, 1e9]\nsparsity = [0.5, 0.75]\n";  // 1e6: infeasible

@@ -2,12 +2,16 @@
 // Shared helpers for the tests: random fills and a finite-difference gradient checker.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <functional>
 #include <string>
 #include <vector>
 
+#include "core/io.h"
 #include "core/rng.h"
 #include "core/tensor.h"
 
@@ -72,6 +76,27 @@ inline void check_gradients(const std::string& label, const std::vector<std::pai
                       << " disagree with finite differences";
     EXPECT_GT(max_grad, 0.0) << label << ": gradient of " << name << " is identically zero";
   }
+}
+
+// A fresh, empty directory under the system temp dir, unique to this test process.
+inline std::filesystem::path temp_dir(const std::string& name) {
+  const auto d = std::filesystem::temp_directory_path() / ("moelab_" + name + "_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(d);
+  std::filesystem::create_directories(d);
+  return d;
+}
+
+// A flat uint16 token file of mildly structured data (a noisy counter), so training losses move.
+inline std::string write_tokens(const std::filesystem::path& path, int64_t count, int32_t vocab) {
+  std::string bytes;
+  Rng rng(17);
+  for (int64_t i = 0; i < count; ++i) {
+    const uint16_t tok = static_cast<uint16_t>((i % vocab + rng.below(3)) % vocab);
+    bytes.push_back(static_cast<char>(tok & 0xff));
+    bytes.push_back(static_cast<char>(tok >> 8));
+  }
+  write_file_atomic(path.string(), bytes);
+  return path.string();
 }
 
 inline double dot(const float* a, const float* b, int64_t n) {
