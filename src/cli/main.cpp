@@ -7,6 +7,7 @@
 #include "cli/data_command.h"
 #include "cli/fit_commands.h"
 #include "cli/model_commands.h"
+#include "cli/report_command.h"
 #include "cli/sweep_commands.h"
 #include "core/error.h"
 #include "data/bytes.h"
@@ -75,6 +76,7 @@ int main(int argc, char** argv) {
   moelab::add_count_command(app);
   moelab::add_fit_commands(app);
   moelab::add_sweep_commands(app);
+  moelab::add_report_command(app);
 
   CLI11_PARSE(app, argc, argv);
   try {

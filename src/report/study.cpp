@@ -1,0 +1,447 @@
+#include "report/study.h"
+
+#include <sqlite3.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <set>
+
+#include "core/error.h"
+#include "scaling/fit.h"
+#include "scaling/optimize.h"
+
+namespace moelab {
+namespace {
+
+namespace fs = std::filesystem;
+using ojson = nlohmann::ordered_json;
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+std::string fmt(const char* format, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, format, v);
+  return buf;
+}
+
+ojson number_or_null(double v) { return std::isfinite(v) ? ojson(v) : ojson(nullptr); }
+
+// Rows of the `downstream` table of DIR/results.db, if the table exists.
+std::vector<DownstreamRow> read_downstream(const std::string& sweep_dir) {
+  std::vector<DownstreamRow> rows;
+  const fs::path db_path = fs::path(sweep_dir) / "results.db";
+  if (!fs::exists(db_path)) return rows;
+  sqlite3* db = nullptr;
+  if (sqlite3_open_v2(db_path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) != SQLITE_OK) {
+    sqlite3_close(db);
+    throw Error("cannot open results store " + db_path.string());
+  }
+  sqlite3_busy_timeout(db, 10000);
+  sqlite3_stmt* stmt = nullptr;
+  const char* sql =
+      "SELECT run, task, mode, shots, acc, acc_stderr, acc_norm, acc_norm_stderr, n FROM downstream "
+      "ORDER BY run, task, mode, shots";
+  if (sqlite3_prepare_v2(db, sql, -1, &stmt, nullptr) == SQLITE_OK) {
+    while (sqlite3_step(stmt) == SQLITE_ROW) {
+      DownstreamRow r;
+      auto text = [&](int i) {
+        const auto* t = sqlite3_column_text(stmt, i);
+        return t ? std::string(reinterpret_cast<const char*>(t)) : std::string();
+      };
+      r.run = text(0);
+      r.task = text(1);
+      r.mode = text(2);
+      r.shots = sqlite3_column_int(stmt, 3);
+      r.acc = sqlite3_column_double(stmt, 4);
+      r.acc_stderr = sqlite3_column_double(stmt, 5);
+      r.acc_norm = sqlite3_column_double(stmt, 6);
+      r.acc_norm_stderr = sqlite3_column_double(stmt, 7);
+      r.n = sqlite3_column_int64(stmt, 8);
+      rows.push_back(r);
+    }
+  }
+  // No table (a sweep never evaluated downstream) is not an error: the report says so.
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
+  return rows;
+}
+
+double loss_of(const RunResult& r, const std::string& column) {
+  if (column == "val_loss") return r.val_loss;
+  if (column == "smoothed_loss") return r.smoothed_loss;
+  if (column == "loss") return r.loss;
+  throw Error("report: unknown loss column '" + column + "' (use val_loss, smoothed_loss or loss)");
+}
+
+bool usable(const RunResult& r, const std::string& column) {
+  return r.status == "ok" && std::isfinite(loss_of(r, column)) && loss_of(r, column) > 0;
+}
+
+bool is_moe(const RunResult& r) { return r.experts > 0; }
+
+ojson run_brief(const RunResult& r, const std::string& column) {
+  return ojson{{"name", r.name},
+               {"loss", loss_of(r, column)},
+               {"d_model", r.d_model},
+               {"n_layers", r.n_layers},
+               {"experts", r.experts},
+               {"top_k", r.top_k},
+               {"granularity", r.granularity},
+               {"sparsity", r.sparsity},
+               {"nonembedding_params", r.nonembedding_params},
+               {"active_params", r.active_params},
+               {"tokens", r.tokens},
+               {"flops", r.flops}};
+}
+
+std::string describe_run(const ojson& b) {
+  std::string text = b["name"].get<std::string>() + " (d_model " + std::to_string(b["d_model"].get<int64_t>()) +
+                     ", " + std::to_string(b["n_layers"].get<int64_t>()) +
+                     (b["n_layers"].get<int64_t>() == 1 ? " layer, " : " layers, ");
+  if (b["experts"].get<int64_t>() > 0)
+    text += std::to_string(b["experts"].get<int64_t>()) + " experts top-" + std::to_string(b["top_k"].get<int64_t>()) +
+            ", S = " + fmt("%.4g", b["sparsity"].get<double>());
+  else
+    text += "dense";
+  text += ", " + fmt("%.3g", static_cast<double>(b["nonembedding_params"].get<int64_t>())) + " non-embedding params, " +
+          fmt("%.3g", static_cast<double>(b["tokens"].get<int64_t>())) + " tokens)";
+  return text;
+}
+
+// Same planned budget: budgets are exact numbers from the plan, but compare with a tolerance anyway.
+bool same_budget(double a, double b) { return std::fabs(a - b) <= 1e-6 * std::max(std::fabs(a), std::fabs(b)); }
+
+}  // namespace
+
+std::string StudySweep::run_dir(const std::string& run_name) const {
+  return (fs::path(dir) / "runs" / run_name).string();
+}
+
+RunCurves read_run_curves(const std::string& run_dir) {
+  RunCurves curves;
+  std::ifstream in(fs::path(run_dir) / "metrics.jsonl");
+  std::map<int64_t, double> tokens_at_step;
+  std::vector<std::pair<int64_t, double>> val;
+  std::string line;
+  while (std::getline(in, line)) {
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::exception&) {
+      continue;
+    }
+    if (!j.is_object() || !j.contains("step") || !j["step"].is_number()) continue;
+    const int64_t step = j["step"].get<int64_t>();
+    if (j.contains("loss") && j["loss"].is_number()) {
+      const double tokens = j.value("tokens", 0.0);
+      tokens_at_step[step] = tokens;
+      curves.train.push_back({tokens, j["loss"].get<double>()});
+      if (j.contains("router") && j["router"].is_array() && !j["router"].empty()) {
+        curves.router_load.clear();
+        for (const auto& layer : j["router"])
+          curves.router_load.push_back(layer.value("tokens_per_expert", std::vector<double>{}));
+      }
+    } else if (j.contains("val_loss") && j["val_loss"].is_number()) {
+      val.emplace_back(step, j["val_loss"].get<double>());
+    }
+  }
+  for (const auto& [step, loss] : val) {
+    auto it = tokens_at_step.find(step);
+    if (it != tokens_at_step.end()) curves.val.push_back({it->second, loss});
+  }
+  return curves;
+}
+
+Study load_study(const std::string& dir) {
+  if (!fs::is_directory(dir))
+    throw Error("report: '" + dir + "' is not a directory; give a sweep directory (with plan.json), a run "
+                "directory (with metrics.jsonl), or a study directory holding them");
+  Study study;
+  study.dir = fs::absolute(dir).lexically_normal().string();
+  auto add = [&](const fs::path& d) {
+    if (fs::exists(d / "plan.json")) {
+      StudySweep s;
+      s.dir = fs::absolute(d).lexically_normal().string();
+      s.label = fs::path(s.dir).filename().string();
+      s.plan = read_plan(s.dir);
+      s.results = read_results(s.dir);
+      s.downstream = read_downstream(s.dir);
+      study.sweeps.push_back(std::move(s));
+      return true;
+    }
+    if (fs::exists(d / "metrics.jsonl")) {
+      study.single_runs.push_back(fs::absolute(d).lexically_normal().string());
+      return true;
+    }
+    return false;
+  };
+  if (!add(dir)) {
+    std::vector<fs::path> subdirs;
+    for (const auto& e : fs::directory_iterator(dir))
+      if (e.is_directory()) subdirs.push_back(e.path());
+    std::sort(subdirs.begin(), subdirs.end());
+    for (const auto& d : subdirs) add(d);
+  }
+  if (study.sweeps.empty() && study.single_runs.empty())
+    throw Error("report: '" + dir + "' holds no sweep (plan.json) and no run (metrics.jsonl), neither itself nor "
+                "in its subdirectories; plan and run a sweep first (docs/sweeps.md)");
+  return study;
+}
+
+nlohmann::ordered_json analyse_study(const Study& study, const AnalysisOptions& options) {
+  const std::string& col = options.loss;
+  ojson out;
+  out["study"] = study.dir;
+  out["loss_column"] = col;
+
+  ojson sweeps = ojson::array();
+  for (const auto& s : study.sweeps) {
+    int64_t ok = 0, failed = 0;
+    for (const auto& r : s.results) (r.status == "ok" ? ok : failed)++;
+    sweeps.push_back({{"label", s.label},
+                      {"name", s.plan.name},
+                      {"kind", s.plan.kind},
+                      {"dir", s.dir},
+                      {"runs_planned", static_cast<int64_t>(s.plan.feasible_runs().size())},
+                      {"runs_ok", ok},
+                      {"runs_failed", failed},
+                      {"downstream_rows", static_cast<int64_t>(s.downstream.size())}});
+  }
+  out["sweeps"] = sweeps;
+
+  // ---- the IsoFLOP data: runs with a FLOP budget (MoE at each sparsity and their dense baselines) ----
+  std::vector<const RunResult*> iso;
+  std::string iso_source;
+  for (const auto& s : study.sweeps) {
+    if (s.plan.kind != "isoflop") continue;
+    for (const auto& r : s.results)
+      if (r.budget > 0 && usable(r, col)) iso.push_back(&r);
+    iso_source += (iso_source.empty() ? "" : ", ") + (fs::path(s.dir) / "results.db").string();
+  }
+  std::vector<Observation> points;
+  for (const auto* r : iso) {
+    Observation o;
+    o.N = static_cast<double>(r->nonembedding_params);
+    o.D = static_cast<double>(r->tokens);
+    o.S = r->sparsity;
+    o.G = static_cast<double>(r->granularity);
+    o.C = r->budget;  // the planned budget: runs of one budget differ by less than a step's FLOPs
+    o.L = loss_of(*r, col);
+    points.push_back(o);
+  }
+  std::vector<double> budgets;
+  for (const auto* r : iso)
+    if (std::none_of(budgets.begin(), budgets.end(), [&](double b) { return same_budget(b, r->budget); }))
+      budgets.push_back(r->budget);
+  std::sort(budgets.begin(), budgets.end());
+  out["budgets"] = budgets;
+
+  FitRequest request;
+  request.data_path = iso_source;
+  request.columns = default_columns();
+  request.columns["N"] = "nonembedding_params";
+  request.columns["C"] = "budget";
+  request.columns["L"] = col;
+  request.bootstrap = options.bootstrap;
+  request.seed = options.seed;
+
+  // IsoFLOP surfaces (degree 2 needs 6 points per budget).
+  ojson isoflop;
+  if (points.size() < 6) {
+    isoflop = {{"skipped", "fewer than 6 IsoFLOP runs"}};
+  } else {
+    try {
+      request.law = LawKind::Isoflop;
+      isoflop = fit_observations(request, points, {});
+    } catch (const Error& e) {
+      isoflop = {{"skipped", e.what()}};
+    }
+  }
+  out["isoflop_fit"] = isoflop;
+
+  // The sparsity law of Abnar et al. (Eq. 6, 10 parameters).
+  ojson sparsity_fit, recommendation;
+  std::set<double> sparsities;
+  for (const auto& p : points) sparsities.insert(p.S);
+  if (points.size() < 12 || sparsities.size() < 3 || budgets.size() < 2) {
+    sparsity_fit = {{"skipped", "the sparsity law needs at least 12 runs over 3 sparsity levels and 2 budgets"}};
+  } else {
+    try {
+      request.law = LawKind::Sparsity;
+      sparsity_fit = fit_observations(request, points, {});
+    } catch (const Error& e) {
+      sparsity_fit = {{"skipped", e.what()}};
+    }
+  }
+  out["sparsity_fit"] = sparsity_fit;
+
+  // ---- best measured configuration per budget; dense vs MoE frontiers ----
+  ojson per_budget = ojson::array();
+  std::vector<std::array<double, 3>> dense_frontier;  // (C, best dense L, -)
+  for (double C : budgets) {
+    const RunResult *best = nullptr, *best_dense = nullptr, *best_moe = nullptr;
+    for (const auto* r : iso) {
+      if (!same_budget(r->budget, C)) continue;
+      const double L = loss_of(*r, col);
+      if (!best || L < loss_of(*best, col)) best = r;
+      const RunResult*& slot = is_moe(*r) ? best_moe : best_dense;
+      if (!slot || L < loss_of(*slot, col)) slot = r;
+    }
+    ojson row{{"C", C}, {"best", run_brief(*best, col)}};
+    row["best_dense"] = best_dense ? run_brief(*best_dense, col) : ojson(nullptr);
+    row["best_moe"] = best_moe ? run_brief(*best_moe, col) : ojson(nullptr);
+    per_budget.push_back(row);
+    if (best_dense) dense_frontier.push_back({C, loss_of(*best_dense, col), 0});
+  }
+  out["per_budget"] = per_budget;
+
+  // Compute multiplier (the fairseq study's "compute efficiency"): the compute a dense model needs to reach
+  // the best MoE loss of budget C, over C. The dense frontier is a power law fitted through the best dense loss
+  // of each budget: log L = a + b log C (least squares).
+  ojson multiplier;
+  if (dense_frontier.size() < 2) {
+    multiplier = {{"skipped", "needs dense baselines at 2 or more budgets"}};
+  } else {
+    double sx = 0, sy = 0, sxx = 0, sxy = 0;
+    const double n = static_cast<double>(dense_frontier.size());
+    for (const auto& p : dense_frontier) {
+      const double x = std::log(p[0]), y = std::log(p[1]);
+      sx += x, sy += y, sxx += x * x, sxy += x * y;
+    }
+    const double b = (n * sxy - sx * sy) / (n * sxx - sx * sx);
+    const double a = (sy - b * sx) / n;
+    multiplier["dense_frontier"] = {{"form", "log L = a + b log C, least squares over the best dense run per budget"},
+                                    {"a", a},
+                                    {"b", b}};
+    if (!(b < 0)) {
+      multiplier["skipped"] = "the best dense loss does not fall with compute across the budgets (slope " +
+                              fmt("%.3g", b) + "), so no dense-equivalent compute can be read off";
+    } else {
+      ojson rows = ojson::array();
+      const double c_lo = dense_frontier.front()[0], c_hi = dense_frontier.back()[0];
+      for (const auto& row : per_budget) {
+        if (row["best_moe"].is_null()) continue;
+        const double C = row["C"].get<double>();
+        const double L_moe = row["best_moe"]["loss"].get<double>();
+        const double C_dense = std::exp((std::log(L_moe) - a) / b);
+        rows.push_back({{"C", C},
+                        {"best_moe", row["best_moe"]["name"]},
+                        {"moe_loss", L_moe},
+                        {"dense_loss", row["best_dense"].is_null() ? ojson(nullptr) : row["best_dense"]["loss"]},
+                        {"dense_compute_for_moe_loss", C_dense},
+                        {"multiplier", C_dense / C},
+                        {"extrapolated", C_dense < c_lo * (1 - 1e-9) || C_dense > c_hi * (1 + 1e-9)}});
+      }
+      multiplier["per_budget"] = rows;
+    }
+  }
+  out["compute_multiplier"] = multiplier;
+
+  // ---- granularity comparison: loss against G at equal tokens and shape ----
+  ojson granularity = ojson::array();
+  for (const auto& s : study.sweeps) {
+    if (s.plan.kind != "granularity") continue;
+    for (const auto& r : s.results) {
+      if (!usable(r, col)) continue;
+      ojson b = run_brief(r, col);
+      b["sweep"] = s.label;
+      granularity.push_back(b);
+    }
+  }
+  out["granularity"] = granularity;
+
+  // ---- downstream ----
+  ojson downstream = ojson::array();
+  for (const auto& s : study.sweeps) {
+    std::map<std::string, const RunResult*> by_name;
+    for (const auto& r : s.results) by_name[r.name] = &r;
+    for (const auto& d : s.downstream) {
+      auto it = by_name.find(d.run);
+      const double L = it == by_name.end() ? kNaN : loss_of(*it->second, col);
+      downstream.push_back({{"sweep", s.label},
+                            {"run", d.run},
+                            {"task", d.task},
+                            {"mode", d.mode},
+                            {"shots", d.shots},
+                            {"acc", d.acc},
+                            {"acc_stderr", d.acc_stderr},
+                            {"acc_norm", d.acc_norm},
+                            {"acc_norm_stderr", d.acc_norm_stderr},
+                            {"n", d.n},
+                            {"loss", number_or_null(L)},
+                            {"moe", it != by_name.end() && is_moe(*it->second)}});
+    }
+  }
+  out["downstream"] = downstream;
+
+  // ---- the recommendation at the largest budget ----
+  if (!budgets.empty()) {
+    const double C = budgets.back();
+    recommendation["budget"] = C;
+    recommendation["best_measured"] = per_budget.back()["best"];
+    if (isoflop.contains("budgets")) {
+      for (const auto& b : isoflop["budgets"])
+        if (same_budget(b["C"].get<double>(), C)) {
+          recommendation["isoflop"] = {{"N_star", b["N_star"]}, {"S_star", b["S_star"]}, {"L_star", b["L_star"]}};
+          if (b.contains("intervals")) recommendation["isoflop"]["intervals"] = b["intervals"];
+        }
+    }
+    if (sparsity_fit.contains("parameters")) {
+      try {
+        OptimizeOptions o;
+        o.budget = C;
+        recommendation["sparsity_law"] = optimize_report(load_fit_json(sparsity_fit, "sparsity fit"), o);
+      } catch (const Error& e) {
+        recommendation["sparsity_law"] = {{"skipped", e.what()}};
+      }
+    }
+  }
+  out["recommendation"] = recommendation;
+
+  // ---- the headline, in words, from the numbers above ----
+  std::string headline;
+  if (budgets.empty()) {
+    headline = "No IsoFLOP runs with a finite " + col + " were found, so there is no compute-optimal answer yet.";
+  } else {
+    const double C = budgets.back();
+    headline = "At C = " + fmt("%.3g", C) + " FLOPs the best measured configuration is " +
+               describe_run(recommendation["best_measured"]) + ", " + col + " " +
+               fmt("%.4f", recommendation["best_measured"]["loss"].get<double>()) + ".";
+    if (recommendation.contains("isoflop")) {
+      const auto& r = recommendation["isoflop"];
+      headline += " The IsoFLOP surface puts the optimum at N* = " + fmt("%.3g", r["N_star"].get<double>()) +
+                  " non-embedding parameters and S* = " + fmt("%.3g", r["S_star"].get<double>());
+      if (r.contains("intervals"))
+        headline += " (95% bootstrap intervals: N* " + fmt("%.3g", r["intervals"]["N_star"]["p2.5"].get<double>()) +
+                    " to " + fmt("%.3g", r["intervals"]["N_star"]["p97.5"].get<double>()) + ", S* " +
+                    fmt("%.3g", r["intervals"]["S_star"]["p2.5"].get<double>()) + " to " +
+                    fmt("%.3g", r["intervals"]["S_star"]["p97.5"].get<double>()) + ")";
+      headline += ".";
+    }
+    if (multiplier.contains("per_budget") && !multiplier["per_budget"].empty()) {
+      const auto& m = multiplier["per_budget"].back();
+      const double x = m["multiplier"].get<double>();
+      const std::string where = m["extrapolated"].get<bool>() ? " (read off the dense power law outside the measured "
+                                                               "budgets, so treat it as an extrapolation)"
+                                                             : "";
+      if (x >= 1)
+        headline += " MoE needs " + fmt("%.2f", x) + "x less compute than dense for the same loss: dense reaches the "
+                    "best MoE loss " + fmt("%.4f", m["moe_loss"].get<double>()) + " only at about " +
+                    fmt("%.3g", m["dense_compute_for_moe_loss"].get<double>()) + " FLOPs" + where + ".";
+      else
+        headline += " At this budget MoE does not pay off: the best MoE loss " +
+                    fmt("%.4f", m["moe_loss"].get<double>()) + " is what the dense power law reaches with " + fmt("%.2f", x) +
+                    "x this compute" + where + ".";
+    } else if (multiplier.contains("skipped")) {
+      headline += " No compute multiplier: " + multiplier["skipped"].get<std::string>() + ".";
+    }
+  }
+  out["headline"] = headline;
+  return out;
+}
+
+}  // namespace moelab

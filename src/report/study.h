@@ -1,0 +1,66 @@
+#pragma once
+// A study, as the report reads it: one or more sweeps (directories with plan.json, results in result.json files
+// and results.db) and single training runs (directories with metrics.jsonl), found under one directory; and
+// the analyses the report draws and the headline it prints, all computed from those files (docs/report.md).
+#include <array>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "sweep/plan.h"
+#include "sweep/results.h"
+
+namespace moelab {
+
+// One run's metrics.jsonl, reduced to what the figures need.
+struct RunCurves {
+  std::vector<std::array<double, 2>> train;  // (tokens seen, training loss) per logged step
+  std::vector<std::array<double, 2>> val;    // (tokens seen, validation loss) per evaluation
+  // Router load at the last step that logged it: per MoE layer, tokens routed to each expert.
+  std::vector<std::vector<double>> router_load;
+};
+// Reads <run_dir>/metrics.jsonl; a missing file gives empty curves, a line cut short by a kill is skipped.
+RunCurves read_run_curves(const std::string& run_dir);
+
+// One downstream evaluation row of a sweep's results store (table `downstream`, docs/tasks.md).
+struct DownstreamRow {
+  std::string run, task, mode;
+  int shots = 0;
+  double acc = 0, acc_stderr = 0, acc_norm = 0, acc_norm_stderr = 0;
+  int64_t n = 0;
+};
+
+struct StudySweep {
+  std::string dir;   // as found (absolute)
+  std::string label; // the directory's name
+  SweepPlan plan;
+  std::vector<RunResult> results;  // every run with a result.json, in plan order
+  std::vector<DownstreamRow> downstream;
+  std::string run_dir(const std::string& run_name) const;
+};
+
+struct Study {
+  std::string dir;
+  std::vector<StudySweep> sweeps;
+  std::vector<std::string> single_runs;  // directories holding a metrics.jsonl outside any sweep
+};
+
+// DIR is a sweep, a single run, or a directory whose immediate subdirectories are sweeps or runs. Throws Error
+// when DIR does not exist or holds none of these (naming what was looked for).
+Study load_study(const std::string& dir);
+
+struct AnalysisOptions {
+  std::string loss = "val_loss";  // the results column used as L: val_loss, smoothed_loss or loss
+  int bootstrap = 100;            // resamples for fit intervals
+  uint64_t seed = 0;
+};
+
+// Every number the report shows, with where it came from: per-sweep run counts, the IsoFLOP surfaces (with
+// bootstrap intervals), the sparsity law fit (Abnar et al.), the best measured configuration per budget, the
+// dense-equivalent compute multiplier, the granularity comparison, downstream rows, and `headline` (text).
+// Parts that the data cannot support are present with a "skipped" reason instead of numbers.
+nlohmann::ordered_json analyse_study(const Study& study, const AnalysisOptions& options);
+
+}  // namespace moelab
