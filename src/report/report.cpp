@@ -197,8 +197,8 @@ class Builder {
         }
         plot.resize(plot.size() - 2);
         fig.add("set title " + gnuplot_quote("budget C = " + fmt("%.3g", C) + " FLOPs"));
-        fig.add("set xlabel 'training tokens'\nset ylabel 'loss (nats/token)'" +
-                "\nset key top right font ',9'\nset format x '%.0s%c'");
+        fig.add("set xlabel 'training tokens'\nset ylabel 'loss (nats/token)'\nset key top right font ',9'\n"
+                "set format x '%.0s%c'");
         fig.add(plot);
       }
       fig.add("unset multiplot");
