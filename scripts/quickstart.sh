@@ -1,19 +1,54 @@
 #!/usr/bin/env bash
-# The main job: installs what is missing, builds, assembles the default corpus, trains a tokenizer and encodes
-# the corpus, trains the default dense model on it, and samples from it. Every step is idempotent: rerunning
-# skips what is done, and an interrupted training run resumes from its last checkpoint.
-# Extra arguments go to `moelab train`, e.g. scripts/quickstart.sh --set train.steps=200
+# The main job: on a fresh Debian 12 machine, installs what is missing, builds, assembles the default corpus,
+# runs a CPU-sized sparsity study (3 FLOP budgets x 3 shapes x dense + 3 sparsity levels, and a small
+# granularity comparison), evaluates downstream, fits the scaling laws, writes the HTML report, and prints the
+# headline answer. About 30 minutes on 2 cores. Every step is idempotent: rerun it after an interruption and it
+# resumes (finished runs are skipped, interrupted ones continue from their checkpoints).
+#
+#   scripts/quickstart.sh            the study, into runs/study (report: runs/study/report/index.html)
+#   scripts/quickstart.sh --tiny     the same path on very small models, into runs/study-tiny (~2 minutes)
+#   scripts/quickstart.sh --jobs N   runs trained at once (default 2, one thread each)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-echo "== [1/5] dependencies and build"
+
+variant=full
+jobs=2
+while (( $# )); do
+  case "$1" in
+    --tiny) variant=tiny; shift ;;
+    --jobs) [[ $# -ge 2 ]] || { echo "quickstart: --jobs needs a number" >&2; exit 2; }; jobs="$2"; shift 2 ;;
+    -h|--help) sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "quickstart: unknown argument: $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+if [[ "$variant" == tiny ]]; then
+  study=runs/study-tiny; sparsity_spec=configs/study/tiny-sparsity.toml; granularity_spec=configs/study/tiny-granularity.toml
+else
+  study=runs/study; sparsity_spec=configs/study/sparsity.toml; granularity_spec=configs/study/granularity.toml
+fi
+start=$(date +%s)
+stage() { echo; echo "== [$1/6] $2   ($(( ($(date +%s) - start) / 60 )) min elapsed)"; }
+
+stage 1 "dependencies and build"
 scripts/build.sh
-echo "== [2/5] default corpus (docs/data.md)"
+moelab=build/moelab
+
+stage 2 "default corpus (docs/data.md) and its 2048-token vocabulary"
 scripts/fetch-corpus.sh --out data/corpus
-echo "== [3/5] tokenizer and token shards"
-build/moelab data prepare --corpus data/corpus --out data/prepared
-echo "== [4/5] training configs/quickstart.toml"
-build/moelab train --config configs/quickstart.toml --resume "$@"
-echo "== [5/5] a sample from the trained model"
-build/moelab generate --checkpoint runs/quickstart --prompt "The king said" --max-tokens 60 --temperature 0.8 \
-  --top-p 0.95 --seed 1
+$moelab data prepare --corpus data/corpus --out data/prepared-v2048 --vocab 2048 --quiet
+
+stage 3 "sweeps: plans"
+$moelab sweep plan "$sparsity_spec" --out "$study/sparsity" | tail -1
+$moelab sweep plan "$granularity_spec" --out "$study/granularity" | tail -1
+
+stage 4 "sweeps: training (progress: [runs done/total], ETA)"
+$moelab sweep run "$study/sparsity" --jobs "$jobs" --threads-per-job 1
+$moelab sweep run "$study/granularity" --jobs "$jobs" --threads-per-job 1
+
+stage 5 "downstream evaluation"
+echo "(not part of this study yet)"
+
+stage 6 "fits, figures and the report"
+$moelab report "$study" --out "$study/report"
+echo "quickstart: done in $(( ($(date +%s) - start) / 60 )) min; open $root/$study/report/index.html in a browser"

@@ -169,8 +169,7 @@ SweepRunSummary run_sweep(const std::string& dir, const SweepRunOptions& options
   std::vector<Child> running;
   size_t next = 0;
   int64_t done = summary.skipped;
-  double finished_wall = 0;
-  int64_t finished_here = 0;
+  double finished_wall = 0, finished_flops = 0;
   const auto session_start = Clock::now();
   while (next < pending.size() || !running.empty()) {
     while (static_cast<int>(running.size()) < options.jobs && next < pending.size()) {
@@ -210,13 +209,17 @@ SweepRunSummary run_sweep(const std::string& dir, const SweepRunOptions& options
       if (options.index < 0) upsert_results(db.string(), {r});
       running[i].lock.reset();
       ++done;
-      ++finished_here;
       finished_wall += r.wall_seconds;
+      finished_flops += running[i].run->flops;
       if (r.status == "ok") ++summary.ok;
       else ++summary.failed;
-      // ETA: mean wall time of the runs finished in this invocation, spread over the job slots.
-      const int64_t remaining = static_cast<int64_t>(pending.size() - next) + static_cast<int64_t>(running.size()) - 1;
-      const double eta = remaining * (finished_wall / finished_here) / options.jobs;
+      // ETA: the wall time per training FLOP of the runs finished in this invocation, times the FLOPs of the runs
+      // still to finish (runs differ in size by orders of magnitude), spread over the job slots.
+      double remaining_flops = 0;
+      for (size_t k = next; k < pending.size(); ++k) remaining_flops += pending[k]->flops;
+      for (size_t k = 0; k < running.size(); ++k)
+        if (k != i) remaining_flops += running[k].run->flops;
+      const double eta = finished_flops > 0 ? remaining_flops * (finished_wall / finished_flops) / options.jobs : 0;
       char line[512];
       if (r.status == "ok")
         std::snprintf(line, sizeof line, "[%lld/%lld] ok     %s: loss %.4f (smoothed %.4f, val %.4f) in %s | %s elapsed, ETA %s\n",
