@@ -107,6 +107,19 @@ double surface_eval(const ojson& surface, double x, double y) {
   return value;
 }
 
+// Tick marks at the given compute budgets, labelled like "2e12": a log axis spanning less than a decade gets no
+// labelled tick of its own.
+std::string budget_tics(const std::vector<double>& values) {
+  std::string out = "set xtics (";
+  for (size_t i = 0; i < values.size(); ++i) {
+    char label[32];
+    const int e = static_cast<int>(std::floor(std::log10(values[i])));
+    std::snprintf(label, sizeof label, "%.3ge%d", values[i] / std::pow(10.0, e), e);
+    out += (i ? ", " : "") + std::string("\"") + label + "\" " + fmt("%.9g", values[i]);
+  }
+  return out + ")\nset mxtics default";
+}
+
 class Builder {
  public:
   Builder(const Study& study, const ojson& summary, const std::string& figures_dir, std::ostream& log)
@@ -395,7 +408,7 @@ class Builder {
     }
     GnuplotFigure fig(1140, 460);
     fig.add("set multiplot layout 1,2 title " + gnuplot_quote(title) + " font ',14'");
-    fig.add("set logscale x\nset format x '10^{%L}'\nset xlabel 'training compute C (FLOPs)'");
+    fig.add("set logscale x\nset xlabel 'training compute C (FLOPs)'\n" + budget_tics(budgets_));
     fig.add("set logscale y\nset format y '10^{%L}'\nset ylabel 'optimal non-embedding parameters N*'");
     fig.add("set key top left font ',9'\nset title 'N* per budget (IsoFLOP surfaces, 95% bootstrap interval)'");
     const double c_lo = n_pts.front()[0] / 1.5, c_hi = n_pts.back()[0] * 1.5;
@@ -463,8 +476,8 @@ class Builder {
     GnuplotFigure fig(900, 520);
     fig.add("set title " + gnuplot_quote(title + ": " + fmt("%.2f", last["multiplier"].get<double>()) + "x at C = " +
                                          fmt("%.3g", last["C"].get<double>())));
-    fig.add("set logscale x\nset format x '10^{%L}'\nset xlabel 'training compute C (FLOPs)'\nset ylabel " +
-            gnuplot_quote("best " + loss_axis() + " at C") + "\nset key top right");
+    fig.add("set logscale x\nset xlabel 'training compute C (FLOPs)'\nset ylabel " +
+            gnuplot_quote("best " + loss_axis() + " at C") + "\nset key top right\n" + budget_tics(budgets_));
     fig.add("set xrange [" + fmt("%.6g", c_lo / 1.6) + ":" + fmt("%.6g", c_hi * 1.6) + "]");
     fig.add("plot exp(" + fmt("%.9g", a) + ") * x**(" + fmt("%.9g", b) + ") with lines lt 1 dt 2 title " +
             gnuplot_quote("dense power law L = e^{a} C^{b}, b = " + fmt("%.3f", b)) + ", " + fig.add_data(dense) +
