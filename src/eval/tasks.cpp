@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -425,6 +426,49 @@ std::string record_downstream(const RunLocation& run, const std::vector<Downstre
   if (db.empty() && !run.sweep_dir.empty()) db = (fs::path(run.sweep_dir) / "results.db").string();
   if (!db.empty()) upsert_downstream(db, records);
   return db;
+}
+
+int64_t evaluate_sweep_on_tasks(const std::string& sweep_dir, const std::vector<std::string>& tasks,
+                                const std::vector<int64_t>& shots, const TaskEvalOptions& options, int threads,
+                                const std::string& tasks_dir, bool force, std::ostream& log) {
+  std::vector<std::string> names;
+  for (const auto& t : tasks) names.push_back(load_task(t, tasks_dir).name);  // fail early on a bad task
+  const std::vector<int64_t> shot_list = shots.empty() ? std::vector<int64_t>{options.shots} : shots;
+  const std::string db = (fs::absolute(sweep_dir) / "results.db").string();
+  int64_t evaluated = 0, ok = 0;
+  for (const RunResult& result : read_results(sweep_dir)) {
+    if (result.status != "ok") continue;
+    ++ok;
+    const std::string run_dir = (fs::absolute(sweep_dir) / "runs" / result.name).string();
+    if (!force) {
+      const auto have = read_run_downstream(run_dir);
+      bool complete = true;
+      for (const auto& name : names)
+        for (int64_t k : shot_list)
+          complete = complete && std::any_of(have.begin(), have.end(), [&](const DownstreamRecord& r) {
+                       return r.task == name && r.shots == k && r.mode == (k > 0 ? "few" : "zero") &&
+                              r.limit == options.limit && r.seed == options.seed;
+                     });
+      if (complete) {
+        log << result.name << ": already evaluated (--force re-evaluates)\n";
+        continue;
+      }
+    }
+    const auto records = evaluate_checkpoint_on_tasks(run_dir, tasks, shot_list, options, threads, tasks_dir);
+    RunLocation run = locate_run(run_dir);
+    run.sweep_dir = fs::absolute(sweep_dir).string();
+    record_downstream(run, records, db);
+    for (const auto& r : records) {
+      char line[200];
+      std::snprintf(line, sizeof line, "%s: %s %s shots %ld: acc %.4f +- %.4f, acc_norm %.4f +- %.4f (n %ld)\n",
+                    r.run.c_str(), r.task.c_str(), r.mode.c_str(), static_cast<long>(r.shots), r.acc, r.acc_stderr,
+                    r.acc_norm, r.acc_norm_stderr, static_cast<long>(r.n));
+      log << line << std::flush;
+    }
+    ++evaluated;
+  }
+  if (ok == 0) throw Error("sweep '" + sweep_dir + "' has no finished runs to evaluate (see `moelab sweep status`)");
+  return evaluated;
 }
 
 }  // namespace moelab

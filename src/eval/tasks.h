@@ -8,6 +8,7 @@
 // chars counted in Unicode code points (as lm-evaluation-harness's acc_norm does). Standard errors are
 // binomial: sqrt(p (1 - p) / n).
 #include <cstdint>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -118,5 +119,13 @@ std::vector<DownstreamRecord> evaluate_checkpoint_on_tasks(const std::string& ch
 // database written ("" when none).
 std::string record_downstream(const RunLocation& run, const std::vector<DownstreamRecord>& records,
                               const std::string& results_db);
+
+// `moelab sweep eval`: evaluates every finished ("ok") run of a sweep on the tasks and records each run's results
+// in its downstream.json and <sweep_dir>/results.db as it finishes. Runs that already hold a record for every
+// (task, shots) asked for are skipped unless `force`, so an interrupted sweep evaluation resumes. Returns the
+// number of runs evaluated.
+int64_t evaluate_sweep_on_tasks(const std::string& sweep_dir, const std::vector<std::string>& tasks,
+                                const std::vector<int64_t>& shots, const TaskEvalOptions& options, int threads,
+                                const std::string& tasks_dir, bool force, std::ostream& log);
 
 }  // namespace moelab

@@ -1,6 +1,8 @@
 #include "sweep/results.h"
 
+#include <fcntl.h>
 #include <sqlite3.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -147,6 +149,16 @@ std::vector<DownstreamRecord> read_run_downstream(const std::string& run_dir) {
 }
 
 void write_run_downstream(const std::string& run_dir, const std::vector<DownstreamRecord>& records) {
+  // Read-merge-write under an exclusive lock: evaluations of one run may finish at the same time.
+  fs::create_directories(run_dir);
+  const std::string lock_path = (fs::path(run_dir) / ".downstream.lock").string();
+  const int lock_fd = ::open(lock_path.c_str(), O_CREAT | O_RDWR, 0644);
+  if (lock_fd < 0) throw Error("cannot create lock file '" + lock_path + "'");
+  struct Unlock {
+    int fd;
+    ~Unlock() { ::close(fd); }  // closing releases the flock
+  } unlock{lock_fd};
+  ::flock(lock_fd, LOCK_EX);
   std::vector<DownstreamRecord> merged = read_run_downstream(run_dir);
   for (const auto& r : records) {
     auto it = std::find_if(merged.begin(), merged.end(), [&](const DownstreamRecord& m) { return same_key(m, r); });
