@@ -818,7 +818,7 @@ def build(args):
 # trained on the default corpus has seen. Every random choice comes from a Random seeded by sha256 of the
 # task name and the item id, so a rebuild writes identical files.
 
-TASKS_RECIPE_VERSION = 1
+TASKS_RECIPE_VERSION = 2
 TASK_TRAIN_SHARE = 0.4      # share of items (by sha256 of the item id) in the train split; the rest is test
 TASK_MAX_ITEMS = {"wordnet-cloze": 3000, "prose-lastword": 2000, "bible-paraphrase": 10000}
 WORD_RE = re.compile(r"[A-Za-z]+")
@@ -862,7 +862,8 @@ def wordnet_cloze_items(counts):
     """Cloze on WordNet usage examples: the example sentence with its headword replaced by the headword or one of
     three distractors of the same part of speech and similar frequency in the training text. Glosses that
     ood/wordnet.txt holds (every OOD_WORDNET_STRIDE-th, same enumeration as ood_wordnet()) are skipped, so the
-    task and the out-of-domain perplexity set share nothing; WordNet is not part of the training text."""
+    task and the out-of-domain perplexity set share nothing; WordNet is not part of the training text. No answer
+    of a train item is a distractor anywhere."""
     task = "wordnet-cloze"
     min_count = 5
     # Distractor pools: single-word lemmas of each part of speech, ranked by training-text frequency.
@@ -878,7 +879,7 @@ def wordnet_cloze_items(counts):
                     words.add(w)
         ranked = sorted(words, key=lambda w: (-counts[w], w))
         pools[pos] = (ranked, {w: i for i, w in enumerate(ranked)})
-    items = []
+    items, found_items = [], []
     gloss_index = 0
     for pos in ("adj", "adv", "noun", "verb"):
         ranked, rank = pools[pos]
@@ -914,21 +915,24 @@ def wordnet_cloze_items(counts):
                     if not found:
                         continue
                     w, m = found
-                    item_id = f"{pos}.{offset}"
-                    rng = item_rng(task, item_id)
-                    r = rank[w]
-                    window = [c for c in ranked[max(0, r - 20):r + 21] if c != w and c not in lemmas]
-                    if len(window) < 3:
-                        continue
-                    distractors = rng.sample(window, 3)
                     prefix, suffix = ex[:m.start()].rstrip(), ex[m.end():]
                     if len(prefix.split()) < 2:
                         continue
-                    choices, gold = place_gold(task, item_id, " " + w + suffix,
-                                               [" " + d + suffix for d in distractors])
-                    items.append({"id": item_id, "context": prefix, "choices": choices, "gold": gold,
-                                  "split": split_of(task, item_id)})
+                    item_id = f"{pos}.{offset}"
+                    found_items.append((item_id, pos, w, lemmas, prefix, suffix, split_of(task, item_id)))
                     break  # one example per synset
+    # Distractors come second: a word that is the answer of a train item is never a distractor, so fine-tuning
+    # (which raises the probability of train answers) cannot favour a wrong choice.
+    train_answers = {w for _, _, w, _, _, _, split in found_items if split == "train"}
+    for item_id, pos, w, lemmas, prefix, suffix, split in found_items:
+        ranked, rank = pools[pos]
+        r = rank[w]
+        window = [c for c in ranked[max(0, r - 20):r + 21] if c != w and c not in lemmas and c not in train_answers]
+        if len(window) < 3:
+            continue
+        distractors = item_rng(task, item_id).sample(window, 3)
+        choices, gold = place_gold(task, item_id, " " + w + suffix, [" " + d + suffix for d in distractors])
+        items.append({"id": item_id, "context": prefix, "choices": choices, "gold": gold, "split": split})
     return items
 
 
@@ -993,8 +997,8 @@ def read_verses(path):
 def bible_paraphrase_items(corpus):
     """Paraphrase matching between the KJV and the WEB on the held-out books (in neither train nor val). The
     context is a verse in one translation; the choices are the same verse in the other translation and three
-    other verses of the same book in that translation, picked at random among the 8 closest in length (so
-    length is no cue). Both directions (kjv->web, web->kjv) of a verse share one split."""
+    other verses of the same book and split in that translation, picked at random among the 8 closest in length
+    (so length is no cue). Both directions (kjv->web, web->kjv) of a verse share one split."""
     task = "bible-paraphrase"
     items = []
     for book in HELDOUT_BOOKS:
@@ -1009,7 +1013,10 @@ def bible_paraphrase_items(corpus):
             for ref in refs:
                 item_id = f"{ref}/{src}2{dst}"
                 gold = pairs[dst][ref]
-                near = sorted((r for r in refs if r != ref and pairs[dst][r] != gold),
+                # Distractors from the item's own split only: fine-tuning learns the train verses, which must
+                # never be the wrong choices of a test item.
+                near = sorted((r for r in refs if r != ref and pairs[dst][r] != gold
+                               and split_of(task, r) == split_of(task, ref)),
                               key=lambda r: (abs(len(pairs[dst][r]) - len(gold)), r))[:8]
                 if len(near) < 3:
                     continue
