@@ -818,7 +818,7 @@ def build(args):
 # trained on the default corpus has seen. Every random choice comes from a Random seeded by sha256 of the
 # task name and the item id, so a rebuild writes identical files.
 
-TASKS_RECIPE_VERSION = 2
+TASKS_RECIPE_VERSION = 3
 TASK_TRAIN_SHARE = 0.4      # share of items (by sha256 of the item id) in the train split; the rest is test
 TASK_MAX_ITEMS = {"wordnet-cloze": 3000, "prose-lastword": 2000, "bible-paraphrase": 10000}
 WORD_RE = re.compile(r"[A-Za-z]+")
@@ -947,14 +947,15 @@ def prose_lastword_items(corpus):
     150 in all) is a candidate: the item's context is the paragraph up to the sentence's last word, which must
     have 3+ letters and occur earlier in the paragraph (the LAMBADA criterion). The choices are that word and
     three other distinct words of the context (3+ letters, not stopwords), so every choice is in the context and
-    only a reader of it can tell which one ends the sentence. The sentence-final punctuation is not scored."""
+    only a reader of it can tell which one ends the sentence. No answer of a train item is a distractor. The
+    sentence-final punctuation is not scored."""
     task = "prose-lastword"
     files = []
     for sub in ("val", "heldout/bible_web", "heldout/mhcc", "heldout/scofield"):
         d = os.path.join(corpus, sub)
         files += [os.path.join(d, n) for n in sorted(os.listdir(d)) if n.endswith(".txt") and ".verses" not in n]
     strip = ".,;:!?\"'’‘“”()[]"
-    items = []
+    found = []
     for path in files:
         doc = os.path.relpath(path, corpus)
         for pi, para in enumerate(paragraphs_of(path)):
@@ -964,23 +965,27 @@ def prose_lastword_items(corpus):
                 if not m:
                     continue
                 target = m.group(1)
-                context = " ".join(words[:wi])
                 context_words = [w for w in (x.strip(strip) for x in words[:wi]) if w.isalpha()]
                 if target.lower() not in {w.lower() for w in context_words}:
                     continue
-                candidates, seen = [], {target.lower()}
-                for w in context_words:
-                    if len(w) >= 3 and w.lower() not in STOPWORDS and w.lower() not in seen:
-                        seen.add(w.lower())
-                        candidates.append(w)
-                if len(candidates) < 3:
-                    continue
-                item_id = f"{doc}#{pi}.{wi}"
-                distractors = item_rng(task, item_id).sample(candidates, 3)
-                choices, gold = place_gold(task, item_id, " " + target, [" " + d for d in distractors])
                 # One paragraph's items share a split, so few-shot and fine-tuning never see a test context.
-                items.append({"id": item_id, "context": context, "choices": choices, "gold": gold,
-                              "split": split_of(task, f"{doc}#{pi}")})
+                found.append((f"{doc}#{pi}.{wi}", " ".join(words[:wi]), target, context_words,
+                              split_of(task, f"{doc}#{pi}")))
+    # No answer of a train item is a distractor (fine-tuning raises the probability of train answers).
+    train_answers = {target.lower() for _, _, target, _, split in found if split == "train"}
+    items = []
+    for item_id, context, target, context_words, split in found:
+        candidates, seen = [], {target.lower()}
+        for w in context_words:
+            if (len(w) >= 3 and w.lower() not in STOPWORDS and w.lower() not in seen
+                    and w.lower() not in train_answers):
+                seen.add(w.lower())
+                candidates.append(w)
+        if len(candidates) < 3:
+            continue
+        distractors = item_rng(task, item_id).sample(candidates, 3)
+        choices, gold = place_gold(task, item_id, " " + target, [" " + d for d in distractors])
+        items.append({"id": item_id, "context": context, "choices": choices, "gold": gold, "split": split})
     return items
 
 
