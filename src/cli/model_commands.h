@@ -3,7 +3,8 @@
 
 namespace moelab {
 
-// `moelab eval` (perplexity of a checkpoint on text/JSONL/shards) and `moelab generate` (sampling with a KV cache).
+// `moelab eval` (perplexity on text/JSONL/shards, or accuracy on multiple-choice tasks), `moelab generate`
+// (sampling with a KV cache), `moelab finetune` (fine-tuning on a task) and `moelab tasks` (list tasks).
 void add_model_commands(CLI::App& app);
 
 }  // namespace moelab

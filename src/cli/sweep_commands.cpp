@@ -10,6 +10,7 @@
 #include "cli/report_errors.h"
 #include "core/error.h"
 #include "core/io.h"
+#include "eval/tasks.h"
 #include "sweep/plan.h"
 #include "sweep/results.h"
 #include "sweep/runner.h"
@@ -94,6 +95,36 @@ void add_sweep_commands(CLI::App& app) {
                                  std::filesystem::perm_options::add);
     std::cout << "wrote " << (root / "sweep.sbatch").string() << "; submit with `sbatch " << (root / "sweep.sbatch").string()
               << "`, then `moelab sweep collect " << o->dir << "`\n";
+  }));
+
+  struct SweepEvalOptions {
+    std::vector<std::string> tasks;
+    std::vector<int64_t> shots{0};
+    TaskEvalOptions task;
+    std::string tasks_dir = default_tasks_dir();
+    int threads = 0;
+    bool force = false;
+  };
+  auto e = std::make_shared<SweepEvalOptions>();
+  auto* sweval = sweep->add_subcommand("eval", "downstream accuracy of every finished run into DIR/results.db (docs/tasks.md)");
+  sweval->add_option("dir", o->dir, "sweep directory")->required();
+  sweval->add_option("--tasks", e->tasks, "task names in --tasks-dir or JSONL task files")->required();
+  sweval->add_option("--shots", e->shots, "few-shot examples; several values evaluate each (e.g. --shots 0 5)")
+      ->check(CLI::NonNegativeNumber);
+  sweval->add_option("--limit", e->task.limit, "score at most the first N test items per task (0: all)")
+      ->check(CLI::NonNegativeNumber);
+  sweval->add_option("--seed", e->task.seed, "seed of the few-shot sampling");
+  sweval->add_option("--threads", e->threads, "CPU threads (0: all cores)");
+  sweval->add_option("--tasks-dir", e->tasks_dir, "where task names resolve (default data/tasks)");
+  sweval->add_flag("--force", e->force, "re-evaluate runs that already hold these results");
+  sweval->footer("Example:\n  moelab sweep eval runs/sweeps/small --tasks wordnet-cloze bible-paraphrase --shots 0 5 --limit 200\n"
+                 "Each run's results go to DIR/runs/<name>/downstream.json and the `downstream` table of DIR/results.db\n"
+                 "(keyed by run, task, shots, mode), next to its losses in `results`.");
+  sweval->callback(reporting_errors([o, e]() {
+    const int64_t n = evaluate_sweep_on_tasks(o->dir, e->tasks, e->shots, e->task, e->threads, e->tasks_dir, e->force,
+                                              std::cout);
+    std::cout << "evaluated " << n << " runs; results in " << (std::filesystem::absolute(o->dir) / "results.db").string()
+              << " (table downstream)\n";
   }));
 
   auto* collect = sweep->add_subcommand("collect", "rebuild DIR/results.db from the runs' result.json files");

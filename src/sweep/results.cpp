@@ -1,6 +1,8 @@
 #include "sweep/results.h"
 
+#include <fcntl.h>
 #include <sqlite3.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -64,7 +66,181 @@ const char* kSchema =
     "d_model INTEGER, n_layers INTEGER, loss REAL, smoothed_loss REAL, val_loss REAL, ood_losses TEXT, "
     "wall_seconds REAL, train_seconds REAL, exit_code INTEGER, error TEXT, result_json TEXT)";
 
+// Downstream accuracy per (run, task, shots, mode); docs/tasks.md documents every column.
+const char* kDownstreamSchema =
+    "CREATE TABLE IF NOT EXISTS downstream ("
+    "run TEXT NOT NULL, task TEXT NOT NULL, shots INTEGER NOT NULL, mode TEXT NOT NULL, n INTEGER, "
+    "acc REAL, acc_stderr REAL, acc_norm REAL, acc_norm_stderr REAL, chance REAL, mean_shots REAL, val_loss REAL, "
+    "params INTEGER, active_params INTEGER, split TEXT, seed INTEGER, item_limit INTEGER, checkpoint TEXT, "
+    "task_file TEXT, seconds REAL, record_json TEXT, PRIMARY KEY (run, task, shots, mode))";
+
 }  // namespace
+
+nlohmann::ordered_json downstream_to_json(const DownstreamRecord& r) {
+  nlohmann::ordered_json j;
+  j["run"] = r.run;
+  j["task"] = r.task;
+  j["shots"] = r.shots;
+  j["mode"] = r.mode;
+  j["n"] = r.n;
+  j["acc"] = number_or_null(r.acc);
+  j["acc_stderr"] = number_or_null(r.acc_stderr);
+  j["acc_norm"] = number_or_null(r.acc_norm);
+  j["acc_norm_stderr"] = number_or_null(r.acc_norm_stderr);
+  j["chance"] = number_or_null(r.chance);
+  j["mean_shots"] = number_or_null(r.mean_shots);
+  j["val_loss"] = number_or_null(r.val_loss);
+  j["params"] = r.params;
+  j["active_params"] = r.active_params;
+  j["split"] = r.split;
+  j["seed"] = r.seed;
+  j["limit"] = r.limit;
+  j["checkpoint"] = r.checkpoint;
+  j["task_file"] = r.task_file;
+  j["seconds"] = number_or_null(r.seconds);
+  if (!r.finetune.is_null()) j["finetune"] = r.finetune;
+  return j;
+}
+
+DownstreamRecord downstream_from_json(const nlohmann::json& j) {
+  DownstreamRecord r;
+  r.run = j.value("run", "");
+  r.task = j.value("task", "");
+  r.shots = j.value("shots", int64_t{0});
+  r.mode = j.value("mode", "zero");
+  r.n = j.value("n", int64_t{0});
+  r.acc = number_of(j, "acc");
+  r.acc_stderr = number_of(j, "acc_stderr");
+  r.acc_norm = number_of(j, "acc_norm");
+  r.acc_norm_stderr = number_of(j, "acc_norm_stderr");
+  r.chance = number_of(j, "chance");
+  r.mean_shots = number_of(j, "mean_shots");
+  r.val_loss = number_of(j, "val_loss");
+  r.params = j.value("params", int64_t{0});
+  r.active_params = j.value("active_params", int64_t{0});
+  r.split = j.value("split", "test");
+  r.seed = j.value("seed", uint64_t{1});
+  r.limit = j.value("limit", int64_t{0});
+  r.checkpoint = j.value("checkpoint", "");
+  r.task_file = j.value("task_file", "");
+  r.seconds = number_of(j, "seconds");
+  if (j.contains("finetune")) r.finetune = j["finetune"];
+  return r;
+}
+
+namespace {
+bool same_key(const DownstreamRecord& a, const DownstreamRecord& b) {
+  return a.run == b.run && a.task == b.task && a.shots == b.shots && a.mode == b.mode;
+}
+}  // namespace
+
+std::vector<DownstreamRecord> read_run_downstream(const std::string& run_dir) {
+  const fs::path path = fs::path(run_dir) / "downstream.json";
+  if (!fs::exists(path)) return {};
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(read_file(path.string(), "downstream results"));
+  } catch (const nlohmann::json::exception& e) {
+    throw Error("'" + path.string() + "' is not valid JSON (" + e.what() + "); delete it and evaluate again");
+  }
+  std::vector<DownstreamRecord> out;
+  for (const auto& rec : j.value("results", nlohmann::json::array())) out.push_back(downstream_from_json(rec));
+  return out;
+}
+
+void write_run_downstream(const std::string& run_dir, const std::vector<DownstreamRecord>& records) {
+  // Read-merge-write under an exclusive lock: evaluations of one run may finish at the same time.
+  fs::create_directories(run_dir);
+  const std::string lock_path = (fs::path(run_dir) / ".downstream.lock").string();
+  const int lock_fd = ::open(lock_path.c_str(), O_CREAT | O_RDWR, 0644);
+  if (lock_fd < 0) throw Error("cannot create lock file '" + lock_path + "'");
+  struct Unlock {
+    int fd;
+    ~Unlock() { ::close(fd); }  // closing releases the flock
+  } unlock{lock_fd};
+  ::flock(lock_fd, LOCK_EX);
+  std::vector<DownstreamRecord> merged = read_run_downstream(run_dir);
+  for (const auto& r : records) {
+    auto it = std::find_if(merged.begin(), merged.end(), [&](const DownstreamRecord& m) { return same_key(m, r); });
+    if (it != merged.end()) *it = r;
+    else merged.push_back(r);
+  }
+  nlohmann::ordered_json j;
+  j["results"] = nlohmann::ordered_json::array();
+  for (const auto& r : merged) j["results"].push_back(downstream_to_json(r));
+  write_file_atomic((fs::path(run_dir) / "downstream.json").string(), j.dump(2) + "\n");
+}
+
+void upsert_downstream(const std::string& db_path, const std::vector<DownstreamRecord>& records) {
+  if (fs::path(db_path).has_parent_path()) fs::create_directories(fs::path(db_path).parent_path());
+  Db db(db_path);
+  db.exec(kDownstreamSchema);
+  db.exec("BEGIN IMMEDIATE");
+  sqlite3_stmt* stmt = nullptr;
+  const char* sql =
+      "INSERT OR REPLACE INTO downstream (run, task, shots, mode, n, acc, acc_stderr, acc_norm, acc_norm_stderr, "
+      "chance, mean_shots, val_loss, params, active_params, split, seed, item_limit, checkpoint, task_file, seconds, "
+      "record_json) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, "
+      "?20, ?21)";
+  if (sqlite3_prepare_v2(db.get(), sql, -1, &stmt, nullptr) != SQLITE_OK) {
+    const std::string msg = sqlite3_errmsg(db.get());
+    db.exec("ROLLBACK");
+    throw Error("results database '" + db_path + "': " + msg);
+  }
+  auto real = [&](int i, double v) {
+    if (std::isfinite(v)) sqlite3_bind_double(stmt, i, v);
+    else sqlite3_bind_null(stmt, i);
+  };
+  auto text = [&](int i, const std::string& v) { sqlite3_bind_text(stmt, i, v.c_str(), -1, SQLITE_TRANSIENT); };
+  for (const DownstreamRecord& r : records) {
+    sqlite3_reset(stmt);
+    text(1, r.run);
+    text(2, r.task);
+    sqlite3_bind_int64(stmt, 3, r.shots);
+    text(4, r.mode);
+    sqlite3_bind_int64(stmt, 5, r.n);
+    real(6, r.acc);
+    real(7, r.acc_stderr);
+    real(8, r.acc_norm);
+    real(9, r.acc_norm_stderr);
+    real(10, r.chance);
+    real(11, r.mean_shots);
+    real(12, r.val_loss);
+    sqlite3_bind_int64(stmt, 13, r.params);
+    sqlite3_bind_int64(stmt, 14, r.active_params);
+    text(15, r.split);
+    sqlite3_bind_int64(stmt, 16, static_cast<int64_t>(r.seed));
+    sqlite3_bind_int64(stmt, 17, r.limit);
+    text(18, r.checkpoint);
+    text(19, r.task_file);
+    real(20, r.seconds);
+    text(21, downstream_to_json(r).dump());
+    if (sqlite3_step(stmt) != SQLITE_DONE) {
+      const std::string msg = sqlite3_errmsg(db.get());
+      sqlite3_finalize(stmt);
+      db.exec("ROLLBACK");
+      throw Error("results database '" + db_path + "': cannot write downstream result of run '" + r.run + "': " + msg);
+    }
+  }
+  sqlite3_finalize(stmt);
+  db.exec("COMMIT");
+}
+
+std::vector<DownstreamRecord> read_downstream(const std::string& db_path) {
+  if (!fs::exists(db_path)) throw Error("results database '" + db_path + "' does not exist");
+  Db db(db_path);
+  sqlite3_stmt* stmt = nullptr;
+  const char* sql =
+      "SELECT record_json FROM downstream ORDER BY run, task, mode, shots";
+  if (sqlite3_prepare_v2(db.get(), sql, -1, &stmt, nullptr) != SQLITE_OK) return {};  // no downstream table
+  std::vector<DownstreamRecord> out;
+  while (sqlite3_step(stmt) == SQLITE_ROW) {
+    const auto* json = reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0));
+    if (json) out.push_back(downstream_from_json(nlohmann::json::parse(json)));
+  }
+  sqlite3_finalize(stmt);
+  return out;
+}
 
 std::string tail_lines(const std::string& path, int lines) {
   std::ifstream in(path);
@@ -317,6 +493,10 @@ int64_t collect_results(const std::string& sweep_dir) {
   fs::remove(tmp);
   try {
     upsert_results(tmp.string(), results);
+    std::vector<DownstreamRecord> downstream;
+    for (const RunResult& r : results)
+      for (auto& d : read_run_downstream((root / "runs" / r.name).string())) downstream.push_back(std::move(d));
+    if (!downstream.empty()) upsert_downstream(tmp.string(), downstream);
     fs::rename(tmp, root / "results.db");
   } catch (...) {
     fs::remove(tmp);

@@ -50,8 +50,8 @@ std::optional<RunResult> read_result(const std::string& run_dir);
 
 // Upserts rows into DIR/results.db (creating the table), all in one transaction.
 void upsert_results(const std::string& db_path, const std::vector<RunResult>& results);
-// Rebuilds DIR/results.db from every result.json of the plan (a fresh file renamed into place). Returns the
-// number of rows.
+// Rebuilds DIR/results.db from every result.json of the plan (a fresh file renamed into place), with the
+// `downstream` table from every run's downstream.json. Returns the number of rows of `results`.
 int64_t collect_results(const std::string& sweep_dir);
 // Every result.json of the plan, in plan order.
 std::vector<RunResult> read_results(const std::string& sweep_dir);
@@ -61,6 +61,41 @@ std::vector<RunResult> read_results(const std::string& sweep_dir);
 // wall_seconds, then one ood_<set>_loss column per out-of-domain set. `loss` is the column the fitting tool
 // reads: `loss_source` picks it ("smoothed" (default), "final" or "val"). Failed runs only with include_failed.
 std::string results_csv(const std::vector<RunResult>& results, const std::string& loss_source, bool include_failed);
+
+// Downstream accuracy of one run on one task (docs/tasks.md). Kept per run in <run_dir>/downstream.json (the
+// source of truth, merged by key) and in the results store's `downstream` table, keyed by
+// (run, task, shots, mode), so accuracy can be plotted against the run's validation loss.
+struct DownstreamRecord {
+  std::string run;             // run id: the run directory's name (= results.name for a sweep run)
+  std::string task;            // task name (file stem)
+  int64_t shots = 0;           // examples primed per item (requested; see mean_shots)
+  std::string mode = "zero";   // "zero" (shots = 0), "few" (shots > 0) or "finetune" (fine-tuned, then zero-shot)
+  int64_t n = 0;               // items scored
+  double acc = 0, acc_stderr = 0;            // accuracy by total log-likelihood; binomial sqrt(p(1-p)/n)
+  double acc_norm = 0, acc_norm_stderr = 0;  // accuracy by log-likelihood per character of the choice
+  double chance = 0;           // mean of 1/choices: the accuracy of guessing
+  double mean_shots = 0;       // examples that fitted in the context, averaged over items
+  double val_loss = 0;         // the evaluated run's last validation loss (NaN when unknown)
+  int64_t params = 0, active_params = 0;
+  std::string split = "test";
+  uint64_t seed = 1;
+  int64_t limit = 0;           // the --limit in force (0: none)
+  std::string checkpoint;      // the checkpoint scored (for finetune: the fine-tuned one)
+  std::string task_file;
+  double seconds = 0;          // wall time of the evaluation (fine-tuning included for mode finetune)
+  nlohmann::json finetune;     // mode finetune: steps, lr, batch, train items, first/last training loss
+};
+
+nlohmann::ordered_json downstream_to_json(const DownstreamRecord& r);
+DownstreamRecord downstream_from_json(const nlohmann::json& j);
+// Merges records into <run_dir>/downstream.json (replacing those with the same task, shots and mode), atomically.
+void write_run_downstream(const std::string& run_dir, const std::vector<DownstreamRecord>& records);
+// The records of <run_dir>/downstream.json (empty when there is none).
+std::vector<DownstreamRecord> read_run_downstream(const std::string& run_dir);
+// Upserts into the `downstream` table of a results store (creating the file and table), in one transaction.
+void upsert_downstream(const std::string& db_path, const std::vector<DownstreamRecord>& records);
+// Every row of the `downstream` table, ordered by run, task, mode, shots (empty when the table does not exist).
+std::vector<DownstreamRecord> read_downstream(const std::string& db_path);
 
 // The last `lines` lines of a text file ("" when it does not exist).
 std::string tail_lines(const std::string& path, int lines);

@@ -78,6 +78,10 @@ void Trainer::load(const std::string& dir) {
   data_rng_.set_state(st.data_rng);
 }
 
+void Trainer::load_weights(const std::string& dir) {
+  load_checkpoint(dir, model_->layout(), model_->params(), nullptr, nullptr);
+}
+
 double Trainer::evaluate(const TokenFile& data, int64_t max_batches) {
   return mean_window_loss(*model_, data, config_.train.batch_size, max_batches).loss;
 }

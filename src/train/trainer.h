@@ -44,6 +44,8 @@ class Trainer {
   // all of it, so training continues bit-identically.
   void save(const std::string& dir) const;
   void load(const std::string& dir);
+  // Loads only the weights of a checkpoint; optimizer moments, step count and sampler stay fresh (fine-tuning).
+  void load_weights(const std::string& dir);
 
   Transformer& model() { return *model_; }
   AdamW& optimizer() { return *optimizer_; }
