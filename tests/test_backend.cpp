@@ -1,6 +1,7 @@
 // GEMM primitives against naive triple loops (in double), for every transpose combination, strided batches
 // and grouped problems.
 #include "backend/backend.h"
+#include "backend/cpu/vec_math.h"
 #include "test_util.h"
 
 namespace moelab {
@@ -81,6 +82,29 @@ TEST(Backend, ReductionsAreExact) {
   }
   EXPECT_EQ(be->sum(x.data(), x.size()), s);
   EXPECT_EQ(be->sum_squares(x.data(), x.size()), ss);
+}
+
+}  // namespace
+}  // namespace moelab
+
+namespace moelab {
+namespace {
+// The vectorisable exp / erf of the CPU kernels against libm over the ranges the kernels feed them.
+TEST(Backend, FastExpAndErfMatchLibm) {
+  double max_exp_rel = 0, max_erf_abs = 0;
+  for (int i = 0; i <= 400000; ++i) {
+    const float x = -87.f + 175.f * static_cast<float>(i) / 400000.f;  // exp: softmax / cross-entropy use x <= 0
+    const double ref = std::exp(static_cast<double>(x));
+    max_exp_rel = std::max(max_exp_rel, std::fabs(vec::fast_exp(x) - ref) / ref);
+    const float y = -6.f + 12.f * static_cast<float>(i) / 400000.f;
+    max_erf_abs = std::max(max_erf_abs, std::fabs(vec::fast_erf(y) - std::erf(static_cast<double>(y))));
+  }
+  EXPECT_LT(max_exp_rel, 4e-7);  // a few ulp
+  EXPECT_LT(max_erf_abs, 6e-7);  // A&S 7.1.26: 1.5e-7 in exact arithmetic, plus float rounding
+  EXPECT_EQ(vec::fast_exp(-100.f), 0.f);
+  EXPECT_EQ(vec::fast_exp(-INFINITY), 0.f);
+  EXPECT_EQ(vec::fast_exp(0.f), 1.f);
+  EXPECT_NEAR(vec::fast_erf(0.f), 0.f, 3e-7);
 }
 
 }  // namespace

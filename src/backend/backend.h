@@ -9,6 +9,8 @@
 #include <memory>
 #include <string>
 
+#include "backend/precision.h"
+
 namespace moelab {
 
 enum class Trans { N, T };
@@ -34,6 +36,11 @@ class Backend {
   virtual void copy(float* dst, const float* src, int64_t n) = 0;
 
   // ---- matrix products ------------------------------------------------------------------------------------
+  // Every product below runs at the backend's matmul precision (backend/precision.h): operands and results are
+  // always fp32 in memory; under BF16 the operands are rounded to bfloat16 and accumulated in fp32. Layers that
+  // must stay fp32 whatever the setting (the MoE router) say so with a MatmulPrecisionScope.
+  virtual void set_matmul_precision(Precision precision) = 0;
+  virtual Precision matmul_precision() const = 0;
   // C (M x N) = alpha * op(A) op(B) + beta * C; op(A) is M x K, op(B) is K x N.
   virtual void gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
                     const float* b, int64_t ldb, float beta, float* c, int64_t ldc) = 0;
@@ -115,6 +122,22 @@ class Backend {
   // Threads used by this backend's kernels (CPU) or ignored (GPU).
   virtual void set_threads(int threads) = 0;
   virtual int threads() const = 0;
+};
+
+// Sets a backend's matmul precision for the lifetime of the scope, then restores the previous one.
+class MatmulPrecisionScope {
+ public:
+  MatmulPrecisionScope(Backend& backend, Precision precision)
+      : backend_(backend), saved_(backend.matmul_precision()) {
+    backend_.set_matmul_precision(precision);
+  }
+  ~MatmulPrecisionScope() { backend_.set_matmul_precision(saved_); }
+  MatmulPrecisionScope(const MatmulPrecisionScope&) = delete;
+  MatmulPrecisionScope& operator=(const MatmulPrecisionScope&) = delete;
+
+ private:
+  Backend& backend_;
+  Precision saved_;
 };
 
 // The CPU backend: OpenMP threads, oneDNN GEMM.

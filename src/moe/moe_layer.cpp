@@ -115,8 +115,11 @@ void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const Moe
                  Routing& r, MoeStats& stats) {
   const int64_t n = d.tokens(), C = d.d_model, E = d.experts;
   MOELAB_CHECK(in.rows() == n && in.cols() == C, "MoE input " + in.shape.str());
-  // route
-  linear_forward(be, a.logits, in, w.router, Tensor());
+  // route (fp32 whatever the matmul precision: top-k decisions and the balancing losses are sensitive to it)
+  {
+    const MatmulPrecisionScope fp32(be, Precision::FP32);
+    linear_forward(be, a.logits, in, w.router, Tensor());
+  }
   router_softmax(a.logits.data, a.probs.data, r.lse.data(), n, E);
   if (d.router == RouterKind::TokenChoice) route_token_choice(d, a.probs.data, r);
   else route_expert_choice(d, a.probs.data, r);
@@ -189,6 +192,7 @@ void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& g
     for (int64_t e = 0; e < E; ++e) dot += dl[e] * p[e];
     for (int64_t e = 0; e < E; ++e) dl[e] = p[e] * (dl[e] - dot) + z_scale * r.lse[i] * p[e];
   }
+  const MatmulPrecisionScope fp32(be, Precision::FP32);
   linear_backward(be, din, g.router, Tensor(), s.d_logits, in, w.router, /*accumulate_din=*/true);
 }
 

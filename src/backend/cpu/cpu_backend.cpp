@@ -1,19 +1,120 @@
 // CPU backend: the readable reference implementation of every kernel. OpenMP threads with static schedules
 // and fixed-order reductions, so a given thread count always produces bitwise-identical results.
+// Inner loops are written so the compiler vectorises them: exp and erf come from vec_math.h (checked against
+// libm in the tests), and row reductions are `omp simd` reductions, whose lane order is fixed at compile time.
 #include <omp.h>
 #include <oneapi/dnnl/dnnl.h>
+
+#include <oneapi/dnnl/dnnl.hpp>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <tuple>
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cpu/vec_math.h"
 #include "core/error.h"
+
+// libdnnl 2.6 exports this row-major bf16 x bf16 -> fp32 GEMM with C linkage (same conventions as dnnl_sgemm,
+// AVX-512-bf16 kernels where the CPU has them) but declares it only in internal headers. The element type does
+// not take part in C linkage, so raw uint16_t bfloat16 bits are passed.
+extern "C" dnnl_status_t dnnl_gemm_bf16bf16f32(char transa, char transb, dnnl_dim_t M, dnnl_dim_t N, dnnl_dim_t K,
+                                                float alpha, const uint16_t* A, dnnl_dim_t lda, const uint16_t* B,
+                                                dnnl_dim_t ldb, float beta, float* C, dnnl_dim_t ldc);
 
 namespace moelab {
 namespace {
+
+// fp32 -> bfloat16 bits, round to nearest even (what vcvtneps2bf16 does); NaN stays a quiet NaN.
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? static_cast<uint16_t>((u >> 16) | 0x40u) : static_cast<uint16_t>(rounded);
+}
+
+// Rounds the (rows, cols) block at src (row stride ld) to bf16, packed densely (row stride cols) into dst.
+// Parallel over rows unless already inside a parallel region (the per-head products of attention).
+void pack_bf16(uint16_t* dst, const float* src, int64_t rows, int64_t cols, int64_t ld) {
+#pragma omp parallel for schedule(static) if (!omp_in_parallel() && rows * cols >= (1 << 16))
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = src + r * ld;
+    uint16_t* d = dst + r * cols;
+    for (int64_t c = 0; c < cols; ++c) d[c] = to_bf16(s[c]);
+  }
+}
+
+// Per-thread operand buffers for the bf16 path (grown, never shrunk).
+thread_local std::vector<uint16_t> bf16_a, bf16_b;
+
+// oneDNN matmul primitives (brgemm kernels), cached per shape. They beat dnnl_sgemm / dnnl_gemm_bf16bf16f32 by up
+// to 3x on some transformer shapes (e.g. the weight gradients, op(A) = A^T with a long K), but creating one costs
+// about a millisecond, so they are used only where a shape recurs: the caller (MatmulCache::eligible) restricts
+// them to products whose M, N and K are multiples of 64 - every dense layer of the benchmark models, but rarely a
+// MoE expert's token count, which changes every step. The choice depends on the shape alone, so a run and its
+// resumed continuation take the same path for every product (bitwise-identical losses).
+class MatmulCache {
+ public:
+  struct Key {
+    bool bf16;
+    char ta, tb;
+    int64_t m, n, k, lda, ldb, ldc;
+    float alpha, beta;
+    bool operator<(const Key& o) const {
+      return std::tie(bf16, ta, tb, m, n, k, lda, ldb, ldc, alpha, beta) <
+             std::tie(o.bf16, o.ta, o.tb, o.m, o.n, o.k, o.lda, o.ldb, o.ldc, o.alpha, o.beta);
+    }
+  };
+  static bool eligible(int64_t m, int64_t n, int64_t k) {
+    return m % 64 == 0 && n % 64 == 0 && k % 64 == 0 && !omp_in_parallel();
+  }
+  // C = alpha op(A) op(B) + beta C with A, B fp32 or bf16 bits (key.bf16), C fp32.
+  void run(const Key& key, const void* a, const void* b, float* c) {
+    auto it = cache_.find(key);
+    if (it == cache_.end()) {
+      if (cache_.size() >= 512) cache_.clear();  // bounded; entries are cheap to rebuild
+      it = cache_.emplace(key, create(key)).first;
+    }
+    Entry& e = it->second;
+    e.a.set_data_handle(const_cast<void*>(a));
+    e.b.set_data_handle(const_cast<void*>(b));
+    e.c.set_data_handle(c);
+    e.primitive.execute(stream_, {{DNNL_ARG_SRC, e.a}, {DNNL_ARG_WEIGHTS, e.b}, {DNNL_ARG_DST, e.c}});
+    stream_.wait();
+  }
+
+ private:
+  struct Entry {
+    dnnl::matmul primitive;
+    dnnl::memory a, b, c;
+  };
+  Entry create(const Key& key) {
+    using dt = dnnl::memory::data_type;
+    const dt in = key.bf16 ? dt::bf16 : dt::f32;
+    const dnnl::memory::desc a_md({key.m, key.k}, in,
+                                  key.ta == 'N' ? dnnl::memory::dims{key.lda, 1} : dnnl::memory::dims{1, key.lda});
+    const dnnl::memory::desc b_md({key.k, key.n}, in,
+                                  key.tb == 'N' ? dnnl::memory::dims{key.ldb, 1} : dnnl::memory::dims{1, key.ldb});
+    const dnnl::memory::desc c_md({key.m, key.n}, dt::f32, dnnl::memory::dims{key.ldc, 1});
+    dnnl::primitive_attr attr;
+    if (key.alpha != 1.f) attr.set_output_scales(0, {key.alpha});
+    if (key.beta != 0.f) {
+      dnnl::post_ops ops;
+      ops.append_sum(key.beta);
+      attr.set_post_ops(ops);
+    }
+    const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), attr, engine_);
+    return {dnnl::matmul(pd), dnnl::memory(a_md, engine_, nullptr), dnnl::memory(b_md, engine_, nullptr),
+            dnnl::memory(c_md, engine_, nullptr)};
+  }
+  dnnl::engine engine_{dnnl::engine::kind::cpu, 0};
+  dnnl::stream stream_{engine_};
+  std::map<Key, Entry> cache_;
+};
 
 constexpr float kInvSqrt2 = 0.70710678118654752440f;
 constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
@@ -35,6 +136,8 @@ class CpuBackend final : public Backend {
     omp_set_num_threads(threads_);
   }
   int threads() const override { return threads_; }
+  void set_matmul_precision(Precision precision) override { precision_ = precision; }
+  Precision matmul_precision() const override { return precision_; }
 
   float* alloc(size_t count) override {
     const size_t bytes = ((std::max<size_t>(count, 1) * sizeof(float) + 63) / 64) * 64;
@@ -67,9 +170,40 @@ class CpuBackend final : public Backend {
         for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.f ? 0.f : beta * c[i * ldc + j];
       return;
     }
+    if (precision_ == Precision::BF16) {
+      gemm_bf16(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      return;
+    }
+    if (MatmulCache::eligible(m, n, k)) {
+      matmuls_.run({false, ta == Trans::T ? 'T' : 'N', tb == Trans::T ? 'T' : 'N', m, n, k, lda, ldb, ldc, alpha, beta},
+                   a, b, c);
+      return;
+    }
     const dnnl_status_t status = dnnl_sgemm(ta == Trans::T ? 'T' : 'N', tb == Trans::T ? 'T' : 'N', m, n, k, alpha,
                                             a, lda, b, ldb, beta, c, ldc);
     MOELAB_CHECK(status == dnnl_success, "dnnl_sgemm failed with status " + std::to_string(status));
+  }
+
+  // The same product with both operands rounded to bf16: the stored block of each operand (op(A) is M x K, so A
+  // is stored M x K or K x M) is packed densely and handed to oneDNN's bf16 GEMM, which accumulates in fp32.
+  void gemm_bf16(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+    const int64_t a_rows = ta == Trans::N ? m : k, a_cols = ta == Trans::N ? k : m;
+    const int64_t b_rows = tb == Trans::N ? k : n, b_cols = tb == Trans::N ? n : k;
+    if (bf16_a.size() < static_cast<size_t>(a_rows * a_cols)) bf16_a.resize(a_rows * a_cols);
+    if (bf16_b.size() < static_cast<size_t>(b_rows * b_cols)) bf16_b.resize(b_rows * b_cols);
+    pack_bf16(bf16_a.data(), a, a_rows, a_cols, lda);
+    pack_bf16(bf16_b.data(), b, b_rows, b_cols, ldb);
+    if (MatmulCache::eligible(m, n, k)) {
+      matmuls_.run({true, ta == Trans::T ? 'T' : 'N', tb == Trans::T ? 'T' : 'N', m, n, k, a_cols, b_cols, ldc, alpha,
+                    beta},
+                   bf16_a.data(), bf16_b.data(), c);
+      return;
+    }
+    const dnnl_status_t status =
+        dnnl_gemm_bf16bf16f32(ta == Trans::T ? 'T' : 'N', tb == Trans::T ? 'T' : 'N', m, n, k, alpha, bf16_a.data(),
+                              a_cols, bf16_b.data(), b_cols, beta, c, ldc);
+    MOELAB_CHECK(status == dnnl_success, "dnnl_gemm_bf16bf16f32 failed with status " + std::to_string(status));
   }
 
   void gemm_strided_batched(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
@@ -106,14 +240,14 @@ class CpuBackend final : public Backend {
   }
   void gelu_forward(float* out, const float* in, int64_t n) override {
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; ++i) out[i] = 0.5f * in[i] * (1.f + std::erf(in[i] * kInvSqrt2));
+    for (int64_t i = 0; i < n; ++i) out[i] = 0.5f * in[i] * (1.f + vec::fast_erf(in[i] * kInvSqrt2));
   }
   void gelu_backward(float* din, const float* in, const float* dout, int64_t n) override {
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; ++i) {
       const float x = in[i];
-      const float cdf = 0.5f * (1.f + std::erf(x * kInvSqrt2));
-      const float pdf = kInvSqrt2Pi * std::exp(-0.5f * x * x);
+      const float cdf = 0.5f * (1.f + vec::fast_erf(x * kInvSqrt2));
+      const float pdf = kInvSqrt2Pi * vec::fast_exp(-0.5f * x * x);
       din[i] = dout[i] * (cdf + x * pdf);
     }
   }
@@ -124,7 +258,7 @@ class CpuBackend final : public Backend {
       const float* up = gate + f;
       float* o = out + r * f;
       for (int64_t j = 0; j < f; ++j) {
-        const float sig = 1.f / (1.f + std::exp(-gate[j]));
+        const float sig = 1.f / (1.f + vec::fast_exp(-gate[j]));
         o[j] = gate[j] * sig * up[j];
       }
     }
@@ -138,7 +272,7 @@ class CpuBackend final : public Backend {
       float* dgate = din + r * 2 * f;
       float* dup = dgate + f;
       for (int64_t j = 0; j < f; ++j) {
-        const float sig = 1.f / (1.f + std::exp(-gate[j]));
+        const float sig = 1.f / (1.f + vec::fast_exp(-gate[j]));
         const float silu = gate[j] * sig;
         dup[j] = d[j] * silu;
         dgate[j] = d[j] * up[j] * sig * (1.f + gate[j] * (1.f - sig));
@@ -243,6 +377,7 @@ class CpuBackend final : public Backend {
       const float* x = a + static_cast<int64_t>(index[r]) * cols;
       const float* y = b + r * cols;
       float s = 0.f;
+#pragma omp simd reduction(+ : s)
       for (int64_t c = 0; c < cols; ++c) s += x[c] * y[c];
       out[r] = s;
     }
@@ -268,9 +403,11 @@ class CpuBackend final : public Backend {
       const float* x = in + r * cols;
       float* y = out + r * cols;
       double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
       for (int64_t c = 0; c < cols; ++c) sum += x[c];
       const float mu = static_cast<float>(sum / cols);
       double var = 0.0;
+#pragma omp simd reduction(+ : var)
       for (int64_t c = 0; c < cols; ++c) var += static_cast<double>(x[c] - mu) * (x[c] - mu);
       const float rs = static_cast<float>(1.0 / std::sqrt(var / cols + eps));
       for (int64_t c = 0; c < cols; ++c) y[c] = (x[c] - mu) * rs * weight[c] + (bias ? bias[c] : 0.f);
@@ -299,6 +436,7 @@ class CpuBackend final : public Backend {
         const float mu = mean[r], rs = rstd[r];
         // dxhat = dy * w; dx = rs * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
         double sum_dxhat = 0.0, sum_dxhat_xhat = 0.0;
+#pragma omp simd reduction(+ : sum_dxhat, sum_dxhat_xhat)
         for (int64_t c = 0; c < cols; ++c) {
           const float xhat = (x[c] - mu) * rs;
           const float dxhat = dy[c] * weight[c];
@@ -329,6 +467,7 @@ class CpuBackend final : public Backend {
       const float* x = in + r * cols;
       float* y = out + r * cols;
       double ss = 0.0;
+#pragma omp simd reduction(+ : ss)
       for (int64_t c = 0; c < cols; ++c) ss += static_cast<double>(x[c]) * x[c];
       const float rs = static_cast<float>(1.0 / std::sqrt(ss / cols + eps));
       for (int64_t c = 0; c < cols; ++c) y[c] = x[c] * rs * weight[c];
@@ -352,6 +491,7 @@ class CpuBackend final : public Backend {
         const float rs = rstd[r];
         // y = xhat * w, xhat = x * rs; dx = rs * (dxhat - xhat * mean(dxhat * xhat))
         double sum_dxhat_xhat = 0.0;
+#pragma omp simd reduction(+ : sum_dxhat_xhat)
         for (int64_t c = 0; c < cols; ++c) {
           const float xhat = x[c] * rs;
           sum_dxhat_xhat += static_cast<double>(dy[c] * weight[c]) * xhat;
@@ -386,10 +526,12 @@ class CpuBackend final : public Backend {
       const int64_t t = row % seq;
       float* s = scores + row * seq;
       float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
       for (int64_t j = 0; j <= t; ++j) mx = std::max(mx, s[j] * scale);
       float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j <= t; ++j) {
-        s[j] = std::exp(s[j] * scale - mx);
+        s[j] = vec::fast_exp(s[j] * scale - mx);
         sum += s[j];
       }
       const float inv = 1.f / sum;
@@ -405,6 +547,7 @@ class CpuBackend final : public Backend {
       float* d = dprobs + row * seq;
       const float* p = probs + row * seq;
       float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
       for (int64_t j = 0; j <= t; ++j) dot += d[j] * p[j];
       for (int64_t j = 0; j <= t; ++j) d[j] = scale * p[j] * (d[j] - dot);
       for (int64_t j = t + 1; j < seq; ++j) d[j] = 0.f;
@@ -417,18 +560,31 @@ class CpuBackend final : public Backend {
       float* z = logits + r * vocab;
       const int32_t target = targets[r];
       float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
       for (int64_t j = 0; j < vocab; ++j) mx = std::max(mx, z[j]);
+      const float target_logit = target >= 0 ? z[target] : 0.f;
       double sum = 0.0;
-      for (int64_t j = 0; j < vocab; ++j) sum += std::exp(static_cast<double>(z[j] - mx));
+      if (grad_scale != 0.f) {
+        // Keep exp(z - max) in place: the gradient pass below only rescales it.
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < vocab; ++j) {
+          z[j] = vec::fast_exp(z[j] - mx);
+          sum += z[j];
+        }
+      } else {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < vocab; ++j) sum += vec::fast_exp(z[j] - mx);
+      }
       const double log_sum = std::log(sum);
-      losses[r] = target >= 0 ? static_cast<float>(log_sum - (z[target] - mx)) : 0.f;
+      losses[r] = target >= 0 ? static_cast<float>(log_sum - (target_logit - mx)) : 0.f;
       if (grad_scale != 0.f) {
         if (target < 0) {
           std::memset(z, 0, vocab * sizeof(float));
           continue;
         }
-        const float inv_sum = static_cast<float>(1.0 / sum);
-        for (int64_t j = 0; j < vocab; ++j) z[j] = grad_scale * std::exp(z[j] - mx) * inv_sum;
+        const float factor = static_cast<float>(grad_scale / sum);
+#pragma omp simd
+        for (int64_t j = 0; j < vocab; ++j) z[j] *= factor;
         z[target] -= grad_scale;
       }
     }
@@ -469,6 +625,8 @@ class CpuBackend final : public Backend {
 
  private:
   int threads_ = 1;
+  Precision precision_ = Precision::FP32;
+  MatmulCache matmuls_;
 };
 
 }  // namespace
