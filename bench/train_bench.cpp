@@ -27,6 +27,9 @@ int main(int argc, char** argv) {
   app.add_option("--steps", steps, "timed optimizer steps")->check(CLI::PositiveNumber);
   app.add_option("--warmup", warmup, "untimed steps first")->check(CLI::NonNegativeNumber);
   bool json = false;
+  double peak_seconds = 1.0;
+  app.add_option("--peak-seconds", peak_seconds, "seconds per size of the fp32 GEMM peak measurement (0: skip it, "
+                 "e.g. when profiling)")->check(CLI::NonNegativeNumber);
   app.add_flag("--json", json, "also print one machine-readable RESULT line");
   CLI11_PARSE(app, argc, argv);
 
@@ -43,7 +46,7 @@ int main(int argc, char** argv) {
                 moelab::to_string(cfg.train.precision).c_str());
 
     std::printf("measuring the fp32 GEMM peak (%d threads):\n", be->threads());
-    const double peak = moelab::measure_gemm_peak(*be, 1.0, stdout);
+    const double peak = peak_seconds > 0 ? moelab::measure_gemm_peak(*be, peak_seconds, stdout) : 0.0;
 
     const auto timing = moelab::bench::time_training(cfg, *be, steps, warmup);
     const double tok_s = timing.tokens_per_second;
@@ -51,11 +54,12 @@ int main(int argc, char** argv) {
     const double achieved = tok_s * flops_per_token;
     std::printf("parameters           %.2fM\n", timing.params / 1e6);
     std::printf("model FLOPs/token    %.1f MFLOP (exact matmul count, fwd+bwd)\n", flops_per_token / 1e6);
-    std::printf("step time            %.1f ms (mean of %d steps)\n", 1e3 * timing.seconds_per_step, steps);
+    std::printf("step time            %.1f ms (mean of %d steps; %.1f ms of CPU time per step on %d threads)\n",
+                1e3 * timing.seconds_per_step, steps, 1e3 * timing.cpu_seconds_per_step, be->threads());
     std::printf("tokens/s             %.0f\n", tok_s);
     std::printf("achieved             %.1f GFLOP/s\n", achieved / 1e9);
     std::printf("GEMM peak (fp32)     %.1f GFLOP/s\n", peak / 1e9);
-    std::printf("MFU                  %.1f%%\n", 100.0 * achieved / peak);
+    if (peak > 0) std::printf("MFU                  %.1f%%\n", 100.0 * achieved / peak);
     if (json)
       std::printf("RESULT {\"tokens_per_s\": %.3f, \"step_ms\": %.3f, \"flops_per_token\": %.1f, "
                   "\"peak_flops\": %.1f, \"precision\": \"%s\", \"threads\": %d}\n",

@@ -89,6 +89,50 @@ TEST(Backend, ReductionsAreExact) {
 
 namespace moelab {
 namespace {
+// Shapes with M, N, K multiples of 64 take the cached oneDNN matmul primitive (alpha as an output scale, beta as a
+// sum post-op); check them like the small ones, and the two-level batch that attention uses.
+TEST(Backend, PrimitiveGemmAndTwoLevelBatch) {
+  auto be = make_cpu_backend(2);
+  Rng rng(8);
+  const int64_t m = 128, n = 64, k = 192, pad = 3;
+  for (Trans ta : {Trans::N, Trans::T})
+    for (Trans tb : {Trans::N, Trans::T}) {
+      const int64_t lda = (ta == Trans::N ? k : m) + pad, ldb = (tb == Trans::N ? n : k) + pad, ldc = n + pad;
+      std::vector<float> a(256 * 256), b(256 * 256), c(m * ldc), ref;
+      testing::fill_normal(a.data(), a.size(), rng);
+      testing::fill_normal(b.data(), b.size(), rng);
+      testing::fill_normal(c.data(), c.size(), rng);
+      ref = c;
+      for (int rep = 0; rep < 2; ++rep) {  // the second call reuses the cached primitive
+        be->gemm(ta, tb, m, n, k, 0.7f, a.data(), lda, b.data(), ldb, 0.3f, c.data(), ldc);
+        naive_gemm(ta, tb, m, n, k, 0.7f, a.data(), lda, b.data(), ldb, 0.3f, ref.data(), ldc);
+      }
+      for (size_t i = 0; i < c.size(); ++i) ASSERT_NEAR(c[i], ref[i], 1e-3) << "ta " << int(ta) << " tb " << int(tb);
+    }
+  // Attention-like layout: 3 sequences x 2 heads; q and k interleaved in rows of width 4 * hd.
+  const int64_t T = 64, hd = 64, heads = 2, seqs = 3, row = 2 * heads * hd;
+  std::vector<float> qk(seqs * T * row), s(seqs * heads * T * T, 0.f), sref(s.size(), 0.f);
+  testing::fill_normal(qk.data(), qk.size(), rng);
+  be->gemm_strided_batched2(Trans::N, Trans::T, T, T, hd, 1.f, qk.data(), row, hd, T * row, qk.data() + heads * hd,
+                            row, hd, T * row, 0.f, s.data(), T, T * T, heads * T * T, heads, seqs);
+  for (int64_t o = 0; o < seqs; ++o)
+    for (int64_t h = 0; h < heads; ++h)
+      naive_gemm(Trans::N, Trans::T, T, T, hd, 1.f, qk.data() + o * T * row + h * hd, row,
+                 qk.data() + o * T * row + heads * hd + h * hd, row, 0.f, sref.data() + (o * heads + h) * T * T, T);
+  for (size_t i = 0; i < s.size(); ++i) ASSERT_NEAR(s[i], sref[i], 1e-3);
+  // The same through the fallback (odd T takes the per-product path).
+  const int64_t t2 = 33;
+  std::fill(s.begin(), s.end(), 0.f);
+  std::fill(sref.begin(), sref.end(), 0.f);
+  be->gemm_strided_batched2(Trans::N, Trans::T, t2, t2, hd, 1.f, qk.data(), row, hd, T * row, qk.data() + heads * hd,
+                            row, hd, T * row, 0.f, s.data(), t2, t2 * t2, heads * t2 * t2, heads, seqs);
+  for (int64_t o = 0; o < seqs; ++o)
+    for (int64_t h = 0; h < heads; ++h)
+      naive_gemm(Trans::N, Trans::T, t2, t2, hd, 1.f, qk.data() + o * T * row + h * hd, row,
+                 qk.data() + o * T * row + heads * hd + h * hd, row, 0.f, sref.data() + (o * heads + h) * t2 * t2, t2);
+  for (size_t i = 0; i < s.size(); ++i) ASSERT_NEAR(s[i], sref[i], 1e-3);
+}
+
 // The vectorisable exp / erf of the CPU kernels against libm over the ranges the kernels feed them.
 TEST(Backend, FastExpAndErfMatchLibm) {
   double max_exp_rel = 0, max_erf_abs = 0;

@@ -1,6 +1,7 @@
 // bf16 mixed precision: the bf16 GEMM path against an oracle that rounds the operands to bf16 and multiplies in
 // double, and against the fp32 path; bf16 training against fp32 training on a tiny model; bf16 determinism.
 #include <cstring>
+#include <tuple>
 #include <filesystem>
 
 #include "backend/backend.h"
@@ -38,12 +39,14 @@ void naive_gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha
 TEST(Precision, Bf16GemmMatchesRoundedOperandsAndTracksFp32) {
   auto be = make_cpu_backend(2);
   Rng rng(11);
-  // Odd sizes and padded strides: the packing must honour lda/ldb and leave C's padding alone.
-  const int64_t m = 37, n = 29, k = 70, pad = 5;
+  // Odd sizes and padded strides: the packing must honour lda/ldb and leave C's padding alone. 128 x 64 x 192
+  // takes the cached bf16 matmul primitive, 37 x 29 x 70 dnnl_gemm_bf16bf16f32.
+  for (const auto& [m, n, k] : {std::tuple<int64_t, int64_t, int64_t>{37, 29, 70}, {128, 64, 192}})
   for (Trans ta : {Trans::N, Trans::T})
     for (Trans tb : {Trans::N, Trans::T}) {
+      const int64_t pad = 5;
       const int64_t lda = (ta == Trans::N ? k : m) + pad, ldb = (tb == Trans::N ? n : k) + pad, ldc = n + pad;
-      std::vector<float> a(128 * 128), b(128 * 128), c0(m * ldc);
+      std::vector<float> a(256 * 256), b(256 * 256), c0(m * ldc);
       testing::fill_normal(a.data(), a.size(), rng);
       testing::fill_normal(b.data(), b.size(), rng);
       testing::fill_normal(c0.data(), c0.size(), rng);
@@ -67,8 +70,8 @@ TEST(Precision, Bf16GemmMatchesRoundedOperandsAndTracksFp32) {
           max_vs_fp32 = std::max(max_vs_fp32, std::fabs(double(c_bf16[x]) - c_fp32[x]));
         }
       // Each operand carries a relative error of at most 2^-9: for unit normals the sum's error is about
-      // 2 * 2^-9 * sqrt(k) * 0.7 ~ 0.02; allow 3x, and require it not to be exactly fp32 (the path is exercised).
-      EXPECT_LT(max_vs_fp32, 0.06);
+      // 2 * 2^-9 * sqrt(k) * 0.7 ~ 0.02-0.04; allow 2-3x, and require it not to be exactly fp32 (the path is exercised).
+      EXPECT_LT(max_vs_fp32, 0.1);
       EXPECT_GT(max_vs_fp32, 0.0) << "the bf16 setting did not change the arithmetic";
     }
 }

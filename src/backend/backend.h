@@ -49,6 +49,14 @@ class Backend {
                                     const float* a, int64_t lda, int64_t stride_a, const float* b, int64_t ldb,
                                     int64_t stride_b, float beta, float* c, int64_t ldc, int64_t stride_c,
                                     int64_t batch) = 0;
+  // A strided batch of strided batches: for o < outer, the batch above with every operand offset by
+  // o * outer_stride_* (sequences x heads in attention), so the backend can spread all outer * batch products
+  // over its threads in one call.
+  virtual void gemm_strided_batched2(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha,
+                                     const float* a, int64_t lda, int64_t stride_a, int64_t outer_stride_a,
+                                     const float* b, int64_t ldb, int64_t stride_b, int64_t outer_stride_b,
+                                     float beta, float* c, int64_t ldc, int64_t stride_c, int64_t outer_stride_c,
+                                     int64_t batch, int64_t outer) = 0;
   virtual void grouped_gemm(Trans ta, Trans tb, int64_t n, int64_t k, float alpha, const GemmGroup* groups,
                             int64_t group_count, int64_t lda, int64_t ldb, float beta, int64_t ldc) = 0;
 
