@@ -1,5 +1,7 @@
 // GEMM primitives against naive triple loops (in double), for every transpose combination, strided batches
 // and grouped problems.
+#include <tuple>
+
 #include "backend/backend.h"
 #include "backend/cpu/vec_math.h"
 #include "test_util.h"
@@ -109,6 +111,20 @@ TEST(Backend, PrimitiveGemmAndTwoLevelBatch) {
       }
       for (size_t i = 0; i < c.size(); ++i) ASSERT_NEAR(c[i], ref[i], 1e-3) << "ta " << int(ta) << " tb " << int(tb);
     }
+  // M or K not a multiple of 64 (a MoE expert's token count): split into a primitive part and a remainder.
+  for (const auto& [mm, kk, ta, tb] : {std::tuple<int64_t, int64_t, Trans, Trans>{157, 128, Trans::N, Trans::T},
+                                       {157, 128, Trans::T, Trans::N}, {128, 157, Trans::T, Trans::N},
+                                       {64, 101, Trans::N, Trans::N}}) {
+    const int64_t nn = 64, lda = ta == Trans::N ? kk : mm, ldb = tb == Trans::N ? nn : kk;
+    std::vector<float> a(mm * kk), b(kk * nn), c(mm * nn), ref;
+    testing::fill_normal(a.data(), a.size(), rng);
+    testing::fill_normal(b.data(), b.size(), rng);
+    testing::fill_normal(c.data(), c.size(), rng);
+    ref = c;
+    be->gemm(ta, tb, mm, nn, kk, 0.5f, a.data(), lda, b.data(), ldb, 0.25f, c.data(), nn);
+    naive_gemm(ta, tb, mm, nn, kk, 0.5f, a.data(), lda, b.data(), ldb, 0.25f, ref.data(), nn);
+    for (size_t i = 0; i < c.size(); ++i) ASSERT_NEAR(c[i], ref[i], 1e-3) << mm << "x" << nn << "x" << kk;
+  }
   // Attention-like layout: 3 sequences x 2 heads; q and k interleaved in rows of width 4 * hd.
   const int64_t T = 64, hd = 64, heads = 2, seqs = 3, row = 2 * heads * hd;
   std::vector<float> qk(seqs * T * row), s(seqs * heads * T * T, 0.f), sref(s.size(), 0.f);

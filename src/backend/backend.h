@@ -24,6 +24,20 @@ struct GemmGroup {
   float* c = nullptr;
 };
 
+// One independent product of a batch: C = alpha * op(A) op(B) + beta * C, shapes and strides as in Backend::gemm.
+struct GemmProblem {
+  Trans ta = Trans::N, tb = Trans::N;
+  int64_t m = 0, n = 0, k = 0;
+  float alpha = 1.f;
+  const float* a = nullptr;
+  int64_t lda = 0;
+  const float* b = nullptr;
+  int64_t ldb = 0;
+  float beta = 0.f;
+  float* c = nullptr;
+  int64_t ldc = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -57,6 +71,9 @@ class Backend {
                                      const float* b, int64_t ldb, int64_t stride_b, int64_t outer_stride_b,
                                      float beta, float* c, int64_t ldc, int64_t stride_c, int64_t outer_stride_c,
                                      int64_t batch, int64_t outer) = 0;
+  // Independent products with disjoint outputs, of any shapes (the MoE experts' forward and backward products):
+  // the backend may run them concurrently. Each result is the same as from gemm() on its own.
+  virtual void gemm_batch(const GemmProblem* problems, int64_t count) = 0;
   virtual void grouped_gemm(Trans ta, Trans tb, int64_t n, int64_t k, float alpha, const GemmGroup* groups,
                             int64_t group_count, int64_t lda, int64_t ldb, float beta, int64_t ldc) = 0;
 

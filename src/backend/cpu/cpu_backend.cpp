@@ -81,7 +81,7 @@ class MatmulCache {
   void run(const Key& key, const void* a, const void* b, float* c) {
     auto it = cache_.find(key);
     if (it == cache_.end()) {
-      if (cache_.size() >= 512) cache_.clear();  // bounded; entries are cheap to rebuild
+      if (cache_.size() >= 2048) cache_.clear();  // bounded; entries are cheap to rebuild
       it = cache_.emplace(key, create(key)).first;
     }
     Entry& e = it->second;
@@ -236,6 +236,26 @@ class CpuBackend final : public Backend {
         for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.f ? 0.f : beta * c[i * ldc + j];
       return;
     }
+    // A MoE expert's token count M (or, for its weight gradient, K) is rarely a multiple of 64. Split the product
+    // into a part the primitive cache takes (at most max_rows / 64 distinct shapes) and a thin remainder; the
+    // split depends on the shape alone, so it is deterministic.
+    if (n % 64 == 0 && !omp_in_parallel()) {
+      const int64_t m_tail = m % 64, k_tail = k % 64;
+      if (m_tail != 0 && m > 64 && k % 64 == 0) {
+        const int64_t m1 = m - m_tail;
+        gemm_impl(ta, tb, m1, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        gemm_impl(ta, tb, m_tail, n, k, alpha, ta == Trans::N ? a + m1 * lda : a + m1, lda, b, ldb, beta,
+                  c + m1 * ldc, ldc);
+        return;
+      }
+      if (k_tail != 0 && k > 64 && m % 64 == 0) {
+        const int64_t k1 = k - k_tail;
+        gemm_impl(ta, tb, m, n, k1, alpha, a, lda, b, ldb, beta, c, ldc);
+        gemm_impl(ta, tb, m, n, k_tail, alpha, ta == Trans::N ? a + k1 : a + k1 * lda, lda,
+                  tb == Trans::N ? b + k1 * ldb : b + k1, ldb, 1.f, c, ldc);
+        return;
+      }
+    }
     if (precision_ == Precision::BF16) {
       gemm_bf16(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
       return;
@@ -346,10 +366,25 @@ class CpuBackend final : public Backend {
     return true;
   }
 
+  void gemm_batch(const GemmProblem* problems, int64_t count) override {
+    // Many small products (a MoE layer has 8-64 experts of a few hundred rows each): one single-threaded product
+    // per thread at a time, handed out dynamically for balance. Which thread runs a product does not change its
+    // result (oneDNN runs sequentially inside a parallel region), so the outcome is deterministic.
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t i = 0; i < count; ++i) {
+      const GemmProblem& p = problems[i];
+      gemm(p.ta, p.tb, p.m, p.n, p.k, p.alpha, p.a, p.lda, p.b, p.ldb, p.beta, p.c, p.ldc);
+    }
+  }
+
   void grouped_gemm(Trans ta, Trans tb, int64_t n, int64_t k, float alpha, const GemmGroup* groups,
                     int64_t group_count, int64_t lda, int64_t ldb, float beta, int64_t ldc) override {
+    std::vector<GemmProblem> problems;
     for (int64_t g = 0; g < group_count; ++g)
-      gemm(ta, tb, groups[g].m, n, k, alpha, groups[g].a, lda, groups[g].b, ldb, beta, groups[g].c, ldc);
+      if (groups[g].m > 0)
+        problems.push_back({ta, tb, groups[g].m, n, k, alpha, groups[g].a, lda, groups[g].b, ldb, beta, groups[g].c,
+                            ldc});
+    gemm_batch(problems.data(), static_cast<int64_t>(problems.size()));
   }
 
   // ---- elementwise ----------------------------------------------------------------------------------------
