@@ -1,5 +1,7 @@
 #pragma once
 // Shared by the benchmark programs: timing training steps on random tokens.
+#include <ctime>
+
 #include "core/rng.h"
 #include "train/trainer.h"
 
@@ -8,6 +10,7 @@ namespace moelab::bench {
 struct StepTiming {
   double seconds_per_step = 0;
   double tokens_per_second = 0;
+  double cpu_seconds_per_step = 0;  // process CPU time (all threads): on a busy machine it moves less than wall time
   int64_t params = 0;
 };
 
@@ -23,10 +26,18 @@ inline StepTiming time_training(const Config& cfg, Backend& be, int steps, int w
     for (auto& t : tgt) t = static_cast<int32_t>(rng.below(cfg.model.vocab_size));
   };
   for (int i = 0; i < warmup; ++i) trainer.step(random_batch);
+  auto cpu_now = [] {
+    timespec ts{};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+  };
   double seconds = 0;
+  const double cpu_start = cpu_now();
   for (int i = 0; i < steps; ++i) seconds += trainer.step(random_batch).seconds;
+  const double cpu_seconds = cpu_now() - cpu_start;
   StepTiming t;
   t.seconds_per_step = seconds / steps;
+  t.cpu_seconds_per_step = cpu_seconds / steps;
   t.tokens_per_second = static_cast<double>(tokens_per_micro * cfg.train.grad_accum) / t.seconds_per_step;
   t.params = trainer.model().num_params();
   return t;

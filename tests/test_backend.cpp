@@ -1,6 +1,9 @@
 // GEMM primitives against naive triple loops (in double), for every transpose combination, strided batches
 // and grouped problems.
+#include <tuple>
+
 #include "backend/backend.h"
+#include "backend/cpu/vec_math.h"
 #include "test_util.h"
 
 namespace moelab {
@@ -81,6 +84,87 @@ TEST(Backend, ReductionsAreExact) {
   }
   EXPECT_EQ(be->sum(x.data(), x.size()), s);
   EXPECT_EQ(be->sum_squares(x.data(), x.size()), ss);
+}
+
+}  // namespace
+}  // namespace moelab
+
+namespace moelab {
+namespace {
+// Shapes with M, N, K multiples of 64 take the cached oneDNN matmul primitive (alpha as an output scale, beta as a
+// sum post-op); check them like the small ones, and the two-level batch that attention uses.
+TEST(Backend, PrimitiveGemmAndTwoLevelBatch) {
+  auto be = make_cpu_backend(2);
+  Rng rng(8);
+  const int64_t m = 128, n = 64, k = 192, pad = 3;
+  for (Trans ta : {Trans::N, Trans::T})
+    for (Trans tb : {Trans::N, Trans::T}) {
+      const int64_t lda = (ta == Trans::N ? k : m) + pad, ldb = (tb == Trans::N ? n : k) + pad, ldc = n + pad;
+      std::vector<float> a(256 * 256), b(256 * 256), c(m * ldc), ref;
+      testing::fill_normal(a.data(), a.size(), rng);
+      testing::fill_normal(b.data(), b.size(), rng);
+      testing::fill_normal(c.data(), c.size(), rng);
+      ref = c;
+      for (int rep = 0; rep < 2; ++rep) {  // the second call reuses the cached primitive
+        be->gemm(ta, tb, m, n, k, 0.7f, a.data(), lda, b.data(), ldb, 0.3f, c.data(), ldc);
+        naive_gemm(ta, tb, m, n, k, 0.7f, a.data(), lda, b.data(), ldb, 0.3f, ref.data(), ldc);
+      }
+      for (size_t i = 0; i < c.size(); ++i) ASSERT_NEAR(c[i], ref[i], 1e-3) << "ta " << int(ta) << " tb " << int(tb);
+    }
+  // M or K not a multiple of 64 (a MoE expert's token count): split into a primitive part and a remainder.
+  for (const auto& [mm, kk, ta, tb] : {std::tuple<int64_t, int64_t, Trans, Trans>{157, 128, Trans::N, Trans::T},
+                                       {157, 128, Trans::T, Trans::N}, {128, 157, Trans::T, Trans::N},
+                                       {64, 101, Trans::N, Trans::N}}) {
+    const int64_t nn = 64, lda = ta == Trans::N ? kk : mm, ldb = tb == Trans::N ? nn : kk;
+    std::vector<float> a(mm * kk), b(kk * nn), c(mm * nn), ref;
+    testing::fill_normal(a.data(), a.size(), rng);
+    testing::fill_normal(b.data(), b.size(), rng);
+    testing::fill_normal(c.data(), c.size(), rng);
+    ref = c;
+    be->gemm(ta, tb, mm, nn, kk, 0.5f, a.data(), lda, b.data(), ldb, 0.25f, c.data(), nn);
+    naive_gemm(ta, tb, mm, nn, kk, 0.5f, a.data(), lda, b.data(), ldb, 0.25f, ref.data(), nn);
+    for (size_t i = 0; i < c.size(); ++i) ASSERT_NEAR(c[i], ref[i], 1e-3) << mm << "x" << nn << "x" << kk;
+  }
+  // Attention-like layout: 3 sequences x 2 heads; q and k interleaved in rows of width 4 * hd.
+  const int64_t T = 64, hd = 64, heads = 2, seqs = 3, row = 2 * heads * hd;
+  std::vector<float> qk(seqs * T * row), s(seqs * heads * T * T, 0.f), sref(s.size(), 0.f);
+  testing::fill_normal(qk.data(), qk.size(), rng);
+  be->gemm_strided_batched2(Trans::N, Trans::T, T, T, hd, 1.f, qk.data(), row, hd, T * row, qk.data() + heads * hd,
+                            row, hd, T * row, 0.f, s.data(), T, T * T, heads * T * T, heads, seqs);
+  for (int64_t o = 0; o < seqs; ++o)
+    for (int64_t h = 0; h < heads; ++h)
+      naive_gemm(Trans::N, Trans::T, T, T, hd, 1.f, qk.data() + o * T * row + h * hd, row,
+                 qk.data() + o * T * row + heads * hd + h * hd, row, 0.f, sref.data() + (o * heads + h) * T * T, T);
+  for (size_t i = 0; i < s.size(); ++i) ASSERT_NEAR(s[i], sref[i], 1e-3);
+  // The same through the fallback (odd T takes the per-product path).
+  const int64_t t2 = 33;
+  std::fill(s.begin(), s.end(), 0.f);
+  std::fill(sref.begin(), sref.end(), 0.f);
+  be->gemm_strided_batched2(Trans::N, Trans::T, t2, t2, hd, 1.f, qk.data(), row, hd, T * row, qk.data() + heads * hd,
+                            row, hd, T * row, 0.f, s.data(), t2, t2 * t2, heads * t2 * t2, heads, seqs);
+  for (int64_t o = 0; o < seqs; ++o)
+    for (int64_t h = 0; h < heads; ++h)
+      naive_gemm(Trans::N, Trans::T, t2, t2, hd, 1.f, qk.data() + o * T * row + h * hd, row,
+                 qk.data() + o * T * row + heads * hd + h * hd, row, 0.f, sref.data() + (o * heads + h) * t2 * t2, t2);
+  for (size_t i = 0; i < s.size(); ++i) ASSERT_NEAR(s[i], sref[i], 1e-3);
+}
+
+// The vectorisable exp / erf of the CPU kernels against libm over the ranges the kernels feed them.
+TEST(Backend, FastExpAndErfMatchLibm) {
+  double max_exp_rel = 0, max_erf_abs = 0;
+  for (int i = 0; i <= 400000; ++i) {
+    const float x = -87.f + 175.f * static_cast<float>(i) / 400000.f;  // exp: softmax / cross-entropy use x <= 0
+    const double ref = std::exp(static_cast<double>(x));
+    max_exp_rel = std::max(max_exp_rel, std::fabs(vec::fast_exp(x) - ref) / ref);
+    const float y = -6.f + 12.f * static_cast<float>(i) / 400000.f;
+    max_erf_abs = std::max(max_erf_abs, std::fabs(vec::fast_erf(y) - std::erf(static_cast<double>(y))));
+  }
+  EXPECT_LT(max_exp_rel, 4e-7);  // a few ulp
+  EXPECT_LT(max_erf_abs, 6e-7);  // A&S 7.1.26: 1.5e-7 in exact arithmetic, plus float rounding
+  EXPECT_EQ(vec::fast_exp(-100.f), 0.f);
+  EXPECT_EQ(vec::fast_exp(-INFINITY), 0.f);
+  EXPECT_EQ(vec::fast_exp(0.f), 1.f);
+  EXPECT_NEAR(vec::fast_erf(0.f), 0.f, 3e-7);
 }
 
 }  // namespace

@@ -9,6 +9,8 @@
 #include <memory>
 #include <string>
 
+#include "backend/precision.h"
+
 namespace moelab {
 
 enum class Trans { N, T };
@@ -20,6 +22,20 @@ struct GemmGroup {
   const float* a = nullptr;
   const float* b = nullptr;
   float* c = nullptr;
+};
+
+// One independent product of a batch: C = alpha * op(A) op(B) + beta * C, shapes and strides as in Backend::gemm.
+struct GemmProblem {
+  Trans ta = Trans::N, tb = Trans::N;
+  int64_t m = 0, n = 0, k = 0;
+  float alpha = 1.f;
+  const float* a = nullptr;
+  int64_t lda = 0;
+  const float* b = nullptr;
+  int64_t ldb = 0;
+  float beta = 0.f;
+  float* c = nullptr;
+  int64_t ldc = 0;
 };
 
 class Backend {
@@ -34,6 +50,11 @@ class Backend {
   virtual void copy(float* dst, const float* src, int64_t n) = 0;
 
   // ---- matrix products ------------------------------------------------------------------------------------
+  // Every product below runs at the backend's matmul precision (backend/precision.h): operands and results are
+  // always fp32 in memory; under BF16 the operands are rounded to bfloat16 and accumulated in fp32. Layers that
+  // must stay fp32 whatever the setting (the MoE router) say so with a MatmulPrecisionScope.
+  virtual void set_matmul_precision(Precision precision) = 0;
+  virtual Precision matmul_precision() const = 0;
   // C (M x N) = alpha * op(A) op(B) + beta * C; op(A) is M x K, op(B) is K x N.
   virtual void gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
                     const float* b, int64_t ldb, float beta, float* c, int64_t ldc) = 0;
@@ -42,6 +63,17 @@ class Backend {
                                     const float* a, int64_t lda, int64_t stride_a, const float* b, int64_t ldb,
                                     int64_t stride_b, float beta, float* c, int64_t ldc, int64_t stride_c,
                                     int64_t batch) = 0;
+  // A strided batch of strided batches: for o < outer, the batch above with every operand offset by
+  // o * outer_stride_* (sequences x heads in attention), so the backend can spread all outer * batch products
+  // over its threads in one call.
+  virtual void gemm_strided_batched2(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha,
+                                     const float* a, int64_t lda, int64_t stride_a, int64_t outer_stride_a,
+                                     const float* b, int64_t ldb, int64_t stride_b, int64_t outer_stride_b,
+                                     float beta, float* c, int64_t ldc, int64_t stride_c, int64_t outer_stride_c,
+                                     int64_t batch, int64_t outer) = 0;
+  // Independent products with disjoint outputs, of any shapes (the MoE experts' forward and backward products):
+  // the backend may run them concurrently. Each result is the same as from gemm() on its own.
+  virtual void gemm_batch(const GemmProblem* problems, int64_t count) = 0;
   virtual void grouped_gemm(Trans ta, Trans tb, int64_t n, int64_t k, float alpha, const GemmGroup* groups,
                             int64_t group_count, int64_t lda, int64_t ldb, float beta, int64_t ldc) = 0;
 
@@ -115,6 +147,22 @@ class Backend {
   // Threads used by this backend's kernels (CPU) or ignored (GPU).
   virtual void set_threads(int threads) = 0;
   virtual int threads() const = 0;
+};
+
+// Sets a backend's matmul precision for the lifetime of the scope, then restores the previous one.
+class MatmulPrecisionScope {
+ public:
+  MatmulPrecisionScope(Backend& backend, Precision precision)
+      : backend_(backend), saved_(backend.matmul_precision()) {
+    backend_.set_matmul_precision(precision);
+  }
+  ~MatmulPrecisionScope() { backend_.set_matmul_precision(saved_); }
+  MatmulPrecisionScope(const MatmulPrecisionScope&) = delete;
+  MatmulPrecisionScope& operator=(const MatmulPrecisionScope&) = delete;
+
+ private:
+  Backend& backend_;
+  Precision saved_;
 };
 
 // The CPU backend: OpenMP threads, oneDNN GEMM.

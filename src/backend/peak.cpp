@@ -8,6 +8,7 @@
 namespace moelab {
 
 double measure_gemm_peak(Backend& be, double seconds_per_size, std::FILE* report) {
+  const MatmulPrecisionScope fp32(be, Precision::FP32);  // the peak is always the fp32 one
   double best = 0;
   for (int64_t n : {512, 1024, 2048}) {
     float* a = be.alloc(n * n);

@@ -62,6 +62,7 @@ const EnumNames<PosKind> kPosNames{
 const EnumNames<FfnKind> kFfnNames{{{FfnKind::Gelu, "gelu"}, {FfnKind::SwiGLU, "swiglu"}}};
 const EnumNames<RouterKind> kRouterNames{
     {{RouterKind::TokenChoice, "token_choice"}, {RouterKind::ExpertChoice, "expert_choice"}}};
+const EnumNames<Precision> kPrecisionNames{{{Precision::FP32, "fp32"}, {Precision::BF16, "bf16"}}};
 const EnumNames<ScheduleKind> kScheduleNames{
     {{ScheduleKind::Cosine, "cosine"}, {ScheduleKind::WSD, "wsd"}, {ScheduleKind::Constant, "constant"}}};
 
@@ -187,6 +188,9 @@ const std::vector<KeyDef>& schema() {
               "seed for initialisation and batch sampling"),
       int_key("train.threads", [](Config& c) -> int64_t& { return c.train.threads; }, 0, 4096,
               "CPU threads; 0 means all cores"),
+      choice_key<Precision>("train.precision", kPrecisionNames, [](Config& c) -> Precision& { return c.train.precision; },
+                            "matrix-product precision: fp32, or bf16 operands with fp32 accumulation (fp32 master "
+                            "weights, optimizer, norms, softmax, loss and router)"),
       int_key("train.log_every", [](Config& c) -> int64_t& { return c.train.log_every; }, 1, 1e12,
               "steps between progress lines"),
       int_key("train.eval_every", [](Config& c) -> int64_t& { return c.train.eval_every; }, 0, 1e12,
@@ -525,6 +529,7 @@ std::string to_string(NormKind k) { return kNormNames.of(k); }
 std::string to_string(PosKind k) { return kPosNames.of(k); }
 std::string to_string(FfnKind k) { return kFfnNames.of(k); }
 std::string to_string(ScheduleKind k) { return kScheduleNames.of(k); }
+std::string to_string(Precision k) { return kPrecisionNames.of(k); }
 std::string to_string(RouterKind k) { return kRouterNames.of(k); }
 
 }  // namespace moelab

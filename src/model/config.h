@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "backend/precision.h"
+
 namespace moelab {
 
 enum class NormKind { LayerNorm, RMSNorm };
@@ -84,6 +86,7 @@ struct TrainConfig {
   double grad_clip = 1.0;         // global-norm clip; 0 disables
   int64_t seed = 1;
   int64_t threads = 0;  // 0 means all cores
+  Precision precision = Precision::FP32;  // of the matrix products (backend/precision.h)
   int64_t log_every = 10;
   int64_t eval_every = 0;     // steps between validation evaluations; 0: only at the end
   int64_t eval_batches = 50;  // batches per evaluation; 0: the whole validation file
@@ -134,5 +137,6 @@ std::string to_string(PosKind k);
 std::string to_string(FfnKind k);
 std::string to_string(ScheduleKind k);
 std::string to_string(RouterKind k);
+std::string to_string(Precision k);
 
 }  // namespace moelab

@@ -59,29 +59,36 @@ void experts_backward(Backend& be, const MoeDims& d, const MoeWeights& g, const 
   const int64_t E = d.experts, C = d.d_model, F = d.expert_hidden, P = d.fc1_rows();
   // fairseq scales expert parameter gradients (not the activation gradients) by 1/sqrt(E).
   const float alpha = d.expert_grad_scale ? 1.f / std::sqrt(static_cast<float>(E)) : 1.f;
+  // All experts' products of one stage are independent (disjoint outputs): one gemm_batch per stage.
+  std::vector<GemmProblem> batch;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t off = r.expert_offsets[e], m = r.expert_offsets[e + 1] - off;
     if (m == 0) continue;
     const float* dy = s.d_y_sorted.data + off * C;
-    // y (m, C) = act (m, F) @ W2 (C, F)^T + b2
-    be.gemm(Trans::N, Trans::N, m, F, C, 1.f, dy, C, w.fc2_w.data + e * C * F, F, 0.f, s.d_act.data + off * F, F);
-    be.gemm(Trans::T, Trans::N, C, F, m, alpha, dy, C, a.act.data + off * F, F, 1.f, g.fc2_w.data + e * C * F, F);
+    // y (m, C) = act (m, F) @ W2 (C, F)^T + b2:  d_act = dy @ W2;  dW2 += alpha dy^T @ act
+    batch.push_back({Trans::N, Trans::N, m, F, C, 1.f, dy, C, w.fc2_w.data + e * C * F, F, 0.f,
+                     s.d_act.data + off * F, F});
+    batch.push_back({Trans::T, Trans::N, C, F, m, alpha, dy, C, a.act.data + off * F, F, 1.f,
+                     g.fc2_w.data + e * C * F, F});
     if (!g.fc2_b.empty())  // db2 (1, C) += alpha * ones (1, m) @ dy (m, C)
-      be.gemm(Trans::N, Trans::N, 1, C, m, alpha, s.ones.data, m, dy, C, 1.f, g.fc2_b.data + e * C, C);
+      batch.push_back({Trans::N, Trans::N, 1, C, m, alpha, s.ones.data, m, dy, C, 1.f, g.fc2_b.data + e * C, C});
   }
+  be.gemm_batch(batch.data(), static_cast<int64_t>(batch.size()));
   activation_backward(be, d.ffn, s.d_pre.data, a.pre.data, s.d_act.data, r.rows, F);
+  batch.clear();
   for (int64_t e = 0; e < E; ++e) {
     const int64_t off = r.expert_offsets[e], m = r.expert_offsets[e + 1] - off;
     if (m == 0) continue;
     const float* dpre = s.d_pre.data + off * P;
-    // pre (m, P) = x (m, C) @ W1 (P, C)^T + b1
-    be.gemm(Trans::N, Trans::N, m, C, P, 1.f, dpre, P, w.fc1_w.data + e * P * C, C, 0.f,
-            s.d_x_sorted.data + off * C, C);
-    be.gemm(Trans::T, Trans::N, P, C, m, alpha, dpre, P, a.x_sorted.data + off * C, C, 1.f,
-            g.fc1_w.data + e * P * C, C);
+    // pre (m, P) = x (m, C) @ W1 (P, C)^T + b1:  d_x = dpre @ W1;  dW1 += alpha dpre^T @ x
+    batch.push_back({Trans::N, Trans::N, m, C, P, 1.f, dpre, P, w.fc1_w.data + e * P * C, C, 0.f,
+                     s.d_x_sorted.data + off * C, C});
+    batch.push_back({Trans::T, Trans::N, P, C, m, alpha, dpre, P, a.x_sorted.data + off * C, C, 1.f,
+                     g.fc1_w.data + e * P * C, C});
     if (!g.fc1_b.empty())
-      be.gemm(Trans::N, Trans::N, 1, P, m, alpha, s.ones.data, m, dpre, P, 1.f, g.fc1_b.data + e * P, P);
+      batch.push_back({Trans::N, Trans::N, 1, P, m, alpha, s.ones.data, m, dpre, P, 1.f, g.fc1_b.data + e * P, P});
   }
+  be.gemm_batch(batch.data(), static_cast<int64_t>(batch.size()));
 }
 
 void compute_stats(const MoeDims& d, const float* probs, const Routing& r, MoeStats& st) {
@@ -115,8 +122,11 @@ void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const Moe
                  Routing& r, MoeStats& stats) {
   const int64_t n = d.tokens(), C = d.d_model, E = d.experts;
   MOELAB_CHECK(in.rows() == n && in.cols() == C, "MoE input " + in.shape.str());
-  // route
-  linear_forward(be, a.logits, in, w.router, Tensor());
+  // route (fp32 whatever the matmul precision: top-k decisions and the balancing losses are sensitive to it)
+  {
+    const MatmulPrecisionScope fp32(be, Precision::FP32);
+    linear_forward(be, a.logits, in, w.router, Tensor());
+  }
   router_softmax(a.logits.data, a.probs.data, r.lse.data(), n, E);
   if (d.router == RouterKind::TokenChoice) route_token_choice(d, a.probs.data, r);
   else route_expert_choice(d, a.probs.data, r);
@@ -189,6 +199,7 @@ void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& g
     for (int64_t e = 0; e < E; ++e) dot += dl[e] * p[e];
     for (int64_t e = 0; e < E; ++e) dl[e] = p[e] * (dl[e] - dot) + z_scale * r.lse[i] * p[e];
   }
+  const MatmulPrecisionScope fp32(be, Precision::FP32);
   linear_backward(be, din, g.router, Tensor(), s.d_logits, in, w.router, /*accumulate_din=*/true);
 }
 

@@ -20,6 +20,7 @@ namespace moelab {
 
 Trainer::Trainer(const Config& config, Backend& backend)
     : config_(config), backend_(backend), data_rng_(static_cast<uint64_t>(config.train.seed) ^ 0x5eed0da7aULL) {
+  backend_.set_matmul_precision(config.train.precision);
   model_ = std::make_unique<Transformer>(config.model, backend, config.train.batch_size);
   model_->init_weights(static_cast<uint64_t>(config.train.seed));
   optimizer_ = std::make_unique<AdamW>(model_->layout(), config.train, backend);
