@@ -24,8 +24,10 @@ while (( $# )); do
 done
 if [[ "$variant" == tiny ]]; then
   study=runs/study-tiny; sparsity_spec=configs/study/tiny-sparsity.toml; granularity_spec=configs/study/tiny-granularity.toml
+  task_items=40
 else
   study=runs/study; sparsity_spec=configs/study/sparsity.toml; granularity_spec=configs/study/granularity.toml
+  task_items=200
 fi
 start=$(date +%s)
 stage() { echo; echo "== [$1/6] $2   ($(( ($(date +%s) - start) / 60 )) min elapsed)"; }
@@ -34,7 +36,7 @@ stage 1 "dependencies and build"
 scripts/build.sh
 moelab=build/moelab
 
-stage 2 "default corpus (docs/data.md) and its 2048-token vocabulary"
+stage 2 "default corpus (docs/data.md), built-in tasks (docs/tasks.md) and a 2048-token vocabulary"
 scripts/fetch-corpus.sh --out data/corpus
 $moelab data prepare --corpus data/corpus --out data/prepared-v2048 --vocab 2048 --quiet
 
@@ -46,8 +48,9 @@ stage 4 "sweeps: training (progress: [runs done/total], ETA)"
 $moelab sweep run "$study/sparsity" --jobs "$jobs" --threads-per-job 1
 $moelab sweep run "$study/granularity" --jobs "$jobs" --threads-per-job 1
 
-stage 5 "downstream evaluation"
-echo "(not part of this study yet)"
+stage 5 "downstream evaluation: built-in tasks, zero- and 5-shot, first $task_items test items each"
+$moelab sweep eval "$study/sparsity" --tasks wordnet-cloze prose-lastword bible-paraphrase --shots 0 5 \
+  --limit "$task_items" --threads 2 | tail -1
 
 stage 6 "fits, figures and the report"
 $moelab report "$study" --out "$study/report"

@@ -563,7 +563,7 @@ class Builder {
       plot.resize(plot.size() - 2);
       fig.add("set title " + gnuplot_quote(task));
       fig.add("set xlabel " + gnuplot_quote(loss_axis()) + "\nset ylabel 'accuracy (fraction, ±1 s.e.)'\nset key "
-              "bottom left font ',9'\nset yrange [0:1]");
+              "top right font ',9'\nset yrange [0:1]");
       fig.add(plot);
     }
     fig.add("unset multiplot");

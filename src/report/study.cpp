@@ -1,7 +1,5 @@
 #include "report/study.h"
 
-#include <sqlite3.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -29,46 +27,6 @@ std::string fmt(const char* format, double v) {
 }
 
 ojson number_or_null(double v) { return std::isfinite(v) ? ojson(v) : ojson(nullptr); }
-
-// Rows of the `downstream` table of DIR/results.db, if the table exists.
-std::vector<DownstreamRow> read_downstream(const std::string& sweep_dir) {
-  std::vector<DownstreamRow> rows;
-  const fs::path db_path = fs::path(sweep_dir) / "results.db";
-  if (!fs::exists(db_path)) return rows;
-  sqlite3* db = nullptr;
-  if (sqlite3_open_v2(db_path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) != SQLITE_OK) {
-    sqlite3_close(db);
-    throw Error("cannot open results store " + db_path.string());
-  }
-  sqlite3_busy_timeout(db, 10000);
-  sqlite3_stmt* stmt = nullptr;
-  const char* sql =
-      "SELECT run, task, mode, shots, acc, acc_stderr, acc_norm, acc_norm_stderr, n FROM downstream "
-      "ORDER BY run, task, mode, shots";
-  if (sqlite3_prepare_v2(db, sql, -1, &stmt, nullptr) == SQLITE_OK) {
-    while (sqlite3_step(stmt) == SQLITE_ROW) {
-      DownstreamRow r;
-      auto text = [&](int i) {
-        const auto* t = sqlite3_column_text(stmt, i);
-        return t ? std::string(reinterpret_cast<const char*>(t)) : std::string();
-      };
-      r.run = text(0);
-      r.task = text(1);
-      r.mode = text(2);
-      r.shots = sqlite3_column_int(stmt, 3);
-      r.acc = sqlite3_column_double(stmt, 4);
-      r.acc_stderr = sqlite3_column_double(stmt, 5);
-      r.acc_norm = sqlite3_column_double(stmt, 6);
-      r.acc_norm_stderr = sqlite3_column_double(stmt, 7);
-      r.n = sqlite3_column_int64(stmt, 8);
-      rows.push_back(r);
-    }
-  }
-  // No table (a sweep never evaluated downstream) is not an error: the report says so.
-  sqlite3_finalize(stmt);
-  sqlite3_close(db);
-  return rows;
-}
 
 double loss_of(const RunResult& r, const std::string& column) {
   if (column == "val_loss") return r.val_loss;
@@ -169,7 +127,7 @@ Study load_study(const std::string& dir) {
       s.label = fs::path(s.dir).filename().string();
       s.plan = read_plan(s.dir);
       s.results = read_results(s.dir);
-      s.downstream = read_downstream(s.dir);
+      if (fs::exists(fs::path(s.dir) / "results.db")) s.downstream = read_downstream((fs::path(s.dir) / "results.db").string());
       study.sweeps.push_back(std::move(s));
       return true;
     }

@@ -24,20 +24,12 @@ struct RunCurves {
 // Reads <run_dir>/metrics.jsonl; a missing file gives empty curves, a line cut short by a kill is skipped.
 RunCurves read_run_curves(const std::string& run_dir);
 
-// One downstream evaluation row of a sweep's results store (table `downstream`, docs/tasks.md).
-struct DownstreamRow {
-  std::string run, task, mode;
-  int shots = 0;
-  double acc = 0, acc_stderr = 0, acc_norm = 0, acc_norm_stderr = 0;
-  int64_t n = 0;
-};
-
 struct StudySweep {
   std::string dir;   // as found (absolute)
   std::string label; // the directory's name
   SweepPlan plan;
   std::vector<RunResult> results;  // every run with a result.json, in plan order
-  std::vector<DownstreamRow> downstream;
+  std::vector<DownstreamRecord> downstream;  // the `downstream` table of its results.db (docs/tasks.md)
   std::string run_dir(const std::string& run_name) const;
 };
 
