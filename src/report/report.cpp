@@ -604,8 +604,9 @@ class Builder {
     fig.add("set xlabel 'expert'\nset ylabel 'layer'\nset cblabel 'tokens routed / uniform share'");
     fig.add("set xrange [-0.5:" + fmt("%.1f", experts - 0.5) + "]\nset yrange [-0.5:" +
             fmt("%.1f", c.router_load.size() - 0.5) + "]\nset xtics 1\nset ytics 1\nset grid noxtics noytics");
+    fig.add("unset key");
     fig.add("set palette defined (0 '#f7fbff', 1 '#6baed6', 2 '#08306b', 3 '#d7301f')\nset cbrange [0:*]");
-    fig.add("plot " + fig.add_data(cells) + " using 1:2:3 with image notitle, '' using 1:2:(sprintf('%.2f', $3)) with "
+    fig.add("plot " + fig.add_data(cells) + " using 1:2:3 with image pixels notitle, '' using 1:2:(sprintf('%.2f', $3)) with "
             "labels font ',9' notitle");
     emit("router-load", title,
          "Tokens each expert received at the last training step, relative to an even split (1.0), per MoE layer, for " +
