@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The main job: on a fresh Debian 12 machine, installs what is missing, builds, assembles the default corpus,
-# runs a CPU-sized sparsity study (3 FLOP budgets x 3 shapes x dense + 3 sparsity levels, and a small
+# runs a CPU-sized sparsity study (3 FLOP budgets x 4 shapes x dense + 3 sparsity levels, and a small
 # granularity comparison), evaluates downstream, fits the scaling laws, writes the HTML report, and prints the
 # headline answer. Measured: 10 minutes on 2 cores once built, about 14 from a fresh clone. Every step is
-# idempotent: rerun it after an interruption and it resumes (finished runs are skipped, interrupted ones continue from their checkpoints).
+# idempotent: rerun it after an interruption and it resumes (finished runs are skipped, interrupted ones
+# continue from their checkpoints).
 #
 #   scripts/quickstart.sh            the study, into runs/study (report: runs/study/report/index.html)
 #   scripts/quickstart.sh --tiny     the same path on very small models, into runs/study-tiny (under a minute once built)
@@ -18,7 +19,7 @@ while (( $# )); do
   case "$1" in
     --tiny) variant=tiny; shift ;;
     --jobs) [[ $# -ge 2 ]] || { echo "quickstart: --jobs needs a number" >&2; exit 2; }; jobs="$2"; shift 2 ;;
-    -h|--help) sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "quickstart: unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
