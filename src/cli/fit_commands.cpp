@@ -1,3 +1,4 @@
+#include "core/format.h"
 #include "cli/fit_commands.h"
 
 #include <omp.h>
@@ -20,12 +21,6 @@
 
 namespace moelab {
 namespace {
-
-std::string fmt(const char* f, double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, f, v);
-  return buf;
-}
 
 std::string interval_text(const nlohmann::ordered_json& i) {
   return "[" + fmt("%.4g", i["p2.5"].get<double>()) + ", " + fmt("%.4g", i["p97.5"].get<double>()) + "] (95%), [" +

@@ -1,3 +1,4 @@
+#include "core/format.h"
 #include "report/report.h"
 
 #include <algorithm>
@@ -21,12 +22,6 @@ namespace {
 namespace fs = std::filesystem;
 using ojson = nlohmann::ordered_json;
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
-
-std::string fmt(const char* format, double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, format, v);
-  return buf;
-}
 
 std::string html_escape(const std::string& s) {
   std::string out;
@@ -60,14 +55,6 @@ std::string base64(const std::string& bytes) {
   }
   return out;
 }
-
-double loss_of(const RunResult& r, const std::string& column) {
-  if (column == "val_loss") return r.val_loss;
-  if (column == "smoothed_loss") return r.smoothed_loss;
-  return r.loss;
-}
-
-bool same_budget(double a, double b) { return std::fabs(a - b) <= 1e-6 * std::max(std::fabs(a), std::fabs(b)); }
 
 std::string sparsity_label(double s) { return s == 0 ? std::string("dense") : "S = " + fmt("%.4g", s); }
 

@@ -1,3 +1,4 @@
+#include "core/format.h"
 #include "report/study.h"
 
 #include <algorithm>
@@ -20,20 +21,7 @@ namespace fs = std::filesystem;
 using ojson = nlohmann::ordered_json;
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
-std::string fmt(const char* format, double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, format, v);
-  return buf;
-}
-
 ojson number_or_null(double v) { return std::isfinite(v) ? ojson(v) : ojson(nullptr); }
-
-double loss_of(const RunResult& r, const std::string& column) {
-  if (column == "val_loss") return r.val_loss;
-  if (column == "smoothed_loss") return r.smoothed_loss;
-  if (column == "loss") return r.loss;
-  throw Error("report: unknown loss column '" + column + "' (use val_loss, smoothed_loss or loss)");
-}
 
 bool usable(const RunResult& r, const std::string& column) {
   return r.status == "ok" && std::isfinite(loss_of(r, column)) && loss_of(r, column) > 0;
@@ -70,10 +58,14 @@ std::string describe_run(const ojson& b) {
   return text;
 }
 
-// Same planned budget: budgets are exact numbers from the plan, but compare with a tolerance anyway.
-bool same_budget(double a, double b) { return std::fabs(a - b) <= 1e-6 * std::max(std::fabs(a), std::fabs(b)); }
-
 }  // namespace
+
+double loss_of(const RunResult& r, const std::string& column) {
+  if (column == "val_loss") return r.val_loss;
+  if (column == "smoothed_loss") return r.smoothed_loss;
+  if (column == "loss") return r.loss;
+  throw Error("report: unknown loss column '" + column + "' (use val_loss, smoothed_loss or loss)");
+}
 
 std::string StudySweep::run_dir(const std::string& run_name) const {
   return (fs::path(dir) / "runs" / run_name).string();

@@ -2,7 +2,9 @@
 // A study, as the report reads it: one or more sweeps (directories with plan.json, results in result.json files
 // and results.db) and single training runs (directories with metrics.jsonl), found under one directory; and
 // the analyses the report draws and the headline it prints, all computed from those files (docs/report.md).
+#include <algorithm>
 #include <array>
+#include <cmath>
 #include <optional>
 #include <string>
 #include <vector>
@@ -38,6 +40,13 @@ struct Study {
   std::vector<StudySweep> sweeps;
   std::vector<std::string> single_runs;  // directories holding a metrics.jsonl outside any sweep
 };
+
+// The run's loss under a results column name: "val_loss", "smoothed_loss" or "loss"; throws Error for another.
+double loss_of(const RunResult& r, const std::string& column);
+// Planned budgets are exact numbers from the plan; compared with a relative tolerance of 1e-6 anyway.
+inline bool same_budget(double a, double b) {
+  return std::fabs(a - b) <= 1e-6 * std::max(std::fabs(a), std::fabs(b));
+}
 
 // DIR is a sweep, a single run, or a directory whose immediate subdirectories are sweeps or runs. Throws Error
 // when DIR does not exist or holds none of these (naming what was looked for).

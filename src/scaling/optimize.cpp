@@ -1,3 +1,4 @@
+#include "core/format.h"
 #include "scaling/optimize.h"
 
 #include <algorithm>
@@ -18,12 +19,6 @@ namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 // Search ranges: log N over [1e3, 1e16] parameters, n_blocks over [0.25, 4096].
 constexpr double kLogNMin = 6.907755279, kLogNMax = 36.841361488;
-
-std::string fmt(const char* f, double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, f, v);
-  return buf;
-}
 
 std::vector<double> default_granularities() { return {1, 2, 4, 8, 16, 32, 64}; }
 

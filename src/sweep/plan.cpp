@@ -1,3 +1,4 @@
+#include "core/format.h"
 #include "sweep/plan.h"
 
 #include <algorithm>
@@ -112,12 +113,6 @@ std::vector<const toml::table*> table_array(const toml::table& root, const std::
     out.push_back(e.as_table());
   }
   return out;
-}
-
-std::string fmt(const char* f, double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, f, v);
-  return buf;
 }
 
 // ---- the rules that map a model size to its hyper-parameters ------------------------------------------------
