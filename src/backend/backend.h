@@ -76,6 +76,14 @@ class Backend {
   virtual void gemm_batch(const GemmProblem* problems, int64_t count) = 0;
   virtual void grouped_gemm(Trans ta, Trans tb, int64_t n, int64_t k, float alpha, const GemmGroup* groups,
                             int64_t group_count, int64_t lda, int64_t ldb, float beta, int64_t ldc) = 0;
+  // Operand reuse, a hint that never changes a result: the caller promises that [data, data + count) is not
+  // written until the matching release_constant(data) (regions may nest). A backend that converts operands
+  // before multiplying (bf16 rounding on the CPU) may keep the converted copy of any operand block inside a held
+  // region and reuse it for later products: a layer's backward holds its output gradient, which feeds both the
+  // input-gradient and the weight-gradient product; the trainer holds the parameters for a step's forward and
+  // backward. A product must not write into a held region.
+  virtual void hold_constant(const float* data, int64_t count) {}
+  virtual void release_constant(const float* data) {}
 
   // ---- elementwise ----------------------------------------------------------------------------------------
   virtual void add(float* out, const float* a, const float* b, int64_t n) = 0;          // out = a + b
@@ -163,6 +171,21 @@ class MatmulPrecisionScope {
  private:
   Backend& backend_;
   Precision saved_;
+};
+
+// Holds [data, data + count) constant (Backend::hold_constant) for the lifetime of the scope.
+class ConstantOperands {
+ public:
+  ConstantOperands(Backend& backend, const float* data, int64_t count) : backend_(backend), data_(data) {
+    backend_.hold_constant(data, count);
+  }
+  ~ConstantOperands() { backend_.release_constant(data_); }
+  ConstantOperands(const ConstantOperands&) = delete;
+  ConstantOperands& operator=(const ConstantOperands&) = delete;
+
+ private:
+  Backend& backend_;
+  const float* data_;
 };
 
 // The CPU backend: OpenMP threads, oneDNN GEMM.

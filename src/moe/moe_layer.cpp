@@ -73,7 +73,10 @@ void experts_backward(Backend& be, const MoeDims& d, const MoeWeights& g, const 
     if (!g.fc2_b.empty())  // db2 (1, C) += alpha * ones (1, m) @ dy (m, C)
       batch.push_back({Trans::N, Trans::N, 1, C, m, alpha, s.ones.data, m, dy, C, 1.f, g.fc2_b.data + e * C, C});
   }
-  be.gemm_batch(batch.data(), static_cast<int64_t>(batch.size()));
+  {
+    const ConstantOperands hold(be, s.d_y_sorted.data, r.rows * C);  // each dy feeds two products: rounded once
+    be.gemm_batch(batch.data(), static_cast<int64_t>(batch.size()));
+  }
   activation_backward(be, d.ffn, s.d_pre.data, a.pre.data, s.d_act.data, r.rows, F);
   batch.clear();
   for (int64_t e = 0; e < E; ++e) {
@@ -88,6 +91,7 @@ void experts_backward(Backend& be, const MoeDims& d, const MoeWeights& g, const 
     if (!g.fc1_b.empty())
       batch.push_back({Trans::N, Trans::N, 1, P, m, alpha, s.ones.data, m, dpre, P, 1.f, g.fc1_b.data + e * P, P});
   }
+  const ConstantOperands hold(be, s.d_pre.data, r.rows * P);
   be.gemm_batch(batch.data(), static_cast<int64_t>(batch.size()));
 }
 

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -51,6 +52,117 @@ void pack_bf16(uint16_t* dst, const float* src, int64_t rows, int64_t cols, int6
 
 // Per-thread operand buffers for the bf16 path (grown, never shrunk).
 thread_local std::vector<uint16_t> bf16_a, bf16_b;
+
+// An operand of a product as stored: `outer` x `batch` matrices of rows x cols (row stride ld), matrix (o, i) at
+// src + o * outer_stride + i * stride. Packed, it is dense: (outer, batch, rows, cols).
+struct OperandBlock {
+  const float* src;
+  int64_t rows, cols, ld;
+  int64_t batch = 1, stride = 0, outer = 1, outer_stride = 0;
+  int64_t size() const { return outer * batch * rows * cols; }
+  const float* end() const { return src + (outer - 1) * outer_stride + (batch - 1) * stride + (rows - 1) * ld + cols; }
+  bool operator<(const OperandBlock& o) const {
+    return std::tie(src, rows, cols, ld, batch, stride, outer, outer_stride) <
+           std::tie(o.src, o.rows, o.cols, o.ld, o.batch, o.stride, o.outer, o.outer_stride);
+  }
+};
+
+void pack_bf16(uint16_t* dst, const OperandBlock& b) {
+  const int64_t count = b.outer * b.batch, size = b.rows * b.cols;
+  if (count == 1) return pack_bf16(dst, b.src, b.rows, b.cols, b.ld);
+#pragma omp parallel for schedule(static) if (!omp_in_parallel())
+  for (int64_t x = 0; x < count; ++x)
+    pack_bf16(dst + x * size, b.src + (x / b.batch) * b.outer_stride + (x % b.batch) * b.stride, b.rows, b.cols, b.ld);
+}
+
+// bf16 copies of the operand blocks that lie in held regions (Backend::hold_constant), so an operand that feeds
+// several products is rounded once. Keyed by the block as stored; the copy is exactly what packing it again would
+// give, so reuse never changes a result. Thread-safe: the MoE experts' products run concurrently. Buffers of
+// released copies are pooled, since the same sizes come back every step.
+class OperandCache {
+ public:
+  void hold(const float* data, int64_t count) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    regions_.push_back({data, data + count});
+  }
+  void release(const float* data) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = std::find_if(regions_.rbegin(), regions_.rend(), [&](const Region& r) { return r.begin == data; });
+    MOELAB_CHECK(it != regions_.rend(), "release_constant without a matching hold_constant");
+    regions_.erase(std::next(it).base());
+    for (auto e = copies_.begin(); e != copies_.end();) {
+      if (held_locked(e->first.src, e->first.end())) {
+        ++e;
+        continue;
+      }
+      give_back_locked(std::move(e->second));
+      e = copies_.erase(e);
+    }
+  }
+  // Whether [begin, end) overlaps a held region (a product writing there breaks the caller's promise).
+  bool overlaps_held(const float* begin, const float* end) {
+    if (regions_.empty()) return false;
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const Region& r : regions_)
+      if (begin < r.end && r.begin < end) return true;
+    return false;
+  }
+  // The block rounded to bf16 and packed densely: the held copy, or a fresh one in `scratch`.
+  const uint16_t* get(const OperandBlock& b, std::vector<uint16_t>& scratch) {
+    if (!regions_.empty()) {
+      std::unique_lock<std::mutex> lock(mutex_);
+      if (held_locked(b.src, b.end())) {
+        if (auto it = copies_.find(b); it != copies_.end()) return it->second.data();
+        std::vector<uint16_t> buffer = take_locked(b.size());
+        lock.unlock();
+        pack_bf16(buffer.data(), b);
+        lock.lock();
+        auto [it, inserted] = copies_.emplace(b, std::move(buffer));
+        if (!inserted) give_back_locked(std::move(buffer));  // another thread packed it first
+        return it->second.data();
+      }
+    }
+    if (scratch.size() < static_cast<size_t>(b.size())) scratch.resize(b.size());
+    pack_bf16(scratch.data(), b);
+    return scratch.data();
+  }
+
+ private:
+  struct Region {
+    const float *begin, *end;
+  };
+  bool held_locked(const float* begin, const float* end) const {
+    for (const Region& r : regions_)
+      if (r.begin <= begin && end <= r.end) return true;
+    return false;
+  }
+  // The smallest pooled buffer that fits without wasting more than half of it (a small operand must not take the
+  // buffer a large one comes back for: the next step would page-fault a fresh one), or a new one.
+  std::vector<uint16_t> take_locked(int64_t size) {
+    auto best = pool_.end();
+    for (auto it = pool_.begin(); it != pool_.end(); ++it)
+      if (it->capacity() >= static_cast<size_t>(size) && it->capacity() <= 2 * static_cast<size_t>(size) + 4096 &&
+          (best == pool_.end() || it->capacity() < best->capacity()))
+        best = it;
+    std::vector<uint16_t> buffer;
+    if (best != pool_.end()) {
+      buffer = std::move(*best);
+      pool_.erase(best);
+    }
+    buffer.resize(size);
+    return buffer;
+  }
+  void give_back_locked(std::vector<uint16_t> buffer) {  // bounded: past 256 buffers the smallest goes
+    pool_.push_back(std::move(buffer));
+    if (pool_.size() > 256)
+      pool_.erase(std::min_element(pool_.begin(), pool_.end(),
+                                   [](const auto& x, const auto& y) { return x.capacity() < y.capacity(); }));
+  }
+  std::mutex mutex_;
+  std::vector<Region> regions_;
+  std::map<OperandBlock, std::vector<uint16_t>> copies_;
+  std::vector<std::vector<uint16_t>> pool_;
+};
 
 // oneDNN matmul primitives (brgemm kernels), cached per shape. They beat dnnl_sgemm / dnnl_gemm_bf16bf16f32 by up
 // to 3x on some transformer shapes (e.g. the weight gradients, op(A) = A^T with a long K), but creating one costs
@@ -190,6 +302,16 @@ class CpuBackend final : public Backend {
   }
   int threads() const override { return threads_; }
   void set_matmul_precision(Precision precision) override { precision_ = precision; }
+  void hold_constant(const float* data, int64_t count) override { operands_.hold(data, count); }
+  void release_constant(const float* data) override { operands_.release(data); }
+  // A product's output must not lie in a held region (Backend::hold_constant).
+  void check_output(const float* c, int64_t rows, int64_t cols, int64_t ldc, int64_t batch = 1, int64_t stride_c = 0,
+                    int64_t outer = 1, int64_t outer_c = 0) {
+    if (rows <= 0 || cols <= 0) return;
+    const float* end = c + (outer - 1) * outer_c + (batch - 1) * stride_c + (rows - 1) * ldc + cols;
+    MOELAB_CHECK(!operands_.overlaps_held(c, end), "a matrix product writes into memory held constant "
+                 "(Backend::hold_constant); release it before writing there");
+  }
   Precision matmul_precision() const override { return precision_; }
 
   float* alloc(size_t count) override {
@@ -217,6 +339,7 @@ class CpuBackend final : public Backend {
   // ---- matrix products ------------------------------------------------------------------------------------
   void gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
             const float* b, int64_t ldb, float beta, float* c, int64_t ldc) override {
+    check_output(c, m, n, ldc);
     if (profile_.on() && !omp_in_parallel()) {
       const double t0 = wall_seconds();
       gemm_impl(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
@@ -277,11 +400,9 @@ class CpuBackend final : public Backend {
                  const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
     const int64_t a_rows = ta == Trans::N ? m : k, a_cols = ta == Trans::N ? k : m;
     const int64_t b_rows = tb == Trans::N ? k : n, b_cols = tb == Trans::N ? n : k;
-    if (bf16_a.size() < static_cast<size_t>(a_rows * a_cols)) bf16_a.resize(a_rows * a_cols);
-    if (bf16_b.size() < static_cast<size_t>(b_rows * b_cols)) bf16_b.resize(b_rows * b_cols);
     const double tp = profile_.on() && !omp_in_parallel() ? wall_seconds() : 0;
-    pack_bf16(bf16_a.data(), a, a_rows, a_cols, lda);
-    pack_bf16(bf16_b.data(), b, b_rows, b_cols, ldb);
+    const uint16_t* pa = operands_.get({a, a_rows, a_cols, lda}, bf16_a);
+    const uint16_t* pb = operands_.get({b, b_rows, b_cols, ldb}, bf16_b);
     if (profile_.on() && !omp_in_parallel()) {  // the bf16 rounding of the operands, apart from the product
       char key[96];
       std::snprintf(key, sizeof key, "bf16 operand packing %ldx%ldx%ld %c%c", static_cast<long>(m),
@@ -291,12 +412,11 @@ class CpuBackend final : public Backend {
     if (MatmulCache::eligible(m, n, k)) {
       matmuls_.run({true, ta == Trans::T ? 'T' : 'N', tb == Trans::T ? 'T' : 'N', m, n, k, a_cols, b_cols, ldc, alpha,
                     beta},
-                   bf16_a.data(), bf16_b.data(), c);
+                   pa, pb, c);
       return;
     }
-    const dnnl_status_t status =
-        dnnl_gemm_bf16bf16f32(ta == Trans::T ? 'T' : 'N', tb == Trans::T ? 'T' : 'N', m, n, k, alpha, bf16_a.data(),
-                              a_cols, bf16_b.data(), b_cols, beta, c, ldc);
+    const dnnl_status_t status = dnnl_gemm_bf16bf16f32(ta == Trans::T ? 'T' : 'N', tb == Trans::T ? 'T' : 'N', m, n,
+                                                       k, alpha, pa, a_cols, pb, b_cols, beta, c, ldc);
     MOELAB_CHECK(status == dnnl_success, "dnnl_gemm_bf16bf16f32 failed with status " + std::to_string(status));
   }
 
@@ -323,6 +443,7 @@ class CpuBackend final : public Backend {
                              int64_t lda, int64_t stride_a, int64_t outer_stride_a, const float* b, int64_t ldb,
                              int64_t stride_b, int64_t outer_stride_b, float beta, float* c, int64_t ldc,
                              int64_t stride_c, int64_t outer_stride_c, int64_t batch, int64_t outer) override {
+    check_output(c, m, n, ldc, batch, stride_c, outer, outer_stride_c);
     if (batched_matmul(ta, tb, m, n, k, alpha, a, lda, stride_a, outer_stride_a, b, ldb, stride_b, outer_stride_b,
                        beta, c, ldc, stride_c, outer_stride_c, batch, outer))
       return;
@@ -345,17 +466,9 @@ class CpuBackend final : public Backend {
       // Pack every product's operands densely: (outer, batch, rows, cols) bf16.
       const int64_t a_rows = ta == Trans::N ? m : k, a_cols = ta == Trans::N ? k : m;
       const int64_t b_rows = tb == Trans::N ? k : n, b_cols = tb == Trans::N ? n : k;
-      const int64_t count = outer * batch, a_size = a_rows * a_cols, b_size = b_rows * b_cols;
-      if (bf16_a.size() < static_cast<size_t>(count * a_size)) bf16_a.resize(count * a_size);
-      if (bf16_b.size() < static_cast<size_t>(count * b_size)) bf16_b.resize(count * b_size);
-      uint16_t* pa = bf16_a.data();
-      uint16_t* pb = bf16_b.data();
-#pragma omp parallel for schedule(static)
-      for (int64_t x = 0; x < count; ++x) {
-        const int64_t o = x / batch, i = x % batch;
-        pack_bf16(pa + x * a_size, a + o * outer_a + i * stride_a, a_rows, a_cols, lda);
-        pack_bf16(pb + x * b_size, b + o * outer_b + i * stride_b, b_rows, b_cols, ldb);
-      }
+      const int64_t a_size = a_rows * a_cols, b_size = b_rows * b_cols;
+      const uint16_t* pa = operands_.get({a, a_rows, a_cols, lda, batch, stride_a, outer, outer_a}, bf16_a);
+      const uint16_t* pb = operands_.get({b, b_rows, b_cols, ldb, batch, stride_b, outer, outer_b}, bf16_b);
       matmuls_.run({true, cta, ctb, m, n, k, a_cols, b_cols, ldc, alpha, beta, batch, a_size, b_size, stride_c, outer,
                     batch * a_size, batch * b_size, outer_c},
                    pa, pb, c);
@@ -838,6 +951,7 @@ class CpuBackend final : public Backend {
   int threads_ = 1;
   Precision precision_ = Precision::FP32;
   MatmulCache matmuls_;
+  OperandCache operands_;
   GemmProfile profile_;
 };
 
