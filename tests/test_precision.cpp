@@ -61,6 +61,37 @@ TEST(Precision, Bf16RoundingIsTheSameInVectorBodyAndTail) {
   EXPECT_EQ(c[1], 1.f + std::ldexp(1.f, -6));
 }
 
+// Backend::hold_constant: a held operand's bf16 copy is reused, with the same result as rounding it again; after
+// the release a changed operand is rounded afresh (no stale copy); a product writing into a held region is refused.
+TEST(Precision, HeldOperandsAreReusedNeverStale) {
+  auto be = make_cpu_backend(2);
+  be->set_matmul_precision(Precision::BF16);
+  Rng rng(5);
+  for (const auto& [m, n, k] : {std::tuple<int64_t, int64_t, int64_t>{64, 128, 192}, {37, 29, 70}}) {
+    std::vector<float> a(m * k), b(k * n), fresh(m * n), first(m * n), reused(m * n), oracle(m * n);
+    testing::fill_normal(a.data(), a.size(), rng);
+    testing::fill_normal(b.data(), b.size(), rng);
+    be->gemm(Trans::N, Trans::N, m, n, k, 1.f, a.data(), k, b.data(), n, 0.f, fresh.data(), n);
+    {
+      const ConstantOperands hold(*be, a.data(), m * k);
+      be->gemm(Trans::N, Trans::N, m, n, k, 1.f, a.data(), k, b.data(), n, 0.f, first.data(), n);
+      be->gemm(Trans::N, Trans::N, m, n, k, 1.f, a.data(), k, b.data(), n, 0.f, reused.data(), n);
+      EXPECT_THROW(be->gemm(Trans::N, Trans::N, m, n, k, 1.f, b.data(), n, b.data(), n, 0.f, a.data(), n), Error)
+          << "a product wrote into a held region";
+    }
+    EXPECT_EQ(first, fresh);
+    EXPECT_EQ(reused, fresh);
+    for (auto& x : a) x = -2.f * x;  // released: the next product must see the new values
+    {
+      const ConstantOperands hold(*be, a.data(), m * k);
+      be->gemm(Trans::N, Trans::N, m, n, k, 1.f, a.data(), k, b.data(), n, 0.f, first.data(), n);
+    }
+    naive_gemm(Trans::N, Trans::N, m, n, k, 1.f, a.data(), k, b.data(), n, 0.f, oracle.data(), n, /*bf16=*/true);
+    for (int64_t x = 0; x < m * n; ++x)
+      ASSERT_NEAR(first[x], oracle[x], 1e-5 * (1 + std::fabs(oracle[x])) * std::sqrt(double(k))) << "stale copy";
+  }
+}
+
 TEST(Precision, Bf16GemmMatchesRoundedOperandsAndTracksFp32) {
   auto be = make_cpu_backend(2);
   Rng rng(11);

@@ -41,24 +41,24 @@ void attention_backward(Backend& be, const AttentionShape& s, Tensor dqkv, Tenso
   float* dk = dq + C;
   float* dv = dq + 2 * C;
   {
-  // dout feeds the first two products, dscores the last two: each is held while they run, so a backend that
-  // rounds operands (bf16) rounds it once.
-  const ConstantOperands hold(be, dout.data, dout.numel());
-  // dprobs (T, T) = dout (T, hd) @ v (T, hd)^T
-  be.gemm_strided_batched2(Trans::N, Trans::T, T, T, hd, 1.f, dout.data, C, hd, seq_out, v, 3 * C, hd, seq_qkv, 0.f,
-                           dprobs.data, T, T * T, seq_probs, H, B);
-  // dv (T, hd) = probs^T (T, T) @ dout (T, hd)
-  be.gemm_strided_batched2(Trans::T, Trans::N, T, hd, T, 1.f, probs.data, T, T * T, seq_probs, dout.data, C, hd,
-                           seq_out, 0.f, dv, 3 * C, hd, seq_qkv, H, B);
+    // dout feeds the first two products, dscores the last two: each is held while they run, so a backend that
+    // rounds operands (bf16) rounds it once.
+    const ConstantOperands hold(be, dout.data, dout.numel());
+    // dprobs (T, T) = dout (T, hd) @ v (T, hd)^T
+    be.gemm_strided_batched2(Trans::N, Trans::T, T, T, hd, 1.f, dout.data, C, hd, seq_out, v, 3 * C, hd, seq_qkv, 0.f,
+                             dprobs.data, T, T * T, seq_probs, H, B);
+    // dv (T, hd) = probs^T (T, T) @ dout (T, hd)
+    be.gemm_strided_batched2(Trans::T, Trans::N, T, hd, T, 1.f, probs.data, T, T * T, seq_probs, dout.data, C, hd,
+                             seq_out, 0.f, dv, 3 * C, hd, seq_qkv, H, B);
   }
   be.causal_softmax_backward(dprobs.data, probs.data, scale, B * H, T);  // dprobs now holds dscores
   {
-  const ConstantOperands hold(be, dprobs.data, dprobs.numel());
-  // dq (T, hd) = dscores (T, T) @ k (T, hd); dk (T, hd) = dscores^T (T, T) @ q (T, hd)
-  be.gemm_strided_batched2(Trans::N, Trans::N, T, hd, T, 1.f, dprobs.data, T, T * T, seq_probs, k, 3 * C, hd, seq_qkv,
-                           0.f, dq, 3 * C, hd, seq_qkv, H, B);
-  be.gemm_strided_batched2(Trans::T, Trans::N, T, hd, T, 1.f, dprobs.data, T, T * T, seq_probs, q, 3 * C, hd, seq_qkv,
-                           0.f, dk, 3 * C, hd, seq_qkv, H, B);
+    const ConstantOperands hold(be, dprobs.data, dprobs.numel());
+    // dq (T, hd) = dscores (T, T) @ k (T, hd); dk (T, hd) = dscores^T (T, T) @ q (T, hd)
+    be.gemm_strided_batched2(Trans::N, Trans::N, T, hd, T, 1.f, dprobs.data, T, T * T, seq_probs, k, 3 * C, hd, seq_qkv,
+                             0.f, dq, 3 * C, hd, seq_qkv, H, B);
+    be.gemm_strided_batched2(Trans::T, Trans::N, T, hd, T, 1.f, dprobs.data, T, T * T, seq_probs, q, 3 * C, hd, seq_qkv,
+                             0.f, dk, 3 * C, hd, seq_qkv, H, B);
   }
   // RoPE is a rotation, so its backward is the inverse rotation of the gradient.
   if (s.rope) be.rope(dqkv.data, B, T, 3 * C, 2 * H, hd, s.rope_theta, /*inverse=*/true, 0);

@@ -40,16 +40,16 @@ StepStats Trainer::step(const BatchSource& next_batch) {
   model_->zero_grad();
   double loss_sum = 0.0, aux_sum = 0.0;
   {
-  // The parameters do not change until the optimizer step: a backend that rounds operands (bf16) rounds each
-  // weight once per step instead of once per product.
-  const ConstantOperands hold(model_->backend(), model_->params(), model_->num_params());
-  for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
-    next_batch(tokens_, targets_);
-    MOELAB_CHECK(static_cast<int64_t>(tokens_.size()) == B * T && tokens_.size() == targets_.size(),
-                 "micro-batch must be (batch_size, seq_len)");
-    loss_sum += model_->forward(tokens_.data(), targets_.data(), B, 1.f / static_cast<float>(t.grad_accum));
-    aux_sum += model_->last_aux_loss();
-    model_->backward();
+    // The parameters do not change until the optimizer step: a backend that rounds operands (bf16) rounds each
+    // weight once per step instead of once per product.
+    const ConstantOperands hold(model_->backend(), model_->params(), model_->num_params());
+    for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
+      next_batch(tokens_, targets_);
+      MOELAB_CHECK(static_cast<int64_t>(tokens_.size()) == B * T && tokens_.size() == targets_.size(),
+                   "micro-batch must be (batch_size, seq_len)");
+      loss_sum += model_->forward(tokens_.data(), targets_.data(), B, 1.f / static_cast<float>(t.grad_accum));
+      aux_sum += model_->last_aux_loss();
+      model_->backward();
   }
   }
   StepStats s;
