@@ -8,6 +8,7 @@
 #include "backend/backend.h"
 #include "backend/peak.h"
 #include "data/shard.h"
+#include "model/transformer.h"
 #include "test_util.h"
 #include "train/trainer.h"
 
@@ -216,6 +217,55 @@ TEST(Precision, Bf16TrainingTracksFp32AndIsDeterministic) {
     EXPECT_GT(max_diff, 0.0) << name << ": bf16 run identical to fp32, the setting had no effect";
     std::printf("%s: max |loss bf16 - loss fp32| over %zu steps = %.5f (final %.4f vs %.4f)\n", name.c_str(),
                 fp32.size(), max_diff, bf16.back(), fp32.back());
+  }
+}
+
+// Operand reuse (hold_constant: the parameters for a step, each layer's output gradient, the activations a
+// training forward saves for its backward, the logits gradient rounded by the cross-entropy) must never change a
+// result: bf16 training with it and with it turned off (MOELAB_NO_OPERAND_REUSE) gives bitwise-equal losses, and
+// bitwise-equal gradients after a training forward that was not followed by its backward (the next forward releases
+// and rewrites what the first one held; a stale copy would show here).
+std::unique_ptr<Backend> backend_without_reuse(int threads) {
+  ::setenv("MOELAB_NO_OPERAND_REUSE", "1", 1);
+  auto be = make_cpu_backend(threads);
+  ::unsetenv("MOELAB_NO_OPERAND_REUSE");
+  return be;
+}
+
+TEST(Precision, OperandReuseNeverChangesBf16Training) {
+  const std::string path =
+      testing::write_tokens(std::filesystem::temp_directory_path() / "moelab_reuse_tokens.bin", 20000, 64);
+  TokenFile data(path, "uint16");
+  for (const std::vector<std::string>& variant :
+       {std::vector<std::string>{"model.pos=rope"},
+        std::vector<std::string>{"moe.experts=4", "moe.top_k=2", "train.grad_accum=2"},
+        std::vector<std::string>{"model.ffn=swiglu", "moe.experts=4", "moe.top_k=1", "moe.shared_experts=1"}}) {
+    auto keys = variant;
+    keys.push_back("train.precision=bf16");
+    const Config c = tiny_config(keys);
+    auto reuse = make_cpu_backend(2);
+    auto fresh = backend_without_reuse(2);
+    Trainer with(c, *reuse), without(c, *fresh);
+    for (int s = 0; s < 6; ++s) {
+      const double a = with.step(data).loss, b = without.step(data).loss;
+      ASSERT_EQ(a, b) << variant.back() << ": step " << s;
+      if (s == 2) ASSERT_EQ(with.evaluate(data, 2), without.evaluate(data, 2)) << variant.back();
+    }
+
+    Transformer m1(c.model, *reuse, 4), m2(c.model, *fresh, 4);
+    m1.init_weights(3), m2.init_weights(3);
+    reuse->set_matmul_precision(Precision::BF16), fresh->set_matmul_precision(Precision::BF16);
+    Rng rng(8);
+    std::vector<int32_t> t1(4 * 32), t2(4 * 32), y(4 * 32);
+    for (auto* v : {&t1, &t2, &y})
+      for (auto& t : *v) t = static_cast<int32_t>(rng.below(64));
+    for (Transformer* m : {&m1, &m2}) {
+      m->zero_grad();
+      m->forward(t1.data(), y.data(), 4, 1.f);  // no backward for this one
+      m->forward(t2.data(), y.data(), 4, 1.f);
+      m->backward();
+    }
+    ASSERT_EQ(0, std::memcmp(m1.grads(), m2.grads(), sizeof(float) * m1.num_params())) << variant.back();
   }
 }
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "backend/precision.h"
 
@@ -144,6 +145,14 @@ class Backend {
   // in place by grad_scale * (softmax - onehot), so the probabilities are never stored a second time.
   virtual void softmax_cross_entropy(float* logits, float* losses, const int32_t* targets, int64_t rows,
                                      int64_t vocab, float grad_scale) = 0;
+  // The same with a gradient (grad_scale != 0) that is then held constant (hold_constant) until the caller's
+  // release_constant(logits): the output head's backward multiplies by it twice. A backend that rounds operands may
+  // round the gradient as it writes it, while each row is still in cache, instead of in a pass of its own.
+  virtual void softmax_cross_entropy_held(float* logits, float* losses, const int32_t* targets, int64_t rows,
+                                          int64_t vocab, float grad_scale) {
+    softmax_cross_entropy(logits, losses, targets, rows, vocab, grad_scale);
+    hold_constant(logits, rows * vocab);
+  }
   // sum of x and sum of x^2 in double, deterministic for a fixed thread count.
   virtual double sum(const float* x, int64_t n) = 0;
   virtual double sum_squares(const float* x, int64_t n) = 0;
@@ -186,6 +195,33 @@ class ConstantOperands {
  private:
   Backend& backend_;
   const float* data_;
+};
+
+// What a training forward pass saves for its backward and multiplies by in both (layer inputs, attention
+// probabilities, activations, the logits gradient): each is held constant from its last write in the forward until
+// release(), which the backward calls when it is done (and the next forward, in case no backward came). A backend that
+// rounds operands (bf16) then rounds each once for both passes. Layers take a SavedOperands* that is null when there
+// will be no backward (inference), and then hold nothing.
+class SavedOperands {
+ public:
+  explicit SavedOperands(Backend& backend) : backend_(backend) {}
+  ~SavedOperands() { release(); }
+  SavedOperands(const SavedOperands&) = delete;
+  SavedOperands& operator=(const SavedOperands&) = delete;
+  void hold(const float* data, int64_t count) {
+    backend_.hold_constant(data, count);
+    held_.push_back(data);
+  }
+  // A region the backend already holds (softmax_cross_entropy_held): released with the others.
+  void adopt(const float* data) { held_.push_back(data); }
+  void release() {
+    for (auto it = held_.rbegin(); it != held_.rend(); ++it) backend_.release_constant(*it);
+    held_.clear();
+  }
+
+ private:
+  Backend& backend_;
+  std::vector<const float*> held_;
 };
 
 // The CPU backend: OpenMP threads, oneDNN GEMM.

@@ -6,12 +6,14 @@ namespace moelab {
 
 // The heads of all sequences form a two-level strided batch: head h of sequence b starts b*T*3C + h*hd elements
 // into qkv (rows 3C apart); its (T, T) score matrix is (b*H + h)*T*T elements into probs.
-void attention_forward(Backend& be, const AttentionShape& s, Tensor out, Tensor probs, Tensor qkv) {
+void attention_forward(Backend& be, const AttentionShape& s, Tensor out, Tensor probs, Tensor qkv,
+                       SavedOperands* saved) {
   const int64_t B = s.batch, T = s.seq, C = s.d_model, H = s.n_heads, hd = s.head_dim();
   expect_shape(qkv, {B, T, 3 * C}, "attention qkv");
   expect_shape(probs, {B, H, T, T}, "attention probs");
   expect_shape(out, {B, T, C}, "attention out");
   if (s.rope) be.rope(qkv.data, B, T, 3 * C, 2 * H, hd, s.rope_theta, /*inverse=*/false, 0);  // q and k heads
+  if (saved) saved->hold(qkv.data, qkv.numel());  // q, k and v: two products each here, two in the backward
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   const int64_t seq_qkv = T * 3 * C, seq_probs = H * T * T, seq_out = T * C;
   const float* q = qkv.data;
@@ -21,6 +23,7 @@ void attention_forward(Backend& be, const AttentionShape& s, Tensor out, Tensor 
   be.gemm_strided_batched2(Trans::N, Trans::T, T, T, hd, 1.f, q, 3 * C, hd, seq_qkv, k, 3 * C, hd, seq_qkv, 0.f,
                            probs.data, T, T * T, seq_probs, H, B);
   be.causal_softmax_forward(probs.data, scale, B * H, T);
+  if (saved) saved->hold(probs.data, probs.numel());
   // out (T, hd) = probs (T, T) @ v (T, hd), written into the head's columns of (T, C)
   be.gemm_strided_batched2(Trans::N, Trans::N, T, hd, T, 1.f, probs.data, T, T * T, seq_probs, v, 3 * C, hd, seq_qkv,
                            0.f, out.data, C, hd, seq_out, H, B);

@@ -3,7 +3,7 @@
 namespace moelab {
 
 void mlp_forward(Backend& be, FfnKind kind, Tensor out, Tensor pre, Tensor act, Tensor in, Tensor w1, Tensor b1,
-                 Tensor w2, Tensor b2) {
+                 Tensor w2, Tensor b2, SavedOperands* saved) {
   const int64_t n = in.rows(), f = act.cols();
   linear_forward(be, pre, in, w1, b1);
   if (kind == FfnKind::Gelu) {
@@ -13,6 +13,7 @@ void mlp_forward(Backend& be, FfnKind kind, Tensor out, Tensor pre, Tensor act, 
     MOELAB_CHECK(pre.cols() == 2 * f, "SwiGLU pre-activation must be [gate | up]");
     be.swiglu_forward(act.data, pre.data, n, f);
   }
+  if (saved) saved->hold(act.data, act.numel());
   linear_forward(be, out, act, w2, b2, /*accumulate_out=*/true);
 }
 

@@ -143,6 +143,7 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
 }
 
 Transformer::~Transformer() {
+  saved_.release();
   backend_.free(params_);
   backend_.free(grads_);
 }
@@ -176,6 +177,8 @@ double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64
   MOELAB_CHECK(backward_scale == 0.f || targets != nullptr, "backward needs targets");
   Backend& be = backend_;
   const auto& m = config_;
+  saved_.release();  // a forward that was not followed by its backward held these: this pass rewrites them
+  SavedOperands* saved = backward_scale != 0.f ? &saved_ : nullptr;
   batch_ = batch;
   tokens_ = tokens;
   backward_scale_ = backward_scale;
@@ -198,27 +201,32 @@ double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64
     const LayerWeights w = layer_weights(params_, i);
     Tensor ln1 = act("ln1", i), qkv = act("qkv", i), atty = act("atty", i), res_att = act("res_att", i);
     norm_forward(be, m.norm, ln1, act("ln1_mean", i), act("ln1_rstd", i), residual, w.norm1_w, w.norm1_b, eps);
+    if (saved) saved->hold(ln1.data, ln1.numel());
     linear_forward(be, qkv, ln1, w.qkv_w, w.qkv_b);
-    attention_forward(be, attn, atty, act("probs", i), qkv);
+    attention_forward(be, attn, atty, act("probs", i), qkv, saved);
+    if (saved) saved->hold(atty.data, atty.numel());
     be.copy(res_att.data, residual.data, res_att.numel());
     linear_forward(be, res_att, atty, w.out_w, w.out_b, /*accumulate_out=*/true);
 
     Tensor ln2 = act("ln2", i), res_ffn = act("res_ffn", i);
     norm_forward(be, m.norm, ln2, act("ln2_mean", i), act("ln2_rstd", i), res_att, w.norm2_w, w.norm2_b, eps);
+    if (saved) saved->hold(ln2.data, ln2.numel());
     be.copy(res_ffn.data, res_att.data, res_ffn.numel());
     if (m.moe.is_moe_layer(i)) {
       const MoeDims d = MoeDims::from(m, batch);
       moe_forward(be, d, res_ffn.reshaped({batch * T, m.d_model}), ln2.reshaped({batch * T, m.d_model}),
-                  moe_weights(params_, i), moe_activations(i), routing_[i], moe_stats_[i]);
+                  moe_weights(params_, i), moe_activations(i), routing_[i], moe_stats_[i], saved);
       aux_loss_ += d.aux_loss_weight * moe_stats_[i].aux_loss + d.z_loss_weight * moe_stats_[i].z_loss;
     } else {
-      mlp_forward(be, m.ffn, res_ffn, act("fc_pre", i), act("fc_act", i), ln2, w.fc1_w, w.fc1_b, w.fc2_w, w.fc2_b);
+      mlp_forward(be, m.ffn, res_ffn, act("fc_pre", i), act("fc_act", i), ln2, w.fc1_w, w.fc1_b, w.fc2_w, w.fc2_b,
+                  saved);
     }
     residual = res_ffn;
   }
   Tensor lnf = act("lnf");
   norm_forward(be, m.norm, lnf, act("lnf_mean"), act("lnf_rstd"), residual, layout_.view(params_, "final_norm.weight"),
                layout_.view_or_empty(params_, "final_norm.bias"), eps);
+  if (saved) saved->hold(lnf.data, lnf.numel());
   Tensor head = layout_.view(params_, m.tied_embeddings ? "tok_emb.weight" : "lm_head.weight");
   Tensor logits = act("logits");
   linear_forward(be, logits, lnf, head, Tensor());
@@ -232,7 +240,7 @@ double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64
   }
   if (counted_ == 0) return 0.0;
   const float grad_scale = backward_scale / static_cast<float>(counted_);
-  const double loss_sum = cross_entropy_forward_backward(be, logits, act("losses"), targets, grad_scale);
+  const double loss_sum = cross_entropy_forward_backward(be, logits, act("losses"), targets, grad_scale, saved);
   return loss_sum / static_cast<double>(counted_);
 }
 
@@ -285,6 +293,7 @@ void Transformer::backward() {
   }
   embedding_backward(be, layout_.view(grads_, "tok_emb.weight"), layout_.view_or_empty(grads_, "pos_emb.weight"),
                      tokens_, d_res);
+  saved_.release();
 }
 
 }  // namespace moelab

@@ -73,6 +73,9 @@ class Transformer {
   double aux_loss_ = 0.0;
   std::vector<Routing> routing_;    // per layer (used by MoE layers)
   std::vector<MoeStats> moe_stats_;  // per layer
+  // Activations a training forward holds for its backward (backend.h); released when the backward is done, or by
+  // the next forward when none came.
+  SavedOperands saved_{backend_};
 };
 
 }  // namespace moelab

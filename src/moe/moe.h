@@ -95,9 +95,10 @@ struct MoeStats {
   double tokens_cv() const;      // coefficient of variation of tokens_per_expert
 };
 
-// Forward of the whole layer: out (N, C) += MoE(in (N, C)). Fills routing and stats.
+// Forward of the whole layer: out (N, C) += MoE(in (N, C)). Fills routing and stats. `saved` (training only, else
+// null) holds the dispatched rows and the experts' activations for the backward (backend.h, SavedOperands).
 void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const MoeWeights& w, const MoeActivations& a,
-                 Routing& routing, MoeStats& stats);
+                 Routing& routing, MoeStats& stats, SavedOperands* saved = nullptr);
 // Backward: din += d/d in, parameter gradients accumulate. loss_scale multiplies the auxiliary losses' own
 // gradients (aux_loss_weight * aux + z_loss_weight * z), matching the scale applied to the main loss.
 void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& grads, Tensor dout, Tensor in,

@@ -31,7 +31,8 @@ void activation_backward(Backend& be, FfnKind kind, float* dpre, const float* pr
 }
 
 // Experts: (R, C) rows sorted by expert -> (R, C) outputs, one grouped GEMM per matrix.
-void experts_forward(Backend& be, const MoeDims& d, const MoeWeights& w, const MoeActivations& a, const Routing& r) {
+void experts_forward(Backend& be, const MoeDims& d, const MoeWeights& w, const MoeActivations& a, const Routing& r,
+                     SavedOperands* saved) {
   const int64_t E = d.experts, C = d.d_model, F = d.expert_hidden, P = d.fc1_rows();
   std::vector<GemmGroup> groups(E);
   for (int64_t e = 0; e < E; ++e) {
@@ -44,6 +45,7 @@ void experts_forward(Backend& be, const MoeDims& d, const MoeWeights& w, const M
     for (int64_t e = 0; e < E; ++e)
       be.add_bias(groups[e].c, w.fc1_b.data + e * P, groups[e].m, P);
   activation_forward(be, d.ffn, a.act.data, a.pre.data, r.rows, F);
+  if (saved) saved->hold(a.act.data, r.rows * F);
   for (int64_t e = 0; e < E; ++e) {
     const int64_t off = r.expert_offsets[e];
     groups[e] = {groups[e].m, a.act.data + off * F, w.fc2_w.data + e * C * F, a.y_sorted.data + off * C};
@@ -123,7 +125,7 @@ void compute_stats(const MoeDims& d, const float* probs, const Routing& r, MoeSt
 }  // namespace
 
 void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const MoeWeights& w, const MoeActivations& a,
-                 Routing& r, MoeStats& stats) {
+                 Routing& r, MoeStats& stats, SavedOperands* saved) {
   const int64_t n = d.tokens(), C = d.d_model, E = d.experts;
   MOELAB_CHECK(in.rows() == n && in.cols() == C, "MoE input " + in.shape.str());
   // route (fp32 whatever the matmul precision: top-k decisions and the balancing losses are sensitive to it)
@@ -136,11 +138,12 @@ void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const Moe
   else route_expert_choice(d, a.probs.data, r);
   // dispatch -> experts -> combine
   be.gather_rows(a.x_sorted.data, in.data, r.row_token.data(), nullptr, r.rows, C);
-  experts_forward(be, d, w, a, r);
+  if (saved) saved->hold(a.x_sorted.data, r.rows * C);
+  experts_forward(be, d, w, a, r, saved);
   be.combine_rows(out.data, a.y_sorted.data, r.token_offsets.data(), r.token_rows.data(), r.row_weight.data(), n, C);
   if (d.shared_hidden > 0)
     mlp_forward(be, d.ffn, out, a.shared_pre, a.shared_act, in, w.shared_fc1_w, w.shared_fc1_b, w.shared_fc2_w,
-                w.shared_fc2_b);
+                w.shared_fc2_b, saved);
   compute_stats(d, a.probs.data, r, stats);
 }
 

@@ -118,6 +118,18 @@ class OperandCache {
       if (begin < r.end && r.begin < end) return true;
     return false;
   }
+  // Holds [data, data + count) with the bf16 copy of the block b inside it already made by its producer (a buffer
+  // from buffer()).
+  void hold_with_copy(const float* data, int64_t count, const OperandBlock& b, std::vector<uint16_t> copy) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    regions_.push_back({data, data + count});
+    if (!copies_.try_emplace(b, std::move(copy)).second) give_back_locked(std::move(copy));
+  }
+  // A pooled buffer of `size` values, for a producer that rounds what it writes.
+  std::vector<uint16_t> buffer(int64_t size) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return take_locked(size);
+  }
   // The block rounded to bf16 and packed densely: the held copy, or a fresh one in `scratch`.
   const uint16_t* get(const OperandBlock& b, std::vector<uint16_t>& scratch) {
     if (!regions_.empty()) {
@@ -128,7 +140,7 @@ class OperandCache {
         lock.unlock();
         pack_bf16(buffer.data(), b);
         lock.lock();
-        auto [it, inserted] = copies_.emplace(b, std::move(buffer));
+        auto [it, inserted] = copies_.try_emplace(b, std::move(buffer));
         if (!inserted) give_back_locked(std::move(buffer));  // another thread packed it first
         return it->second.data();
       }
@@ -163,9 +175,11 @@ class OperandCache {
     buffer.resize(size);
     return buffer;
   }
-  void give_back_locked(std::vector<uint16_t> buffer) {  // bounded: past 256 buffers the smallest goes
+  // Bounded: past 1024 buffers the smallest goes. A training step holds a few hundred copies at once (each MoE
+  // expert's slice of each saved activation is one), and they all come back the next step.
+  void give_back_locked(std::vector<uint16_t> buffer) {
     pool_.push_back(std::move(buffer));
-    if (pool_.size() > 256)
+    if (pool_.size() > 1024)
       pool_.erase(std::min_element(pool_.begin(), pool_.end(),
                                    [](const auto& x, const auto& y) { return x.capacity() < y.capacity(); }));
   }
@@ -304,7 +318,11 @@ inline double wall_seconds() { return omp_get_wtime(); }
 
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(int threads) { set_threads(threads); }
+  // MOELAB_NO_OPERAND_REUSE=1 turns hold_constant off (every product rounds its operands afresh): for checking that
+  // reuse never changes a result, or for ruling it out when chasing a numerical difference.
+  explicit CpuBackend(int threads) : reuse_(std::getenv("MOELAB_NO_OPERAND_REUSE") == nullptr) {
+    set_threads(threads);
+  }
   std::string name() const override { return "cpu"; }
 
   void set_threads(int threads) override {
@@ -313,8 +331,12 @@ class CpuBackend final : public Backend {
   }
   int threads() const override { return threads_; }
   void set_matmul_precision(Precision precision) override { precision_ = precision; }
-  void hold_constant(const float* data, int64_t count) override { operands_.hold(data, count); }
-  void release_constant(const float* data) override { operands_.release(data); }
+  void hold_constant(const float* data, int64_t count) override {
+    if (reuse_) operands_.hold(data, count);
+  }
+  void release_constant(const float* data) override {
+    if (reuse_) operands_.release(data);
+  }
   // A product's output must not lie in a held region (Backend::hold_constant).
   void check_output(const float* c, int64_t rows, int64_t cols, int64_t ldc, int64_t batch = 1, int64_t stride_c = 0,
                     int64_t outer = 1, int64_t outer_c = 0) {
@@ -862,9 +884,24 @@ class CpuBackend final : public Backend {
   }
   void softmax_cross_entropy(float* logits, float* losses, const int32_t* targets, int64_t rows, int64_t vocab,
                              float grad_scale) override {
-    // Per row: max, then exp(z - max) (kept in place when a gradient is wanted) and its sum in double, then the
-    // gradient rescales in place. With AVX-512 the first two passes run 16 lanes at a time (vec::fast_exp16);
-    // the lanes are combined in a fixed order, so the result is deterministic.
+    cross_entropy(logits, losses, targets, rows, vocab, grad_scale, nullptr);
+  }
+  // Under bf16 the gradient (2048 x 8192 for the benchmark models) is rounded row by row as it is written, while
+  // the row is in cache: the output head's two backward products take this copy instead of rounding 64 MB again.
+  void softmax_cross_entropy_held(float* logits, float* losses, const int32_t* targets, int64_t rows, int64_t vocab,
+                                  float grad_scale) override {
+    if (precision_ != Precision::BF16 || grad_scale == 0.f || !reuse_) return Backend::softmax_cross_entropy_held(
+        logits, losses, targets, rows, vocab, grad_scale);
+    std::vector<uint16_t> copy = operands_.buffer(rows * vocab);
+    cross_entropy(logits, losses, targets, rows, vocab, grad_scale, copy.data());
+    operands_.hold_with_copy(logits, rows * vocab, {logits, rows, vocab, vocab}, std::move(copy));
+  }
+  // Per row: max, then exp(z - max) (kept in place when a gradient is wanted) and its sum in double, then the
+  // gradient rescales in place (and is rounded into `rounded` when that is not null). With AVX-512 the first two
+  // passes run 16 lanes at a time (vec::fast_exp16); the lanes are combined in a fixed order, so the result is
+  // deterministic.
+  void cross_entropy(float* logits, float* losses, const int32_t* targets, int64_t rows, int64_t vocab,
+                     float grad_scale, uint16_t* rounded) {
     const bool keep = grad_scale != 0.f;
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
@@ -905,11 +942,12 @@ class CpuBackend final : public Backend {
       if (keep) {
         if (target < 0) {
           std::memset(z, 0, vocab * sizeof(float));
-          continue;
+        } else {
+          const float factor = static_cast<float>(grad_scale / sum);
+          for (int64_t j = 0; j < vocab; ++j) z[j] *= factor;
+          z[target] -= grad_scale;
         }
-        const float factor = static_cast<float>(grad_scale / sum);
-        for (int64_t j = 0; j < vocab; ++j) z[j] *= factor;
-        z[target] -= grad_scale;
+        if (rounded) to_bf16(rounded + r * vocab, z, vocab);
       }
     }
   }
@@ -960,6 +998,7 @@ class CpuBackend final : public Backend {
 
  private:
   int threads_ = 1;
+  bool reuse_ = true;
   Precision precision_ = Precision::FP32;
   MatmulCache matmuls_;
   OperandCache operands_;
