@@ -97,7 +97,7 @@ void experts_backward(Backend& be, const MoeDims& d, const MoeWeights& g, const 
   be.gemm_batch(batch.data(), static_cast<int64_t>(batch.size()));
 }
 
-void compute_stats(const MoeDims& d, const float* probs, const Routing& r, MoeStats& st) {
+void compute_stats(const MoeDims& d, const float* logits, const float* probs, const Routing& r, MoeStats& st) {
   const int64_t n = d.tokens(), E = d.experts;
   st.tokens_per_expert.assign(E, 0);
   st.idle_experts = 0;
@@ -107,12 +107,12 @@ void compute_stats(const MoeDims& d, const float* probs, const Routing& r, MoeSt
   }
   st.dropped_fraction =
       d.router == RouterKind::TokenChoice ? 1.0 - static_cast<double>(r.rows) / static_cast<double>(n * d.top_k) : 0.0;
+  // -sum_e p log p with log p = logit - lse: lse - sum_e p * logit, without a logarithm per (token, expert).
   double entropy = 0, z = 0;
   for (int64_t i = 0; i < n; ++i) {
-    for (int64_t e = 0; e < E; ++e) {
-      const double p = probs[i * E + e];
-      if (p > 0) entropy -= p * std::log(p);
-    }
+    double dot = 0;
+    for (int64_t e = 0; e < E; ++e) dot += static_cast<double>(probs[i * E + e]) * logits[i * E + e];
+    entropy += r.lse[i] - dot;
     z += static_cast<double>(r.lse[i]) * r.lse[i];
   }
   st.router_entropy = entropy / static_cast<double>(n);
@@ -144,7 +144,7 @@ void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const Moe
   if (d.shared_hidden > 0)
     mlp_forward(be, d.ffn, out, a.shared_pre, a.shared_act, in, w.shared_fc1_w, w.shared_fc1_b, w.shared_fc2_w,
                 w.shared_fc2_b, saved);
-  compute_stats(d, a.probs.data, r, stats);
+  compute_stats(d, a.logits.data, a.probs.data, r, stats);
 }
 
 void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& g, Tensor dout, Tensor in,

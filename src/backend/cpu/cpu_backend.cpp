@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -100,8 +101,12 @@ class OperandCache {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = std::find_if(regions_.rbegin(), regions_.rend(), [&](const Region& r) { return r.begin == data; });
     MOELAB_CHECK(it != regions_.rend(), "release_constant without a matching hold_constant");
+    const Region released = *it;
     regions_.erase(std::next(it).base());
-    for (auto e = copies_.begin(); e != copies_.end();) {
+    // Only copies of blocks that start inside the released region can have lost their hold.
+    constexpr int64_t lowest = std::numeric_limits<int64_t>::min();
+    for (auto e = copies_.lower_bound({released.begin, lowest, lowest, lowest, lowest, lowest, lowest, lowest});
+         e != copies_.end() && e->first.src < released.end;) {
       if (held_locked(e->first.src, e->first.end())) {
         ++e;
         continue;
@@ -162,14 +167,10 @@ class OperandCache {
   // The smallest pooled buffer that fits without wasting more than half of it (a small operand must not take the
   // buffer a large one comes back for: the next step would page-fault a fresh one), or a new one.
   std::vector<uint16_t> take_locked(int64_t size) {
-    auto best = pool_.end();
-    for (auto it = pool_.begin(); it != pool_.end(); ++it)
-      if (it->capacity() >= static_cast<size_t>(size) && it->capacity() <= 2 * static_cast<size_t>(size) + 4096 &&
-          (best == pool_.end() || it->capacity() < best->capacity()))
-        best = it;
     std::vector<uint16_t> buffer;
-    if (best != pool_.end()) {
-      buffer = std::move(*best);
+    if (auto best = pool_.lower_bound(static_cast<size_t>(size));
+        best != pool_.end() && best->first <= 2 * static_cast<size_t>(size) + 4096) {
+      buffer = std::move(best->second);
       pool_.erase(best);
     }
     buffer.resize(size);
@@ -178,15 +179,14 @@ class OperandCache {
   // Bounded: past 1024 buffers the smallest goes. A training step holds a few hundred copies at once (each MoE
   // expert's slice of each saved activation is one), and they all come back the next step.
   void give_back_locked(std::vector<uint16_t> buffer) {
-    pool_.push_back(std::move(buffer));
-    if (pool_.size() > 1024)
-      pool_.erase(std::min_element(pool_.begin(), pool_.end(),
-                                   [](const auto& x, const auto& y) { return x.capacity() < y.capacity(); }));
+    if (buffer.capacity() == 0) return;
+    pool_.emplace(buffer.capacity(), std::move(buffer));
+    if (pool_.size() > 1024) pool_.erase(pool_.begin());
   }
   std::mutex mutex_;
   std::vector<Region> regions_;
   std::map<OperandBlock, std::vector<uint16_t>> copies_;
-  std::vector<std::vector<uint16_t>> pool_;
+  std::multimap<size_t, std::vector<uint16_t>> pool_;  // by capacity
 };
 
 // oneDNN matmul primitives (brgemm kernels), cached per shape. They beat dnnl_sgemm / dnnl_gemm_bf16bf16f32 by up
