@@ -156,9 +156,11 @@ class Backend {
   // sum of x and sum of x^2 in double, deterministic for a fixed thread count.
   virtual double sum(const float* x, int64_t n) = 0;
   virtual double sum_squares(const float* x, int64_t n) = 0;
-  // AdamW (decoupled weight decay) on one contiguous parameter block, torch.optim.AdamW semantics.
-  virtual void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, float lr, float beta1,
-                            float beta2, float eps, float weight_decay, float grad_scale, int64_t step) = 0;
+  // AdamW (decoupled weight decay) on one contiguous parameter block, torch.optim.AdamW semantics. With zero_grad
+  // the gradient is set to 0 as it is read, so the next step accumulates into zeros without a pass of its own.
+  virtual void adamw_update(float* param, float* grad, float* m, float* v, int64_t n, float lr, float beta1,
+                            float beta2, float eps, float weight_decay, float grad_scale, int64_t step,
+                            bool zero_grad) = 0;
   virtual void scale(float* x, float alpha, int64_t n) = 0;
 
   // Threads used by this backend's kernels (CPU) or ignored (GPU).

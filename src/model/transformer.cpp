@@ -168,7 +168,10 @@ void Transformer::init_weights(uint64_t seed) {
   backend_.copy(params_, host.data(), layout_.total());
 }
 
-void Transformer::zero_grad() { backend_.fill(grads_, 0.f, layout_.total()); }
+void Transformer::zero_grad() {
+  if (!grads_zero_) backend_.fill(grads_, 0.f, layout_.total());
+  grads_zero_ = true;
+}
 
 Tensor Transformer::logits() const { return act("logits"); }
 
@@ -250,6 +253,7 @@ void Transformer::backward() {
   const int64_t T = m.seq_len;
   const AttentionShape attn{batch_, T, m.d_model, m.n_heads, m.pos == PosKind::Rope, static_cast<float>(m.rope_theta)};
 
+  grads_zero_ = false;
   // Output head: d_logits already holds the scaled gradient (written by the fused cross-entropy).
   Tensor d_res = act("d_res");
   Tensor d_ln = act("d_ln");

@@ -30,6 +30,9 @@ class Transformer {
   // Normal(0, init_std) weights (scaled on residual projections), zero biases, unit norm weights.
   void init_weights(uint64_t seed);
   void zero_grad();
+  // The caller zeroed the gradient block itself (the optimizer clears it as it reads it): the next zero_grad()
+  // has nothing to do, unless a backward() comes first.
+  void grads_were_zeroed() { grads_zero_ = true; }
 
   // tokens, targets: (batch, seq_len) host arrays, batch <= max_batch; targets may be null (logits only) and
   // a negative target marks a position excluded from the loss. Returns the mean loss over counted positions.
@@ -76,6 +79,7 @@ class Transformer {
   // Activations a training forward holds for its backward (backend.h); released when the backward is done, or by
   // the next forward when none came.
   SavedOperands saved_{backend_};
+  bool grads_zero_ = false;  // the gradient block is known to be all zeros
 };
 
 }  // namespace moelab

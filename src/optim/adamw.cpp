@@ -16,7 +16,7 @@ AdamW::~AdamW() {
   backend_.free(v_);
 }
 
-void AdamW::step(float* params, const float* grads, double lr, float grad_scale) {
+void AdamW::step(float* params, float* grads, double lr, float grad_scale, bool zero_grads) {
   ++step_;
   // Consecutive parameters with the same decay setting are updated in one call.
   const auto& entries = layout_.entries();
@@ -29,7 +29,7 @@ void AdamW::step(float* params, const float* grads, double lr, float grad_scale)
     backend_.adamw_update(params + begin, grads + begin, m_ + begin, v_ + begin, end - begin,
                           static_cast<float>(lr), static_cast<float>(train_.beta1), static_cast<float>(train_.beta2),
                           static_cast<float>(train_.adam_eps), decay ? static_cast<float>(train_.weight_decay) : 0.f,
-                          grad_scale, step_);
+                          grad_scale, step_, zero_grads);
     i = j;
   }
 }

@@ -14,8 +14,9 @@ class AdamW {
   AdamW(const AdamW&) = delete;
   AdamW& operator=(const AdamW&) = delete;
 
-  // One update with learning rate lr; grads are multiplied by grad_scale first (gradient clipping).
-  void step(float* params, const float* grads, double lr, float grad_scale);
+  // One update with learning rate lr; grads are multiplied by grad_scale first (gradient clipping). With
+  // zero_grads they are zero afterwards (read and cleared in the same pass).
+  void step(float* params, float* grads, double lr, float grad_scale, bool zero_grads = false);
   int64_t steps_taken() const { return step_; }
   float* first_moment() { return m_; }
   float* second_moment() { return v_; }

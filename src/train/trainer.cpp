@@ -61,7 +61,9 @@ StepStats Trainer::step(const BatchSource& next_batch) {
                 std::to_string(s.step) + "; lower train.lr, raise train.warmup_steps or set train.grad_clip");
   s.grad_norm = global_grad_norm(backend_, model_->grads(), model_->num_params());
   s.lr = learning_rate(t, steps_done_);
-  optimizer_->step(model_->params(), model_->grads(), s.lr, clip_factor(s.grad_norm, t.grad_clip));
+  optimizer_->step(model_->params(), model_->grads(), s.lr, clip_factor(s.grad_norm, t.grad_clip),
+                   /*zero_grads=*/true);
+  model_->grads_were_zeroed();
   ++steps_done_;
   s.seconds = timer.seconds();
   return s;

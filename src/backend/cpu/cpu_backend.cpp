@@ -980,8 +980,8 @@ class CpuBackend final : public Backend {
     for (double s : partial) total += s;
     return total;
   }
-  void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, float lr, float beta1,
-                    float beta2, float eps, float weight_decay, float grad_scale, int64_t step) override {
+  void adamw_update(float* param, float* grad, float* m, float* v, int64_t n, float lr, float beta1, float beta2,
+                    float eps, float weight_decay, float grad_scale, int64_t step, bool zero_grad) override {
     const float bc1 = 1.f - static_cast<float>(std::pow(static_cast<double>(beta1), static_cast<double>(step)));
     const float bc2 = 1.f - static_cast<float>(std::pow(static_cast<double>(beta2), static_cast<double>(step)));
     const float step_size = lr / bc1;
@@ -990,6 +990,7 @@ class CpuBackend final : public Backend {
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; ++i) {
       const float g = grad[i] * grad_scale;
+      if (zero_grad) grad[i] = 0.f;
       m[i] = beta1 * m[i] + (1.f - beta1) * g;
       v[i] = beta2 * v[i] + (1.f - beta2) * g * g;
       param[i] = param[i] * decay - step_size * m[i] / (std::sqrt(v[i]) / bc2_sqrt + eps);
