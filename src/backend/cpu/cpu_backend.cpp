@@ -692,6 +692,7 @@ class CpuBackend final : public Backend {
         const int64_t r = rows[j];
         const float* s = src + r * cols;
         const float w = weight ? weight[r] : 1.f;
+#pragma omp simd
         for (int64_t c = 0; c < cols; ++c) o[c] += w * s[c];
       }
     }
