@@ -85,6 +85,11 @@ class Backend {
   // backward. A product must not write into a held region.
   virtual void hold_constant(const float* data, int64_t count) {}
   virtual void release_constant(const float* data) {}
+  // hold_constant for a region that the very next backend call writes in full, its producer (a norm, an activation,
+  // a softmax, a gather, the cross-entropy's gradient), after which nothing writes it until release_constant(data).
+  // A backend that rounds operands may round the values as the producer writes them, while they are still in
+  // cache, instead of in a pass of their own.
+  virtual void hold_next_output(const float* data, int64_t count) { hold_constant(data, count); }
 
   // ---- elementwise ----------------------------------------------------------------------------------------
   virtual void add(float* out, const float* a, const float* b, int64_t n) = 0;          // out = a + b
@@ -145,14 +150,6 @@ class Backend {
   // in place by grad_scale * (softmax - onehot), so the probabilities are never stored a second time.
   virtual void softmax_cross_entropy(float* logits, float* losses, const int32_t* targets, int64_t rows,
                                      int64_t vocab, float grad_scale) = 0;
-  // The same with a gradient (grad_scale != 0) that is then held constant (hold_constant) until the caller's
-  // release_constant(logits): the output head's backward multiplies by it twice. A backend that rounds operands may
-  // round the gradient as it writes it, while each row is still in cache, instead of in a pass of its own.
-  virtual void softmax_cross_entropy_held(float* logits, float* losses, const int32_t* targets, int64_t rows,
-                                          int64_t vocab, float grad_scale) {
-    softmax_cross_entropy(logits, losses, targets, rows, vocab, grad_scale);
-    hold_constant(logits, rows * vocab);
-  }
   // sum of x and sum of x^2 in double, deterministic for a fixed thread count.
   virtual double sum(const float* x, int64_t n) = 0;
   virtual double sum_squares(const float* x, int64_t n) = 0;
@@ -187,8 +184,11 @@ class MatmulPrecisionScope {
 // Holds [data, data + count) constant (Backend::hold_constant) for the lifetime of the scope.
 class ConstantOperands {
  public:
-  ConstantOperands(Backend& backend, const float* data, int64_t count) : backend_(backend), data_(data) {
-    backend_.hold_constant(data, count);
+  // written_next: the region's producer is the next backend call (Backend::hold_next_output).
+  ConstantOperands(Backend& backend, const float* data, int64_t count, bool written_next = false)
+      : backend_(backend), data_(data) {
+    if (written_next) backend_.hold_next_output(data, count);
+    else backend_.hold_constant(data, count);
   }
   ~ConstantOperands() { backend_.release_constant(data_); }
   ConstantOperands(const ConstantOperands&) = delete;
@@ -214,8 +214,11 @@ class SavedOperands {
     backend_.hold_constant(data, count);
     held_.push_back(data);
   }
-  // A region the backend already holds (softmax_cross_entropy_held): released with the others.
-  void adopt(const float* data) { held_.push_back(data); }
+  // Held from its producer, the next backend call, on (Backend::hold_next_output).
+  void hold_next(const float* data, int64_t count) {
+    backend_.hold_next_output(data, count);
+    held_.push_back(data);
+  }
   void release() {
     for (auto it = held_.rbegin(); it != held_.rend(); ++it) backend_.release_constant(*it);
     held_.clear();

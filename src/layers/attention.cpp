@@ -22,8 +22,8 @@ void attention_forward(Backend& be, const AttentionShape& s, Tensor out, Tensor 
   // scores (T, T) = q (T, hd) @ k (T, hd)^T, per head
   be.gemm_strided_batched2(Trans::N, Trans::T, T, T, hd, 1.f, q, 3 * C, hd, seq_qkv, k, 3 * C, hd, seq_qkv, 0.f,
                            probs.data, T, T * T, seq_probs, H, B);
+  if (saved) saved->hold_next(probs.data, probs.numel());  // the softmax writes them in place over the scores
   be.causal_softmax_forward(probs.data, scale, B * H, T);
-  if (saved) saved->hold(probs.data, probs.numel());
   // out (T, hd) = probs (T, T) @ v (T, hd), written into the head's columns of (T, C)
   be.gemm_strided_batched2(Trans::N, Trans::N, T, hd, T, 1.f, probs.data, T, T * T, seq_probs, v, 3 * C, hd, seq_qkv,
                            0.f, out.data, C, hd, seq_out, H, B);
@@ -54,9 +54,9 @@ void attention_backward(Backend& be, const AttentionShape& s, Tensor dqkv, Tenso
     be.gemm_strided_batched2(Trans::T, Trans::N, T, hd, T, 1.f, probs.data, T, T * T, seq_probs, dout.data, C, hd,
                              seq_out, 0.f, dv, 3 * C, hd, seq_qkv, H, B);
   }
-  be.causal_softmax_backward(dprobs.data, probs.data, scale, B * H, T);  // dprobs now holds dscores
   {
-    const ConstantOperands hold(be, dprobs.data, dprobs.numel());
+    const ConstantOperands hold(be, dprobs.data, dprobs.numel(), /*written_next=*/true);
+    be.causal_softmax_backward(dprobs.data, probs.data, scale, B * H, T);  // dprobs now holds dscores
     // dq (T, hd) = dscores (T, T) @ k (T, hd); dk (T, hd) = dscores^T (T, T) @ q (T, hd)
     be.gemm_strided_batched2(Trans::N, Trans::N, T, hd, T, 1.f, dprobs.data, T, T * T, seq_probs, k, 3 * C, hd, seq_qkv,
                              0.f, dq, 3 * C, hd, seq_qkv, H, B);

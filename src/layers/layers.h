@@ -65,7 +65,7 @@ void mlp_backward(Backend& be, FfnKind kind, Tensor din, Tensor dw1, Tensor db1,
 // ---- fused softmax + cross-entropy over logits (N, V) -----------------------------------------------------
 // losses (N) get per-position losses (0 where target < 0). When grad_scale != 0 the logits are replaced in place
 // by grad_scale * dloss/dlogits. Returns the sum of losses over valid positions. With `saved` (and grad_scale != 0)
-// the gradient is held for the output head's backward (Backend::softmax_cross_entropy_held).
+// the gradient is held for the output head's backward (SavedOperands::hold_next).
 double cross_entropy_forward_backward(Backend& be, Tensor logits, Tensor losses, const int32_t* targets,
                                       float grad_scale, SavedOperands* saved = nullptr);
 

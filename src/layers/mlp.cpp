@@ -5,15 +5,14 @@ namespace moelab {
 void mlp_forward(Backend& be, FfnKind kind, Tensor out, Tensor pre, Tensor act, Tensor in, Tensor w1, Tensor b1,
                  Tensor w2, Tensor b2, SavedOperands* saved) {
   const int64_t n = in.rows(), f = act.cols();
+  MOELAB_CHECK(pre.cols() == (kind == FfnKind::Gelu ? f : 2 * f),
+               kind == FfnKind::Gelu ? "GELU pre-activation width" : "SwiGLU pre-activation must be [gate | up]");
   linear_forward(be, pre, in, w1, b1);
-  if (kind == FfnKind::Gelu) {
-    MOELAB_CHECK(pre.cols() == f, "GELU pre-activation width");
+  if (saved) saved->hold_next(act.data, n * f);  // the activation below writes it
+  if (kind == FfnKind::Gelu)
     be.gelu_forward(act.data, pre.data, n * f);
-  } else {
-    MOELAB_CHECK(pre.cols() == 2 * f, "SwiGLU pre-activation must be [gate | up]");
+  else
     be.swiglu_forward(act.data, pre.data, n, f);
-  }
-  if (saved) saved->hold(act.data, act.numel());
   linear_forward(be, out, act, w2, b2, /*accumulate_out=*/true);
 }
 
@@ -21,6 +20,8 @@ void mlp_backward(Backend& be, FfnKind kind, Tensor din, Tensor dw1, Tensor db1,
                   Tensor dact, Tensor dout, Tensor in, Tensor pre, Tensor act, Tensor w1, Tensor w2) {
   const int64_t n = in.rows(), f = act.cols();
   linear_backward(be, dact, dw2, db2, dout, act, w2);
+  // dpre feeds the two products of the fc1 backward: held from its producer, the activation's backward, on.
+  const ConstantOperands hold(be, dpre.data, n * (kind == FfnKind::Gelu ? f : 2 * f), /*written_next=*/true);
   if (kind == FfnKind::Gelu)
     be.gelu_backward(dpre.data, pre.data, dact.data, n * f);
   else

@@ -203,8 +203,8 @@ double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64
   for (int64_t i = 0; i < m.n_layers; ++i) {
     const LayerWeights w = layer_weights(params_, i);
     Tensor ln1 = act("ln1", i), qkv = act("qkv", i), atty = act("atty", i), res_att = act("res_att", i);
+    if (saved) saved->hold_next(ln1.data, ln1.numel());
     norm_forward(be, m.norm, ln1, act("ln1_mean", i), act("ln1_rstd", i), residual, w.norm1_w, w.norm1_b, eps);
-    if (saved) saved->hold(ln1.data, ln1.numel());
     linear_forward(be, qkv, ln1, w.qkv_w, w.qkv_b);
     attention_forward(be, attn, atty, act("probs", i), qkv, saved);
     if (saved) saved->hold(atty.data, atty.numel());
@@ -212,8 +212,8 @@ double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64
     linear_forward(be, res_att, atty, w.out_w, w.out_b, /*accumulate_out=*/true);
 
     Tensor ln2 = act("ln2", i), res_ffn = act("res_ffn", i);
+    if (saved) saved->hold_next(ln2.data, ln2.numel());
     norm_forward(be, m.norm, ln2, act("ln2_mean", i), act("ln2_rstd", i), res_att, w.norm2_w, w.norm2_b, eps);
-    if (saved) saved->hold(ln2.data, ln2.numel());
     be.copy(res_ffn.data, res_att.data, res_ffn.numel());
     if (m.moe.is_moe_layer(i)) {
       const MoeDims d = MoeDims::from(m, batch);
@@ -227,9 +227,9 @@ double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64
     residual = res_ffn;
   }
   Tensor lnf = act("lnf");
+  if (saved) saved->hold_next(lnf.data, lnf.numel());
   norm_forward(be, m.norm, lnf, act("lnf_mean"), act("lnf_rstd"), residual, layout_.view(params_, "final_norm.weight"),
                layout_.view_or_empty(params_, "final_norm.bias"), eps);
-  if (saved) saved->hold(lnf.data, lnf.numel());
   Tensor head = layout_.view(params_, m.tied_embeddings ? "tok_emb.weight" : "lm_head.weight");
   Tensor logits = act("logits");
   linear_forward(be, logits, lnf, head, Tensor());

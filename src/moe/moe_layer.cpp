@@ -44,8 +44,8 @@ void experts_forward(Backend& be, const MoeDims& d, const MoeWeights& w, const M
   if (!w.fc1_b.empty())
     for (int64_t e = 0; e < E; ++e)
       be.add_bias(groups[e].c, w.fc1_b.data + e * P, groups[e].m, P);
+  if (saved) saved->hold_next(a.act.data, r.rows * F);
   activation_forward(be, d.ffn, a.act.data, a.pre.data, r.rows, F);
-  if (saved) saved->hold(a.act.data, r.rows * F);
   for (int64_t e = 0; e < E; ++e) {
     const int64_t off = r.expert_offsets[e];
     groups[e] = {groups[e].m, a.act.data + off * F, w.fc2_w.data + e * C * F, a.y_sorted.data + off * C};
@@ -75,10 +75,9 @@ void experts_backward(Backend& be, const MoeDims& d, const MoeWeights& g, const 
     if (!g.fc2_b.empty())  // db2 (1, C) += alpha * ones (1, m) @ dy (m, C)
       batch.push_back({Trans::N, Trans::N, 1, C, m, alpha, s.ones.data, m, dy, C, 1.f, g.fc2_b.data + e * C, C});
   }
-  {
-    const ConstantOperands hold(be, s.d_y_sorted.data, r.rows * C);  // each dy feeds two products: rounded once
-    be.gemm_batch(batch.data(), static_cast<int64_t>(batch.size()));
-  }
+  be.gemm_batch(batch.data(), static_cast<int64_t>(batch.size()));  // dy is held by the caller
+  // each dpre feeds two products: held from its producer on, so a backend that rounds operands rounds it once
+  const ConstantOperands hold(be, s.d_pre.data, r.rows * P, /*written_next=*/true);
   activation_backward(be, d.ffn, s.d_pre.data, a.pre.data, s.d_act.data, r.rows, F);
   batch.clear();
   for (int64_t e = 0; e < E; ++e) {
@@ -93,7 +92,6 @@ void experts_backward(Backend& be, const MoeDims& d, const MoeWeights& g, const 
     if (!g.fc1_b.empty())
       batch.push_back({Trans::N, Trans::N, 1, P, m, alpha, s.ones.data, m, dpre, P, 1.f, g.fc1_b.data + e * P, P});
   }
-  const ConstantOperands hold(be, s.d_pre.data, r.rows * P);
   be.gemm_batch(batch.data(), static_cast<int64_t>(batch.size()));
 }
 
@@ -137,8 +135,8 @@ void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const Moe
   if (d.router == RouterKind::TokenChoice) route_token_choice(d, a.probs.data, r);
   else route_expert_choice(d, a.probs.data, r);
   // dispatch -> experts -> combine
+  if (saved) saved->hold_next(a.x_sorted.data, r.rows * C);
   be.gather_rows(a.x_sorted.data, in.data, r.row_token.data(), nullptr, r.rows, C);
-  if (saved) saved->hold(a.x_sorted.data, r.rows * C);
   experts_forward(be, d, w, a, r, saved);
   be.combine_rows(out.data, a.y_sorted.data, r.token_offsets.data(), r.token_rows.data(), r.row_weight.data(), n, C);
   if (d.shared_hidden > 0)
@@ -156,8 +154,12 @@ void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& g
                  s.d_shared_act, dout, in, a.shared_pre, a.shared_act, w.shared_fc1_w, w.shared_fc2_w);
   // combine backward: the gate weight's gradient and the weighted output gradient of each row
   be.row_dots(s.d_weight.data, dout.data, r.row_token.data(), a.y_sorted.data, r.rows, C);
-  be.gather_rows(s.d_y_sorted.data, dout.data, r.row_token.data(), r.row_weight.data(), r.rows, C);
-  experts_backward(be, d, g, w, a, s, r);
+  {
+    // each row's output gradient feeds two products (the activation's gradient, the fc2 weight gradient)
+    const ConstantOperands hold(be, s.d_y_sorted.data, r.rows * C, /*written_next=*/true);
+    be.gather_rows(s.d_y_sorted.data, dout.data, r.row_token.data(), r.row_weight.data(), r.rows, C);
+    experts_backward(be, d, g, w, a, s, r);
+  }
   // dispatch backward: each token sums the input gradients of its rows
   be.combine_rows(din.data, s.d_x_sorted.data, r.token_offsets.data(), r.token_rows.data(), nullptr, n, C);
 

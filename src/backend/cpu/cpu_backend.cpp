@@ -72,6 +72,11 @@ struct OperandBlock {
   int64_t rows, cols, ld;
   int64_t batch = 1, stride = 0, outer = 1, outer_stride = 0;
   int64_t size() const { return outer * batch * rows * cols; }
+  // Whether the block is one dense run of memory, laid out as its packed copy would be.
+  bool contiguous() const {
+    return (ld == cols || rows == 1) && (batch == 1 || stride == rows * cols) &&
+           (outer == 1 || outer_stride == batch * rows * cols);
+  }
   const float* end() const { return src + (outer - 1) * outer_stride + (batch - 1) * stride + (rows - 1) * ld + cols; }
   bool operator<(const OperandBlock& o) const {
     return std::tie(src, rows, cols, ld, batch, stride, outer, outer_stride) <
@@ -89,8 +94,9 @@ void pack_bf16(uint16_t* dst, const OperandBlock& b) {
 
 // bf16 copies of the operand blocks that lie in held regions (Backend::hold_constant), so an operand that feeds
 // several products is rounded once. Keyed by the block as stored; the copy is exactly what packing it again would
-// give, so reuse never changes a result. Thread-safe: the MoE experts' products run concurrently. Buffers of
-// released copies are pooled, since the same sizes come back every step.
+// give, so reuse never changes a result. A region whose producer rounded it as it wrote it (hold_next_output)
+// carries a copy of the whole region, which serves every dense block inside it. Thread-safe: the MoE experts'
+// products run concurrently. Buffers of released copies are pooled, since the same sizes come back every step.
 class OperandCache {
  public:
   void hold(const float* data, int64_t count) {
@@ -101,7 +107,8 @@ class OperandCache {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = std::find_if(regions_.rbegin(), regions_.rend(), [&](const Region& r) { return r.begin == data; });
     MOELAB_CHECK(it != regions_.rend(), "release_constant without a matching hold_constant");
-    const Region released = *it;
+    const Region released{it->begin, it->end, {}};
+    give_back_locked(std::move(it->copy));
     regions_.erase(std::next(it).base());
     // Only copies of blocks that start inside the released region can have lost their hold.
     constexpr int64_t lowest = std::numeric_limits<int64_t>::min();
@@ -123,22 +130,23 @@ class OperandCache {
       if (begin < r.end && r.begin < end) return true;
     return false;
   }
-  // Holds [data, data + count) with the bf16 copy of the block b inside it already made by its producer (a buffer
-  // from buffer()).
-  void hold_with_copy(const float* data, int64_t count, const OperandBlock& b, std::vector<uint16_t> copy) {
+  // A buffer for the bf16 copy of the whole held region [data, data + count), which its producer fills as it
+  // writes the region; valid until the region is released.
+  uint16_t* attach_copy(const float* data, int64_t count) {
     std::lock_guard<std::mutex> lock(mutex_);
-    regions_.push_back({data, data + count});
-    if (!copies_.try_emplace(b, std::move(copy)).second) give_back_locked(std::move(copy));
-  }
-  // A pooled buffer of `size` values, for a producer that rounds what it writes.
-  std::vector<uint16_t> buffer(int64_t size) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return take_locked(size);
+    auto it = std::find_if(regions_.rbegin(), regions_.rend(),
+                           [&](const Region& r) { return r.begin == data && r.end == data + count; });
+    MOELAB_CHECK(it != regions_.rend() && it->copy.empty(), "attach_copy: the region is not held");
+    it->copy = take_locked(count);
+    return it->copy.data();
   }
   // The block rounded to bf16 and packed densely: the held copy, or a fresh one in `scratch`.
   const uint16_t* get(const OperandBlock& b, std::vector<uint16_t>& scratch) {
     if (!regions_.empty()) {
       std::unique_lock<std::mutex> lock(mutex_);
+      if (b.contiguous())
+        for (const Region& r : regions_)
+          if (!r.copy.empty() && r.begin <= b.src && b.end() <= r.end) return r.copy.data() + (b.src - r.begin);
       if (held_locked(b.src, b.end())) {
         if (auto it = copies_.find(b); it != copies_.end()) return it->second.data();
         std::vector<uint16_t> buffer = take_locked(b.size());
@@ -158,6 +166,7 @@ class OperandCache {
  private:
   struct Region {
     const float *begin, *end;
+    std::vector<uint16_t> copy;  // the whole region, rounded by its producer, or empty
   };
   bool held_locked(const float* begin, const float* end) const {
     for (const Region& r : regions_)
@@ -335,7 +344,21 @@ class CpuBackend final : public Backend {
     if (reuse_) operands_.hold(data, count);
   }
   void release_constant(const float* data) override {
-    if (reuse_) operands_.release(data);
+    if (!reuse_) return;
+    if (pending_.data == data) pending_ = {};
+    operands_.release(data);
+  }
+  void hold_next_output(const float* data, int64_t count) override {
+    if (!reuse_) return;
+    operands_.hold(data, count);
+    if (precision_ == Precision::BF16) pending_ = {data, count};
+  }
+  // For a kernel about to write [out, out + n) in full: where that is the region announced by hold_next_output, the
+  // buffer its bf16 copy goes into (the kernel rounds each row or chunk right after writing it), else null.
+  uint16_t* produced(const float* out, int64_t n) {
+    if (pending_.data == nullptr || pending_.data != out || pending_.count != n) return nullptr;
+    pending_ = {};
+    return operands_.attach_copy(out, n);
   }
   // A product's output must not lie in a held region (Backend::hold_constant).
   void check_output(const float* c, int64_t rows, int64_t cols, int64_t ldc, int64_t batch = 1, int64_t stride_c = 0,
@@ -888,27 +911,15 @@ class CpuBackend final : public Backend {
       for (int64_t j = t + 1; j < seq; ++j) d[j] = 0.f;
     }
   }
+  // Per row: max, then exp(z - max) (kept in place when a gradient is wanted) and its sum in double, then the
+  // gradient rescales in place. With AVX-512 the first two passes run 16 lanes at a time (vec::fast_exp16); the
+  // lanes are combined in a fixed order, so the result is deterministic. Announced by hold_next_output under bf16,
+  // the gradient (2048 x 8192 for the benchmark models) is also rounded row by row while the row is in cache: the
+  // output head's two backward products take that copy instead of rounding 64 MB again.
   void softmax_cross_entropy(float* logits, float* losses, const int32_t* targets, int64_t rows, int64_t vocab,
                              float grad_scale) override {
-    cross_entropy(logits, losses, targets, rows, vocab, grad_scale, nullptr);
-  }
-  // Under bf16 the gradient (2048 x 8192 for the benchmark models) is rounded row by row as it is written, while
-  // the row is in cache: the output head's two backward products take this copy instead of rounding 64 MB again.
-  void softmax_cross_entropy_held(float* logits, float* losses, const int32_t* targets, int64_t rows, int64_t vocab,
-                                  float grad_scale) override {
-    if (precision_ != Precision::BF16 || grad_scale == 0.f || !reuse_) return Backend::softmax_cross_entropy_held(
-        logits, losses, targets, rows, vocab, grad_scale);
-    std::vector<uint16_t> copy = operands_.buffer(rows * vocab);
-    cross_entropy(logits, losses, targets, rows, vocab, grad_scale, copy.data());
-    operands_.hold_with_copy(logits, rows * vocab, {logits, rows, vocab, vocab}, std::move(copy));
-  }
-  // Per row: max, then exp(z - max) (kept in place when a gradient is wanted) and its sum in double, then the
-  // gradient rescales in place (and is rounded into `rounded` when that is not null). With AVX-512 the first two
-  // passes run 16 lanes at a time (vec::fast_exp16); the lanes are combined in a fixed order, so the result is
-  // deterministic.
-  void cross_entropy(float* logits, float* losses, const int32_t* targets, int64_t rows, int64_t vocab,
-                     float grad_scale, uint16_t* rounded) {
     const bool keep = grad_scale != 0.f;
+    uint16_t* const rounded = keep ? produced(logits, rows * vocab) : nullptr;
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       float* z = logits + r * vocab;
@@ -1006,6 +1017,10 @@ class CpuBackend final : public Backend {
  private:
   int threads_ = 1;
   bool reuse_ = true;
+  struct {
+    const float* data = nullptr;
+    int64_t count = 0;
+  } pending_;  // announced by hold_next_output, not yet written
   Precision precision_ = Precision::FP32;
   MatmulCache matmuls_;
   OperandCache operands_;
