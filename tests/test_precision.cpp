@@ -237,7 +237,7 @@ TEST(Precision, OperandReuseNeverChangesBf16Training) {
       testing::write_tokens(std::filesystem::temp_directory_path() / "moelab_reuse_tokens.bin", 20000, 64);
   TokenFile data(path, "uint16");
   for (const std::vector<std::string>& variant :
-       {std::vector<std::string>{"model.pos=rope"},
+       {std::vector<std::string>{"model.pos=rope", "model.norm=layernorm"},
         std::vector<std::string>{"moe.experts=4", "moe.top_k=2", "train.grad_accum=2"},
         std::vector<std::string>{"model.ffn=swiglu", "moe.experts=4", "moe.top_k=1", "moe.shared_experts=1"}}) {
     auto keys = variant;

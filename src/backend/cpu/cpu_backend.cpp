@@ -595,20 +595,34 @@ class CpuBackend final : public Backend {
       for (int64_t c = 0; c < cols; ++c) row[c] += bias[c];
     }
   }
+  // Elementwise kernels run in chunks, so that a chunk their output's bf16 copy wants (hold_next_output) is rounded
+  // while it is in L1.
+  static constexpr int64_t kChunk = 4096;
   void gelu_forward(float* out, const float* in, int64_t n) override {
+    uint16_t* const rounded = produced(out, n);
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; ++i) out[i] = 0.5f * in[i] * (1.f + vec::fast_erf(in[i] * kInvSqrt2));
+    for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+      const int64_t i1 = std::min(n, i0 + kChunk);
+      for (int64_t i = i0; i < i1; ++i) out[i] = 0.5f * in[i] * (1.f + vec::fast_erf(in[i] * kInvSqrt2));
+      if (rounded) to_bf16(rounded + i0, out + i0, i1 - i0);
+    }
   }
   void gelu_backward(float* din, const float* in, const float* dout, int64_t n) override {
+    uint16_t* const rounded = produced(din, n);
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
-      const float x = in[i];
-      const float cdf = 0.5f * (1.f + vec::fast_erf(x * kInvSqrt2));
-      const float pdf = kInvSqrt2Pi * vec::fast_exp(-0.5f * x * x);
-      din[i] = dout[i] * (cdf + x * pdf);
+    for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+      const int64_t i1 = std::min(n, i0 + kChunk);
+      for (int64_t i = i0; i < i1; ++i) {
+        const float x = in[i];
+        const float cdf = 0.5f * (1.f + vec::fast_erf(x * kInvSqrt2));
+        const float pdf = kInvSqrt2Pi * vec::fast_exp(-0.5f * x * x);
+        din[i] = dout[i] * (cdf + x * pdf);
+      }
+      if (rounded) to_bf16(rounded + i0, din + i0, i1 - i0);
     }
   }
   void swiglu_forward(float* out, const float* in, int64_t rows, int64_t f) override {
+    uint16_t* const rounded = produced(out, rows * f);
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const float* gate = in + r * 2 * f;
@@ -618,9 +632,11 @@ class CpuBackend final : public Backend {
         const float sig = 1.f / (1.f + vec::fast_exp(-gate[j]));
         o[j] = gate[j] * sig * up[j];
       }
+      if (rounded) to_bf16(rounded + r * f, o, f);
     }
   }
   void swiglu_backward(float* din, const float* in, const float* dout, int64_t rows, int64_t f) override {
+    uint16_t* const rounded = produced(din, rows * 2 * f);
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const float* gate = in + r * 2 * f;
@@ -634,6 +650,7 @@ class CpuBackend final : public Backend {
         dup[j] = d[j] * silu;
         dgate[j] = d[j] * up[j] * sig * (1.f + gate[j] * (1.f - sig));
       }
+      if (rounded) to_bf16(rounded + r * 2 * f, dgate, 2 * f);
     }
   }
   void rope(float* x, int64_t batch, int64_t seq, int64_t row_stride, int64_t n_rot_heads, int64_t head_dim,
@@ -702,6 +719,7 @@ class CpuBackend final : public Backend {
   // ---- MoE dispatch / combine --------------------------------------------------------------------------
   void gather_rows(float* dst, const float* src, const int32_t* index, const float* scale, int64_t rows,
                    int64_t cols) override {
+    uint16_t* const rounded = produced(dst, rows * cols);
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const float* s = src + static_cast<int64_t>(index[r]) * cols;
@@ -712,6 +730,7 @@ class CpuBackend final : public Backend {
       } else {
         std::memcpy(d, s, cols * sizeof(float));
       }
+      if (rounded) to_bf16(rounded + r * cols, d, cols);
     }
   }
   void combine_rows(float* out, const float* src, const int64_t* offsets, const int32_t* rows, const float* weight,
@@ -756,6 +775,7 @@ class CpuBackend final : public Backend {
 
   void layernorm_forward(float* out, float* mean, float* rstd, const float* in, const float* weight,
                          const float* bias, int64_t rows, int64_t cols, float eps) override {
+    uint16_t* const rounded = produced(out, rows * cols);
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const float* x = in + r * cols;
@@ -769,6 +789,7 @@ class CpuBackend final : public Backend {
       for (int64_t c = 0; c < cols; ++c) var += static_cast<double>(x[c] - mu) * (x[c] - mu);
       const float rs = static_cast<float>(1.0 / std::sqrt(var / cols + eps));
       for (int64_t c = 0; c < cols; ++c) y[c] = (x[c] - mu) * rs * weight[c] + (bias ? bias[c] : 0.f);
+      if (rounded) to_bf16(rounded + r * cols, y, cols);
       mean[r] = mu;
       rstd[r] = rs;
     }
@@ -820,6 +841,7 @@ class CpuBackend final : public Backend {
   }
   void rmsnorm_forward(float* out, float* rstd, const float* in, const float* weight, int64_t rows, int64_t cols,
                        float eps) override {
+    uint16_t* const rounded = produced(out, rows * cols);
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const float* x = in + r * cols;
@@ -829,6 +851,7 @@ class CpuBackend final : public Backend {
       for (int64_t c = 0; c < cols; ++c) ss += static_cast<double>(x[c]) * x[c];
       const float rs = static_cast<float>(1.0 / std::sqrt(ss / cols + eps));
       for (int64_t c = 0; c < cols; ++c) y[c] = x[c] * rs * weight[c];
+      if (rounded) to_bf16(rounded + r * cols, y, cols);
       rstd[r] = rs;
     }
   }
@@ -879,6 +902,7 @@ class CpuBackend final : public Backend {
     }
   }
   void causal_softmax_forward(float* scores, float scale, int64_t count, int64_t seq) override {
+    uint16_t* const rounded = produced(scores, count * seq * seq);
 #pragma omp parallel for schedule(static)
     for (int64_t row = 0; row < count * seq; ++row) {
       const int64_t t = row % seq;
@@ -895,10 +919,12 @@ class CpuBackend final : public Backend {
       const float inv = 1.f / sum;
       for (int64_t j = 0; j <= t; ++j) s[j] *= inv;
       for (int64_t j = t + 1; j < seq; ++j) s[j] = 0.f;
+      if (rounded) to_bf16(rounded + row * seq, s, seq);
     }
   }
   void causal_softmax_backward(float* dprobs, const float* probs, float scale, int64_t count,
                                int64_t seq) override {
+    uint16_t* const rounded = produced(dprobs, count * seq * seq);
 #pragma omp parallel for schedule(static)
     for (int64_t row = 0; row < count * seq; ++row) {
       const int64_t t = row % seq;
@@ -909,6 +935,7 @@ class CpuBackend final : public Backend {
       for (int64_t j = 0; j <= t; ++j) dot += d[j] * p[j];
       for (int64_t j = 0; j <= t; ++j) d[j] = scale * p[j] * (d[j] - dot);
       for (int64_t j = t + 1; j < seq; ++j) d[j] = 0.f;
+      if (rounded) to_bf16(rounded + row * seq, d, seq);
     }
   }
   // Per row: max, then exp(z - max) (kept in place when a gradient is wanted) and its sum in double, then the
