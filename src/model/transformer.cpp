@@ -144,11 +144,13 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
 
 Transformer::~Transformer() {
   saved_.release();
+  param_copies_.release();
   backend_.free(params_);
   backend_.free(grads_);
 }
 
 void Transformer::init_weights(uint64_t seed) {
+  param_copies_.release();
   Rng rng(seed);
   std::vector<float> host(layout_.total());
   for (const auto& e : layout_.entries()) {

@@ -24,7 +24,15 @@ class Transformer {
   const ParamLayout& layout() const { return layout_; }
   Backend& backend() { return backend_; }
   int64_t num_params() const { return layout_.total(); }
-  float* params() { return params_; }
+  // Write access to the parameters drops the optimizer's bf16 copies of them (param_copies); reading does not.
+  float* params() {
+    param_copies_.release();
+    return params_;
+  }
+  const float* params() const { return params_; }
+  // Where the optimizer holds the parameter blocks it has just written (Backend::hold_next_output, so a backend that
+  // rounds operands rounds each weight as the update writes it); held until the next write access to params().
+  SavedOperands& param_copies() { return param_copies_; }
   float* grads() { return grads_; }
 
   // Normal(0, init_std) weights (scaled on residual projections), zero biases, unit norm weights.
@@ -79,6 +87,7 @@ class Transformer {
   // Activations a training forward holds for its backward (backend.h); released when the backward is done, or by
   // the next forward when none came.
   SavedOperands saved_{backend_};
+  SavedOperands param_copies_{backend_};
   bool grads_zero_ = false;  // the gradient block is known to be all zeros
 };
 

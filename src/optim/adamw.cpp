@@ -16,7 +16,7 @@ AdamW::~AdamW() {
   backend_.free(v_);
 }
 
-void AdamW::step(float* params, float* grads, double lr, float grad_scale, bool zero_grads) {
+void AdamW::step(float* params, float* grads, double lr, float grad_scale, bool zero_grads, SavedOperands* hold) {
   ++step_;
   // Consecutive parameters with the same decay setting are updated in one call.
   const auto& entries = layout_.entries();
@@ -26,6 +26,7 @@ void AdamW::step(float* params, float* grads, double lr, float grad_scale, bool 
     size_t j = i + 1;
     while (j < entries.size() && is_decayed(entries[j].kind, train_.decay_embeddings) == decay) ++j;
     const int64_t begin = entries[i].offset, end = entries[j - 1].offset + entries[j - 1].shape.numel();
+    if (hold) hold->hold_next(params + begin, end - begin);
     backend_.adamw_update(params + begin, grads + begin, m_ + begin, v_ + begin, end - begin,
                           static_cast<float>(lr), static_cast<float>(train_.beta1), static_cast<float>(train_.beta2),
                           static_cast<float>(train_.adam_eps), decay ? static_cast<float>(train_.weight_decay) : 0.f,

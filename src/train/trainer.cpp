@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <utility>
 #include <nlohmann/json.hpp>
 
 #include "core/io.h"
@@ -42,7 +43,7 @@ StepStats Trainer::step(const BatchSource& next_batch) {
   {
     // The parameters do not change until the optimizer step: a backend that rounds operands (bf16) rounds each
     // weight once per step instead of once per product.
-    const ConstantOperands hold(model_->backend(), model_->params(), model_->num_params());
+    const ConstantOperands hold(model_->backend(), std::as_const(*model_).params(), model_->num_params());
     for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
       next_batch(tokens_, targets_);
       MOELAB_CHECK(static_cast<int64_t>(tokens_.size()) == B * T && tokens_.size() == targets_.size(),
@@ -62,7 +63,7 @@ StepStats Trainer::step(const BatchSource& next_batch) {
   s.grad_norm = global_grad_norm(backend_, model_->grads(), model_->num_params());
   s.lr = learning_rate(t, steps_done_);
   optimizer_->step(model_->params(), model_->grads(), s.lr, clip_factor(s.grad_norm, t.grad_clip),
-                   /*zero_grads=*/true);
+                   /*zero_grads=*/true, &model_->param_copies());
   model_->grads_were_zeroed();
   ++steps_done_;
   s.seconds = timer.seconds();
@@ -74,7 +75,7 @@ void Trainer::save(const std::string& dir) const {
   st.step = steps_done_;
   st.adam_step = optimizer_->steps_taken();
   st.data_rng = data_rng_.state();
-  save_checkpoint(dir, config_, model_->layout(), model_->params(), optimizer_->first_moment(),
+  save_checkpoint(dir, config_, model_->layout(), std::as_const(*model_).params(), optimizer_->first_moment(),
                   optimizer_->second_moment(), st);
 }
 

@@ -1031,13 +1031,18 @@ class CpuBackend final : public Backend {
     const float step_size = lr / bc1;
     const float bc2_sqrt = std::sqrt(bc2);
     const float decay = 1.f - lr * weight_decay;
+    uint16_t* const rounded = produced(param, n);  // the next step's bf16 operands, rounded while in cache
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
-      const float g = grad[i] * grad_scale;
-      if (zero_grad) grad[i] = 0.f;
-      m[i] = beta1 * m[i] + (1.f - beta1) * g;
-      v[i] = beta2 * v[i] + (1.f - beta2) * g * g;
-      param[i] = param[i] * decay - step_size * m[i] / (std::sqrt(v[i]) / bc2_sqrt + eps);
+    for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+      const int64_t i1 = std::min(n, i0 + kChunk);
+      for (int64_t i = i0; i < i1; ++i) {
+        const float g = grad[i] * grad_scale;
+        if (zero_grad) grad[i] = 0.f;
+        m[i] = beta1 * m[i] + (1.f - beta1) * g;
+        v[i] = beta2 * v[i] + (1.f - beta2) * g * g;
+        param[i] = param[i] * decay - step_size * m[i] / (std::sqrt(v[i]) / bc2_sqrt + eps);
+      }
+      if (rounded) to_bf16(rounded + i0, param + i0, i1 - i0);
     }
   }
 
