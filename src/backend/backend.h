@@ -86,7 +86,8 @@ class Backend {
   virtual void hold_constant(const float* data, int64_t count) {}
   virtual void release_constant(const float* data) {}
   // hold_constant for a region that the very next backend call writes in full, its producer (a norm, an activation,
-  // a softmax, a gather, the cross-entropy's gradient), after which nothing writes it until release_constant(data).
+  // a softmax, a gather, the cross-entropy's gradient, the optimizer's update), after which nothing writes it until
+  // release_constant(data).
   // A backend that rounds operands may round the values as the producer writes them, while they are still in
   // cache, instead of in a pass of their own.
   virtual void hold_next_output(const float* data, int64_t count) { hold_constant(data, count); }
@@ -199,11 +200,12 @@ class ConstantOperands {
   const float* data_;
 };
 
-// What a training forward pass saves for its backward and multiplies by in both (layer inputs, attention
-// probabilities, activations, the logits gradient): each is held constant from its last write in the forward until
-// release(), which the backward calls when it is done (and the next forward, in case no backward came). A backend that
-// rounds operands (bf16) then rounds each once for both passes. Layers take a SavedOperands* that is null when there
-// will be no backward (inference), and then hold nothing.
+// Regions held together and released together. Above all, what a training forward pass saves for its backward and
+// multiplies by in both (layer inputs, attention probabilities, activations, the logits gradient): each is held
+// constant from its last write in the forward until release(), which the backward calls when it is done (and the
+// next forward, in case no backward came), so a backend that rounds operands (bf16) rounds each once for both passes.
+// Layers take a SavedOperands* that is null when there will be no backward (inference), and then hold nothing.
+// The optimizer uses one for the parameter blocks it has just written (Transformer::param_copies).
 class SavedOperands {
  public:
   explicit SavedOperands(Backend& backend) : backend_(backend) {}
