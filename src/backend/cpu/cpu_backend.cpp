@@ -656,25 +656,31 @@ class CpuBackend final : public Backend {
   void rope(float* x, int64_t batch, int64_t seq, int64_t row_stride, int64_t n_rot_heads, int64_t head_dim,
             float theta, bool inverse, int64_t first_position) override {
     const int64_t half = head_dim / 2;
-    std::vector<float> cos_table(seq * half), sin_table(seq * half);
-    for (int64_t t = 0; t < seq; ++t)
-      for (int64_t i = 0; i < half; ++i) {
-        const double inv_freq = std::pow(static_cast<double>(theta), -2.0 * i / head_dim);
-        const double angle = static_cast<double>(first_position + t) * inv_freq;
-        cos_table[t * half + i] = static_cast<float>(std::cos(angle));
-        sin_table[t * half + i] = static_cast<float>(std::sin(angle)) * (inverse ? -1.f : 1.f);
-      }
+    // The angle table (seq x half cos and sin, in double) costs more than the rotation itself; training asks for the
+    // same one every call (forward and backward of every layer), so the last one is kept.
+    RopeTable& tab = rope_table_;
+    if (tab.seq != seq || tab.head_dim != head_dim || tab.theta != theta || tab.first_position != first_position) {
+      tab = {seq, head_dim, theta, first_position, std::vector<float>(seq * half), std::vector<float>(seq * half)};
+      for (int64_t t = 0; t < seq; ++t)
+        for (int64_t i = 0; i < half; ++i) {
+          const double inv_freq = std::pow(static_cast<double>(theta), -2.0 * i / head_dim);
+          const double angle = static_cast<double>(first_position + t) * inv_freq;
+          tab.cos[t * half + i] = static_cast<float>(std::cos(angle));
+          tab.sin[t * half + i] = static_cast<float>(std::sin(angle));
+        }
+    }
+    const float sign = inverse ? -1.f : 1.f;
 #pragma omp parallel for schedule(static)
     for (int64_t bt = 0; bt < batch * seq; ++bt) {
       const int64_t t = bt % seq;
-      const float* cs = cos_table.data() + t * half;
-      const float* sn = sin_table.data() + t * half;
+      const float* cs = tab.cos.data() + t * half;
+      const float* sn = tab.sin.data() + t * half;
       for (int64_t h = 0; h < n_rot_heads; ++h) {
         float* v = x + bt * row_stride + h * head_dim;
         for (int64_t i = 0; i < half; ++i) {
-          const float a = v[i], b = v[i + half];
-          v[i] = a * cs[i] - b * sn[i];
-          v[i + half] = b * cs[i] + a * sn[i];
+          const float a = v[i], b = v[i + half], s = sign * sn[i];
+          v[i] = a * cs[i] - b * s;
+          v[i + half] = b * cs[i] + a * s;
         }
       }
     }
@@ -1049,6 +1055,12 @@ class CpuBackend final : public Backend {
  private:
   int threads_ = 1;
   bool reuse_ = true;
+  struct RopeTable {
+    int64_t seq = -1, head_dim = 0;
+    float theta = 0;
+    int64_t first_position = 0;
+    std::vector<float> cos, sin;
+  } rope_table_;
   struct {
     const float* data = nullptr;
     int64_t count = 0;
