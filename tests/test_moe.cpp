@@ -1,6 +1,9 @@
 // MoE layers: invariances (one expert = dense FFN, dropless = infinite capacity), capacity dropping,
 // finite-difference gradients through router, dispatch and experts, expert-choice causality, determinism.
+#include <algorithm>
 #include <memory>
+#include <numeric>
+#include <utility>
 
 #include "backend/backend.h"
 #include "layers/layers.h"
@@ -129,6 +132,30 @@ TEST_F(MoeTest, DroplessEqualsInfiniteCapacity) {
   EXPECT_EQ(dx_a.data, dx_b.data);
   EXPECT_EQ(a.g_router.data, b.g_router.data);
   EXPECT_EQ(a.g_fc1_w.data, b.g_fc1_w.data);
+}
+
+// Top-k selection against a stable sort: highest probability first, the lower expert index first among equal
+// probabilities (many ties here: probabilities drawn from a handful of values).
+TEST_F(MoeTest, TopKIsAStableDescendingSort) {
+  for (const auto& [E, K] : {std::pair<int64_t, int64_t>{8, 2}, {32, 4}, {5, 5}, {16, 1}}) {
+    MoeDims d = dims(RouterKind::TokenChoice, E, K, 4, 0.0);
+    d.batch = 16, d.seq = 8;
+    Routing r;
+    r.reserve(d);
+    std::vector<float> probs(d.tokens() * E);
+    for (auto& p : probs) p = 0.125f * static_cast<float>(rng.below(5));
+    route_token_choice(d, probs.data(), r);
+    for (int64_t i = 0; i < d.tokens(); ++i) {
+      std::vector<int32_t> order(E);
+      std::iota(order.begin(), order.end(), 0);
+      const float* p = probs.data() + i * E;
+      std::stable_sort(order.begin(), order.end(), [p](int32_t a, int32_t b) { return p[a] > p[b]; });
+      for (int64_t j = 0; j < K; ++j) {
+        ASSERT_EQ(r.topk_expert[i * K + j], order[j]) << "E " << E << " K " << K << " token " << i << " rank " << j;
+        ASSERT_EQ(r.topk_prob[i * K + j], p[order[j]]);
+      }
+    }
+  }
 }
 
 TEST_F(MoeTest, CapacityDropsOverflowInRankThenTokenOrder) {

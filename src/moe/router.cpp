@@ -62,17 +62,21 @@ void Routing::reserve(const MoeDims& d) {
 }
 
 void router_softmax(const float* logits, float* probs, float* lse, int64_t n, int64_t e) {
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const float* z = logits + i * e;
-    float* p = probs + i * e;
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < e; ++j) mx = std::max(mx, z[j]);
-    double sum = 0;
-    for (int64_t j = 0; j < e; ++j) sum += std::exp(static_cast<double>(z[j] - mx));
-    const double inv = 1.0 / sum;
-    for (int64_t j = 0; j < e; ++j) p[j] = static_cast<float>(std::exp(static_cast<double>(z[j] - mx)) * inv);
-    lse[i] = static_cast<float>(mx + std::log(sum));
+#pragma omp parallel
+  {
+    std::vector<double> ex(e);  // each exp is taken once
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      const float* z = logits + i * e;
+      float* p = probs + i * e;
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < e; ++j) mx = std::max(mx, z[j]);
+      double sum = 0;
+      for (int64_t j = 0; j < e; ++j) sum += ex[j] = std::exp(static_cast<double>(z[j] - mx));
+      const double inv = 1.0 / sum;
+      for (int64_t j = 0; j < e; ++j) p[j] = static_cast<float>(ex[j] * inv);
+      lse[i] = static_cast<float>(mx + std::log(sum));
+    }
   }
 }
 
@@ -91,20 +95,22 @@ void mean_probs(const MoeDims& d, const float* probs, Routing& r) {
 void route_token_choice(const MoeDims& d, const float* probs, Routing& r) {
   const int64_t n = d.tokens(), e = d.experts, k = d.top_k;
   // Top-k per token.
-#pragma omp parallel
-  {
-    std::vector<int32_t> order(e);
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
-      const float* p = probs + i * e;
-      std::iota(order.begin(), order.end(), 0);
-      std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                        [p](int32_t a, int32_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
-      for (int64_t j = 0; j < k; ++j) {
-        r.topk_expert[i * k + j] = order[j];
-        r.topk_prob[i * k + j] = p[order[j]];
+  // Highest probability first, the lower expert index first among equals: one pass keeping the k best in order.
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float* p = probs + i * e;
+    int32_t* best = r.topk_expert.data() + i * k;
+    int64_t kept = 0;
+    for (int32_t x = 0; x < e; ++x) {
+      if (kept == k && !(p[x] > p[best[k - 1]])) continue;  // an equal later index never displaces
+      int64_t pos = kept < k ? kept++ : k - 1;
+      while (pos > 0 && p[x] > p[best[pos - 1]]) {
+        best[pos] = best[pos - 1];
+        --pos;
       }
+      best[pos] = x;
     }
+    for (int64_t j = 0; j < k; ++j) r.topk_prob[i * k + j] = p[best[j]];
   }
   // Capacity, in (rank, token) order: every token's first choice is served before any second choice.
   const int64_t capacity = d.token_choice_capacity();
