@@ -24,7 +24,8 @@ class Transformer {
   const ParamLayout& layout() const { return layout_; }
   Backend& backend() { return backend_; }
   int64_t num_params() const { return layout_.total(); }
-  // Write access to the parameters drops the optimizer's bf16 copies of them (param_copies); reading does not.
+  // Write access to the parameters drops the optimizer's bf16 copies of them (param_copies); reading does not. Take
+  // the pointer afresh for every write: one kept across an optimizer step would bypass the drop.
   float* params() {
     param_copies_.release();
     return params_;
