@@ -34,7 +34,11 @@ class Transformer {
   // Where the optimizer holds the parameter blocks it has just written (Backend::hold_next_output, so a backend that
   // rounds operands rounds each weight as the update writes it); held until the next write access to params().
   SavedOperands& param_copies() { return param_copies_; }
-  float* grads() { return grads_; }
+  // Write access: the next zero_grad() clears them again (see grads_were_zeroed).
+  float* grads() {
+    grads_zero_ = false;
+    return grads_;
+  }
 
   // Normal(0, init_std) weights (scaled on residual projections), zero biases, unit norm weights.
   void init_weights(uint64_t seed);

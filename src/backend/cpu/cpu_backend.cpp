@@ -198,32 +198,32 @@ class OperandCache {
   std::multimap<size_t, std::vector<uint16_t>> pool_;  // by capacity
 };
 
-// oneDNN matmul primitives (brgemm kernels), cached per shape. They beat dnnl_sgemm / dnnl_gemm_bf16bf16f32 by up
+// oneDNN fp32 matmul primitives (brgemm kernels), cached per shape. They beat dnnl_sgemm by up
 // to 3x on some transformer shapes (e.g. the weight gradients, op(A) = A^T with a long K), but creating one costs
 // about a millisecond, so they are used only where a shape recurs: the caller (MatmulCache::eligible) restricts
 // them to products whose M, N and K are multiples of 64 - every dense layer of the benchmark models, but rarely a
 // MoE expert's token count, which changes every step. The choice depends on the shape alone, so a run and its
-// resumed continuation take the same path for every product (bitwise-identical losses).
+// resumed continuation take the same path for every product (bitwise-identical losses). (In bf16 the GEMM function
+// is as fast or faster, so the bf16 path does not use them: gemm_bf16.)
 class MatmulCache {
  public:
   struct Key {
-    bool bf16;
     char ta, tb;
     int64_t m, n, k, lda, ldb, ldc;
     float alpha, beta;
     int64_t batch = 1, stride_a = 0, stride_b = 0, stride_c = 0;  // a strided batch of products (batch > 1)
     int64_t outer = 1, outer_a = 0, outer_b = 0, outer_c = 0;       // of strided batches (outer > 1)
     bool operator<(const Key& o) const {
-      return std::tie(bf16, ta, tb, m, n, k, lda, ldb, ldc, alpha, beta, batch, stride_a, stride_b, stride_c, outer,
+      return std::tie(ta, tb, m, n, k, lda, ldb, ldc, alpha, beta, batch, stride_a, stride_b, stride_c, outer,
                       outer_a, outer_b, outer_c) <
-             std::tie(o.bf16, o.ta, o.tb, o.m, o.n, o.k, o.lda, o.ldb, o.ldc, o.alpha, o.beta, o.batch, o.stride_a,
+             std::tie(o.ta, o.tb, o.m, o.n, o.k, o.lda, o.ldb, o.ldc, o.alpha, o.beta, o.batch, o.stride_a,
                       o.stride_b, o.stride_c, o.outer, o.outer_a, o.outer_b, o.outer_c);
     }
   };
   static bool eligible(int64_t m, int64_t n, int64_t k) {
     return m % 64 == 0 && n % 64 == 0 && k % 64 == 0 && !omp_in_parallel();
   }
-  // C = alpha op(A) op(B) + beta C with A, B fp32 or bf16 bits (key.bf16), C fp32.
+  // C = alpha op(A) op(B) + beta C, all fp32.
   void run(const Key& key, const void* a, const void* b, float* c) {
     auto it = cache_.find(key);
     if (it == cache_.end()) {
@@ -245,7 +245,7 @@ class MatmulCache {
   };
   Entry create(const Key& key) {
     using dt = dnnl::memory::data_type;
-    const dt in = key.bf16 ? dt::bf16 : dt::f32;
+    const dt in = dt::f32;
     using dims = dnnl::memory::dims;
     dims a_dims{key.m, key.k}, b_dims{key.k, key.n}, c_dims{key.m, key.n};
     dims a_strides = key.ta == 'N' ? dims{key.lda, 1} : dims{1, key.lda};
@@ -402,7 +402,8 @@ class CpuBackend final : public Backend {
       char key[96];
       std::snprintf(key, sizeof key, "%s %ldx%ldx%ld %c%c%s", precision_ == Precision::BF16 ? "bf16" : "fp32",
                     static_cast<long>(m), static_cast<long>(n), static_cast<long>(k), ta == Trans::T ? 'T' : 'N',
-                    tb == Trans::T ? 'T' : 'N', precision_ == Precision::FP32 && MatmulCache::eligible(m, n, k) ? " matmul" : "");
+                    tb == Trans::T ? 'T' : 'N',
+                    precision_ == Precision::FP32 && MatmulCache::eligible(m, n, k) ? " matmul" : "");
       profile_.add(key, wall_seconds() - t0, 2.0 * m * n * k);
       return;
     }
@@ -441,7 +442,7 @@ class CpuBackend final : public Backend {
       return;
     }
     if (MatmulCache::eligible(m, n, k)) {
-      matmuls_.run({false, ta == Trans::T ? 'T' : 'N', tb == Trans::T ? 'T' : 'N', m, n, k, lda, ldb, ldc, alpha, beta},
+      matmuls_.run({ta == Trans::T ? 'T' : 'N', tb == Trans::T ? 'T' : 'N', m, n, k, lda, ldb, ldc, alpha, beta},
                    a, b, c);
       return;
     }
@@ -526,22 +527,28 @@ class CpuBackend final : public Backend {
       // attention shapes (256 x 64 x 256, 256 x 256 x 64 per head) where the batched matmul primitive reaches
       // 180-280.
       const int64_t count = outer * batch;
+      int failed = dnnl_success;  // checked after the parallel region (an exception must not leave it)
 #pragma omp parallel for schedule(static)
       for (int64_t x = 0; x < count; ++x) {
         const dnnl_status_t status =
             dnnl_gemm_bf16bf16f32(cta, ctb, m, n, k, alpha, pa + x * a_size, a_cols, pb + x * b_size, b_cols, beta,
                                   c + (x / batch) * outer_c + (x % batch) * stride_c, ldc);
-        MOELAB_CHECK(status == dnnl_success, "dnnl_gemm_bf16bf16f32 failed with status " + std::to_string(status));
+        if (status != dnnl_success) {
+#pragma omp atomic write
+          failed = status;
+        }
       }
+      MOELAB_CHECK(failed == dnnl_success, "dnnl_gemm_bf16bf16f32 failed with status " + std::to_string(failed));
     } else {
-      matmuls_.run({false, cta, ctb, m, n, k, lda, ldb, ldc, alpha, beta, batch, stride_a, stride_b, stride_c, outer,
+      matmuls_.run({cta, ctb, m, n, k, lda, ldb, ldc, alpha, beta, batch, stride_a, stride_b, stride_c, outer,
                     outer_a, outer_b, outer_c},
                    a, b, c);
     }
     if (profile_.on()) {
       char key[96];
-      std::snprintf(key, sizeof key, "%s batched matmul %ldx%ldx %ldx%ldx%ld %c%c",
-                    precision_ == Precision::BF16 ? "bf16" : "fp32", static_cast<long>(outer), static_cast<long>(batch),
+      std::snprintf(key, sizeof key, "%s %ldx%ldx %ldx%ldx%ld %c%c",
+                    precision_ == Precision::BF16 ? "bf16 batched gemm" : "fp32 batched matmul",
+                    static_cast<long>(outer), static_cast<long>(batch),
                     static_cast<long>(m), static_cast<long>(n), static_cast<long>(k), cta, ctb);
       profile_.add(key, wall_seconds() - t0, 2.0 * m * n * k * batch * outer);
     }
