@@ -151,14 +151,20 @@ TEST(Backend, PrimitiveGemmAndTwoLevelBatch) {
 
 // The vectorisable exp / erf of the CPU kernels against libm over the ranges the kernels feed them.
 TEST(Backend, FastExpAndErfMatchLibm) {
-  double max_exp_rel = 0, max_erf_abs = 0;
+  double max_exp_rel = 0, max_erf_abs = 0, max_erf_exp_abs = 0;
   for (int i = 0; i <= 400000; ++i) {
     const float x = -87.f + 175.f * static_cast<float>(i) / 400000.f;  // exp: softmax / cross-entropy use x <= 0
     const double ref = std::exp(static_cast<double>(x));
     max_exp_rel = std::max(max_exp_rel, std::fabs(vec::fast_exp(x) - ref) / ref);
     const float y = -6.f + 12.f * static_cast<float>(i) / 400000.f;
     max_erf_abs = std::max(max_erf_abs, std::fabs(vec::fast_erf(y) - std::erf(static_cast<double>(y))));
+    float e = -1.f;  // the exponential GELU's backward takes from erf: exp(-y^2)
+    const float erf_y = vec::fast_erf(y, e);
+    ASSERT_EQ(erf_y, vec::fast_erf(y));
+    const double e_ref = std::exp(-static_cast<double>(y) * y);
+    max_erf_exp_abs = std::max(max_erf_exp_abs, std::fabs(e - e_ref));
   }
+  EXPECT_LT(max_erf_exp_abs, 1e-6);
   EXPECT_LT(max_exp_rel, 4e-7);  // a few ulp
   EXPECT_LT(max_erf_abs, 6e-7);  // A&S 7.1.26: 1.5e-7 in exact arithmetic, plus float rounding
   EXPECT_EQ(vec::fast_exp(-100.f), 0.f);

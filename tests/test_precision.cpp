@@ -225,7 +225,8 @@ TEST(Precision, Bf16TrainingTracksFp32AndIsDeterministic) {
 // logits gradient) must never change a result: bf16 training with it and with it turned off
 // (MOELAB_NO_OPERAND_REUSE) gives bitwise-equal losses, also across an evaluation and a write to the parameters
 // between steps, and bitwise-equal gradients after a training forward that was not followed by its backward (the
-// next forward releases and rewrites what the first one held; a stale copy would show here).
+// next forward releases and rewrites what the first one held; a stale copy would show here). Regions held
+// operands-only never get their fp32 values written under reuse: a kernel that read them would show here too.
 std::unique_ptr<Backend> backend_without_reuse(int threads) {
   ::setenv("MOELAB_NO_OPERAND_REUSE", "1", 1);
   auto be = make_cpu_backend(threads);
@@ -239,6 +240,7 @@ TEST(Precision, OperandReuseNeverChangesBf16Training) {
   TokenFile data(path, "uint16");
   for (const std::vector<std::string>& variant :
        {std::vector<std::string>{"model.pos=rope", "model.norm=layernorm"},
+        std::vector<std::string>{"model.bias=true"},  // fc1's bias gradient reads its input gradient as fp32
         std::vector<std::string>{"moe.experts=4", "moe.top_k=2", "train.grad_accum=2"},
         std::vector<std::string>{"model.ffn=swiglu", "moe.experts=4", "moe.top_k=1", "moe.shared_experts=1"}}) {
     auto keys = variant;

@@ -90,7 +90,12 @@ class Backend {
   // release_constant(data).
   // A backend that rounds operands may round the values as the producer writes them, while they are still in
   // cache, instead of in a pass of their own.
-  virtual void hold_next_output(const float* data, int64_t count) { hold_constant(data, count); }
+  // operands_only: the caller also promises that the region is read only as an operand of products (gemm and its
+  // batched forms) while held, by no other kernel, and not at all after its release until written again. A backend
+  // that rounds operands may then keep only the rounded values and never store the fp32 ones (which stay
+  // unspecified): saved activations and gradients that only feed products (GELU outputs, dispatched rows, the
+  // logits gradient) then cost half the memory traffic.
+  virtual void hold_next_output(const float* data, int64_t count, bool operands_only) { hold_constant(data, count); }
 
   // ---- elementwise ----------------------------------------------------------------------------------------
   virtual void add(float* out, const float* a, const float* b, int64_t n) = 0;          // out = a + b
@@ -185,10 +190,12 @@ class MatmulPrecisionScope {
 // Holds [data, data + count) constant (Backend::hold_constant) for the lifetime of the scope.
 class ConstantOperands {
  public:
-  // written_next: the region's producer is the next backend call (Backend::hold_next_output).
-  ConstantOperands(Backend& backend, const float* data, int64_t count, bool written_next = false)
+  // written_next: the region's producer is the next backend call; operands_only: and only products read it
+  // (Backend::hold_next_output).
+  ConstantOperands(Backend& backend, const float* data, int64_t count, bool written_next = false,
+                   bool operands_only = false)
       : backend_(backend), data_(data) {
-    if (written_next) backend_.hold_next_output(data, count);
+    if (written_next) backend_.hold_next_output(data, count, operands_only);
     else backend_.hold_constant(data, count);
   }
   ~ConstantOperands() { backend_.release_constant(data_); }
@@ -216,9 +223,10 @@ class SavedOperands {
     backend_.hold_constant(data, count);
     held_.push_back(data);
   }
-  // Held from its producer, the next backend call, on (Backend::hold_next_output).
-  void hold_next(const float* data, int64_t count) {
-    backend_.hold_next_output(data, count);
+  // Held from its producer, the next backend call, on; operands_only: only products read it (both as in
+  // Backend::hold_next_output).
+  void hold_next(const float* data, int64_t count, bool operands_only = false) {
+    backend_.hold_next_output(data, count, operands_only);
     held_.push_back(data);
   }
   void release() {

@@ -55,7 +55,7 @@ void attention_backward(Backend& be, const AttentionShape& s, Tensor dqkv, Tenso
                              seq_out, 0.f, dv, 3 * C, hd, seq_qkv, H, B);
   }
   {
-    const ConstantOperands hold(be, dprobs.data, dprobs.numel(), /*written_next=*/true);
+    const ConstantOperands hold(be, dprobs.data, dprobs.numel(), /*written_next=*/true, /*operands_only=*/true);
     be.causal_softmax_backward(dprobs.data, probs.data, scale, B * H, T);  // dprobs now holds dscores
     // dq (T, hd) = dscores (T, T) @ k (T, hd); dk (T, hd) = dscores^T (T, T) @ q (T, hd)
     be.gemm_strided_batched2(Trans::N, Trans::N, T, hd, T, 1.f, dprobs.data, T, T * T, seq_probs, k, 3 * C, hd, seq_qkv,

@@ -8,7 +8,8 @@ void mlp_forward(Backend& be, FfnKind kind, Tensor out, Tensor pre, Tensor act, 
   MOELAB_CHECK(pre.cols() == (kind == FfnKind::Gelu ? f : 2 * f),
                kind == FfnKind::Gelu ? "GELU pre-activation width" : "SwiGLU pre-activation must be [gate | up]");
   linear_forward(be, pre, in, w1, b1);
-  if (saved) saved->hold_next(act.data, n * f);  // the activation below writes it
+  // the activation below writes it; it feeds the fc2 product here and the fc2 weight gradient's in the backward
+  if (saved) saved->hold_next(act.data, n * f, /*operands_only=*/true);
   if (kind == FfnKind::Gelu)
     be.gelu_forward(act.data, pre.data, n * f);
   else
@@ -20,8 +21,10 @@ void mlp_backward(Backend& be, FfnKind kind, Tensor din, Tensor dw1, Tensor db1,
                   Tensor dact, Tensor dout, Tensor in, Tensor pre, Tensor act, Tensor w1, Tensor w2) {
   const int64_t n = in.rows(), f = act.cols();
   linear_backward(be, dact, dw2, db2, dout, act, w2);
-  // dpre feeds the two products of the fc1 backward: held from its producer, the activation's backward, on.
-  const ConstantOperands hold(be, dpre.data, n * (kind == FfnKind::Gelu ? f : 2 * f), /*written_next=*/true);
+  // dpre feeds the two products of the fc1 backward: held from its producer, the activation's backward, on (and
+  // read by nothing else unless fc1 has a bias, whose gradient sums it).
+  const ConstantOperands hold(be, dpre.data, n * (kind == FfnKind::Gelu ? f : 2 * f), /*written_next=*/true,
+                              /*operands_only=*/db1.empty());
   if (kind == FfnKind::Gelu)
     be.gelu_backward(dpre.data, pre.data, dact.data, n * f);
   else

@@ -205,7 +205,7 @@ double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64
   for (int64_t i = 0; i < m.n_layers; ++i) {
     const LayerWeights w = layer_weights(params_, i);
     Tensor ln1 = act("ln1", i), qkv = act("qkv", i), atty = act("atty", i), res_att = act("res_att", i);
-    if (saved) saved->hold_next(ln1.data, ln1.numel());
+    if (saved) saved->hold_next(ln1.data, ln1.numel(), /*operands_only=*/true);  // the qkv products, both passes
     norm_forward(be, m.norm, ln1, act("ln1_mean", i), act("ln1_rstd", i), residual, w.norm1_w, w.norm1_b, eps);
     linear_forward(be, qkv, ln1, w.qkv_w, w.qkv_b);
     attention_forward(be, attn, atty, act("probs", i), qkv, saved);
@@ -214,7 +214,8 @@ double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64
     linear_forward(be, res_att, atty, w.out_w, w.out_b, /*accumulate_out=*/true);
 
     Tensor ln2 = act("ln2", i), res_ffn = act("res_ffn", i);
-    if (saved) saved->hold_next(ln2.data, ln2.numel());
+    // An MoE layer's router and dispatch read its input as fp32; a dense FFN only multiplies by it.
+    if (saved) saved->hold_next(ln2.data, ln2.numel(), /*operands_only=*/!m.moe.is_moe_layer(i));
     norm_forward(be, m.norm, ln2, act("ln2_mean", i), act("ln2_rstd", i), res_att, w.norm2_w, w.norm2_b, eps);
     be.copy(res_ffn.data, res_att.data, res_ffn.numel());
     if (m.moe.is_moe_layer(i)) {
@@ -229,7 +230,7 @@ double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64
     residual = res_ffn;
   }
   Tensor lnf = act("lnf");
-  if (saved) saved->hold_next(lnf.data, lnf.numel());
+  if (saved) saved->hold_next(lnf.data, lnf.numel(), /*operands_only=*/true);  // the head's products
   norm_forward(be, m.norm, lnf, act("lnf_mean"), act("lnf_rstd"), residual, layout_.view(params_, "final_norm.weight"),
                layout_.view_or_empty(params_, "final_norm.bias"), eps);
   Tensor head = layout_.view(params_, m.tied_embeddings ? "tok_emb.weight" : "lm_head.weight");

@@ -44,7 +44,7 @@ void experts_forward(Backend& be, const MoeDims& d, const MoeWeights& w, const M
   if (!w.fc1_b.empty())
     for (int64_t e = 0; e < E; ++e)
       be.add_bias(groups[e].c, w.fc1_b.data + e * P, groups[e].m, P);
-  if (saved) saved->hold_next(a.act.data, r.rows * F);
+  if (saved) saved->hold_next(a.act.data, r.rows * F, /*operands_only=*/true);  // fc2 products, both passes
   activation_forward(be, d.ffn, a.act.data, a.pre.data, r.rows, F);
   for (int64_t e = 0; e < E; ++e) {
     const int64_t off = r.expert_offsets[e];
@@ -77,7 +77,7 @@ void experts_backward(Backend& be, const MoeDims& d, const MoeWeights& g, const 
   }
   be.gemm_batch(batch.data(), static_cast<int64_t>(batch.size()));  // dy is held by the caller
   // each dpre feeds two products: held from its producer on, so a backend that rounds operands rounds it once
-  const ConstantOperands hold(be, s.d_pre.data, r.rows * P, /*written_next=*/true);
+  const ConstantOperands hold(be, s.d_pre.data, r.rows * P, /*written_next=*/true, /*operands_only=*/true);
   activation_backward(be, d.ffn, s.d_pre.data, a.pre.data, s.d_act.data, r.rows, F);
   batch.clear();
   for (int64_t e = 0; e < E; ++e) {
@@ -135,7 +135,7 @@ void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const Moe
   if (d.router == RouterKind::TokenChoice) route_token_choice(d, a.probs.data, r);
   else route_expert_choice(d, a.probs.data, r);
   // dispatch -> experts -> combine
-  if (saved) saved->hold_next(a.x_sorted.data, r.rows * C);
+  if (saved) saved->hold_next(a.x_sorted.data, r.rows * C, /*operands_only=*/true);  // fc1 products, both passes
   be.gather_rows(a.x_sorted.data, in.data, r.row_token.data(), nullptr, r.rows, C);
   experts_forward(be, d, w, a, r, saved);
   be.combine_rows(out.data, a.y_sorted.data, r.token_offsets.data(), r.token_rows.data(), r.row_weight.data(), n, C);
@@ -156,7 +156,7 @@ void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& g
   be.row_dots(s.d_weight.data, dout.data, r.row_token.data(), a.y_sorted.data, r.rows, C);
   {
     // each row's output gradient feeds two products (the activation's gradient, the fc2 weight gradient)
-    const ConstantOperands hold(be, s.d_y_sorted.data, r.rows * C, /*written_next=*/true);
+    const ConstantOperands hold(be, s.d_y_sorted.data, r.rows * C, /*written_next=*/true, /*operands_only=*/true);
     be.gather_rows(s.d_y_sorted.data, dout.data, r.row_token.data(), r.row_weight.data(), r.rows, C);
     experts_backward(be, d, g, w, a, s, r);
   }

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "backend/cpu/vec_math.h"
 #include "core/error.h"
 #include "moe/moe.h"
 
@@ -62,21 +63,19 @@ void Routing::reserve(const MoeDims& d) {
 }
 
 void router_softmax(const float* logits, float* probs, float* lse, int64_t n, int64_t e) {
-#pragma omp parallel
-  {
-    std::vector<double> ex(e);  // each exp is taken once
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
-      const float* z = logits + i * e;
-      float* p = probs + i * e;
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < e; ++j) mx = std::max(mx, z[j]);
-      double sum = 0;
-      for (int64_t j = 0; j < e; ++j) sum += ex[j] = std::exp(static_cast<double>(z[j] - mx));
-      const double inv = 1.0 / sum;
-      for (int64_t j = 0; j < e; ++j) p[j] = static_cast<float>(ex[j] * inv);
-      lse[i] = static_cast<float>(mx + std::log(sum));
-    }
+  // fp32 exponentials (vec::fast_exp, a few ulp, vectorised; each taken once, kept in probs), summed in double.
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float* z = logits + i * e;
+    float* p = probs + i * e;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < e; ++j) mx = std::max(mx, z[j]);
+    for (int64_t j = 0; j < e; ++j) p[j] = vec::fast_exp(z[j] - mx);
+    double sum = 0;
+    for (int64_t j = 0; j < e; ++j) sum += p[j];
+    const float inv = static_cast<float>(1.0 / sum);
+    for (int64_t j = 0; j < e; ++j) p[j] *= inv;
+    lse[i] = static_cast<float>(mx + std::log(sum));
   }
 }
 

@@ -92,16 +92,31 @@ void pack_bf16(uint16_t* dst, const OperandBlock& b) {
     pack_bf16(dst + x * size, b.src + (x / b.batch) * b.outer_stride + (x % b.batch) * b.stride, b.rows, b.cols, b.ld);
 }
 
+// Packs block b, which lies in a region whose whole bf16 copy (laid out as the region) starts at copy, from that copy:
+// the values packing b from fp32 would give, without reading the fp32 values (which an operands-only region,
+// Backend::hold_next_output, may never have had written).
+void pack_from_copy(uint16_t* dst, const OperandBlock& b, const uint16_t* copy, const float* region_begin) {
+  const uint16_t* base = copy + (b.src - region_begin);
+  const int64_t count = b.outer * b.batch;
+#pragma omp parallel for schedule(static) if (!omp_in_parallel() && b.size() >= (1 << 16))
+  for (int64_t x = 0; x < count; ++x) {
+    const uint16_t* m = base + (x / b.batch) * b.outer_stride + (x % b.batch) * b.stride;
+    for (int64_t r = 0; r < b.rows; ++r)
+      std::memcpy(dst + (x * b.rows + r) * b.cols, m + r * b.ld, b.cols * sizeof(uint16_t));
+  }
+}
+
 // bf16 copies of the operand blocks that lie in held regions (Backend::hold_constant), so an operand that feeds
 // several products is rounded once. Keyed by the block as stored; the copy is exactly what packing it again would
 // give, so reuse never changes a result. A region whose producer rounded it as it wrote it (hold_next_output)
-// carries a copy of the whole region, which serves every dense block inside it. Thread-safe: the MoE experts'
+// carries a copy of the whole region: it serves every dense block inside it as is, and every other block inside
+// it is packed from it. Thread-safe: the MoE experts'
 // products run concurrently. Buffers of released copies are pooled, since the same sizes come back every step.
 class OperandCache {
  public:
   void hold(const float* data, int64_t count) {
     std::lock_guard<std::mutex> lock(mutex_);
-    regions_.push_back({data, data + count});
+    regions_.push_back({data, data + count, {}});
   }
   void release(const float* data) {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -144,14 +159,18 @@ class OperandCache {
   const uint16_t* get(const OperandBlock& b, std::vector<uint16_t>& scratch) {
     if (!regions_.empty()) {
       std::unique_lock<std::mutex> lock(mutex_);
-      if (b.contiguous())
-        for (const Region& r : regions_)
-          if (!r.copy.empty() && r.begin <= b.src && b.end() <= r.end) return r.copy.data() + (b.src - r.begin);
+      const Region* source = nullptr;  // the innermost region holding b that carries a copy of its own
+      for (const Region& r : regions_)
+        if (!r.copy.empty() && r.begin <= b.src && b.end() <= r.end) source = &r;
+      if (source && b.contiguous()) return source->copy.data() + (b.src - source->begin);
       if (held_locked(b.src, b.end())) {
         if (auto it = copies_.find(b); it != copies_.end()) return it->second.data();
         std::vector<uint16_t> buffer = take_locked(b.size());
+        const uint16_t* copy = source ? source->copy.data() : nullptr;  // stays valid: b's hold outlives this call
+        const float* copy_begin = source ? source->begin : nullptr;
         lock.unlock();
-        pack_bf16(buffer.data(), b);
+        if (copy) pack_from_copy(buffer.data(), b, copy, copy_begin);
+        else pack_bf16(buffer.data(), b);
         lock.lock();
         auto [it, inserted] = copies_.try_emplace(b, std::move(buffer));
         if (!inserted) give_back_locked(std::move(buffer));  // another thread packed it first
@@ -348,17 +367,27 @@ class CpuBackend final : public Backend {
     if (pending_.data == data) pending_ = {};
     operands_.release(data);
   }
-  void hold_next_output(const float* data, int64_t count) override {
+  void hold_next_output(const float* data, int64_t count, bool operands_only) override {
     if (!reuse_) return;
     operands_.hold(data, count);
-    if (precision_ == Precision::BF16) pending_ = {data, count};
+    if (precision_ == Precision::BF16) pending_ = {data, count, operands_only};
   }
   // For a kernel about to write [out, out + n) in full: where that is the region announced by hold_next_output, the
-  // buffer its bf16 copy goes into (the kernel rounds each row or chunk right after writing it), else null.
-  uint16_t* produced(const float* out, int64_t n) {
+  // buffer its bf16 copy goes into (the kernel rounds each row or chunk right after computing it), else null. With
+  // bf16_only (may be null) it says whether the region was announced operands-only: the kernel may then leave the
+  // fp32 values unwritten (it computes each row or chunk into scratch_floats and rounds from there).
+  uint16_t* produced(const float* out, int64_t n, bool* bf16_only = nullptr) {
+    if (bf16_only) *bf16_only = false;
     if (pending_.data == nullptr || pending_.data != out || pending_.count != n) return nullptr;
+    if (bf16_only) *bf16_only = pending_.operands_only;
     pending_ = {};
     return operands_.attach_copy(out, n);
+  }
+  // A thread's scratch for one row or chunk that a producer rounds to bf16 without storing it (produced's bf16_only).
+  static float* scratch_floats(int64_t n) {
+    thread_local std::vector<float> scratch;
+    if (scratch.size() < static_cast<size_t>(n)) scratch.resize(n);
+    return scratch.data();
   }
   // A product's output must not lie in a held region (Backend::hold_constant).
   void check_output(const float* c, int64_t rows, int64_t cols, int64_t ldc, int64_t batch = 1, int64_t stride_c = 0,
@@ -606,26 +635,34 @@ class CpuBackend final : public Backend {
   // while it is in L1.
   static constexpr int64_t kChunk = 4096;
   void gelu_forward(float* out, const float* in, int64_t n) override {
-    uint16_t* const rounded = produced(out, n);
+    bool bf16_only;
+    uint16_t* const rounded = produced(out, n, &bf16_only);
 #pragma omp parallel for schedule(static)
     for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
-      const int64_t i1 = std::min(n, i0 + kChunk);
-      for (int64_t i = i0; i < i1; ++i) out[i] = 0.5f * in[i] * (1.f + vec::fast_erf(in[i] * kInvSqrt2));
-      if (rounded) to_bf16(rounded + i0, out + i0, i1 - i0);
+      const int64_t len = std::min(n - i0, kChunk);
+      float* const o = bf16_only ? scratch_floats(len) : out + i0;
+      const float* const x = in + i0;
+      for (int64_t i = 0; i < len; ++i) o[i] = 0.5f * x[i] * (1.f + vec::fast_erf(x[i] * kInvSqrt2));
+      if (rounded) to_bf16(rounded + i0, o, len);
     }
   }
   void gelu_backward(float* din, const float* in, const float* dout, int64_t n) override {
-    uint16_t* const rounded = produced(din, n);
+    bool bf16_only;
+    uint16_t* const rounded = produced(din, n, &bf16_only);
 #pragma omp parallel for schedule(static)
     for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
-      const int64_t i1 = std::min(n, i0 + kChunk);
-      for (int64_t i = i0; i < i1; ++i) {
-        const float x = in[i];
-        const float cdf = 0.5f * (1.f + vec::fast_erf(x * kInvSqrt2));
-        const float pdf = kInvSqrt2Pi * vec::fast_exp(-0.5f * x * x);
-        din[i] = dout[i] * (cdf + x * pdf);
+      const int64_t len = std::min(n - i0, kChunk);
+      float* const o = bf16_only ? scratch_floats(len) : din + i0;
+      const float* const xs = in + i0;
+      const float* const d = dout + i0;
+      for (int64_t i = 0; i < len; ++i) {
+        // d/dx [x Phi(x)] = Phi(x) + x phi(x), phi(x) = exp(-(x/sqrt 2)^2) / sqrt(2 pi): erf's own exponential.
+        const float x = xs[i];
+        float e;
+        const float cdf = 0.5f * (1.f + vec::fast_erf(x * kInvSqrt2, e));
+        o[i] = d[i] * (cdf + x * (kInvSqrt2Pi * e));
       }
-      if (rounded) to_bf16(rounded + i0, din + i0, i1 - i0);
+      if (rounded) to_bf16(rounded + i0, o, len);
     }
   }
   void swiglu_forward(float* out, const float* in, int64_t rows, int64_t f) override {
@@ -732,11 +769,16 @@ class CpuBackend final : public Backend {
   // ---- MoE dispatch / combine --------------------------------------------------------------------------
   void gather_rows(float* dst, const float* src, const int32_t* index, const float* scale, int64_t rows,
                    int64_t cols) override {
-    uint16_t* const rounded = produced(dst, rows * cols);
+    bool bf16_only;
+    uint16_t* const rounded = produced(dst, rows * cols, &bf16_only);
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const float* s = src + static_cast<int64_t>(index[r]) * cols;
-      float* d = dst + r * cols;
+      if (!scale && bf16_only) {  // the source row rounded as it is
+        to_bf16(rounded + r * cols, s, cols);
+        continue;
+      }
+      float* d = bf16_only ? scratch_floats(cols) : dst + r * cols;
       if (scale) {
         const float w = scale[r];
         for (int64_t c = 0; c < cols; ++c) d[c] = w * s[c];
@@ -788,11 +830,12 @@ class CpuBackend final : public Backend {
 
   void layernorm_forward(float* out, float* mean, float* rstd, const float* in, const float* weight,
                          const float* bias, int64_t rows, int64_t cols, float eps) override {
-    uint16_t* const rounded = produced(out, rows * cols);
+    bool bf16_only;
+    uint16_t* const rounded = produced(out, rows * cols, &bf16_only);
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const float* x = in + r * cols;
-      float* y = out + r * cols;
+      float* y = bf16_only ? scratch_floats(cols) : out + r * cols;
       double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t c = 0; c < cols; ++c) sum += x[c];
@@ -854,11 +897,12 @@ class CpuBackend final : public Backend {
   }
   void rmsnorm_forward(float* out, float* rstd, const float* in, const float* weight, int64_t rows, int64_t cols,
                        float eps) override {
-    uint16_t* const rounded = produced(out, rows * cols);
+    bool bf16_only;
+    uint16_t* const rounded = produced(out, rows * cols, &bf16_only);
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const float* x = in + r * cols;
-      float* y = out + r * cols;
+      float* y = bf16_only ? scratch_floats(cols) : out + r * cols;
       double ss = 0.0;
 #pragma omp simd reduction(+ : ss)
       for (int64_t c = 0; c < cols; ++c) ss += static_cast<double>(x[c]) * x[c];
@@ -937,18 +981,20 @@ class CpuBackend final : public Backend {
   }
   void causal_softmax_backward(float* dprobs, const float* probs, float scale, int64_t count,
                                int64_t seq) override {
-    uint16_t* const rounded = produced(dprobs, count * seq * seq);
+    bool bf16_only;
+    uint16_t* const rounded = produced(dprobs, count * seq * seq, &bf16_only);
 #pragma omp parallel for schedule(static)
     for (int64_t row = 0; row < count * seq; ++row) {
       const int64_t t = row % seq;
-      float* d = dprobs + row * seq;
+      const float* d = dprobs + row * seq;
+      float* ds = bf16_only ? scratch_floats(seq) : dprobs + row * seq;  // over d, or beside it
       const float* p = probs + row * seq;
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
       for (int64_t j = 0; j <= t; ++j) dot += d[j] * p[j];
-      for (int64_t j = 0; j <= t; ++j) d[j] = scale * p[j] * (d[j] - dot);
-      for (int64_t j = t + 1; j < seq; ++j) d[j] = 0.f;
-      if (rounded) to_bf16(rounded + row * seq, d, seq);
+      for (int64_t j = 0; j <= t; ++j) ds[j] = scale * p[j] * (d[j] - dot);
+      for (int64_t j = t + 1; j < seq; ++j) ds[j] = 0.f;
+      if (rounded) to_bf16(rounded + row * seq, ds, seq);
     }
   }
   // Per row: max, then exp(z - max) (kept in place when a gradient is wanted) and its sum in double, then the
@@ -959,10 +1005,12 @@ class CpuBackend final : public Backend {
   void softmax_cross_entropy(float* logits, float* losses, const int32_t* targets, int64_t rows, int64_t vocab,
                              float grad_scale) override {
     const bool keep = grad_scale != 0.f;
-    uint16_t* const rounded = keep ? produced(logits, rows * vocab) : nullptr;
+    bool bf16_only = false;  // the gradient goes to its bf16 copy only: the exponentials go to scratch, not over z
+    uint16_t* const rounded = keep ? produced(logits, rows * vocab, &bf16_only) : nullptr;
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
-      float* z = logits + r * vocab;
+      const float* z = logits + r * vocab;
+      float* g = bf16_only ? scratch_floats(vocab) : logits + r * vocab;  // exp(z - max), then the gradient
       const int32_t target = targets[r];
       int64_t j0 = 0;
       float mx = -INFINITY;
@@ -982,7 +1030,7 @@ class CpuBackend final : public Backend {
       const __m512 vmx = _mm512_set1_ps(mx);
       for (int64_t j = 0; j < body; j += 16) {
         const __m512 e = vec::fast_exp16(_mm512_sub_ps(_mm512_loadu_ps(z + j), vmx));
-        if (keep) _mm512_storeu_ps(z + j, e);
+        if (keep) _mm512_storeu_ps(g + j, e);
         lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
         hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm512_extractf32x8_ps(e, 1)));
       }
@@ -991,20 +1039,20 @@ class CpuBackend final : public Backend {
 #endif
       for (int64_t j = j0; j < vocab; ++j) {
         const float e = vec::fast_exp(z[j] - mx);
-        if (keep) z[j] = e;
+        if (keep) g[j] = e;
         sum += e;
       }
       const double log_sum = std::log(sum);
       losses[r] = target >= 0 ? static_cast<float>(log_sum - (target_logit - mx)) : 0.f;
       if (keep) {
         if (target < 0) {
-          std::memset(z, 0, vocab * sizeof(float));
+          std::memset(g, 0, vocab * sizeof(float));
         } else {
           const float factor = static_cast<float>(grad_scale / sum);
-          for (int64_t j = 0; j < vocab; ++j) z[j] *= factor;
-          z[target] -= grad_scale;
+          for (int64_t j = 0; j < vocab; ++j) g[j] *= factor;
+          g[target] -= grad_scale;
         }
-        if (rounded) to_bf16(rounded + r * vocab, z, vocab);
+        if (rounded) to_bf16(rounded + r * vocab, g, vocab);
       }
     }
   }
@@ -1071,6 +1119,7 @@ class CpuBackend final : public Backend {
   struct {
     const float* data = nullptr;
     int64_t count = 0;
+    bool operands_only = false;
   } pending_;  // announced by hold_next_output, not yet written
   Precision precision_ = Precision::FP32;
   MatmulCache matmuls_;

@@ -4,7 +4,8 @@
 // reference; tests/test_backend.cpp checks these against them over the ranges the kernels use.
 //   fast_exp: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial), about 2 ulp; exactly 0
 //             below -87.3 (where expf underflows to a denormal) and clamped at 88.7.
-//   fast_erf: Abramowitz & Stegun 7.1.26 with fast_exp, absolute error below 6e-7 (1.5e-7 before float rounding).
+//   fast_erf: Abramowitz & Stegun 7.1.26 with fast_exp, absolute error below 6e-7 (1.5e-7 before float rounding);
+//             optionally also gives the exp(-x^2) it computed.
 #include <cstdint>
 #include <cstring>
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
@@ -37,12 +38,20 @@ inline float fast_exp(float x) {
   return x < -87.3f ? 0.f : e * scale;
 }
 
-inline float fast_erf(float x) {
+// erf(x), and in exp_neg_sq the exp(-x^2) it is built from (GELU's backward needs both: the normal density at
+// x sqrt(2) is that same exponential, so it is taken once).
+inline float fast_erf(float x, float& exp_neg_sq) {
   const float ax = x < 0.f ? -x : x;
   const float t = 1.f / (1.f + 0.3275911f * ax);
   const float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
-  const float y = 1.f - poly * fast_exp(-ax * ax);
+  exp_neg_sq = fast_exp(-ax * ax);
+  const float y = 1.f - poly * exp_neg_sq;
   return x < 0.f ? -y : y;
+}
+
+inline float fast_erf(float x) {
+  float unused;
+  return fast_erf(x, unused);
 }
 
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
