@@ -1,5 +1,6 @@
 // bf16 mixed precision: the bf16 GEMM path against an oracle that rounds the operands to bf16 and multiplies in
 // double, and against the fp32 path; bf16 training against fp32 training on a tiny model; bf16 determinism.
+#include <functional>
 #include <cmath>
 #include <cstring>
 #include <tuple>
@@ -90,6 +91,51 @@ TEST(Precision, HeldOperandsAreReusedNeverStale) {
     naive_gemm(Trans::N, Trans::N, m, n, k, 1.f, a.data(), k, b.data(), n, 0.f, oracle.data(), n, /*bf16=*/true);
     for (int64_t x = 0; x < m * n; ++x)
       ASSERT_NEAR(first[x], oracle[x], 1e-5 * (1 + std::fabs(oracle[x])) * std::sqrt(double(k))) << "stale copy";
+  }
+}
+
+// A region held operands-only (Backend::hold_next_output) may never get its fp32 values: its producer keeps only the
+// bf16 copy. Products must still see exactly the values written the ordinary way, for dense blocks of the region
+// (served from the copy) and for strided ones (packed from the copy, not from the unwritten fp32 memory).
+TEST(Precision, OperandsOnlyRegionsFeedProductsTheWrittenValues) {
+  Rng rng(17);
+  const int64_t rows = 96, cols = 80, n = 24;
+  std::vector<float> pre(rows * cols), dact(rows * cols), b(cols * n), src(40 * cols), scale(rows);
+  for (auto* v : {&pre, &dact, &b, &src, &scale}) testing::fill_normal(v->data(), v->size(), rng);
+  std::vector<int32_t> index(rows);
+  for (auto& i : index) i = static_cast<int32_t>(rng.below(40));
+  // every producer that honours operands_only, writing the region `out` from `pre` / `src`
+  const std::vector<std::function<void(Backend&, float*)>> producers = {
+      [&](Backend& be, float* out) { be.gelu_forward(out, pre.data(), rows * cols); },
+      [&](Backend& be, float* out) { be.gelu_backward(out, pre.data(), dact.data(), rows * cols); },
+      [&](Backend& be, float* out) { be.gather_rows(out, src.data(), index.data(), nullptr, rows, cols); },
+      [&](Backend& be, float* out) { be.gather_rows(out, src.data(), index.data(), scale.data(), rows, cols); },
+      [&](Backend& be, float* out) {
+        std::vector<float> rstd(rows);
+        be.rmsnorm_forward(out, rstd.data(), pre.data(), scale.data(), rows, cols, 1e-5f);
+      },
+  };
+  for (size_t p = 0; p < producers.size(); ++p) {
+    auto be = make_cpu_backend(2);
+    be->set_matmul_precision(Precision::BF16);
+    std::vector<float> written(rows * cols), only(rows * cols, 7.f);
+    producers[p](*be, written.data());  // fp32 values, rounded by the products below
+    // products over the whole region, a dense row block (op(A) = A, and A^T), and a strided block (40 x 40 of the
+    // 80 columns)
+    auto products = [&](const float* a) {
+      std::vector<float> c1(rows * n), c2(40 * n), c3(cols * n), c4(40 * n);
+      be->gemm(Trans::N, Trans::N, rows, n, cols, 1.f, a, cols, b.data(), n, 0.f, c1.data(), n);
+      be->gemm(Trans::N, Trans::N, 40, n, cols, 1.f, a + 16 * cols, cols, b.data(), n, 0.f, c2.data(), n);
+      be->gemm(Trans::T, Trans::N, cols, n, 32, 1.f, a + 8 * cols, cols, b.data(), n, 0.f, c3.data(), n);
+      be->gemm(Trans::N, Trans::N, 40, n, 40, 1.f, a + 16 * cols + 8, cols, b.data(), n, 0.f, c4.data(), n);
+      return std::vector<std::vector<float>>{c1, c2, c3, c4};
+    };
+    const auto expected = products(written.data());
+    be->hold_next_output(only.data(), rows * cols, /*operands_only=*/true);
+    producers[p](*be, only.data());
+    const auto got = products(only.data());
+    be->release_constant(only.data());
+    for (size_t i = 0; i < expected.size(); ++i) EXPECT_EQ(got[i], expected[i]) << "producer " << p << ", product " << i;
   }
 }
 

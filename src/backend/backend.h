@@ -131,6 +131,14 @@ class Backend {
   // out[r] = dot(a[index[r], :], b[r, :])
   virtual void row_dots(float* out, const float* a, const int32_t* index, const float* b, int64_t rows,
                         int64_t cols) = 0;
+  // The backward of a weighted combine out[index[r], :] += weight[r] * src[r, :], in one pass over the rows:
+  // dsrc[r, :] = weight[r] * dout[index[r], :] (gather_rows) and dweight[r] = dot(dout[index[r], :], src[r, :])
+  // (row_dots), each the same as from those two kernels.
+  virtual void combine_rows_backward(float* dsrc, float* dweight, const float* dout, const int32_t* index,
+                                     const float* weight, const float* src, int64_t rows, int64_t cols) {
+    row_dots(dweight, dout, index, src, rows, cols);
+    gather_rows(dsrc, dout, index, weight, rows, cols);
+  }
 
   // ---- reductions -----------------------------------------------------------------------------------------
   // dbias[c] += sum_r dout[r, c]

@@ -5,7 +5,7 @@
 
 namespace moelab {
 
-void build_dispatch(const MoeDims& d, Routing& r) {
+std::vector<int32_t> build_dispatch(const MoeDims& d, Routing& r) {
   const int64_t rows = r.rows, n = d.tokens(), e = d.experts;
   // Pass 1: stable counting sort by token; pass 2: stable counting sort by expert => (expert, token) order.
   std::vector<int64_t> count(std::max(n, e) + 1);
@@ -36,6 +36,10 @@ void build_dispatch(const MoeDims& d, Routing& r) {
   for (int64_t i = 0; i < n; ++i) r.token_offsets[i + 1] += r.token_offsets[i];
   std::vector<int64_t> cursor(r.token_offsets.begin(), r.token_offsets.end() - 1);
   for (int64_t s = 0; s < rows; ++s) r.token_rows[cursor[token[s]]++] = static_cast<int32_t>(s);
+  // Where each row went: position[q] = s for by_expert[s] = q.
+  std::vector<int32_t> position(rows);
+  for (int64_t s = 0; s < rows; ++s) position[by_expert[s]] = static_cast<int32_t>(s);
+  return position;
 }
 
 }  // namespace moelab

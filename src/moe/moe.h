@@ -111,7 +111,8 @@ void router_softmax(const float* logits, float* probs, float* lse, int64_t n, in
 void route_token_choice(const MoeDims& d, const float* probs, Routing& routing);
 void route_expert_choice(const MoeDims& d, const float* probs, Routing& routing);
 // Given row assignments (row_token/row_expert/row_weight, in any order within the routing), sorts them by
-// expert (then token) and builds expert and token offsets.
-void build_dispatch(const MoeDims& d, Routing& routing);
+// expert (then token) and builds expert and token offsets. Returns where each row went: its index in the sorted
+// order, by its index before.
+std::vector<int32_t> build_dispatch(const MoeDims& d, Routing& routing);
 
 }  // namespace moelab

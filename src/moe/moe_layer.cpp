@@ -152,12 +152,12 @@ void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& g
   if (d.shared_hidden > 0)
     mlp_backward(be, d.ffn, din, g.shared_fc1_w, g.shared_fc1_b, g.shared_fc2_w, g.shared_fc2_b, s.d_shared_pre,
                  s.d_shared_act, dout, in, a.shared_pre, a.shared_act, w.shared_fc1_w, w.shared_fc2_w);
-  // combine backward: the gate weight's gradient and the weighted output gradient of each row
-  be.row_dots(s.d_weight.data, dout.data, r.row_token.data(), a.y_sorted.data, r.rows, C);
   {
-    // each row's output gradient feeds two products (the activation's gradient, the fc2 weight gradient)
+    // combine backward: the weighted output gradient of each row, which feeds two products (the activation's
+    // gradient, the fc2 weight gradient), and the gate weight's gradient
     const ConstantOperands hold(be, s.d_y_sorted.data, r.rows * C, /*written_next=*/true, /*operands_only=*/true);
-    be.gather_rows(s.d_y_sorted.data, dout.data, r.row_token.data(), r.row_weight.data(), r.rows, C);
+    be.combine_rows_backward(s.d_y_sorted.data, s.d_weight.data, dout.data, r.row_token.data(), r.row_weight.data(),
+                             a.y_sorted.data, r.rows, C);
     experts_backward(be, d, g, w, a, s, r);
   }
   // dispatch backward: each token sums the input gradients of its rows

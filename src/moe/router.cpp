@@ -145,15 +145,9 @@ void route_token_choice(const MoeDims& d, const float* probs, Routing& r) {
   }
   std::copy(unsorted_weight.begin(), unsorted_weight.end(), r.row_weight.begin());
   mean_probs(d, probs, r);
-  build_dispatch(d, r);
-  // After sorting, (token, expert) identifies a row uniquely; find each choice's row through its token's rows.
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < k; ++j) {
-      if (r.topk_row[i * k + j] < 0) continue;
-      const int32_t ex = r.topk_expert[i * k + j];
-      for (int64_t q = r.token_offsets[i]; q < r.token_offsets[i + 1]; ++q)
-        if (r.row_expert[r.token_rows[q]] == ex) r.topk_row[i * k + j] = r.token_rows[q];
-    }
+  const std::vector<int32_t> position = build_dispatch(d, r);
+  for (int64_t q = 0; q < n * k; ++q)  // each choice's row, from its unsorted index to its place in expert order
+    if (r.topk_row[q] >= 0) r.topk_row[q] = position[r.topk_row[q]];
 }
 
 void route_expert_choice(const MoeDims& d, const float* probs, Routing& r) {

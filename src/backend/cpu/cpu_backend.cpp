@@ -802,6 +802,24 @@ class CpuBackend final : public Backend {
       }
     }
   }
+  void combine_rows_backward(float* dsrc, float* dweight, const float* dout, const int32_t* index,
+                             const float* weight, const float* src, int64_t rows, int64_t cols) override {
+    bool bf16_only;
+    uint16_t* const rounded = produced(dsrc, rows * cols, &bf16_only);
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* g = dout + static_cast<int64_t>(index[r]) * cols;
+      const float* y = src + r * cols;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t c = 0; c < cols; ++c) dot += g[c] * y[c];
+      dweight[r] = dot;
+      float* d = bf16_only ? scratch_floats(cols) : dsrc + r * cols;
+      const float w = weight[r];
+      for (int64_t c = 0; c < cols; ++c) d[c] = w * g[c];
+      if (rounded) to_bf16(rounded + r * cols, d, cols);
+    }
+  }
   void row_dots(float* out, const float* a, const int32_t* index, const float* b, int64_t rows,
                 int64_t cols) override {
 #pragma omp parallel for schedule(static)
