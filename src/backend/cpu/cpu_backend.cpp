@@ -802,6 +802,13 @@ class CpuBackend final : public Backend {
       }
     }
   }
+  // One dot product, the same code for row_dots and combine_rows_backward (so they agree bitwise).
+  static float row_dot(const float* x, const float* y, int64_t cols) {
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t c = 0; c < cols; ++c) s += x[c] * y[c];
+    return s;
+  }
   void combine_rows_backward(float* dsrc, float* dweight, const float* dout, const int32_t* index,
                              const float* weight, const float* src, int64_t rows, int64_t cols) override {
     bool bf16_only;
@@ -809,11 +816,7 @@ class CpuBackend final : public Backend {
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const float* g = dout + static_cast<int64_t>(index[r]) * cols;
-      const float* y = src + r * cols;
-      float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t c = 0; c < cols; ++c) dot += g[c] * y[c];
-      dweight[r] = dot;
+      dweight[r] = row_dot(g, src + r * cols, cols);
       float* d = bf16_only ? scratch_floats(cols) : dsrc + r * cols;
       const float w = weight[r];
       for (int64_t c = 0; c < cols; ++c) d[c] = w * g[c];
@@ -824,12 +827,7 @@ class CpuBackend final : public Backend {
                 int64_t cols) override {
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
-      const float* x = a + static_cast<int64_t>(index[r]) * cols;
-      const float* y = b + r * cols;
-      float s = 0.f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t c = 0; c < cols; ++c) s += x[c] * y[c];
-      out[r] = s;
+      out[r] = row_dot(a + static_cast<int64_t>(index[r]) * cols, b + r * cols, cols);
     }
   }
 
