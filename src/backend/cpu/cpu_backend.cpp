@@ -3,6 +3,7 @@
 // Inner loops are written so the compiler vectorises them: exp and erf come from vec_math.h (checked against
 // libm in the tests), and row reductions are `omp simd` reductions, whose lane order is fixed at compile time.
 #include <omp.h>
+#include <sys/mman.h>
 #include <oneapi/dnnl/dnnl.h>
 
 #include <oneapi/dnnl/dnnl.hpp>
@@ -400,10 +401,18 @@ class CpuBackend final : public Backend {
   Precision matmul_precision() const override { return precision_; }
 
   float* alloc(size_t count) override {
-    const size_t bytes = ((std::max<size_t>(count, 1) * sizeof(float) + 63) / 64) * 64;
-    auto* p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    // Large buffers (parameters, gradients, optimizer moments, activations) sit on 2 MiB pages where the kernel
+    // offers them (transparent huge pages in "madvise" mode, Debian's default): one page fault per 2 MiB instead
+    // of 512 (moe-512-g4's first step: 1.0 s instead of 2.3 s), and fewer TLB misses in the long streams (an AdamW
+    // loop over 75M parameters: 12-15% faster standalone).
+    constexpr size_t kHuge = size_t{2} << 20;
+    const bool huge = count * sizeof(float) >= 2 * kHuge;
+    const size_t align = huge ? kHuge : 64;
+    const size_t bytes = ((std::max<size_t>(count, 1) * sizeof(float) + align - 1) / align) * align;
+    auto* p = static_cast<float*>(std::aligned_alloc(align, bytes));
     if (!p) throw Error("out of memory allocating " + std::to_string(bytes >> 20) + " MiB; reduce the batch size "
                         "or the model");
+    if (huge) madvise(p, bytes, MADV_HUGEPAGE);  // advice only: without huge pages it is a no-op
     std::memset(p, 0, bytes);
     return p;
   }
