@@ -1,5 +1,6 @@
 // GEMM primitives against naive triple loops (in double), for every transpose combination, strided batches
 // and grouped problems.
+#include <cstdint>
 #include <tuple>
 
 #include "backend/backend.h"
@@ -22,6 +23,25 @@ void naive_gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha
       }
       c[i * ldc + j] = static_cast<float>(alpha * s + beta * c[i * ldc + j]);
     }
+}
+
+TEST(Backend, AllocIsZeroedAlignedAndReusable) {
+  // Small buffers and large ones (2 MiB-aligned, on huge pages where the kernel offers them) alike: zeroed,
+  // 64-byte aligned, writable to the last element, and zeroed again when a freed block's memory comes back.
+  auto be = make_cpu_backend(2);
+  for (size_t count : {size_t{1}, size_t{1000}, size_t{1} << 20, (size_t{3} << 20) + 17}) {
+    for (int round = 0; round < 2; ++round) {
+      float* p = be->alloc(count);
+      ASSERT_NE(p, nullptr);
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(p) % 64, 0u) << count;
+      size_t nonzero = 0;
+      for (size_t i = 0; i < count; ++i) nonzero += p[i] != 0.f;
+      EXPECT_EQ(nonzero, 0u) << count << " floats, round " << round;
+      for (size_t i = 0; i < count; ++i) p[i] = 1.f;  // dirty it: the next round must see zeros again
+      EXPECT_EQ(p[count - 1], 1.f);
+      be->free(p);
+    }
+  }
 }
 
 TEST(Backend, GemmAllTransposesWithStridesAlphaBeta) {
