@@ -1,6 +1,9 @@
 // MoE layers: invariances (one expert = dense FFN, dropless = infinite capacity), capacity dropping,
 // finite-difference gradients through router, dispatch and experts, expert-choice causality, determinism.
 #include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
 #include <memory>
 #include <numeric>
 #include <utility>
@@ -9,6 +12,7 @@
 #include "layers/layers.h"
 #include "model/transformer.h"
 #include "moe/moe.h"
+#include "optim/adamw.h"
 #include "test_util.h"
 
 namespace moelab {
@@ -316,6 +320,65 @@ TEST(MoeModel, WholeModelGradientsMatchFiniteDifferences) {
     testing::check_gradients(router == RouterKind::TokenChoice ? "model token choice" : "model expert choice", pairs,
                              loss, rng, 24, {.eps = 1e-3, .rtol = 3e-2, .atol_frac = 3e-3});
   }
+}
+
+TEST(MoeModel, OptimizerLeavesMatrixGradientsForTheNextBackwardToOverwrite) {
+  // The trainer's optimizer step zeroes every gradient but the weight matrices' (AdamW::Grads::ZeroExceptMatrices),
+  // and the next backward overwrites those. With 16 experts and 4 tokens, most experts receive no row: their
+  // gradients have no product to overwrite them and must be zeroed by the layer. Every parameter kind is present
+  // (biases, shared expert, untied head, dense and MoE layers); the gradients must equal, bit for bit, those of a
+  // model whose gradient block was filled with zeros.
+  ModelConfig m = small_moe_model(RouterKind::TokenChoice);
+  m.moe.experts = 16;
+  m.moe.every = 2;
+  m.moe.shared_experts = 1;
+  m.bias = true;
+  m.tied_embeddings = false;
+  m.seq_len = 4;
+  auto be = make_cpu_backend(2);
+  const int64_t B = 1;
+  Rng rng(6);
+  std::vector<int32_t> tokens(B * m.seq_len), targets(B * m.seq_len);
+  for (auto& t : tokens) t = static_cast<int32_t>(rng.below(m.vocab_size));
+  for (auto& t : targets) t = static_cast<int32_t>(rng.below(m.vocab_size));
+  TrainConfig train;
+
+  Transformer fresh(m, *be, B), stale(m, *be, B);
+  fresh.init_weights(2);
+  stale.init_weights(2);
+  const int64_t n = fresh.num_params();
+  // Gradients of an earlier step, stale in every entry.
+  float* g = stale.grads();
+  for (int64_t i = 0; i < n; ++i) g[i] = std::numeric_limits<float>::quiet_NaN();
+  const std::vector<float> params_before(stale.params(), stale.params() + n);
+  AdamW opt(stale.layout(), train, *be);
+  opt.step(stale.params(), stale.grads(), 0.0, 1.f, AdamW::Grads::ZeroExceptMatrices);
+  stale.grads_were_zeroed(/*except_matrices=*/true);
+  int64_t idle = 0;
+  for (const auto& e : stale.layout().entries())
+    for (int64_t i = 0; i < e.shape.numel(); ++i)
+      ASSERT_EQ(e.kind == ParamKind::Matrix, std::isnan(g[e.offset + i])) << e.name;
+  // The NaN gradients made the update NaN; only what it left in the gradient block is under test here.
+  std::copy(params_before.begin(), params_before.end(), stale.params());
+
+  fresh.zero_grad();
+  stale.zero_grad();
+  fresh.forward(tokens.data(), targets.data(), B, 1.f);
+  stale.forward(tokens.data(), targets.data(), B, 1.f);
+  for (const auto& s : stale.moe_stats()) idle += s.idle_experts;
+  ASSERT_GE(idle, 8);  // the zero-row path is exercised
+  fresh.backward();
+  stale.backward();
+  for (const auto& e : fresh.layout().entries())
+    ASSERT_EQ(0, std::memcmp(fresh.grads() + e.offset, stale.grads() + e.offset, sizeof(float) * e.shape.numel()))
+        << e.name;
+
+  // A second backward (gradient accumulation) adds to the first in both.
+  fresh.forward(tokens.data(), targets.data(), B, 0.5f);
+  stale.forward(tokens.data(), targets.data(), B, 0.5f);
+  fresh.backward();
+  stale.backward();
+  ASSERT_EQ(0, std::memcmp(fresh.grads(), stale.grads(), sizeof(float) * n));
 }
 
 }  // namespace

@@ -16,9 +16,10 @@ namespace moelab {
 // ---- linear: out (N, O) = in (N, I) @ weight (O, I)^T + bias (O) -------------------------------------------
 // accumulate_out: out += ... (used to add a branch straight into the residual stream).
 void linear_forward(Backend& be, Tensor out, Tensor in, Tensor weight, Tensor bias, bool accumulate_out = false);
-// din (N, I) = dout @ weight (overwritten, or added when accumulate_din); dweight += dout^T @ in; dbias += sum dout
+// din (N, I) = dout @ weight (overwritten, or added when accumulate_din); dweight += dout^T @ in (overwritten
+// instead when !accumulate_dweight: the first backward after the optimizer step need not read zeros); dbias += sum dout
 void linear_backward(Backend& be, Tensor din, Tensor dweight, Tensor dbias, Tensor dout, Tensor in, Tensor weight,
-                     bool accumulate_din = false);
+                     bool accumulate_din = false, bool accumulate_dweight = true);
 
 // ---- embeddings ---------------------------------------------------------------------------------------------
 // out (B, T, C) = table[tokens] + pos[t] (pos (T_max, C) may be empty; learned or a fixed sinusoidal table)
@@ -58,9 +59,11 @@ void attention_backward(Backend& be, const AttentionShape& s, Tensor dqkv, Tenso
 // `saved` (training only) holds act for the backward; the caller holds `in`.
 void mlp_forward(Backend& be, FfnKind kind, Tensor out, Tensor pre, Tensor act, Tensor in, Tensor w1, Tensor b1,
                  Tensor w2, Tensor b2, SavedOperands* saved = nullptr);
-// din += ...; parameter grads accumulate; dpre and dact are scratch shaped like pre and act.
+// din += ...; parameter grads accumulate (the weight matrices' are overwritten when !accumulate_dweights); dpre
+// and dact are scratch shaped like pre and act.
 void mlp_backward(Backend& be, FfnKind kind, Tensor din, Tensor dw1, Tensor db1, Tensor dw2, Tensor db2, Tensor dpre,
-                  Tensor dact, Tensor dout, Tensor in, Tensor pre, Tensor act, Tensor w1, Tensor w2);
+                  Tensor dact, Tensor dout, Tensor in, Tensor pre, Tensor act, Tensor w1, Tensor w2,
+                  bool accumulate_dweights = true);
 
 // ---- fused softmax + cross-entropy over logits (N, V) -----------------------------------------------------
 // losses (N) get per-position losses (0 where target < 0). When grad_scale != 0 the logits are replaced in place

@@ -14,13 +14,13 @@ void linear_forward(Backend& be, Tensor out, Tensor in, Tensor weight, Tensor bi
 }
 
 void linear_backward(Backend& be, Tensor din, Tensor dweight, Tensor dbias, Tensor dout, Tensor in, Tensor weight,
-                     bool accumulate_din) {
+                     bool accumulate_din, bool accumulate_dweight) {
   const int64_t n = in.rows(), i = in.cols(), o = weight.dim(0);
   MOELAB_CHECK(dout.rows() == n && dout.cols() == o, "linear dout " + dout.shape.str());
   // dout feeds both products below: held, so a backend that rounds operands (bf16) rounds it once.
   const ConstantOperands hold(be, dout.data, dout.numel());
   // dW (O, I) += dout^T (O, N) @ in (N, I)
-  be.gemm(Trans::T, Trans::N, o, i, n, 1.f, dout.data, o, in.data, i, 1.f, dweight.data, i);
+  be.gemm(Trans::T, Trans::N, o, i, n, 1.f, dout.data, o, in.data, i, accumulate_dweight ? 1.f : 0.f, dweight.data, i);
   if (!dbias.empty()) be.bias_backward(dbias.data, dout.data, n, o);
   // din (N, I) = dout (N, O) @ W (O, I)
   if (!din.empty()) be.gemm(Trans::N, Trans::N, n, i, o, 1.f, dout.data, o, weight.data, i,

@@ -18,9 +18,10 @@ void mlp_forward(Backend& be, FfnKind kind, Tensor out, Tensor pre, Tensor act, 
 }
 
 void mlp_backward(Backend& be, FfnKind kind, Tensor din, Tensor dw1, Tensor db1, Tensor dw2, Tensor db2, Tensor dpre,
-                  Tensor dact, Tensor dout, Tensor in, Tensor pre, Tensor act, Tensor w1, Tensor w2) {
+                  Tensor dact, Tensor dout, Tensor in, Tensor pre, Tensor act, Tensor w1, Tensor w2,
+                  bool accumulate_dweights) {
   const int64_t n = in.rows(), f = act.cols();
-  linear_backward(be, dact, dw2, db2, dout, act, w2);
+  linear_backward(be, dact, dw2, db2, dout, act, w2, /*accumulate_din=*/false, accumulate_dweights);
   // dpre feeds the two products of the fc1 backward: held from its producer, the activation's backward, on (and
   // read by nothing else unless fc1 has a bias, whose gradient sums it).
   const ConstantOperands hold(be, dpre.data, n * (kind == FfnKind::Gelu ? f : 2 * f), /*written_next=*/true,
@@ -29,7 +30,7 @@ void mlp_backward(Backend& be, FfnKind kind, Tensor din, Tensor dw1, Tensor db1,
     be.gelu_backward(dpre.data, pre.data, dact.data, n * f);
   else
     be.swiglu_backward(dpre.data, pre.data, dact.data, n, f);
-  linear_backward(be, din, dw1, db1, dpre, in, w1, /*accumulate_din=*/true);
+  linear_backward(be, din, dw1, db1, dpre, in, w1, /*accumulate_din=*/true, accumulate_dweights);
 }
 
 }  // namespace moelab

@@ -171,8 +171,10 @@ void Transformer::init_weights(uint64_t seed) {
 }
 
 void Transformer::zero_grad() {
-  if (!grads_zero_) backend_.fill(grads_, 0.f, layout_.total());
-  grads_zero_ = true;
+  if (grad_state_ == GradState::Accumulated) {
+    backend_.fill(grads_, 0.f, layout_.total());
+    grad_state_ = GradState::Zero;
+  }
 }
 
 Tensor Transformer::logits() const { return act("logits"); }
@@ -256,13 +258,16 @@ void Transformer::backward() {
   const int64_t T = m.seq_len;
   const AttentionShape attn{batch_, T, m.d_model, m.n_heads, m.pos == PosKind::Rope, static_cast<float>(m.rope_theta)};
 
-  grads_zero_ = false;
+  // The first backward after zero_grad() overwrites the weight matrices' gradients (the same as adding to zeros).
+  const bool acc = grad_state_ == GradState::Accumulated;
+  grad_state_ = GradState::Accumulated;
   // Output head: d_logits already holds the scaled gradient (written by the fused cross-entropy).
   Tensor d_res = act("d_res");
   Tensor d_ln = act("d_ln");
   const char* head_name = m.tied_embeddings ? "tok_emb.weight" : "lm_head.weight";
+  // A tied head's gradient is the embedding table's (ParamKind::Embedding, zeroed by the optimizer): added to.
   linear_backward(be, d_ln, layout_.view(grads_, head_name), Tensor(), act("logits"), act("lnf"),
-                  layout_.view(params_, head_name));
+                  layout_.view(params_, head_name), /*accumulate_din=*/false, acc || m.tied_embeddings);
   Tensor last = m.n_layers > 0 ? act("res_ffn", m.n_layers - 1) : act("embed");
   be.fill(d_res.data, 0.f, d_res.numel());
   norm_backward(be, m.norm, d_res, layout_.view(grads_, "final_norm.weight"),
@@ -282,19 +287,19 @@ void Transformer::backward() {
       const Shape flat{batch_ * T, m.d_model};
       moe_backward(be, MoeDims::from(m, batch_), d_ln.reshaped(flat), moe_weights(grads_, i), d_res.reshaped(flat),
                    act("ln2", i).reshaped(flat), moe_weights(params_, i), moe_activations(i), moe_scratch(),
-                   routing_[i], backward_scale_);
+                   routing_[i], backward_scale_, acc);
     } else {
       mlp_backward(be, m.ffn, d_ln, g.fc1_w, g.fc1_b, g.fc2_w, g.fc2_b, act("d_fc_pre"), act("d_fc_act"), d_res,
-                   act("ln2", i), act("fc_pre", i), act("fc_act", i), w.fc1_w, w.fc2_w);
+                   act("ln2", i), act("fc_pre", i), act("fc_act", i), w.fc1_w, w.fc2_w, acc);
     }
     norm_backward(be, m.norm, d_res, g.norm2_w, g.norm2_b, d_ln, res_att, w.norm2_w, act("ln2_mean", i),
                   act("ln2_rstd", i));
 
     // Attention branch: res_att = layer_in + out_proj(attention(qkv(norm1(layer_in))))
     Tensor d_atty = act("d_atty"), d_qkv = act("d_qkv");
-    linear_backward(be, d_atty, g.out_w, g.out_b, d_res, act("atty", i), w.out_w);
+    linear_backward(be, d_atty, g.out_w, g.out_b, d_res, act("atty", i), w.out_w, /*accumulate_din=*/false, acc);
     attention_backward(be, attn, d_qkv, act("d_probs"), d_atty, act("probs", i), act("qkv", i));
-    linear_backward(be, d_ln, g.qkv_w, g.qkv_b, d_qkv, act("ln1", i), w.qkv_w);
+    linear_backward(be, d_ln, g.qkv_w, g.qkv_b, d_qkv, act("ln1", i), w.qkv_w, /*accumulate_din=*/false, acc);
     norm_backward(be, m.norm, d_res, g.norm1_w, g.norm1_b, d_ln, layer_in, w.norm1_w, act("ln1_mean", i),
                   act("ln1_rstd", i));
   }

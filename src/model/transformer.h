@@ -36,16 +36,23 @@ class Transformer {
   SavedOperands& param_copies() { return param_copies_; }
   // Write access: the next zero_grad() clears them again (see grads_were_zeroed).
   float* grads() {
-    grads_zero_ = false;
+    grad_state_ = GradState::Accumulated;
     return grads_;
   }
 
   // Normal(0, init_std) weights (scaled on residual projections), zero biases, unit norm weights.
   void init_weights(uint64_t seed);
+  // The next backward() starts the gradients afresh: it adds to a zeroed block, or overwrites the weight matrices'
+  // gradients where the caller left them (grads_were_zeroed with except_matrices).
   void zero_grad();
   // The caller zeroed the gradient block itself (the optimizer clears it as it reads it): the next zero_grad()
-  // has nothing to do, unless a backward() comes first.
-  void grads_were_zeroed() { grads_zero_ = true; }
+  // has nothing to do, unless a backward() comes first. With except_matrices it cleared every gradient but those
+  // of the weight matrices (ParamKind::Matrix), which the next backward overwrites instead of adding to: each is
+  // written by one product per micro-batch (an MoE expert's by one per expert), and the first product of a step
+  // then neither reads zeros nor has them written before it (8 of the ~42 bytes a step moves per parameter).
+  void grads_were_zeroed(bool except_matrices = false) {
+    grad_state_ = except_matrices ? GradState::MatricesStale : GradState::Zero;
+  }
 
   // tokens, targets: (batch, seq_len) host arrays, batch <= max_batch; targets may be null (logits only) and
   // a negative target marks a position excluded from the loss. Returns the mean loss over counted positions.
@@ -93,7 +100,10 @@ class Transformer {
   // the next forward when none came.
   SavedOperands saved_{backend_};
   SavedOperands param_copies_{backend_};
-  bool grads_zero_ = false;  // the gradient block is known to be all zeros
+  // Zero: the gradient block is all zeros. MatricesStale: all zeros but the weight matrices' gradients, which the
+  // next backward overwrites. Accumulated: anything else (the next zero_grad() fills it with zeros).
+  enum class GradState { Zero, MatricesStale, Accumulated };
+  GradState grad_state_ = GradState::Accumulated;
 };
 
 }  // namespace moelab

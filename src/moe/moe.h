@@ -99,11 +99,13 @@ struct MoeStats {
 // null) holds the dispatched rows and the experts' activations for the backward (backend.h, SavedOperands).
 void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const MoeWeights& w, const MoeActivations& a,
                  Routing& routing, MoeStats& stats, SavedOperands* saved = nullptr);
-// Backward: din += d/d in, parameter gradients accumulate. loss_scale multiplies the auxiliary losses' own
-// gradients (aux_loss_weight * aux + z_loss_weight * z), matching the scale applied to the main loss.
+// Backward: din += d/d in, parameter gradients accumulate; with !accumulate_dweights the weight matrices' gradients
+// (router, experts, shared expert) are overwritten instead, those of experts that received no row with zeros.
+// loss_scale multiplies the auxiliary losses' own gradients (aux_loss_weight * aux + z_loss_weight * z), matching
+// the scale applied to the main loss.
 void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& grads, Tensor dout, Tensor in,
                   const MoeWeights& w, const MoeActivations& a, const MoeScratch& s, const Routing& routing,
-                  float loss_scale);
+                  float loss_scale, bool accumulate_dweights = true);
 
 // ---- the seams, exposed for tests and for other dispatchers ---------------------------------------------------
 // probs = softmax(logits) rows, plus per-row logsumexp; fp32 with a double accumulator.

@@ -57,10 +57,17 @@ void experts_forward(Backend& be, const MoeDims& d, const MoeWeights& w, const M
 }
 
 void experts_backward(Backend& be, const MoeDims& d, const MoeWeights& g, const MoeWeights& w,
-                      const MoeActivations& a, const MoeScratch& s, const Routing& r) {
+                      const MoeActivations& a, const MoeScratch& s, const Routing& r, bool accumulate_dweights) {
   const int64_t E = d.experts, C = d.d_model, F = d.expert_hidden, P = d.fc1_rows();
   // fairseq scales expert parameter gradients (not the activation gradients) by 1/sqrt(E).
   const float alpha = d.expert_grad_scale ? 1.f / std::sqrt(static_cast<float>(E)) : 1.f;
+  const float w_beta = accumulate_dweights ? 1.f : 0.f;
+  if (!accumulate_dweights)  // an expert without rows has no product to overwrite its weight gradients
+    for (int64_t e = 0; e < E; ++e)
+      if (r.expert_offsets[e + 1] == r.expert_offsets[e]) {
+        be.fill(g.fc1_w.data + e * P * C, 0.f, P * C);
+        be.fill(g.fc2_w.data + e * C * F, 0.f, C * F);
+      }
   // All experts' products of one stage are independent (disjoint outputs): one gemm_batch per stage.
   std::vector<GemmProblem> batch;
   for (int64_t e = 0; e < E; ++e) {
@@ -70,7 +77,7 @@ void experts_backward(Backend& be, const MoeDims& d, const MoeWeights& g, const 
     // y (m, C) = act (m, F) @ W2 (C, F)^T + b2:  d_act = dy @ W2;  dW2 += alpha dy^T @ act
     batch.push_back({Trans::N, Trans::N, m, F, C, 1.f, dy, C, w.fc2_w.data + e * C * F, F, 0.f,
                      s.d_act.data + off * F, F});
-    batch.push_back({Trans::T, Trans::N, C, F, m, alpha, dy, C, a.act.data + off * F, F, 1.f,
+    batch.push_back({Trans::T, Trans::N, C, F, m, alpha, dy, C, a.act.data + off * F, F, w_beta,
                      g.fc2_w.data + e * C * F, F});
     if (!g.fc2_b.empty())  // db2 (1, C) += alpha * ones (1, m) @ dy (m, C)
       batch.push_back({Trans::N, Trans::N, 1, C, m, alpha, s.ones.data, m, dy, C, 1.f, g.fc2_b.data + e * C, C});
@@ -87,7 +94,7 @@ void experts_backward(Backend& be, const MoeDims& d, const MoeWeights& g, const 
     // pre (m, P) = x (m, C) @ W1 (P, C)^T + b1:  d_x = dpre @ W1;  dW1 += alpha dpre^T @ x
     batch.push_back({Trans::N, Trans::N, m, C, P, 1.f, dpre, P, w.fc1_w.data + e * P * C, C, 0.f,
                      s.d_x_sorted.data + off * C, C});
-    batch.push_back({Trans::T, Trans::N, P, C, m, alpha, dpre, P, a.x_sorted.data + off * C, C, 1.f,
+    batch.push_back({Trans::T, Trans::N, P, C, m, alpha, dpre, P, a.x_sorted.data + off * C, C, w_beta,
                      g.fc1_w.data + e * P * C, C});
     if (!g.fc1_b.empty())
       batch.push_back({Trans::N, Trans::N, 1, P, m, alpha, s.ones.data, m, dpre, P, 1.f, g.fc1_b.data + e * P, P});
@@ -147,18 +154,19 @@ void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const Moe
 
 void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& g, Tensor dout, Tensor in,
                   const MoeWeights& w, const MoeActivations& a, const MoeScratch& s, const Routing& r,
-                  float loss_scale) {
+                  float loss_scale, bool accumulate_dweights) {
   const int64_t n = d.tokens(), C = d.d_model, E = d.experts, K = d.top_k;
   if (d.shared_hidden > 0)
     mlp_backward(be, d.ffn, din, g.shared_fc1_w, g.shared_fc1_b, g.shared_fc2_w, g.shared_fc2_b, s.d_shared_pre,
-                 s.d_shared_act, dout, in, a.shared_pre, a.shared_act, w.shared_fc1_w, w.shared_fc2_w);
+                 s.d_shared_act, dout, in, a.shared_pre, a.shared_act, w.shared_fc1_w, w.shared_fc2_w,
+                 accumulate_dweights);
   {
     // combine backward: the weighted output gradient of each row, which feeds two products (the activation's
     // gradient, the fc2 weight gradient), and the gate weight's gradient
     const ConstantOperands hold(be, s.d_y_sorted.data, r.rows * C, /*written_next=*/true, /*operands_only=*/true);
     be.combine_rows_backward(s.d_y_sorted.data, s.d_weight.data, dout.data, r.row_token.data(), r.row_weight.data(),
                              a.y_sorted.data, r.rows, C);
-    experts_backward(be, d, g, w, a, s, r);
+    experts_backward(be, d, g, w, a, s, r, accumulate_dweights);
   }
   // dispatch backward: each token sums the input gradients of its rows
   be.combine_rows(din.data, s.d_x_sorted.data, r.token_offsets.data(), r.token_rows.data(), nullptr, n, C);
@@ -209,7 +217,8 @@ void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& g
     for (int64_t e = 0; e < E; ++e) dl[e] = p[e] * (dl[e] - dot) + z_scale * r.lse[i] * p[e];
   }
   const MatmulPrecisionScope fp32(be, Precision::FP32);
-  linear_backward(be, din, g.router, Tensor(), s.d_logits, in, w.router, /*accumulate_din=*/true);
+  linear_backward(be, din, g.router, Tensor(), s.d_logits, in, w.router, /*accumulate_din=*/true,
+                  accumulate_dweights);
 }
 
 }  // namespace moelab

@@ -16,15 +16,20 @@ AdamW::~AdamW() {
   backend_.free(v_);
 }
 
-void AdamW::step(float* params, float* grads, double lr, float grad_scale, bool zero_grads, SavedOperands* hold) {
+void AdamW::step(float* params, float* grads, double lr, float grad_scale, Grads after, SavedOperands* hold) {
   ++step_;
-  // Consecutive parameters with the same decay setting are updated in one call.
+  const auto zeroes = [&](ParamKind kind) {
+    return after == Grads::Zero || (after == Grads::ZeroExceptMatrices && kind != ParamKind::Matrix);
+  };
+  // Consecutive parameters with the same decay setting and gradient treatment are updated in one call.
   const auto& entries = layout_.entries();
   size_t i = 0;
   while (i < entries.size()) {
-    const bool decay = is_decayed(entries[i].kind, train_.decay_embeddings);
+    const bool decay = is_decayed(entries[i].kind, train_.decay_embeddings), zero_grads = zeroes(entries[i].kind);
     size_t j = i + 1;
-    while (j < entries.size() && is_decayed(entries[j].kind, train_.decay_embeddings) == decay) ++j;
+    while (j < entries.size() && is_decayed(entries[j].kind, train_.decay_embeddings) == decay &&
+           zeroes(entries[j].kind) == zero_grads)
+      ++j;
     const int64_t begin = entries[i].offset, end = entries[j - 1].offset + entries[j - 1].shape.numel();
     if (hold) hold->hold_next(params + begin, end - begin);
     backend_.adamw_update(params + begin, grads + begin, m_ + begin, v_ + begin, end - begin,

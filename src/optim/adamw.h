@@ -14,11 +14,13 @@ class AdamW {
   AdamW(const AdamW&) = delete;
   AdamW& operator=(const AdamW&) = delete;
 
-  // One update with learning rate lr; grads are multiplied by grad_scale first (gradient clipping). With
-  // zero_grads they are zero afterwards (read and cleared in the same pass). With `hold`, each updated block is
-  // held there from its update on (Backend::hold_next_output): the next step's products read the parameters as
-  // the update left them, and a backend that rounds operands rounds them as it writes them.
-  void step(float* params, float* grads, double lr, float grad_scale, bool zero_grads = false,
+  // What step() leaves in the gradient block: it as it was, all zeros (read and cleared in the same pass), or
+  // zeros but for the weight matrices' gradients (ParamKind::Matrix; Transformer::grads_were_zeroed).
+  enum class Grads { Keep, Zero, ZeroExceptMatrices };
+  // One update with learning rate lr; grads are multiplied by grad_scale first (gradient clipping). With `hold`,
+  // each updated block is held there from its update on (Backend::hold_next_output): the next step's products read
+  // the parameters as the update left them, and a backend that rounds operands rounds them as it writes them.
+  void step(float* params, float* grads, double lr, float grad_scale, Grads after = Grads::Keep,
             SavedOperands* hold = nullptr);
   int64_t steps_taken() const { return step_; }
   float* first_moment() { return m_; }

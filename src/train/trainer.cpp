@@ -63,8 +63,8 @@ StepStats Trainer::step(const BatchSource& next_batch) {
   s.grad_norm = global_grad_norm(backend_, model_->grads(), model_->num_params());
   s.lr = learning_rate(t, steps_done_);
   optimizer_->step(model_->params(), model_->grads(), s.lr, clip_factor(s.grad_norm, t.grad_clip),
-                   /*zero_grads=*/true, &model_->param_copies());
-  model_->grads_were_zeroed();
+                   AdamW::Grads::ZeroExceptMatrices, &model_->param_copies());
+  model_->grads_were_zeroed(/*except_matrices=*/true);
   ++steps_done_;
   s.seconds = timer.seconds();
   return s;
