@@ -93,6 +93,30 @@ TEST(Backend, StridedBatchedAndGroupedGemm) {
   for (size_t i = 0; i < y.size(); ++i) ASSERT_NEAR(y[i], yref[i], 1e-4);
 }
 
+TEST(Backend, GemmBatchSumsTheSquaresOfItsOutputs) {
+  // A weight gradient's share of the gradient norm, taken by the product that writes it: C's sum of squares as the
+  // product (with beta = 1, an accumulation) leaves it, including a strided C and a column count off the 16 lanes.
+  auto be = make_cpu_backend(2);
+  Rng rng(9);
+  const int64_t m = 9, n = 37, k = 5, ldc = 40;
+  std::vector<float> a(2 * m * k), b(2 * k * n), c(2 * m * ldc);
+  testing::fill_normal(a.data(), a.size(), rng);
+  testing::fill_normal(b.data(), b.size(), rng);
+  testing::fill_normal(c.data(), c.size(), rng);
+  double sums[2] = {-1, -1};
+  GemmProblem problems[2];
+  for (int p = 0; p < 2; ++p)
+    problems[p] = {Trans::N, Trans::N, m, n, k, 0.5f, a.data() + p * m * k, k, b.data() + p * k * n, n,
+                   p == 0 ? 0.f : 1.f, c.data() + p * m * ldc, ldc, &sums[p]};
+  be->gemm_batch(problems, 2);
+  for (int p = 0; p < 2; ++p) {
+    double ref = 0;
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) ref += static_cast<double>(c[p * m * ldc + i * ldc + j]) * c[p * m * ldc + i * ldc + j];
+    EXPECT_NEAR(sums[p], ref, 1e-12 * ref) << p;
+  }
+}
+
 TEST(Backend, ReductionsAreExact) {
   auto be = make_cpu_backend(2);
   std::vector<float> x(1001);

@@ -323,6 +323,7 @@ TEST(MoeModel, WholeModelGradientsMatchFiniteDifferences) {
 }
 
 TEST(MoeModel, OptimizerLeavesMatrixGradientsForTheNextBackwardToOverwrite) {
+  // (And the gradient norm of the result, whose experts' share the backward's products summed.)
   // The trainer's optimizer step zeroes every gradient but the weight matrices' (AdamW::Grads::ZeroExceptMatrices),
   // and the next backward overwrites those. With 16 experts and 4 tokens, most experts receive no row: their
   // gradients have no product to overwrite them and must be zeroed by the layer. Every parameter kind is present
@@ -369,15 +370,27 @@ TEST(MoeModel, OptimizerLeavesMatrixGradientsForTheNextBackwardToOverwrite) {
   ASSERT_GE(idle, 8);  // the zero-row path is exercised
   fresh.backward();
   stale.backward();
+  // The gradient norm takes the experts' weight gradients from the products that wrote them.
+  const auto naive_sum_squares = [&](Transformer& model) {
+    double s = 0;
+    for (int64_t i = 0; i < n; ++i) s += static_cast<double>(model.grads()[i]) * model.grads()[i];
+    return s;
+  };
+  const double fused = stale.grad_sum_squares();
+  EXPECT_NEAR(fused, naive_sum_squares(stale), 1e-12 * fused);
   for (const auto& e : fresh.layout().entries())
     ASSERT_EQ(0, std::memcmp(fresh.grads() + e.offset, stale.grads() + e.offset, sizeof(float) * e.shape.numel()))
         << e.name;
 
-  // A second backward (gradient accumulation) adds to the first in both.
+  // A second backward (gradient accumulation, other tokens: experts idle now had rows before) adds to the first.
+  for (auto& t : tokens) t = static_cast<int32_t>(rng.below(m.vocab_size));
   fresh.forward(tokens.data(), targets.data(), B, 0.5f);
   stale.forward(tokens.data(), targets.data(), B, 0.5f);
   fresh.backward();
   stale.backward();
+  const double fused2 = stale.grad_sum_squares();
+  EXPECT_NE(fused2, fused);
+  EXPECT_NEAR(fused2, naive_sum_squares(stale), 1e-12 * fused2);
   ASSERT_EQ(0, std::memcmp(fresh.grads(), stale.grads(), sizeof(float) * n));
 }
 

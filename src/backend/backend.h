@@ -37,6 +37,10 @@ struct GemmProblem {
   float beta = 0.f;
   float* c = nullptr;
   int64_t ldc = 0;
+  // When set, receives the sum of squares of C (M x N) as the product leaves it, in double, summed in an order
+  // that depends on the shape alone: a weight gradient's share of the gradient norm, taken while C is in cache
+  // instead of in a later pass over memory.
+  double* c_sum_squares = nullptr;
 };
 
 class Backend {

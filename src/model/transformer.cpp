@@ -102,11 +102,15 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
   }
   routing_.resize(config.n_layers);
   moe_stats_.resize(config.n_layers);
+  expert_dweight_sq_.resize(config.n_layers);
   if (config.moe.enabled()) {
     const MoeDims d = MoeDims::from(config, B);
     const int64_t R = d.max_rows();
     for (int64_t i = 0; i < config.n_layers; ++i)
-      if (config.moe.is_moe_layer(i)) routing_[i].reserve(d);
+      if (config.moe.is_moe_layer(i)) {
+        routing_[i].reserve(d);
+        expert_dweight_sq_[i].assign(2 * d.experts, 0.0);
+      }
     acts_.reserve("d_moe_x_sorted", {R, C});
     acts_.reserve("d_moe_pre", {R, d.fc1_rows()});
     acts_.reserve("d_moe_act", {R, d.expert_hidden});
@@ -174,6 +178,7 @@ void Transformer::zero_grad() {
   if (grad_state_ == GradState::Accumulated) {
     backend_.fill(grads_, 0.f, layout_.total());
     grad_state_ = GradState::Zero;
+    expert_sq_valid_ = false;
   }
 }
 
@@ -287,7 +292,7 @@ void Transformer::backward() {
       const Shape flat{batch_ * T, m.d_model};
       moe_backward(be, MoeDims::from(m, batch_), d_ln.reshaped(flat), moe_weights(grads_, i), d_res.reshaped(flat),
                    act("ln2", i).reshaped(flat), moe_weights(params_, i), moe_activations(i), moe_scratch(),
-                   routing_[i], backward_scale_, acc);
+                   routing_[i], backward_scale_, acc, expert_dweight_sq_[i].data());
     } else {
       mlp_backward(be, m.ffn, d_ln, g.fc1_w, g.fc1_b, g.fc2_w, g.fc2_b, act("d_fc_pre"), act("d_fc_act"), d_res,
                    act("ln2", i), act("fc_pre", i), act("fc_act", i), w.fc1_w, w.fc2_w, acc);
@@ -306,6 +311,27 @@ void Transformer::backward() {
   embedding_backward(be, layout_.view(grads_, "tok_emb.weight"), layout_.view_or_empty(grads_, "pos_emb.weight"),
                      tokens_, d_res);
   saved_.release();
+  expert_sq_valid_ = true;
+}
+
+double Transformer::grad_sum_squares() {
+  // Layout order: each run of entries between the experts' weight gradients in one reduction pass; those, when the
+  // last backward's products summed them, from their sums.
+  double total = 0.0;
+  int64_t run = 0;  // start of the run not yet reduced
+  if (expert_sq_valid_)
+    for (int64_t i = 0; i < config_.n_layers; ++i) {
+      if (expert_dweight_sq_[i].empty()) continue;
+      const std::string p = "layers." + std::to_string(i) + ".moe.experts.";
+      const int64_t E = static_cast<int64_t>(expert_dweight_sq_[i].size()) / 2;
+      for (int which = 0; which < 2; ++which) {
+        const ParamEntry& e = layout_.find(p + (which == 0 ? "fc1.weight" : "fc2.weight"));
+        total += backend_.sum_squares(grads_ + run, e.offset - run);
+        for (int64_t x = 0; x < E; ++x) total += expert_dweight_sq_[i][2 * x + which];
+        run = e.offset + e.shape.numel();
+      }
+    }
+  return total + backend_.sum_squares(grads_ + run, layout_.total() - run);
 }
 
 }  // namespace moelab

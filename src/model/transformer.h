@@ -37,8 +37,12 @@ class Transformer {
   // Write access: the next zero_grad() clears them again (see grads_were_zeroed).
   float* grads() {
     grad_state_ = GradState::Accumulated;
+    expert_sq_valid_ = false;
     return grads_;
   }
+  // Sum of squares of the gradient block (the global gradient norm's square). After a backward, the MoE experts'
+  // weight gradients are not read again: the products that wrote them summed them (GemmProblem::c_sum_squares).
+  double grad_sum_squares();
 
   // Normal(0, init_std) weights (scaled on residual projections), zero biases, unit norm weights.
   void init_weights(uint64_t seed);
@@ -52,6 +56,7 @@ class Transformer {
   // then neither reads zeros nor has them written before it (8 of the ~42 bytes a step moves per parameter).
   void grads_were_zeroed(bool except_matrices = false) {
     grad_state_ = except_matrices ? GradState::MatricesStale : GradState::Zero;
+    expert_sq_valid_ = false;
   }
 
   // tokens, targets: (batch, seq_len) host arrays, batch <= max_batch; targets may be null (logits only) and
@@ -96,6 +101,10 @@ class Transformer {
   double aux_loss_ = 0.0;
   std::vector<Routing> routing_;    // per layer (used by MoE layers)
   std::vector<MoeStats> moe_stats_;  // per layer
+  // Per MoE layer (2E, else empty): the sums of squares of its experts' fc1 and fc2 weight gradients as the last
+  // backward left them; valid until the gradient block is written by anything else.
+  std::vector<std::vector<double>> expert_dweight_sq_;
+  bool expert_sq_valid_ = false;
   // Activations a training forward holds for its backward (backend.h); released when the backward is done, or by
   // the next forward when none came.
   SavedOperands saved_{backend_};

@@ -102,10 +102,11 @@ void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const Moe
 // Backward: din += d/d in, parameter gradients accumulate; with !accumulate_dweights the weight matrices' gradients
 // (router, experts, shared expert) are overwritten instead, those of experts that received no row with zeros.
 // loss_scale multiplies the auxiliary losses' own gradients (aux_loss_weight * aux + z_loss_weight * z), matching
-// the scale applied to the main loss.
+// the scale applied to the main loss. expert_dweight_sq (2E, may be null) receives the sum of squares of each
+// expert's fc1 and fc2 weight gradient ([2e], [2e + 1]) as this backward leaves them (GemmProblem::c_sum_squares).
 void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& grads, Tensor dout, Tensor in,
                   const MoeWeights& w, const MoeActivations& a, const MoeScratch& s, const Routing& routing,
-                  float loss_scale, bool accumulate_dweights = true);
+                  float loss_scale, bool accumulate_dweights = true, double* expert_dweight_sq = nullptr);
 
 // ---- the seams, exposed for tests and for other dispatchers ---------------------------------------------------
 // probs = softmax(logits) rows, plus per-row logsumexp; fp32 with a double accumulator.

@@ -57,17 +57,24 @@ void experts_forward(Backend& be, const MoeDims& d, const MoeWeights& w, const M
 }
 
 void experts_backward(Backend& be, const MoeDims& d, const MoeWeights& g, const MoeWeights& w,
-                      const MoeActivations& a, const MoeScratch& s, const Routing& r, bool accumulate_dweights) {
+                      const MoeActivations& a, const MoeScratch& s, const Routing& r, bool accumulate_dweights,
+                      double* dweight_sq) {
   const int64_t E = d.experts, C = d.d_model, F = d.expert_hidden, P = d.fc1_rows();
   // fairseq scales expert parameter gradients (not the activation gradients) by 1/sqrt(E).
   const float alpha = d.expert_grad_scale ? 1.f / std::sqrt(static_cast<float>(E)) : 1.f;
   const float w_beta = accumulate_dweights ? 1.f : 0.f;
-  if (!accumulate_dweights)  // an expert without rows has no product to overwrite its weight gradients
-    for (int64_t e = 0; e < E; ++e)
-      if (r.expert_offsets[e + 1] == r.expert_offsets[e]) {
+  // An expert without rows has no product to overwrite its weight gradients, or to take their sums of squares.
+  for (int64_t e = 0; e < E; ++e)
+    if (r.expert_offsets[e + 1] == r.expert_offsets[e]) {
+      if (!accumulate_dweights) {
         be.fill(g.fc1_w.data + e * P * C, 0.f, P * C);
         be.fill(g.fc2_w.data + e * C * F, 0.f, C * F);
       }
+      if (dweight_sq) {
+        dweight_sq[2 * e] = accumulate_dweights ? be.sum_squares(g.fc1_w.data + e * P * C, P * C) : 0.0;
+        dweight_sq[2 * e + 1] = accumulate_dweights ? be.sum_squares(g.fc2_w.data + e * C * F, C * F) : 0.0;
+      }
+    }
   // All experts' products of one stage are independent (disjoint outputs): one gemm_batch per stage.
   std::vector<GemmProblem> batch;
   for (int64_t e = 0; e < E; ++e) {
@@ -78,7 +85,7 @@ void experts_backward(Backend& be, const MoeDims& d, const MoeWeights& g, const 
     batch.push_back({Trans::N, Trans::N, m, F, C, 1.f, dy, C, w.fc2_w.data + e * C * F, F, 0.f,
                      s.d_act.data + off * F, F});
     batch.push_back({Trans::T, Trans::N, C, F, m, alpha, dy, C, a.act.data + off * F, F, w_beta,
-                     g.fc2_w.data + e * C * F, F});
+                     g.fc2_w.data + e * C * F, F, dweight_sq ? dweight_sq + 2 * e + 1 : nullptr});
     if (!g.fc2_b.empty())  // db2 (1, C) += alpha * ones (1, m) @ dy (m, C)
       batch.push_back({Trans::N, Trans::N, 1, C, m, alpha, s.ones.data, m, dy, C, 1.f, g.fc2_b.data + e * C, C});
   }
@@ -95,7 +102,7 @@ void experts_backward(Backend& be, const MoeDims& d, const MoeWeights& g, const 
     batch.push_back({Trans::N, Trans::N, m, C, P, 1.f, dpre, P, w.fc1_w.data + e * P * C, C, 0.f,
                      s.d_x_sorted.data + off * C, C});
     batch.push_back({Trans::T, Trans::N, P, C, m, alpha, dpre, P, a.x_sorted.data + off * C, C, w_beta,
-                     g.fc1_w.data + e * P * C, C});
+                     g.fc1_w.data + e * P * C, C, dweight_sq ? dweight_sq + 2 * e : nullptr});
     if (!g.fc1_b.empty())
       batch.push_back({Trans::N, Trans::N, 1, P, m, alpha, s.ones.data, m, dpre, P, 1.f, g.fc1_b.data + e * P, P});
   }
@@ -154,7 +161,7 @@ void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const Moe
 
 void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& g, Tensor dout, Tensor in,
                   const MoeWeights& w, const MoeActivations& a, const MoeScratch& s, const Routing& r,
-                  float loss_scale, bool accumulate_dweights) {
+                  float loss_scale, bool accumulate_dweights, double* expert_dweight_sq) {
   const int64_t n = d.tokens(), C = d.d_model, E = d.experts, K = d.top_k;
   if (d.shared_hidden > 0)
     mlp_backward(be, d.ffn, din, g.shared_fc1_w, g.shared_fc1_b, g.shared_fc2_w, g.shared_fc2_b, s.d_shared_pre,
@@ -166,7 +173,7 @@ void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& g
     const ConstantOperands hold(be, s.d_y_sorted.data, r.rows * C, /*written_next=*/true, /*operands_only=*/true);
     be.combine_rows_backward(s.d_y_sorted.data, s.d_weight.data, dout.data, r.row_token.data(), r.row_weight.data(),
                              a.y_sorted.data, r.rows, C);
-    experts_backward(be, d, g, w, a, s, r, accumulate_dweights);
+    experts_backward(be, d, g, w, a, s, r, accumulate_dweights, expert_dweight_sq);
   }
   // dispatch backward: each token sums the input gradients of its rows
   be.combine_rows(din.data, s.d_x_sorted.data, r.token_offsets.data(), r.token_rows.data(), nullptr, n, C);

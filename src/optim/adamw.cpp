@@ -40,10 +40,6 @@ void AdamW::step(float* params, float* grads, double lr, float grad_scale, Grads
   }
 }
 
-double global_grad_norm(Backend& backend, const float* grads, int64_t n) {
-  return std::sqrt(backend.sum_squares(grads, n));
-}
-
 float clip_factor(double norm, double max_norm) {
   if (max_norm <= 0) return 1.f;
   return static_cast<float>(std::min(1.0, max_norm / (norm + 1e-6)));

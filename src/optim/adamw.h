@@ -36,9 +36,8 @@ class AdamW {
   int64_t step_ = 0;
 };
 
-// Global L2 norm of the gradient block, and the clip factor min(1, max_norm / (norm + 1e-6)) as in
-// torch.nn.utils.clip_grad_norm_ (max_norm <= 0 disables clipping).
-double global_grad_norm(Backend& backend, const float* grads, int64_t n);
+// The clip factor min(1, max_norm / (norm + 1e-6)) of a global gradient norm (Transformer::grad_sum_squares), as
+// in torch.nn.utils.clip_grad_norm_ (max_norm <= 0 disables clipping).
 float clip_factor(double norm, double max_norm);
 
 }  // namespace moelab

@@ -60,7 +60,7 @@ StepStats Trainer::step(const BatchSource& next_batch) {
   if (!std::isfinite(s.loss))
     throw Error("training loss became " + std::string(std::isnan(s.loss) ? "NaN" : "infinite") + " at step " +
                 std::to_string(s.step) + "; lower train.lr, raise train.warmup_steps or set train.grad_clip");
-  s.grad_norm = global_grad_norm(backend_, model_->grads(), model_->num_params());
+  s.grad_norm = std::sqrt(model_->grad_sum_squares());
   s.lr = learning_rate(t, steps_done_);
   optimizer_->step(model_->params(), model_->grads(), s.lr, clip_factor(s.grad_norm, t.grad_clip),
                    AdamW::Grads::ZeroExceptMatrices, &model_->param_copies());

@@ -627,6 +627,7 @@ class CpuBackend final : public Backend {
     for (int64_t i = 0; i < count; ++i) {
       const GemmProblem& p = problems[i];
       gemm(p.ta, p.tb, p.m, p.n, p.k, p.alpha, p.a, p.lda, p.b, p.ldb, p.beta, p.c, p.ldc);
+      if (p.c_sum_squares) *p.c_sum_squares = block_sum_squares(p.c, p.m, p.n, p.ldc);
     }
     if (profile_.on() && count > 0) {
       double flops = 0;
@@ -1105,6 +1106,25 @@ class CpuBackend final : public Backend {
         if (rounded) to_bf16(rounded + r * vocab, g, vocab);
       }
     }
+  }
+  // Sum of squares of a (rows, cols) block with row stride ld, on the calling thread: 16 running sums as in reduce,
+  // carried across the rows, so the order depends on the shape alone.
+  static double block_sum_squares(const float* x, int64_t rows, int64_t cols, int64_t ld) {
+    constexpr int kLanes = 16;
+    double lanes[kLanes] = {};
+    double s = 0.0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* row = x + r * ld;
+      int64_t i = 0;
+      for (; i + kLanes <= cols; i += kLanes)
+        for (int j = 0; j < kLanes; ++j) {
+          const double xj = row[i + j];
+          lanes[j] += xj * xj;
+        }
+      for (; i < cols; ++i) s += static_cast<double>(row[i]) * row[i];
+    }
+    for (int j = 0; j < kLanes; ++j) s += lanes[j];
+    return s;
   }
   double sum(const float* x, int64_t n) override { return reduce(x, n, false); }
   double sum_squares(const float* x, int64_t n) override { return reduce(x, n, true); }
