@@ -1126,9 +1126,10 @@ class CpuBackend final : public Backend {
       }
     }
   }
-  // Sum of squares of a (rows, cols) block with row stride ld, on the calling thread: 16 running sums as in reduce,
-  // carried across the rows, so the order depends on the shape alone.
-  static double block_sum_squares(const float* x, int64_t rows, int64_t cols, int64_t ld) {
+  // Sum (or sum of squares) of a (rows, cols) block with row stride ld, on the calling thread: 16 running sums
+  // (lane j takes columns j, j + 16, ... of every row) combined in a fixed order after the columns off the lanes.
+  // Vectorised, and the order depends on the shape alone. One running sum would be bound by the add latency.
+  static double lane_sum(const float* x, int64_t rows, int64_t cols, int64_t ld, bool squares) {
     constexpr int kLanes = 16;
     double lanes[kLanes] = {};
     double s = 0.0;
@@ -1138,12 +1139,15 @@ class CpuBackend final : public Backend {
       for (; i + kLanes <= cols; i += kLanes)
         for (int j = 0; j < kLanes; ++j) {
           const double xj = row[i + j];
-          lanes[j] += xj * xj;
+          lanes[j] += squares ? xj * xj : xj;
         }
-      for (; i < cols; ++i) s += static_cast<double>(row[i]) * row[i];
+      for (; i < cols; ++i) s += squares ? static_cast<double>(row[i]) * row[i] : row[i];
     }
     for (int j = 0; j < kLanes; ++j) s += lanes[j];
     return s;
+  }
+  static double block_sum_squares(const float* x, int64_t rows, int64_t cols, int64_t ld) {
+    return lane_sum(x, rows, cols, ld, true);
   }
   double sum(const float* x, int64_t n) override { return reduce(x, n, false); }
   double sum_squares(const float* x, int64_t n) override { return reduce(x, n, true); }
@@ -1155,20 +1159,7 @@ class CpuBackend final : public Backend {
       const int tid = omp_get_thread_num();
       int64_t i0, i1;
       chunk_range(n, omp_get_num_threads(), tid, i0, i1);
-      // 16 running sums (lane j takes elements i0 + j, i0 + j + 16, ...) combined in a fixed order: vectorised,
-      // and deterministic for a given thread count. One running sum would be bound by the add latency.
-      constexpr int kLanes = 16;
-      double lanes[kLanes] = {};
-      int64_t i = i0;
-      for (; i + kLanes <= i1; i += kLanes)
-        for (int j = 0; j < kLanes; ++j) {
-          const double xj = x[i + j];
-          lanes[j] += squares ? xj * xj : xj;
-        }
-      double s = 0.0;
-      for (; i < i1; ++i) s += squares ? static_cast<double>(x[i]) * x[i] : x[i];
-      for (int j = 0; j < kLanes; ++j) s += lanes[j];
-      partial[tid] = s;
+      partial[tid] = lane_sum(x + i0, 1, i1 - i0, 0, squares);  // deterministic for a given thread count
     }
     double total = 0.0;
     for (double s : partial) total += s;
