@@ -22,7 +22,7 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   try {
     const moelab::Config base = moelab::load_config(config_path, overrides);
-    auto be = moelab::make_cpu_backend(static_cast<int>(base.train.threads));
+    auto be = moelab::make_backend(base.train.backend, static_cast<int>(base.train.threads));
     const int64_t F = base.model.ffn_hidden();
     struct Variant {
       const char* name;

@@ -35,7 +35,7 @@ int main(int argc, char** argv) {
 
   try {
     const moelab::Config cfg = moelab::load_config(config_path, overrides);
-    auto be = moelab::make_cpu_backend(static_cast<int>(cfg.train.threads));
+    auto be = moelab::make_backend(cfg.train.backend, static_cast<int>(cfg.train.threads));
     const auto& m = cfg.model;
     std::printf("moelab train_bench: d_model %ld, layers %ld, heads %ld, d_ff %ld, seq %ld, vocab %ld, ffn %s, "
                 "batch %ld x %ld, threads %d, %s\n",

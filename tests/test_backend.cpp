@@ -1,5 +1,6 @@
 // GEMM primitives against naive triple loops (in double), for every transpose combination, strided batches
 // and grouped problems.
+#include <algorithm>
 #include <cstdint>
 #include <tuple>
 
@@ -28,7 +29,7 @@ void naive_gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha
 TEST(Backend, AllocIsZeroedAlignedAndReusable) {
   // Small buffers and large ones (2 MiB-aligned, on huge pages where the kernel offers them) alike: zeroed,
   // 64-byte aligned, writable to the last element, and zeroed again when a freed block's memory comes back.
-  auto be = make_cpu_backend(2);
+  auto be = make_backend("cpu", 2);
   for (size_t count : {size_t{1}, size_t{1000}, size_t{1} << 20, (size_t{3} << 20) + 17}) {
     for (int round = 0; round < 2; ++round) {
       float* p = be->alloc(count);
@@ -44,8 +45,72 @@ TEST(Backend, AllocIsZeroedAlignedAndReusable) {
   }
 }
 
+TEST(Backend, FactoryNamesTheBackendsItHas) {
+  const auto names = backend_names();
+  EXPECT_NE(std::find(names.begin(), names.end(), "cpu"), names.end());
+  EXPECT_NE(std::find(names.begin(), names.end(), "cpu-strict"), names.end());
+  EXPECT_EQ(make_backend("cpu-strict", 1)->name(), "cpu-strict");
+  try {
+    make_backend("tpu", 1);
+    FAIL() << "an unknown backend name must be an error";
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("'tpu'"), std::string::npos) << what;
+    EXPECT_NE(what.find("cpu, cpu-strict"), std::string::npos) << what;
+    EXPECT_NE(what.find("train.backend"), std::string::npos) << what;
+  }
+}
+
+TEST(StrictBackend, UploadDownloadRoundTripAndKernelsMatchCpu) {
+  auto strict = make_backend("cpu-strict", 2);
+  auto cpu = make_backend("cpu", 2);
+  Rng rng(11);
+  const int64_t m = 7, n = 5, k = 3;
+  std::vector<float> a(m * k), b(n * k), c_cpu(m * n, 0.f), c_strict(m * n, -1.f);
+  testing::fill_normal(a.data(), a.size(), rng);
+  testing::fill_normal(b.data(), b.size(), rng);
+  float* da = strict->alloc(a.size());
+  float* db = strict->alloc(b.size());
+  float* dc = strict->alloc(c_strict.size());
+  strict->upload(da, a.data(), m * k);
+  strict->upload(db, b.data(), n * k);
+  strict->gemm(Trans::N, Trans::T, m, n, k, 1.f, da, k, db, k, 0.f, dc, n);
+  strict->download(c_strict.data(), dc, m * n);
+  cpu->gemm(Trans::N, Trans::T, m, n, k, 1.f, a.data(), k, b.data(), k, 0.f, c_cpu.data(), n);
+  for (int64_t i = 0; i < m * n; ++i) ASSERT_EQ(c_strict[i], c_cpu[i]) << i;
+  // Freed memory comes back zeroed.
+  strict->free(dc);
+  float* again = strict->alloc(c_strict.size());
+  EXPECT_EQ(strict->download_vector(again, m * n), std::vector<float>(m * n, 0.f));
+  strict->free(again);
+  strict->free(da);
+  strict->free(db);
+}
+
+TEST(StrictBackend, HostMemoryGivenToAKernelIsAnError) {
+  auto strict = make_backend("cpu-strict", 1);
+  std::vector<float> host(16, 1.f);
+  float* device = strict->alloc(16);
+  EXPECT_THROW(strict->copy(device, host.data(), 16), Error);      // host -> backend must be an upload
+  EXPECT_THROW(strict->fill(host.data(), 0.f, 16), Error);         // a kernel on host memory
+  std::vector<int32_t> tokens(4, 0);
+  EXPECT_THROW(strict->embedding_forward(device, tokens.data(), device, nullptr, 1, 4, 4), Error);
+  strict->free(device);
+}
+
+TEST(StrictBackendDeathTest, HostReadOfBackendMemoryCrashes) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  auto strict = make_backend("cpu-strict", 1);
+  float* device = strict->alloc(16);
+  strict->fill(device, 2.f, 16);
+  EXPECT_DEATH({ volatile float x = device[3]; (void)x; }, "");
+  EXPECT_DEATH({ device[0] = 1.f; }, "");
+  EXPECT_EQ(strict->download_vector(device, 16), std::vector<float>(16, 2.f));
+  strict->free(device);
+}
+
 TEST(Backend, GemmAllTransposesWithStridesAlphaBeta) {
-  auto be = make_cpu_backend(2);
+  auto be = make_backend("cpu", 2);
   Rng rng(5);
   const int64_t m = 13, n = 17, k = 9, pad = 3;
   for (Trans ta : {Trans::N, Trans::T})
@@ -63,7 +128,7 @@ TEST(Backend, GemmAllTransposesWithStridesAlphaBeta) {
 }
 
 TEST(Backend, StridedBatchedAndGroupedGemm) {
-  auto be = make_cpu_backend(2);
+  auto be = make_backend("cpu", 2);
   Rng rng(6);
   const int64_t m = 7, n = 5, k = 6, batch = 3;
   std::vector<float> a(batch * m * k), b(batch * k * n), c(batch * m * n, 0.f), ref(batch * m * n, 0.f);
@@ -96,7 +161,7 @@ TEST(Backend, StridedBatchedAndGroupedGemm) {
 TEST(Backend, GemmBatchSumsTheSquaresOfItsOutputs) {
   // A weight gradient's share of the gradient norm, taken by the product that writes it: C's sum of squares as the
   // product (with beta = 1, an accumulation) leaves it, including a strided C and a column count off the 16 lanes.
-  auto be = make_cpu_backend(2);
+  auto be = make_backend("cpu", 2);
   Rng rng(9);
   const int64_t m = 9, n = 37, k = 5, ldc = 40;
   std::vector<float> a(2 * m * k), b(2 * k * n), c(2 * m * ldc);
@@ -118,7 +183,7 @@ TEST(Backend, GemmBatchSumsTheSquaresOfItsOutputs) {
 }
 
 TEST(Backend, ReductionsAreExact) {
-  auto be = make_cpu_backend(2);
+  auto be = make_backend("cpu", 2);
   std::vector<float> x(1001);
   double s = 0, ss = 0;
   for (size_t i = 0; i < x.size(); ++i) {
@@ -138,7 +203,7 @@ namespace {
 // Shapes with M, N, K multiples of 64 take the cached oneDNN matmul primitive (alpha as an output scale, beta as a
 // sum post-op); check them like the small ones, and the two-level batch that attention uses.
 TEST(Backend, PrimitiveGemmAndTwoLevelBatch) {
-  auto be = make_cpu_backend(2);
+  auto be = make_backend("cpu", 2);
   Rng rng(8);
   const int64_t m = 128, n = 64, k = 192, pad = 3;
   for (Trans ta : {Trans::N, Trans::T})
@@ -196,7 +261,7 @@ TEST(Backend, PrimitiveGemmAndTwoLevelBatch) {
 // The MoE dispatch / combine kernels against naive loops; the fused combine backward is bitwise the two kernels it
 // fuses (row_dots, then gather_rows with the gate weights).
 TEST(Backend, DispatchAndCombineKernelsMatchNaiveLoops) {
-  auto be = make_cpu_backend(2);
+  auto be = make_backend("cpu", 2);
   Rng rng(21);
   const int64_t tokens = 37, rows = 61, cols = 45;
   std::vector<float> x(tokens * cols), y(rows * cols), w(rows), dout(tokens * cols);

@@ -34,7 +34,7 @@ TEST(Checkpoint, ResumeContinuesBitIdentically) {
   const fs::path dir = temp_dir("ckpt_resume");
   TokenFile data(write_tokens(dir / "tokens.bin", 5000, 64), "uint16");
   const Config c = config_from_string("", small_overrides());
-  auto be = make_cpu_backend(2);
+  auto be = make_backend("cpu", 2);
   Trainer full(c, *be);
   std::vector<double> full_losses;
   for (int s = 0; s < 10; ++s) full_losses.push_back(full.step(data).loss);
@@ -88,7 +88,7 @@ std::string error_of(const std::function<void()>& f) {
 TEST(Checkpoint, BadCheckpointsGiveClearErrors) {
   const fs::path dir = temp_dir("ckpt_errors");
   const Config c = config_from_string("", small_overrides());
-  auto be = make_cpu_backend(2);
+  auto be = make_backend("cpu", 2);
   Trainer trainer(c, *be);
   trainer.save((dir / "checkpoint").string());
 

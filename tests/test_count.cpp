@@ -52,7 +52,7 @@ TEST(Count, ClosedFormMatchesLayoutAndTransformerOverGrid) {
     moe_variants.push_back({"moe.experts=4", "moe.top_k=2", std::string("moe.granularity=") + g});
     moe_variants.push_back({"moe.expansion=2", "moe.top_k=1", std::string("moe.granularity=") + g});
   }
-  auto cpu = make_cpu_backend(1);
+  auto cpu = make_backend("cpu", 1);
   int checked = 0, transformers = 0;
   for (const auto& moe : moe_variants)
     for (const char* bias : {"false", "true"})

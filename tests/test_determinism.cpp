@@ -14,7 +14,7 @@ namespace moelab {
 namespace {
 
 std::vector<double> train_losses(const Config& c, const TokenFile& data, int steps) {
-  auto be = make_cpu_backend(static_cast<int>(c.train.threads));
+  auto be = make_backend("cpu", static_cast<int>(c.train.threads));
   Trainer trainer(c, *be);
   std::vector<double> losses;
   for (int s = 0; s < steps; ++s) losses.push_back(trainer.step(data).loss);
@@ -55,7 +55,7 @@ TEST(Determinism, GradientAccumulationEqualsOneLargeBatch) {
   // 2 micro-batches of 2 sequences == 1 batch of 4 sequences, when fed the same sequences.
   const Config big = small_config({"train.batch_size=4", "train.grad_accum=1"});
   const Config acc = small_config({"train.batch_size=2", "train.grad_accum=2"});
-  auto be = make_cpu_backend(2);
+  auto be = make_backend("cpu", 2);
   Trainer t_big(big, *be), t_acc(acc, *be);
   Rng rng(3);
   std::vector<int32_t> tokens(4 * 16), targets(4 * 16);
@@ -98,7 +98,7 @@ TEST(Training, NonFiniteLossIsAClearError) {
   const std::string path = testing::write_tokens(std::filesystem::temp_directory_path() / "moelab_nan_tokens.bin", 2000, 64);
   TokenFile data(path, "uint16");
   Config c = small_config();
-  auto be = make_cpu_backend(2);
+  auto be = make_backend("cpu", 2);
   Trainer trainer(c, *be);
   // A diverged model: one weight matrix overflowed.
   const auto& e = trainer.model().layout().find("layers.0.attn.qkv.weight");

@@ -97,7 +97,7 @@ class FixtureTest : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(FixtureTest, ForwardBackwardAndTenAdamWStepsMatchPyTorch) {
   Fixture f = load_fixture(GetParam());
-  auto be = make_cpu_backend(2);
+  auto be = make_backend("cpu", 2);
   Trainer trainer(f.config, *be);
   Transformer& model = trainer.model();
   load_params(model, f.j["params"]);

@@ -21,7 +21,7 @@ TEST_P(KvCache, StepLogitsEqualFullForward) {
                                 "model.seq_len=12", "model.init_std=0.2"};
   o.insert(o.end(), GetParam().overrides.begin(), GetParam().overrides.end());
   const Config c = config_from_string("", o);
-  auto be = make_cpu_backend(2);
+  auto be = make_backend("cpu", 2);
   Transformer model(c.model, *be, 1);
   model.init_weights(11);
   Rng rng(12);

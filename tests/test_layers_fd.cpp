@@ -17,7 +17,7 @@ using Pairs = std::vector<std::pair<std::string, std::pair<Tensor, Tensor>>>;
 
 class LayerFd : public ::testing::Test {
  protected:
-  std::unique_ptr<Backend> be = make_cpu_backend(2);
+  std::unique_ptr<Backend> be = make_backend("cpu", 2);
   Rng rng{1234};
 };
 

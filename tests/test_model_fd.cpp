@@ -34,7 +34,7 @@ TEST_P(ModelFd, GradientsMatchFiniteDifferences) {
   m.bias = mc.bias;
   m.tied_embeddings = mc.tied;
   m.init_std = 0.3;  // large enough that every parameter matters at the scale of the FD step
-  auto be = make_cpu_backend(2);
+  auto be = make_backend("cpu", 2);
   const int64_t B = 2;
   Transformer model(m, *be, B);
   model.init_weights(7);

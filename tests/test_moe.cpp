@@ -85,7 +85,7 @@ MoeDims dims(RouterKind router, int64_t E, int64_t K, int64_t F, double cf, FfnK
 
 class MoeTest : public ::testing::Test {
  protected:
-  std::unique_ptr<Backend> be = make_cpu_backend(2);
+  std::unique_ptr<Backend> be = make_backend("cpu", 2);
   Rng rng{2024};
 };
 
@@ -197,7 +197,7 @@ class MoeFd : public ::testing::TestWithParam<FdCase> {};
 
 TEST_P(MoeFd, GradientsThroughRouterDispatchAndExperts) {
   const FdCase& fc = GetParam();
-  auto be = make_cpu_backend(2);
+  auto be = make_backend("cpu", 2);
   Rng rng(31);
   MoeDims d = dims(fc.router, fc.experts, fc.top_k, fc.hidden, fc.capacity, fc.ffn);
   d.renormalize = fc.renormalize;
@@ -269,7 +269,7 @@ ModelConfig small_moe_model(RouterKind router) {
 TEST(MoeModel, ExpertChoiceIsCausal) {
   // Changing a later token of a sequence leaves every earlier position (of every sequence) unchanged.
   const ModelConfig m = small_moe_model(RouterKind::ExpertChoice);
-  auto be = make_cpu_backend(2);
+  auto be = make_backend("cpu", 2);
   const int64_t B = 4, T = m.seq_len, V = m.vocab_size;
   Transformer model(m, *be, B);
   model.init_weights(5);
@@ -301,7 +301,7 @@ TEST(MoeModel, WholeModelGradientsMatchFiniteDifferences) {
     m.moe.aux_loss_weight = 0.1;
     m.moe.z_loss_weight = 0.05;
     m.init_std = 0.3;
-    auto be = make_cpu_backend(2);
+    auto be = make_backend("cpu", 2);
     const int64_t B = 3;
     Transformer model(m, *be, B);
     model.init_weights(3);
@@ -336,7 +336,7 @@ TEST(MoeModel, OptimizerLeavesMatrixGradientsForTheNextBackwardToOverwrite) {
   m.bias = true;
   m.tied_embeddings = false;
   m.seq_len = 4;
-  auto be = make_cpu_backend(2);
+  auto be = make_backend("cpu", 2);
   const int64_t B = 1;
   Rng rng(6);
   std::vector<int32_t> tokens(B * m.seq_len), targets(B * m.seq_len);

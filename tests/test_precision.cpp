@@ -43,7 +43,7 @@ void naive_gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha
 // through a product with the identity: ties go to even, subnormals count as zero (the rounding flushes them and
 // the bf16 dot-product instructions would ignore them anyway), the same in both parts of a row.
 TEST(Precision, Bf16RoundingIsTheSameInVectorBodyAndTail) {
-  auto be = make_cpu_backend(1);
+  auto be = make_backend("cpu", 1);
   be->set_matmul_precision(Precision::BF16);
   const float tie_down = 1.f + std::ldexp(1.f, -8);       // halfway between 1 and 1 + 2^-7: to even (1)
   const float tie_up = 1.f + 3 * std::ldexp(1.f, -8);     // halfway between 1 + 2^-7 and 1 + 2^-6: to even (up)
@@ -66,7 +66,7 @@ TEST(Precision, Bf16RoundingIsTheSameInVectorBodyAndTail) {
 // Backend::hold_constant: a held operand's bf16 copy is reused, with the same result as rounding it again; after
 // the release a changed operand is rounded afresh (no stale copy); a product writing into a held region is refused.
 TEST(Precision, HeldOperandsAreReusedNeverStale) {
-  auto be = make_cpu_backend(2);
+  auto be = make_backend("cpu", 2);
   be->set_matmul_precision(Precision::BF16);
   Rng rng(5);
   for (const auto& [m, n, k] : {std::tuple<int64_t, int64_t, int64_t>{64, 128, 192}, {37, 29, 70}}) {
@@ -116,7 +116,7 @@ TEST(Precision, OperandsOnlyRegionsFeedProductsTheWrittenValues) {
       },
   };
   for (size_t p = 0; p < producers.size(); ++p) {
-    auto be = make_cpu_backend(2);
+    auto be = make_backend("cpu", 2);
     be->set_matmul_precision(Precision::BF16);
     std::vector<float> written(rows * cols), only(rows * cols, 7.f);
     producers[p](*be, written.data());  // fp32 values, rounded by the products below
@@ -140,7 +140,7 @@ TEST(Precision, OperandsOnlyRegionsFeedProductsTheWrittenValues) {
 }
 
 TEST(Precision, Bf16GemmMatchesRoundedOperandsAndTracksFp32) {
-  auto be = make_cpu_backend(2);
+  auto be = make_backend("cpu", 2);
   Rng rng(11);
   // Odd sizes and padded strides: the packing must honour lda/ldb and leave C's padding alone. 128 x 64 x 192
   // takes the cached bf16 matmul primitive, 37 x 29 x 70 dnnl_gemm_bf16bf16f32.
@@ -180,7 +180,7 @@ TEST(Precision, Bf16GemmMatchesRoundedOperandsAndTracksFp32) {
 }
 
 TEST(Precision, Bf16BatchedAndGroupedGemmMatchSingleGemms) {
-  auto be = make_cpu_backend(2);
+  auto be = make_backend("cpu", 2);
   be->set_matmul_precision(Precision::BF16);
   Rng rng(12);
   const int64_t m = 16, n = 12, k = 24, batch = 5;
@@ -211,7 +211,7 @@ TEST(Precision, Bf16BatchedAndGroupedGemmMatchSingleGemms) {
 }
 
 TEST(Precision, ScopeRestoresAndPeakIsFp32) {
-  auto be = make_cpu_backend(1);
+  auto be = make_backend("cpu", 1);
   be->set_matmul_precision(Precision::BF16);
   {
     const MatmulPrecisionScope scope(*be, Precision::FP32);
@@ -223,7 +223,7 @@ TEST(Precision, ScopeRestoresAndPeakIsFp32) {
 }
 
 std::vector<double> train_losses(const Config& c, const TokenFile& data, int steps) {
-  auto be = make_cpu_backend(static_cast<int>(c.train.threads));
+  auto be = make_backend("cpu", static_cast<int>(c.train.threads));
   Trainer trainer(c, *be);
   std::vector<double> losses;
   for (int s = 0; s < steps; ++s) losses.push_back(trainer.step(data).loss);
@@ -275,7 +275,7 @@ TEST(Precision, Bf16TrainingTracksFp32AndIsDeterministic) {
 // operands-only never get their fp32 values written under reuse: a kernel that read them would show here too.
 std::unique_ptr<Backend> backend_without_reuse(int threads) {
   ::setenv("MOELAB_NO_OPERAND_REUSE", "1", 1);
-  auto be = make_cpu_backend(threads);
+  auto be = make_backend("cpu", threads);
   ::unsetenv("MOELAB_NO_OPERAND_REUSE");
   return be;
 }
@@ -292,7 +292,7 @@ TEST(Precision, OperandReuseNeverChangesBf16Training) {
     auto keys = variant;
     keys.push_back("train.precision=bf16");
     const Config c = tiny_config(keys);
-    auto reuse = make_cpu_backend(2);
+    auto reuse = make_backend("cpu", 2);
     auto fresh = backend_without_reuse(2);
     Trainer with(c, *reuse), without(c, *fresh);
     for (int s = 0; s < 6; ++s) {

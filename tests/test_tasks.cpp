@@ -144,7 +144,7 @@ TEST_P(Scorer, MatchesHandComputedLogLikelihood) {
                                 "model.seq_len=40", "model.init_std=0.3"};
   o.insert(o.end(), GetParam().begin(), GetParam().end());
   const Config c = config_from_string("", o);
-  auto be = make_cpu_backend(1);
+  auto be = make_backend("cpu", 1);
   Transformer model(c.model, *be, 1);
   model.init_weights(5);
   Rng rng(3);
@@ -177,7 +177,7 @@ TEST(Scorer, EvaluateTaskPicksTheLikeliestChoice) {
   // and with the gold moved to the lowest-scoring choice acc = 0.
   const Config c = config_from_string("", {"model.vocab_size=256", "model.d_model=16", "model.n_layers=1",
                                            "model.n_heads=2", "model.seq_len=32", "model.init_std=0.3"});
-  auto be = make_cpu_backend(1);
+  auto be = make_backend("cpu", 1);
   Transformer model(c.model, *be, 1);
   model.init_weights(9);
   const TextCodec codec(c);
@@ -210,7 +210,7 @@ TEST(Scorer, EvaluateTaskPicksTheLikeliestChoice) {
 TEST(AnswerOnlyLoss, MeanOverCountedTokensWithExactGradients) {
   const Config c = config_from_string("", {"model.vocab_size=256", "model.d_model=16", "model.n_layers=1",
                                            "model.n_heads=2", "model.seq_len=16", "model.init_std=0.3"});
-  auto be = make_cpu_backend(1);
+  auto be = make_backend("cpu", 1);
   Transformer model(c.model, *be, 2);
   model.init_weights(4);
   const TextCodec codec(c);
@@ -277,7 +277,7 @@ TEST(Finetune, LearnsATrivialTaskFarAboveChance) {
   const Config c = config_from_string("", {"model.vocab_size=256", "model.d_model=32", "model.n_layers=2",
                                            "model.n_heads=2", "model.seq_len=64", "train.batch_size=8",
                                            "train.threads=1", "moe.experts=4", "moe.top_k=2"});
-  auto be = make_cpu_backend(1);
+  auto be = make_backend("cpu", 1);
   {
     Trainer pre(c, *be);
     pre.save((dir / "run" / "checkpoint").string());

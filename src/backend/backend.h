@@ -5,6 +5,7 @@
 // Conventions: all matrices are row-major; `ld*` are row strides in elements. "accumulate" kernels add into
 // their output (gradients accumulate across micro-batches and across branches of the residual stream).
 #include <cstddef>
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -49,10 +50,36 @@ class Backend {
   virtual std::string name() const = 0;
 
   // ---- memory -------------------------------------------------------------------------------------------
-  virtual float* alloc(size_t count) = 0;  // zero-initialised, 64-byte aligned
-  virtual void free(float* ptr) = 0;
+  // Backend memory belongs to the backend (device memory on a GPU). Code outside src/backend/ holds these pointers
+  // as handles: it may offset them and pass them back to backend calls, but never dereferences them; data crosses
+  // the seam by upload (host -> backend) and download (backend -> host) only. The `cpu-strict` backend makes its
+  // memory unreadable from the host between calls, so any host access crashes.
+  virtual void* alloc_bytes(size_t bytes) = 0;  // zero-initialised, 64-byte aligned
+  virtual void free(void* ptr) = 0;             // null: nothing
+  virtual void upload_bytes(void* dst, const void* host_src, size_t bytes) = 0;
+  virtual void download_bytes(void* host_dst, const void* src, size_t bytes) = 0;
   virtual void fill(float* x, float value, int64_t n) = 0;
-  virtual void copy(float* dst, const float* src, int64_t n) = 0;
+  virtual void copy(float* dst, const float* src, int64_t n) = 0;  // backend -> backend
+  // Typed conveniences over the above.
+  float* alloc(size_t count) { return static_cast<float*>(alloc_bytes(count * sizeof(float))); }
+  template <class T>
+  T* alloc_array(size_t count) {
+    return static_cast<T*>(alloc_bytes(count * sizeof(T)));
+  }
+  template <class T>
+  void upload(T* dst, const T* host_src, int64_t count) {
+    if (count > 0) upload_bytes(dst, host_src, static_cast<size_t>(count) * sizeof(T));
+  }
+  template <class T>
+  void download(T* host_dst, const T* src, int64_t count) {
+    if (count > 0) download_bytes(host_dst, src, static_cast<size_t>(count) * sizeof(T));
+  }
+  template <class T>
+  std::vector<T> download_vector(const T* src, int64_t count) {
+    std::vector<T> host(static_cast<size_t>(count));
+    download(host.data(), src, count);
+    return host;
+  }
 
   // ---- matrix products ------------------------------------------------------------------------------------
   // Every product below runs at the backend's matmul precision (backend/precision.h): operands and results are
@@ -251,7 +278,43 @@ class SavedOperands {
   std::vector<const float*> held_;
 };
 
-// The CPU backend: OpenMP threads, oneDNN GEMM.
-std::unique_ptr<Backend> make_cpu_backend(int threads);
+// A backend by name (config key train.backend): "cpu" (OpenMP threads, oneDNN GEMM) or "cpu-strict" (the CPU
+// backend with its memory made inaccessible to the host outside backend calls, for tests). An unknown name is an
+// Error listing the names this build has. threads: 0 means all cores (CPU backends).
+std::unique_ptr<Backend> make_backend(const std::string& name, int threads);
+std::vector<std::string> backend_names();
+
+// An owning backend allocation of `count` T (zeroed), freed with the owner.
+template <class T>
+class BackendArray {
+ public:
+  BackendArray() = default;
+  BackendArray(Backend& backend, int64_t count)
+      : backend_(&backend), data_(backend.alloc_array<T>(static_cast<size_t>(std::max<int64_t>(count, 1)))),
+        count_(count) {}
+  ~BackendArray() { reset(); }
+  BackendArray(BackendArray&& o) noexcept : backend_(o.backend_), data_(o.data_), count_(o.count_) {
+    o.data_ = nullptr;
+  }
+  BackendArray& operator=(BackendArray&& o) noexcept {
+    if (this != &o) {
+      reset();
+      backend_ = o.backend_, data_ = o.data_, count_ = o.count_;
+      o.data_ = nullptr;
+    }
+    return *this;
+  }
+  T* data() const { return data_; }
+  int64_t size() const { return count_; }
+  void reset() {
+    if (data_) backend_->free(data_);
+    data_ = nullptr;
+  }
+
+ private:
+  Backend* backend_ = nullptr;
+  T* data_ = nullptr;
+  int64_t count_ = 0;
+};
 
 }  // namespace moelab

@@ -96,7 +96,7 @@ FinetuneResult finetune_on_task(const std::string& checkpoint, const Task& task,
   t.threads = options.threads;
   t.out_dir = options.out;
 
-  auto backend = make_cpu_backend(options.threads);
+  auto backend = make_backend(cfg.train.backend, options.threads);
   Trainer trainer(cfg, *backend);
   trainer.load_weights(run.checkpoint_dir);
   log << "moelab finetune: " << run.run_id << " on " << task.name << ": " << train_items.size() << " train items, "
@@ -164,7 +164,7 @@ FinetuneResult finetune_on_task(const std::string& checkpoint, const Task& task,
   state.step = trainer.steps_done();
   state.adam_step = trainer.optimizer().steps_taken();
   state.data_rng = trainer.data_rng().state();
-  save_checkpoint(result.checkpoint_dir, saved, ParamLayout(saved.model), trainer.model().params(),
+  save_checkpoint(result.checkpoint_dir, saved, ParamLayout(saved.model), *backend, trainer.model().params(),
                   trainer.optimizer().first_moment(), trainer.optimizer().second_moment(), state);
   write_file_atomic((out / "config.toml").string(), to_toml(saved));
   nlohmann::ordered_json j;

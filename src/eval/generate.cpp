@@ -53,6 +53,9 @@ Generator::Generator(const ModelConfig& config, Backend& backend, const float* p
   pre_ = buffer(P);
   act_ = buffer(F);
   logits_ = buffer(config.vocab_size);
+  host_logits_.resize(config.vocab_size);
+  norm_stats_ = buffer(2);
+  token_ = BackendArray<int32_t>(backend, 1);
   for (int64_t i = 0; i < config.n_layers; ++i) {
     k_cache_.push_back(buffer(T * C));
     v_cache_.push_back(buffer(T * C));
@@ -61,7 +64,7 @@ Generator::Generator(const ModelConfig& config, Backend& backend, const float* p
     std::vector<float> table(T * C);
     sinusoidal_table(table.data(), T, C);
     sinusoidal_ = buffer(T * C);
-    backend_.copy(sinusoidal_, table.data(), T * C);
+    backend_.upload(sinusoidal_, table.data(), T * C);
   }
   if (config.moe.enabled()) {
     moe_dims_ = MoeDims::from(config, /*batch=*/1);
@@ -107,9 +110,9 @@ const float* Generator::step(int32_t token) {
   const float* pos = m.pos == PosKind::Learned ? param("pos_emb.weight").data + t * C
                      : m.pos == PosKind::Sinusoidal ? sinusoidal_ + t * C
                                                     : nullptr;
-  be.embedding_forward(x_, &token, param("tok_emb.weight").data, pos, 1, 1, C);
-  float mean = 0, rstd = 0;
-  Tensor mean_t(&mean, {1}), rstd_t(&rstd, {1});
+  be.upload(token_.data(), &token, 1);
+  be.embedding_forward(x_, token_.data(), param("tok_emb.weight").data, pos, 1, 1, C);
+  Tensor mean_t(norm_stats_, {1}), rstd_t(norm_stats_ + 1, {1});
   for (int64_t i = 0; i < m.n_layers; ++i) {
     const std::string p = "layers." + std::to_string(i) + ".";
     norm_forward(be, m.norm, ln, mean_t, rstd_t, x, param(p + "norm1.weight"), param_or_empty(p + "norm1.bias"), eps);
@@ -144,7 +147,8 @@ const float* Generator::step(int32_t token) {
   linear_forward(be, Tensor(logits_, {1, m.vocab_size}), ln,
                  param(m.tied_embeddings ? "tok_emb.weight" : "lm_head.weight"), Tensor());
   ++position_;
-  return logits_;
+  be.download(host_logits_.data(), logits_, m.vocab_size);
+  return host_logits_.data();
 }
 
 std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt, const SamplingOptions& options, Rng& rng,

@@ -53,6 +53,9 @@ class Generator {
   std::vector<float*> owned_;
   std::vector<float*> k_cache_, v_cache_;  // per layer (seq_len, C)
   float *x_, *ln_, *qkv_, *att_, *scores_, *pre_, *act_, *logits_, *sinusoidal_ = nullptr;
+  float* norm_stats_ = nullptr;        // (2) the norms' mean and 1/std of the current row
+  BackendArray<int32_t> token_;        // (1) the token being fed
+  std::vector<float> host_logits_;     // (V) the last step's logits, downloaded
   // MoE layers run the same moe_forward as training, on a batch of one token.
   MoeDims moe_dims_;
   MoeActivations moe_acts_;

@@ -53,10 +53,10 @@ LoadedModel load_model(const std::string& checkpoint, int threads, int64_t batch
   }
   LoadedModel lm;
   lm.config = checkpoint_config(dir);
-  lm.backend = make_cpu_backend(threads);
+  lm.backend = make_backend(lm.config.train.backend, threads);
   lm.model = std::make_unique<Transformer>(lm.config.model, *lm.backend, batch);
   lm.batch = batch;
-  load_checkpoint(dir, lm.model->layout(), lm.model->params(), nullptr, nullptr);
+  load_checkpoint(dir, lm.model->layout(), *lm.backend, lm.model->params(), nullptr, nullptr);
   return lm;
 }
 

@@ -185,7 +185,7 @@ ContinuationScorer::Bucket& ContinuationScorer::bucket(int64_t seq_len) {
   m.seq_len = seq_len;
   b->model = std::make_unique<Transformer>(m, backend_, batch_);
   MOELAB_CHECK(b->model->num_params() == ParamLayout(config_).total(), "parameter layout depends on seq_len");
-  std::memcpy(b->model->params(), params_, sizeof(float) * static_cast<size_t>(b->model->num_params()));
+  backend_.copy(b->model->params(), params_, b->model->num_params());
   buckets_.push_back(std::move(b));
   return *buckets_.back();
 }
@@ -235,12 +235,12 @@ std::vector<double> ContinuationScorer::score(const std::vector<ScoringRequest>&
         std::copy(full.begin(), full.end() - 1, tokens.begin() + static_cast<std::ptrdiff_t>(s * T));
       }
       b.model->forward(tokens.data(), nullptr, static_cast<int64_t>(count));
-      const Tensor logits = b.model->logits();  // (count, T, V)
+      const std::vector<float> logits = b.model->download_logits();  // (count, T, V) on the host
       for (size_t s = 0; s < count; ++s) {
         const Prepared& p = prepared[indices[start + s]];
         double ll = 0.0;
         for (int64_t t = p.first_target; t < static_cast<int64_t>(p.full.size()); ++t) {
-          const float* z = logits.data + (static_cast<int64_t>(s) * T + (t - 1)) * V;  // predicts full[t]
+          const float* z = logits.data() + (static_cast<int64_t>(s) * T + (t - 1)) * V;  // predicts full[t]
           float mx = -std::numeric_limits<float>::infinity();
           for (int64_t v = 0; v < V; ++v) mx = std::max(mx, z[v]);
           double sum = 0.0;

@@ -188,6 +188,9 @@ const std::vector<KeyDef>& schema() {
               "seed for initialisation and batch sampling"),
       int_key("train.threads", [](Config& c) -> int64_t& { return c.train.threads; }, 0, 4096,
               "CPU threads; 0 means all cores"),
+      string_key("train.backend", [](Config& c) -> std::string& { return c.train.backend; },
+                 "where tensors live and kernels run: cpu, or cpu-strict (the CPU backend with its memory unreadable "
+                 "from the host outside backend calls: a check that code goes through the seam; slower)"),
       choice_key<Precision>("train.precision", kPrecisionNames, [](Config& c) -> Precision& { return c.train.precision; },
                             "matrix-product precision: fp32, or bf16 operands with fp32 accumulation (fp32 master "
                             "weights, optimizer, norms, softmax, loss and router)"),

@@ -86,6 +86,7 @@ struct TrainConfig {
   double grad_clip = 1.0;         // global-norm clip; 0 disables
   int64_t seed = 1;
   int64_t threads = 0;  // 0 means all cores
+  std::string backend = "cpu";  // make_backend's name (backend/backend.h)
   Precision precision = Precision::FP32;  // of the matrix products (backend/precision.h)
   int64_t log_every = 10;
   int64_t eval_every = 0;     // steps between validation evaluations; 0: only at the end

@@ -65,6 +65,8 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
   const int64_t F = config.ffn_hidden(), pre_width = config.ffn == FfnKind::SwiGLU ? 2 * F : F;
   params_ = backend_.alloc(layout_.total());
   grads_ = backend_.alloc(layout_.total());
+  tokens_ = BackendArray<int32_t>(backend_, B * T);
+  targets_ = BackendArray<int32_t>(backend_, B * T);
 
   // Saved activations, per layer: everything the backward reads. Shapes are (B, T, ...) so a smaller batch
   // can use a prefix.
@@ -102,15 +104,12 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
   }
   routing_.resize(config.n_layers);
   moe_stats_.resize(config.n_layers);
-  expert_dweight_sq_.resize(config.n_layers);
+  expert_sq_offset_.assign(config.n_layers, -1);
   if (config.moe.enabled()) {
     const MoeDims d = MoeDims::from(config, B);
     const int64_t R = d.max_rows();
     for (int64_t i = 0; i < config.n_layers; ++i)
-      if (config.moe.is_moe_layer(i)) {
-        routing_[i].reserve(d);
-        expert_dweight_sq_[i].assign(2 * d.experts, 0.0);
-      }
+      if (config.moe.is_moe_layer(i)) routing_[i].reserve(d);
     acts_.reserve("d_moe_x_sorted", {R, C});
     acts_.reserve("d_moe_pre", {R, d.fc1_rows()});
     acts_.reserve("d_moe_act", {R, d.expert_hidden});
@@ -140,10 +139,14 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
   acts_.allocate();
   if (acts_.has("moe_ones")) backend_.fill(acts_.view("moe_ones").data, 1.f, acts_.view("moe_ones").numel());
   if (config.pos == PosKind::Sinusoidal) {
-    sinusoidal_.resize(T * C);
-    sinusoidal_table(sinusoidal_.data(), T, C);
-    backend_.copy(acts_.view("sinusoidal").data, sinusoidal_.data(), T * C);
+    std::vector<float> table(T * C);
+    sinusoidal_table(table.data(), T, C);
+    backend_.upload(acts_.view("sinusoidal").data, table.data(), T * C);
   }
+  int64_t experts_total = 0;
+  for (int64_t i = 0; i < config.n_layers; ++i)
+    if (config.moe.is_moe_layer(i)) expert_sq_offset_[i] = 2 * config.moe.routed_experts() * experts_total++;
+  if (experts_total > 0) expert_dweight_sq_ = BackendArray<double>(backend_, 2 * config.moe.routed_experts() * experts_total);
 }
 
 Transformer::~Transformer() {
@@ -171,7 +174,7 @@ void Transformer::init_weights(uint64_t seed) {
         for (int64_t i = 0; i < n; ++i) p[i] = static_cast<float>(rng.normal()) * e.init_std;
     }
   }
-  backend_.copy(params_, host.data(), layout_.total());
+  backend_.upload(params_, host.data(), layout_.total());
 }
 
 void Transformer::zero_grad() {
@@ -184,6 +187,11 @@ void Transformer::zero_grad() {
 
 Tensor Transformer::logits() const { return act("logits"); }
 
+std::vector<float> Transformer::download_logits() {
+  const Tensor t = logits();
+  return backend_.download_vector(t.data, t.numel());
+}
+
 double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64_t batch, float backward_scale) {
   MOELAB_CHECK(batch >= 1 && batch <= max_batch_, "batch " + std::to_string(batch) + " exceeds the arena");
   MOELAB_CHECK(backward_scale == 0.f || targets != nullptr, "backward needs targets");
@@ -192,7 +200,6 @@ double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64
   saved_.release();  // a forward that was not followed by its backward held these: this pass rewrites them
   SavedOperands* saved = backward_scale != 0.f ? &saved_ : nullptr;
   batch_ = batch;
-  tokens_ = tokens;
   backward_scale_ = backward_scale;
   aux_loss_ = 0.0;
   const int64_t T = m.seq_len, V = m.vocab_size;
@@ -200,13 +207,14 @@ double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64
     if (tokens[i] < 0 || tokens[i] >= V)
       throw Error("token id " + std::to_string(tokens[i]) + " is outside the vocabulary [0, " + std::to_string(V) +
                   "); set model.vocab_size to cover the data");
+  be.upload(tokens_.data(), tokens, batch * T);
   const float eps = static_cast<float>(m.norm_eps);
   const AttentionShape attn{batch, T, m.d_model, m.n_heads, m.pos == PosKind::Rope, static_cast<float>(m.rope_theta)};
 
   Tensor pos = m.pos == PosKind::Learned      ? layout_.view(params_, "pos_emb.weight")
                : m.pos == PosKind::Sinusoidal ? acts_.view("sinusoidal")
                                               : Tensor();
-  embedding_forward(be, act("embed"), tokens, layout_.view(params_, "tok_emb.weight"), pos);
+  embedding_forward(be, act("embed"), tokens_.data(), layout_.view(params_, "tok_emb.weight"), pos);
 
   Tensor residual = act("embed");
   for (int64_t i = 0; i < m.n_layers; ++i) {
@@ -252,8 +260,9 @@ double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64
     counted_ += targets[i] >= 0;
   }
   if (counted_ == 0) return 0.0;
+  be.upload(targets_.data(), targets, batch * T);
   const float grad_scale = backward_scale / static_cast<float>(counted_);
-  const double loss_sum = cross_entropy_forward_backward(be, logits, act("losses"), targets, grad_scale, saved);
+  const double loss_sum = cross_entropy_forward_backward(be, logits, act("losses"), targets_.data(), grad_scale, saved);
   return loss_sum / static_cast<double>(counted_);
 }
 
@@ -292,7 +301,7 @@ void Transformer::backward() {
       const Shape flat{batch_ * T, m.d_model};
       moe_backward(be, MoeDims::from(m, batch_), d_ln.reshaped(flat), moe_weights(grads_, i), d_res.reshaped(flat),
                    act("ln2", i).reshaped(flat), moe_weights(params_, i), moe_activations(i), moe_scratch(),
-                   routing_[i], backward_scale_, acc, expert_dweight_sq_[i].data());
+                   routing_[i], backward_scale_, acc, expert_dweight_sq_.data() + expert_sq_offset_[i]);
     } else {
       mlp_backward(be, m.ffn, d_ln, g.fc1_w, g.fc1_b, g.fc2_w, g.fc2_b, act("d_fc_pre"), act("d_fc_act"), d_res,
                    act("ln2", i), act("fc_pre", i), act("fc_act", i), w.fc1_w, w.fc2_w, acc);
@@ -309,7 +318,7 @@ void Transformer::backward() {
                   act("ln1_rstd", i));
   }
   embedding_backward(be, layout_.view(grads_, "tok_emb.weight"), layout_.view_or_empty(grads_, "pos_emb.weight"),
-                     tokens_, d_res);
+                     tokens_.data(), d_res);
   saved_.release();
   expert_sq_valid_ = true;
 }
@@ -319,15 +328,19 @@ double Transformer::grad_sum_squares() {
   // last backward's products summed them, from their sums.
   double total = 0.0;
   int64_t run = 0;  // start of the run not yet reduced
-  if (expert_sq_valid_)
+  std::vector<double> expert_sq;  // (layers with MoE, 2E), downloaded once
+  if (expert_sq_valid_ && expert_dweight_sq_.data())
+    expert_sq = backend_.download_vector(expert_dweight_sq_.data(), expert_dweight_sq_.size());
+  if (!expert_sq.empty())
     for (int64_t i = 0; i < config_.n_layers; ++i) {
-      if (expert_dweight_sq_[i].empty()) continue;
+      if (expert_sq_offset_[i] < 0) continue;
       const std::string p = "layers." + std::to_string(i) + ".moe.experts.";
-      const int64_t E = static_cast<int64_t>(expert_dweight_sq_[i].size()) / 2;
+      const int64_t E = config_.moe.routed_experts();
+      const double* layer_sq = expert_sq.data() + expert_sq_offset_[i];
       for (int which = 0; which < 2; ++which) {
         const ParamEntry& e = layout_.find(p + (which == 0 ? "fc1.weight" : "fc2.weight"));
         total += backend_.sum_squares(grads_ + run, e.offset - run);
-        for (int64_t x = 0; x < E; ++x) total += expert_dweight_sq_[i][2 * x + which];
+        for (int64_t x = 0; x < E; ++x) total += layer_sq[2 * x + which];
         run = e.offset + e.shape.numel();
       }
     }

@@ -66,8 +66,10 @@ class Transformer {
   // Accumulates parameter gradients of backward_scale * mean loss of the last forward.
   void backward();
 
-  // Logits (batch, seq, vocab) of the last forward (only valid when it was called without backward_scale).
+  // Logits (batch, seq, vocab) of the last forward (only valid when it was called without backward_scale), a view
+  // of backend memory; download_logits() brings them to the host.
   Tensor logits() const;
+  std::vector<float> download_logits();
   // Weighted auxiliary loss of the last forward: sum over MoE layers of aux_weight * aux + z_weight * z.
   double last_aux_loss() const { return aux_loss_; }
   // Router statistics of the last forward, one entry per layer (empty tokens_per_expert for dense layers).
@@ -92,9 +94,7 @@ class Transformer {
   float* params_ = nullptr;
   float* grads_ = nullptr;
   Arena acts_;
-  std::vector<float> sinusoidal_;  // (seq_len, C) fixed table when pos == sinusoidal
-  float* sinusoidal_device_ = nullptr;
-  const int32_t* tokens_ = nullptr;  // of the last forward (held by the caller until backward)
+  BackendArray<int32_t> tokens_, targets_;  // (max_batch, seq_len) of the last forward, uploaded
   int64_t batch_ = 0;
   int64_t counted_ = 0;
   float backward_scale_ = 0.f;
@@ -103,7 +103,8 @@ class Transformer {
   std::vector<MoeStats> moe_stats_;  // per layer
   // Per MoE layer (2E, else empty): the sums of squares of its experts' fc1 and fc2 weight gradients as the last
   // backward left them; valid until the gradient block is written by anything else.
-  std::vector<std::vector<double>> expert_dweight_sq_;
+  BackendArray<double> expert_dweight_sq_;   // (MoE layers, 2E) in backend memory
+  std::vector<int64_t> expert_sq_offset_;    // per layer: its 2E sums' offset in expert_dweight_sq_, or -1
   bool expert_sq_valid_ = false;
   // Activations a training forward holds for its backward (backend.h); released when the backward is done, or by
   // the next forward when none came.

@@ -94,16 +94,20 @@ void SafetensorsFile::read(const std::string& name, const Shape& expected, float
   std::memcpy(dst, bytes_.data() + data_start_ + e.begin, e.end - e.begin);
 }
 
-void save_checkpoint(const std::string& dir, const Config& config, const ParamLayout& layout, const float* params,
-                     const float* exp_avg, const float* exp_avg_sq, const CheckpointState& state) {
+void save_checkpoint(const std::string& dir, const Config& config, const ParamLayout& layout, Backend& backend,
+                     const float* params, const float* exp_avg, const float* exp_avg_sq, const CheckpointState& state) {
   const fs::path final_dir(dir), tmp_dir(dir + ".tmp"), old_dir(dir + ".old");
   fs::remove_all(tmp_dir);
   fs::create_directories(tmp_dir);
+  // Backend memory reaches the file through a download (the backend's memory may be a device's).
+  const std::vector<float> host_params = backend.download_vector(params, layout.total());
+  const std::vector<float> host_m = backend.download_vector(exp_avg, layout.total());
+  const std::vector<float> host_v = backend.download_vector(exp_avg_sq, layout.total());
   std::vector<NamedTensor> weights, moments;
   for (const auto& e : layout.entries()) {
-    weights.push_back({e.name, e.shape, params + e.offset});
-    moments.push_back({"exp_avg." + e.name, e.shape, exp_avg + e.offset});
-    moments.push_back({"exp_avg_sq." + e.name, e.shape, exp_avg_sq + e.offset});
+    weights.push_back({e.name, e.shape, host_params.data() + e.offset});
+    moments.push_back({"exp_avg." + e.name, e.shape, host_m.data() + e.offset});
+    moments.push_back({"exp_avg_sq." + e.name, e.shape, host_v.data() + e.offset});
   }
   write_safetensors((tmp_dir / "model.safetensors").string(), weights, {{"format", "pt"}, {"producer", "moelab"}});
   write_safetensors((tmp_dir / "optimizer.safetensors").string(), moments);
@@ -132,8 +136,8 @@ std::string find_checkpoint(const std::string& run_dir) {
   return "";
 }
 
-CheckpointState load_checkpoint(const std::string& dir, const ParamLayout& layout, float* params, float* exp_avg,
-                                float* exp_avg_sq) {
+CheckpointState load_checkpoint(const std::string& dir, const ParamLayout& layout, Backend& backend, float* params,
+                                float* exp_avg, float* exp_avg_sq) {
   const fs::path d(dir);
   if (!fs::exists(d / "state.json"))
     throw Error("'" + dir + "' is not a moelab checkpoint (no state.json)");
@@ -150,16 +154,23 @@ CheckpointState load_checkpoint(const std::string& dir, const ParamLayout& layou
     throw Error("checkpoint '" + dir + "' holds " + std::to_string(s.value("parameters", int64_t{-1})) +
                 " parameters but the config builds a model with " + std::to_string(layout.total()) +
                 "; use the config the checkpoint was trained with (its config.toml)");
+  // Each tensor is read on the host, then uploaded into its place in backend memory.
+  std::vector<float> host;
+  const auto read = [&](const SafetensorsFile& file, const std::string& name, const ParamEntry& e, float* dst) {
+    host.resize(static_cast<size_t>(e.shape.numel()));
+    file.read(name, e.shape, host.data());
+    backend.upload(dst + e.offset, host.data(), e.shape.numel());
+  };
   SafetensorsFile model((d / "model.safetensors").string());
-  for (const auto& e : layout.entries()) model.read(e.name, e.shape, params + e.offset);
+  for (const auto& e : layout.entries()) read(model, e.name, e, params);
   if (model.names().size() != layout.entries().size())
     throw Error("checkpoint '" + dir + "' has " + std::to_string(model.names().size()) +
                 " tensors but the model has " + std::to_string(layout.entries().size()));
   if (exp_avg && exp_avg_sq) {
     SafetensorsFile opt((d / "optimizer.safetensors").string());
     for (const auto& e : layout.entries()) {
-      opt.read("exp_avg." + e.name, e.shape, exp_avg + e.offset);
-      opt.read("exp_avg_sq." + e.name, e.shape, exp_avg_sq + e.offset);
+      read(opt, "exp_avg." + e.name, e, exp_avg);
+      read(opt, "exp_avg_sq." + e.name, e, exp_avg_sq);
     }
   }
   CheckpointState st;

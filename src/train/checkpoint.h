@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/backend.h"
 #include "core/rng.h"
 #include "core/tensor.h"
 #include "model/config.h"
@@ -56,12 +57,13 @@ struct CheckpointState {
   Rng::State data_rng{};  // the training sampler's position
 };
 
-// Saves params/moments (host pointers laid out by `layout`) and state to `dir`, replacing any previous one.
-void save_checkpoint(const std::string& dir, const Config& config, const ParamLayout& layout, const float* params,
-                     const float* exp_avg, const float* exp_avg_sq, const CheckpointState& state);
-// Loads into buffers laid out by `layout` (exp_avg/exp_avg_sq may be null to load weights only).
-CheckpointState load_checkpoint(const std::string& dir, const ParamLayout& layout, float* params, float* exp_avg,
-                                float* exp_avg_sq);
+// Saves params/moments (backend memory of `backend`, laid out by `layout`) and state to `dir`, replacing any
+// previous one.
+void save_checkpoint(const std::string& dir, const Config& config, const ParamLayout& layout, Backend& backend,
+                     const float* params, const float* exp_avg, const float* exp_avg_sq, const CheckpointState& state);
+// Loads into backend buffers laid out by `layout` (exp_avg/exp_avg_sq may be null to load weights only).
+CheckpointState load_checkpoint(const std::string& dir, const ParamLayout& layout, Backend& backend, float* params,
+                                float* exp_avg, float* exp_avg_sq);
 // The directory of a complete checkpoint under `run_dir` ("" if none): run_dir/checkpoint, or the previous one
 // if a save was interrupted between its two renames.
 std::string find_checkpoint(const std::string& run_dir);

@@ -75,12 +75,12 @@ void Trainer::save(const std::string& dir) const {
   st.step = steps_done_;
   st.adam_step = optimizer_->steps_taken();
   st.data_rng = data_rng_.state();
-  save_checkpoint(dir, config_, model_->layout(), std::as_const(*model_).params(), optimizer_->first_moment(),
-                  optimizer_->second_moment(), st);
+  save_checkpoint(dir, config_, model_->layout(), backend_, std::as_const(*model_).params(),
+                  optimizer_->first_moment(), optimizer_->second_moment(), st);
 }
 
 void Trainer::load(const std::string& dir) {
-  const CheckpointState st = load_checkpoint(dir, model_->layout(), model_->params(), optimizer_->first_moment(),
+  const CheckpointState st = load_checkpoint(dir, model_->layout(), backend_, model_->params(), optimizer_->first_moment(),
                                              optimizer_->second_moment());
   steps_done_ = st.step;
   optimizer_->set_steps_taken(st.adam_step);
@@ -88,7 +88,7 @@ void Trainer::load(const std::string& dir) {
 }
 
 void Trainer::load_weights(const std::string& dir) {
-  load_checkpoint(dir, model_->layout(), model_->params(), nullptr, nullptr);
+  load_checkpoint(dir, model_->layout(), backend_, model_->params(), nullptr, nullptr);
 }
 
 double Trainer::evaluate(const TokenFile& data, int64_t max_batches) {
@@ -165,7 +165,7 @@ TrainSummary run_training(const Config& config, std::ostream& log, bool resume) 
   if (data.train_path.empty())
     throw Error("no training data: set data.dir to a `moelab data prepare` directory, or data.train_path to a "
                 "token file");
-  auto backend = make_cpu_backend(static_cast<int>(config.train.threads));
+  auto backend = make_backend(config.train.backend, static_cast<int>(config.train.threads));
   TokenFile train_data(data.train_path, data.dtype);
   check_vocab(train_data, config.model);
   // Evaluation sets: validation first, then each out-of-domain set, named by file stem.
