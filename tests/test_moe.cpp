@@ -31,7 +31,7 @@ struct MoeFixture {
   Routing routing;
   MoeStats stats;
 
-  explicit MoeFixture(const MoeDims& dims, Rng& rng) : d(dims) {
+  MoeFixture(Backend& be, const MoeDims& dims, Rng& rng) : d(dims) {
     const int64_t E = d.experts, C = d.d_model, F = d.expert_hidden, P = d.fc1_rows(), N = d.tokens();
     const int64_t R = d.max_rows(), S = d.shared_hidden, SP = d.shared_fc1_rows();
     auto make = [](Buffer& v, Buffer& g, Shape s) { v = Buffer(s), g = Buffer(s); };
@@ -52,7 +52,15 @@ struct MoeFixture {
     d_weight = Buffer({R}), d_logits = Buffer({N, E}), ones = Buffer({R});
     std::fill(ones.data.begin(), ones.data.end(), 1.f);
     if (S > 0) sh_pre = Buffer({N, SP}), sh_act = Buffer({N, S}), d_sh_pre = Buffer({N, SP}), d_sh_act = Buffer({N, S});
-    routing.reserve(d);
+    routing.reserve(be, d);
+  }
+  // The routing's rows as (token, expert) pairs, downloaded.
+  std::vector<std::pair<int32_t, int32_t>> rows(Backend& be) const {
+    const auto token = be.download_vector(routing.row_token.data(), routing.rows);
+    const auto expert = be.download_vector(routing.row_expert.data(), routing.rows);
+    std::vector<std::pair<int32_t, int32_t>> out;
+    for (int64_t q = 0; q < routing.rows; ++q) out.push_back({token[q], expert[q]});
+    return out;
   }
   static Tensor opt(Buffer& b) { return b.shape.rank == 0 ? Tensor() : b.t(); }
   MoeWeights weights() {
@@ -92,7 +100,7 @@ class MoeTest : public ::testing::Test {
 TEST_F(MoeTest, OneExpertTopOneEqualsDenseFfn) {
   for (FfnKind ffn : {FfnKind::Gelu, FfnKind::SwiGLU}) {
     MoeDims d = dims(RouterKind::TokenChoice, 1, 1, 8, 0.0, ffn);
-    MoeFixture f(d, rng);
+    MoeFixture f(*be, d, rng);
     const int64_t N = d.tokens(), C = d.d_model;
     Buffer x({N, C}), base({N, C});
     fill_normal(x.data.data(), N * C, rng);
@@ -105,7 +113,7 @@ TEST_F(MoeTest, OneExpertTopOneEqualsDenseFfn) {
     mlp_forward(*be, ffn, out_dense.t(), pre.t(), act.t(), x.t(), w1, Tensor(), w2, Tensor());
     for (int64_t i = 0; i < N * C; ++i) ASSERT_EQ(out_moe.data[i], out_dense.data[i]) << "entry " << i;
     EXPECT_EQ(f.stats.dropped_fraction, 0.0);
-    EXPECT_EQ(f.routing.row_weight[0], 1.f);  // softmax over one expert is exactly 1
+    EXPECT_EQ(be->download_vector(f.routing.row_weight.data(), 1)[0], 1.f);  // softmax over one expert is exactly 1
     // Backward: expert gradients equal the dense FFN's; the router gets none (the gate is constant).
     Buffer dout({N, C}), dx_moe({N, C}), dx_dense({N, C}), dw1({d.fc1_rows(), C}), dw2({C, d.expert_hidden});
     Buffer dpre({N, d.fc1_rows()}), dact({N, d.expert_hidden});
@@ -123,7 +131,7 @@ TEST_F(MoeTest, OneExpertTopOneEqualsDenseFfn) {
 TEST_F(MoeTest, DroplessEqualsInfiniteCapacity) {
   MoeDims d0 = dims(RouterKind::TokenChoice, 4, 2, 5, 0.0), dinf = dims(RouterKind::TokenChoice, 4, 2, 5, 1e6);
   Rng r1(7), r2(7);
-  MoeFixture a(d0, r1), b(dinf, r2);
+  MoeFixture a(*be, d0, r1), b(*be, dinf, r2);
   const int64_t N = d0.tokens(), C = d0.d_model;
   Buffer x({N, C}), out_a({N, C}), out_b({N, C}), dout({N, C}), dx_a({N, C}), dx_b({N, C});
   fill_normal(x.data.data(), N * C, rng);
@@ -145,18 +153,27 @@ TEST_F(MoeTest, TopKIsAStableDescendingSort) {
     MoeDims d = dims(RouterKind::TokenChoice, E, K, 4, 0.0);
     d.batch = 16, d.seq = 8;
     Routing r;
-    r.reserve(d);
-    std::vector<float> probs(d.tokens() * E);
-    for (auto& p : probs) p = 0.125f * static_cast<float>(rng.below(5));
-    route_token_choice(d, probs.data(), r);
+    r.reserve(*be, d);
+    // Logits from a handful of values: equal logits of a row give bit-equal probabilities, so ties abound.
+    std::vector<float> logits(d.tokens() * E);
+    for (auto& z : logits) z = 0.5f * static_cast<float>(rng.below(5));
+    float* device_logits = be->alloc(logits.size());
+    float* device_probs = be->alloc(logits.size());
+    be->upload(device_logits, logits.data(), d.tokens() * E);
+    route(*be, d, device_logits, device_probs, r);
+    const std::vector<float> probs = be->download_vector(device_probs, d.tokens() * E);
+    const std::vector<int32_t> topk_expert = be->download_vector(r.topk_expert.data(), d.tokens() * K);
+    const std::vector<float> topk_prob = be->download_vector(r.topk_prob.data(), d.tokens() * K);
+    be->free(device_logits);
+    be->free(device_probs);
     for (int64_t i = 0; i < d.tokens(); ++i) {
       std::vector<int32_t> order(E);
       std::iota(order.begin(), order.end(), 0);
       const float* p = probs.data() + i * E;
       std::stable_sort(order.begin(), order.end(), [p](int32_t a, int32_t b) { return p[a] > p[b]; });
       for (int64_t j = 0; j < K; ++j) {
-        ASSERT_EQ(r.topk_expert[i * K + j], order[j]) << "E " << E << " K " << K << " token " << i << " rank " << j;
-        ASSERT_EQ(r.topk_prob[i * K + j], p[order[j]]);
+        ASSERT_EQ(topk_expert[i * K + j], order[j]) << "E " << E << " K " << K << " token " << i << " rank " << j;
+        ASSERT_EQ(topk_prob[i * K + j], p[order[j]]);
       }
     }
   }
@@ -165,7 +182,7 @@ TEST_F(MoeTest, TopKIsAStableDescendingSort) {
 TEST_F(MoeTest, CapacityDropsOverflowInRankThenTokenOrder) {
   // All tokens prefer expert 0 (a large router bias through the input): capacity ceil(0.5 * 12 * 1 / 4) = 2.
   MoeDims d = dims(RouterKind::TokenChoice, 4, 1, 5, 0.5);
-  MoeFixture f(d, rng);
+  MoeFixture f(*be, d, rng);
   const int64_t N = d.tokens(), C = d.d_model;
   std::fill(f.router.data.begin(), f.router.data.end(), 0.f);
   for (int64_t c = 0; c < C; ++c) f.router.data[c] = 1.f;  // expert 0 scores sum(x)
@@ -176,8 +193,9 @@ TEST_F(MoeTest, CapacityDropsOverflowInRankThenTokenOrder) {
   EXPECT_NEAR(f.stats.dropped_fraction, 10.0 / 12.0, 1e-12);
   EXPECT_EQ(f.stats.idle_experts, 3);
   // The first two tokens won the slots; the others pass through (zero MoE output).
-  EXPECT_EQ(f.routing.row_token[0], 0);
-  EXPECT_EQ(f.routing.row_token[1], 1);
+  const auto rows = f.rows(*be);
+  EXPECT_EQ(rows[0].first, 0);
+  EXPECT_EQ(rows[1].first, 1);
   for (int64_t n = 2; n < N; ++n)
     for (int64_t c = 0; c < C; ++c) ASSERT_EQ(out.data[n * C + c], 0.f);
 }
@@ -205,7 +223,7 @@ TEST_P(MoeFd, GradientsThroughRouterDispatchAndExperts) {
   d.shared_hidden = fc.shared * fc.hidden;
   d.aux_loss_weight = 0.3f;  // large, so the auxiliary gradients are visible next to the main term
   d.z_loss_weight = 0.2f;
-  MoeFixture f(d, rng);
+  MoeFixture f(*be, d, rng);
   const int64_t N = d.tokens(), C = d.d_model;
   Buffer x({N, C}), out({N, C}), dout({N, C}), dx({N, C});
   fill_normal(x.data.data(), N * C, rng);
@@ -216,15 +234,12 @@ TEST_P(MoeFd, GradientsThroughRouterDispatchAndExperts) {
   }
   f.backward(*be, dx.t(), dout.t(), x.t());
   // Snapshot the routing so we can tell whether a perturbation flipped a discrete decision.
-  const std::vector<int32_t> tokens0(f.routing.row_token.begin(), f.routing.row_token.begin() + f.routing.rows);
-  const std::vector<int32_t> experts0(f.routing.row_expert.begin(), f.routing.row_expert.begin() + f.routing.rows);
+  const auto rows0 = f.rows(*be);
   int flips = 0;
   auto loss = [&] {
     out.zero();
     f.forward(*be, out.t(), x.t());
-    const std::vector<int32_t> t(f.routing.row_token.begin(), f.routing.row_token.begin() + f.routing.rows);
-    const std::vector<int32_t> e(f.routing.row_expert.begin(), f.routing.row_expert.begin() + f.routing.rows);
-    flips += (t != tokens0 || e != experts0);
+    flips += f.rows(*be) != rows0;
     return testing::dot(out.data.data(), dout.data.data(), N * C) + d.aux_loss_weight * f.stats.aux_loss +
            d.z_loss_weight * f.stats.z_loss;
   };

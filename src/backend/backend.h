@@ -44,6 +44,48 @@ struct GemmProblem {
   double* c_sum_squares = nullptr;
 };
 
+// ---- MoE routing: the shapes and the state the routing kernels work on ----------------------------------------
+// One MoE layer's routing problem over N = batch * seq tokens and E experts.
+struct RouterShape {
+  int64_t batch = 0, seq = 0;
+  int64_t experts = 0;        // E
+  int64_t top_k = 0;          // K: experts per token (token choice)
+  bool expert_choice = false;
+  // Token choice: rows each expert takes (0 = unlimited, dropless). Expert choice: tokens each expert takes from
+  // each position group (the batch's tokens at one position).
+  int64_t capacity = 0;
+  bool renormalize = false;   // token choice: the k gate weights renormalised to sum to 1
+  int64_t tokens() const { return batch * seq; }
+  // Upper bound on dispatched rows R, for sizing buffers once.
+  int64_t max_rows() const { return expert_choice ? experts * capacity * seq : tokens() * top_k; }
+};
+
+// The routing decisions of one layer's forward, in backend memory (moe/moe.h's Routing owns the buffers).
+// Rows are (token, expert) pairs sorted by expert, then token.
+struct RoutingState {
+  int32_t* row_token = nullptr;        // (R)
+  int32_t* row_expert = nullptr;       // (R)
+  float* row_weight = nullptr;         // (R) gate weight applied to the expert output
+  int64_t* expert_offsets = nullptr;   // (E + 1) rows of expert e are [offsets[e], offsets[e+1]); R = offsets[E]
+  int64_t* token_offsets = nullptr;    // (N + 1) into token_rows
+  int32_t* token_rows = nullptr;       // (R) each token's rows, in expert order
+  // Token choice only: the k experts each token selected, with their probabilities and rows (-1 = dropped).
+  int32_t* topk_expert = nullptr;      // (N, K)
+  float* topk_prob = nullptr;          // (N, K)
+  int32_t* topk_row = nullptr;         // (N, K)
+  float* lse = nullptr;                // (N) logsumexp of the logits, for the z-loss
+  double* assigned_fraction = nullptr; // (E) f_e: share of top-k choices (before dropping) going to expert e
+  double* mean_prob = nullptr;         // (E) P_e: mean router probability of expert e
+};
+
+// What Backend::router_statistics writes (doubles, in this order).
+enum RouterStatistic : int {
+  kRouterEntropy = 0,  // mean over tokens of -sum_e p log p (nats)
+  kRouterZLoss = 1,    // mean logsumexp(logits)^2
+  kRouterAuxLoss = 2,  // E * sum_e f_e P_e (token choice; 1 when perfectly balanced), else 0
+  kRouterStatistics = 3
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -170,6 +212,23 @@ class Backend {
     row_dots(dweight, dout, index, src, rows, cols);
     gather_rows(dsrc, dout, index, weight, rows, cols);
   }
+
+  // ---- MoE routing (backend/cpu/routing.cpp on the CPU) -------------------------------------------------------
+  // probs (N, E) = softmax(logits) (fp32 with a double accumulator) and lse; then the routing decision. Token choice:
+  // each token's top k (highest probability first, the lower expert index first among equals), capacity applied in
+  // (choice rank, token) order so first choices win over second choices (GShard), gate weights the selected
+  // probabilities (renormalised over the k selected when asked, dropped ones included). Expert choice: expert e
+  // takes, among the B tokens of each position, the `capacity` with the highest probability (causal). Then the
+  // dispatch order (counting sorts by expert, then token: deterministic), expert and token offsets.
+  virtual void route(const RouterShape& shape, const float* logits, float* probs, const RoutingState& state) = 0;
+  // out (kRouterStatistics doubles, backend memory): entropy, z-loss and auxiliary loss of the last route().
+  virtual void router_statistics(const RouterShape& shape, const float* logits, const float* probs,
+                                 const RoutingState& state, double* out) = 0;
+  // dlogits (N, E) = the router's gradient: from the gate weights' gradient dweight (R) through the selection (and
+  // the renormalisation) and the softmax, plus aux_scale * d aux / d probs (token choice, when aux_scale != 0) and
+  // z_scale * lse * p (the z-loss's, z_scale = scale * weight * 2 / N). Overwrites dlogits.
+  virtual void router_backward(const RouterShape& shape, float* dlogits, const float* probs, const float* dweight,
+                               const RoutingState& state, float aux_scale, float z_scale) = 0;
 
   // ---- reductions -----------------------------------------------------------------------------------------
   // dbias[c] += sum_r dout[r, c]

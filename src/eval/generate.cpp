@@ -77,7 +77,7 @@ Generator::Generator(const ModelConfig& config, Backend& backend, const float* p
       moe_acts_.shared_pre = view({1, moe_dims_.shared_fc1_rows()});
       moe_acts_.shared_act = view({1, moe_dims_.shared_hidden});
     }
-    routing_.reserve(moe_dims_);
+    routing_.reserve(backend_, moe_dims_);
   }
 }
 

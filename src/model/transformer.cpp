@@ -109,7 +109,7 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
     const MoeDims d = MoeDims::from(config, B);
     const int64_t R = d.max_rows();
     for (int64_t i = 0; i < config.n_layers; ++i)
-      if (config.moe.is_moe_layer(i)) routing_[i].reserve(d);
+      if (config.moe.is_moe_layer(i)) routing_[i].reserve(backend_, d);
     acts_.reserve("d_moe_x_sorted", {R, C});
     acts_.reserve("d_moe_pre", {R, d.fc1_rows()});
     acts_.reserve("d_moe_act", {R, d.expert_hidden});

@@ -66,25 +66,20 @@ struct MoeScratch {
   Tensor ones;                                  // (R) of 1.0, for bias gradients as a GEMM
 };
 
-// Routing decisions of the last forward (host memory, sized once).
+// Routing decisions of one layer's last forward: backend buffers sized once (RoutingState in backend.h says what
+// each holds), plus the one thing the host needs to know, downloaded after routing: how many rows each expert got,
+// which shapes the experts' products.
 struct Routing {
-  int64_t rows = 0;                      // dispatched (token, expert) pairs R
-  std::vector<int32_t> row_token;        // (R) sorted by expert, then token
-  std::vector<int32_t> row_expert;       // (R)
-  std::vector<float> row_weight;         // (R) gate weight applied to the expert output
-  std::vector<int64_t> expert_offsets;   // (E + 1) rows of expert e are [offsets[e], offsets[e+1])
-  std::vector<int64_t> token_offsets;    // (N + 1) into token_rows
-  std::vector<int32_t> token_rows;       // (R) each token's rows, in expert order
-  // Token choice only: the k experts each token selected, with their probabilities and rows (-1 = dropped).
-  std::vector<int32_t> topk_expert;      // (N, K)
-  std::vector<float> topk_prob;          // (N, K)
-  std::vector<int32_t> topk_row;         // (N, K)
-  std::vector<float> lse;                // (N) logsumexp of the logits, for the z-loss
-  std::vector<double> assigned_fraction; // (E) f_e: share of top-k choices (before dropping) going to expert e
-  std::vector<double> mean_prob;         // (E) P_e: mean router probability of expert e
-  void reserve(const MoeDims& d);
+  BackendArray<int32_t> row_token, row_expert, token_rows, topk_expert, topk_row;
+  BackendArray<float> row_weight, topk_prob, lse;
+  BackendArray<int64_t> expert_offsets, token_offsets;
+  BackendArray<double> assigned_fraction, mean_prob;
+  BackendArray<double> statistics;         // (kRouterStatistics) Backend::router_statistics
+  std::vector<int64_t> host_expert_offsets; // (E + 1) expert_offsets, downloaded
+  int64_t rows = 0;                         // dispatched (token, expert) pairs R = host_expert_offsets[E]
+  void reserve(Backend& backend, const MoeDims& d);
+  RoutingState state() const;
 };
-
 struct MoeStats {
   std::vector<int64_t> tokens_per_expert;  // (E) rows each expert processed
   double dropped_fraction = 0;   // share of top-k choices dropped by capacity (token choice)
@@ -102,20 +97,16 @@ void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const Moe
 // Backward: din += d/d in, parameter gradients accumulate; with !accumulate_dweights the weight matrices' gradients
 // (router, experts, shared expert) are overwritten instead, those of experts that received no row with zeros.
 // loss_scale multiplies the auxiliary losses' own gradients (aux_loss_weight * aux + z_loss_weight * z), matching
-// the scale applied to the main loss. expert_dweight_sq (2E, may be null) receives the sum of squares of each
+// the scale applied to the main loss. expert_dweight_sq (2E, backend memory, may be null) receives the sum of squares of each
 // expert's fc1 and fc2 weight gradient ([2e], [2e + 1]) as this backward leaves them (GemmProblem::c_sum_squares).
 void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& grads, Tensor dout, Tensor in,
                   const MoeWeights& w, const MoeActivations& a, const MoeScratch& s, const Routing& routing,
                   float loss_scale, bool accumulate_dweights = true, double* expert_dweight_sq = nullptr);
 
-// ---- the seams, exposed for tests and for other dispatchers ---------------------------------------------------
-// probs = softmax(logits) rows, plus per-row logsumexp; fp32 with a double accumulator.
-void router_softmax(const float* logits, float* probs, float* lse, int64_t n, int64_t e);
-void route_token_choice(const MoeDims& d, const float* probs, Routing& routing);
-void route_expert_choice(const MoeDims& d, const float* probs, Routing& routing);
-// Given row assignments (row_token/row_expert/row_weight, in any order within the routing), sorts them by
-// expert (then token) and builds expert and token offsets. Returns where each row went: its index in the sorted
-// order, by its index before.
-std::vector<int32_t> build_dispatch(const MoeDims& d, Routing& routing);
+// ---- the route seam, exposed for tests and for other dispatchers -------------------------------------------------
+RouterShape router_shape(const MoeDims& d);
+// probs (N, E) and the routing decision from the router logits (N, E) (Backend::route), then the experts' row
+// counts downloaded into routing.host_expert_offsets.
+void route(Backend& be, const MoeDims& d, const float* logits, float* probs, Routing& routing);
 
 }  // namespace moelab

@@ -36,8 +36,8 @@ void experts_forward(Backend& be, const MoeDims& d, const MoeWeights& w, const M
   const int64_t E = d.experts, C = d.d_model, F = d.expert_hidden, P = d.fc1_rows();
   std::vector<GemmGroup> groups(E);
   for (int64_t e = 0; e < E; ++e) {
-    const int64_t off = r.expert_offsets[e];
-    groups[e] = {r.expert_offsets[e + 1] - off, a.x_sorted.data + off * C, w.fc1_w.data + e * P * C,
+    const int64_t off = r.host_expert_offsets[e];
+    groups[e] = {r.host_expert_offsets[e + 1] - off, a.x_sorted.data + off * C, w.fc1_w.data + e * P * C,
                  a.pre.data + off * P};
   }
   be.grouped_gemm(Trans::N, Trans::T, P, C, 1.f, groups.data(), E, C, C, 0.f, P);
@@ -47,7 +47,7 @@ void experts_forward(Backend& be, const MoeDims& d, const MoeWeights& w, const M
   if (saved) saved->hold_next(a.act.data, r.rows * F, /*operands_only=*/true);  // fc2 products, both passes
   activation_forward(be, d.ffn, a.act.data, a.pre.data, r.rows, F);
   for (int64_t e = 0; e < E; ++e) {
-    const int64_t off = r.expert_offsets[e];
+    const int64_t off = r.host_expert_offsets[e];
     groups[e] = {groups[e].m, a.act.data + off * F, w.fc2_w.data + e * C * F, a.y_sorted.data + off * C};
   }
   be.grouped_gemm(Trans::N, Trans::T, C, F, 1.f, groups.data(), E, F, F, 0.f, C);
@@ -65,20 +65,21 @@ void experts_backward(Backend& be, const MoeDims& d, const MoeWeights& g, const 
   const float w_beta = accumulate_dweights ? 1.f : 0.f;
   // An expert without rows has no product to overwrite its weight gradients, or to take their sums of squares.
   for (int64_t e = 0; e < E; ++e)
-    if (r.expert_offsets[e + 1] == r.expert_offsets[e]) {
+    if (r.host_expert_offsets[e + 1] == r.host_expert_offsets[e]) {
       if (!accumulate_dweights) {
         be.fill(g.fc1_w.data + e * P * C, 0.f, P * C);
         be.fill(g.fc2_w.data + e * C * F, 0.f, C * F);
       }
-      if (dweight_sq) {
-        dweight_sq[2 * e] = accumulate_dweights ? be.sum_squares(g.fc1_w.data + e * P * C, P * C) : 0.0;
-        dweight_sq[2 * e + 1] = accumulate_dweights ? be.sum_squares(g.fc2_w.data + e * C * F, C * F) : 0.0;
+      if (dweight_sq) {  // backend memory: the two sums go up by upload
+        const double sums[2] = {accumulate_dweights ? be.sum_squares(g.fc1_w.data + e * P * C, P * C) : 0.0,
+                                accumulate_dweights ? be.sum_squares(g.fc2_w.data + e * C * F, C * F) : 0.0};
+        be.upload(dweight_sq + 2 * e, sums, 2);
       }
     }
   // All experts' products of one stage are independent (disjoint outputs): one gemm_batch per stage.
   std::vector<GemmProblem> batch;
   for (int64_t e = 0; e < E; ++e) {
-    const int64_t off = r.expert_offsets[e], m = r.expert_offsets[e + 1] - off;
+    const int64_t off = r.host_expert_offsets[e], m = r.host_expert_offsets[e + 1] - off;
     if (m == 0) continue;
     const float* dy = s.d_y_sorted.data + off * C;
     // y (m, C) = act (m, F) @ W2 (C, F)^T + b2:  d_act = dy @ W2;  dW2 += alpha dy^T @ act
@@ -95,7 +96,7 @@ void experts_backward(Backend& be, const MoeDims& d, const MoeWeights& g, const 
   activation_backward(be, d.ffn, s.d_pre.data, a.pre.data, s.d_act.data, r.rows, F);
   batch.clear();
   for (int64_t e = 0; e < E; ++e) {
-    const int64_t off = r.expert_offsets[e], m = r.expert_offsets[e + 1] - off;
+    const int64_t off = r.host_expert_offsets[e], m = r.host_expert_offsets[e + 1] - off;
     if (m == 0) continue;
     const float* dpre = s.d_pre.data + off * P;
     // pre (m, P) = x (m, C) @ W1 (P, C)^T + b1:  d_x = dpre @ W1;  dW1 += alpha dpre^T @ x
@@ -109,29 +110,25 @@ void experts_backward(Backend& be, const MoeDims& d, const MoeWeights& g, const 
   be.gemm_batch(batch.data(), static_cast<int64_t>(batch.size()));
 }
 
-void compute_stats(const MoeDims& d, const float* logits, const float* probs, const Routing& r, MoeStats& st) {
+// The statistics of the last route: row counts from the downloaded offsets, the rest computed by the backend and
+// downloaded (a few doubles).
+void compute_stats(Backend& be, const MoeDims& d, const float* logits, const float* probs, const Routing& r,
+                   MoeStats& st) {
   const int64_t n = d.tokens(), E = d.experts;
   st.tokens_per_expert.assign(E, 0);
   st.idle_experts = 0;
   for (int64_t e = 0; e < E; ++e) {
-    st.tokens_per_expert[e] = r.expert_offsets[e + 1] - r.expert_offsets[e];
+    st.tokens_per_expert[e] = r.host_expert_offsets[e + 1] - r.host_expert_offsets[e];
     st.idle_experts += st.tokens_per_expert[e] == 0;
   }
   st.dropped_fraction =
       d.router == RouterKind::TokenChoice ? 1.0 - static_cast<double>(r.rows) / static_cast<double>(n * d.top_k) : 0.0;
-  // -sum_e p log p with log p = logit - lse: lse - sum_e p * logit, without a logarithm per (token, expert).
-  double entropy = 0, z = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    double dot = 0;
-    for (int64_t e = 0; e < E; ++e) dot += static_cast<double>(probs[i * E + e]) * logits[i * E + e];
-    entropy += r.lse[i] - dot;
-    z += static_cast<double>(r.lse[i]) * r.lse[i];
-  }
-  st.router_entropy = entropy / static_cast<double>(n);
-  st.z_loss = z / static_cast<double>(n);
-  double aux = 0;
-  for (int64_t e = 0; e < E; ++e) aux += r.assigned_fraction[e] * r.mean_prob[e];
-  st.aux_loss = d.router == RouterKind::TokenChoice ? static_cast<double>(E) * aux : 0.0;
+  be.router_statistics(router_shape(d), logits, probs, r.state(), r.statistics.data());
+  double values[kRouterStatistics];
+  be.download(values, r.statistics.data(), kRouterStatistics);
+  st.router_entropy = values[kRouterEntropy];
+  st.z_loss = values[kRouterZLoss];
+  st.aux_loss = values[kRouterAuxLoss];
 }
 
 }  // namespace
@@ -145,9 +142,7 @@ void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const Moe
     const MatmulPrecisionScope fp32(be, Precision::FP32);
     linear_forward(be, a.logits, in, w.router, Tensor());
   }
-  router_softmax(a.logits.data, a.probs.data, r.lse.data(), n, E);
-  if (d.router == RouterKind::TokenChoice) route_token_choice(d, a.probs.data, r);
-  else route_expert_choice(d, a.probs.data, r);
+  route(be, d, a.logits.data, a.probs.data, r);
   // dispatch -> experts -> combine
   if (saved) saved->hold_next(a.x_sorted.data, r.rows * C, /*operands_only=*/true);  // fc1 products, both passes
   be.gather_rows(a.x_sorted.data, in.data, r.row_token.data(), nullptr, r.rows, C);
@@ -156,13 +151,13 @@ void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const Moe
   if (d.shared_hidden > 0)
     mlp_forward(be, d.ffn, out, a.shared_pre, a.shared_act, in, w.shared_fc1_w, w.shared_fc1_b, w.shared_fc2_w,
                 w.shared_fc2_b, saved);
-  compute_stats(d, a.logits.data, a.probs.data, r, stats);
+  compute_stats(be, d, a.logits.data, a.probs.data, r, stats);
 }
 
 void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& g, Tensor dout, Tensor in,
                   const MoeWeights& w, const MoeActivations& a, const MoeScratch& s, const Routing& r,
                   float loss_scale, bool accumulate_dweights, double* expert_dweight_sq) {
-  const int64_t n = d.tokens(), C = d.d_model, E = d.experts, K = d.top_k;
+  const int64_t n = d.tokens(), C = d.d_model;
   if (d.shared_hidden > 0)
     mlp_backward(be, d.ffn, din, g.shared_fc1_w, g.shared_fc1_b, g.shared_fc2_w, g.shared_fc2_b, s.d_shared_pre,
                  s.d_shared_act, dout, in, a.shared_pre, a.shared_act, w.shared_fc1_w, w.shared_fc2_w,
@@ -178,51 +173,11 @@ void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& g
   // dispatch backward: each token sums the input gradients of its rows
   be.combine_rows(din.data, s.d_x_sorted.data, r.token_offsets.data(), r.token_rows.data(), nullptr, n, C);
 
-  // Router: d loss / d probs, then through the softmax to the logits.
-  float* dlogits = s.d_logits.data;
-  const float* probs = a.probs.data;
-  const float* dweight = s.d_weight.data;
-  be.fill(dlogits, 0.f, n * E);
-  if (d.router == RouterKind::TokenChoice) {
-    for (int64_t i = 0; i < n; ++i) {
-      float* dp = dlogits + i * E;
-      if (d.renormalize) {
-        // w_j = p_j / S over the k selected: dL/dp_j = (dL/dw_j - sum_q dL/dw_q w_q) / S
-        float denom = 0, dot = 0;
-        for (int64_t j = 0; j < K; ++j) denom += r.topk_prob[i * K + j];
-        for (int64_t j = 0; j < K; ++j) {
-          const int32_t row = r.topk_row[i * K + j];
-          if (row >= 0) dot += dweight[row] * r.topk_prob[i * K + j] / denom;
-        }
-        for (int64_t j = 0; j < K; ++j) {
-          const int32_t row = r.topk_row[i * K + j];
-          dp[r.topk_expert[i * K + j]] += ((row >= 0 ? dweight[row] : 0.f) - dot) / denom;
-        }
-      } else {
-        for (int64_t j = 0; j < K; ++j) {
-          const int32_t row = r.topk_row[i * K + j];
-          if (row >= 0) dp[r.topk_expert[i * K + j]] += dweight[row];
-        }
-      }
-    }
-    if (d.aux_loss_weight > 0) {
-      // aux = E * sum_e f_e * mean_i p_ie, with f_e treated as a constant (it is a count).
-      for (int64_t e = 0; e < E; ++e) {
-        const float g_aux = static_cast<float>(loss_scale * d.aux_loss_weight * E * r.assigned_fraction[e] / n);
-        for (int64_t i = 0; i < n; ++i) dlogits[i * E + e] += g_aux;
-      }
-    }
-  } else {
-    for (int64_t q = 0; q < r.rows; ++q) dlogits[r.row_token[q] * E + r.row_expert[q]] += dweight[q];
-  }
+  // Router: d loss / d probs (gate weights, auxiliary loss), then through the softmax to the logits.
+  const float aux_scale = d.router == RouterKind::TokenChoice && d.aux_loss_weight > 0 ? loss_scale * d.aux_loss_weight
+                                                                                       : 0.f;
   const float z_scale = loss_scale * d.z_loss_weight * 2.f / static_cast<float>(n);
-  for (int64_t i = 0; i < n; ++i) {
-    float* dl = dlogits + i * E;
-    const float* p = probs + i * E;
-    float dot = 0;
-    for (int64_t e = 0; e < E; ++e) dot += dl[e] * p[e];
-    for (int64_t e = 0; e < E; ++e) dl[e] = p[e] * (dl[e] - dot) + z_scale * r.lse[i] * p[e];
-  }
+  be.router_backward(router_shape(d), s.d_logits.data, a.probs.data, s.d_weight.data, r.state(), aux_scale, z_scale);
   const MatmulPrecisionScope fp32(be, Precision::FP32);
   linear_backward(be, din, g.router, Tensor(), s.d_logits, in, w.router, /*accumulate_din=*/true,
                   accumulate_dweights);

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/cpu/routing.h"
 #include "backend/cpu/vec_math.h"
 #include "core/error.h"
 
@@ -893,6 +894,18 @@ class CpuBackend final : public Backend {
   }
 
   // ---- reductions -----------------------------------------------------------------------------------------
+  void route(const RouterShape& shape, const float* logits, float* probs, const RoutingState& state) override {
+    cpu::route(shape, logits, probs, state);
+  }
+  void router_statistics(const RouterShape& shape, const float* logits, const float* probs,
+                         const RoutingState& state, double* out) override {
+    cpu::router_statistics(shape, logits, probs, state, out);
+  }
+  void router_backward(const RouterShape& shape, float* dlogits, const float* probs, const float* dweight,
+                       const RoutingState& state, float aux_scale, float z_scale) override {
+    cpu::router_backward(shape, dlogits, probs, dweight, state, aux_scale, z_scale);
+  }
+
   void bias_backward(float* dbias, const float* dout, int64_t rows, int64_t cols) override {
 #pragma omp parallel
     {

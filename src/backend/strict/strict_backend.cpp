@@ -10,6 +10,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -28,7 +29,7 @@ class StrictBackend final : public Backend {
     if (base_ == MAP_FAILED) throw Error("cpu-strict: cannot reserve address space for backend memory");
     top_ = base_;
   }
-  ~StrictBackend() override { munmap(base_, kReserve); }
+  ~StrictBackend() override { if (getenv("MOELAB_STRICT_DEBUG")) fprintf(stderr, "strict: %zu bytes used, %ld opens\n", (size_t)(top_ - base_), (long)opens_); munmap(base_, kReserve); }
 
   std::string name() const override { return "cpu-strict"; }
 
@@ -235,6 +236,36 @@ class StrictBackend final : public Backend {
     inner_->combine_rows_backward(dsrc, dweight, dout, index, weight, src, rows, cols);
   }
 
+  // ---- MoE routing ----------------------------------------------------------------------------------------------
+  void own(const RoutingState& r, const char* what) const {
+    for (const void* p : {static_cast<const void*>(r.row_token), static_cast<const void*>(r.row_expert),
+                          static_cast<const void*>(r.row_weight), static_cast<const void*>(r.expert_offsets),
+                          static_cast<const void*>(r.token_offsets), static_cast<const void*>(r.token_rows),
+                          static_cast<const void*>(r.topk_expert), static_cast<const void*>(r.topk_prob),
+                          static_cast<const void*>(r.topk_row), static_cast<const void*>(r.lse),
+                          static_cast<const void*>(r.assigned_fraction), static_cast<const void*>(r.mean_prob)})
+      own(p, what);
+  }
+  void route(const RouterShape& shape, const float* logits, float* probs, const RoutingState& state) override {
+    const Open open(*this);
+    own(logits, "route logits"), own(probs, "route probs"), own(state, "routing state");
+    inner_->route(shape, logits, probs, state);
+  }
+  void router_statistics(const RouterShape& shape, const float* logits, const float* probs,
+                         const RoutingState& state, double* out) override {
+    const Open open(*this);
+    own(logits, "router_statistics"), own(probs, "router_statistics"), own(state, "routing state");
+    own(out, "router_statistics out");
+    inner_->router_statistics(shape, logits, probs, state, out);
+  }
+  void router_backward(const RouterShape& shape, float* dlogits, const float* probs, const float* dweight,
+                       const RoutingState& state, float aux_scale, float z_scale) override {
+    const Open open(*this);
+    own(dlogits, "router_backward"), own(probs, "router_backward"), own(dweight, "router_backward");
+    own(state, "routing state");
+    inner_->router_backward(shape, dlogits, probs, dweight, state, aux_scale, z_scale);
+  }
+
   // ---- reductions -------------------------------------------------------------------------------------------------
   void bias_backward(float* dbias, const float* dout, int64_t rows, int64_t cols) override {
     const Open open(*this);
@@ -320,7 +351,7 @@ class StrictBackend final : public Backend {
   class Open {
    public:
     explicit Open(StrictBackend& b) : b_(b) {
-      if (b_.depth_++ == 0) b_.protect(PROT_READ | PROT_WRITE);
+      if (b_.depth_++ == 0) { ++b_.opens_; b_.protect(PROT_READ | PROT_WRITE); }
     }
     ~Open() {
       if (--b_.depth_ == 0) b_.protect(PROT_NONE);
@@ -331,13 +362,31 @@ class StrictBackend final : public Backend {
    private:
     StrictBackend& b_;
   };
+  // Only live allocations change protection (freed blocks stay PROT_NONE), adjacent ones in one call: the cost of
+  // mprotect grows with the pages it touches.
   void protect(int prot) {
-    const size_t used = static_cast<size_t>(top_ - base_);
-    if (used > 0 && mprotect(base_, used, prot) != 0) throw Error("cpu-strict: mprotect failed");
+    char* run_begin = nullptr;
+    char* run_end = nullptr;
+    const auto flush = [&] {
+      if (run_begin && mprotect(run_begin, static_cast<size_t>(run_end - run_begin), prot) != 0)
+        throw Error("cpu-strict: mprotect failed");
+    };
+    for (const auto& [p, size] : sizes_) {
+      if (p != run_end) {
+        flush();
+        run_begin = p;
+      }
+      run_end = p + size;
+    }
+    flush();
   }
+  // Within a live allocation (a freed block's memory counts as outside).
   bool inside(const void* p) const {
-    const char* c = static_cast<const char*>(p);
-    return c >= base_ && c < top_;
+    char* c = const_cast<char*>(static_cast<const char*>(p));
+    auto it = sizes_.upper_bound(c);
+    if (it == sizes_.begin()) return false;
+    --it;
+    return c < it->first + it->second;
   }
   // A pointer argument must be null (where the call allows it) or point into this backend's memory.
   void own(const void* p, const char* what) const {
@@ -358,6 +407,7 @@ class StrictBackend final : public Backend {
   char* base_ = nullptr;
   char* top_ = nullptr;
   int depth_ = 0;
+  int64_t opens_ = 0;
   std::map<char*, size_t> sizes_;        // live allocations
   std::multimap<size_t, char*> free_;    // freed blocks by size, reused best-fit
 };
