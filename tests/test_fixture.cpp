@@ -66,7 +66,8 @@ void load_params(Transformer& model, const json& params) {
     ASSERT_EQ(static_cast<int>(shape.size()), e.shape.rank) << e.name;
     for (int i = 0; i < e.shape.rank; ++i) ASSERT_EQ(shape[i], e.shape[i]) << e.name;
     const auto data = p["data"].get<std::vector<double>>();
-    for (size_t i = 0; i < data.size(); ++i) model.params()[e.offset + i] = static_cast<float>(data[i]);
+    const std::vector<float> values(data.begin(), data.end());
+    model.backend().upload(model.params() + e.offset, values.data(), static_cast<int64_t>(values.size()));
   }
 }
 
@@ -97,7 +98,7 @@ class FixtureTest : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(FixtureTest, ForwardBackwardAndTenAdamWStepsMatchPyTorch) {
   Fixture f = load_fixture(GetParam());
-  auto be = make_backend("cpu", 2);
+  auto be = testing::make_test_backend(2);
   Trainer trainer(f.config, *be);
   Transformer& model = trainer.model();
   load_params(model, f.j["params"]);
@@ -111,14 +112,15 @@ TEST_P(FixtureTest, ForwardBackwardAndTenAdamWStepsMatchPyTorch) {
     EXPECT_NEAR(model.last_aux_loss(), f.j["aux_loss"].get<double>(), 1e-6);
   }
   // Logits: float32 forward through 2 layers; 1e-5 of the largest logit.
-  expect_close("logits", model.logits().data, f.j["logits"].get<std::vector<double>>(), 1e-5, 1e-4);
+  expect_close("logits", model.download_logits().data(), f.j["logits"].get<std::vector<double>>(), 1e-5, 1e-4);
 
   model.zero_grad();
   model.forward(tokens.data(), targets.data(), B, 1.f);
   model.backward();
+  const std::vector<float> grads = be->download_vector(std::as_const(model).grads(), model.num_params());
   for (const auto& e : model.layout().entries())
     // Gradients: within 1e-4 of the tensor's largest entry plus 1e-3 relative.
-    expect_close("grad " + e.name, model.grads() + e.offset, f.j["grads"][e.name].get<std::vector<double>>(), 1e-4,
+    expect_close("grad " + e.name, grads.data() + e.offset, f.j["grads"][e.name].get<std::vector<double>>(), 1e-4,
                  1e-3);
 
   // Ten AdamW steps on the fixture's batches, through the trainer's own step.
@@ -139,12 +141,13 @@ TEST_P(FixtureTest, ForwardBackwardAndTenAdamWStepsMatchPyTorch) {
     }
   }
   // Parameters after 10 steps: float32 vs float64 trajectories drift slightly; 1e-4 absolute.
+  const std::vector<float> params = be->download_vector(std::as_const(model).params(), model.num_params());
   for (const auto& e : model.layout().entries()) {
     const auto expected = f.j["final_params"][e.name].get<std::vector<double>>();
     int bad = 0;
     for (size_t i = 0; i < expected.size(); ++i)
-      if (std::fabs(model.params()[e.offset + i] - expected[i]) > 1e-4 && ++bad <= 3)
-        ADD_FAILURE() << "final " << e.name << "[" << i << "]: " << model.params()[e.offset + i] << " vs "
+      if (std::fabs(params[e.offset + i] - expected[i]) > 1e-4 && ++bad <= 3)
+        ADD_FAILURE() << "final " << e.name << "[" << i << "]: " << params[e.offset + i] << " vs "
                       << expected[i];
     EXPECT_EQ(bad, 0) << "final " << e.name;
   }

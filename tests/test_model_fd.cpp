@@ -34,7 +34,7 @@ TEST_P(ModelFd, GradientsMatchFiniteDifferences) {
   m.bias = mc.bias;
   m.tied_embeddings = mc.tied;
   m.init_std = 0.3;  // large enough that every parameter matters at the scale of the FD step
-  auto be = make_backend("cpu", 2);
+  auto be = testing::make_test_backend(2);
   const int64_t B = 2;
   Transformer model(m, *be, B);
   model.init_weights(7);
@@ -42,8 +42,11 @@ TEST_P(ModelFd, GradientsMatchFiniteDifferences) {
   // Perturb norm weights and biases away from 1 and 0 so their gradients are generic.
   for (const auto& e : model.layout().entries())
     if (e.kind == ParamKind::NormWeight || e.kind == ParamKind::Bias)
-      testing::fill_normal(model.params() + e.offset, e.shape.numel(), rng, 0.2f,
-                           e.kind == ParamKind::NormWeight ? 1.f : 0.f);
+    {
+      std::vector<float> values(e.shape.numel());
+      testing::fill_normal(values.data(), e.shape.numel(), rng, 0.2f, e.kind == ParamKind::NormWeight ? 1.f : 0.f);
+      be->upload(model.params() + e.offset, values.data(), e.shape.numel());
+    }
   std::vector<int32_t> tokens(B * m.seq_len), targets(B * m.seq_len);
   for (auto& t : tokens) t = static_cast<int32_t>(rng.below(m.vocab_size));
   for (auto& t : targets) t = static_cast<int32_t>(rng.below(m.vocab_size));
@@ -57,7 +60,7 @@ TEST_P(ModelFd, GradientsMatchFiniteDifferences) {
   for (const auto& e : model.layout().entries())
     pairs.push_back({e.name, {model.layout().view(model.params(), e.name), model.layout().view(model.grads(), e.name)}});
   auto loss = [&] { return model.forward(tokens.data(), targets.data(), B); };
-  testing::check_gradients(mc.name, pairs, loss, rng, 24, {.eps = 3e-3, .rtol = 3e-2, .atol_frac = 3e-3});
+  testing::check_gradients(mc.name, pairs, loss, rng, 24, {.eps = 3e-3, .rtol = 3e-2, .atol_frac = 3e-3}, be.get());
 }
 
 INSTANTIATE_TEST_SUITE_P(

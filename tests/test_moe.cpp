@@ -284,7 +284,7 @@ ModelConfig small_moe_model(RouterKind router) {
 TEST(MoeModel, ExpertChoiceIsCausal) {
   // Changing a later token of a sequence leaves every earlier position (of every sequence) unchanged.
   const ModelConfig m = small_moe_model(RouterKind::ExpertChoice);
-  auto be = make_backend("cpu", 2);
+  auto be = testing::make_test_backend(2);
   const int64_t B = 4, T = m.seq_len, V = m.vocab_size;
   Transformer model(m, *be, B);
   model.init_weights(5);
@@ -292,11 +292,11 @@ TEST(MoeModel, ExpertChoiceIsCausal) {
   std::vector<int32_t> tokens(B * T);
   for (auto& t : tokens) t = static_cast<int32_t>(rng.below(V));
   model.forward(tokens.data(), nullptr, B);
-  const std::vector<float> before(model.logits().data, model.logits().data + B * T * V);
+  const std::vector<float> before = model.download_logits();
   const int64_t changed_pos = 4;
   tokens[1 * T + changed_pos] = (tokens[1 * T + changed_pos] + 7) % V;  // sequence 1, position 4
   model.forward(tokens.data(), nullptr, B);
-  const float* after = model.logits().data;
+  const std::vector<float> after = model.download_logits();
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < changed_pos; ++t)
       for (int64_t v = 0; v < V; ++v)
@@ -316,7 +316,7 @@ TEST(MoeModel, WholeModelGradientsMatchFiniteDifferences) {
     m.moe.aux_loss_weight = 0.1;
     m.moe.z_loss_weight = 0.05;
     m.init_std = 0.3;
-    auto be = make_backend("cpu", 2);
+    auto be = testing::make_test_backend(2);
     const int64_t B = 3;
     Transformer model(m, *be, B);
     model.init_weights(3);
@@ -333,7 +333,7 @@ TEST(MoeModel, WholeModelGradientsMatchFiniteDifferences) {
         pairs.push_back({e.name, {model.layout().view(model.params(), e.name), model.layout().view(model.grads(), e.name)}});
     auto loss = [&] { return model.forward(tokens.data(), targets.data(), B) + model.last_aux_loss(); };
     testing::check_gradients(router == RouterKind::TokenChoice ? "model token choice" : "model expert choice", pairs,
-                             loss, rng, 24, {.eps = 1e-3, .rtol = 3e-2, .atol_frac = 3e-3});
+                             loss, rng, 24, {.eps = 1e-3, .rtol = 3e-2, .atol_frac = 3e-3}, be.get());
   }
 }
 
@@ -351,7 +351,7 @@ TEST(MoeModel, OptimizerLeavesMatrixGradientsForTheNextBackwardToOverwrite) {
   m.bias = true;
   m.tied_embeddings = false;
   m.seq_len = 4;
-  auto be = make_backend("cpu", 2);
+  auto be = testing::make_test_backend(2);
   const int64_t B = 1;
   Rng rng(6);
   std::vector<int32_t> tokens(B * m.seq_len), targets(B * m.seq_len);
@@ -364,18 +364,19 @@ TEST(MoeModel, OptimizerLeavesMatrixGradientsForTheNextBackwardToOverwrite) {
   stale.init_weights(2);
   const int64_t n = fresh.num_params();
   // Gradients of an earlier step, stale in every entry.
-  float* g = stale.grads();
-  for (int64_t i = 0; i < n; ++i) g[i] = std::numeric_limits<float>::quiet_NaN();
-  const std::vector<float> params_before(stale.params(), stale.params() + n);
+  const std::vector<float> nans(n, std::numeric_limits<float>::quiet_NaN());
+  be->upload(stale.grads(), nans.data(), n);
+  const std::vector<float> params_before = be->download_vector(std::as_const(stale).params(), n);
   AdamW opt(stale.layout(), train, *be);
   opt.step(stale.params(), stale.grads(), 0.0, 1.f, AdamW::Grads::ZeroExceptMatrices);
   stale.grads_were_zeroed(/*except_matrices=*/true);
   int64_t idle = 0;
+  const std::vector<float> g = be->download_vector(std::as_const(stale).grads(), n);
   for (const auto& e : stale.layout().entries())
     for (int64_t i = 0; i < e.shape.numel(); ++i)
       ASSERT_EQ(e.kind == ParamKind::Matrix, std::isnan(g[e.offset + i])) << e.name;
   // The NaN gradients made the update NaN; only what it left in the gradient block is under test here.
-  std::copy(params_before.begin(), params_before.end(), stale.params());
+  be->upload(stale.params(), params_before.data(), n);
 
   fresh.zero_grad();
   stale.zero_grad();
@@ -387,15 +388,19 @@ TEST(MoeModel, OptimizerLeavesMatrixGradientsForTheNextBackwardToOverwrite) {
   stale.backward();
   // The gradient norm takes the experts' weight gradients from the products that wrote them.
   const auto naive_sum_squares = [&](Transformer& model) {
+    const std::vector<float> grads = be->download_vector(std::as_const(model).grads(), n);
     double s = 0;
-    for (int64_t i = 0; i < n; ++i) s += static_cast<double>(model.grads()[i]) * model.grads()[i];
+    for (int64_t i = 0; i < n; ++i) s += static_cast<double>(grads[i]) * grads[i];
     return s;
   };
   const double fused = stale.grad_sum_squares();
   EXPECT_NEAR(fused, naive_sum_squares(stale), 1e-12 * fused);
-  for (const auto& e : fresh.layout().entries())
-    ASSERT_EQ(0, std::memcmp(fresh.grads() + e.offset, stale.grads() + e.offset, sizeof(float) * e.shape.numel()))
-        << e.name;
+  const auto grads_of = [&](const Transformer& model) { return be->download_vector(model.grads(), n); };
+  {
+    const std::vector<float> a = grads_of(fresh), b = grads_of(stale);
+    for (const auto& e : fresh.layout().entries())
+      ASSERT_EQ(0, std::memcmp(a.data() + e.offset, b.data() + e.offset, sizeof(float) * e.shape.numel())) << e.name;
+  }
 
   // A second backward (gradient accumulation, other tokens: experts idle now had rows before) adds to the first.
   for (auto& t : tokens) t = static_cast<int32_t>(rng.below(m.vocab_size));
@@ -406,7 +411,7 @@ TEST(MoeModel, OptimizerLeavesMatrixGradientsForTheNextBackwardToOverwrite) {
   const double fused2 = stale.grad_sum_squares();
   EXPECT_NE(fused2, fused);
   EXPECT_NEAR(fused2, naive_sum_squares(stale), 1e-12 * fused2);
-  ASSERT_EQ(0, std::memcmp(fresh.grads(), stale.grads(), sizeof(float) * n));
+  ASSERT_EQ(0, std::memcmp(grads_of(fresh).data(), grads_of(stale).data(), sizeof(float) * n));
 }
 
 }  // namespace

@@ -50,6 +50,7 @@ std::string base_spec(const fs::path& data, const std::string& kind, int64_t che
   return "[sweep]\nname = \"test\"\nkind = \"" + kind + "\"\ncheckpoint_every = " + std::to_string(checkpoint_every) +
          "\n[base.model]\nvocab_size = 64\nd_model = 32\nn_layers = 2\nn_heads = 2\nseq_len = 16\n"
          "[base.train]\nbatch_size = 4\neval_batches = 2\nlog_every = 1000\npeak_flops = 1e9\nthreads = 1\n"
+         "backend = \"" + testing::test_backend_name() + "\"\n"
          "[base.data]\ndir = \"" + data.string() + "\"\n";
 }
 

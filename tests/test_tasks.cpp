@@ -126,10 +126,10 @@ double hand_loglik(Transformer& model, const std::vector<int32_t>& context, cons
   std::vector<int32_t> tokens(T, 0);
   std::copy(full.begin(), full.end() - 1, tokens.begin());
   model.forward(tokens.data(), nullptr, 1);
-  const float* logits = model.logits().data;
+  const std::vector<float> logits = model.download_logits();
   double ll = 0;
   for (size_t t = full.size() - cont.size(); t < full.size(); ++t) {
-    const float* z = logits + (t - 1) * V;
+    const float* z = logits.data() + (t - 1) * V;
     double sum = 0;
     for (int64_t v = 0; v < V; ++v) sum += std::exp(static_cast<double>(z[v]));
     ll += z[full[t]] - std::log(sum);
@@ -144,7 +144,7 @@ TEST_P(Scorer, MatchesHandComputedLogLikelihood) {
                                 "model.seq_len=40", "model.init_std=0.3"};
   o.insert(o.end(), GetParam().begin(), GetParam().end());
   const Config c = config_from_string("", o);
-  auto be = make_backend("cpu", 1);
+  auto be = testing::make_test_backend(1);
   Transformer model(c.model, *be, 1);
   model.init_weights(5);
   Rng rng(3);
@@ -177,7 +177,7 @@ TEST(Scorer, EvaluateTaskPicksTheLikeliestChoice) {
   // and with the gold moved to the lowest-scoring choice acc = 0.
   const Config c = config_from_string("", {"model.vocab_size=256", "model.d_model=16", "model.n_layers=1",
                                            "model.n_heads=2", "model.seq_len=32", "model.init_std=0.3"});
-  auto be = make_backend("cpu", 1);
+  auto be = testing::make_test_backend(1);
   Transformer model(c.model, *be, 1);
   model.init_weights(9);
   const TextCodec codec(c);
@@ -210,7 +210,7 @@ TEST(Scorer, EvaluateTaskPicksTheLikeliestChoice) {
 TEST(AnswerOnlyLoss, MeanOverCountedTokensWithExactGradients) {
   const Config c = config_from_string("", {"model.vocab_size=256", "model.d_model=16", "model.n_layers=1",
                                            "model.n_heads=2", "model.seq_len=16", "model.init_std=0.3"});
-  auto be = make_backend("cpu", 1);
+  auto be = testing::make_test_backend(1);
   Transformer model(c.model, *be, 2);
   model.init_weights(4);
   const TextCodec codec(c);
@@ -236,15 +236,16 @@ TEST(AnswerOnlyLoss, MeanOverCountedTokensWithExactGradients) {
   std::vector<int64_t> idx;
   for (int64_t i = 0; i < model.num_params() && idx.size() < 12; i += 97) idx.push_back(i);
   int checked = 0;
+  const std::vector<float> grads = be->download_vector(std::as_const(model).grads(), model.num_params());
   for (int64_t i : idx) {
-    const float g = model.grads()[i];
-    const float saved = model.params()[i];
+    const float g = grads[i];
+    const float saved = testing::read_value(*be, model.params() + i);
     const float eps = 1e-2f;
-    model.params()[i] = saved + eps;
+    testing::write_value(*be, model.params() + i, saved + eps);
     const double up = model.forward(tokens.data(), targets.data(), 2);
-    model.params()[i] = saved - eps;
+    testing::write_value(*be, model.params() + i, saved - eps);
     const double down = model.forward(tokens.data(), targets.data(), 2);
-    model.params()[i] = saved;
+    testing::write_value(*be, model.params() + i, saved);
     const double fd = (up - down) / (2 * eps);
     EXPECT_NEAR(g, fd, 2e-3 + 3e-2 * std::fabs(fd)) << "parameter " << i;
     checked += std::fabs(fd) > 1e-5;
@@ -276,8 +277,9 @@ TEST(Finetune, LearnsATrivialTaskFarAboveChance) {
   // A small byte-level "pre-trained" checkpoint: freshly initialised weights are enough to start from.
   const Config c = config_from_string("", {"model.vocab_size=256", "model.d_model=32", "model.n_layers=2",
                                            "model.n_heads=2", "model.seq_len=64", "train.batch_size=8",
-                                           "train.threads=1", "moe.experts=4", "moe.top_k=2"});
-  auto be = make_backend("cpu", 1);
+                                           "train.threads=1", "moe.experts=4", "moe.top_k=2",
+                                           "train.backend=" + testing::test_backend_name()});
+  auto be = testing::make_test_backend(1);
   {
     Trainer pre(c, *be);
     pre.save((dir / "run" / "checkpoint").string());

@@ -6,16 +6,36 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <memory>
 #include <filesystem>
 #include <functional>
 #include <string>
 #include <vector>
 
+#include "backend/backend.h"
 #include "core/io.h"
 #include "core/rng.h"
 #include "core/tensor.h"
 
 namespace moelab::testing {
+
+// The backend the model-level tests run on: MOELAB_TEST_BACKEND (CTest registers those tests a second time with
+// cpu-strict, whose memory the host cannot read), else cpu. Layer-level tests that hand the backend host buffers
+// use make_backend("cpu", ...) directly: only the CPU backend's memory is the host's.
+inline std::string test_backend_name() {
+  const char* name = std::getenv("MOELAB_TEST_BACKEND");
+  return name && *name ? name : "cpu";
+}
+inline std::unique_ptr<Backend> make_test_backend(int threads) { return make_backend(test_backend_name(), threads); }
+
+// One value of backend memory, read or written through the seam.
+inline float read_value(Backend& be, const float* p) {
+  float v;
+  be.download(&v, p, 1);
+  return v;
+}
+inline void write_value(Backend& be, float* p, float v) { be.upload(p, &v, 1); }
 
 inline void fill_normal(float* x, int64_t n, Rng& rng, float std = 1.f, float mean = 0.f) {
   for (int64_t i = 0; i < n; ++i) x[i] = mean + std * static_cast<float>(rng.normal());
@@ -39,13 +59,24 @@ struct FdTolerance {
   double atol_frac = 2e-3;  // absolute floor, as a fraction of the tensor's largest analytic gradient
 };
 
+// With `backend`, the tensors are that backend's memory and are read and perturbed through upload/download;
+// without, they are host memory.
 inline void check_gradients(const std::string& label, const std::vector<std::pair<std::string, std::pair<Tensor, Tensor>>>& pairs,
-                            const std::function<double()>& loss, Rng& rng, int samples = 48, FdTolerance tol = {}) {
+                            const std::function<double()>& loss, Rng& rng, int samples = 48, FdTolerance tol = {},
+                            Backend* backend = nullptr) {
   for (const auto& [name, pair] : pairs) {
-    const Tensor value = pair.first, grad = pair.second;
+    const Tensor value = pair.first, grad_view = pair.second;
     const int64_t n = value.numel();
+    const std::vector<float> grad_host =
+        backend ? backend->download_vector(grad_view.data, n) : std::vector<float>(grad_view.data, grad_view.data + n);
+    const float* grad = grad_host.data();
+    const auto get = [&](int64_t i) { return backend ? read_value(*backend, value.data + i) : value.data[i]; };
+    const auto set = [&](int64_t i, float v) {
+      if (backend) write_value(*backend, value.data + i, v);
+      else value.data[i] = v;
+    };
     double max_grad = 0;
-    for (int64_t i = 0; i < n; ++i) max_grad = std::max(max_grad, std::fabs(static_cast<double>(grad.data[i])));
+    for (int64_t i = 0; i < n; ++i) max_grad = std::max(max_grad, std::fabs(static_cast<double>(grad[i])));
     const double atol = std::max(1e-6, tol.atol_frac * max_grad);
     std::vector<int64_t> idx;
     if (n <= samples) {
@@ -55,16 +86,16 @@ inline void check_gradients(const std::string& label, const std::vector<std::pai
     }
     int bad = 0;
     for (int64_t i : idx) {
-      const float saved = value.data[i];
-      value.data[i] = static_cast<float>(saved + tol.eps);
+      const float saved = get(i);
+      set(i, static_cast<float>(saved + tol.eps));
       const double up = loss();
-      value.data[i] = static_cast<float>(saved - tol.eps);
+      set(i, static_cast<float>(saved - tol.eps));
       const double down = loss();
-      value.data[i] = saved;
+      set(i, saved);
       const double h = (static_cast<double>(static_cast<float>(saved + tol.eps)) -
                         static_cast<double>(static_cast<float>(saved - tol.eps)));
       const double numeric = (up - down) / h;
-      const double analytic = grad.data[i];
+      const double analytic = grad[i];
       const double err = std::fabs(numeric - analytic);
       if (err > atol + tol.rtol * std::max(std::fabs(numeric), std::fabs(analytic))) {
         if (++bad <= 5)

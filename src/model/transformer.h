@@ -40,6 +40,7 @@ class Transformer {
     expert_sq_valid_ = false;
     return grads_;
   }
+  const float* grads() const { return grads_; }
   // Sum of squares of the gradient block (the global gradient norm's square). After a backward, the MoE experts'
   // weight gradients are not read again: the products that wrote them summed them (GemmProblem::c_sum_squares).
   double grad_sum_squares();
