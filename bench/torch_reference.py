@@ -5,7 +5,7 @@ same way (mean wall time of full optimizer steps on random tokens after warm-up 
 Run with Debian's PyTorch:
     /usr/bin/python3 bench/torch_reference.py --config configs/bench/dense-256.toml --threads 2 [--precision bf16]
 
-The model follows moelab's defaults (src/model/config.h), read from the same TOML file:
+The model follows moelab's defaults (src/config/config.h), read from the same TOML file:
   token embedding (tied with the output head), n_layers pre-norm blocks of
     RMSNorm -> qkv projection -> RoPE (rotate-half) on q, k -> causal softmax(q k^T / sqrt(hd)) v -> out projection
     RMSNorm -> FFN (GELU: fc1 -> gelu(erf) -> fc2; or SwiGLU) or, in MoE layers, a dropless token-choice MoE:

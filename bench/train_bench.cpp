@@ -12,7 +12,7 @@
 #include "bench_util.h"
 #include "core/rng.h"
 #include "core/timer.h"
-#include "model/config.h"
+#include "config/config.h"
 #include "model/flops.h"
 #include "train/trainer.h"
 

@@ -10,7 +10,7 @@ packages=(
   libdnnl-dev libopenblas-dev libomp-dev
   libcli11-dev libtomlplusplus-dev nlohmann-json3-dev libsentencepiece-dev libnlopt-cxx-dev libsqlite3-dev
   libgtest-dev libbenchmark-dev
-  gnuplot-nox fonts-dejavu-core chromium
+  gnuplot-nox fonts-dejavu-core chromium python3
 )
 if [[ "${1:-}" == "--fixtures" ]]; then
   packages+=(python3-torch python3-numpy)

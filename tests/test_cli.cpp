@@ -40,7 +40,7 @@ class Cli : public ::testing::Test {
 
 TEST_F(Cli, BytesThenTrainWritesRunDirectory) {
   // Real text: this repository's own sources.
-  const std::string src = std::string(MOELAB_SOURCE_DIR) + "/src/model/config.cpp";
+  const std::string src = std::string(MOELAB_SOURCE_DIR) + "/src/config/config.cpp";
   Result r = run("data bytes " + src + " --out " + (dir / "train.bin").string() + " --val-out " +
                  (dir / "val.bin").string());
   ASSERT_EQ(r.code, 0) << r.output;
@@ -110,7 +110,7 @@ TEST_F(Cli, UserErrorsGiveOneClearMessage) {
   EXPECT_NE(r.output.find("not a positive multiple"), std::string::npos) << r.output;
 
   // A byte-level shard (vocabulary 256) does not match a model vocabulary of 100.
-  const std::string src = std::string(MOELAB_SOURCE_DIR) + "/src/model/config.cpp";
+  const std::string src = std::string(MOELAB_SOURCE_DIR) + "/src/config/config.cpp";
   ASSERT_EQ(run("data bytes " + src + " --out " + (dir / "t.bin").string()).code, 0);
   r = run("train --set data.train_path=" + (dir / "t.bin").string() + " --set model.vocab_size=100");
   EXPECT_EQ(r.code, 1);

@@ -13,11 +13,11 @@
 #include "backend/backend.h"
 #include "cli/count_command.h"
 #include "core/error.h"
-#include "model/config.h"
+#include "config/config.h"
 #include "model/flops.h"
 #include "model/param_layout.h"
 #include "model/transformer.h"
-#include "scaling/count.h"
+#include "model/count.h"
 
 namespace moelab {
 namespace {

@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "backend/precision.h"
+#include "config/kinds.h"
 
 namespace moelab {
 
@@ -124,7 +124,7 @@ class Backend {
   }
 
   // ---- matrix products ------------------------------------------------------------------------------------
-  // Every product below runs at the backend's matmul precision (backend/precision.h): operands and results are
+  // Every product below runs at the backend's matmul precision (config/kinds.h): operands and results are
   // always fp32 in memory; under BF16 the operands are rounded to bfloat16 and accumulated in fp32. Layers that
   // must stay fp32 whatever the setting (the MoE router) say so with a MatmulPrecisionScope.
   virtual void set_matmul_precision(Precision precision) = 0;

@@ -10,7 +10,7 @@
 
 #include "cli/report_errors.h"
 #include "core/error.h"
-#include "scaling/count.h"
+#include "model/count.h"
 
 namespace moelab {
 namespace {

@@ -13,7 +13,7 @@
 #include "cli/report_errors.h"
 #include "core/error.h"
 #include "core/io.h"
-#include "model/config.h"
+#include "config/config.h"
 #include "scaling/dataset.h"
 #include "scaling/fit.h"
 #include "scaling/laws.h"

@@ -11,7 +11,7 @@
 #include "cli/sweep_commands.h"
 #include "core/error.h"
 #include "data/bytes.h"
-#include "model/config.h"
+#include "config/config.h"
 #include "train/trainer.h"
 
 namespace {

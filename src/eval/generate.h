@@ -7,7 +7,7 @@
 
 #include "backend/backend.h"
 #include "core/rng.h"
-#include "model/config.h"
+#include "config/config.h"
 #include "model/param_layout.h"
 #include "moe/moe.h"
 

@@ -9,7 +9,7 @@
 #include "core/io.h"
 #include "data/prepare.h"
 #include "data/token_file.h"
-#include "eval/window_loss.h"
+#include "train/window_loss.h"
 #include "train/checkpoint.h"
 
 namespace moelab {

@@ -6,7 +6,7 @@
 
 #include "backend/backend.h"
 #include "data/tokenizer.h"
-#include "model/config.h"
+#include "config/config.h"
 #include "model/transformer.h"
 
 namespace moelab {

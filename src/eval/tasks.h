@@ -14,7 +14,7 @@
 
 #include "backend/backend.h"
 #include "eval/inference.h"
-#include "model/config.h"
+#include "config/config.h"
 #include "sweep/results.h"
 
 namespace moelab {

@@ -9,7 +9,7 @@
 
 #include "backend/backend.h"
 #include "core/tensor.h"
-#include "model/config.h"
+#include "config/kinds.h"
 
 namespace moelab {
 

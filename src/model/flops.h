@@ -1,5 +1,5 @@
 #pragma once
-#include "model/config.h"
+#include "config/config.h"
 
 namespace moelab {
 

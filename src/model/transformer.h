@@ -6,8 +6,8 @@
 #include <vector>
 
 #include "backend/backend.h"
-#include "core/arena.h"
-#include "model/config.h"
+#include "backend/arena.h"
+#include "config/config.h"
 #include "model/param_layout.h"
 #include "moe/moe.h"
 

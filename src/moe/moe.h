@@ -11,7 +11,7 @@
 
 #include "backend/backend.h"
 #include "core/tensor.h"
-#include "model/config.h"
+#include "config/config.h"
 
 namespace moelab {
 

@@ -2,7 +2,7 @@
 // AdamW with decoupled weight decay (torch.optim.AdamW semantics). Moments live in two blocks with the
 // model's parameter layout; per-parameter decay follows is_decayed().
 #include "backend/backend.h"
-#include "model/config.h"
+#include "config/config.h"
 #include "model/param_layout.h"
 
 namespace moelab {

@@ -1,7 +1,7 @@
 #pragma once
 #include <cstdint>
 
-#include "model/config.h"
+#include "config/config.h"
 
 namespace moelab {
 

@@ -10,7 +10,7 @@
 
 #include "core/error.h"
 #include "core/io.h"
-#include "scaling/count.h"
+#include "model/count.h"
 #include "scaling/fit.h"
 
 namespace moelab {

@@ -14,8 +14,8 @@
 #include <string>
 #include <vector>
 
-#include "model/config.h"
-#include "scaling/count.h"
+#include "config/config.h"
+#include "model/count.h"
 
 namespace moelab {
 

@@ -13,7 +13,7 @@
 #include "backend/backend.h"
 #include "core/rng.h"
 #include "core/tensor.h"
-#include "model/config.h"
+#include "config/config.h"
 #include "model/param_layout.h"
 
 namespace moelab {

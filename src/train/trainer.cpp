@@ -11,10 +11,10 @@
 #include "core/io.h"
 #include "train/checkpoint.h"
 #include "core/timer.h"
-#include "eval/window_loss.h"
+#include "train/window_loss.h"
 #include "backend/peak.h"
 #include "model/flops.h"
-#include "scaling/count.h"
+#include "model/count.h"
 #include "optim/schedule.h"
 
 namespace moelab {

@@ -10,7 +10,7 @@
 #include "backend/backend.h"
 #include "core/rng.h"
 #include "data/token_file.h"
-#include "model/config.h"
+#include "config/config.h"
 #include "model/transformer.h"
 #include "optim/adamw.h"
 

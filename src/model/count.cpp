@@ -1,4 +1,4 @@
-#include "scaling/count.h"
+#include "model/count.h"
 
 #include "core/error.h"
 #include "model/flops.h"

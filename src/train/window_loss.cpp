@@ -1,4 +1,4 @@
-#include "eval/window_loss.h"
+#include "train/window_loss.h"
 
 #include <algorithm>
 #include <vector>

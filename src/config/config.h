@@ -6,16 +6,9 @@
 #include <string>
 #include <vector>
 
-#include "backend/precision.h"
+#include "config/kinds.h"
 
 namespace moelab {
-
-enum class NormKind { LayerNorm, RMSNorm };
-enum class PosKind { Learned, Sinusoidal, Rope };
-enum class FfnKind { Gelu, SwiGLU };
-enum class ScheduleKind { Cosine, WSD, Constant };
-
-enum class RouterKind { TokenChoice, ExpertChoice };
 
 // Mixture-of-Experts layers (see docs/config.md). Disabled when experts == 0 and expansion == 0.
 // Two ways to say the same thing:
@@ -87,7 +80,7 @@ struct TrainConfig {
   int64_t seed = 1;
   int64_t threads = 0;  // 0 means all cores
   std::string backend = "cpu";  // make_backend's name (backend/backend.h)
-  Precision precision = Precision::FP32;  // of the matrix products (backend/precision.h)
+  Precision precision = Precision::FP32;  // of the matrix products (config/kinds.h)
   int64_t log_every = 10;
   int64_t eval_every = 0;     // steps between validation evaluations; 0: only at the end
   int64_t eval_batches = 50;  // batches per evaluation; 0: the whole validation file
