@@ -13,7 +13,9 @@ packages=(
   gnuplot-nox fonts-dejavu-core chromium python3
 )
 if [[ "${1:-}" == "--fixtures" ]]; then
-  packages+=(python3-torch python3-numpy)
+  # libopenblas0-openmp: the OpenMP build of OpenBLAS, which bench/torch_reference.py loads ahead of the default
+  # pthreads one so that its threads do not spin beside PyTorch's OpenMP pool on the same cores
+  packages+=(python3-torch python3-numpy libopenblas0-openmp)
 fi
 
 missing=()

@@ -57,7 +57,7 @@ TEST(Backend, FactoryNamesTheBackendsItHas) {
     const std::string what = e.what();
     EXPECT_NE(what.find("'tpu'"), std::string::npos) << what;
     EXPECT_NE(what.find("cpu, cpu-strict"), std::string::npos) << what;
-    EXPECT_NE(what.find("train.backend"), std::string::npos) << what;
+    EXPECT_NE(what.find("train.backend"), std::string::npos) << what;  // says how to choose
   }
 }
 

@@ -30,7 +30,7 @@ TEST_P(KvCache, StepLogitsEqualFullForward) {
   for (auto& t : tokens) t = static_cast<int32_t>(rng.below(c.model.vocab_size));
   model.forward(tokens.data(), nullptr, 1);
   const std::vector<float> full = model.download_logits();
-  Generator gen(c.model, *be, model.params());
+  Generator gen(model);
   const int64_t V = c.model.vocab_size;
   for (int64_t t = 0; t < c.model.seq_len; ++t) {
     const float* logits = gen.step(tokens[t]);

@@ -37,7 +37,7 @@ std::unique_ptr<Backend> make_backend(const std::string& name, int threads) {
   std::string list;
   for (const auto& known : backend_names()) list += (list.empty() ? "" : ", ") + known;
   throw Error("backend '" + name + "' is not built into this moelab; built in: " + list +
-              " (set train.backend to one of them)");
+              " (choose one with train.backend, or --backend where a command offers it)");
 }
 
 }  // namespace moelab

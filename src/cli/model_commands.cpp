@@ -34,6 +34,7 @@ void add_model_commands(CLI::App& app) {
     std::vector<std::string> inputs;
     int64_t batches = 0;
     int threads = 0;
+    std::string backend;
     bool json = false;
     // downstream tasks
     std::vector<std::string> tasks;
@@ -51,6 +52,8 @@ void add_model_commands(CLI::App& app) {
                    "perplexity mode: text/JSONL files, directories of them, or token shards (.bin)");
   eval->add_option("--batches", eval_args->batches, "perplexity: score at most this many batches per input (0: all)");
   eval->add_option("--threads", eval_args->threads, "CPU threads (0: all cores)");
+  eval->add_option("--backend", eval_args->backend,
+                   "backend to run on (cpu, cpu-strict); default: the checkpoint's train.backend");
   eval->add_flag("--json", eval_args->json, "print one JSON object per input / per task result");
   eval->add_option("--tasks", eval_args->tasks,
                    "downstream mode: task names in --tasks-dir (e.g. wordnet-cloze prose-lastword bible-paraphrase) "
@@ -102,7 +105,7 @@ void add_model_commands(CLI::App& app) {
         }
         if (eval_args->inputs.empty()) return;
       }
-      LoadedModel lm = load_model(eval_args->checkpoint, eval_args->threads, 8);
+      LoadedModel lm = load_model(eval_args->checkpoint, eval_args->threads, 8, eval_args->backend);
       for (const auto& input : eval_args->inputs) {
         const PerplexityResult r = evaluate_perplexity(lm, input, eval_args->batches);
         if (eval_args->json) {
@@ -126,6 +129,7 @@ void add_model_commands(CLI::App& app) {
     SamplingOptions sampling;
     uint64_t seed = 1;
     int threads = 0;
+    std::string backend;
   };
   auto gen_args = std::make_shared<GenerateArgs>();
   auto* gen = app.add_subcommand("generate", "sample text from a checkpoint (KV cache)");
@@ -139,10 +143,12 @@ void add_model_commands(CLI::App& app) {
   gen->add_option("--top-p", gen_args->sampling.top_p, "nucleus sampling mass in (0, 1]")->check(CLI::Range(1e-9, 1.0));
   gen->add_option("--seed", gen_args->seed, "random seed (same seed, same text)");
   gen->add_option("--threads", gen_args->threads, "CPU threads (0: all cores)");
+  gen->add_option("--backend", gen_args->backend,
+                  "backend to run on (cpu, cpu-strict); default: the checkpoint's train.backend");
   gen->footer("Example:\n  moelab generate --checkpoint runs/quickstart --prompt \"In the beginning\" -n 200 -t 0.8 --top-p 0.95");
   gen->callback([gen_args] {
     run_reporting_errors([&] {
-      LoadedModel lm = load_model(gen_args->checkpoint, gen_args->threads, 1);
+      LoadedModel lm = load_model(gen_args->checkpoint, gen_args->threads, 1, gen_args->backend);
       TextCodec codec(lm.config);
       std::vector<int32_t> prompt = codec.encode(gen_args->prompt);
       if (prompt.empty()) throw Error("the prompt encodes to no tokens");
@@ -153,7 +159,7 @@ void add_model_commands(CLI::App& app) {
       SamplingOptions options = gen_args->sampling;
       options.max_tokens = std::min(options.max_tokens, room);
       options.stop_token = codec.end_of_document();
-      Generator generator(lm.config.model, *lm.backend, lm.model->params());
+      Generator generator(*lm.model);
       Rng rng(gen_args->seed);
       std::cout << gen_args->prompt << std::flush;
       // Decode incrementally: print whatever new text the ids so far decode to (pieces can span bytes).

@@ -43,7 +43,7 @@ std::string TextCodec::decode(const std::vector<int32_t>& ids) const {
 
 int32_t TextCodec::end_of_document() const { return tokenizer_ ? tokenizer_->eos_id() : -1; }
 
-LoadedModel load_model(const std::string& checkpoint, int threads, int64_t batch) {
+LoadedModel load_model(const std::string& checkpoint, int threads, int64_t batch, const std::string& backend) {
   std::string dir = checkpoint;
   if (!fs::exists(dir)) throw Error("checkpoint '" + checkpoint + "' does not exist (give a run directory or its "
                                     "checkpoint/ directory)");
@@ -53,6 +53,7 @@ LoadedModel load_model(const std::string& checkpoint, int threads, int64_t batch
   }
   LoadedModel lm;
   lm.config = checkpoint_config(dir);
+  if (!backend.empty()) lm.config.train.backend = backend;
   lm.backend = make_backend(lm.config.train.backend, threads);
   lm.model = std::make_unique<Transformer>(lm.config.model, *lm.backend, batch);
   lm.batch = batch;

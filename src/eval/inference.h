@@ -32,7 +32,8 @@ struct LoadedModel {
   std::unique_ptr<Transformer> model;
   int64_t batch = 1;  // sequences per forward (the model's activation arena)
 };
-LoadedModel load_model(const std::string& checkpoint, int threads, int64_t batch);
+// backend: a name for make_backend, or "" for the checkpoint's own train.backend.
+LoadedModel load_model(const std::string& checkpoint, int threads, int64_t batch, const std::string& backend = "");
 
 struct PerplexityResult {
   std::string input;

@@ -34,7 +34,7 @@ Tensor Transformer::rows_view(const std::string& name, int64_t rows) const {
 }
 
 MoeActivations Transformer::moe_activations(int64_t i) const {
-  const MoeDims d = MoeDims::from(config_, batch_);
+  const MoeDims d = moe_dims();
   const std::string p = "layers." + std::to_string(i) + ".moe_";
   const int64_t n = d.tokens(), r = d.max_rows();
   return {rows_view(p + "logits", n),   rows_view(p + "probs", n),      rows_view(p + "x_sorted", r),
@@ -43,7 +43,7 @@ MoeActivations Transformer::moe_activations(int64_t i) const {
 }
 
 MoeScratch Transformer::moe_scratch() const {
-  const MoeDims d = MoeDims::from(config_, batch_);
+  const MoeDims d = moe_dims();
   const int64_t n = d.tokens(), r = d.max_rows();
   const Tensor w = acts_.view("d_moe_weight"), ones = acts_.view("moe_ones");
   return {rows_view("d_moe_x_sorted", r), rows_view("d_moe_pre", r),        rows_view("d_moe_act", r),
@@ -53,10 +53,18 @@ MoeScratch Transformer::moe_scratch() const {
 
 Tensor Transformer::act(const std::string& name, int64_t layer) const {
   Tensor t = acts_.view(layer < 0 ? name : "layers." + std::to_string(layer) + "." + name);
-  // Views are sized for max_batch; a smaller batch uses the leading part.
+  // Views are sized for (max_batch, seq_len); the current window (a smaller batch, or one decoded position) uses
+  // the leading part. (The 4-D attention probabilities keep their T x T blocks: decode() does not use them.)
   Shape s = t.shape;
   if (s.rank >= 2 && s[0] == max_batch_) s.dims[0] = batch_;
+  if (s.rank >= 2 && s.rank <= 3 && s[1] == config_.seq_len) s.dims[1] = seq_;
   return Tensor(t.data, s);
+}
+
+MoeDims Transformer::moe_dims() const {
+  MoeDims d = MoeDims::from(config_, batch_);
+  d.seq = seq_;
+  return d;
 }
 
 Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t max_batch)
@@ -200,6 +208,8 @@ double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64
   saved_.release();  // a forward that was not followed by its backward held these: this pass rewrites them
   SavedOperands* saved = backward_scale != 0.f ? &saved_ : nullptr;
   batch_ = batch;
+  seq_ = m.seq_len;
+  decode_position_ = -1;  // the activations no longer hold a decode window
   backward_scale_ = backward_scale;
   aux_loss_ = 0.0;
   const int64_t T = m.seq_len, V = m.vocab_size;
@@ -208,49 +218,7 @@ double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64
       throw Error("token id " + std::to_string(tokens[i]) + " is outside the vocabulary [0, " + std::to_string(V) +
                   "); set model.vocab_size to cover the data");
   be.upload(tokens_.data(), tokens, batch * T);
-  const float eps = static_cast<float>(m.norm_eps);
-  const AttentionShape attn{batch, T, m.d_model, m.n_heads, m.pos == PosKind::Rope, static_cast<float>(m.rope_theta)};
-
-  Tensor pos = m.pos == PosKind::Learned      ? layout_.view(params_, "pos_emb.weight")
-               : m.pos == PosKind::Sinusoidal ? acts_.view("sinusoidal")
-                                              : Tensor();
-  embedding_forward(be, act("embed"), tokens_.data(), layout_.view(params_, "tok_emb.weight"), pos);
-
-  Tensor residual = act("embed");
-  for (int64_t i = 0; i < m.n_layers; ++i) {
-    const LayerWeights w = layer_weights(params_, i);
-    Tensor ln1 = act("ln1", i), qkv = act("qkv", i), atty = act("atty", i), res_att = act("res_att", i);
-    if (saved) saved->hold_next(ln1.data, ln1.numel(), /*operands_only=*/true);  // the qkv products, both passes
-    norm_forward(be, m.norm, ln1, act("ln1_mean", i), act("ln1_rstd", i), residual, w.norm1_w, w.norm1_b, eps);
-    linear_forward(be, qkv, ln1, w.qkv_w, w.qkv_b);
-    attention_forward(be, attn, atty, act("probs", i), qkv, saved);
-    if (saved) saved->hold(atty.data, atty.numel());
-    be.copy(res_att.data, residual.data, res_att.numel());
-    linear_forward(be, res_att, atty, w.out_w, w.out_b, /*accumulate_out=*/true);
-
-    Tensor ln2 = act("ln2", i), res_ffn = act("res_ffn", i);
-    // An MoE layer's router and dispatch read its input as fp32; a dense FFN only multiplies by it.
-    if (saved) saved->hold_next(ln2.data, ln2.numel(), /*operands_only=*/!m.moe.is_moe_layer(i));
-    norm_forward(be, m.norm, ln2, act("ln2_mean", i), act("ln2_rstd", i), res_att, w.norm2_w, w.norm2_b, eps);
-    be.copy(res_ffn.data, res_att.data, res_ffn.numel());
-    if (m.moe.is_moe_layer(i)) {
-      const MoeDims d = MoeDims::from(m, batch);
-      moe_forward(be, d, res_ffn.reshaped({batch * T, m.d_model}), ln2.reshaped({batch * T, m.d_model}),
-                  moe_weights(params_, i), moe_activations(i), routing_[i], moe_stats_[i], saved);
-      aux_loss_ += d.aux_loss_weight * moe_stats_[i].aux_loss + d.z_loss_weight * moe_stats_[i].z_loss;
-    } else {
-      mlp_forward(be, m.ffn, res_ffn, act("fc_pre", i), act("fc_act", i), ln2, w.fc1_w, w.fc1_b, w.fc2_w, w.fc2_b,
-                  saved);
-    }
-    residual = res_ffn;
-  }
-  Tensor lnf = act("lnf");
-  if (saved) saved->hold_next(lnf.data, lnf.numel(), /*operands_only=*/true);  // the head's products
-  norm_forward(be, m.norm, lnf, act("lnf_mean"), act("lnf_rstd"), residual, layout_.view(params_, "final_norm.weight"),
-               layout_.view_or_empty(params_, "final_norm.bias"), eps);
-  Tensor head = layout_.view(params_, m.tied_embeddings ? "tok_emb.weight" : "lm_head.weight");
-  Tensor logits = act("logits");
-  linear_forward(be, logits, lnf, head, Tensor());
+  const Tensor logits = forward_window(saved, /*first_position=*/0);
   if (!targets) return 0.0;
 
   counted_ = 0;
@@ -264,6 +232,119 @@ double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64
   const float grad_scale = backward_scale / static_cast<float>(counted_);
   const double loss_sum = cross_entropy_forward_backward(be, logits, act("losses"), targets_.data(), grad_scale, saved);
   return loss_sum / static_cast<double>(counted_);
+}
+
+void Transformer::decode_reset() {
+  decode_position_ = 0;
+  if (!k_cache_.data()) {
+    const int64_t n = config_.n_layers * config_.seq_len * config_.d_model;
+    k_cache_ = BackendArray<float>(backend_, n);
+    v_cache_ = BackendArray<float>(backend_, n);
+  }
+}
+
+void Transformer::decode(int32_t token) {
+  const auto& m = config_;
+  MOELAB_CHECK(decode_position_ >= 0, "decode() without decode_reset(), or after a forward()");
+  if (decode_position_ >= m.seq_len)
+    throw Error("generation reached the model's context length (" + std::to_string(m.seq_len) + " tokens)");
+  if (token < 0 || token >= m.vocab_size)
+    throw Error("token id " + std::to_string(token) + " is outside the vocabulary [0, " + std::to_string(m.vocab_size) +
+                ")");
+  saved_.release();
+  batch_ = 1;
+  seq_ = 1;
+  aux_loss_ = 0.0;
+  backend_.upload(tokens_.data(), &token, 1);
+  forward_window(nullptr, decode_position_);
+  ++decode_position_;
+}
+
+// The embedding, every block and the head over the current window: (batch_, seq_len) sequences from position 0
+// (training, evaluation), or one position of one sequence at first_position with the KV cache (decode).
+Tensor Transformer::forward_window(SavedOperands* saved, int64_t first_position) {
+  Backend& be = backend_;
+  const auto& m = config_;
+  const int64_t C = m.d_model;
+  const float eps = static_cast<float>(m.norm_eps);
+  Tensor pos = m.pos == PosKind::Learned      ? layout_.view(params_, "pos_emb.weight")
+               : m.pos == PosKind::Sinusoidal ? acts_.view("sinusoidal")
+                                              : Tensor();
+  if (!pos.empty()) pos = Tensor(pos.data + first_position * C, {pos.dim(0) - first_position, C});
+  embedding_forward(be, act("embed"), tokens_.data(), layout_.view(params_, "tok_emb.weight"), pos);
+  Tensor residual = act("embed");
+  for (int64_t i = 0; i < m.n_layers; ++i) {
+    block_forward(i, residual, saved, first_position);
+    residual = act("res_ffn", i);
+  }
+  Tensor lnf = act("lnf");
+  if (saved) saved->hold_next(lnf.data, lnf.numel(), /*operands_only=*/true);  // the head's products
+  norm_forward(be, m.norm, lnf, act("lnf_mean"), act("lnf_rstd"), residual, layout_.view(params_, "final_norm.weight"),
+               layout_.view_or_empty(params_, "final_norm.bias"), eps);
+  Tensor head = layout_.view(params_, m.tied_embeddings ? "tok_emb.weight" : "lm_head.weight");
+  Tensor logits = act("logits");
+  linear_forward(be, logits, lnf, head, Tensor());
+  return logits;
+}
+
+// One pre-norm block, shared by training, evaluation and generation: residual -> res_att -> res_ffn (layer i's
+// activations). Attention is causal over the window, or, when decoding, over the cached keys and values.
+void Transformer::block_forward(int64_t i, Tensor residual, SavedOperands* saved, int64_t first_position) {
+  Backend& be = backend_;
+  const auto& m = config_;
+  const float eps = static_cast<float>(m.norm_eps);
+  const LayerWeights w = layer_weights(params_, i);
+  Tensor ln1 = act("ln1", i), qkv = act("qkv", i), atty = act("atty", i), res_att = act("res_att", i);
+  if (saved) saved->hold_next(ln1.data, ln1.numel(), /*operands_only=*/true);  // the qkv products, both passes
+  norm_forward(be, m.norm, ln1, act("ln1_mean", i), act("ln1_rstd", i), residual, w.norm1_w, w.norm1_b, eps);
+  linear_forward(be, qkv, ln1, w.qkv_w, w.qkv_b);
+  if (decode_position_ < 0) {
+    const AttentionShape attn{batch_, seq_, m.d_model, m.n_heads, m.pos == PosKind::Rope,
+                              static_cast<float>(m.rope_theta)};
+    attention_forward(be, attn, atty, act("probs", i), qkv, saved);
+  } else {
+    cached_attention(i, atty, qkv, first_position);
+  }
+  if (saved) saved->hold(atty.data, atty.numel());
+  be.copy(res_att.data, residual.data, res_att.numel());
+  linear_forward(be, res_att, atty, w.out_w, w.out_b, /*accumulate_out=*/true);
+
+  Tensor ln2 = act("ln2", i), res_ffn = act("res_ffn", i);
+  // An MoE layer's router and dispatch read its input as fp32; a dense FFN only multiplies by it.
+  if (saved) saved->hold_next(ln2.data, ln2.numel(), /*operands_only=*/!m.moe.is_moe_layer(i));
+  norm_forward(be, m.norm, ln2, act("ln2_mean", i), act("ln2_rstd", i), res_att, w.norm2_w, w.norm2_b, eps);
+  be.copy(res_ffn.data, res_att.data, res_ffn.numel());
+  if (m.moe.is_moe_layer(i)) {
+    const MoeDims d = moe_dims();
+    const Shape flat{d.tokens(), m.d_model};
+    moe_forward(be, d, res_ffn.reshaped(flat), ln2.reshaped(flat), moe_weights(params_, i), moe_activations(i),
+                routing_[i], moe_stats_[i], saved);
+    aux_loss_ += d.aux_loss_weight * moe_stats_[i].aux_loss + d.z_loss_weight * moe_stats_[i].z_loss;
+  } else {
+    mlp_forward(be, m.ffn, res_ffn, act("fc_pre", i), act("fc_act", i), ln2, w.fc1_w, w.fc1_b, w.fc2_w, w.fc2_b,
+                saved);
+  }
+}
+
+// Attention of one new position t = first_position of one sequence: its key and value join layer i's cache, and
+// its query attends to positions 0..t. qkv (1, 1, 3C) -> atty (1, 1, C).
+void Transformer::cached_attention(int64_t i, Tensor atty, Tensor qkv, int64_t t) {
+  Backend& be = backend_;
+  const auto& m = config_;
+  const int64_t C = m.d_model, H = m.n_heads, hd = m.head_dim(), T = m.seq_len;
+  if (m.pos == PosKind::Rope) be.rope(qkv.data, 1, 1, 3 * C, 2 * H, hd, static_cast<float>(m.rope_theta), false, t);
+  float* keys = k_cache_.data() + i * T * C;    // (T, C) positions x heads
+  float* values = v_cache_.data() + i * T * C;  // (T, C)
+  be.copy(keys + t * C, qkv.data + C, C);
+  be.copy(values + t * C, qkv.data + 2 * C, C);
+  // scores (H, t+1) = q_h (1, hd) @ K_h (t+1, hd)^T per head, in the probabilities' slot (H * T >= H * (t+1))
+  float* scores = act("probs", i).data;
+  be.gemm_strided_batched(Trans::N, Trans::T, 1, t + 1, hd, 1.f, qkv.data, 3 * C, hd, keys, C, hd, 0.f, scores, t + 1,
+                          t + 1, H);
+  be.softmax_rows(scores, H, t + 1, 1.f / std::sqrt(static_cast<float>(hd)));
+  // out_h (1, hd) = softmax(scores_h) (1, t+1) @ V_h (t+1, hd)
+  be.gemm_strided_batched(Trans::N, Trans::N, 1, hd, t + 1, 1.f, scores, t + 1, t + 1, values, C, hd, 0.f, atty.data,
+                          C, hd, H);
 }
 
 void Transformer::backward() {
@@ -299,7 +380,7 @@ void Transformer::backward() {
     be.fill(d_ln.data, 0.f, d_ln.numel());
     if (m.moe.is_moe_layer(i)) {
       const Shape flat{batch_ * T, m.d_model};
-      moe_backward(be, MoeDims::from(m, batch_), d_ln.reshaped(flat), moe_weights(grads_, i), d_res.reshaped(flat),
+      moe_backward(be, moe_dims(), d_ln.reshaped(flat), moe_weights(grads_, i), d_res.reshaped(flat),
                    act("ln2", i).reshaped(flat), moe_weights(params_, i), moe_activations(i), moe_scratch(),
                    routing_[i], backward_scale_, acc, expert_dweight_sq_.data() + expert_sq_offset_[i]);
     } else {

@@ -67,6 +67,14 @@ class Transformer {
   // Accumulates parameter gradients of backward_scale * mean loss of the last forward.
   void backward();
 
+  // Incremental decoding of one sequence (generation), through the same blocks as forward(): decode_reset()
+  // starts at position 0 (and allocates the KV cache, (n_layers, seq_len, C) keys and values, on first use);
+  // decode(token) feeds `token` at the next position, attending to the cached keys and values of the positions
+  // before it, and leaves the logits for the position after it in logits() (1, 1, V). A forward() ends decoding.
+  void decode_reset();
+  void decode(int32_t token);
+  int64_t decode_position() const { return decode_position_; }
+
   // Logits (batch, seq, vocab) of the last forward (only valid when it was called without backward_scale), a view
   // of backend memory; download_logits() brings them to the host.
   Tensor logits() const;
@@ -82,6 +90,10 @@ class Transformer {
   struct LayerWeights;
   LayerWeights layer_weights(float* base, int64_t layer) const;
   Tensor act(const std::string& name, int64_t layer = -1) const;
+  MoeDims moe_dims() const;  // of the current window
+  Tensor forward_window(SavedOperands* saved, int64_t first_position);
+  void block_forward(int64_t layer, Tensor residual, SavedOperands* saved, int64_t first_position);
+  void cached_attention(int64_t layer, Tensor atty, Tensor qkv, int64_t position);
   MoeWeights moe_weights(float* base, int64_t layer) const;
   MoeActivations moe_activations(int64_t layer) const;
   MoeScratch moe_scratch() const;
@@ -97,6 +109,9 @@ class Transformer {
   Arena acts_;
   BackendArray<int32_t> tokens_, targets_;  // (max_batch, seq_len) of the last forward, uploaded
   int64_t batch_ = 0;
+  int64_t seq_ = 0;                 // positions per sequence in the current window: seq_len, or 1 when decoding
+  int64_t decode_position_ = -1;    // the next position decode() feeds; -1 outside decoding
+  BackendArray<float> k_cache_, v_cache_;  // (n_layers, seq_len, C) keys and values of decoded positions
   int64_t counted_ = 0;
   float backward_scale_ = 0.f;
   double aux_loss_ = 0.0;
