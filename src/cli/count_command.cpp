@@ -11,6 +11,7 @@
 #include "cli/report_errors.h"
 #include "core/error.h"
 #include "model/count.h"
+#include "model/plan.h"
 
 namespace moelab {
 namespace {
@@ -130,7 +131,7 @@ std::string count_report_table(const ModelConfig& m, const std::string& source, 
   if (!m.moe.enabled()) {
     out << ": none (dense)\n";
   } else {
-    out << " (" << to_string(m.moe.router) << ", expert hidden " << count(m.expert_hidden()) << ")\n";
+    out << " (" << to_string(m.moe.router) << ", expert hidden " << count(ModelPlan(m).expert_hidden) << ")\n";
     row("MoE layers", count(n.moe_layers) + " of " + count(m.n_layers));
     row("routed experts E_total", count(n.routed_experts));
     row("active experts K", count(n.active_experts));

@@ -59,7 +59,6 @@ struct ModelConfig {
 
   int64_t ffn_hidden() const { return d_ff > 0 ? d_ff : 4 * d_model; }
   int64_t head_dim() const { return d_model / n_heads; }
-  int64_t expert_hidden() const { return ffn_hidden() / moe.granularity; }
 };
 
 struct TrainConfig {

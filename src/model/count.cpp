@@ -2,6 +2,7 @@
 
 #include "core/error.h"
 #include "model/flops.h"
+#include "model/plan.h"
 
 namespace moelab {
 
@@ -34,9 +35,10 @@ ParameterCounts count_parameters(const ModelConfig& m) {
     n.shared_experts = m.moe.shared_experts;
     n.granularity = m.moe.granularity;
     n.sparsity = m.moe.sparsity();
-    expert = ffn_parameters(m, m.expert_hidden());
+    const int64_t expert_hidden = ModelPlan(m).expert_hidden;
+    expert = ffn_parameters(m, expert_hidden);
     // The shared experts run as one dense FFN of width shared_experts * d_expert (one fc2 bias, not one each).
-    const int64_t shared = m.moe.shared_experts > 0 ? ffn_parameters(m, m.moe.shared_experts * m.expert_hidden()) : 0;
+    const int64_t shared = m.moe.shared_experts > 0 ? ffn_parameters(m, m.moe.shared_experts * expert_hidden) : 0;
     const int64_t router = n.routed_experts * C;  // (E, C), no bias
     moe_layer_non_expert = router + shared;
     n.expansion_rate = static_cast<double>(n.routed_experts * expert) /

@@ -18,7 +18,7 @@ namespace moelab {
 
 // Parameters of one FFN of hidden width `hidden` as the engine lays it out: fc1 (glu * hidden, C), fc2
 // (C, hidden), and with model.bias their biases (glu * hidden) and (C); glu = 2 for SwiGLU ([gate | up]).
-// A routed expert is ffn_parameters(m, m.expert_hidden()); the dense FFN is ffn_parameters(m, m.ffn_hidden()).
+// A routed expert is ffn_parameters(m, ModelPlan(m).expert_hidden); the dense FFN is ffn_parameters(m, d_ff).
 int64_t ffn_parameters(const ModelConfig& m, int64_t hidden);
 
 // Number of MoE layers: layers i with (i + 1) % every == 0, i.e. floor(n_layers / every); 0 for a dense model.

@@ -2,10 +2,13 @@
 
 #include <cmath>
 
+#include "model/plan.h"
+
 namespace moelab {
 
 ParamLayout::ParamLayout(const ModelConfig& m) {
-  const int64_t C = m.d_model, F = m.ffn_hidden(), V = m.vocab_size;
+  const ModelPlan plan(m);
+  const int64_t C = m.d_model, V = m.vocab_size;
   const float std = static_cast<float>(m.init_std);
   // Projections that write into the residual stream are scaled down so the stream's variance does not grow
   // with depth (GPT-2).
@@ -23,15 +26,18 @@ ParamLayout::ParamLayout(const ModelConfig& m) {
     if (m.bias) add(p + "attn.out.bias", {C}, ParamKind::Bias, 0.f);
     add(p + "norm2.weight", {C}, ParamKind::NormWeight, 0.f);
     if (norm_bias) add(p + "norm2.bias", {C}, ParamKind::Bias, 0.f);
-    const int64_t glu = m.ffn == FfnKind::SwiGLU ? 2 : 1;  // SwiGLU's fc1 holds [gate | up]
-    if (!m.moe.is_moe_layer(i)) {
+    const BlockPlan& block = plan.blocks[i];
+    const int64_t glu = plan.glu;  // SwiGLU's fc1 holds [gate | up]
+    if (!block.moe) {
+      const int64_t F = block.ffn_hidden;
       add(p + "ffn.fc1.weight", {glu * F, C}, ParamKind::Matrix, std);
       if (m.bias) add(p + "ffn.fc1.bias", {glu * F}, ParamKind::Bias, 0.f);
       add(p + "ffn.fc2.weight", {C, F}, ParamKind::Matrix, residual_std);
       if (m.bias) add(p + "ffn.fc2.bias", {C}, ParamKind::Bias, 0.f);
       continue;
     }
-    const int64_t E = m.moe.routed_experts(), Fe = m.expert_hidden(), Fs = m.moe.shared_experts * Fe;
+    const MoeDims& d = block.moe_dims;
+    const int64_t E = d.experts, Fe = d.expert_hidden, Fs = d.shared_hidden;
     add(p + "moe.router.weight", {E, C}, ParamKind::Matrix, std);
     add(p + "moe.experts.fc1.weight", {E, glu * Fe, C}, ParamKind::Matrix, std);
     if (m.bias) add(p + "moe.experts.fc1.bias", {E, glu * Fe}, ParamKind::Bias, 0.f);

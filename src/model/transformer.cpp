@@ -7,70 +7,65 @@
 
 namespace moelab {
 
-struct Transformer::LayerWeights {
-  Tensor norm1_w, norm1_b, qkv_w, qkv_b, out_w, out_b, norm2_w, norm2_b, fc1_w, fc1_b, fc2_w, fc2_b;
-};
-
-Transformer::LayerWeights Transformer::layer_weights(float* base, int64_t i) const {
-  const std::string p = "layers." + std::to_string(i) + ".";
-  auto v = [&](const std::string& n) { return layout_.view_or_empty(base, p + n); };
-  return {v("norm1.weight"), v("norm1.bias"), v("attn.qkv.weight"), v("attn.qkv.bias"), v("attn.out.weight"),
-          v("attn.out.bias"), v("norm2.weight"), v("norm2.bias"), v("ffn.fc1.weight"), v("ffn.fc1.bias"),
-          v("ffn.fc2.weight"), v("ffn.fc2.bias")};
+// Parameter (or gradient) views of every block, from the layout's names once; forward and backward use these.
+Transformer::ModelWeights Transformer::weight_views(float* base) const {
+  const auto v = [&](const std::string& name) { return layout_.view_or_empty(base, name); };
+  ModelWeights w;
+  w.tok_emb = v("tok_emb.weight");
+  w.pos_emb = v("pos_emb.weight");
+  w.final_norm_w = v("final_norm.weight");
+  w.final_norm_b = v("final_norm.bias");
+  w.head = v(config_.tied_embeddings ? "tok_emb.weight" : "lm_head.weight");
+  for (int64_t i = 0; i < config_.n_layers; ++i) {
+    const std::string p = "layers." + std::to_string(i) + ".", q = p + "moe.";
+    w.blocks.push_back({v(p + "norm1.weight"), v(p + "norm1.bias"), v(p + "attn.qkv.weight"), v(p + "attn.qkv.bias"),
+                        v(p + "attn.out.weight"), v(p + "attn.out.bias"), v(p + "norm2.weight"), v(p + "norm2.bias"),
+                        v(p + "ffn.fc1.weight"), v(p + "ffn.fc1.bias"), v(p + "ffn.fc2.weight"), v(p + "ffn.fc2.bias"),
+                        {v(q + "router.weight"), v(q + "experts.fc1.weight"), v(q + "experts.fc1.bias"),
+                         v(q + "experts.fc2.weight"), v(q + "experts.fc2.bias"), v(q + "shared.fc1.weight"),
+                         v(q + "shared.fc1.bias"), v(q + "shared.fc2.weight"), v(q + "shared.fc2.bias")}});
+  }
+  return w;
 }
 
-MoeWeights Transformer::moe_weights(float* base, int64_t i) const {
-  const std::string p = "layers." + std::to_string(i) + ".moe.";
-  auto v = [&](const std::string& n) { return layout_.view_or_empty(base, p + n); };
-  return {v("router.weight"), v("experts.fc1.weight"), v("experts.fc1.bias"), v("experts.fc2.weight"),
-          v("experts.fc2.bias"), v("shared.fc1.weight"), v("shared.fc1.bias"), v("shared.fc2.weight"),
-          v("shared.fc2.bias")};
-}
-
-Tensor Transformer::rows_view(const std::string& name, int64_t rows) const {
-  if (!acts_.has(name)) return Tensor();
-  const Tensor t = acts_.view(name);
-  return Tensor(t.data, {rows, t.cols()});
-}
-
-MoeActivations Transformer::moe_activations(int64_t i) const {
-  const MoeDims d = moe_dims();
-  const std::string p = "layers." + std::to_string(i) + ".moe_";
-  const int64_t n = d.tokens(), r = d.max_rows();
-  return {rows_view(p + "logits", n),   rows_view(p + "probs", n),      rows_view(p + "x_sorted", r),
-          rows_view(p + "pre", r),      rows_view(p + "act", r),        rows_view(p + "y_sorted", r),
-          rows_view(p + "shared_pre", n), rows_view(p + "shared_act", n)};
-}
-
-MoeScratch Transformer::moe_scratch() const {
-  const MoeDims d = moe_dims();
-  const int64_t n = d.tokens(), r = d.max_rows();
-  const Tensor w = acts_.view("d_moe_weight"), ones = acts_.view("moe_ones");
-  return {rows_view("d_moe_x_sorted", r), rows_view("d_moe_pre", r),        rows_view("d_moe_act", r),
-          rows_view("d_moe_y_sorted", r), Tensor(w.data, {r}),              rows_view("d_moe_logits", n),
-          rows_view("d_moe_shared_pre", n), rows_view("d_moe_shared_act", n), Tensor(ones.data, {r})};
-}
-
-Tensor Transformer::act(const std::string& name, int64_t layer) const {
-  Tensor t = acts_.view(layer < 0 ? name : "layers." + std::to_string(layer) + "." + name);
-  // Views are sized for (max_batch, seq_len); the current window (a smaller batch, or one decoded position) uses
-  // the leading part. (The 4-D attention probabilities keep their T x T blocks: decode() does not use them.)
-  Shape s = t.shape;
+// The current window's part of a full (max_batch, seq_len, ...) activation: a smaller batch, or one decoded
+// position, uses the leading part. (The 4-D attention probabilities keep their T x T blocks: decode() uses their
+// start as scratch.)
+Tensor Transformer::window(Tensor full) const {
+  if (full.empty()) return full;
+  Shape s = full.shape;
   if (s.rank >= 2 && s[0] == max_batch_) s.dims[0] = batch_;
   if (s.rank >= 2 && s.rank <= 3 && s[1] == config_.seq_len) s.dims[1] = seq_;
-  return Tensor(t.data, s);
+  return Tensor(full.data, s);
 }
 
-MoeDims Transformer::moe_dims() const {
-  MoeDims d = MoeDims::from(config_, batch_);
-  d.seq = seq_;
-  return d;
+// A (rows, cols) view of the start of a buffer sized for the most rows any window can dispatch.
+static Tensor leading_rows(Tensor full, int64_t rows) { return full.empty() ? full : Tensor(full.data, {rows, full.cols()}); }
+
+MoeActivations Transformer::moe_activations(int64_t i) const {
+  const MoeDims d = moe_dims(i);
+  const MoeActivations& a = blocks_[i].moe;
+  const int64_t n = d.tokens(), r = d.max_rows();
+  return {leading_rows(a.logits, n), leading_rows(a.probs, n),     leading_rows(a.x_sorted, r),
+          leading_rows(a.pre, r),    leading_rows(a.act, r),       leading_rows(a.y_sorted, r),
+          leading_rows(a.shared_pre, n), leading_rows(a.shared_act, n)};
 }
+
+MoeScratch Transformer::moe_scratch(int64_t i) const {
+  const MoeDims d = moe_dims(i);
+  const MoeScratch& s = buffers_.moe;
+  const int64_t n = d.tokens(), r = d.max_rows();
+  return {leading_rows(s.d_x_sorted, r),   leading_rows(s.d_pre, r),        leading_rows(s.d_act, r),
+          leading_rows(s.d_y_sorted, r),   Tensor(s.d_weight.data, {r}),    leading_rows(s.d_logits, n),
+          leading_rows(s.d_shared_pre, n), leading_rows(s.d_shared_act, n), Tensor(s.ones.data, {r})};
+}
+
+MoeDims Transformer::moe_dims(int64_t i) const { return plan_.moe_dims(i, batch_, seq_); }
 
 Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t max_batch)
-    : config_(config), backend_(backend), layout_(config), max_batch_(max_batch), acts_(backend) {
+    : config_(config), plan_(config), backend_(backend), layout_(config), max_batch_(max_batch), acts_(backend) {
   const int64_t B = max_batch, T = config.seq_len, C = config.d_model, H = config.n_heads, V = config.vocab_size;
-  const int64_t F = config.ffn_hidden(), pre_width = config.ffn == FfnKind::SwiGLU ? 2 * F : F;
+  const int64_t F = plan_.ffn_hidden, pre_width = plan_.glu * F;
   params_ = backend_.alloc(layout_.total());
   grads_ = backend_.alloc(layout_.total());
   tokens_ = BackendArray<int32_t>(backend_, B * T);
@@ -91,8 +86,8 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
     acts_.reserve(p + "ln2", {B, T, C});
     acts_.reserve(p + "ln2_mean", {B, T});
     acts_.reserve(p + "ln2_rstd", {B, T});
-    if (config.moe.is_moe_layer(i)) {
-      const MoeDims d = MoeDims::from(config, B);
+    if (plan_.blocks[i].moe) {
+      const MoeDims d = plan_.moe_dims(i, B, T);
       const int64_t R = d.max_rows();
       acts_.reserve(p + "moe_logits", {B * T, d.experts});
       acts_.reserve(p + "moe_probs", {B * T, d.experts});
@@ -113,11 +108,13 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
   routing_.resize(config.n_layers);
   moe_stats_.resize(config.n_layers);
   expert_sq_offset_.assign(config.n_layers, -1);
-  if (config.moe.enabled()) {
-    const MoeDims d = MoeDims::from(config, B);
+  if (plan_.moe_blocks() > 0) {
+    int64_t first = 0;
+    while (!plan_.blocks[first].moe) ++first;
+    const MoeDims d = plan_.moe_dims(first, B, T);  // every MoE block has the same dims
     const int64_t R = d.max_rows();
     for (int64_t i = 0; i < config.n_layers; ++i)
-      if (config.moe.is_moe_layer(i)) routing_[i].reserve(backend_, d);
+      if (plan_.blocks[i].moe) routing_[i].reserve(backend_, plan_.moe_dims(i, B, T));
     acts_.reserve("d_moe_x_sorted", {R, C});
     acts_.reserve("d_moe_pre", {R, d.fc1_rows()});
     acts_.reserve("d_moe_act", {R, d.expert_hidden});
@@ -151,10 +148,33 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
     sinusoidal_table(table.data(), T, C);
     backend_.upload(acts_.view("sinusoidal").data, table.data(), T * C);
   }
-  int64_t experts_total = 0;
+  int64_t sums = 0;  // 2E per MoE block
   for (int64_t i = 0; i < config.n_layers; ++i)
-    if (config.moe.is_moe_layer(i)) expert_sq_offset_[i] = 2 * config.moe.routed_experts() * experts_total++;
-  if (experts_total > 0) expert_dweight_sq_ = BackendArray<double>(backend_, 2 * config.moe.routed_experts() * experts_total);
+    if (plan_.blocks[i].moe) {
+      expert_sq_offset_[i] = sums;
+      sums += 2 * plan_.blocks[i].moe_dims.experts;
+    }
+  if (sums > 0) expert_dweight_sq_ = BackendArray<double>(backend_, sums);
+
+  // Typed views, once: names stay in the layout and the arena (checkpoint I/O, setup), not in forward/backward.
+  weights_ = weight_views(params_);
+  grad_views_ = weight_views(grads_);
+  const auto slot = [&](const std::string& name) { return acts_.has(name) ? acts_.view(name) : Tensor(); };
+  for (int64_t i = 0; i < config.n_layers; ++i) {
+    const std::string p = "layers." + std::to_string(i) + ".";
+    blocks_.push_back({slot(p + "ln1"), slot(p + "ln1_mean"), slot(p + "ln1_rstd"), slot(p + "qkv"), slot(p + "probs"),
+                       slot(p + "atty"), slot(p + "res_att"), slot(p + "ln2"), slot(p + "ln2_mean"),
+                       slot(p + "ln2_rstd"), slot(p + "fc_pre"), slot(p + "fc_act"), slot(p + "res_ffn"),
+                       {slot(p + "moe_logits"), slot(p + "moe_probs"), slot(p + "moe_x_sorted"), slot(p + "moe_pre"),
+                        slot(p + "moe_act"), slot(p + "moe_y_sorted"), slot(p + "moe_shared_pre"),
+                        slot(p + "moe_shared_act")}});
+  }
+  buffers_ = {slot("embed"),   slot("lnf"),      slot("lnf_mean"), slot("lnf_rstd"), slot("logits"),
+              slot("losses"),  slot("d_res"),    slot("d_ln"),     slot("d_qkv"),    slot("d_probs"),
+              slot("d_atty"),  slot("d_fc_pre"), slot("d_fc_act"), slot("sinusoidal"),
+              {slot("d_moe_x_sorted"), slot("d_moe_pre"), slot("d_moe_act"), slot("d_moe_y_sorted"),
+               slot("d_moe_weight"), slot("d_moe_logits"), slot("d_moe_shared_pre"), slot("d_moe_shared_act"),
+               slot("moe_ones")}};
 }
 
 Transformer::~Transformer() {
@@ -193,7 +213,7 @@ void Transformer::zero_grad() {
   }
 }
 
-Tensor Transformer::logits() const { return act("logits"); }
+Tensor Transformer::logits() const { return window(buffers_.logits); }
 
 std::vector<float> Transformer::download_logits() {
   const Tensor t = logits();
@@ -230,7 +250,7 @@ double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64
   if (counted_ == 0) return 0.0;
   be.upload(targets_.data(), targets, batch * T);
   const float grad_scale = backward_scale / static_cast<float>(counted_);
-  const double loss_sum = cross_entropy_forward_backward(be, logits, act("losses"), targets_.data(), grad_scale, saved);
+  const double loss_sum = cross_entropy_forward_backward(be, logits, window(buffers_.losses), targets_.data(), grad_scale, saved);
   return loss_sum / static_cast<double>(counted_);
 }
 
@@ -267,22 +287,20 @@ Tensor Transformer::forward_window(SavedOperands* saved, int64_t first_position)
   const auto& m = config_;
   const int64_t C = m.d_model;
   const float eps = static_cast<float>(m.norm_eps);
-  Tensor pos = m.pos == PosKind::Learned      ? layout_.view(params_, "pos_emb.weight")
-               : m.pos == PosKind::Sinusoidal ? acts_.view("sinusoidal")
-                                              : Tensor();
+  Tensor pos = m.pos == PosKind::Learned ? weights_.pos_emb : m.pos == PosKind::Sinusoidal ? buffers_.sinusoidal : Tensor();
   if (!pos.empty()) pos = Tensor(pos.data + first_position * C, {pos.dim(0) - first_position, C});
-  embedding_forward(be, act("embed"), tokens_.data(), layout_.view(params_, "tok_emb.weight"), pos);
-  Tensor residual = act("embed");
+  embedding_forward(be, window(buffers_.embed), tokens_.data(), weights_.tok_emb, pos);
+  Tensor residual = window(buffers_.embed);
   for (int64_t i = 0; i < m.n_layers; ++i) {
     block_forward(i, residual, saved, first_position);
-    residual = act("res_ffn", i);
+    residual = window(blocks_[i].res_ffn);
   }
-  Tensor lnf = act("lnf");
+  Tensor lnf = window(buffers_.lnf);
   if (saved) saved->hold_next(lnf.data, lnf.numel(), /*operands_only=*/true);  // the head's products
-  norm_forward(be, m.norm, lnf, act("lnf_mean"), act("lnf_rstd"), residual, layout_.view(params_, "final_norm.weight"),
-               layout_.view_or_empty(params_, "final_norm.bias"), eps);
-  Tensor head = layout_.view(params_, m.tied_embeddings ? "tok_emb.weight" : "lm_head.weight");
-  Tensor logits = act("logits");
+  norm_forward(be, m.norm, lnf, window(buffers_.lnf_mean), window(buffers_.lnf_rstd), residual, weights_.final_norm_w,
+               weights_.final_norm_b, eps);
+  const Tensor head = weights_.head;
+  Tensor logits = window(buffers_.logits);
   linear_forward(be, logits, lnf, head, Tensor());
   return logits;
 }
@@ -293,15 +311,15 @@ void Transformer::block_forward(int64_t i, Tensor residual, SavedOperands* saved
   Backend& be = backend_;
   const auto& m = config_;
   const float eps = static_cast<float>(m.norm_eps);
-  const LayerWeights w = layer_weights(params_, i);
-  Tensor ln1 = act("ln1", i), qkv = act("qkv", i), atty = act("atty", i), res_att = act("res_att", i);
+  const BlockWeights& w = weights_.blocks[i];
+  Tensor ln1 = window(blocks_[i].ln1), qkv = window(blocks_[i].qkv), atty = window(blocks_[i].atty), res_att = window(blocks_[i].res_att);
   if (saved) saved->hold_next(ln1.data, ln1.numel(), /*operands_only=*/true);  // the qkv products, both passes
-  norm_forward(be, m.norm, ln1, act("ln1_mean", i), act("ln1_rstd", i), residual, w.norm1_w, w.norm1_b, eps);
+  norm_forward(be, m.norm, ln1, window(blocks_[i].ln1_mean), window(blocks_[i].ln1_rstd), residual, w.norm1_w, w.norm1_b, eps);
   linear_forward(be, qkv, ln1, w.qkv_w, w.qkv_b);
   if (decode_position_ < 0) {
     const AttentionShape attn{batch_, seq_, m.d_model, m.n_heads, m.pos == PosKind::Rope,
                               static_cast<float>(m.rope_theta)};
-    attention_forward(be, attn, atty, act("probs", i), qkv, saved);
+    attention_forward(be, attn, atty, window(blocks_[i].probs), qkv, saved);
   } else {
     cached_attention(i, atty, qkv, first_position);
   }
@@ -309,19 +327,19 @@ void Transformer::block_forward(int64_t i, Tensor residual, SavedOperands* saved
   be.copy(res_att.data, residual.data, res_att.numel());
   linear_forward(be, res_att, atty, w.out_w, w.out_b, /*accumulate_out=*/true);
 
-  Tensor ln2 = act("ln2", i), res_ffn = act("res_ffn", i);
+  Tensor ln2 = window(blocks_[i].ln2), res_ffn = window(blocks_[i].res_ffn);
   // An MoE layer's router and dispatch read its input as fp32; a dense FFN only multiplies by it.
-  if (saved) saved->hold_next(ln2.data, ln2.numel(), /*operands_only=*/!m.moe.is_moe_layer(i));
-  norm_forward(be, m.norm, ln2, act("ln2_mean", i), act("ln2_rstd", i), res_att, w.norm2_w, w.norm2_b, eps);
+  if (saved) saved->hold_next(ln2.data, ln2.numel(), /*operands_only=*/!plan_.blocks[i].moe);
+  norm_forward(be, m.norm, ln2, window(blocks_[i].ln2_mean), window(blocks_[i].ln2_rstd), res_att, w.norm2_w, w.norm2_b, eps);
   be.copy(res_ffn.data, res_att.data, res_ffn.numel());
-  if (m.moe.is_moe_layer(i)) {
-    const MoeDims d = moe_dims();
+  if (plan_.blocks[i].moe) {
+    const MoeDims d = moe_dims(i);
     const Shape flat{d.tokens(), m.d_model};
-    moe_forward(be, d, res_ffn.reshaped(flat), ln2.reshaped(flat), moe_weights(params_, i), moe_activations(i),
+    moe_forward(be, d, res_ffn.reshaped(flat), ln2.reshaped(flat), weights_.blocks[i].moe, moe_activations(i),
                 routing_[i], moe_stats_[i], saved);
     aux_loss_ += d.aux_loss_weight * moe_stats_[i].aux_loss + d.z_loss_weight * moe_stats_[i].z_loss;
   } else {
-    mlp_forward(be, m.ffn, res_ffn, act("fc_pre", i), act("fc_act", i), ln2, w.fc1_w, w.fc1_b, w.fc2_w, w.fc2_b,
+    mlp_forward(be, m.ffn, res_ffn, window(blocks_[i].fc_pre), window(blocks_[i].fc_act), ln2, w.fc1_w, w.fc1_b, w.fc2_w, w.fc2_b,
                 saved);
   }
 }
@@ -338,7 +356,7 @@ void Transformer::cached_attention(int64_t i, Tensor atty, Tensor qkv, int64_t t
   be.copy(keys + t * C, qkv.data + C, C);
   be.copy(values + t * C, qkv.data + 2 * C, C);
   // scores (H, t+1) = q_h (1, hd) @ K_h (t+1, hd)^T per head, in the probabilities' slot (H * T >= H * (t+1))
-  float* scores = act("probs", i).data;
+  float* scores = window(blocks_[i].probs).data;
   be.gemm_strided_batched(Trans::N, Trans::T, 1, t + 1, hd, 1.f, qkv.data, 3 * C, hd, keys, C, hd, 0.f, scores, t + 1,
                           t + 1, H);
   be.softmax_rows(scores, H, t + 1, 1.f / std::sqrt(static_cast<float>(hd)));
@@ -357,48 +375,45 @@ void Transformer::backward() {
   const bool acc = grad_state_ == GradState::Accumulated;
   grad_state_ = GradState::Accumulated;
   // Output head: d_logits already holds the scaled gradient (written by the fused cross-entropy).
-  Tensor d_res = act("d_res");
-  Tensor d_ln = act("d_ln");
-  const char* head_name = m.tied_embeddings ? "tok_emb.weight" : "lm_head.weight";
+  Tensor d_res = window(buffers_.d_res);
+  Tensor d_ln = window(buffers_.d_ln);
   // A tied head's gradient is the embedding table's (ParamKind::Embedding, zeroed by the optimizer): added to.
-  linear_backward(be, d_ln, layout_.view(grads_, head_name), Tensor(), act("logits"), act("lnf"),
-                  layout_.view(params_, head_name), /*accumulate_din=*/false, acc || m.tied_embeddings);
-  Tensor last = m.n_layers > 0 ? act("res_ffn", m.n_layers - 1) : act("embed");
+  linear_backward(be, d_ln, grad_views_.head, Tensor(), window(buffers_.logits), window(buffers_.lnf),
+                  weights_.head, /*accumulate_din=*/false, acc || m.tied_embeddings);
+  Tensor last = m.n_layers > 0 ? window(blocks_[m.n_layers - 1].res_ffn) : window(buffers_.embed);
   be.fill(d_res.data, 0.f, d_res.numel());
-  norm_backward(be, m.norm, d_res, layout_.view(grads_, "final_norm.weight"),
-                layout_.view_or_empty(grads_, "final_norm.bias"), d_ln, last,
-                layout_.view(params_, "final_norm.weight"), act("lnf_mean"), act("lnf_rstd"));
+  norm_backward(be, m.norm, d_res, grad_views_.final_norm_w, grad_views_.final_norm_b, d_ln, last, weights_.final_norm_w, window(buffers_.lnf_mean), window(buffers_.lnf_rstd));
 
   // d_res carries the gradient of the residual stream down through the blocks.
   for (int64_t i = m.n_layers - 1; i >= 0; --i) {
-    const LayerWeights w = layer_weights(params_, i);
-    const LayerWeights g = layer_weights(grads_, i);
-    Tensor layer_in = i > 0 ? act("res_ffn", i - 1) : act("embed");
-    Tensor res_att = act("res_att", i);
+    const BlockWeights& w = weights_.blocks[i];
+    const BlockWeights& g = grad_views_.blocks[i];
+    Tensor layer_in = i > 0 ? window(blocks_[i - 1].res_ffn) : window(buffers_.embed);
+    Tensor res_att = window(blocks_[i].res_att);
 
     // FFN branch: res_ffn = res_att + mlp(norm2(res_att))
     be.fill(d_ln.data, 0.f, d_ln.numel());
-    if (m.moe.is_moe_layer(i)) {
+    if (plan_.blocks[i].moe) {
       const Shape flat{batch_ * T, m.d_model};
-      moe_backward(be, moe_dims(), d_ln.reshaped(flat), moe_weights(grads_, i), d_res.reshaped(flat),
-                   act("ln2", i).reshaped(flat), moe_weights(params_, i), moe_activations(i), moe_scratch(),
+      moe_backward(be, moe_dims(i), d_ln.reshaped(flat), grad_views_.blocks[i].moe, d_res.reshaped(flat),
+                   window(blocks_[i].ln2).reshaped(flat), weights_.blocks[i].moe, moe_activations(i), moe_scratch(i),
                    routing_[i], backward_scale_, acc, expert_dweight_sq_.data() + expert_sq_offset_[i]);
     } else {
-      mlp_backward(be, m.ffn, d_ln, g.fc1_w, g.fc1_b, g.fc2_w, g.fc2_b, act("d_fc_pre"), act("d_fc_act"), d_res,
-                   act("ln2", i), act("fc_pre", i), act("fc_act", i), w.fc1_w, w.fc2_w, acc);
+      mlp_backward(be, m.ffn, d_ln, g.fc1_w, g.fc1_b, g.fc2_w, g.fc2_b, window(buffers_.d_fc_pre), window(buffers_.d_fc_act), d_res,
+                   window(blocks_[i].ln2), window(blocks_[i].fc_pre), window(blocks_[i].fc_act), w.fc1_w, w.fc2_w, acc);
     }
-    norm_backward(be, m.norm, d_res, g.norm2_w, g.norm2_b, d_ln, res_att, w.norm2_w, act("ln2_mean", i),
-                  act("ln2_rstd", i));
+    norm_backward(be, m.norm, d_res, g.norm2_w, g.norm2_b, d_ln, res_att, w.norm2_w, window(blocks_[i].ln2_mean),
+                  window(blocks_[i].ln2_rstd));
 
     // Attention branch: res_att = layer_in + out_proj(attention(qkv(norm1(layer_in))))
-    Tensor d_atty = act("d_atty"), d_qkv = act("d_qkv");
-    linear_backward(be, d_atty, g.out_w, g.out_b, d_res, act("atty", i), w.out_w, /*accumulate_din=*/false, acc);
-    attention_backward(be, attn, d_qkv, act("d_probs"), d_atty, act("probs", i), act("qkv", i));
-    linear_backward(be, d_ln, g.qkv_w, g.qkv_b, d_qkv, act("ln1", i), w.qkv_w, /*accumulate_din=*/false, acc);
-    norm_backward(be, m.norm, d_res, g.norm1_w, g.norm1_b, d_ln, layer_in, w.norm1_w, act("ln1_mean", i),
-                  act("ln1_rstd", i));
+    Tensor d_atty = window(buffers_.d_atty), d_qkv = window(buffers_.d_qkv);
+    linear_backward(be, d_atty, g.out_w, g.out_b, d_res, window(blocks_[i].atty), w.out_w, /*accumulate_din=*/false, acc);
+    attention_backward(be, attn, d_qkv, window(buffers_.d_probs), d_atty, window(blocks_[i].probs), window(blocks_[i].qkv));
+    linear_backward(be, d_ln, g.qkv_w, g.qkv_b, d_qkv, window(blocks_[i].ln1), w.qkv_w, /*accumulate_din=*/false, acc);
+    norm_backward(be, m.norm, d_res, g.norm1_w, g.norm1_b, d_ln, layer_in, w.norm1_w, window(blocks_[i].ln1_mean),
+                  window(blocks_[i].ln1_rstd));
   }
-  embedding_backward(be, layout_.view(grads_, "tok_emb.weight"), layout_.view_or_empty(grads_, "pos_emb.weight"),
+  embedding_backward(be, grad_views_.tok_emb, grad_views_.pos_emb,
                      tokens_.data(), d_res);
   saved_.release();
   expert_sq_valid_ = true;
@@ -415,14 +430,14 @@ double Transformer::grad_sum_squares() {
   if (!expert_sq.empty())
     for (int64_t i = 0; i < config_.n_layers; ++i) {
       if (expert_sq_offset_[i] < 0) continue;
-      const std::string p = "layers." + std::to_string(i) + ".moe.experts.";
-      const int64_t E = config_.moe.routed_experts();
+      const int64_t E = plan_.blocks[i].moe_dims.experts;
       const double* layer_sq = expert_sq.data() + expert_sq_offset_[i];
       for (int which = 0; which < 2; ++which) {
-        const ParamEntry& e = layout_.find(p + (which == 0 ? "fc1.weight" : "fc2.weight"));
-        total += backend_.sum_squares(grads_ + run, e.offset - run);
+        const Tensor& g = which == 0 ? grad_views_.blocks[i].moe.fc1_w : grad_views_.blocks[i].moe.fc2_w;
+        const int64_t offset = g.data - grads_;
+        total += backend_.sum_squares(grads_ + run, offset - run);
         for (int64_t x = 0; x < E; ++x) total += layer_sq[2 * x + which];
-        run = e.offset + e.shape.numel();
+        run = offset + g.numel();
       }
     }
   return total + backend_.sum_squares(grads_ + run, layout_.total() - run);

@@ -9,6 +9,7 @@
 #include "backend/arena.h"
 #include "config/config.h"
 #include "model/param_layout.h"
+#include "model/plan.h"
 #include "moe/moe.h"
 
 namespace moelab {
@@ -87,26 +88,46 @@ class Transformer {
   int64_t counted_positions() const { return counted_; }
 
  private:
-  struct LayerWeights;
-  LayerWeights layer_weights(float* base, int64_t layer) const;
-  Tensor act(const std::string& name, int64_t layer = -1) const;
-  MoeDims moe_dims() const;  // of the current window
+  // Typed views, built once at construction: each block's parameters (or gradients), each block's saved
+  // activations and the shared buffers at full (max_batch, seq_len) size. window() cuts the current window.
+  struct BlockWeights {
+    Tensor norm1_w, norm1_b, qkv_w, qkv_b, out_w, out_b, norm2_w, norm2_b, fc1_w, fc1_b, fc2_w, fc2_b;
+    MoeWeights moe;  // MoE blocks (fc1/fc2 above empty)
+  };
+  struct ModelWeights {
+    Tensor tok_emb, pos_emb, final_norm_w, final_norm_b, head;
+    std::vector<BlockWeights> blocks;
+  };
+  struct BlockActivations {
+    Tensor ln1, ln1_mean, ln1_rstd, qkv, probs, atty, res_att, ln2, ln2_mean, ln2_rstd, fc_pre, fc_act, res_ffn;
+    MoeActivations moe;  // MoE blocks (fc_pre, fc_act empty)
+  };
+  struct Buffers {
+    Tensor embed, lnf, lnf_mean, lnf_rstd, logits, losses;                  // forward
+    Tensor d_res, d_ln, d_qkv, d_probs, d_atty, d_fc_pre, d_fc_act;        // backward scratch, shared by blocks
+    Tensor sinusoidal;                                                      // (T, C) fixed table, or empty
+    MoeScratch moe;
+  };
+  ModelWeights weight_views(float* base) const;
+  Tensor window(Tensor full) const;
+  MoeDims moe_dims(int64_t block) const;  // of the current window
+  MoeActivations moe_activations(int64_t block) const;
+  MoeScratch moe_scratch(int64_t block) const;
   Tensor forward_window(SavedOperands* saved, int64_t first_position);
   void block_forward(int64_t layer, Tensor residual, SavedOperands* saved, int64_t first_position);
   void cached_attention(int64_t layer, Tensor atty, Tensor qkv, int64_t position);
-  MoeWeights moe_weights(float* base, int64_t layer) const;
-  MoeActivations moe_activations(int64_t layer) const;
-  MoeScratch moe_scratch() const;
-  // A (rows, cols) view of the start of an arena slot sized for the most rows any batch can dispatch.
-  Tensor rows_view(const std::string& name, int64_t rows) const;
 
   ModelConfig config_;
+  ModelPlan plan_;
   Backend& backend_;
   ParamLayout layout_;
   int64_t max_batch_;
   float* params_ = nullptr;
   float* grads_ = nullptr;
   Arena acts_;
+  ModelWeights weights_, grad_views_;
+  std::vector<BlockActivations> blocks_;
+  Buffers buffers_;
   BackendArray<int32_t> tokens_, targets_;  // (max_batch, seq_len) of the last forward, uploaded
   int64_t batch_ = 0;
   int64_t seq_ = 0;                 // positions per sequence in the current window: seq_len, or 1 when decoding

@@ -11,7 +11,7 @@
 
 #include "backend/backend.h"
 #include "core/tensor.h"
-#include "config/config.h"
+#include "config/kinds.h"
 
 namespace moelab {
 
@@ -30,7 +30,6 @@ struct MoeDims {
   float z_loss_weight = 0;
   bool expert_grad_scale = false;
 
-  static MoeDims from(const ModelConfig& m, int64_t batch);
   int64_t tokens() const { return batch * seq; }
   int64_t fc1_rows() const { return ffn == FfnKind::SwiGLU ? 2 * expert_hidden : expert_hidden; }
   int64_t shared_fc1_rows() const { return ffn == FfnKind::SwiGLU ? 2 * shared_hidden : shared_hidden; }

@@ -1,4 +1,4 @@
-// The route seam: MoE dimensions from the config, the routing buffers, and the call into the backend's routing
+// The route seam: the MoE dims' derived sizes, the routing buffers, and the call into the backend's routing
 // kernels (Backend::route; the CPU's are in backend/cpu/routing.cpp).
 #include <algorithm>
 #include <cmath>
@@ -7,26 +7,6 @@
 #include "moe/moe.h"
 
 namespace moelab {
-
-MoeDims MoeDims::from(const ModelConfig& m, int64_t batch) {
-  MoeDims d;
-  d.batch = batch;
-  d.seq = m.seq_len;
-  d.d_model = m.d_model;
-  d.experts = m.moe.routed_experts();
-  d.top_k = m.moe.active_experts();
-  d.expert_hidden = m.expert_hidden();
-  d.shared_hidden = m.moe.shared_experts * m.expert_hidden();
-  d.ffn = m.ffn;
-  d.router = m.moe.router;
-  d.capacity_factor = m.moe.capacity_factor;
-  d.renormalize = m.moe.renormalize;
-  d.bias = m.bias;
-  d.aux_loss_weight = static_cast<float>(m.moe.aux_loss_weight);
-  d.z_loss_weight = static_cast<float>(m.moe.z_loss_weight);
-  d.expert_grad_scale = m.moe.expert_grad_scale;
-  return d;
-}
 
 int64_t MoeDims::token_choice_capacity() const {
   if (capacity_factor <= 0) return 0;

@@ -15,6 +15,7 @@
 #include "backend/peak.h"
 #include "model/flops.h"
 #include "model/count.h"
+#include "model/plan.h"
 #include "optim/schedule.h"
 
 namespace moelab {
@@ -229,7 +230,7 @@ TrainSummary run_training(const Config& config, std::ostream& log, bool resume) 
                   "sparsity S = %.3f; parameters %.2fM total, %.2fM active\n",
                   static_cast<long>(moe_layers), static_cast<long>(config.model.n_layers),
                   to_string(moe.router).c_str(), static_cast<long>(moe.routed_experts()),
-                  static_cast<long>(config.model.expert_hidden()), static_cast<long>(moe.granularity),
+                  static_cast<long>(ModelPlan(config.model).expert_hidden), static_cast<long>(moe.granularity),
                   static_cast<long>(moe.active_experts()), static_cast<long>(moe.shared_experts), moe.sparsity(),
                   trainer.model().num_params() / 1e6, active / 1e6);
     log << line << std::flush;
