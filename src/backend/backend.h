@@ -354,12 +354,14 @@ class BackendArray {
   ~BackendArray() { reset(); }
   BackendArray(BackendArray&& o) noexcept : backend_(o.backend_), data_(o.data_), count_(o.count_) {
     o.data_ = nullptr;
+    o.count_ = 0;
   }
   BackendArray& operator=(BackendArray&& o) noexcept {
     if (this != &o) {
       reset();
       backend_ = o.backend_, data_ = o.data_, count_ = o.count_;
       o.data_ = nullptr;
+      o.count_ = 0;
     }
     return *this;
   }

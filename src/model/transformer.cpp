@@ -366,6 +366,8 @@ void Transformer::cached_attention(int64_t i, Tensor atty, Tensor qkv, int64_t t
 }
 
 void Transformer::backward() {
+  MOELAB_CHECK(decode_position_ < 0, "backward() after decode(): the activations hold a decoded position; run "
+               "forward() first");
   Backend& be = backend_;
   const auto& m = config_;
   const int64_t T = m.seq_len;

@@ -72,6 +72,8 @@ class Transformer {
   // starts at position 0 (and allocates the KV cache, (n_layers, seq_len, C) keys and values, on first use);
   // decode(token) feeds `token` at the next position, attending to the cached keys and values of the positions
   // before it, and leaves the logits for the position after it in logits() (1, 1, V). A forward() ends decoding.
+  // MoE blocks route the one token on its own: token choice never drops it and expert choice gives it to every
+  // expert (capacity 1 of a group of 1), so decoding equals a batch-1 forward when that forward drops nothing.
   void decode_reset();
   void decode(int32_t token);
   int64_t decode_position() const { return decode_position_; }

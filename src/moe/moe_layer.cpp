@@ -135,7 +135,7 @@ void compute_stats(Backend& be, const MoeDims& d, const float* logits, const flo
 
 void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const MoeWeights& w, const MoeActivations& a,
                  Routing& r, MoeStats& stats, SavedOperands* saved) {
-  const int64_t n = d.tokens(), C = d.d_model, E = d.experts;
+  const int64_t n = d.tokens(), C = d.d_model;
   MOELAB_CHECK(in.rows() == n && in.cols() == C, "MoE input " + in.shape.str());
   // route (fp32 whatever the matmul precision: top-k decisions and the balancing losses are sensitive to it)
   {

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -29,7 +30,7 @@ class StrictBackend final : public Backend {
     if (base_ == MAP_FAILED) throw Error("cpu-strict: cannot reserve address space for backend memory");
     top_ = base_;
   }
-  ~StrictBackend() override { if (getenv("MOELAB_STRICT_DEBUG")) fprintf(stderr, "strict: %zu bytes used, %ld opens\n", (size_t)(top_ - base_), (long)opens_); munmap(base_, kReserve); }
+  ~StrictBackend() override { munmap(base_, kReserve); }
 
   std::string name() const override { return "cpu-strict"; }
 
@@ -345,16 +346,23 @@ class StrictBackend final : public Backend {
 
  private:
   static constexpr size_t kReserve = size_t{1} << 38;  // 256 GiB of address space, committed as used
-  static constexpr size_t kPage = 4096;
+  const size_t kPage = static_cast<size_t>(sysconf(_SC_PAGESIZE));
 
   // The used part of the range is readable and writable for the lifetime of an Open (one backend call).
   class Open {
    public:
     explicit Open(StrictBackend& b) : b_(b) {
-      if (b_.depth_++ == 0) { ++b_.opens_; b_.protect(PROT_READ | PROT_WRITE); }
+      if (b_.depth_ == 0) {
+        b_.protect(PROT_READ | PROT_WRITE);  // throws before the depth counts this scope
+      }
+      ++b_.depth_;
     }
+    // Closing must not fail quietly (the strict checks would be off from then on) nor throw from a destructor.
     ~Open() {
-      if (--b_.depth_ == 0) b_.protect(PROT_NONE);
+      if (--b_.depth_ == 0 && !b_.try_protect(PROT_NONE)) {
+        std::fprintf(stderr, "cpu-strict: mprotect(PROT_NONE) failed; cannot keep backend memory closed\n");
+        std::abort();
+      }
     }
     Open(const Open&) = delete;
     Open& operator=(const Open&) = delete;
@@ -365,11 +373,14 @@ class StrictBackend final : public Backend {
   // Only live allocations change protection (freed blocks stay PROT_NONE), adjacent ones in one call: the cost of
   // mprotect grows with the pages it touches.
   void protect(int prot) {
+    if (!try_protect(prot)) throw Error("cpu-strict: mprotect failed (too many mappings? see vm.max_map_count)");
+  }
+  bool try_protect(int prot) {
     char* run_begin = nullptr;
     char* run_end = nullptr;
+    bool ok = true;
     const auto flush = [&] {
-      if (run_begin && mprotect(run_begin, static_cast<size_t>(run_end - run_begin), prot) != 0)
-        throw Error("cpu-strict: mprotect failed");
+      if (run_begin && mprotect(run_begin, static_cast<size_t>(run_end - run_begin), prot) != 0) ok = false;
     };
     for (const auto& [p, size] : sizes_) {
       if (p != run_end) {
@@ -379,6 +390,7 @@ class StrictBackend final : public Backend {
       run_end = p + size;
     }
     flush();
+    return ok;
   }
   // Within a live allocation (a freed block's memory counts as outside).
   bool inside(const void* p) const {
@@ -407,7 +419,6 @@ class StrictBackend final : public Backend {
   char* base_ = nullptr;
   char* top_ = nullptr;
   int depth_ = 0;
-  int64_t opens_ = 0;
   std::map<char*, size_t> sizes_;        // live allocations
   std::multimap<size_t, char*> free_;    // freed blocks by size, reused best-fit
 };
