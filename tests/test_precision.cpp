@@ -5,6 +5,7 @@
 #include <cstring>
 #include <tuple>
 #include <filesystem>
+#include <utility>
 
 #include "backend/backend.h"
 #include "backend/peak.h"
@@ -63,79 +64,133 @@ TEST(Precision, Bf16RoundingIsTheSameInVectorBodyAndTail) {
   EXPECT_EQ(c[1], 1.f + std::ldexp(1.f, -6));
 }
 
-// Backend::hold_constant: a held operand's bf16 copy is reused, with the same result as rounding it again; after
-// the release a changed operand is rounded afresh (no stale copy); a product writing into a held region is refused.
-TEST(Precision, HeldOperandsAreReusedNeverStale) {
+// The CPU backend keeps the bf16 copy of an operand in backend memory and reuses it, with the same result as
+// rounding it again, until it sees the memory written: by an upload, by a kernel (a product's output, an
+// elementwise write over part of it), or freed and allocated again. Host memory handed to a kernel is never cached.
+TEST(Precision, ReusedOperandCopiesAreNeverStale) {
   auto be = make_backend("cpu", 2);
   be->set_matmul_precision(Precision::BF16);
   Rng rng(5);
   for (const auto& [m, n, k] : {std::tuple<int64_t, int64_t, int64_t>{64, 128, 192}, {37, 29, 70}}) {
-    std::vector<float> a(m * k), b(k * n), fresh(m * n), first(m * n), reused(m * n), oracle(m * n);
+    std::vector<float> a(m * k), b(k * n);
     testing::fill_normal(a.data(), a.size(), rng);
     testing::fill_normal(b.data(), b.size(), rng);
-    be->gemm(Trans::N, Trans::N, m, n, k, 1.f, a.data(), k, b.data(), n, 0.f, fresh.data(), n);
-    {
-      const ConstantOperands hold(*be, a.data(), m * k);
-      be->gemm(Trans::N, Trans::N, m, n, k, 1.f, a.data(), k, b.data(), n, 0.f, first.data(), n);
-      be->gemm(Trans::N, Trans::N, m, n, k, 1.f, a.data(), k, b.data(), n, 0.f, reused.data(), n);
-      EXPECT_THROW(be->gemm(Trans::N, Trans::N, m, n, k, 1.f, b.data(), n, b.data(), n, 0.f, a.data(), n), Error)
-          << "a product wrote into a held region";
-    }
-    EXPECT_EQ(first, fresh);
-    EXPECT_EQ(reused, fresh);
-    for (auto& x : a) x = -2.f * x;  // released: the next product must see the new values
-    {
-      const ConstantOperands hold(*be, a.data(), m * k);
-      be->gemm(Trans::N, Trans::N, m, n, k, 1.f, a.data(), k, b.data(), n, 0.f, first.data(), n);
-    }
-    naive_gemm(Trans::N, Trans::N, m, n, k, 1.f, a.data(), k, b.data(), n, 0.f, oracle.data(), n, /*bf16=*/true);
-    for (int64_t x = 0; x < m * n; ++x)
-      ASSERT_NEAR(first[x], oracle[x], 1e-5 * (1 + std::fabs(oracle[x])) * std::sqrt(double(k))) << "stale copy";
+    BackendArray<float> da(*be, m * k), db(*be, k * n), dc(*be, m * n);
+    be->upload(da.data(), a.data(), m * k);
+    be->upload(db.data(), b.data(), k * n);
+    // the oracle: the same product on host memory, rounded afresh each time
+    auto expected = [&](const std::vector<float>& host_a) {
+      std::vector<float> c(m * n);
+      be->gemm(Trans::N, Trans::N, m, n, k, 1.f, host_a.data(), k, b.data(), n, 0.f, c.data(), n);
+      return c;
+    };
+    auto product = [&] {
+      be->gemm(Trans::N, Trans::N, m, n, k, 1.f, da.data(), k, db.data(), n, 0.f, dc.data(), n);
+      return be->download_vector(dc.data(), m * n);
+    };
+    EXPECT_EQ(product(), expected(a));
+    EXPECT_EQ(product(), expected(a)) << "reused copy";
+    for (auto& x : a) x = -2.f * x;
+    be->upload(da.data(), a.data(), m * k);
+    EXPECT_EQ(product(), expected(a)) << "stale copy after an upload";
+    be->scale(da.data() + k, 0.5f, k);  // one row, by a kernel
+    for (int64_t j = 0; j < k; ++j) a[k + j] *= 0.5f;
+    EXPECT_EQ(product(), expected(a)) << "stale copy after a kernel wrote part of it";
+    // a product writing over an operand: A = C (M x N) @ B^T-shaped (N x K), then A is read again
+    BackendArray<float> de(*be, n * k);
+    be->upload(de.data(), b.data(), n * k);
+    be->gemm(Trans::N, Trans::N, m, k, n, 0.125f, dc.data(), n, de.data(), k, 0.f, da.data(), k);
+    a = be->download_vector(da.data(), m * k);
+    EXPECT_EQ(product(), expected(a)) << "stale copy after a product wrote into it";
+    // host memory is never cached: changed behind the backend's back, it is still read afresh
+    std::vector<float> host = a, c1(m * n), c2(m * n);
+    be->gemm(Trans::N, Trans::N, m, n, k, 1.f, host.data(), k, b.data(), n, 0.f, c1.data(), n);
+    for (auto& x : host) x += 1.f;
+    be->gemm(Trans::N, Trans::N, m, n, k, 1.f, host.data(), k, b.data(), n, 0.f, c2.data(), n);
+    for (auto& x : a) x += 1.f;
+    EXPECT_EQ(c2, expected(a)) << "host memory served from a stale copy";
+  }
+  // freed and allocated again (the same address, likely): the new contents count
+  std::vector<float> ones(64 * 64, 1.f), twos(64 * 64, 2.f), out(64 * 64);
+  BackendArray<float> c(*be, 64 * 64);
+  for (int round = 0; round < 3; ++round) {
+    BackendArray<float> x(*be, 64 * 64);
+    be->upload(x.data(), round % 2 ? twos.data() : ones.data(), 64 * 64);
+    be->gemm(Trans::N, Trans::N, 64, 64, 64, 1.f, x.data(), 64, x.data(), 64, 0.f, c.data(), 64);
+    be->download(out.data(), c.data(), 64 * 64);
+    EXPECT_EQ(out[0], round % 2 ? 256.f : 64.f) << "round " << round;
   }
 }
 
-// A region held operands-only (Backend::hold_next_output) may never get its fp32 values: its producer keeps only the
-// bf16 copy. Products must still see exactly the values written the ordinary way, for dense blocks of the region
-// (served from the copy) and for strided ones (packed from the copy, not from the unwritten fp32 memory).
-TEST(Precision, OperandsOnlyRegionsFeedProductsTheWrittenValues) {
+// A MatmulOperandOnly region (Backend::declare_use) may never get its fp32 values: its producer keeps only the bf16
+// copy. Products must still see exactly the values written the ordinary way, for dense blocks of the region (served
+// from the copy) and for strided ones (packed from the copy, not from the unwritten fp32 memory); a product at fp32
+// precision or a download of such values is refused; a later ordinary write brings the fp32 values back.
+TEST(Precision, OperandOnlyRegionsFeedProductsTheWrittenValues) {
   Rng rng(17);
   const int64_t rows = 96, cols = 80, n = 24;
   std::vector<float> pre(rows * cols), dact(rows * cols), b(cols * n), src(40 * cols), scale(rows);
   for (auto* v : {&pre, &dact, &b, &src, &scale}) testing::fill_normal(v->data(), v->size(), rng);
   std::vector<int32_t> index(rows);
   for (auto& i : index) i = static_cast<int32_t>(rng.below(40));
-  // every producer that honours operands_only, writing the region `out` from `pre` / `src`
-  const std::vector<std::function<void(Backend&, float*)>> producers = {
-      [&](Backend& be, float* out) { be.gelu_forward(out, pre.data(), rows * cols); },
-      [&](Backend& be, float* out) { be.gelu_backward(out, pre.data(), dact.data(), rows * cols); },
-      [&](Backend& be, float* out) { be.gather_rows(out, src.data(), index.data(), nullptr, rows, cols); },
-      [&](Backend& be, float* out) { be.gather_rows(out, src.data(), index.data(), scale.data(), rows, cols); },
-      [&](Backend& be, float* out) {
-        std::vector<float> rstd(rows);
-        be.rmsnorm_forward(out, rstd.data(), pre.data(), scale.data(), rows, cols, 1e-5f);
+  // every producer that may skip the fp32 values, writing the region `out` from `pre` / `src` (backend copies)
+  struct Inputs {
+    BackendArray<float> pre, dact, b, src, scale, rstd;
+    BackendArray<int32_t> index;
+  };
+  const std::vector<std::function<void(Backend&, Inputs&, float*)>> producers = {
+      [&](Backend& be, Inputs& in, float* out) { be.gelu_forward(out, in.pre.data(), rows * cols); },
+      [&](Backend& be, Inputs& in, float* out) { be.gelu_backward(out, in.pre.data(), in.dact.data(), rows * cols); },
+      [&](Backend& be, Inputs& in, float* out) { be.gather_rows(out, in.src.data(), in.index.data(), nullptr, rows, cols); },
+      [&](Backend& be, Inputs& in, float* out) {
+        be.gather_rows(out, in.src.data(), in.index.data(), in.scale.data(), rows, cols);
+      },
+      [&](Backend& be, Inputs& in, float* out) {
+        be.rmsnorm_forward(out, in.rstd.data(), in.pre.data(), in.scale.data(), rows, cols, 1e-5f);
       },
   };
   for (size_t p = 0; p < producers.size(); ++p) {
     auto be = make_backend("cpu", 2);
     be->set_matmul_precision(Precision::BF16);
-    std::vector<float> written(rows * cols), only(rows * cols, 7.f);
-    producers[p](*be, written.data());  // fp32 values, rounded by the products below
+    Inputs in{{*be, rows * cols}, {*be, rows * cols}, {*be, cols * n}, {*be, 40 * cols}, {*be, rows}, {*be, rows},
+              {*be, rows}};
+    be->upload(in.pre.data(), pre.data(), rows * cols);
+    be->upload(in.dact.data(), dact.data(), rows * cols);
+    be->upload(in.b.data(), b.data(), cols * n);
+    be->upload(in.src.data(), src.data(), 40 * cols);
+    be->upload(in.scale.data(), scale.data(), rows);
+    be->upload(in.index.data(), index.data(), rows);
+    BackendArray<float> written(*be, rows * cols), only(*be, rows * cols);
+    std::vector<float> sevens(rows * cols, 7.f);
+    be->upload(only.data(), sevens.data(), rows * cols);
+    be->declare_use(only.data(), rows * cols, Backend::BufferUse::MatmulOperandOnly);
     // products over the whole region, a dense row block (op(A) = A, and A^T), and a strided block (40 x 40 of the
     // 80 columns)
     auto products = [&](const float* a) {
-      std::vector<float> c1(rows * n), c2(40 * n), c3(cols * n), c4(40 * n);
-      be->gemm(Trans::N, Trans::N, rows, n, cols, 1.f, a, cols, b.data(), n, 0.f, c1.data(), n);
-      be->gemm(Trans::N, Trans::N, 40, n, cols, 1.f, a + 16 * cols, cols, b.data(), n, 0.f, c2.data(), n);
-      be->gemm(Trans::T, Trans::N, cols, n, 32, 1.f, a + 8 * cols, cols, b.data(), n, 0.f, c3.data(), n);
-      be->gemm(Trans::N, Trans::N, 40, n, 40, 1.f, a + 16 * cols + 8, cols, b.data(), n, 0.f, c4.data(), n);
-      return std::vector<std::vector<float>>{c1, c2, c3, c4};
+      BackendArray<float> c1(*be, rows * n), c2(*be, 40 * n), c3(*be, cols * n), c4(*be, 40 * n);
+      be->gemm(Trans::N, Trans::N, rows, n, cols, 1.f, a, cols, in.b.data(), n, 0.f, c1.data(), n);
+      be->gemm(Trans::N, Trans::N, 40, n, cols, 1.f, a + 16 * cols, cols, in.b.data(), n, 0.f, c2.data(), n);
+      be->gemm(Trans::T, Trans::N, cols, n, 32, 1.f, a + 8 * cols, cols, in.b.data(), n, 0.f, c3.data(), n);
+      be->gemm(Trans::N, Trans::N, 40, n, 40, 1.f, a + 16 * cols + 8, cols, in.b.data(), n, 0.f, c4.data(), n);
+      return std::vector<std::vector<float>>{be->download_vector(c1.data(), rows * n),
+                                             be->download_vector(c2.data(), 40 * n),
+                                             be->download_vector(c3.data(), cols * n),
+                                             be->download_vector(c4.data(), 40 * n)};
     };
+    producers[p](*be, in, written.data());  // fp32 values, rounded by the products below
     const auto expected = products(written.data());
-    be->hold_next_output(only.data(), rows * cols, /*operands_only=*/true);
-    producers[p](*be, only.data());
-    const auto got = products(only.data());
-    be->release_constant(only.data());
-    for (size_t i = 0; i < expected.size(); ++i) EXPECT_EQ(got[i], expected[i]) << "producer " << p << ", product " << i;
+    producers[p](*be, in, only.data());
+    EXPECT_EQ(products(only.data()), expected) << "producer " << p;
+    EXPECT_THROW(be->download_vector(only.data(), rows * cols), Error) << "a download of bf16-only values";
+    {
+      const MatmulPrecisionScope fp32(*be, Precision::FP32);
+      BackendArray<float> c(*be, rows * n);
+      EXPECT_THROW(be->gemm(Trans::N, Trans::N, rows, n, cols, 1.f, only.data(), cols, in.b.data(), n, 0.f, c.data(), n),
+                   Error) << "an fp32 product of bf16-only values";
+    }
+    be->copy(only.data(), written.data(), rows * cols);  // an ordinary write: fp32 values again
+    EXPECT_EQ(be->download_vector(only.data(), rows * cols), be->download_vector(written.data(), rows * cols));
+    EXPECT_EQ(products(only.data()), expected);
   }
 }
 
@@ -266,13 +321,12 @@ TEST(Precision, Bf16TrainingTracksFp32AndIsDeterministic) {
   }
 }
 
-// Operand reuse (hold_constant and hold_next_output: the parameters as the optimizer writes them, each layer's
-// output gradient, the activations a training forward saves for its backward as their producers write them, the
-// logits gradient) must never change a result: bf16 training with it and with it turned off
-// (MOELAB_NO_OPERAND_REUSE) gives bitwise-equal losses, also across an evaluation and a write to the parameters
-// between steps, and bitwise-equal gradients after a training forward that was not followed by its backward (the
-// next forward releases and rewrites what the first one held; a stale copy would show here). Regions held
-// operands-only never get their fp32 values written under reuse: a kernel that read them would show here too.
+// Operand reuse (the parameters rounded as the optimizer writes them, each layer's output gradient, the activations
+// a training forward saves for its backward rounded as their producers write them, the logits gradient) must never
+// change a result: bf16 training with it and with it turned off (MOELAB_NO_OPERAND_REUSE) gives bitwise-equal
+// losses, also across an evaluation and a write to the parameters between steps, and bitwise-equal gradients after
+// a training forward that was not followed by its backward (a stale copy would show here). MatmulOperandOnly
+// buffers never get their fp32 values written under reuse: a kernel that read them would show here too.
 std::unique_ptr<Backend> backend_without_reuse(int threads) {
   ::setenv("MOELAB_NO_OPERAND_REUSE", "1", 1);
   auto be = make_backend("cpu", threads);
@@ -299,11 +353,8 @@ TEST(Precision, OperandReuseNeverChangesBf16Training) {
       const double a = with.step(data).loss, b = without.step(data).loss;
       ASSERT_EQ(a, b) << variant.back() << ": step " << s;
       if (s == 2) ASSERT_EQ(with.evaluate(data, 2), without.evaluate(data, 2)) << variant.back();
-      if (s == 3)  // a write through params() drops the optimizer's bf16 copies of the parameters
-        for (Trainer* t : {&with, &without}) {
-          float* p = t->model().params();
-          for (int64_t i = 0; i < t->model().num_params(); ++i) p[i] *= 0.75f;
-        }
+      if (s == 3)  // a kernel's write to the parameters drops the optimizer's bf16 copies of them
+        for (Trainer* t : {&with, &without}) t->model().backend().scale(t->model().params(), 0.75f, t->model().num_params());
     }
 
     Transformer m1(c.model, *reuse, 4), m2(c.model, *fresh, 4);
@@ -319,7 +370,8 @@ TEST(Precision, OperandReuseNeverChangesBf16Training) {
       m->forward(t2.data(), y.data(), 4, 1.f);
       m->backward();
     }
-    ASSERT_EQ(0, std::memcmp(m1.grads(), m2.grads(), sizeof(float) * m1.num_params())) << variant.back();
+    ASSERT_EQ(reuse->download_vector(std::as_const(m1).grads(), m1.num_params()),
+              fresh->download_vector(std::as_const(m2).grads(), m2.num_params())) << variant.back();
   }
 }
 

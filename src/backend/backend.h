@@ -123,6 +123,27 @@ class Backend {
     return host;
   }
 
+  // ---- what a buffer is for --------------------------------------------------------------------------------
+  // Matrix products read their operands at the matmul precision. A backend that converts operands before it
+  // multiplies (bf16 on the CPU) keeps the converted copies it makes and reuses them until the memory is written
+  // again: it sees every write (its kernels, upload, copy, free), so a copy is always of the current values and no
+  // caller announces writes or reuse. A buffer's owner may also say, once for the buffer's lifetime, what reads the
+  // buffer; a backend may use that to convert values as its kernels write them, while they are in cache, instead
+  // of in a pass of its own before the first product. Never changes a result while the statement holds.
+  enum class BufferUse {
+    // Read by matrix products, usually more than once between writes (weights, a layer input saved for the
+    // backward's weight gradient).
+    MatmulOperand,
+    // Moreover, what a kernel other than a matrix product writes here is read only as an operand of matrix
+    // products, at the precision in force when it was written, until the next write: by no other kernel, and not
+    // downloaded. A backend may then store such values only in the form its products read (the CPU backend under
+    // bf16 keeps just the bf16 copy: half the memory traffic for activations that only feed products).
+    MatmulOperandOnly,
+  };
+  // For [data, data + count) until it is freed (a later declaration of the same range replaces it; ranges of
+  // different declarations do not overlap).
+  virtual void declare_use(const float* data, int64_t count, BufferUse use) {}
+
   // ---- matrix products ------------------------------------------------------------------------------------
   // Every product below runs at the backend's matmul precision (config/kinds.h): operands and results are
   // always fp32 in memory; under BF16 the operands are rounded to bfloat16 and accumulated in fp32. Layers that
@@ -150,26 +171,6 @@ class Backend {
   virtual void gemm_batch(const GemmProblem* problems, int64_t count) = 0;
   virtual void grouped_gemm(Trans ta, Trans tb, int64_t n, int64_t k, float alpha, const GemmGroup* groups,
                             int64_t group_count, int64_t lda, int64_t ldb, float beta, int64_t ldc) = 0;
-  // Operand reuse, a hint that never changes a result: the caller promises that [data, data + count) is not
-  // written until the matching release_constant(data) (regions may nest). A backend that converts operands
-  // before multiplying (bf16 rounding on the CPU) may keep the converted copy of any operand block inside a held
-  // region and reuse it for later products: a layer's backward holds its output gradient, which feeds both the
-  // input-gradient and the weight-gradient product; the trainer holds the parameters for a step's forward and
-  // backward. A product must not write into a held region.
-  virtual void hold_constant(const float* data, int64_t count) {}
-  virtual void release_constant(const float* data) {}
-  // hold_constant for a region that the very next backend call writes in full, its producer (a norm, an activation,
-  // a softmax, a gather, the cross-entropy's gradient, the optimizer's update), after which nothing writes it until
-  // release_constant(data).
-  // A backend that rounds operands may round the values as the producer writes them, while they are still in
-  // cache, instead of in a pass of their own.
-  // operands_only: the caller also promises that the region is read only as an operand of products (gemm and its
-  // batched forms) while held, by no other kernel, and not at all after its release until written again. A backend
-  // that rounds operands may then keep only the rounded values and never store the fp32 ones (which stay
-  // unspecified): saved activations and gradients that only feed products (GELU outputs, dispatched rows, the
-  // logits gradient) then cost half the memory traffic.
-  virtual void hold_next_output(const float* data, int64_t count, bool operands_only) { hold_constant(data, count); }
-
   // ---- elementwise ----------------------------------------------------------------------------------------
   virtual void add(float* out, const float* a, const float* b, int64_t n) = 0;          // out = a + b
   virtual void add_inplace(float* x, const float* y, int64_t n) = 0;                    // x += y
@@ -283,58 +284,6 @@ class MatmulPrecisionScope {
  private:
   Backend& backend_;
   Precision saved_;
-};
-
-// Holds [data, data + count) constant (Backend::hold_constant) for the lifetime of the scope.
-class ConstantOperands {
- public:
-  // written_next: the region's producer is the next backend call; operands_only: and only products read it
-  // (Backend::hold_next_output).
-  ConstantOperands(Backend& backend, const float* data, int64_t count, bool written_next = false,
-                   bool operands_only = false)
-      : backend_(backend), data_(data) {
-    if (written_next) backend_.hold_next_output(data, count, operands_only);
-    else backend_.hold_constant(data, count);
-  }
-  ~ConstantOperands() { backend_.release_constant(data_); }
-  ConstantOperands(const ConstantOperands&) = delete;
-  ConstantOperands& operator=(const ConstantOperands&) = delete;
-
- private:
-  Backend& backend_;
-  const float* data_;
-};
-
-// Regions held together and released together. Above all, what a training forward pass saves for its backward and
-// multiplies by in both (layer inputs, attention probabilities, activations, the logits gradient): each is held
-// constant from its last write in the forward until release(), which the backward calls when it is done (and the
-// next forward, in case no backward came), so a backend that rounds operands (bf16) rounds each once for both passes.
-// Layers take a SavedOperands* that is null when there will be no backward (inference), and then hold nothing.
-// The optimizer uses one for the parameter blocks it has just written (Transformer::param_copies).
-class SavedOperands {
- public:
-  explicit SavedOperands(Backend& backend) : backend_(backend) {}
-  ~SavedOperands() { release(); }
-  SavedOperands(const SavedOperands&) = delete;
-  SavedOperands& operator=(const SavedOperands&) = delete;
-  void hold(const float* data, int64_t count) {
-    backend_.hold_constant(data, count);
-    held_.push_back(data);
-  }
-  // Held from its producer, the next backend call, on; operands_only: only products read it (both as in
-  // Backend::hold_next_output).
-  void hold_next(const float* data, int64_t count, bool operands_only = false) {
-    backend_.hold_next_output(data, count, operands_only);
-    held_.push_back(data);
-  }
-  void release() {
-    for (auto it = held_.rbegin(); it != held_.rend(); ++it) backend_.release_constant(*it);
-    held_.clear();
-  }
-
- private:
-  Backend& backend_;
-  std::vector<const float*> held_;
 };
 
 // A backend by name (config key train.backend): "cpu" (OpenMP threads, oneDNN GEMM) or "cpu-strict" (the CPU

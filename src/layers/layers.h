@@ -40,36 +40,39 @@ void norm_backward(Backend& be, NormKind kind, Tensor din, Tensor dweight, Tenso
 // ---- causal multi-head self-attention core ---------------------------------------------------------------
 // qkv (B, T, 3C) holds [q | k | v]; with RoPE, q and k are rotated in place (the backward needs them rotated).
 // probs (B, H, T, T) saves the attention weights; out (B, T, C) is the concatenation of heads, before the
-// output projection. `saved` (training only, else null) holds q, k, v and probs for the backward
-// (backend.h, SavedOperands).
+// output projection.
 struct AttentionShape {
   int64_t batch, seq, d_model, n_heads;
   bool rope;
   float rope_theta;
   int64_t head_dim() const { return d_model / n_heads; }
 };
-void attention_forward(Backend& be, const AttentionShape& s, Tensor out, Tensor probs, Tensor qkv,
-                       SavedOperands* saved = nullptr);
+void attention_forward(Backend& be, const AttentionShape& s, Tensor out, Tensor probs, Tensor qkv);
 // dqkv (B, T, 3C) is overwritten; dprobs (B, H, T, T) is scratch.
 void attention_backward(Backend& be, const AttentionShape& s, Tensor dqkv, Tensor dprobs, Tensor dout, Tensor probs,
                         Tensor qkv);
+// What reads the full-size probs and dprobs buffers (Backend::declare_use), said once by their owner.
+void attention_declare_uses(Backend& be, Tensor probs, Tensor dprobs);
 
 // ---- feed-forward: out += act(in @ W1^T + b1) @ W2^T + b2 --------------------------------------------------
 // pre (N, F) for GELU or (N, 2F) = [gate | up] for SwiGLU; act (N, F). out is the residual stream (added to).
-// `saved` (training only) holds act for the backward; the caller holds `in`.
 void mlp_forward(Backend& be, FfnKind kind, Tensor out, Tensor pre, Tensor act, Tensor in, Tensor w1, Tensor b1,
-                 Tensor w2, Tensor b2, SavedOperands* saved = nullptr);
+                 Tensor w2, Tensor b2);
 // din += ...; parameter grads accumulate (the weight matrices' are overwritten when !accumulate_dweights); dpre
 // and dact are scratch shaped like pre and act.
 void mlp_backward(Backend& be, FfnKind kind, Tensor din, Tensor dw1, Tensor db1, Tensor dw2, Tensor db2, Tensor dpre,
                   Tensor dact, Tensor dout, Tensor in, Tensor pre, Tensor act, Tensor w1, Tensor w2,
                   bool accumulate_dweights = true);
+// What reads the full-size act and dpre buffers (Backend::declare_use); fc1_bias: fc1 has a bias (its gradient
+// sums dpre).
+void mlp_declare_uses(Backend& be, Tensor act, Tensor dpre, bool fc1_bias);
 
 // ---- fused softmax + cross-entropy over logits (N, V) -----------------------------------------------------
 // losses (N) get per-position losses (0 where target < 0). When grad_scale != 0 the logits are replaced in place
-// by grad_scale * dloss/dlogits. Returns the sum of losses over valid positions. With `saved` (and grad_scale != 0)
-// the gradient is held for the output head's backward (SavedOperands::hold_next).
+// by grad_scale * dloss/dlogits. Returns the sum of losses over valid positions.
 double cross_entropy_forward_backward(Backend& be, Tensor logits, Tensor losses, const int32_t* targets,
-                                      float grad_scale, SavedOperands* saved = nullptr);
+                                      float grad_scale);
+// What reads the gradient written over the full-size logits buffer (Backend::declare_use).
+void cross_entropy_declare_uses(Backend& be, Tensor logits);
 
 }  // namespace moelab

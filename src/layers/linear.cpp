@@ -17,8 +17,6 @@ void linear_backward(Backend& be, Tensor din, Tensor dweight, Tensor dbias, Tens
                      bool accumulate_din, bool accumulate_dweight) {
   const int64_t n = in.rows(), i = in.cols(), o = weight.dim(0);
   MOELAB_CHECK(dout.rows() == n && dout.cols() == o, "linear dout " + dout.shape.str());
-  // dout feeds both products below: held, so a backend that rounds operands (bf16) rounds it once.
-  const ConstantOperands hold(be, dout.data, dout.numel());
   // dW (O, I) += dout^T (O, N) @ in (N, I)
   be.gemm(Trans::T, Trans::N, o, i, n, 1.f, dout.data, o, in.data, i, accumulate_dweight ? 1.f : 0.f, dweight.data, i);
   if (!dbias.empty()) be.bias_backward(dbias.data, dout.data, n, o);

@@ -175,17 +175,43 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
               {slot("d_moe_x_sorted"), slot("d_moe_pre"), slot("d_moe_act"), slot("d_moe_y_sorted"),
                slot("d_moe_weight"), slot("d_moe_logits"), slot("d_moe_shared_pre"), slot("d_moe_shared_act"),
                slot("moe_ones")}};
+  declare_buffer_uses();
+}
+
+// What reads each buffer (Backend::declare_use), once, for the full-size buffers: the layers say it for their own,
+// the model for the parameters and the norms' outputs, whose readers it wires.
+void Transformer::declare_buffer_uses() {
+  Backend& be = backend_;
+  using Use = Backend::BufferUse;
+  be.declare_use(params_, layout_.total(), Use::MatmulOperand);
+  for (int64_t i = 0; i < config_.n_layers; ++i) {
+    const BlockActivations& a = blocks_[i];
+    const BlockWeights& w = weights_.blocks[i];
+    // ln1 feeds the qkv product and its weight gradient's (the norm's backward reads the norm's input).
+    be.declare_use(a.ln1.data, a.ln1.numel(), Use::MatmulOperandOnly);
+    attention_declare_uses(be, a.probs, buffers_.d_probs);
+    if (!plan_.blocks[i].moe) {
+      be.declare_use(a.ln2.data, a.ln2.numel(), Use::MatmulOperandOnly);  // fc1's products only
+      mlp_declare_uses(be, a.fc_act, buffers_.d_fc_pre, !w.fc1_b.empty());
+    } else {
+      // An MoE block's router reads ln2 at fp32 and its dispatch gathers from it; a shared expert multiplies by it.
+      if (!a.moe.shared_act.empty()) {
+        be.declare_use(a.ln2.data, a.ln2.numel(), Use::MatmulOperand);
+        mlp_declare_uses(be, a.moe.shared_act, buffers_.moe.d_shared_pre, !w.moe.shared_fc1_b.empty());
+      }
+      moe_declare_uses(be, a.moe, buffers_.moe);
+    }
+  }
+  be.declare_use(buffers_.lnf.data, buffers_.lnf.numel(), Use::MatmulOperandOnly);  // the head's products only
+  cross_entropy_declare_uses(be, buffers_.logits);
 }
 
 Transformer::~Transformer() {
-  saved_.release();
-  param_copies_.release();
   backend_.free(params_);
   backend_.free(grads_);
 }
 
 void Transformer::init_weights(uint64_t seed) {
-  param_copies_.release();
   Rng rng(seed);
   std::vector<float> host(layout_.total());
   for (const auto& e : layout_.entries()) {
@@ -225,8 +251,6 @@ double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64
   MOELAB_CHECK(backward_scale == 0.f || targets != nullptr, "backward needs targets");
   Backend& be = backend_;
   const auto& m = config_;
-  saved_.release();  // a forward that was not followed by its backward held these: this pass rewrites them
-  SavedOperands* saved = backward_scale != 0.f ? &saved_ : nullptr;
   batch_ = batch;
   seq_ = m.seq_len;
   decode_position_ = -1;  // the activations no longer hold a decode window
@@ -238,7 +262,7 @@ double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64
       throw Error("token id " + std::to_string(tokens[i]) + " is outside the vocabulary [0, " + std::to_string(V) +
                   "); set model.vocab_size to cover the data");
   be.upload(tokens_.data(), tokens, batch * T);
-  const Tensor logits = forward_window(saved, /*first_position=*/0);
+  const Tensor logits = forward_window(/*first_position=*/0);
   if (!targets) return 0.0;
 
   counted_ = 0;
@@ -250,7 +274,7 @@ double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64
   if (counted_ == 0) return 0.0;
   be.upload(targets_.data(), targets, batch * T);
   const float grad_scale = backward_scale / static_cast<float>(counted_);
-  const double loss_sum = cross_entropy_forward_backward(be, logits, window(buffers_.losses), targets_.data(), grad_scale, saved);
+  const double loss_sum = cross_entropy_forward_backward(be, logits, window(buffers_.losses), targets_.data(), grad_scale);
   return loss_sum / static_cast<double>(counted_);
 }
 
@@ -271,18 +295,17 @@ void Transformer::decode(int32_t token) {
   if (token < 0 || token >= m.vocab_size)
     throw Error("token id " + std::to_string(token) + " is outside the vocabulary [0, " + std::to_string(m.vocab_size) +
                 ")");
-  saved_.release();
   batch_ = 1;
   seq_ = 1;
   aux_loss_ = 0.0;
   backend_.upload(tokens_.data(), &token, 1);
-  forward_window(nullptr, decode_position_);
+  forward_window(decode_position_);
   ++decode_position_;
 }
 
 // The embedding, every block and the head over the current window: (batch_, seq_len) sequences from position 0
 // (training, evaluation), or one position of one sequence at first_position with the KV cache (decode).
-Tensor Transformer::forward_window(SavedOperands* saved, int64_t first_position) {
+Tensor Transformer::forward_window(int64_t first_position) {
   Backend& be = backend_;
   const auto& m = config_;
   const int64_t C = m.d_model;
@@ -292,11 +315,10 @@ Tensor Transformer::forward_window(SavedOperands* saved, int64_t first_position)
   embedding_forward(be, window(buffers_.embed), tokens_.data(), weights_.tok_emb, pos);
   Tensor residual = window(buffers_.embed);
   for (int64_t i = 0; i < m.n_layers; ++i) {
-    block_forward(i, residual, saved, first_position);
+    block_forward(i, residual, first_position);
     residual = window(blocks_[i].res_ffn);
   }
   Tensor lnf = window(buffers_.lnf);
-  if (saved) saved->hold_next(lnf.data, lnf.numel(), /*operands_only=*/true);  // the head's products
   norm_forward(be, m.norm, lnf, window(buffers_.lnf_mean), window(buffers_.lnf_rstd), residual, weights_.final_norm_w,
                weights_.final_norm_b, eps);
   const Tensor head = weights_.head;
@@ -307,40 +329,36 @@ Tensor Transformer::forward_window(SavedOperands* saved, int64_t first_position)
 
 // One pre-norm block, shared by training, evaluation and generation: residual -> res_att -> res_ffn (layer i's
 // activations). Attention is causal over the window, or, when decoding, over the cached keys and values.
-void Transformer::block_forward(int64_t i, Tensor residual, SavedOperands* saved, int64_t first_position) {
+void Transformer::block_forward(int64_t i, Tensor residual, int64_t first_position) {
   Backend& be = backend_;
   const auto& m = config_;
   const float eps = static_cast<float>(m.norm_eps);
   const BlockWeights& w = weights_.blocks[i];
   Tensor ln1 = window(blocks_[i].ln1), qkv = window(blocks_[i].qkv), atty = window(blocks_[i].atty), res_att = window(blocks_[i].res_att);
-  if (saved) saved->hold_next(ln1.data, ln1.numel(), /*operands_only=*/true);  // the qkv products, both passes
   norm_forward(be, m.norm, ln1, window(blocks_[i].ln1_mean), window(blocks_[i].ln1_rstd), residual, w.norm1_w, w.norm1_b, eps);
   linear_forward(be, qkv, ln1, w.qkv_w, w.qkv_b);
   if (decode_position_ < 0) {
     const AttentionShape attn{batch_, seq_, m.d_model, m.n_heads, m.pos == PosKind::Rope,
                               static_cast<float>(m.rope_theta)};
-    attention_forward(be, attn, atty, window(blocks_[i].probs), qkv, saved);
+    attention_forward(be, attn, atty, window(blocks_[i].probs), qkv);
   } else {
     cached_attention(i, atty, qkv, first_position);
   }
-  if (saved) saved->hold(atty.data, atty.numel());
   be.copy(res_att.data, residual.data, res_att.numel());
   linear_forward(be, res_att, atty, w.out_w, w.out_b, /*accumulate_out=*/true);
 
   Tensor ln2 = window(blocks_[i].ln2), res_ffn = window(blocks_[i].res_ffn);
-  // An MoE layer's router and dispatch read its input as fp32; a dense FFN only multiplies by it.
-  if (saved) saved->hold_next(ln2.data, ln2.numel(), /*operands_only=*/!plan_.blocks[i].moe);
   norm_forward(be, m.norm, ln2, window(blocks_[i].ln2_mean), window(blocks_[i].ln2_rstd), res_att, w.norm2_w, w.norm2_b, eps);
   be.copy(res_ffn.data, res_att.data, res_ffn.numel());
   if (plan_.blocks[i].moe) {
     const MoeDims d = moe_dims(i);
     const Shape flat{d.tokens(), m.d_model};
     moe_forward(be, d, res_ffn.reshaped(flat), ln2.reshaped(flat), weights_.blocks[i].moe, moe_activations(i),
-                routing_[i], moe_stats_[i], saved);
+                routing_[i], moe_stats_[i]);
     aux_loss_ += d.aux_loss_weight * moe_stats_[i].aux_loss + d.z_loss_weight * moe_stats_[i].z_loss;
   } else {
-    mlp_forward(be, m.ffn, res_ffn, window(blocks_[i].fc_pre), window(blocks_[i].fc_act), ln2, w.fc1_w, w.fc1_b, w.fc2_w, w.fc2_b,
-                saved);
+    mlp_forward(be, m.ffn, res_ffn, window(blocks_[i].fc_pre), window(blocks_[i].fc_act), ln2, w.fc1_w, w.fc1_b, w.fc2_w,
+                w.fc2_b);
   }
 }
 
@@ -417,7 +435,6 @@ void Transformer::backward() {
   }
   embedding_backward(be, grad_views_.tok_emb, grad_views_.pos_emb,
                      tokens_.data(), d_res);
-  saved_.release();
   expert_sq_valid_ = true;
 }
 

@@ -25,16 +25,9 @@ class Transformer {
   const ParamLayout& layout() const { return layout_; }
   Backend& backend() { return backend_; }
   int64_t num_params() const { return layout_.total(); }
-  // Write access to the parameters drops the optimizer's bf16 copies of them (param_copies); reading does not. Take
-  // the pointer afresh for every write: one kept across an optimizer step would bypass the drop.
-  float* params() {
-    param_copies_.release();
-    return params_;
-  }
+  // The parameter block (backend memory), declared a matrix-product operand (Backend::declare_use).
+  float* params() { return params_; }
   const float* params() const { return params_; }
-  // Where the optimizer holds the parameter blocks it has just written (Backend::hold_next_output, so a backend that
-  // rounds operands rounds each weight as the update writes it); held until the next write access to params().
-  SavedOperands& param_copies() { return param_copies_; }
   // Write access: the next zero_grad() clears them again (see grads_were_zeroed).
   float* grads() {
     grad_state_ = GradState::Accumulated;
@@ -115,8 +108,9 @@ class Transformer {
   MoeDims moe_dims(int64_t block) const;  // of the current window
   MoeActivations moe_activations(int64_t block) const;
   MoeScratch moe_scratch(int64_t block) const;
-  Tensor forward_window(SavedOperands* saved, int64_t first_position);
-  void block_forward(int64_t layer, Tensor residual, SavedOperands* saved, int64_t first_position);
+  Tensor forward_window(int64_t first_position);
+  void block_forward(int64_t layer, Tensor residual, int64_t first_position);
+  void declare_buffer_uses();
   void cached_attention(int64_t layer, Tensor atty, Tensor qkv, int64_t position);
 
   ModelConfig config_;
@@ -147,8 +141,6 @@ class Transformer {
   bool expert_sq_valid_ = false;
   // Activations a training forward holds for its backward (backend.h); released when the backward is done, or by
   // the next forward when none came.
-  SavedOperands saved_{backend_};
-  SavedOperands param_copies_{backend_};
   // Zero: the gradient block is all zeros. MatricesStale: all zeros but the weight matrices' gradients, which the
   // next backward overwrites. Accumulated: anything else (the next zero_grad() fills it with zeros).
   enum class GradState { Zero, MatricesStale, Accumulated };

@@ -1,9 +1,9 @@
 #pragma once
-// A Mixture-of-Experts FFN layer as four seams (Megatron-Core style), each a plain function:
-//   route    (router.cpp):   logits -> probabilities -> (token, expert, weight) assignments, sorted by expert
-//   dispatch (dispatch.cpp): gather the assigned token rows into one contiguous block per expert
-//   experts  (experts.cpp):  grouped GEMM over the per-expert slices, activation, grouped GEMM
-//   combine  (dispatch.cpp): weighted sum of each token's expert outputs back into the residual stream
+// A Mixture-of-Experts FFN layer as four seams (Megatron-Core style):
+//   route    (router.cpp, Backend::route): logits -> probabilities -> (token, expert, weight) rows sorted by expert
+//   dispatch (moe_layer.cpp, Backend::gather_rows): the assigned token rows into one contiguous block per expert
+//   experts  (moe_layer.cpp): grouped GEMM over the per-expert slices, activation, grouped GEMM
+//   combine  (moe_layer.cpp, Backend::combine_rows): each token's weighted expert outputs into the residual stream
 // An all-to-all dispatcher for expert parallelism replaces dispatch/combine without touching the others.
 // Sorting by expert and combining per token in a fixed order means no atomics: results are deterministic.
 #include <cstdint>
@@ -89,10 +89,9 @@ struct MoeStats {
   double tokens_cv() const;      // coefficient of variation of tokens_per_expert
 };
 
-// Forward of the whole layer: out (N, C) += MoE(in (N, C)). Fills routing and stats. `saved` (training only, else
-// null) holds the dispatched rows and the experts' activations for the backward (backend.h, SavedOperands).
+// Forward of the whole layer: out (N, C) += MoE(in (N, C)). Fills routing and stats.
 void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const MoeWeights& w, const MoeActivations& a,
-                 Routing& routing, MoeStats& stats, SavedOperands* saved = nullptr);
+                 Routing& routing, MoeStats& stats);
 // Backward: din += d/d in, parameter gradients accumulate; with !accumulate_dweights the weight matrices' gradients
 // (router, experts, shared expert) are overwritten instead, those of experts that received no row with zeros.
 // loss_scale multiplies the auxiliary losses' own gradients (aux_loss_weight * aux + z_loss_weight * z), matching
@@ -101,6 +100,10 @@ void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const Moe
 void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& grads, Tensor dout, Tensor in,
                   const MoeWeights& w, const MoeActivations& a, const MoeScratch& s, const Routing& routing,
                   float loss_scale, bool accumulate_dweights = true, double* expert_dweight_sq = nullptr);
+
+// What reads the full-size activation and scratch buffers (Backend::declare_use), said once by their owner; the
+// shared expert's are an FFN's (mlp_declare_uses).
+void moe_declare_uses(Backend& be, const MoeActivations& activations, const MoeScratch& scratch);
 
 // ---- the route seam, exposed for tests and for other dispatchers -------------------------------------------------
 RouterShape router_shape(const MoeDims& d);

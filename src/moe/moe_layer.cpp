@@ -31,8 +31,7 @@ void activation_backward(Backend& be, FfnKind kind, float* dpre, const float* pr
 }
 
 // Experts: (R, C) rows sorted by expert -> (R, C) outputs, one grouped GEMM per matrix.
-void experts_forward(Backend& be, const MoeDims& d, const MoeWeights& w, const MoeActivations& a, const Routing& r,
-                     SavedOperands* saved) {
+void experts_forward(Backend& be, const MoeDims& d, const MoeWeights& w, const MoeActivations& a, const Routing& r) {
   const int64_t E = d.experts, C = d.d_model, F = d.expert_hidden, P = d.fc1_rows();
   std::vector<GemmGroup> groups(E);
   for (int64_t e = 0; e < E; ++e) {
@@ -44,7 +43,6 @@ void experts_forward(Backend& be, const MoeDims& d, const MoeWeights& w, const M
   if (!w.fc1_b.empty())
     for (int64_t e = 0; e < E; ++e)
       be.add_bias(groups[e].c, w.fc1_b.data + e * P, groups[e].m, P);
-  if (saved) saved->hold_next(a.act.data, r.rows * F, /*operands_only=*/true);  // fc2 products, both passes
   activation_forward(be, d.ffn, a.act.data, a.pre.data, r.rows, F);
   for (int64_t e = 0; e < E; ++e) {
     const int64_t off = r.host_expert_offsets[e];
@@ -90,9 +88,7 @@ void experts_backward(Backend& be, const MoeDims& d, const MoeWeights& g, const 
     if (!g.fc2_b.empty())  // db2 (1, C) += alpha * ones (1, m) @ dy (m, C)
       batch.push_back({Trans::N, Trans::N, 1, C, m, alpha, s.ones.data, m, dy, C, 1.f, g.fc2_b.data + e * C, C});
   }
-  be.gemm_batch(batch.data(), static_cast<int64_t>(batch.size()));  // dy is held by the caller
-  // each dpre feeds two products: held from its producer on, so a backend that rounds operands rounds it once
-  const ConstantOperands hold(be, s.d_pre.data, r.rows * P, /*written_next=*/true, /*operands_only=*/true);
+  be.gemm_batch(batch.data(), static_cast<int64_t>(batch.size()));
   activation_backward(be, d.ffn, s.d_pre.data, a.pre.data, s.d_act.data, r.rows, F);
   batch.clear();
   for (int64_t e = 0; e < E; ++e) {
@@ -134,7 +130,7 @@ void compute_stats(Backend& be, const MoeDims& d, const float* logits, const flo
 }  // namespace
 
 void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const MoeWeights& w, const MoeActivations& a,
-                 Routing& r, MoeStats& stats, SavedOperands* saved) {
+                 Routing& r, MoeStats& stats) {
   const int64_t n = d.tokens(), C = d.d_model;
   MOELAB_CHECK(in.rows() == n && in.cols() == C, "MoE input " + in.shape.str());
   // route (fp32 whatever the matmul precision: top-k decisions and the balancing losses are sensitive to it)
@@ -144,13 +140,12 @@ void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const Moe
   }
   route(be, d, a.logits.data, a.probs.data, r);
   // dispatch -> experts -> combine
-  if (saved) saved->hold_next(a.x_sorted.data, r.rows * C, /*operands_only=*/true);  // fc1 products, both passes
   be.gather_rows(a.x_sorted.data, in.data, r.row_token.data(), nullptr, r.rows, C);
-  experts_forward(be, d, w, a, r, saved);
+  experts_forward(be, d, w, a, r);
   be.combine_rows(out.data, a.y_sorted.data, r.token_offsets.data(), r.token_rows.data(), r.row_weight.data(), n, C);
   if (d.shared_hidden > 0)
     mlp_forward(be, d.ffn, out, a.shared_pre, a.shared_act, in, w.shared_fc1_w, w.shared_fc1_b, w.shared_fc2_w,
-                w.shared_fc2_b, saved);
+                w.shared_fc2_b);
   compute_stats(be, d, a.logits.data, a.probs.data, r, stats);
 }
 
@@ -162,14 +157,10 @@ void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& g
     mlp_backward(be, d.ffn, din, g.shared_fc1_w, g.shared_fc1_b, g.shared_fc2_w, g.shared_fc2_b, s.d_shared_pre,
                  s.d_shared_act, dout, in, a.shared_pre, a.shared_act, w.shared_fc1_w, w.shared_fc2_w,
                  accumulate_dweights);
-  {
-    // combine backward: the weighted output gradient of each row, which feeds two products (the activation's
-    // gradient, the fc2 weight gradient), and the gate weight's gradient
-    const ConstantOperands hold(be, s.d_y_sorted.data, r.rows * C, /*written_next=*/true, /*operands_only=*/true);
-    be.combine_rows_backward(s.d_y_sorted.data, s.d_weight.data, dout.data, r.row_token.data(), r.row_weight.data(),
-                             a.y_sorted.data, r.rows, C);
-    experts_backward(be, d, g, w, a, s, r, accumulate_dweights, expert_dweight_sq);
-  }
+  // combine backward: the weighted output gradient of each row, and the gate weight's gradient
+  be.combine_rows_backward(s.d_y_sorted.data, s.d_weight.data, dout.data, r.row_token.data(), r.row_weight.data(),
+                           a.y_sorted.data, r.rows, C);
+  experts_backward(be, d, g, w, a, s, r, accumulate_dweights, expert_dweight_sq);
   // dispatch backward: each token sums the input gradients of its rows
   be.combine_rows(din.data, s.d_x_sorted.data, r.token_offsets.data(), r.token_rows.data(), nullptr, n, C);
 
@@ -181,6 +172,15 @@ void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& g
   const MatmulPrecisionScope fp32(be, Precision::FP32);
   linear_backward(be, din, g.router, Tensor(), s.d_logits, in, w.router, /*accumulate_din=*/true,
                   accumulate_dweights);
+}
+
+// The dispatched rows and the experts' activations feed the experts' products in the forward and their weight
+// gradients' in the backward; the rows' output gradient (combine's backward) and the fc1 input gradient feed the
+// experts' backward products, and the biases' gradients when the experts have biases (summed by a product with a
+// row of ones, so still only products). Nothing else reads them: the activation's backward reads pre.
+void moe_declare_uses(Backend& be, const MoeActivations& a, const MoeScratch& s) {
+  for (const Tensor& t : {a.x_sorted, a.act, s.d_y_sorted, s.d_pre})
+    be.declare_use(t.data, t.numel(), Backend::BufferUse::MatmulOperandOnly);
 }
 
 }  // namespace moelab

@@ -16,7 +16,7 @@ AdamW::~AdamW() {
   backend_.free(v_);
 }
 
-void AdamW::step(float* params, float* grads, double lr, float grad_scale, Grads after, SavedOperands* hold) {
+void AdamW::step(float* params, float* grads, double lr, float grad_scale, Grads after) {
   ++step_;
   const auto zeroes = [&](ParamKind kind) {
     return after == Grads::Zero || (after == Grads::ZeroExceptMatrices && kind != ParamKind::Matrix);
@@ -31,7 +31,6 @@ void AdamW::step(float* params, float* grads, double lr, float grad_scale, Grads
            zeroes(entries[j].kind) == zero_grads)
       ++j;
     const int64_t begin = entries[i].offset, end = entries[j - 1].offset + entries[j - 1].shape.numel();
-    if (hold) hold->hold_next(params + begin, end - begin);
     backend_.adamw_update(params + begin, grads + begin, m_ + begin, v_ + begin, end - begin,
                           static_cast<float>(lr), static_cast<float>(train_.beta1), static_cast<float>(train_.beta2),
                           static_cast<float>(train_.adam_eps), decay ? static_cast<float>(train_.weight_decay) : 0.f,

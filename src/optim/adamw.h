@@ -17,11 +17,8 @@ class AdamW {
   // What step() leaves in the gradient block: it as it was, all zeros (read and cleared in the same pass), or
   // zeros but for the weight matrices' gradients (ParamKind::Matrix; Transformer::grads_were_zeroed).
   enum class Grads { Keep, Zero, ZeroExceptMatrices };
-  // One update with learning rate lr; grads are multiplied by grad_scale first (gradient clipping). With `hold`,
-  // each updated block is held there from its update on (Backend::hold_next_output): the next step's products read
-  // the parameters as the update left them, and a backend that rounds operands rounds them as it writes them.
-  void step(float* params, float* grads, double lr, float grad_scale, Grads after = Grads::Keep,
-            SavedOperands* hold = nullptr);
+  // One update with learning rate lr; grads are multiplied by grad_scale first (gradient clipping).
+  void step(float* params, float* grads, double lr, float grad_scale, Grads after = Grads::Keep);
   int64_t steps_taken() const { return step_; }
   float* first_moment() { return m_; }
   float* second_moment() { return v_; }

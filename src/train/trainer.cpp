@@ -41,18 +41,13 @@ StepStats Trainer::step(const BatchSource& next_batch) {
   const int64_t B = t.batch_size, T = config_.model.seq_len;
   model_->zero_grad();
   double loss_sum = 0.0, aux_sum = 0.0;
-  {
-    // The parameters do not change until the optimizer step: a backend that rounds operands (bf16) rounds each
-    // weight once per step instead of once per product.
-    const ConstantOperands hold(model_->backend(), std::as_const(*model_).params(), model_->num_params());
-    for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
-      next_batch(tokens_, targets_);
-      MOELAB_CHECK(static_cast<int64_t>(tokens_.size()) == B * T && tokens_.size() == targets_.size(),
-                   "micro-batch must be (batch_size, seq_len)");
-      loss_sum += model_->forward(tokens_.data(), targets_.data(), B, 1.f / static_cast<float>(t.grad_accum));
-      aux_sum += model_->last_aux_loss();
-      model_->backward();
-  }
+  for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
+    next_batch(tokens_, targets_);
+    MOELAB_CHECK(static_cast<int64_t>(tokens_.size()) == B * T && tokens_.size() == targets_.size(),
+                 "micro-batch must be (batch_size, seq_len)");
+    loss_sum += model_->forward(tokens_.data(), targets_.data(), B, 1.f / static_cast<float>(t.grad_accum));
+    aux_sum += model_->last_aux_loss();
+    model_->backward();
   }
   StepStats s;
   s.step = steps_done_ + 1;
@@ -64,7 +59,7 @@ StepStats Trainer::step(const BatchSource& next_batch) {
   s.grad_norm = std::sqrt(model_->grad_sum_squares());
   s.lr = learning_rate(t, steps_done_);
   optimizer_->step(model_->params(), model_->grads(), s.lr, clip_factor(s.grad_norm, t.grad_clip),
-                   AdamW::Grads::ZeroExceptMatrices, &model_->param_copies());
+                   AdamW::Grads::ZeroExceptMatrices);
   model_->grads_were_zeroed(/*except_matrices=*/true);
   ++steps_done_;
   s.seconds = timer.seconds();

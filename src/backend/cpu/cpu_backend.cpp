@@ -58,14 +58,15 @@ inline void to_bf16(uint16_t* dst, const float* src, int64_t n) {
   for (; i < n; ++i) dst[i] = to_bf16(src[i]);
 }
 
-// to_bf16 with streaming (non-temporal) stores where dst is 64-byte aligned: for a copy written once and read only
+// to_bf16 with streaming (non-temporal) stores from dst's first 64-byte line boundary on: for a copy written once and read only
 // much later (the optimizer's bf16 copy of every weight), which saves reading each destination line before writing
 // it (an AdamW pass over 75M parameters: 40-42 instead of 44-48 ms). The caller fences (_mm_sfence) before the copy
 // is read.
 inline void to_bf16_streaming(uint16_t* dst, const float* src, int64_t n) {
 #if defined(__AVX512BF16__)
-  if (reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+  if (reinterpret_cast<uintptr_t>(dst) % 2 == 0) {
     int64_t i = 0;
+    for (; i < n && reinterpret_cast<uintptr_t>(dst + i) % 64 != 0; ++i) dst[i] = to_bf16(src[i]);  // to a line
     for (; i + 32 <= n; i += 32) {
       const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
       _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), reinterpret_cast<__m512i>(v));
@@ -141,8 +142,8 @@ void pack_bf16(uint16_t* dst, const OperandBlock& b) {
 }
 
 // Packs block b, which lies in a region whose whole bf16 copy (laid out as the region) starts at copy, from that copy:
-// the values packing b from fp32 would give, without reading the fp32 values (which an operands-only region,
-// Backend::hold_next_output, may never have had written).
+// the values packing b from fp32 would give, without reading the fp32 values (which a MatmulOperandOnly region,
+// Backend::declare_use, may never have had written).
 void pack_from_copy(uint16_t* dst, const OperandBlock& b, const uint16_t* copy, const float* region_begin) {
   const uint16_t* base = copy + (b.src - region_begin);
   const int64_t count = b.outer * b.batch;
@@ -154,91 +155,213 @@ void pack_from_copy(uint16_t* dst, const OperandBlock& b, const uint16_t* copy, 
   }
 }
 
-// bf16 copies of the operand blocks that lie in held regions (Backend::hold_constant), so an operand that feeds
-// several products is rounded once. Keyed by the block as stored; the copy is exactly what packing it again would
-// give, so reuse never changes a result. A region whose producer rounded it as it wrote it (hold_next_output)
-// carries a copy of the whole region: it serves every dense block inside it as is, and every other block inside
-// it is packed from it. Thread-safe: the MoE experts'
-// products run concurrently. Buffers of released copies are pooled, since the same sizes come back every step.
+// Disjoint half-open ranges of memory, adjacent ones merged.
+class RangeSet {
+ public:
+  bool empty() const { return ranges_.empty(); }
+  void add(const float* b, const float* e) {
+    if (b >= e) return;
+    auto it = ranges_.upper_bound(b);
+    if (it != ranges_.begin()) {
+      auto p = std::prev(it);
+      if (p->second >= b) {
+        b = p->first;
+        e = std::max(e, p->second);
+        it = ranges_.erase(p);
+      }
+    }
+    while (it != ranges_.end() && it->first <= e) {
+      e = std::max(e, it->second);
+      it = ranges_.erase(it);
+    }
+    ranges_.emplace(b, e);
+  }
+  void remove(const float* b, const float* e) {
+    if (b >= e || ranges_.empty()) return;
+    auto it = ranges_.upper_bound(b);
+    if (it != ranges_.begin()) {
+      auto p = std::prev(it);
+      if (p->second > b) {
+        const float* tail = p->second;
+        if (p->first == b) ranges_.erase(p);
+        else p->second = b;
+        if (tail > e) ranges_.emplace(e, tail);
+      }
+    }
+    while (it != ranges_.end() && it->first < e) {
+      if (it->second > e) ranges_.emplace(e, it->second);
+      it = ranges_.erase(it);
+    }
+  }
+  bool covers(const float* b, const float* e) const {
+    auto it = ranges_.upper_bound(b);
+    if (it == ranges_.begin()) return false;
+    --it;
+    return it->first <= b && e <= it->second;
+  }
+  bool overlaps(const float* b, const float* e) const {
+    auto it = ranges_.upper_bound(b);
+    if (it != ranges_.end() && it->first < e) return true;
+    return it != ranges_.begin() && std::prev(it)->second > b;
+  }
+
+ private:
+  std::map<const float*, const float*> ranges_;  // begin -> end
+};
+
+// The bf16 copies of operands, so that an operand feeding several products (a weight in the forward and the
+// backward, a saved activation, an output gradient feeding the input- and the weight-gradient products) is
+// rounded once. Every kernel reports the memory it writes (written, produce), which drops the copies it makes stale,
+// so a copy is always exactly what packing the operand again would give: reuse never changes a result.
+// - Packed blocks: a block packed for a product is kept, keyed by the block as stored, until its memory is written.
+// - Declared regions (Backend::declare_use): their producers (norms, activations, softmaxes, gathers, the
+//   cross-entropy's gradient, the optimizer's update) round each row or chunk into the region's own copy as they
+//   write it, while it is in cache. A block inside the written part is served from that copy as is (dense blocks)
+//   or packed from it (strided ones). In a MatmulOperandOnly region the producer may skip the fp32 values
+//   (bf16_only): only products read them, and only from the copy.
+// Only backend memory (alloc_bytes, or a wrapper's, CpuKernelBackend::adopted) is cached: host memory handed to a
+// kernel (tests, benchmarks) is packed afresh every time, since the host may change it without a word.
+// Thread-safe: the MoE experts' products run concurrently (writes are reported between products, never during).
+// Buffers of dropped copies are pooled, since the same sizes come back every step.
 class OperandCache {
  public:
-  void hold(const float* data, int64_t count) {
+  explicit OperandCache(bool reuse) : reuse_(reuse) {}
+  bool reuse() const { return reuse_; }
+
+  // Backend memory, from its allocation to its release (forget).
+  void own(const float* begin, const float* end) {
     std::lock_guard<std::mutex> lock(mutex_);
-    regions_.push_back({data, data + count, {}});
+    owned_.add(begin, end);
   }
-  void release(const float* data) {
+  void declare(const float* begin, const float* end, bool operands_only) {
     std::lock_guard<std::mutex> lock(mutex_);
-    auto it = std::find_if(regions_.rbegin(), regions_.rend(), [&](const Region& r) { return r.begin == data; });
-    MOELAB_CHECK(it != regions_.rend(), "release_constant without a matching hold_constant");
-    const Region released{it->begin, it->end, {}};
-    give_back_locked(std::move(it->copy));
-    regions_.erase(std::next(it).base());
-    // Only copies of blocks that start inside the released region can have lost their hold.
-    constexpr int64_t lowest = std::numeric_limits<int64_t>::min();
-    for (auto e = copies_.lower_bound({released.begin, lowest, lowest, lowest, lowest, lowest, lowest, lowest});
-         e != copies_.end() && e->first.src < released.end;) {
-      if (held_locked(e->first.src, e->first.end())) {
-        ++e;
-        continue;
-      }
-      give_back_locked(std::move(e->second));
-      e = copies_.erase(e);
+    MOELAB_CHECK(owned_.covers(begin, end), "Backend::declare_use: the range is not backend memory");
+    auto it = regions_.find(begin);
+    if (it != regions_.end() && it->second.end == end) {
+      it->second.operands_only = operands_only;
+      return;
     }
+    auto next = regions_.lower_bound(begin);
+    MOELAB_CHECK((next == regions_.end() || next->first >= end) &&
+                     (next == regions_.begin() || std::prev(next)->second.end <= begin),
+                 "Backend::declare_use: the range overlaps another declaration");
+    regions_.emplace(begin, Region{end, operands_only, {}});
   }
-  // Whether [begin, end) overlaps a held region (a product writing there breaks the caller's promise).
-  bool overlaps_held(const float* begin, const float* end) {
-    if (regions_.empty()) return false;
+  // [begin, end) was freed: declarations and copies in it go.
+  void forget(const float* begin, const float* end) {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (const Region& r : regions_)
-      if (begin < r.end && r.begin < end) return true;
-    return false;
+    for (auto it = regions_.lower_bound(begin); it != regions_.end() && it->first < end;) {
+      give_back_locked(std::move(it->second.copy));
+      it = regions_.erase(it);
+    }
+    written_locked(begin, end);
+    owned_.remove(begin, end);
   }
-  // A buffer for the bf16 copy of the whole held region [data, data + count), which its producer fills as it
-  // writes the region; valid until the region is released.
-  uint16_t* attach_copy(const float* data, int64_t count) {
+  // A kernel (or an upload) writes [begin, end) (or part of it) in fp32.
+  void written(const float* begin, const float* end) {
+    if (begin >= end) return;
     std::lock_guard<std::mutex> lock(mutex_);
-    auto it = std::find_if(regions_.rbegin(), regions_.rend(),
-                           [&](const Region& r) { return r.begin == data && r.end == data + count; });
-    MOELAB_CHECK(it != regions_.rend() && it->copy.empty(), "attach_copy: the region is not held");
-    it->copy = take_locked(count);
-    return it->copy.data();
+    written_locked(begin, end);
   }
-  // The block rounded to bf16 and packed densely: the held copy, or a fresh one in `scratch`.
+  // A producer writes [out, out + n) in full, under bf16: the buffer for its bf16 values when the range lies in a
+  // declared region (the producer rounds each row or chunk into it right after computing it), else null (the
+  // write is only reported). With skip_fp32 (may be null: the producer always writes fp32) it learns whether it
+  // may leave the fp32 values unwritten (a MatmulOperandOnly region).
+  uint16_t* produce(const float* out, int64_t n, bool* skip_fp32) {
+    if (skip_fp32) *skip_fp32 = false;
+    if (n <= 0) return nullptr;
+    std::lock_guard<std::mutex> lock(mutex_);
+    const float* end = out + n;
+    written_locked(out, end);
+    if (!reuse_) return nullptr;
+    auto it = containing_locked(out, end);
+    if (it == regions_.end()) return nullptr;
+    Region& r = it->second;
+    if (r.copy.empty()) r.copy = take_locked(r.end - it->first);
+    valid_.add(out, end);
+    if (skip_fp32 && r.operands_only) {
+      bf16_only_.add(out, end);
+      *skip_fp32 = true;
+    }
+    return r.copy.data() + (out - it->first);
+  }
+  // Memory that a kernel reads as fp32 (a product at fp32 precision, a download) must have its fp32 values.
+  void check_fp32(const float* begin, const float* end, const char* reader) {
+    if (begin >= end) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (bf16_only_.empty() || !bf16_only_.overlaps(begin, end)) return;
+    throw Error(std::string(reader) + " reads, as fp32, values that were declared MatmulOperandOnly "
+                "(Backend::declare_use) and written under bf16, which stores only their bf16 copy; declare that buffer "
+                "MatmulOperand instead");
+  }
+  // The block rounded to bf16 and packed densely: a copy kept from before, or a fresh one (kept; in `scratch` when
+  // reuse is off).
   const uint16_t* get(const OperandBlock& b, Bf16Buffer& scratch) {
-    if (!regions_.empty()) {
-      std::unique_lock<std::mutex> lock(mutex_);
-      const Region* source = nullptr;  // the innermost region holding b that carries a copy of its own
-      for (const Region& r : regions_)
-        if (!r.copy.empty() && r.begin <= b.src && b.end() <= r.end) source = &r;
-      if (source && b.contiguous()) return source->copy.data() + (b.src - source->begin);
-      if (held_locked(b.src, b.end())) {
-        if (auto it = copies_.find(b); it != copies_.end()) return it->second.data();
-        Bf16Buffer buffer = take_locked(b.size());
-        const uint16_t* copy = source ? source->copy.data() : nullptr;  // stays valid: b's hold outlives this call
-        const float* copy_begin = source ? source->begin : nullptr;
-        lock.unlock();
-        if (copy) pack_from_copy(buffer.data(), b, copy, copy_begin);
-        else pack_bf16(buffer.data(), b);
-        lock.lock();
-        auto [it, inserted] = copies_.try_emplace(b, std::move(buffer));
-        if (!inserted) give_back_locked(std::move(buffer));  // another thread packed it first
-        return it->second.data();
-      }
+    if (!reuse_) {
+      if (scratch.size() < static_cast<size_t>(b.size())) scratch.resize(b.size());
+      pack_bf16(scratch.data(), b);
+      return scratch.data();
     }
-    if (scratch.size() < static_cast<size_t>(b.size())) scratch.resize(b.size());
-    pack_bf16(scratch.data(), b);
-    return scratch.data();
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (!owned_.covers(b.src, b.end())) {
+      lock.unlock();
+      if (scratch.size() < static_cast<size_t>(b.size())) scratch.resize(b.size());
+      pack_bf16(scratch.data(), b);
+      return scratch.data();
+    }
+    const uint16_t* from_copy = nullptr;  // the declared region's copy, when it holds the block's current values
+    const float* copy_begin = nullptr;
+    if (auto it = containing_locked(b.src, b.end()); it != regions_.end() && !it->second.copy.empty() &&
+                                                     valid_.covers(b.src, b.end())) {
+      if (b.contiguous()) return it->second.copy.data() + (b.src - it->first);
+      from_copy = it->second.copy.data();  // stays valid: nothing writes while products run
+      copy_begin = it->first;
+    } else {
+      MOELAB_CHECK(!bf16_only_.overlaps(b.src, b.end()),
+                   "a matrix product reads memory declared MatmulOperandOnly beyond the part its producer wrote");
+    }
+    if (auto it = copies_.find(b); it != copies_.end()) return it->second.data();
+    Bf16Buffer buffer = take_locked(b.size());
+    lock.unlock();
+    if (from_copy) pack_from_copy(buffer.data(), b, from_copy, copy_begin);
+    else pack_bf16(buffer.data(), b);
+    lock.lock();
+    auto [it, inserted] = copies_.try_emplace(b, std::move(buffer));
+    if (!inserted) give_back_locked(std::move(buffer));  // another thread packed it first
+    else max_span_ = std::max<int64_t>(max_span_, b.end() - b.src);
+    return it->second.data();
   }
 
  private:
   struct Region {
-    const float *begin, *end;
-    Bf16Buffer copy;  // the whole region, rounded by its producer, or empty
+    const float* end;
+    bool operands_only;
+    Bf16Buffer copy;  // the whole region's bf16 values where valid_ says so, or empty
   };
-  bool held_locked(const float* begin, const float* end) const {
-    for (const Region& r : regions_)
-      if (r.begin <= begin && end <= r.end) return true;
-    return false;
+  using Regions = std::map<const float*, Region>;
+  Regions::iterator containing_locked(const float* begin, const float* end) {
+    auto it = regions_.upper_bound(begin);
+    if (it == regions_.begin()) return regions_.end();
+    --it;
+    return end <= it->second.end ? it : regions_.end();
+  }
+  void written_locked(const float* begin, const float* end) {
+    valid_.remove(begin, end);
+    bf16_only_.remove(begin, end);
+    if (copies_.empty()) return;
+    // Packed blocks that overlap [begin, end): they start less than max_span_ before it.
+    const uintptr_t b = reinterpret_cast<uintptr_t>(begin), span = static_cast<uintptr_t>(max_span_) * sizeof(float);
+    constexpr int64_t lowest = std::numeric_limits<int64_t>::min();
+    const OperandBlock from{reinterpret_cast<const float*>(b > span ? b - span : 0), lowest, lowest, lowest,
+                            lowest, lowest, lowest, lowest};
+    for (auto it = copies_.lower_bound(from); it != copies_.end() && it->first.src < end;) {
+      if (it->first.end() > begin) {
+        give_back_locked(std::move(it->second));
+        it = copies_.erase(it);
+      } else {
+        ++it;
+      }
+    }
   }
   // The smallest pooled buffer that fits without wasting more than half of it (a small operand must not take the
   // buffer a large one comes back for: the next step would page-fault a fresh one), or a new one.
@@ -252,16 +375,21 @@ class OperandCache {
     buffer.resize(size);
     return buffer;
   }
-  // Bounded: past 1024 buffers the smallest goes. A training step holds a few hundred copies at once (each MoE
+  // Bounded: past 1024 buffers the smallest goes. A training step keeps a few hundred copies at once (each MoE
   // expert's slice of each saved activation is one), and they all come back the next step.
   void give_back_locked(Bf16Buffer buffer) {
     if (buffer.capacity() == 0) return;
     pool_.emplace(buffer.capacity(), std::move(buffer));
     if (pool_.size() > 1024) pool_.erase(pool_.begin());
   }
+  const bool reuse_;
   std::mutex mutex_;
-  std::vector<Region> regions_;
+  Regions regions_;
+  RangeSet owned_;      // backend memory
+  RangeSet valid_;      // where declared regions' copies hold the current values
+  RangeSet bf16_only_;  // where, moreover, the fp32 values were never written
   std::map<OperandBlock, Bf16Buffer> copies_;
+  int64_t max_span_ = 0;  // the longest block ever kept, in floats
   std::multimap<size_t, Bf16Buffer> pool_;  // by capacity
 };
 
@@ -392,11 +520,12 @@ class GemmProfile {
 
 inline double wall_seconds() { return omp_get_wtime(); }
 
-class CpuBackend final : public Backend {
+class CpuBackend final : public CpuKernelBackend {
  public:
-  // MOELAB_NO_OPERAND_REUSE=1 turns hold_constant off (every product rounds its operands afresh): for checking that
-  // reuse never changes a result, or for ruling it out when chasing a numerical difference.
-  explicit CpuBackend(int threads) : reuse_(std::getenv("MOELAB_NO_OPERAND_REUSE") == nullptr) {
+  // MOELAB_NO_OPERAND_REUSE=1 turns the reuse of bf16 operand copies off (every product rounds its operands afresh,
+  // producers write fp32 only): for checking that reuse never changes a result, or for ruling it out when chasing
+  // a numerical difference.
+  explicit CpuBackend(int threads) : operands_(std::getenv("MOELAB_NO_OPERAND_REUSE") == nullptr) {
     set_threads(threads);
   }
   std::string name() const override { return "cpu"; }
@@ -407,29 +536,41 @@ class CpuBackend final : public Backend {
   }
   int threads() const override { return threads_; }
   void set_matmul_precision(Precision precision) override { precision_ = precision; }
-  void hold_constant(const float* data, int64_t count) override {
-    if (reuse_) operands_.hold(data, count);
+  void declare_use(const float* data, int64_t count, BufferUse use) override {
+    if (count > 0) operands_.declare(data, data + count, use == BufferUse::MatmulOperandOnly);
   }
-  void release_constant(const float* data) override {
-    if (!reuse_) return;
-    if (pending_.data == data) pending_ = {};
-    operands_.release(data);
+  void adopted(const void* ptr, size_t bytes) override {
+    const float* p = static_cast<const float*>(ptr);
+    operands_.own(p, p + bytes / sizeof(float));
   }
-  void hold_next_output(const float* data, int64_t count, bool operands_only) override {
-    if (!reuse_) return;
-    operands_.hold(data, count);
-    if (precision_ == Precision::BF16) pending_ = {data, count, operands_only};
+  void released(const void* ptr, size_t bytes) override {
+    const float* p = static_cast<const float*>(ptr);
+    operands_.forget(p, p + (bytes + sizeof(float) - 1) / sizeof(float));
   }
-  // For a kernel about to write [out, out + n) in full: where that is the region announced by hold_next_output, the
-  // buffer its bf16 copy goes into (the kernel rounds each row or chunk right after computing it), else null. With
-  // bf16_only (may be null) it says whether the region was announced operands-only: the kernel may then leave the
-  // fp32 values unwritten (it computes each row or chunk into scratch_floats and rounds from there).
-  uint16_t* produced(const float* out, int64_t n, bool* bf16_only = nullptr) {
-    if (bf16_only) *bf16_only = false;
-    if (pending_.data == nullptr || pending_.data != out || pending_.count != n) return nullptr;
-    if (bf16_only) *bf16_only = pending_.operands_only;
-    pending_ = {};
-    return operands_.attach_copy(out, n);
+  void host_wrote(const void* ptr, size_t bytes) {
+    const float* p = static_cast<const float*>(ptr);
+    operands_.written(p, p + (bytes + sizeof(float) - 1) / sizeof(float));
+  }
+  void host_reads(const void* ptr, size_t bytes) {
+    const float* p = static_cast<const float*>(ptr);
+    operands_.check_fp32(p, p + bytes / sizeof(float), "a download");
+  }
+  // Every kernel reports what it writes (OperandCache), before it writes: [x, x + n) here.
+  void written(const float* x, int64_t n) {
+    if (n > 0) operands_.written(x, x + n);
+  }
+  // For a kernel about to write [out, out + n) in full: under bf16, where that lies in a declared region
+  // (declare_use), the buffer its bf16 copy goes into (the kernel rounds each row or chunk right after computing it),
+  // else null; the write is reported either way. With bf16_only (may be null: the kernel always writes fp32) it
+  // learns whether it may leave the fp32 values unwritten (it computes each row or chunk into scratch_floats and
+  // rounds from there).
+  uint16_t* produced(float* out, int64_t n, bool* bf16_only = nullptr) {
+    if (precision_ != Precision::BF16) {
+      if (bf16_only) *bf16_only = false;
+      written(out, n);
+      return nullptr;
+    }
+    return operands_.produce(out, n, bf16_only);
   }
   // A thread's scratch for one row or chunk that a producer rounds to bf16 without storing it (produced's bf16_only).
   static float* scratch_floats(int64_t n) {
@@ -437,13 +578,19 @@ class CpuBackend final : public Backend {
     if (scratch.size() < static_cast<size_t>(n)) scratch.resize(n);
     return scratch.data();
   }
-  // A product's output must not lie in a held region (Backend::hold_constant).
-  void check_output(const float* c, int64_t rows, int64_t cols, int64_t ldc, int64_t batch = 1, int64_t stride_c = 0,
-                    int64_t outer = 1, int64_t outer_c = 0) {
-    if (rows <= 0 || cols <= 0) return;
-    const float* end = c + (outer - 1) * outer_c + (batch - 1) * stride_c + (rows - 1) * ldc + cols;
-    MOELAB_CHECK(!operands_.overlaps_held(c, end), "a matrix product writes into memory held constant "
-                 "(Backend::hold_constant); release it before writing there");
+  // A product's output, (outer, batch, rows, cols) matrices, as a range: reported written; and at fp32 precision
+  // its operands must have their fp32 values (OperandCache::check_fp32).
+  void product_writes(const float* c, int64_t rows, int64_t cols, int64_t ldc, int64_t batch = 1,
+                      int64_t stride_c = 0, int64_t outer = 1, int64_t outer_c = 0) {
+    if (rows <= 0 || cols <= 0 || batch <= 0 || outer <= 0) return;
+    operands_.written(c, OperandBlock{c, rows, cols, ldc, batch, stride_c, outer, outer_c}.end());
+  }
+  void product_reads(Trans t, const float* x, int64_t rows, int64_t cols, int64_t ld, int64_t batch = 1,
+                     int64_t stride = 0, int64_t outer = 1, int64_t outer_stride = 0) {
+    if (precision_ != Precision::FP32 || rows <= 0 || cols <= 0 || batch <= 0 || outer <= 0) return;
+    if (t == Trans::T) std::swap(rows, cols);
+    operands_.check_fp32(x, OperandBlock{x, rows, cols, ld, batch, stride, outer, outer_stride}.end(),
+                         "a matrix product at fp32 precision");
   }
   Precision matmul_precision() const override { return precision_; }
 
@@ -459,25 +606,49 @@ class CpuBackend final : public Backend {
                   "model");
     }
     std::memset(p, 0, bytes);
+    {
+      std::lock_guard<std::mutex> lock(sizes_mutex_);
+      sizes_[p] = bytes;
+    }
+    adopted(p, bytes);
     return p;
   }
-  void free(void* ptr) override { std::free(ptr); }
+  void free(void* ptr) override {
+    if (!ptr) return;
+    size_t bytes;
+    {
+      std::lock_guard<std::mutex> lock(sizes_mutex_);
+      auto it = sizes_.find(ptr);
+      MOELAB_CHECK(it != sizes_.end(), "free of a pointer the cpu backend did not allocate");
+      bytes = it->second;
+      sizes_.erase(it);
+    }
+    released(ptr, bytes);
+    std::free(ptr);
+  }
   // Backend memory is host memory here: the seam's transfers are copies.
   void upload_bytes(void* dst, const void* host_src, size_t bytes) override {
-    if (bytes > 0) std::memcpy(dst, host_src, bytes);
+    if (bytes == 0) return;
+    host_wrote(dst, bytes);
+    std::memcpy(dst, host_src, bytes);
   }
   void download_bytes(void* host_dst, const void* src, size_t bytes) override {
-    if (bytes > 0) std::memcpy(host_dst, src, bytes);
+    if (bytes == 0) return;
+    host_reads(src, bytes);
+    std::memcpy(host_dst, src, bytes);
   }
 
   void fill(float* x, float value, int64_t n) override {
+    written(x, n);
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; ++i) x[i] = value;
   }
   void copy(float* dst, const float* src, int64_t n) override {
+    written(dst, n);
     if (n > 0) std::memcpy(dst, src, n * sizeof(float));
   }
   void scale(float* x, float alpha, int64_t n) override {
+    written(x, n);
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; ++i) x[i] *= alpha;
   }
@@ -485,7 +656,14 @@ class CpuBackend final : public Backend {
   // ---- matrix products ------------------------------------------------------------------------------------
   void gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
             const float* b, int64_t ldb, float beta, float* c, int64_t ldc) override {
-    check_output(c, m, n, ldc);
+    product_writes(c, m, n, ldc);
+    product_reads(ta, a, m, k, lda);
+    product_reads(tb, b, k, n, ldb);
+    gemm_run(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+  // One product, its writes reported by the caller.
+  void gemm_run(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
     if (profile_.on() && !omp_in_parallel()) {
       const double t0 = wall_seconds();
       gemm_impl(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
@@ -567,13 +745,21 @@ class CpuBackend final : public Backend {
   void gemm_strided_batched(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
                             int64_t lda, int64_t stride_a, const float* b, int64_t ldb, int64_t stride_b,
                             float beta, float* c, int64_t ldc, int64_t stride_c, int64_t batch) override {
+    product_writes(c, m, n, ldc, batch, stride_c);
+    product_reads(ta, a, m, k, lda, batch, stride_a);
+    product_reads(tb, b, k, n, ldb, batch, stride_b);
+    strided_batched(ta, tb, m, n, k, alpha, a, lda, stride_a, b, ldb, stride_b, beta, c, ldc, stride_c, batch);
+  }
+  void strided_batched(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                       int64_t lda, int64_t stride_a, const float* b, int64_t ldb, int64_t stride_b, float beta,
+                       float* c, int64_t ldc, int64_t stride_c, int64_t batch) {
     if (batch > 1 && batched_matmul(ta, tb, m, n, k, alpha, a, lda, stride_a, 0, b, ldb, stride_b, 0, beta, c, ldc,
                                     stride_c, 0, batch, 1))
       return;
     const double t0 = profile_.on() ? wall_seconds() : 0;
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < batch; ++i)
-      gemm(ta, tb, m, n, k, alpha, a + i * stride_a, lda, b + i * stride_b, ldb, beta, c + i * stride_c, ldc);
+      gemm_run(ta, tb, m, n, k, alpha, a + i * stride_a, lda, b + i * stride_b, ldb, beta, c + i * stride_c, ldc);
     if (profile_.on()) {
       char key[96];
       std::snprintf(key, sizeof key, "%s batched %ldx %ldx%ldx%ld %c%c", precision_ == Precision::BF16 ? "bf16" : "fp32",
@@ -587,13 +773,15 @@ class CpuBackend final : public Backend {
                              int64_t lda, int64_t stride_a, int64_t outer_stride_a, const float* b, int64_t ldb,
                              int64_t stride_b, int64_t outer_stride_b, float beta, float* c, int64_t ldc,
                              int64_t stride_c, int64_t outer_stride_c, int64_t batch, int64_t outer) override {
-    check_output(c, m, n, ldc, batch, stride_c, outer, outer_stride_c);
+    product_writes(c, m, n, ldc, batch, stride_c, outer, outer_stride_c);
+    product_reads(ta, a, m, k, lda, batch, stride_a, outer, outer_stride_a);
+    product_reads(tb, b, k, n, ldb, batch, stride_b, outer, outer_stride_b);
     if (batched_matmul(ta, tb, m, n, k, alpha, a, lda, stride_a, outer_stride_a, b, ldb, stride_b, outer_stride_b,
                        beta, c, ldc, stride_c, outer_stride_c, batch, outer))
       return;
     for (int64_t o = 0; o < outer; ++o)
-      gemm_strided_batched(ta, tb, m, n, k, alpha, a + o * outer_stride_a, lda, stride_a, b + o * outer_stride_b, ldb,
-                           stride_b, beta, c + o * outer_stride_c, ldc, stride_c, batch);
+      strided_batched(ta, tb, m, n, k, alpha, a + o * outer_stride_a, lda, stride_a, b + o * outer_stride_b, ldb,
+                      stride_b, beta, c + o * outer_stride_c, ldc, stride_c, batch);
   }
 
   // outer x batch products as one oneDNN matmul (3-D or 4-D): it splits the work across threads itself, about
@@ -649,11 +837,17 @@ class CpuBackend final : public Backend {
     // Many small products (a MoE layer has 8-64 experts of a few hundred rows each): one single-threaded product
     // per thread at a time, handed out dynamically for balance. Which thread runs a product does not change its
     // result (oneDNN runs sequentially inside a parallel region), so the outcome is deterministic.
+    for (int64_t i = 0; i < count; ++i) {
+      const GemmProblem& p = problems[i];
+      product_writes(p.c, p.m, p.n, p.ldc);
+      product_reads(p.ta, p.a, p.m, p.k, p.lda);
+      product_reads(p.tb, p.b, p.k, p.n, p.ldb);
+    }
     const double t0 = profile_.on() ? wall_seconds() : 0;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t i = 0; i < count; ++i) {
       const GemmProblem& p = problems[i];
-      gemm(p.ta, p.tb, p.m, p.n, p.k, p.alpha, p.a, p.lda, p.b, p.ldb, p.beta, p.c, p.ldc);
+      gemm_run(p.ta, p.tb, p.m, p.n, p.k, p.alpha, p.a, p.lda, p.b, p.ldb, p.beta, p.c, p.ldc);
       if (p.c_sum_squares) *p.c_sum_squares = block_sum_squares(p.c, p.m, p.n, p.ldc);
     }
     if (profile_.on() && count > 0) {
@@ -679,22 +873,25 @@ class CpuBackend final : public Backend {
 
   // ---- elementwise ----------------------------------------------------------------------------------------
   void add(float* out, const float* a, const float* b, int64_t n) override {
+    written(out, n);
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
   }
   void add_inplace(float* x, const float* y, int64_t n) override {
+    written(x, n);
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; ++i) x[i] += y[i];
   }
   void add_bias(float* x, const float* bias, int64_t rows, int64_t cols) override {
+    written(x, rows * cols);
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       float* row = x + r * cols;
       for (int64_t c = 0; c < cols; ++c) row[c] += bias[c];
     }
   }
-  // Elementwise kernels run in chunks, so that a chunk their output's bf16 copy wants (hold_next_output) is rounded
-  // while it is in L1.
+  // Elementwise kernels run in chunks, so that a chunk their output's bf16 copy wants (a declared region, produced)
+  // is rounded while it is in L1.
   static constexpr int64_t kChunk = 4096;
   void gelu_forward(float* out, const float* in, int64_t n) override {
     bool bf16_only;
@@ -761,6 +958,7 @@ class CpuBackend final : public Backend {
   }
   void rope(float* x, int64_t batch, int64_t seq, int64_t row_stride, int64_t n_rot_heads, int64_t head_dim,
             float theta, bool inverse, int64_t first_position) override {
+    written(x, (batch * seq - 1) * row_stride + n_rot_heads * head_dim);
     const int64_t half = head_dim / 2;
     // The angle table (seq x half cos and sin, in double) costs more than the rotation itself; training asks for the
     // same one every call (forward and backward of every layer), so the last one is kept.
@@ -793,6 +991,7 @@ class CpuBackend final : public Backend {
   }
   void embedding_forward(float* out, const int32_t* tokens, const float* table, const float* pos, int64_t batch,
                          int64_t seq, int64_t dim) override {
+    written(out, batch * seq * dim);
 #pragma omp parallel for schedule(static)
     for (int64_t bt = 0; bt < batch * seq; ++bt) {
       const float* row = table + static_cast<int64_t>(tokens[bt]) * dim;
@@ -807,6 +1006,8 @@ class CpuBackend final : public Backend {
   }
   void embedding_backward(float* dtable, float* dpos, const int32_t* tokens, const float* dout, int64_t batch,
                           int64_t seq, int64_t dim, int64_t vocab) override {
+    written(dtable, vocab * dim);
+    if (dpos) written(dpos, seq * dim);
     // Each thread owns a slice of the channels, so rows hit by repeated tokens never race and the summation
     // order (token order) is fixed.
 #pragma omp parallel
@@ -852,6 +1053,7 @@ class CpuBackend final : public Backend {
   }
   void combine_rows(float* out, const float* src, const int64_t* offsets, const int32_t* rows, const float* weight,
                     int64_t n, int64_t cols) override {
+    written(out, n * cols);
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; ++i) {
       float* o = out + i * cols;
@@ -873,6 +1075,7 @@ class CpuBackend final : public Backend {
   }
   void combine_rows_backward(float* dsrc, float* dweight, const float* dout, const int32_t* index,
                              const float* weight, const float* src, int64_t rows, int64_t cols) override {
+    written(dweight, rows);
     bool bf16_only;
     uint16_t* const rounded = produced(dsrc, rows * cols, &bf16_only);
 #pragma omp parallel for schedule(static)
@@ -887,6 +1090,7 @@ class CpuBackend final : public Backend {
   }
   void row_dots(float* out, const float* a, const int32_t* index, const float* b, int64_t rows,
                 int64_t cols) override {
+    written(out, rows);
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       out[r] = row_dot(a + static_cast<int64_t>(index[r]) * cols, b + r * cols, cols);
@@ -895,6 +1099,7 @@ class CpuBackend final : public Backend {
 
   // ---- reductions -----------------------------------------------------------------------------------------
   void route(const RouterShape& shape, const float* logits, float* probs, const RoutingState& state) override {
+    written(probs, shape.tokens() * shape.experts);
     cpu::route(shape, logits, probs, state);
   }
   void router_statistics(const RouterShape& shape, const float* logits, const float* probs,
@@ -903,10 +1108,12 @@ class CpuBackend final : public Backend {
   }
   void router_backward(const RouterShape& shape, float* dlogits, const float* probs, const float* dweight,
                        const RoutingState& state, float aux_scale, float z_scale) override {
+    written(dlogits, shape.tokens() * shape.experts);
     cpu::router_backward(shape, dlogits, probs, dweight, state, aux_scale, z_scale);
   }
 
   void bias_backward(float* dbias, const float* dout, int64_t rows, int64_t cols) override {
+    written(dbias, cols);
 #pragma omp parallel
     {
       int64_t c0, c1;
@@ -920,6 +1127,8 @@ class CpuBackend final : public Backend {
 
   void layernorm_forward(float* out, float* mean, float* rstd, const float* in, const float* weight,
                          const float* bias, int64_t rows, int64_t cols, float eps) override {
+    written(mean, rows);
+    written(rstd, rows);
     bool bf16_only;
     uint16_t* const rounded = produced(out, rows * cols, &bf16_only);
 #pragma omp parallel for schedule(static)
@@ -943,6 +1152,9 @@ class CpuBackend final : public Backend {
   void layernorm_backward(float* din, float* dweight, float* dbias, const float* dout, const float* in,
                           const float* weight, const float* mean, const float* rstd, int64_t rows,
                           int64_t cols) override {
+    written(din, rows * cols);
+    written(dweight, cols);
+    if (dbias) written(dbias, cols);
     // dweight/dbias are reductions over rows: each thread sums its static block of rows into a private buffer,
     // and the buffers are added in thread order.
     const int nthreads = threads_;
@@ -987,6 +1199,7 @@ class CpuBackend final : public Backend {
   }
   void rmsnorm_forward(float* out, float* rstd, const float* in, const float* weight, int64_t rows, int64_t cols,
                        float eps) override {
+    written(rstd, rows);
     bool bf16_only;
     uint16_t* const rounded = produced(out, rows * cols, &bf16_only);
 #pragma omp parallel for schedule(static)
@@ -1004,6 +1217,8 @@ class CpuBackend final : public Backend {
   }
   void rmsnorm_backward(float* din, float* dweight, const float* dout, const float* in, const float* weight,
                         const float* rstd, int64_t rows, int64_t cols) override {
+    written(din, rows * cols);
+    written(dweight, cols);
     const int nthreads = threads_;
     std::vector<float> partial(static_cast<size_t>(nthreads) * cols, 0.f);
 #pragma omp parallel num_threads(nthreads)
@@ -1034,6 +1249,7 @@ class CpuBackend final : public Backend {
   }
 
   void softmax_rows(float* x, int64_t rows, int64_t cols, float scale) override {
+    written(x, rows * cols);
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       float* s = x + r * cols;
@@ -1089,12 +1305,13 @@ class CpuBackend final : public Backend {
   }
   // Per row: max, then exp(z - max) (kept in place when a gradient is wanted) and its sum in double, then the
   // gradient rescales in place. With AVX-512 the first two passes run 16 lanes at a time (vec::fast_exp16); the
-  // lanes are combined in a fixed order, so the result is deterministic. Announced by hold_next_output under bf16,
+  // lanes are combined in a fixed order, so the result is deterministic. In a declared region under bf16,
   // the gradient (2048 x 8192 for the benchmark models) is also rounded row by row while the row is in cache: the
   // output head's two backward products take that copy instead of rounding 64 MB again.
   void softmax_cross_entropy(float* logits, float* losses, const int32_t* targets, int64_t rows, int64_t vocab,
                              float grad_scale) override {
     const bool keep = grad_scale != 0.f;
+    written(losses, rows);
     bool bf16_only = false;  // the gradient goes to its bf16 copy only: the exponentials go to scratch, not over z
     uint16_t* const rounded = keep ? produced(logits, rows * vocab, &bf16_only) : nullptr;
 #pragma omp parallel for schedule(static)
@@ -1192,6 +1409,9 @@ class CpuBackend final : public Backend {
     const float step_size = lr / bc1;
     const float bc2_sqrt = std::sqrt(bc2);
     const float decay = 1.f - lr * weight_decay;
+    written(grad, n);
+    written(m, n);
+    written(v, n);
     uint16_t* const rounded = produced(param, n);  // the next step's bf16 operands, rounded while in cache
 #pragma omp parallel
     {
@@ -1213,26 +1433,22 @@ class CpuBackend final : public Backend {
 
  private:
   int threads_ = 1;
-  bool reuse_ = true;
   struct RopeTable {
     int64_t seq = -1, head_dim = 0;
     float theta = 0;
     int64_t first_position = 0;
     std::vector<float> cos, sin;
   } rope_table_;
-  struct {
-    const float* data = nullptr;
-    int64_t count = 0;
-    bool operands_only = false;
-  } pending_;  // announced by hold_next_output, not yet written
   Precision precision_ = Precision::FP32;
   MatmulCache matmuls_;
   OperandCache operands_;
   GemmProfile profile_;
+  std::mutex sizes_mutex_;
+  std::map<void*, size_t> sizes_;  // live allocations
 };
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend(int threads) { return std::make_unique<CpuBackend>(threads); }
+std::unique_ptr<CpuKernelBackend> make_cpu_backend(int threads) { return std::make_unique<CpuBackend>(threads); }
 
 }  // namespace moelab

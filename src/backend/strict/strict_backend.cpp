@@ -56,12 +56,14 @@ class StrictBackend final : public Backend {
       const Open open(*this);
       std::memset(p, 0, sizes_[p]);
     }
+    inner_->adopted(p, sizes_[p]);
     return p;
   }
   void free(void* ptr) override {
     if (!ptr) return;
     auto it = sizes_.find(static_cast<char*>(ptr));
     MOELAB_CHECK(it != sizes_.end(), "cpu-strict: free of a pointer this backend did not allocate");
+    inner_->released(ptr, it->second);
     free_.emplace(it->second, it->first);
     sizes_.erase(it);
   }
@@ -70,14 +72,14 @@ class StrictBackend final : public Backend {
     const Open open(*this);
     own(dst, bytes, "upload destination");
     MOELAB_CHECK(!inside(host_src), "cpu-strict: upload from backend memory (use copy)");
-    std::memcpy(dst, host_src, bytes);
+    inner_->upload_bytes(dst, host_src, bytes);
   }
   void download_bytes(void* host_dst, const void* src, size_t bytes) override {
     if (bytes == 0) return;
     const Open open(*this);
     own(src, bytes, "download source");
     MOELAB_CHECK(!inside(host_dst), "cpu-strict: download into backend memory (use copy)");
-    std::memcpy(host_dst, src, bytes);
+    inner_->download_bytes(host_dst, src, bytes);
   }
   void fill(float* x, float value, int64_t n) override {
     const Open open(*this);
@@ -132,19 +134,9 @@ class StrictBackend final : public Backend {
       own(groups[g].a, "grouped_gemm A"), own(groups[g].b, "grouped_gemm B"), own(groups[g].c, "grouped_gemm C");
     inner_->grouped_gemm(ta, tb, n, k, alpha, groups, group_count, lda, ldb, beta, ldc);
   }
-  void hold_constant(const float* data, int64_t count) override {
-    const Open open(*this);
-    own(data, "hold_constant");
-    inner_->hold_constant(data, count);
-  }
-  void release_constant(const float* data) override {
-    const Open open(*this);
-    inner_->release_constant(data);
-  }
-  void hold_next_output(const float* data, int64_t count, bool operands_only) override {
-    const Open open(*this);
-    own(data, "hold_next_output");
-    inner_->hold_next_output(data, count, operands_only);
+  void declare_use(const float* data, int64_t count, BufferUse use) override {
+    own(data, count, "declare_use");
+    inner_->declare_use(data, count, use);
   }
 
   // ---- elementwise --------------------------------------------------------------------------------------------
@@ -415,7 +407,7 @@ class StrictBackend final : public Backend {
     own(static_cast<const void*>(p), static_cast<size_t>(std::max<int64_t>(n, 0)) * sizeof(float), what);
   }
 
-  std::unique_ptr<Backend> inner_;
+  std::unique_ptr<CpuKernelBackend> inner_;
   char* base_ = nullptr;
   char* top_ = nullptr;
   int depth_ = 0;
