@@ -11,6 +11,7 @@ packages=(
   libcli11-dev libtomlplusplus-dev nlohmann-json3-dev libsentencepiece-dev libnlopt-cxx-dev libsqlite3-dev
   libgtest-dev libbenchmark-dev
   gnuplot-nox fonts-dejavu-core chromium python3
+  libopenmpi-dev openmpi-bin
 )
 if [[ "${1:-}" == "--fixtures" ]]; then
   # libopenblas0-openmp: the OpenMP build of OpenBLAS, which bench/torch_reference.py loads ahead of the default

@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "config/kinds.h"
+#include "backend/precision.h"
 
 namespace moelab {
 
@@ -145,7 +145,7 @@ class Backend {
   virtual void declare_use(const float* data, int64_t count, BufferUse use) {}
 
   // ---- matrix products ------------------------------------------------------------------------------------
-  // Every product below runs at the backend's matmul precision (config/kinds.h): operands and results are
+  // Every product below runs at the backend's matmul precision (backend/precision.h): operands and results are
   // always fp32 in memory; under BF16 the operands are rounded to bfloat16 and accumulated in fp32. Layers that
   // must stay fp32 whatever the setting (the MoE router) say so with a MatmulPrecisionScope.
   virtual void set_matmul_precision(Precision precision) = 0;

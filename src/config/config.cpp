@@ -221,6 +221,9 @@ const std::vector<KeyDef>& schema() {
                  "SentencePiece model for eval/generate; default <dir>/tokenizer.model; none: byte-level"),
       string_key("data.dtype", [](Config& c) -> std::string& { return c.data.dtype; },
                  "token id width in the data files: uint16 or uint32"),
+      int_key("dist.expert_parallel", [](Config& c) -> int64_t& { return c.dist.expert_parallel; }, 1, 65536,
+              "expert parallelism P: each MoE layer's routed experts are split over groups of P processes (P divides "
+              "the number of processes and the routed experts); 1: every process holds every expert"),
   };
   return keys;
 }

@@ -6,9 +6,14 @@
 #include <string>
 #include <vector>
 
-#include "config/kinds.h"
+#include "backend/precision.h"
+#include "layers/kinds.h"
+#include "moe/kinds.h"
 
 namespace moelab {
+
+// The learning-rate schedule (optim/schedule.h): cosine decay, warmup-stable-decay, or constant after warmup.
+enum class ScheduleKind { Cosine, WSD, Constant };
 
 // Mixture-of-Experts layers (see docs/config.md). Disabled when experts == 0 and expansion == 0.
 // Two ways to say the same thing:
@@ -98,10 +103,18 @@ struct DataConfig {
   std::string dtype = "uint16";
 };
 
+// How one run is spread over the processes of an MPI job (docs/distributed.md). Every process is a data-parallel
+// rank (the world size multiplies the global batch); expert_parallel = P shards each MoE layer's routed experts over
+// groups of P consecutive ranks.
+struct DistConfig {
+  int64_t expert_parallel = 1;
+};
+
 struct Config {
   ModelConfig model;
   TrainConfig train;
   DataConfig data;
+  DistConfig dist;
 };
 
 struct ConfigKeyInfo {

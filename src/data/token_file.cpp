@@ -38,6 +38,11 @@ TokenFile::TokenFile(const std::string& path, const std::string& dtype) : path_(
 
 TokenFile::~TokenFile() = default;
 
+void skip_windows(const TokenFile& file, Rng& rng, int64_t windows, int64_t seq) {
+  const uint64_t starts = static_cast<uint64_t>(file.size() - seq);
+  for (int64_t b = 0; b < windows; ++b) rng.below(starts);
+}
+
 void sample_batch(const TokenFile& file, Rng& rng, int64_t batch, int64_t seq, std::vector<int32_t>& tokens,
                   std::vector<int32_t>& targets) {
   if (file.size() < seq + 1)

@@ -44,6 +44,8 @@ class TokenFile {
 
 // Fills tokens/targets (batch, seq) with windows of seq + 1 consecutive tokens; targets are tokens shifted by one.
 // Training draws window starts uniformly at random from `rng`.
+// Advances rng past `windows` windows' draws of sample_batch without reading them (another rank's share of a batch).
+void skip_windows(const TokenFile& file, Rng& rng, int64_t windows, int64_t seq);
 void sample_batch(const TokenFile& file, Rng& rng, int64_t batch, int64_t seq, std::vector<int32_t>& tokens,
                   std::vector<int32_t>& targets);
 // Evaluation reads non-overlapping windows in order: window w starts at w * seq.

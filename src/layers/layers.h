@@ -9,7 +9,7 @@
 
 #include "backend/backend.h"
 #include "core/tensor.h"
-#include "config/kinds.h"
+#include "layers/kinds.h"
 
 namespace moelab {
 

@@ -6,8 +6,8 @@
 
 namespace moelab {
 
-ParamLayout::ParamLayout(const ModelConfig& m) {
-  const ModelPlan plan(m);
+ParamLayout::ParamLayout(const ModelConfig& m, int64_t expert_shards) {
+  const ModelPlan plan(m, expert_shards);
   const int64_t C = m.d_model, V = m.vocab_size;
   const float std = static_cast<float>(m.init_std);
   // Projections that write into the residual stream are scaled down so the stream's variance does not grow
@@ -37,8 +37,8 @@ ParamLayout::ParamLayout(const ModelConfig& m) {
       continue;
     }
     const MoeDims& d = block.moe_dims;
-    const int64_t E = d.experts, Fe = d.expert_hidden, Fs = d.shared_hidden;
-    add(p + "moe.router.weight", {E, C}, ParamKind::Matrix, std);
+    const int64_t E = d.local_experts(), Fe = d.expert_hidden, Fs = d.shared_hidden;
+    add(p + "moe.router.weight", {d.experts, C}, ParamKind::Matrix, std);
     add(p + "moe.experts.fc1.weight", {E, glu * Fe, C}, ParamKind::Matrix, std);
     if (m.bias) add(p + "moe.experts.fc1.bias", {E, glu * Fe}, ParamKind::Bias, 0.f);
     add(p + "moe.experts.fc2.weight", {E, C, Fe}, ParamKind::Matrix, residual_std);

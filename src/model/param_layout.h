@@ -21,7 +21,8 @@ struct ParamEntry {
 
 class ParamLayout {
  public:
-  explicit ParamLayout(const ModelConfig& config);
+  // expert_shards > 1: expert parallelism, each routed-expert tensor holds 1 / expert_shards of its experts (dim 0).
+  explicit ParamLayout(const ModelConfig& config, int64_t expert_shards = 1);
   const std::vector<ParamEntry>& entries() const { return entries_; }
   const ParamEntry& find(const std::string& name) const;
   bool has(const std::string& name) const;

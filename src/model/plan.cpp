@@ -4,7 +4,7 @@
 
 namespace moelab {
 
-ModelPlan::ModelPlan(const ModelConfig& m) {
+ModelPlan::ModelPlan(const ModelConfig& m, int64_t expert_shards) {
   vocab = m.vocab_size;
   d_model = m.d_model;
   n_heads = m.n_heads;
@@ -36,6 +36,10 @@ ModelPlan::ModelPlan(const ModelConfig& m) {
     d.aux_loss_weight = static_cast<float>(m.moe.aux_loss_weight);
     d.z_loss_weight = static_cast<float>(m.moe.z_loss_weight);
     d.expert_grad_scale = m.moe.expert_grad_scale;
+    d.expert_shards = expert_shards;
+    if (expert_shards < 1 || d.experts % expert_shards != 0)
+      throw Error("dist.expert_parallel = " + std::to_string(expert_shards) + " does not divide the " +
+                  std::to_string(d.experts) + " routed experts; choose a divisor of the expert count");
   }
 }
 

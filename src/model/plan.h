@@ -28,7 +28,8 @@ struct ModelPlan {
   int64_t glu = 1;            // fc1 rows per hidden unit: 2 for SwiGLU
   std::vector<BlockPlan> blocks;
 
-  explicit ModelPlan(const ModelConfig& config);
+  // expert_shards: expert parallelism (MoeDims::expert_shards); checked to divide the routed experts.
+  explicit ModelPlan(const ModelConfig& config, int64_t expert_shards = 1);
   // Block i's MoE dims for a window of `batch` sequences of `seq` positions.
   MoeDims moe_dims(int64_t block, int64_t batch, int64_t seq) const;
   int64_t moe_blocks() const;

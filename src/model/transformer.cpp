@@ -45,25 +45,33 @@ static Tensor leading_rows(Tensor full, int64_t rows) { return full.empty() ? fu
 MoeActivations Transformer::moe_activations(int64_t i) const {
   const MoeDims d = moe_dims(i);
   const MoeActivations& a = blocks_[i].moe;
-  const int64_t n = d.tokens(), r = d.max_rows();
+  const int64_t n = d.tokens(), r = d.max_rows(), re = d.max_expert_rows();
   return {leading_rows(a.logits, n), leading_rows(a.probs, n),     leading_rows(a.x_sorted, r),
-          leading_rows(a.pre, r),    leading_rows(a.act, r),       leading_rows(a.y_sorted, r),
-          leading_rows(a.shared_pre, n), leading_rows(a.shared_act, n)};
+          leading_rows(a.pre, re),   leading_rows(a.act, re),      leading_rows(a.y_sorted, r),
+          leading_rows(a.shared_pre, n), leading_rows(a.shared_act, n), leading_rows(a.x_local, re),
+          leading_rows(a.y_local, re)};
 }
 
 MoeScratch Transformer::moe_scratch(int64_t i) const {
   const MoeDims d = moe_dims(i);
   const MoeScratch& s = buffers_.moe;
-  const int64_t n = d.tokens(), r = d.max_rows();
-  return {leading_rows(s.d_x_sorted, r),   leading_rows(s.d_pre, r),        leading_rows(s.d_act, r),
+  const int64_t n = d.tokens(), r = d.max_rows(), re = d.max_expert_rows();
+  return {leading_rows(s.d_x_sorted, r),   leading_rows(s.d_pre, re),       leading_rows(s.d_act, re),
           leading_rows(s.d_y_sorted, r),   Tensor(s.d_weight.data, {r}),    leading_rows(s.d_logits, n),
-          leading_rows(s.d_shared_pre, n), leading_rows(s.d_shared_act, n), Tensor(s.ones.data, {r})};
+          leading_rows(s.d_shared_pre, n), leading_rows(s.d_shared_act, n), Tensor(s.ones.data, {re}),
+          leading_rows(s.d_x_local, re),   leading_rows(s.d_y_local, re)};
 }
 
 MoeDims Transformer::moe_dims(int64_t i) const { return plan_.moe_dims(i, batch_, seq_); }
 
-Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t max_batch)
-    : config_(config), plan_(config), backend_(backend), layout_(config), max_batch_(max_batch), acts_(backend) {
+Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t max_batch, Communicator* expert_group)
+    : config_(config),
+      plan_(config, expert_group ? expert_group->size() : 1),
+      backend_(backend),
+      layout_(config, expert_group ? expert_group->size() : 1),
+      full_layout_(config),
+      max_batch_(max_batch),
+      acts_(backend) {
   const int64_t B = max_batch, T = config.seq_len, C = config.d_model, H = config.n_heads, V = config.vocab_size;
   const int64_t F = plan_.ffn_hidden, pre_width = plan_.glu * F;
   params_ = backend_.alloc(layout_.total());
@@ -88,13 +96,17 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
     acts_.reserve(p + "ln2_rstd", {B, T});
     if (plan_.blocks[i].moe) {
       const MoeDims d = plan_.moe_dims(i, B, T);
-      const int64_t R = d.max_rows();
+      const int64_t R = d.max_rows(), Re = d.max_expert_rows();
       acts_.reserve(p + "moe_logits", {B * T, d.experts});
       acts_.reserve(p + "moe_probs", {B * T, d.experts});
       acts_.reserve(p + "moe_x_sorted", {R, C});
-      acts_.reserve(p + "moe_pre", {R, d.fc1_rows()});
-      acts_.reserve(p + "moe_act", {R, d.expert_hidden});
+      acts_.reserve(p + "moe_pre", {Re, d.fc1_rows()});
+      acts_.reserve(p + "moe_act", {Re, d.expert_hidden});
       acts_.reserve(p + "moe_y_sorted", {R, C});
+      if (d.expert_shards > 1) {
+        acts_.reserve(p + "moe_x_local", {Re, C});
+        acts_.reserve(p + "moe_y_local", {Re, C});
+      }
       if (d.shared_hidden > 0) {
         acts_.reserve(p + "moe_shared_pre", {B * T, d.shared_fc1_rows()});
         acts_.reserve(p + "moe_shared_act", {B * T, d.shared_hidden});
@@ -112,16 +124,23 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
     int64_t first = 0;
     while (!plan_.blocks[first].moe) ++first;
     const MoeDims d = plan_.moe_dims(first, B, T);  // every MoE block has the same dims
-    const int64_t R = d.max_rows();
+    const int64_t R = d.max_rows(), Re = d.max_expert_rows();
     for (int64_t i = 0; i < config.n_layers; ++i)
-      if (plan_.blocks[i].moe) routing_[i].reserve(backend_, plan_.moe_dims(i, B, T));
+      if (plan_.blocks[i].moe) {
+        routing_[i].reserve(backend_, plan_.moe_dims(i, B, T));
+        if (expert_group) exchanges_.emplace(i, std::make_unique<ExpertExchange>(*expert_group, d.experts));
+      }
     acts_.reserve("d_moe_x_sorted", {R, C});
-    acts_.reserve("d_moe_pre", {R, d.fc1_rows()});
-    acts_.reserve("d_moe_act", {R, d.expert_hidden});
+    acts_.reserve("d_moe_pre", {Re, d.fc1_rows()});
+    acts_.reserve("d_moe_act", {Re, d.expert_hidden});
     acts_.reserve("d_moe_y_sorted", {R, C});
     acts_.reserve("d_moe_weight", {R});
     acts_.reserve("d_moe_logits", {B * T, d.experts});
-    acts_.reserve("moe_ones", {R});
+    acts_.reserve("moe_ones", {Re});
+    if (d.expert_shards > 1) {
+      acts_.reserve("d_moe_x_local", {Re, C});
+      acts_.reserve("d_moe_y_local", {Re, C});
+    }
     if (d.shared_hidden > 0) {
       acts_.reserve("d_moe_shared_pre", {B * T, d.shared_fc1_rows()});
       acts_.reserve("d_moe_shared_act", {B * T, d.shared_hidden});
@@ -152,7 +171,7 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
   for (int64_t i = 0; i < config.n_layers; ++i)
     if (plan_.blocks[i].moe) {
       expert_sq_offset_[i] = sums;
-      sums += 2 * plan_.blocks[i].moe_dims.experts;
+      sums += 2 * plan_.blocks[i].moe_dims.local_experts();
     }
   if (sums > 0) expert_dweight_sq_ = BackendArray<double>(backend_, sums);
 
@@ -167,14 +186,14 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
                        slot(p + "ln2_rstd"), slot(p + "fc_pre"), slot(p + "fc_act"), slot(p + "res_ffn"),
                        {slot(p + "moe_logits"), slot(p + "moe_probs"), slot(p + "moe_x_sorted"), slot(p + "moe_pre"),
                         slot(p + "moe_act"), slot(p + "moe_y_sorted"), slot(p + "moe_shared_pre"),
-                        slot(p + "moe_shared_act")}});
+                        slot(p + "moe_shared_act"), slot(p + "moe_x_local"), slot(p + "moe_y_local")}});
   }
   buffers_ = {slot("embed"),   slot("lnf"),      slot("lnf_mean"), slot("lnf_rstd"), slot("logits"),
               slot("losses"),  slot("d_res"),    slot("d_ln"),     slot("d_qkv"),    slot("d_probs"),
               slot("d_atty"),  slot("d_fc_pre"), slot("d_fc_act"), slot("sinusoidal"),
               {slot("d_moe_x_sorted"), slot("d_moe_pre"), slot("d_moe_act"), slot("d_moe_y_sorted"),
                slot("d_moe_weight"), slot("d_moe_logits"), slot("d_moe_shared_pre"), slot("d_moe_shared_act"),
-               slot("moe_ones")}};
+               slot("moe_ones"), slot("d_moe_x_local"), slot("d_moe_y_local")}};
   declare_buffer_uses();
 }
 
@@ -199,7 +218,7 @@ void Transformer::declare_buffer_uses() {
         be.declare_use(a.ln2.data, a.ln2.numel(), Use::MatmulOperand);
         mlp_declare_uses(be, a.moe.shared_act, buffers_.moe.d_shared_pre, !w.moe.shared_fc1_b.empty());
       }
-      moe_declare_uses(be, a.moe, buffers_.moe);
+      moe_declare_uses(be, a.moe, buffers_.moe, plan_.blocks[i].moe_dims.expert_shards > 1);
     }
   }
   be.declare_use(buffers_.lnf.data, buffers_.lnf.numel(), Use::MatmulOperandOnly);  // the head's products only
@@ -211,10 +230,35 @@ Transformer::~Transformer() {
   backend_.free(grads_);
 }
 
-void Transformer::init_weights(uint64_t seed) {
-  Rng rng(seed);
-  std::vector<float> host(layout_.total());
+ExpertExchange* Transformer::exchange(int64_t block) const {
+  auto it = exchanges_.find(block);
+  return it == exchanges_.end() ? nullptr : it->second.get();
+}
+
+int64_t Transformer::expert_shard() const {
+  return exchanges_.empty() ? 0 : exchanges_.begin()->second->first_expert() / exchanges_.begin()->second->local_experts();
+}
+
+// Each local tensor is its full tensor, or, for a routed-expert tensor under expert parallelism, this rank's slice of
+// experts along dim 0.
+std::vector<float> Transformer::local_from_full(const std::vector<float>& full) const {
+  MOELAB_CHECK(static_cast<int64_t>(full.size()) == full_layout_.total(), "parameters of another model");
+  std::vector<float> local(layout_.total());
+  const int64_t shard = expert_shard();
   for (const auto& e : layout_.entries()) {
+    const ParamEntry& f = full_layout_.find(e.name);
+    const int64_t n = e.shape.numel(), from = f.offset + (n == f.shape.numel() ? 0 : shard * n);
+    std::copy(full.begin() + from, full.begin() + from + n, local.begin() + e.offset);
+  }
+  return local;
+}
+
+void Transformer::init_weights(uint64_t seed) {
+  // Drawn over the whole model in layout order, whatever part of it this rank holds: every expert starts as it
+  // would in one process.
+  Rng rng(seed);
+  std::vector<float> host(full_layout_.total());
+  for (const auto& e : full_layout_.entries()) {
     float* p = host.data() + e.offset;
     const int64_t n = e.shape.numel();
     switch (e.kind) {
@@ -228,6 +272,7 @@ void Transformer::init_weights(uint64_t seed) {
         for (int64_t i = 0; i < n; ++i) p[i] = static_cast<float>(rng.normal()) * e.init_std;
     }
   }
+  if (!exchanges_.empty()) host = local_from_full(host);
   backend_.upload(params_, host.data(), layout_.total());
 }
 
@@ -279,6 +324,8 @@ double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64
 }
 
 void Transformer::decode_reset() {
+  if (!exchanges_.empty())
+    throw Error("generation with expert parallelism is not supported; load the checkpoint in one process");
   decode_position_ = 0;
   if (!k_cache_.data()) {
     const int64_t n = config_.n_layers * config_.seq_len * config_.d_model;
@@ -354,7 +401,7 @@ void Transformer::block_forward(int64_t i, Tensor residual, int64_t first_positi
     const MoeDims d = moe_dims(i);
     const Shape flat{d.tokens(), m.d_model};
     moe_forward(be, d, res_ffn.reshaped(flat), ln2.reshaped(flat), weights_.blocks[i].moe, moe_activations(i),
-                routing_[i], moe_stats_[i]);
+                routing_[i], moe_stats_[i], exchange(i));
     aux_loss_ += d.aux_loss_weight * moe_stats_[i].aux_loss + d.z_loss_weight * moe_stats_[i].z_loss;
   } else {
     mlp_forward(be, m.ffn, res_ffn, window(blocks_[i].fc_pre), window(blocks_[i].fc_act), ln2, w.fc1_w, w.fc1_b, w.fc2_w,
@@ -417,7 +464,7 @@ void Transformer::backward() {
       const Shape flat{batch_ * T, m.d_model};
       moe_backward(be, moe_dims(i), d_ln.reshaped(flat), grad_views_.blocks[i].moe, d_res.reshaped(flat),
                    window(blocks_[i].ln2).reshaped(flat), weights_.blocks[i].moe, moe_activations(i), moe_scratch(i),
-                   routing_[i], backward_scale_, acc, expert_dweight_sq_.data() + expert_sq_offset_[i]);
+                   routing_[i], backward_scale_, acc, expert_dweight_sq_.data() + expert_sq_offset_[i], exchange(i));
     } else {
       mlp_backward(be, m.ffn, d_ln, g.fc1_w, g.fc1_b, g.fc2_w, g.fc2_b, window(buffers_.d_fc_pre), window(buffers_.d_fc_act), d_res,
                    window(blocks_[i].ln2), window(blocks_[i].fc_pre), window(blocks_[i].fc_act), w.fc1_w, w.fc2_w, acc);

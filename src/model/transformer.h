@@ -2,6 +2,7 @@
 // The decoder-only transformer: pre-norm blocks of attention and FFN on a residual stream, a final norm and a
 // (tied or untied) output head. Parameters and gradients live in two blocks laid out by ParamLayout;
 // activations for a batch of up to `max_batch` sequences in one Arena, all sized once at construction.
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -10,19 +11,36 @@
 #include "config/config.h"
 #include "model/param_layout.h"
 #include "model/plan.h"
+#include "dist/comm.h"
+#include "moe/expert_parallel.h"
 #include "moe/moe.h"
 
 namespace moelab {
 
 class Transformer {
  public:
-  Transformer(const ModelConfig& config, Backend& backend, int64_t max_batch);
+  // expert_group: expert parallelism (dist.expert_parallel): this rank holds its share of every MoE layer's routed
+  // experts, and forward and backward exchange rows with the group's other ranks, which must run them too.
+  Transformer(const ModelConfig& config, Backend& backend, int64_t max_batch, Communicator* expert_group = nullptr);
   ~Transformer();
   Transformer(const Transformer&) = delete;
   Transformer& operator=(const Transformer&) = delete;
 
   const ModelConfig& config() const { return config_; }
   const ParamLayout& layout() const { return layout_; }
+  // The whole model's layout (the checkpoints'): layout() itself unless the experts are sharded, in which case
+  // layout() holds this rank's slice of each routed-expert tensor (expert_shard() of expert_shards()).
+  const ParamLayout& full_layout() const { return full_layout_; }
+  int64_t expert_shards() const { return layout_.total() == full_layout_.total() ? 1 : plan_expert_shards(); }
+  int64_t expert_shard() const;
+  // A whole-model host vector (full_layout) cut to this rank's parameters (layout).
+  std::vector<float> local_from_full(const std::vector<float>& full) const;
+  // Seconds the MoE layers spent exchanging rows with the expert-parallel group since the last call.
+  double take_exchange_seconds() {
+    double s = 0;
+    for (auto& [block, ex] : exchanges_) s += ex->take_seconds();
+    return s;
+  }
   Backend& backend() { return backend_; }
   int64_t num_params() const { return layout_.total(); }
   // The parameter block (backend memory), declared a matrix-product operand (Backend::declare_use).
@@ -117,6 +135,14 @@ class Transformer {
   ModelPlan plan_;
   Backend& backend_;
   ParamLayout layout_;
+  ParamLayout full_layout_;
+  std::map<int64_t, std::unique_ptr<ExpertExchange>> exchanges_;  // per MoE block, under expert parallelism
+  ExpertExchange* exchange(int64_t block) const;
+  int64_t plan_expert_shards() const {
+    for (const auto& b : plan_.blocks)
+      if (b.moe) return b.moe_dims.expert_shards;
+    return 1;
+  }
   int64_t max_batch_;
   float* params_ = nullptr;
   float* grads_ = nullptr;

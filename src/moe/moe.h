@@ -11,7 +11,8 @@
 
 #include "backend/backend.h"
 #include "core/tensor.h"
-#include "config/kinds.h"
+#include "layers/kinds.h"
+#include "moe/kinds.h"
 
 namespace moelab {
 
@@ -29,8 +30,12 @@ struct MoeDims {
   float aux_loss_weight = 0;
   float z_loss_weight = 0;
   bool expert_grad_scale = false;
+  // Expert parallelism (moe/expert_parallel.h): the routed experts split over this many ranks; this rank holds
+  // local_experts() of them (its weights, its products). 1: all of them.
+  int64_t expert_shards = 1;
 
   int64_t tokens() const { return batch * seq; }
+  int64_t local_experts() const { return experts / expert_shards; }
   int64_t fc1_rows() const { return ffn == FfnKind::SwiGLU ? 2 * expert_hidden : expert_hidden; }
   int64_t shared_fc1_rows() const { return ffn == FfnKind::SwiGLU ? 2 * shared_hidden : shared_hidden; }
   // Token choice: per-expert capacity (0 = unlimited). Expert choice: tokens each expert takes per group.
@@ -38,12 +43,16 @@ struct MoeDims {
   int64_t expert_choice_capacity() const;
   // Upper bound on dispatched rows, for sizing buffers once.
   int64_t max_rows() const;
+  // Upper bound on the rows this rank's experts compute: its own (max_rows), or under expert parallelism what
+  // every rank of the group may send it.
+  int64_t max_expert_rows() const { return max_rows() * expert_shards; }
 };
 
 struct MoeWeights {
   Tensor router;          // (E, C)
-  Tensor fc1_w, fc1_b;    // (E, P, C), (E, P) with P = F_e or 2 F_e (SwiGLU [gate | up]); bias may be empty
-  Tensor fc2_w, fc2_b;    // (E, C, F_e), (E, C)
+  // This rank's experts (E_local = local_experts(): all E without expert parallelism):
+  Tensor fc1_w, fc1_b;    // (E_local, P, C), (E_local, P) with P = F_e or 2 F_e (SwiGLU [gate | up]); bias may be empty
+  Tensor fc2_w, fc2_b;    // (E_local, C, F_e), (E_local, C)
   Tensor shared_fc1_w, shared_fc1_b, shared_fc2_w, shared_fc2_b;  // dense FFN of width shared_hidden, or empty
 };
 
@@ -51,9 +60,11 @@ struct MoeWeights {
 struct MoeActivations {
   Tensor logits, probs;            // (N, E) router logits and softmax, fp32
   Tensor x_sorted;                 // (R, C)  token rows gathered in expert order
-  Tensor pre, act;                 // (R, P), (R, F_e)
+  Tensor pre, act;                 // (R', P), (R', F_e): the experts' rows (R' = R, or the received rows)
   Tensor y_sorted;                 // (R, C)  expert outputs, before weighting
   Tensor shared_pre, shared_act;   // (N, shared P), (N, shared_hidden) or empty
+  Tensor x_local, y_local;         // expert parallelism: (R', C) rows received for this rank's experts, their
+                                   // outputs (else empty)
 };
 
 // Backward scratch shared by all MoE layers.
@@ -62,7 +73,8 @@ struct MoeScratch {
   Tensor d_weight;                              // (R)
   Tensor d_logits;                              // (N, E)
   Tensor d_shared_pre, d_shared_act;            // or empty
-  Tensor ones;                                  // (R) of 1.0, for bias gradients as a GEMM
+  Tensor ones;                                  // (R') of 1.0, for bias gradients as a GEMM
+  Tensor d_x_local, d_y_local;                  // expert parallelism: like x_local, y_local (else empty)
 };
 
 // Routing decisions of one layer's last forward: backend buffers sized once (RoutingState in backend.h says what
@@ -89,9 +101,11 @@ struct MoeStats {
   double tokens_cv() const;      // coefficient of variation of tokens_per_expert
 };
 
-// Forward of the whole layer: out (N, C) += MoE(in (N, C)). Fills routing and stats.
+class ExpertExchange;
+// Forward of the whole layer: out (N, C) += MoE(in (N, C)). Fills routing and stats. With `ep` (expert parallelism,
+// d.expert_shards > 1), the rows go to the ranks holding their experts and back (moe/expert_parallel.h).
 void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const MoeWeights& w, const MoeActivations& a,
-                 Routing& routing, MoeStats& stats);
+                 Routing& routing, MoeStats& stats, ExpertExchange* ep = nullptr);
 // Backward: din += d/d in, parameter gradients accumulate; with !accumulate_dweights the weight matrices' gradients
 // (router, experts, shared expert) are overwritten instead, those of experts that received no row with zeros.
 // loss_scale multiplies the auxiliary losses' own gradients (aux_loss_weight * aux + z_loss_weight * z), matching
@@ -99,11 +113,12 @@ void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const Moe
 // expert's fc1 and fc2 weight gradient ([2e], [2e + 1]) as this backward leaves them (GemmProblem::c_sum_squares).
 void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& grads, Tensor dout, Tensor in,
                   const MoeWeights& w, const MoeActivations& a, const MoeScratch& s, const Routing& routing,
-                  float loss_scale, bool accumulate_dweights = true, double* expert_dweight_sq = nullptr);
+                  float loss_scale, bool accumulate_dweights = true, double* expert_dweight_sq = nullptr,
+                  ExpertExchange* ep = nullptr);
 
 // What reads the full-size activation and scratch buffers (Backend::declare_use), said once by their owner; the
 // shared expert's are an FFN's (mlp_declare_uses).
-void moe_declare_uses(Backend& be, const MoeActivations& activations, const MoeScratch& scratch);
+void moe_declare_uses(Backend& be, const MoeActivations& activations, const MoeScratch& scratch, bool expert_parallel);
 
 // ---- the route seam, exposed for tests and for other dispatchers -------------------------------------------------
 RouterShape router_shape(const MoeDims& d);

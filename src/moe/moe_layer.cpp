@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "layers/layers.h"
+#include "moe/expert_parallel.h"
 #include "moe/moe.h"
 
 namespace moelab {
@@ -30,23 +31,32 @@ void activation_backward(Backend& be, FfnKind kind, float* dpre, const float* pr
   else be.swiglu_backward(dpre, pre, dact, rows, f);
 }
 
-// Experts: (R, C) rows sorted by expert -> (R, C) outputs, one grouped GEMM per matrix.
-void experts_forward(Backend& be, const MoeDims& d, const MoeWeights& w, const MoeActivations& a, const Routing& r) {
-  const int64_t E = d.experts, C = d.d_model, F = d.expert_hidden, P = d.fc1_rows();
+// The rows the experts of this rank compute on, expert-major: the layer's own dispatched rows, or under expert
+// parallelism the rows received from the group (ExpertExchange); offsets (experts + 1) delimit each expert's.
+struct ExpertRows {
+  const std::vector<int64_t>& offsets;
+  int64_t experts;
+  Tensor x, y;  // (rows, C) inputs and outputs
+};
+
+// Experts: (rows, C) -> (rows, C) outputs, one grouped GEMM per matrix.
+void experts_forward(Backend& be, const MoeDims& d, const MoeWeights& w, const MoeActivations& a,
+                     const ExpertRows& rows) {
+  const int64_t E = rows.experts, C = d.d_model, F = d.expert_hidden, P = d.fc1_rows();
+  const int64_t R = rows.offsets[E];
   std::vector<GemmGroup> groups(E);
   for (int64_t e = 0; e < E; ++e) {
-    const int64_t off = r.host_expert_offsets[e];
-    groups[e] = {r.host_expert_offsets[e + 1] - off, a.x_sorted.data + off * C, w.fc1_w.data + e * P * C,
-                 a.pre.data + off * P};
+    const int64_t off = rows.offsets[e];
+    groups[e] = {rows.offsets[e + 1] - off, rows.x.data + off * C, w.fc1_w.data + e * P * C, a.pre.data + off * P};
   }
   be.grouped_gemm(Trans::N, Trans::T, P, C, 1.f, groups.data(), E, C, C, 0.f, P);
   if (!w.fc1_b.empty())
     for (int64_t e = 0; e < E; ++e)
       be.add_bias(groups[e].c, w.fc1_b.data + e * P, groups[e].m, P);
-  activation_forward(be, d.ffn, a.act.data, a.pre.data, r.rows, F);
+  activation_forward(be, d.ffn, a.act.data, a.pre.data, R, F);
   for (int64_t e = 0; e < E; ++e) {
-    const int64_t off = r.host_expert_offsets[e];
-    groups[e] = {groups[e].m, a.act.data + off * F, w.fc2_w.data + e * C * F, a.y_sorted.data + off * C};
+    const int64_t off = rows.offsets[e];
+    groups[e] = {groups[e].m, a.act.data + off * F, w.fc2_w.data + e * C * F, rows.y.data + off * C};
   }
   be.grouped_gemm(Trans::N, Trans::T, C, F, 1.f, groups.data(), E, F, F, 0.f, C);
   if (!w.fc2_b.empty())
@@ -54,16 +64,18 @@ void experts_forward(Backend& be, const MoeDims& d, const MoeWeights& w, const M
       be.add_bias(groups[e].c, w.fc2_b.data + e * C, groups[e].m, C);
 }
 
+// dy (rows, C): the rows' output gradients; dx (rows, C) receives their input gradients.
 void experts_backward(Backend& be, const MoeDims& d, const MoeWeights& g, const MoeWeights& w,
-                      const MoeActivations& a, const MoeScratch& s, const Routing& r, bool accumulate_dweights,
-                      double* dweight_sq) {
-  const int64_t E = d.experts, C = d.d_model, F = d.expert_hidden, P = d.fc1_rows();
-  // fairseq scales expert parameter gradients (not the activation gradients) by 1/sqrt(E).
-  const float alpha = d.expert_grad_scale ? 1.f / std::sqrt(static_cast<float>(E)) : 1.f;
+                      const MoeActivations& a, const MoeScratch& s, const ExpertRows& rows, Tensor dy_rows,
+                      Tensor dx_rows, bool accumulate_dweights, double* dweight_sq) {
+  const int64_t E = rows.experts, C = d.d_model, F = d.expert_hidden, P = d.fc1_rows();
+  const int64_t R = rows.offsets[E];
+  // fairseq scales expert parameter gradients (not the activation gradients) by 1/sqrt(E), E all routed experts.
+  const float alpha = d.expert_grad_scale ? 1.f / std::sqrt(static_cast<float>(d.experts)) : 1.f;
   const float w_beta = accumulate_dweights ? 1.f : 0.f;
   // An expert without rows has no product to overwrite its weight gradients, or to take their sums of squares.
   for (int64_t e = 0; e < E; ++e)
-    if (r.host_expert_offsets[e + 1] == r.host_expert_offsets[e]) {
+    if (rows.offsets[e + 1] == rows.offsets[e]) {
       if (!accumulate_dweights) {
         be.fill(g.fc1_w.data + e * P * C, 0.f, P * C);
         be.fill(g.fc2_w.data + e * C * F, 0.f, C * F);
@@ -77,9 +89,9 @@ void experts_backward(Backend& be, const MoeDims& d, const MoeWeights& g, const 
   // All experts' products of one stage are independent (disjoint outputs): one gemm_batch per stage.
   std::vector<GemmProblem> batch;
   for (int64_t e = 0; e < E; ++e) {
-    const int64_t off = r.host_expert_offsets[e], m = r.host_expert_offsets[e + 1] - off;
+    const int64_t off = rows.offsets[e], m = rows.offsets[e + 1] - off;
     if (m == 0) continue;
-    const float* dy = s.d_y_sorted.data + off * C;
+    const float* dy = dy_rows.data + off * C;
     // y (m, C) = act (m, F) @ W2 (C, F)^T + b2:  d_act = dy @ W2;  dW2 += alpha dy^T @ act
     batch.push_back({Trans::N, Trans::N, m, F, C, 1.f, dy, C, w.fc2_w.data + e * C * F, F, 0.f,
                      s.d_act.data + off * F, F});
@@ -89,16 +101,16 @@ void experts_backward(Backend& be, const MoeDims& d, const MoeWeights& g, const 
       batch.push_back({Trans::N, Trans::N, 1, C, m, alpha, s.ones.data, m, dy, C, 1.f, g.fc2_b.data + e * C, C});
   }
   be.gemm_batch(batch.data(), static_cast<int64_t>(batch.size()));
-  activation_backward(be, d.ffn, s.d_pre.data, a.pre.data, s.d_act.data, r.rows, F);
+  activation_backward(be, d.ffn, s.d_pre.data, a.pre.data, s.d_act.data, R, F);
   batch.clear();
   for (int64_t e = 0; e < E; ++e) {
-    const int64_t off = r.host_expert_offsets[e], m = r.host_expert_offsets[e + 1] - off;
+    const int64_t off = rows.offsets[e], m = rows.offsets[e + 1] - off;
     if (m == 0) continue;
     const float* dpre = s.d_pre.data + off * P;
     // pre (m, P) = x (m, C) @ W1 (P, C)^T + b1:  d_x = dpre @ W1;  dW1 += alpha dpre^T @ x
     batch.push_back({Trans::N, Trans::N, m, C, P, 1.f, dpre, P, w.fc1_w.data + e * P * C, C, 0.f,
-                     s.d_x_sorted.data + off * C, C});
-    batch.push_back({Trans::T, Trans::N, P, C, m, alpha, dpre, P, a.x_sorted.data + off * C, C, w_beta,
+                     dx_rows.data + off * C, C});
+    batch.push_back({Trans::T, Trans::N, P, C, m, alpha, dpre, P, rows.x.data + off * C, C, w_beta,
                      g.fc1_w.data + e * P * C, C, dweight_sq ? dweight_sq + 2 * e : nullptr});
     if (!g.fc1_b.empty())
       batch.push_back({Trans::N, Trans::N, 1, P, m, alpha, s.ones.data, m, dpre, P, 1.f, g.fc1_b.data + e * P, P});
@@ -130,7 +142,7 @@ void compute_stats(Backend& be, const MoeDims& d, const float* logits, const flo
 }  // namespace
 
 void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const MoeWeights& w, const MoeActivations& a,
-                 Routing& r, MoeStats& stats) {
+                 Routing& r, MoeStats& stats, ExpertExchange* ep) {
   const int64_t n = d.tokens(), C = d.d_model;
   MOELAB_CHECK(in.rows() == n && in.cols() == C, "MoE input " + in.shape.str());
   // route (fp32 whatever the matmul precision: top-k decisions and the balancing losses are sensitive to it)
@@ -141,7 +153,14 @@ void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const Moe
   route(be, d, a.logits.data, a.probs.data, r);
   // dispatch -> experts -> combine
   be.gather_rows(a.x_sorted.data, in.data, r.row_token.data(), nullptr, r.rows, C);
-  experts_forward(be, d, w, a, r);
+  if (ep) {  // to the ranks holding the experts, computed there, and back
+    ep->plan(r.host_expert_offsets);
+    ep->dispatch(be, a.x_sorted.data, C, a.x_local.data);
+    experts_forward(be, d, w, a, {ep->local_offsets(), ep->local_experts(), a.x_local, a.y_local});
+    ep->combine(be, a.y_local.data, C, a.y_sorted.data);
+  } else {
+    experts_forward(be, d, w, a, {r.host_expert_offsets, d.experts, a.x_sorted, a.y_sorted});
+  }
   be.combine_rows(out.data, a.y_sorted.data, r.token_offsets.data(), r.token_rows.data(), r.row_weight.data(), n, C);
   if (d.shared_hidden > 0)
     mlp_forward(be, d.ffn, out, a.shared_pre, a.shared_act, in, w.shared_fc1_w, w.shared_fc1_b, w.shared_fc2_w,
@@ -151,7 +170,7 @@ void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const Moe
 
 void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& g, Tensor dout, Tensor in,
                   const MoeWeights& w, const MoeActivations& a, const MoeScratch& s, const Routing& r,
-                  float loss_scale, bool accumulate_dweights, double* expert_dweight_sq) {
+                  float loss_scale, bool accumulate_dweights, double* expert_dweight_sq, ExpertExchange* ep) {
   const int64_t n = d.tokens(), C = d.d_model;
   if (d.shared_hidden > 0)
     mlp_backward(be, d.ffn, din, g.shared_fc1_w, g.shared_fc1_b, g.shared_fc2_w, g.shared_fc2_b, s.d_shared_pre,
@@ -160,7 +179,15 @@ void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& g
   // combine backward: the weighted output gradient of each row, and the gate weight's gradient
   be.combine_rows_backward(s.d_y_sorted.data, s.d_weight.data, dout.data, r.row_token.data(), r.row_weight.data(),
                            a.y_sorted.data, r.rows, C);
-  experts_backward(be, d, g, w, a, s, r, accumulate_dweights, expert_dweight_sq);
+  if (ep) {  // the rows' gradients to the experts' ranks, and their input gradients back
+    ep->dispatch(be, s.d_y_sorted.data, C, s.d_y_local.data);
+    experts_backward(be, d, g, w, a, s, {ep->local_offsets(), ep->local_experts(), a.x_local, a.y_local},
+                     s.d_y_local, s.d_x_local, accumulate_dweights, expert_dweight_sq);
+    ep->combine(be, s.d_x_local.data, C, s.d_x_sorted.data);
+  } else {
+    experts_backward(be, d, g, w, a, s, {r.host_expert_offsets, d.experts, a.x_sorted, a.y_sorted}, s.d_y_sorted,
+                     s.d_x_sorted, accumulate_dweights, expert_dweight_sq);
+  }
   // dispatch backward: each token sums the input gradients of its rows
   be.combine_rows(din.data, s.d_x_sorted.data, r.token_offsets.data(), r.token_rows.data(), nullptr, n, C);
 
@@ -178,9 +205,15 @@ void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& g
 // gradients' in the backward; the rows' output gradient (combine's backward) and the fc1 input gradient feed the
 // experts' backward products, and the biases' gradients when the experts have biases (summed by a product with a
 // row of ones, so still only products). Nothing else reads them: the activation's backward reads pre.
-void moe_declare_uses(Backend& be, const MoeActivations& a, const MoeScratch& s) {
-  for (const Tensor& t : {a.x_sorted, a.act, s.d_y_sorted, s.d_pre})
-    be.declare_use(t.data, t.numel(), Backend::BufferUse::MatmulOperandOnly);
+// Under expert parallelism the dispatched rows and their gradients are downloaded to cross to other ranks, and what
+// the experts multiply comes up by upload: only the activations and the fc1 input gradient are products-only.
+void moe_declare_uses(Backend& be, const MoeActivations& a, const MoeScratch& s, bool expert_parallel) {
+  using Use = Backend::BufferUse;
+  for (const Tensor& t : {a.act, s.d_pre}) be.declare_use(t.data, t.numel(), Use::MatmulOperandOnly);
+  if (!expert_parallel)
+    for (const Tensor& t : {a.x_sorted, s.d_y_sorted}) be.declare_use(t.data, t.numel(), Use::MatmulOperandOnly);
+  else
+    for (const Tensor& t : {a.x_local, s.d_y_local}) be.declare_use(t.data, t.numel(), Use::MatmulOperand);
 }
 
 }  // namespace moelab

@@ -9,10 +9,13 @@
 
 #include "backend/backend.h"
 #include "core/rng.h"
+#include "core/timer.h"
 #include "data/token_file.h"
 #include "config/config.h"
+#include "dist/comm.h"
 #include "model/transformer.h"
 #include "optim/adamw.h"
+#include "train/checkpoint.h"
 
 namespace moelab {
 
@@ -23,22 +26,39 @@ struct StepStats {
   double lr = 0;
   double grad_norm = 0;  // before clipping
   double seconds = 0;    // wall time of the step
+  double comm_seconds = 0;  // of which exchanging data with the other ranks (0 for one process)
 };
 
 class Trainer {
  public:
-  // Builds the model and optimizer from config and initialises the weights from train.seed.
-  Trainer(const Config& config, Backend& backend);
+  // Builds the model and optimizer from config and initialises the weights from train.seed. With a communicator of
+  // several ranks (world_communicator() under mpirun), each rank is a data-parallel replica: every rank calls every
+  // method below in the same order.
+  Trainer(const Config& config, Backend& backend, Communicator* comm = nullptr);
 
   // Fills one micro-batch: tokens and targets, each (batch_size, seq_len).
   using BatchSource = std::function<void(std::vector<int32_t>& tokens, std::vector<int32_t>& targets)>;
-  // One optimizer step over train.grad_accum micro-batches from `next_batch`. Throws moelab::Error on a
-  // non-finite loss.
+  // One optimizer step over train.grad_accum micro-batches from `next_batch` on each rank. Every loss is scaled by
+  // 1 / (grad_accum x ranks) and the gradients are summed over the ranks in rank order (Communicator::allreduce_sum),
+  // so the step is the mean over the global batch and bitwise reproducible for a given world size. Throws
+  // moelab::Error on a non-finite loss.
   StepStats step(const BatchSource& next_batch);
-  // One optimizer step on random windows of `data`.
+  // What step() does before the optimizer update: every micro-batch's forward and backward, gradients summed over
+  // the ranks (StepStats without grad_norm, lr or seconds).
+  StepStats compute_gradients(const BatchSource& next_batch);
+  // The source step(data) uses: this rank's micro-batches of each global batch of random windows (below).
+  BatchSource batches(const TokenFile& data);
+  // The gradient block as the whole model's (full_layout), expert shards gathered over the group (every rank of the
+  // group calls it).
+  std::vector<float> full_gradients() const;
+  // One optimizer step on random windows of `data`. The global batch's windows are drawn in one sequence from the
+  // sampler (seeded by train.seed, advancing every step): rank r takes micro-batches r * grad_accum ...
+  // (r + 1) * grad_accum - 1 of it, so N ranks see exactly the windows of one process with N x grad_accum.
   StepStats step(const TokenFile& data);
-  // Mean loss over up to max_batches batches of windows spread over the file (all when max_batches <= 0).
+  // Mean loss over up to max_batches batches of windows spread over the file (all when max_batches <= 0); the
+  // batches are shared out over the ranks and the sums added, so every rank returns the same value.
   double evaluate(const TokenFile& data, int64_t max_batches);
+  Communicator& comm() { return *comm_; }
 
   // Writes a checkpoint of weights, optimizer moments, step and sampler position to `dir`; load() restores
   // all of it, so training continues bit-identically.
@@ -55,11 +75,22 @@ class Trainer {
  private:
   Config config_;
   Backend& backend_;
+  std::unique_ptr<Communicator> own_comm_;  // a single process when none was given
+  Communicator* comm_;
+  // Expert parallelism (dist.expert_parallel > 1): the group sharing out the experts, and the ranks holding the same
+  // shard as this one; runs of (offset, count) of the replicated and the expert-shard entries.
+  std::unique_ptr<Communicator> ep_group_, replica_group_;
+  std::vector<std::pair<int64_t, int64_t>> dense_runs_, expert_runs_;
   std::unique_ptr<Transformer> model_;
   std::unique_ptr<AdamW> optimizer_;
   Rng data_rng_;
   int64_t steps_done_ = 0;
   std::vector<int32_t> tokens_, targets_;
+  Timer step_timer_;
+  void allreduce_gradients();
+  double grad_sum_squares();
+  std::vector<float> gather_full(const float* block) const;
+  CheckpointState load_into(const std::string& dir, bool optimizer_state);
 };
 
 struct TrainSummary {

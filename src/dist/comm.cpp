@@ -1,0 +1,111 @@
+#include "dist/comm.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "core/error.h"
+
+namespace moelab {
+
+// The ranks' values of each element summed in rank order: chunk q of the n elements is summed on rank q from every
+// rank's copy (an all-to-all), then every rank gathers the summed chunks (a second all-to-all).
+template <class T>
+void Communicator::sum_in_rank_order(T* data, int64_t n) {
+  const int p = size();
+  if (p == 1 || n == 0) return;
+  std::vector<int64_t> begin(p + 1);
+  for (int q = 0; q <= p; ++q) begin[q] = n * q / p;
+  const int me = rank();
+  const int64_t mine = begin[me + 1] - begin[me];
+  // reduce-scatter: my chunk from every rank, rank-major
+  std::vector<T> gathered(static_cast<size_t>(mine) * p);
+  std::vector<int64_t> send_counts(p), send_offsets(p), recv_counts(p), recv_offsets(p);
+  for (int q = 0; q < p; ++q) {
+    send_counts[q] = begin[q + 1] - begin[q];
+    send_offsets[q] = begin[q];
+    recv_counts[q] = mine;
+    recv_offsets[q] = q * mine;
+  }
+  alltoallv(data, send_counts.data(), send_offsets.data(), gathered.data(), recv_counts.data(), recv_offsets.data());
+  std::vector<T> reduced(gathered.begin(), gathered.begin() + mine);
+  for (int q = 1; q < p; ++q)
+    for (int64_t i = 0; i < mine; ++i) reduced[i] += gathered[q * mine + i];
+  // all-gather the reduced chunks (variable sizes), straight into data
+  for (int q = 0; q < p; ++q) {
+    send_counts[q] = mine;
+    send_offsets[q] = 0;
+    recv_counts[q] = begin[q + 1] - begin[q];
+    recv_offsets[q] = begin[q];
+  }
+  alltoallv(reduced.data(), send_counts.data(), send_offsets.data(), data, recv_counts.data(), recv_offsets.data());
+}
+
+void Communicator::allreduce_sum(float* data, int64_t n) { sum_in_rank_order(data, n); }
+void Communicator::allreduce_sum(double* data, int64_t n) { sum_in_rank_order(data, n); }
+void Communicator::allreduce_sum(int64_t* data, int64_t n) { sum_in_rank_order(data, n); }
+
+namespace {
+
+class SingleCommunicator final : public Communicator {
+ public:
+  std::string name() const override { return "single"; }
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  std::unique_ptr<Communicator> split(int, int) override { return std::make_unique<SingleCommunicator>(); }
+  void barrier() override {}
+  void broadcast_bytes(void*, size_t, int root) override {
+    MOELAB_CHECK(root == 0, "broadcast from rank " + std::to_string(root) + " of a single process");
+  }
+  void allgather_bytes(const void* send, size_t bytes, void* recv) override {
+    if (bytes > 0 && send != recv) std::memmove(recv, send, bytes);
+  }
+  void alltoallv_bytes(const void* send, const size_t* send_bytes, const size_t* send_offsets, void* recv,
+                       const size_t* recv_bytes, const size_t* recv_offsets) override {
+    MOELAB_CHECK(send_bytes[0] == recv_bytes[0], "alltoallv: a single process sends itself " +
+                 std::to_string(send_bytes[0]) + " bytes but expects " + std::to_string(recv_bytes[0]));
+    if (send_bytes[0] > 0)
+      std::memmove(static_cast<char*>(recv) + recv_offsets[0], static_cast<const char*>(send) + send_offsets[0],
+                   send_bytes[0]);
+  }
+};
+
+// Launchers say what they started: OpenMPI's mpirun (OMPI_COMM_WORLD_SIZE), PMI (MPICH's hydra, srun --mpi=pmi2:
+// PMI_SIZE) and PMIx (srun --mpi=pmix, OpenMPI 5: PMIX_RANK, the size known only after MPI_Init). Returns the
+// number of processes, 0 for "an MPI launcher, size unknown", 1 for none.
+int launched_size() {
+  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE"})
+    if (const char* v = std::getenv(var)) {
+      const int n = std::atoi(v);
+      if (n > 0) return n;
+    }
+  return std::getenv("PMIX_RANK") ? 0 : 1;
+}
+
+}  // namespace
+
+std::unique_ptr<Communicator> make_single_communicator() { return std::make_unique<SingleCommunicator>(); }
+
+#ifdef MOELAB_HAVE_MPI
+std::unique_ptr<Communicator> make_mpi_world();  // mpi_comm.cpp
+bool mpi_available() { return true; }
+#else
+bool mpi_available() { return false; }
+#endif
+
+Communicator& world_communicator() {
+  static std::unique_ptr<Communicator> world = [] {
+    const int launched = launched_size();
+    if (launched == 1) return make_single_communicator();
+#ifdef MOELAB_HAVE_MPI
+    return make_mpi_world();
+#else
+    if (launched == 0) return make_single_communicator();  // PMIx without a size: assume one process
+    throw Error("this process is one of " + std::to_string(launched) + " started by an MPI launcher, but this moelab "
+                "was built without MPI; install libopenmpi-dev (scripts/install-deps.sh does) and rebuild");
+#endif
+  }();
+  return *world;
+}
+
+}  // namespace moelab

@@ -1,0 +1,105 @@
+#include "moe/expert_parallel.h"
+
+#include <cstring>
+#include <string>
+
+#include "core/error.h"
+#include "core/timer.h"
+
+namespace moelab {
+
+ExpertExchange::ExpertExchange(Communicator& group, int64_t experts)
+    : group_(group), experts_(experts), ranks_(group.size()) {
+  if (experts % ranks_ != 0)
+    throw Error("dist.expert_parallel = " + std::to_string(ranks_) + " does not divide the " + std::to_string(experts) +
+                " routed experts of an MoE layer; choose a divisor of the expert count");
+  local_experts_ = experts / ranks_;
+  first_expert_ = group.rank() * local_experts_;
+  local_offsets_.assign(local_experts_ + 1, 0);
+}
+
+void ExpertExchange::plan(const std::vector<int64_t>& expert_offsets) {
+  Timer timer;
+  MOELAB_CHECK(static_cast<int64_t>(expert_offsets.size()) == experts_ + 1, "expert offsets of another layer");
+  const int64_t el = local_experts_;
+  std::vector<int64_t> counts(experts_);
+  for (int64_t e = 0; e < experts_; ++e) counts[e] = expert_offsets[e + 1] - expert_offsets[e];
+  counts_from_.assign(static_cast<size_t>(ranks_) * el, 0);
+  group_.alltoall(counts.data(), counts_from_.data(), el);  // block q of counts: rank q's experts
+  sent_.assign(ranks_, 0);
+  received_from_.assign(ranks_, 0);
+  sent_offsets_.assign(ranks_ + 1, 0);
+  received_offsets_.assign(ranks_ + 1, 0);
+  for (int q = 0; q < ranks_; ++q) {
+    sent_[q] = expert_offsets[(q + 1) * el] - expert_offsets[q * el];
+    for (int64_t e = 0; e < el; ++e) received_from_[q] += counts_from_[q * el + e];
+    sent_offsets_[q + 1] = sent_offsets_[q] + sent_[q];
+    received_offsets_[q + 1] = received_offsets_[q] + received_from_[q];
+  }
+  for (int64_t e = 0; e < el; ++e) {
+    local_offsets_[e + 1] = local_offsets_[e];
+    for (int s = 0; s < ranks_; ++s) local_offsets_[e + 1] += counts_from_[s * el + e];
+  }
+  seconds_ += timer.seconds();
+}
+
+// forward (dispatch): send_ holds this rank's rows (destination-major), recv_ gets the received rows
+// (source-major); backward (combine): the reverse.
+void ExpertExchange::exchange(int64_t cols, bool forward) {
+  std::vector<int64_t> sc(ranks_), so(ranks_), rc(ranks_), ro(ranks_);
+  for (int q = 0; q < ranks_; ++q) {
+    const int64_t out = forward ? sent_[q] : received_from_[q], in = forward ? received_from_[q] : sent_[q];
+    const int64_t out_at = forward ? sent_offsets_[q] : received_offsets_[q];
+    const int64_t in_at = forward ? received_offsets_[q] : sent_offsets_[q];
+    sc[q] = out * cols, so[q] = out_at * cols, rc[q] = in * cols, ro[q] = in_at * cols;
+  }
+  group_.alltoallv(send_.data(), sc.data(), so.data(), recv_.data(), rc.data(), ro.data());
+}
+
+void ExpertExchange::dispatch(Backend& be, const float* rows, int64_t cols, float* local) {
+  Timer timer;
+  const int64_t el = local_experts_, mine = sent_offsets_[ranks_], got = received_offsets_[ranks_];
+  send_.resize(static_cast<size_t>(mine * cols));
+  recv_.resize(static_cast<size_t>(got * cols));
+  be.download(send_.data(), rows, mine * cols);
+  exchange(cols, /*forward=*/true);
+  // source-major (s, e) blocks -> expert-major (e, s)
+  staged_.resize(recv_.size());
+  for (int s = 0; s < ranks_; ++s) {
+    int64_t src = received_offsets_[s];
+    for (int64_t e = 0; e < el; ++e) {
+      const int64_t n = counts_from_[s * el + e];
+      int64_t dst = local_offsets_[e];
+      for (int q = 0; q < s; ++q) dst += counts_from_[q * el + e];
+      if (n > 0) std::memcpy(staged_.data() + dst * cols, recv_.data() + src * cols, sizeof(float) * n * cols);
+      src += n;
+    }
+  }
+  be.upload(local, staged_.data(), got * cols);
+  seconds_ += timer.seconds();
+}
+
+void ExpertExchange::combine(Backend& be, const float* local, int64_t cols, float* rows) {
+  Timer timer;
+  const int64_t el = local_experts_, mine = sent_offsets_[ranks_], got = received_offsets_[ranks_];
+  staged_.resize(static_cast<size_t>(got * cols));
+  be.download(staged_.data(), local, got * cols);
+  // expert-major (e, s) -> source-major (s, e), into send_ (the rows go back to their ranks)
+  send_.resize(staged_.size());
+  for (int s = 0; s < ranks_; ++s) {
+    int64_t dst = received_offsets_[s];
+    for (int64_t e = 0; e < el; ++e) {
+      const int64_t n = counts_from_[s * el + e];
+      int64_t src = local_offsets_[e];
+      for (int q = 0; q < s; ++q) src += counts_from_[q * el + e];
+      if (n > 0) std::memcpy(send_.data() + dst * cols, staged_.data() + src * cols, sizeof(float) * n * cols);
+      dst += n;
+    }
+  }
+  recv_.resize(static_cast<size_t>(mine * cols));
+  exchange(cols, /*forward=*/false);
+  be.upload(rows, recv_.data(), mine * cols);
+  seconds_ += timer.seconds();
+}
+
+}  // namespace moelab
