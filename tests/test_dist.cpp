@@ -1,10 +1,18 @@
 // The communicator seam and data parallelism. Run as one process (the single communicator) and, by CTest, under
 // `mpirun -np 2` (tests dist.mpi2.*): the MPI communicator against naive loops, and a 2-rank data-parallel run
 // against one process with twice the gradient accumulation.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "config/config.h"
@@ -249,6 +257,121 @@ TEST(ExpertParallel, MismatchesAreClearErrors) {
               std::string::npos);
   }
 }
+
+
+#ifdef MOELAB_MPIEXEC
+namespace fs = std::filesystem;
+
+// `mpirun -np 2 moelab train args...` with its output in log; returns mpirun's pid (not waited for).
+pid_t spawn_job(const std::vector<std::string>& args, const fs::path& log) {
+  const pid_t pid = fork();
+  if (pid == 0) {
+    std::vector<std::string> all = {MOELAB_MPIEXEC, "-np", "2", "--allow-run-as-root", "--oversubscribe", MOELAB_BINARY};
+    all.insert(all.end(), args.begin(), args.end());
+    std::vector<char*> argv;
+    for (auto& a : all) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    FILE* f = std::fopen(log.c_str(), "w");
+    dup2(fileno(f), 1);
+    dup2(fileno(f), 2);
+    ::setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 1);
+    ::setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
+    execv(all[0].c_str(), argv.data());
+    _exit(127);
+  }
+  return pid;
+}
+
+// The pid of rank `rank` among mpirun's children (OMPI_COMM_WORLD_RANK in its environment), or -1.
+pid_t rank_pid(pid_t mpirun, int rank) {
+  for (const auto& entry : fs::directory_iterator("/proc")) {
+    const std::string name = entry.path().filename();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream stat(entry.path() / "stat");
+    std::string pid, comm, state;
+    long ppid = 0;
+    if (!(stat >> pid >> comm >> state >> ppid) || ppid != mpirun) continue;
+    std::ifstream env(entry.path() / "environ", std::ios::binary);
+    std::string var;
+    while (std::getline(env, var, '\0'))
+      if (var == "OMPI_COMM_WORLD_RANK=" + std::to_string(rank)) return static_cast<pid_t>(std::stol(name));
+  }
+  return -1;
+}
+
+std::vector<double> losses_of(const fs::path& metrics) {
+  std::vector<double> out;
+  std::ifstream in(metrics);
+  std::string line;
+  while (std::getline(in, line)) {
+    try {
+      const auto j = nlohmann::json::parse(line);
+      if (j.contains("loss")) out.push_back(j["loss"].get<double>());
+    } catch (const nlohmann::json::exception&) {
+      break;  // a line being written
+    }
+  }
+  return out;
+}
+
+std::string read_text(const fs::path& p) {
+  std::ifstream in(p);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// A 2-process expert-parallel run whose rank 1 is killed with SIGKILL mid-way: the job dies, and the relaunch with
+// --resume continues onto the uninterrupted run's curve, bit for bit. Only rank 0 writes the run directory.
+TEST(MpiRun, KillNineOfOneRankThenResumeGivesTheUninterruptedCurve) {
+  if (world_communicator().size() > 1) GTEST_SKIP() << "launches its own mpirun jobs; run without mpirun";
+  const fs::path dir = fs::temp_directory_path() / ("moelab_mpi_kill_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const std::string tokens = testing::write_tokens(dir / "tokens.bin", 40000, 256);
+  const std::vector<std::string> args = {
+      "train", "--set", "data.train_path=" + tokens, "--set", "model.vocab_size=256", "--set", "model.d_model=64",
+      "--set", "model.n_layers=2", "--set", "model.n_heads=4", "--set", "model.seq_len=64", "--set",
+      "train.batch_size=4", "--set", "train.steps=150", "--set", "train.warmup_steps=5", "--set", "train.threads=1",
+      "--set", "train.checkpoint_every=10", "--set", "train.log_every=10", "--set", "moe.experts=4", "--set",
+      "moe.top_k=2", "--set", "dist.expert_parallel=2"};
+  auto with_out = [&](const fs::path& out, bool resume) {
+    auto a = args;
+    a.insert(a.end(), {"--set", "train.out_dir=" + out.string()});
+    if (resume) a.push_back("--resume");
+    return a;
+  };
+  int status = 0;
+  waitpid(spawn_job(with_out(dir / "full", false), dir / "full.log"), &status, 0);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << read_text(dir / "full.log");
+  const auto reference = losses_of(dir / "full" / "metrics.jsonl");
+  ASSERT_EQ(reference.size(), 150u) << "rank 0 alone writes one line per step";
+  const std::string log = read_text(dir / "full.log");
+  size_t progress = 0;
+  for (size_t at = log.find("step    150/150"); at != std::string::npos; at = log.find("step    150/150", at + 1)) ++progress;
+  EXPECT_EQ(progress, 1u) << "one progress line per step, from rank 0:\n" << log;
+
+  const pid_t job = spawn_job(with_out(dir / "killed", false), dir / "killed.log");
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while (std::chrono::steady_clock::now() < deadline && losses_of(dir / "killed" / "metrics.jsonl").size() < 45)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  const pid_t victim = rank_pid(job, 1);
+  ASSERT_GT(victim, 0) << "rank 1 of the job not found";
+  ::kill(victim, SIGKILL);
+  waitpid(job, &status, 0);
+  ASSERT_FALSE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the job finished before rank 1 was killed";
+  const size_t at_kill = losses_of(dir / "killed" / "metrics.jsonl").size();
+  EXPECT_LT(at_kill, 150u);
+  ASSERT_TRUE(fs::exists(dir / "killed" / "checkpoint" / "state.json"));
+
+  waitpid(spawn_job(with_out(dir / "killed", true), dir / "resumed.log"), &status, 0);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << read_text(dir / "resumed.log");
+  const auto resumed = losses_of(dir / "killed" / "metrics.jsonl");
+  ASSERT_EQ(resumed.size(), reference.size());
+  for (size_t i = 0; i < reference.size(); ++i) EXPECT_EQ(resumed[i], reference[i]) << "step " << i + 1;
+  std::printf("killed rank 1 after %zu steps; the resumed run matched all %zu losses bit for bit\n", at_kill,
+              reference.size());
+  fs::remove_all(dir);
+}
+#endif
 
 }  // namespace
 }  // namespace moelab

@@ -353,7 +353,7 @@ TrainSummary run_training(const Config& config, std::ostream& lead_log, bool res
   std::snprintf(line, sizeof line,
                 "moelab train: %.2fM parameters, %ld steps x %ld tokens, %d process%s x %d threads, %.1f MFLOP/token "
                 "(%s), peak %.1f GFLOP/s (%s), out %s\n",
-                trainer.model().num_params() / 1e6, static_cast<long>(t.steps), static_cast<long>(tokens_per_step),
+                trainer.model().full_layout().total() / 1e6, static_cast<long>(t.steps), static_cast<long>(tokens_per_step),
                 comm.size(), comm.size() == 1 ? "" : "es", backend->threads(), flops_per_token / 1e6,
                 t.flops_convention.c_str(), peak / 1e9,
                 t.peak_flops > 0 ? "configured" : "measured fp32 GEMM", out_dir.c_str());
@@ -361,7 +361,7 @@ TrainSummary run_training(const Config& config, std::ostream& lead_log, bool res
   metrics << nlohmann::json{{"step", trainer.steps_done()}, {"flops_per_token", flops_per_token},
                             {"flops_convention", t.flops_convention}, {"peak_flops", peak}}.dump() << "\n";
   const auto& moe = config.model.moe;
-  const int64_t active = active_parameter_count(trainer.model().layout(), config.model);
+  const int64_t active = active_parameter_count(trainer.model().full_layout(), config.model);
   if (moe.enabled()) {
     int64_t moe_layers = 0;
     for (int64_t i = 0; i < config.model.n_layers; ++i) moe_layers += moe.is_moe_layer(i);
@@ -372,8 +372,17 @@ TrainSummary run_training(const Config& config, std::ostream& lead_log, bool res
                   to_string(moe.router).c_str(), static_cast<long>(moe.routed_experts()),
                   static_cast<long>(ModelPlan(config.model).expert_hidden), static_cast<long>(moe.granularity),
                   static_cast<long>(moe.active_experts()), static_cast<long>(moe.shared_experts), moe.sparsity(),
-                  trainer.model().num_params() / 1e6, active / 1e6);
+                  trainer.model().full_layout().total() / 1e6, active / 1e6);
     log << line << std::flush;
+    if (config.dist.expert_parallel > 1) {
+      std::snprintf(line, sizeof line, "expert parallelism: each MoE layer's %ld routed experts over %ld processes "
+                    "(%ld each), %d group%s\n", static_cast<long>(moe.routed_experts()),
+                    static_cast<long>(config.dist.expert_parallel),
+                    static_cast<long>(moe.routed_experts() / config.dist.expert_parallel),
+                    static_cast<int>(comm.size() / config.dist.expert_parallel),
+                    comm.size() / config.dist.expert_parallel == 1 ? "" : "s");
+      log << line << std::flush;
+    }
   }
 
   // Loss on every evaluation set, logged as one metrics line {"step", "<set>_loss"...} and one progress line.
