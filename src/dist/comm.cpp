@@ -18,8 +18,10 @@ void Communicator::sum_in_rank_order(T* data, int64_t n) {
   for (int q = 0; q <= p; ++q) begin[q] = n * q / p;
   const int me = rank();
   const int64_t mine = begin[me + 1] - begin[me];
-  // reduce-scatter: my chunk from every rank, rank-major
-  std::vector<T> gathered(static_cast<size_t>(mine) * p);
+  // reduce-scatter: my chunk from every rank, rank-major (in a buffer kept across calls: a fresh one would cost its
+  // page faults every time, as much as the exchange itself for a model's gradients)
+  std::vector<T>& gathered = scratch<T>();
+  gathered.resize(static_cast<size_t>(mine) * p);
   std::vector<int64_t> send_counts(p), send_offsets(p), recv_counts(p), recv_offsets(p);
   for (int q = 0; q < p; ++q) {
     send_counts[q] = begin[q + 1] - begin[q];
@@ -28,9 +30,11 @@ void Communicator::sum_in_rank_order(T* data, int64_t n) {
     recv_offsets[q] = q * mine;
   }
   alltoallv(data, send_counts.data(), send_offsets.data(), gathered.data(), recv_counts.data(), recv_offsets.data());
-  std::vector<T> reduced(gathered.begin(), gathered.begin() + mine);
-  for (int q = 1; q < p; ++q)
-    for (int64_t i = 0; i < mine; ++i) reduced[i] += gathered[q * mine + i];
+  T* reduced = gathered.data();  // rank 0's values, then each other rank's added in order
+  for (int q = 1; q < p; ++q) {
+    const T* from = gathered.data() + q * mine;
+    for (int64_t i = 0; i < mine; ++i) reduced[i] += from[i];
+  }
   // all-gather the reduced chunks (variable sizes), straight into data
   for (int q = 0; q < p; ++q) {
     send_counts[q] = mine;
@@ -38,7 +42,7 @@ void Communicator::sum_in_rank_order(T* data, int64_t n) {
     recv_counts[q] = begin[q + 1] - begin[q];
     recv_offsets[q] = begin[q];
   }
-  alltoallv(reduced.data(), send_counts.data(), send_offsets.data(), data, recv_counts.data(), recv_offsets.data());
+  alltoallv(reduced, send_counts.data(), send_offsets.data(), data, recv_counts.data(), recv_offsets.data());
 }
 
 void Communicator::allreduce_sum(float* data, int64_t n) { sum_in_rank_order(data, n); }

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace moelab {
@@ -75,6 +76,15 @@ class Communicator {
  private:
   template <class T>
   void sum_in_rank_order(T* data, int64_t n);
+  template <class T>
+  std::vector<T>& scratch() {
+    if constexpr (std::is_same_v<T, float>) return scratch_float_;
+    else if constexpr (std::is_same_v<T, double>) return scratch_double_;
+    else return scratch_int_;
+  }
+  std::vector<float> scratch_float_;
+  std::vector<double> scratch_double_;
+  std::vector<int64_t> scratch_int_;
 };
 
 // One process: rank 0 of 1; every collective is a copy.

@@ -1,5 +1,7 @@
 // The MPI communicator (built when CMake finds MPI). Point-to-point exchanges in chunks of at most 1 GiB, so no
-// count overflows MPI's int; collectives built from them in a fixed pattern.
+// count overflows MPI's int; collectives built from them in a fixed pattern. Only MPI's C API is used.
+#define OMPI_SKIP_MPICXX 1
+#define MPICH_SKIP_MPICXX 1
 #include <mpi.h>
 
 #include <algorithm>

@@ -193,13 +193,16 @@ double Trainer::evaluate(const TokenFile& data, int64_t max_batches) {
 // Under expert parallelism the replicated parameters' gradients are summed over every rank, an expert shard's over
 // the ranks holding that shard (the rows of every rank of its group already reached it).
 void Trainer::allreduce_gradients() {
-  std::vector<float> host = backend_.download_vector(std::as_const(*model_).grads(), model_->num_params());
+  std::vector<float>& host = grad_host_;  // kept across steps: a fresh one would cost its page faults every step
+  host.resize(static_cast<size_t>(model_->num_params()));
+  backend_.download(host.data(), std::as_const(*model_).grads(), model_->num_params());
   if (!ep_group_) {
     comm_->allreduce_sum(host.data(), static_cast<int64_t>(host.size()));
   } else {
     for (auto [runs, group] : {std::pair{&dense_runs_, comm_}, std::pair{&expert_runs_, replica_group_.get()}}) {
       if (group->size() == 1 || runs->empty()) continue;
-      std::vector<float> packed;
+      std::vector<float>& packed = grad_packed_;
+      packed.clear();
       for (auto [offset, n] : *runs) packed.insert(packed.end(), host.begin() + offset, host.begin() + offset + n);
       group->allreduce_sum(packed.data(), static_cast<int64_t>(packed.size()));
       int64_t at = 0;

@@ -87,6 +87,7 @@ class Trainer {
   int64_t steps_done_ = 0;
   std::vector<int32_t> tokens_, targets_;
   Timer step_timer_;
+  std::vector<float> grad_host_, grad_packed_;  // host staging of the gradient sums
   void allreduce_gradients();
   double grad_sum_squares();
   std::vector<float> gather_full(const float* block) const;
