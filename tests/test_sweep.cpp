@@ -20,6 +20,7 @@
 #include "data/shard.h"
 #include "sweep/plan.h"
 #include "sweep/results.h"
+#include "dist/comm.h"
 #include "sweep/runner.h"
 #include "test_util.h"
 
@@ -398,6 +399,50 @@ TEST(SweepSlurm, ScriptIsAnArrayOfIndexedRunsAndIndexModeWritesNoDatabase) {
   options.index = 2;
   EXPECT_NE(error_of([&] { run_sweep(sweep.string(), options); }).find("out of range"), std::string::npos);
   EXPECT_EQ(collect_results(sweep.string()), 1);
+  fs::remove_all(dir);
+}
+
+
+// A sweep mixing one-process and two-process runs: the plan counts the global batch (processes x one process's),
+// `sweep run` starts the two-process run under mpirun (here: expert parallel), and the Slurm script gets room for it.
+TEST(SweepRun, MixesOneProcessAndMultiProcessRuns) {
+  if (!mpi_available()) GTEST_SKIP() << "built without MPI";
+  if (testing::test_backend_name() != "cpu") GTEST_SKIP() << "the MPI run is tested on cpu";
+  ::setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 1);
+  const fs::path dir = temp_dir("sweep_mpi");
+  const fs::path data = make_data(dir / "data");
+  const std::string spec = base_spec(data, "list") +
+                           "[[run]]\nname = \"one\"\nsteps = 6\nset = [\"moe.experts=4\", \"moe.top_k=2\"]\n"
+                           "[[run]]\nname = \"two\"\nsteps = 6\nprocesses = 2\n"
+                           "set = [\"moe.experts=4\", \"moe.top_k=2\", \"dist.expert_parallel=2\"]\n"
+                           "[[run]]\nname = \"odd\"\nsteps = 6\nprocesses = 3\n"
+                           "set = [\"moe.experts=4\", \"moe.top_k=2\", \"dist.expert_parallel=2\"]\n";
+  SweepPlan plan = plan_sweep_from_string(spec, "t");
+  EXPECT_EQ(find_run(plan, "one").tokens, 6 * 4 * 16);
+  EXPECT_EQ(find_run(plan, "two").tokens, 6 * 4 * 16 * 2) << "two processes train twice the tokens per step";
+  EXPECT_FALSE(find_run(plan, "odd").feasible);
+  EXPECT_NE(find_run(plan, "odd").reason.find("does not divide the run's 3 processes"), std::string::npos);
+  const fs::path sweep = dir / "sweep";
+  write_plan(plan, sweep.string(), spec);
+  EXPECT_EQ(read_plan(sweep.string()).feasible_runs()[1]->processes, 2);
+
+  SlurmOptions o;
+  EXPECT_NE(error_of([&] { slurm_script(sweep.string(), o); }).find("runs of 2 processes"), std::string::npos);
+  o.tasks_per_node = 2;
+  const std::string script = slurm_script(sweep.string(), o);
+  EXPECT_NE(script.find("#SBATCH --nodes=1\n#SBATCH --ntasks-per-node=2\n"), std::string::npos) << script;
+
+  std::ostringstream log;
+  SweepRunOptions options;
+  options.binary = MOELAB_BINARY;
+  options.jobs = 2;
+  options.log = &log;
+  const SweepRunSummary s = run_sweep(sweep.string(), options);
+  EXPECT_EQ(s.ok, 2) << log.str() << read_file((sweep / "runs" / "two" / "train.log").string(), "log");
+  EXPECT_NE(log.str().find("2 processes"), std::string::npos) << log.str();
+  const std::string train_log = read_file((sweep / "runs" / "two" / "train.log").string(), "log");
+  EXPECT_NE(train_log.find("2 processes x 1 threads"), std::string::npos) << train_log;
+  EXPECT_NE(train_log.find("expert parallelism"), std::string::npos) << train_log;
   fs::remove_all(dir);
 }
 

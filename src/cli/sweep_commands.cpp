@@ -85,6 +85,10 @@ void add_sweep_commands(CLI::App& app) {
   slurm->add_option("--time", o->slurm.time, "time limit per task (default 04:00:00)");
   slurm->add_option("--cpus", o->slurm.cpus, "cpus per task = training threads (default 2)")->check(CLI::PositiveNumber);
   slurm->add_option("--max-parallel", o->slurm.max_parallel, "at most this many tasks at once (array %N)");
+  slurm->add_option("--nodes", o->slurm.nodes, "nodes per task, for runs of several processes (spec key processes; "
+                    "they start with srun inside the task; default 1)")->check(CLI::PositiveNumber);
+  slurm->add_option("--tasks-per-node", o->slurm.tasks_per_node, "MPI processes per node of a task (default 1); "
+                    "nodes x tasks-per-node must cover the sweep's largest run")->check(CLI::PositiveNumber);
   slurm->add_option("--moelab", o->slurm.binary, "moelab executable path on the cluster (default: this one)");
   slurm->callback(reporting_errors([o]() {
     const std::string script = slurm_script(o->dir, o->slurm);

@@ -144,6 +144,7 @@ struct Request {
   int64_t steps = 0;
   double target_params = 0, target_sparsity = 0;
   std::string infeasible;  // already known to be unrealisable
+  int64_t processes = 0;   // 0: the sweep's
 };
 
 struct Context {
@@ -151,6 +152,7 @@ struct Context {
   Rules rules;
   std::string convention = "exact";
   int64_t checkpoint_every = 50;
+  int64_t processes = 1;  // [sweep] processes: each run's, unless its [[run]] says otherwise
   int64_t corpus_tokens = 0;
   double max_epochs = 1.0;
   std::string sweep_dir_placeholder;  // out_dir is filled in by write_plan
@@ -219,7 +221,12 @@ PlannedRun finish_run(const Context& ctx, const Request& r, FlopConvention conve
   run.config = c;
   run.counts = count_parameters(c.model);
   run.flops_per_token = training_flops_per_token(c.model, convention);
-  const int64_t tokens_per_step = c.train.batch_size * c.train.grad_accum * c.model.seq_len;
+  run.processes = r.processes > 0 ? r.processes : ctx.processes;
+  if (c.dist.expert_parallel > 1 && run.processes % c.dist.expert_parallel != 0)
+    return infeasible("dist.expert_parallel = " + std::to_string(c.dist.expert_parallel) + " does not divide the run's " +
+                      std::to_string(run.processes) + " processes");
+  // every process trains its own micro-batches: the global batch is processes times one process's
+  const int64_t tokens_per_step = c.train.batch_size * c.train.grad_accum * c.model.seq_len * run.processes;
 
   if (overrides_key(r.run_overrides, "train.steps") || r.steps > 0) {
     run.steps = overrides_key(r.run_overrides, "train.steps") ? c.train.steps : r.steps;
@@ -231,8 +238,8 @@ PlannedRun finish_run(const Context& ctx, const Request& r, FlopConvention conve
     if (!(d >= static_cast<double>(tokens_per_step)))
       return infeasible("D = " + fmt("%.4g", d) + " tokens is below one optimizer step (batch " +
                         std::to_string(c.train.batch_size) + " x grad_accum " + std::to_string(c.train.grad_accum) +
-                        " x seq_len " + std::to_string(c.model.seq_len) + " = " + std::to_string(tokens_per_step) +
-                        " tokens)");
+                        " x seq_len " + std::to_string(c.model.seq_len) + " x processes " +
+                        std::to_string(run.processes) + " = " + std::to_string(tokens_per_step) + " tokens)");
     run.steps = static_cast<int64_t>(std::ceil(d / static_cast<double>(tokens_per_step) - 1e-9));
   }
   run.tokens = run.steps * tokens_per_step;
@@ -404,7 +411,7 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
   }
   Section top(&root, "the spec", {"sweep", "base", "rules", "shape", "isoflop", "fixed_params", "granularity", "run"});
   Section sweep(sub_table(root, "sweep"), "[sweep]",
-                {"name", "kind", "flops_convention", "checkpoint_every", "dense_baseline", "max_epochs"});
+                {"name", "kind", "flops_convention", "checkpoint_every", "dense_baseline", "max_epochs", "processes"});
   SweepPlan plan;
   plan.spec_path = source_name;
   plan.kind = sweep.string("kind", "");
@@ -421,6 +428,8 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
   ctx.base = read_base(sub_table(root, "base"));
   ctx.convention = plan.flops_convention;
   ctx.checkpoint_every = sweep.integer("checkpoint_every", 50);
+  ctx.processes = sweep.integer("processes", 1);
+  if (ctx.processes < 1) throw Error("sweep spec: [sweep] processes must be at least 1");
   ctx.max_epochs = plan.max_epochs;
   if (ctx.checkpoint_every < 0) throw Error("sweep spec: [sweep] checkpoint_every must be >= 0");
   // Absolute data paths, so a run's config.toml works from any directory (and on every Slurm node).
@@ -627,7 +636,7 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
   }
   // Explicit runs, for any kind (the whole sweep when kind = "list").
   for (const toml::table* t : table_array(root, "run")) {
-    Section s(t, "[[run]]", {"name", "set", "budget", "tokens", "steps"});
+    Section s(t, "[[run]]", {"name", "set", "budget", "tokens", "steps", "processes"});
     Request r;
     r.group = "list";
     r.name = s.string("name", "");
@@ -636,6 +645,9 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
     r.budget = s.number("budget", 0);
     r.tokens = s.number("tokens", 0);
     r.steps = s.integer("steps", 0);
+    r.processes = s.integer("processes", 0);
+    if (t->contains("processes") && r.processes < 1)
+      throw Error("sweep spec: [[run]] '" + r.name + "' processes must be at least 1");
     if ((r.budget > 0) + (r.tokens > 0) + (r.steps > 0) + overrides_key(r.run_overrides, "train.steps") != 1)
       throw Error("sweep spec: [[run]] '" + r.name +
                   "' needs exactly one of budget (FLOPs), tokens (D), steps, or a train.steps in its set list");
@@ -703,6 +715,7 @@ nlohmann::ordered_json plan_to_json(const SweepPlan& plan) {
       e["nonembedding_params"] = r.counts.nonembedding_total;
       e["steps"] = r.steps;
       e["tokens"] = r.tokens;
+      e["processes"] = r.processes;
       e["flops_per_token"] = r.flops_per_token;
       e["flops"] = r.flops;
       e["batch_size"] = r.config.train.batch_size;
@@ -781,6 +794,7 @@ SweepPlan read_plan(const std::string& dir) {
       r.counts.sparsity = e.value("sparsity", 0.0);
       r.steps = e.value("steps", int64_t{0});
       r.tokens = e.value("tokens", int64_t{0});
+      r.processes = e.value("processes", int64_t{1});
       r.flops_per_token = e.value("flops_per_token", 0.0);
       r.flops = e.value("flops", 0.0);
     }

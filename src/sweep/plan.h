@@ -30,7 +30,9 @@ struct PlannedRun {
   double target_params = 0;  // fixed_params: requested total parameters (0 otherwise)
   double target_sparsity = 0;
   int64_t steps = 0;
-  int64_t tokens = 0;      // trained tokens = steps * batch * grad_accum * seq_len
+  int64_t tokens = 0;      // trained tokens = steps * batch * grad_accum * seq_len * processes
+  int64_t processes = 1;   // processes that train it (MPI ranks: data parallel, dist.expert_parallel of them
+                           // sharing out the experts)
   double flops_per_token = 0;  // under the plan's convention
   double flops = 0;            // flops_per_token * tokens
   ParameterCounts counts;

@@ -69,8 +69,21 @@ struct Child {
   std::unique_ptr<RunLock> lock;
 };
 
-// Starts `binary train --config ... --resume` for one run, output appended to its train.log.
-pid_t spawn_training(const std::string& binary, const fs::path& run_dir, int threads) {
+// How a run of several processes is started: srun inside a Slurm job (its allocation, the cluster's MPI plugin:
+// SLURM_MPI_TYPE=pmix for OpenMPI where that is not the default), else mpirun on this machine (--oversubscribe: a
+// sweep decides the load itself; --allow-run-as-root when root).
+std::vector<std::string> launcher(int64_t processes, int threads) {
+  if (processes <= 1) return {};
+  if (std::getenv("SLURM_JOB_ID"))
+    return {"srun", "--ntasks=" + std::to_string(processes), "--cpus-per-task=" + std::to_string(threads)};
+  std::vector<std::string> l = {"mpirun", "-np", std::to_string(processes), "--oversubscribe"};
+  if (::geteuid() == 0) l.push_back("--allow-run-as-root");
+  return l;
+}
+
+// Starts `binary train --config ... --resume` for one run (under mpirun or srun when it has several processes),
+// output appended to its train.log.
+pid_t spawn_training(const std::string& binary, const fs::path& run_dir, int threads, int64_t processes) {
   const std::string log_path = (run_dir / "train.log").string();
   {
     std::ofstream log(log_path, std::ios::app);
@@ -80,8 +93,10 @@ pid_t spawn_training(const std::string& binary, const fs::path& run_dir, int thr
     log << "--- moelab sweep: training attempt started " << when << " ---\n";
   }
   // Everything the child needs is built before fork: after it only async-signal-safe calls are made.
-  std::vector<std::string> args = {binary, "train", "--config", (run_dir / "config.toml").string(), "--resume",
-                                   "--set", "train.threads=" + std::to_string(threads)};
+  std::vector<std::string> args = launcher(processes, threads);
+  for (const std::string& a : {binary, std::string("train"), std::string("--config"), (run_dir / "config.toml").string(),
+                               std::string("--resume"), std::string("--set"), "train.threads=" + std::to_string(threads)})
+    args.push_back(a);
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
@@ -99,8 +114,8 @@ pid_t spawn_training(const std::string& binary, const fs::path& run_dir, int thr
       ::dup2(fd, 2);
       ::close(fd);
     }
-    ::execv(argv[0], argv.data());
-    const char msg[] = "moelab sweep: cannot execute the moelab binary\n";
+    ::execvp(argv[0], argv.data());
+    const char msg[] = "moelab sweep: cannot execute the moelab binary (or mpirun / srun for a multi-process run)\n";
     (void)!::write(2, msg, sizeof msg - 1);
     ::_exit(127);
   }
@@ -172,8 +187,13 @@ SweepRunSummary run_sweep(const std::string& dir, const SweepRunOptions& options
   double finished_wall = 0, finished_flops = 0;
   const auto session_start = Clock::now();
   while (next < pending.size() || !running.empty()) {
-    while (static_cast<int>(running.size()) < options.jobs && next < pending.size()) {
+    // A run of P processes takes P of the --jobs slots (one when nothing else runs, however many it needs).
+    int64_t busy_slots = 0;
+    for (const Child& c : running) busy_slots += c.run->processes;
+    while (next < pending.size() &&
+           (running.empty() || busy_slots + pending[next]->processes <= options.jobs)) {
       const PlannedRun* run = pending[next++];
+      busy_slots += run->processes;
       const fs::path run_dir = root / "runs" / run->name;
       auto lock = std::make_unique<RunLock>(run_dir);
       if (!lock->held()) {
@@ -189,9 +209,10 @@ SweepRunSummary run_sweep(const std::string& dir, const SweepRunOptions& options
       c.run = run;
       c.start = Clock::now();
       c.lock = std::move(lock);
-      c.pid = spawn_training(binary, run_dir, options.threads_per_job);
+      c.pid = spawn_training(binary, run_dir, options.threads_per_job, run->processes);
       log << "start " << run->name << (resuming ? " (resuming from its checkpoint)" : "") << ": " << run->steps
-          << " steps, " << run->tokens << " tokens\n" << std::flush;
+          << " steps, " << run->tokens << " tokens"
+          << (run->processes > 1 ? ", " + std::to_string(run->processes) + " processes" : "") << "\n" << std::flush;
       running.push_back(std::move(c));
     }
     if (running.empty()) break;
@@ -322,6 +343,14 @@ std::string slurm_script(const std::string& dir, const SlurmOptions& options) {
   const int64_t n = static_cast<int64_t>(plan.feasible_runs().size());
   if (n == 0) throw Error("the sweep in '" + root.string() + "' has no feasible runs: nothing to submit");
   if (options.cpus < 1) throw Error("--cpus must be at least 1");
+  if (options.nodes < 1 || options.tasks_per_node < 1) throw Error("--nodes and --tasks-per-node must be at least 1");
+  int64_t most = 1;
+  for (const PlannedRun* r : plan.feasible_runs()) most = std::max(most, r->processes);
+  if (most > static_cast<int64_t>(options.nodes) * options.tasks_per_node)
+    throw Error("the sweep has runs of " + std::to_string(most) + " processes but --nodes " +
+                std::to_string(options.nodes) + " x --tasks-per-node " + std::to_string(options.tasks_per_node) +
+                " gives each array task only " + std::to_string(options.nodes * options.tasks_per_node) +
+                "; raise them");
   for (const std::string* v : {&options.partition, &options.time})
     for (char c : *v)
       if (std::isspace(static_cast<unsigned char>(c)) || c == '\'' || c == '"')
@@ -342,7 +371,13 @@ std::string slurm_script(const std::string& dir, const SlurmOptions& options) {
     << "\n";
   if (!options.partition.empty()) s << "#SBATCH --partition=" << options.partition << "\n";
   s << "#SBATCH --time=" << options.time << "\n";
-  s << "#SBATCH --ntasks=1\n";
+  if (options.nodes > 1 || options.tasks_per_node > 1) {
+    // room for the sweep's multi-process runs: each array task's runs start with srun inside the allocation
+    s << "#SBATCH --nodes=" << options.nodes << "\n";
+    s << "#SBATCH --ntasks-per-node=" << options.tasks_per_node << "\n";
+  } else {
+    s << "#SBATCH --ntasks=1\n";
+  }
   s << "#SBATCH --cpus-per-task=" << options.cpus << "\n";
   s << "#SBATCH --output=" << (root / "slurm" / "%A_%a.log").string() << "\n";
   s << "#SBATCH --open-mode=append\n";

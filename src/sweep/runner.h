@@ -1,6 +1,7 @@
 #pragma once
 // Running a planned sweep (docs/sweeps.md). Each run is a child process
 //   <moelab> train --config DIR/runs/<name>/config.toml --resume --set train.threads=T
+// (under `mpirun -np P`, or `srun --ntasks=P` inside a Slurm job, for a run of P processes)
 // with its output appended to DIR/runs/<name>/train.log, so a crashing or NaN run cannot take the sweep down,
 // and a killed sweep resumes each interrupted run from its own checkpoint.
 #include <cstdint>
@@ -39,6 +40,8 @@ struct SlurmOptions {
   std::string time = "04:00:00";
   int cpus = 2;                 // cpus-per-task = train.threads of each run
   int max_parallel = 0;         // > 0: at most this many array tasks at once (--array=0-N%M)
+  int nodes = 1;                // per array task: room for the sweep's multi-process runs (started with srun)
+  int tasks_per_node = 1;
   std::string binary;           // moelab on the cluster; empty: this process's own
 };
 // The Slurm batch script for DIR (written by `sweep slurm` to DIR/sweep.sbatch).
