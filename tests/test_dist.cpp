@@ -19,6 +19,7 @@
 #include "core/error.h"
 #include "data/token_file.h"
 #include "dist/comm.h"
+#include "moe/expert_parallel.h"
 #include "test_util.h"
 #include "train/trainer.h"
 
@@ -147,10 +148,13 @@ TEST(DataParallel, RanksMatchOneProcessWithMoreAccumulation) {
       max_diff = std::max(max_diff, std::fabs(a - b));
     }
     const double eval_dp = ranks.evaluate(data, 5), eval_one = single.evaluate(data, 5);
-    // measured with 2 ranks: dense 9.7e-8, moe 7.1e-8 over 50 steps (losses ~4.2 -> ~1.4); evaluations equal to
-    // 6 digits
-    EXPECT_LT(max_diff, 1e-6) << (variant.empty() ? "dense" : "moe");
-    EXPECT_NEAR(eval_dp, eval_one, 1e-6);
+    // Measured over 50 steps (losses ~4.2 -> ~1.4): 2 ranks, dense 9.7e-8 and MoE 7.1e-8; 4 ranks, dense 1.1e-7 and
+    // MoE 2.2e-3. A top-k choice between two near-equal router probabilities can go the other way once rounding
+    // differs, and one token routed elsewhere moves an MoE curve by ~1e-3 (the first 12 steps of that 4-rank run
+    // agree to 6e-9): hence the MoE tolerance.
+    const double tolerance = variant.empty() ? 1e-6 : 5e-3;
+    EXPECT_LT(max_diff, tolerance) << (variant.empty() ? "dense" : "moe");
+    EXPECT_NEAR(eval_dp, eval_one, tolerance);
     if (c.rank() == 0)
       std::printf("%s: %d ranks vs 1 process, max |loss difference| over 50 steps = %.3g, eval %.6f vs %.6f\n",
                   variant.empty() ? "dense" : "moe", c.size(), max_diff, eval_dp, eval_one);
@@ -184,7 +188,6 @@ TEST(ExpertParallel, MatchesOneProcessForEveryRouter) {
   Communicator& c = world_communicator();
   if (c.size() == 1) GTEST_SKIP() << "needs several ranks: CTest runs it under mpirun -np 2 (dist.mpi2.*)";
   TokenFile data(token_file(c), "uint16");
-  const std::string P = std::to_string(c.size());
   const std::vector<EpCase> cases = {
       {"token choice top-2, capacity 1.0", {"moe.experts=4", "moe.top_k=2", "moe.capacity_factor=1.0"}},
       {"token choice top-2, dropless", {"moe.experts=4", "moe.top_k=2", "moe.capacity_factor=0"}},
@@ -193,7 +196,13 @@ TEST(ExpertParallel, MatchesOneProcessForEveryRouter) {
       {"shared expert, SwiGLU, biases", {"moe.experts=4", "moe.top_k=1", "moe.shared_experts=1", "model.ffn=swiglu",
                                          "model.bias=true"}},
   };
+  // P = every rank, and with 4 or more ranks also groups of 2 (expert parallelism composed with data parallelism
+  // over the groups: CTest's dist.mpi4)
+  std::vector<int> groups = {c.size()};
+  if (c.size() > 2 && c.size() % 2 == 0) groups.push_back(2);
+  for (int group : groups)
   for (const EpCase& k : cases) {
+    const std::string P = std::to_string(group);
     auto keys = k.keys;
     keys.push_back("dist.expert_parallel=" + P);
     const Config ep = tiny(keys);
@@ -228,9 +237,52 @@ TEST(ExpertParallel, MatchesOneProcessForEveryRouter) {
     }
     EXPECT_LT(max_diff, 1e-6) << k.name;  // measured 2e-8 .. 1.4e-7
     if (c.rank() == 0)
-      std::printf("EP %s: %s: first-step gradients worst relative difference %.2g (%s), loss curve max |diff| over "
-                  "10 steps %.2g\n", P.c_str(), k.name, worst, worst_name.c_str(), max_diff);
+      std::printf("EP %s of %d: %s: first-step gradients worst relative difference %.2g (%s), loss curve max |diff| over "
+                  "10 steps %.2g\n", P.c_str(), c.size(), k.name, worst, worst_name.c_str(), max_diff);
   }
+}
+
+// The experts' all-to-all on its own: rank s sends count(s, e) rows for expert e (rank 0 sends nothing at all, and
+// some experts get no row from anyone); each rank must receive its experts' rows expert-major (expert, then source
+// rank, then the sender's order), and combine must bring every row back to where it was.
+TEST(ExpertParallel, ExchangeDeliversRowsExpertMajorAndBack) {
+  Communicator& c = world_communicator();
+  const int p = c.size(), me = c.rank();
+  const int64_t E = 3 * p, cols = 3;
+  auto count = [&](int s, int64_t e) -> int64_t { return s == 0 || e % 3 == 2 ? 0 : (s + e) % 3 + 1; };
+  auto value = [&](int s, int64_t e, int64_t j, int64_t col) {
+    return static_cast<float>(1000 * s + 10 * e + j) + 0.25f * static_cast<float>(col);
+  };
+  std::vector<int64_t> offsets(E + 1, 0);
+  std::vector<float> rows;
+  for (int64_t e = 0; e < E; ++e) {
+    offsets[e + 1] = offsets[e] + count(me, e);
+    for (int64_t j = 0; j < count(me, e); ++j)
+      for (int64_t col = 0; col < cols; ++col) rows.push_back(value(me, e, j, col));
+  }
+  auto be = make_backend("cpu", 1);
+  const int64_t R = offsets[E];
+  BackendArray<float> d_rows(*be, R * cols), back(*be, R * cols);
+  be->upload(d_rows.data(), rows.data(), R * cols);
+  ExpertExchange ex(c, E);
+  EXPECT_EQ(ex.local_experts(), 3);
+  EXPECT_EQ(ex.first_expert(), 3 * me);
+  ex.plan(offsets);
+  BackendArray<float> local(*be, std::max<int64_t>(ex.received_rows(), 1) * cols);
+  ex.dispatch(*be, d_rows.data(), cols, local.data());
+  const std::vector<float> got = be->download_vector(local.data(), ex.received_rows() * cols);
+  int64_t at = 0;
+  for (int64_t el = 0; el < 3; ++el) {
+    EXPECT_EQ(ex.local_offsets()[el], at) << "expert " << el;
+    const int64_t e = ex.first_expert() + el;
+    for (int s = 0; s < p; ++s)
+      for (int64_t j = 0; j < count(s, e); ++j, ++at)
+        for (int64_t col = 0; col < cols; ++col)
+          ASSERT_EQ(got[at * cols + col], value(s, e, j, col)) << "expert " << e << " from rank " << s << " row " << j;
+  }
+  EXPECT_EQ(ex.received_rows(), at);
+  ex.combine(*be, local.data(), cols, back.data());
+  EXPECT_EQ(be->download_vector(back.data(), R * cols), rows) << "rows back where they came from";
 }
 
 // P must divide the world size and the routed experts, and there must be experts: one clear message each.
