@@ -37,7 +37,10 @@ int main(int argc, char** argv) {
   // train
   std::string config_path;
   std::vector<std::string> overrides;
-  auto* train = app.add_subcommand("train", "train a model from a TOML config (see configs/)");
+  auto* train = app.add_subcommand("train", "train a model from a TOML config (see configs/); under `mpirun -np N` "
+                                   "(or `srun --mpi=pmix`) N processes train it together: data parallel, and with "
+                                   "dist.expert_parallel = P the MoE experts sharded over P of them "
+                                   "(docs/distributed.md)");
   train->add_option("-c,--config", config_path, "TOML config file; omitted keys take their defaults");
   train->add_option("--set", overrides, kOverrideHelp);
   bool resume = false;
