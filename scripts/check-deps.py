@@ -33,7 +33,7 @@ def read_order(doc):
 def include_edges(src, plant):
     """{(from_folder, to_folder): [(file, line_number), ...]} for includes across folders."""
     edges = {}
-    files = sorted(p for p in src.rglob("*") if p.suffix in (".h", ".cpp"))
+    files = sorted(p for p in src.rglob("*") if p.suffix in (".h", ".cpp", ".cu"))
     for path in files:
         rel = path.relative_to(src)
         folder = rel.parts[0] if len(rel.parts) > 1 else ""

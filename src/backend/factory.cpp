@@ -5,6 +5,9 @@
 
 #include "backend/backend.h"
 #include "backend/cpu/cpu_backend.h"
+#ifdef MOELAB_HAVE_CUDA
+#include "backend/cuda/cuda_backend.h"
+#endif
 #include "core/error.h"
 
 namespace moelab {
@@ -19,6 +22,9 @@ const std::vector<std::pair<std::string, Factory>>& registry() {
   static const std::vector<std::pair<std::string, Factory>> backends = {
       {"cpu", [](int threads) { return make_cpu_backend(threads); }},
       {"cpu-strict", [](int threads) { return make_strict_backend(threads); }},
+#ifdef MOELAB_HAVE_CUDA
+      {"cuda", [](int threads) { return make_cuda_backend(threads); }},
+#endif
   };
   return backends;
 }
