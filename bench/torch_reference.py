@@ -12,7 +12,9 @@ The model follows moelab's defaults (src/config/config.h), read from the same TO
       router logits (N, E) -> softmax (fp32) -> top-k -> per expert: gather rows, fc1, act, fc2, weighted scatter-add
   final RMSNorm, logits, cross-entropy (+ aux balancing loss for MoE), no biases.
   AdamW (betas, eps, weight decay from [train]) after global-norm clipping.
-bf16 uses torch.autocast("cpu", dtype=torch.bfloat16) with fp32 master weights, the usual PyTorch recipe.
+bf16 uses torch.autocast(device, dtype=torch.bfloat16) with fp32 master weights, the usual PyTorch recipe.
+--device cuda runs the same model eagerly on the GPU (PyTorch 2.x eager, the reference scripts/gpu-check.sh compares
+moelab's cuda backend with; timing synchronises the device after each step).
 
 Set up as its users would tune it: Debian's PyTorch sends fp32 matrix products to OpenBLAS through libblas.so.3,
 which by default is the pthreads build, whose threads spin beside PyTorch's own OpenMP pool on the same cores. This
@@ -37,7 +39,8 @@ OPENMP_BLAS = "/usr/lib/x86_64-linux-gnu/openblas-openmp"
 
 def use_openmp_blas():
     """Re-executes this script with OpenBLAS's OpenMP build loaded ahead of the default (see the docstring)."""
-    if os.environ.get("MOELAB_TORCH_REFERENCE_BLAS") or "--blas" in sys.argv and "pthread" in sys.argv:
+    if (os.environ.get("MOELAB_TORCH_REFERENCE_BLAS") or "--blas" in sys.argv and "pthread" in sys.argv
+            or "cuda" in sys.argv):  # the GPU needs no BLAS
         return
     threads = "2"
     if "--threads" in sys.argv:
@@ -206,7 +209,7 @@ class Moe(nn.Module):
     def forward(self, x):
         B, T, C = x.shape
         flat = x.reshape(-1, C)
-        with torch.autocast("cpu", enabled=False):  # fp32 router
+        with torch.autocast(flat.device.type, enabled=False):  # fp32 router
             logits = flat.float() @ self.router.weight.t()
             probs = torch.softmax(logits, dim=-1)
         topv, topi = probs.topk(self.K, dim=-1)
@@ -272,6 +275,7 @@ def main():
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--blas", choices=["openmp", "pthread"], default="openmp",
                     help="OpenBLAS build for fp32 products: openmp (loaded first, the default) or Debian's pthreads "
                          "default")
@@ -283,7 +287,10 @@ def main():
     for a in args.set:
         apply_set(cfg, a)
     s = Settings(cfg)
-    model = Model(s)
+    device = torch.device(args.device)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("torch_reference: --device cuda but PyTorch sees no GPU")
+    model = Model(s).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("emb")]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.startswith("emb"))]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
@@ -292,17 +299,21 @@ def main():
     gen = torch.Generator().manual_seed(1)
 
     def step():
-        tokens = torch.randint(0, s.vocab, (s.batch, s.seq), generator=gen)
-        targets = torch.randint(0, s.vocab, (s.batch, s.seq), generator=gen)
+        tokens = torch.randint(0, s.vocab, (s.batch, s.seq), generator=gen).to(device)
+        targets = torch.randint(0, s.vocab, (s.batch, s.seq), generator=gen).to(device)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             loss, aux = model(tokens, targets)
             total = loss + s.aux_weight * aux if aux is not None else loss
         total.backward()
         if s.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
         opt.step()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - t0, loss.item()
 
     for _ in range(args.warmup):
@@ -311,7 +322,7 @@ def main():
     step_s = sum(seconds) / len(seconds)
     result = {"tokens_per_s": s.batch * s.seq / step_s, "step_ms": 1e3 * step_s, "threads": args.threads,
               "precision": args.precision, "torch": torch.__version__,
-              "params": sum(p.numel() for p in model.parameters()), "blas": loaded_blas()}
+              "params": sum(p.numel() for p in model.parameters()), "blas": loaded_blas(), "device": args.device}
     print(f"torch_reference: {args.config} {args.precision} {args.threads} threads: "
           f"{result['step_ms']:.1f} ms/step, {result['tokens_per_s']:.0f} tokens/s (BLAS {result['blas']})")
     print("RESULT " + json.dumps(result))

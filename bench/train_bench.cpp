@@ -31,6 +31,9 @@ int main(int argc, char** argv) {
   app.add_option("--peak-seconds", peak_seconds, "seconds per size of the fp32 GEMM peak measurement (0: skip it, "
                  "e.g. when profiling)")->check(CLI::NonNegativeNumber);
   app.add_flag("--json", json, "also print one machine-readable RESULT line");
+  std::string peak_precision = "fp32";
+  app.add_option("--peak-precision", peak_precision, "precision of the GEMM peak MFU is measured against: fp32 (the "
+                 "CPU figures' convention) or bf16 (a GPU's bf16 training)")->check(CLI::IsMember({"fp32", "bf16"}));
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -45,8 +48,10 @@ int main(int argc, char** argv) {
                 static_cast<long>(cfg.train.grad_accum), be->threads(),
                 moelab::to_string(cfg.train.precision).c_str());
 
-    std::printf("measuring the fp32 GEMM peak (%d threads):\n", be->threads());
-    const double peak = peak_seconds > 0 ? moelab::measure_gemm_peak(*be, peak_seconds, stdout) : 0.0;
+    const moelab::Precision peak_prec = peak_precision == "bf16" ? moelab::Precision::BF16 : moelab::Precision::FP32;
+    std::printf("measuring the %s GEMM peak (%s, %d threads):\n", peak_precision.c_str(), be->name().c_str(),
+                be->threads());
+    const double peak = peak_seconds > 0 ? moelab::measure_gemm_peak(*be, peak_seconds, stdout, peak_prec) : 0.0;
 
     const auto timing = moelab::bench::time_training(cfg, *be, steps, warmup);
     const double tok_s = timing.tokens_per_second;
@@ -58,13 +63,14 @@ int main(int argc, char** argv) {
                 1e3 * timing.seconds_per_step, steps, 1e3 * timing.cpu_seconds_per_step, be->threads());
     std::printf("tokens/s             %.0f\n", tok_s);
     std::printf("achieved             %.1f GFLOP/s\n", achieved / 1e9);
-    std::printf("GEMM peak (fp32)     %.1f GFLOP/s\n", peak / 1e9);
+    std::printf("GEMM peak (%s)     %.1f GFLOP/s\n", peak_precision.c_str(), peak / 1e9);
     if (peak > 0) std::printf("MFU                  %.1f%%\n", 100.0 * achieved / peak);
     if (json)
       std::printf("RESULT {\"tokens_per_s\": %.3f, \"step_ms\": %.3f, \"flops_per_token\": %.1f, "
-                  "\"peak_flops\": %.1f, \"precision\": \"%s\", \"threads\": %d}\n",
-                  tok_s, 1e3 * timing.seconds_per_step, flops_per_token, peak,
-                  moelab::to_string(cfg.train.precision).c_str(), be->threads());
+                  "\"peak_flops\": %.1f, \"peak_precision\": \"%s\", \"precision\": \"%s\", \"threads\": %d, "
+                  "\"backend\": \"%s\"}\n",
+                  tok_s, 1e3 * timing.seconds_per_step, flops_per_token, peak, peak_precision.c_str(),
+                  moelab::to_string(cfg.train.precision).c_str(), be->threads(), be->name().c_str());
   } catch (const std::exception& e) {
     std::fprintf(stderr, "train_bench: error: %s\n", e.what());
     return 1;

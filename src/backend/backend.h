@@ -268,6 +268,9 @@ class Backend {
   // Threads used by this backend's kernels (CPU) or ignored (GPU).
   virtual void set_threads(int threads) = 0;
   virtual int threads() const = 0;
+  // Waits until every operation issued so far has finished: a GPU queues its kernels, so timing needs this; the
+  // CPU backends run each call to completion and do nothing here. (Downloads wait by themselves.)
+  virtual void synchronize() {}
 };
 
 // Sets a backend's matmul precision for the lifetime of the scope, then restores the previous one.

@@ -75,6 +75,7 @@ StepStats Trainer::step(const BatchSource& next_batch) {
                    AdamW::Grads::ZeroExceptMatrices);
   model_->grads_were_zeroed(/*except_matrices=*/true);
   ++steps_done_;
+  backend_.synchronize();  // a GPU's queued kernels belong to this step's time
   s.seconds = step_timer_.seconds();
   return s;
 }

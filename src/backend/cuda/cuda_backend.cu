@@ -710,6 +710,7 @@ class CudaBackend final : public Backend {
   }
   void set_threads(int) override {}
   int threads() const override { return 1; }
+  void synchronize() override { MOELAB_CUDA(cudaDeviceSynchronize()); }
 
  private:
   template <class Kernel, class... Args>

@@ -335,6 +335,7 @@ class StrictBackend final : public Backend {
 
   void set_threads(int threads) override { inner_->set_threads(threads); }
   int threads() const override { return inner_->threads(); }
+  void synchronize() override { inner_->synchronize(); }
 
  private:
   static constexpr size_t kReserve = size_t{1} << 38;  // 256 GiB of address space, committed as used
