@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of the cuda backend (issue 21), for a machine with an NVIDIA GPU (the device tool's H200): one script,
 # one call. It
-#   1. builds moelab for sm_90 into build-gpu/ (unless build-gpu/moelab is there already, e.g. carried),
+#   1. builds moelab for sm_90 into build-gpu/ (unless MOELAB_GPU_BUILD names a build or a carried pack:
+#      scripts/pack-gpu.sh makes one here for an image that cannot build moelab),
 #   2. runs the conformance suite (tests/test_conformance.cpp) on every backend, cuda included,
 #   3. trains the quickstart's dense and MoE models 200 steps on the CPU and on the GPU (fp32, the same synthetic
 #      tokens) and compares the loss curves,
@@ -33,6 +34,8 @@ if [[ ! -x "$build/moelab" ]]; then
   ninja -C "$build" moelab train_bench test_conformance
 fi
 moelab="$build/moelab"
+# A carried pack (scripts/pack-gpu.sh) brings the libraries the GPU image lacks.
+[[ -d "$build/lib" ]] && export LD_LIBRARY_PATH="$build/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 # ---- 2. conformance --------------------------------------------------------------------------------------------------
 echo "== conformance suite (every backend this build has)"

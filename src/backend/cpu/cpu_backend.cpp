@@ -2,6 +2,7 @@
 // and fixed-order reductions, so a given thread count always produces bitwise-identical results.
 // Inner loops are written so the compiler vectorises them: exp and erf come from vec_math.h (checked against
 // libm in the tests), and row reductions are `omp simd` reductions, whose lane order is fixed at compile time.
+#include <immintrin.h>
 #include <omp.h>
 #include <sys/mman.h>
 #include <oneapi/dnnl/dnnl.h>
