@@ -135,8 +135,12 @@ std::vector<double> losses_of(const fs::path& metrics) {
   std::ifstream in(metrics);
   std::string line;
   while (std::getline(in, line)) {
-    const auto j = nlohmann::json::parse(line);
-    if (j.contains("loss")) out.push_back(j["loss"].get<double>());
+    try {
+      const auto j = nlohmann::json::parse(line);
+      if (j.contains("loss")) out.push_back(j["loss"].get<double>());
+    } catch (const nlohmann::json::exception&) {
+      break;  // the last line, read while the run was still writing it
+    }
   }
   return out;
 }

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -68,7 +69,26 @@ __global__ void k_add_inplace(float* x, const float* y, int64_t n) { GRID_LOOP(i
 __global__ void k_add_bias(float* x, const float* bias, int64_t rows, int64_t cols) {
   GRID_LOOP(i, rows * cols) x[i] += bias[i % cols];
 }
-__global__ void k_to_bf16(__nv_bfloat16* dst, const float* src, int64_t n) { GRID_LOOP(i, n) dst[i] = __float2bfloat16_rn(src[i]); }
+// Round to nearest even, NaN kept quiet, subnormal inputs to a zero of their sign: the CPU backend's rounding
+// (vcvtneps2bf16), so both backends multiply the same bf16 operands.
+__global__ void k_to_bf16(uint16_t* dst, const float* src, int64_t n) {
+  GRID_LOOP(i, n) {
+    const uint32_t u = __float_as_uint(src[i]);
+    uint16_t out;
+    if ((u & 0x7F800000u) == 0) out = static_cast<uint16_t>((u >> 16) & 0x8000u);
+    else if ((u & 0x7FFFFFFFu) > 0x7F800000u) out = static_cast<uint16_t>((u >> 16) | 0x40u);
+    else out = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    dst[i] = out;
+  }
+}
+// C = beta C over a strided batch of (rows x cols) blocks (a product with K = 0); beta = 0 writes zeros.
+__global__ void k_scale_blocks(float* c, float beta, int64_t batch, int64_t rows, int64_t cols, int64_t ldc,
+                               int64_t stride) {
+  GRID_LOOP(i, batch * rows * cols) {
+    float* p = c + (i / (rows * cols)) * stride + ((i / cols) % rows) * ldc + i % cols;
+    *p = beta == 0.f ? 0.f : beta * *p;
+  }
+}
 
 constexpr float kInvSqrt2 = 0.70710678118654752f, kInvSqrt2Pi = 0.39894228040143268f;
 __global__ void k_gelu(float* o, const float* x, int64_t n) {
@@ -510,7 +530,14 @@ class CudaBackend final : public Backend {
       throw Error(std::string("no usable CUDA device (") +
                   (status != cudaSuccess ? cudaGetErrorString(status) : "none found") +
                   "); choose train.backend = cpu, or run on a machine with an NVIDIA GPU");
-    MOELAB_CUDA(cudaSetDevice(0));
+    // One GPU per process of a node: the launcher's local rank picks it (mpirun, srun), else GPU 0.
+    int device = 0;
+    for (const char* var : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK"})
+      if (const char* v = std::getenv(var)) {
+        device = std::atoi(v) % devices;
+        break;
+      }
+    MOELAB_CUDA(cudaSetDevice(device));
     check_lt(cublasLtCreate(&lt_), "cublasLtCreate");
     workspace_bytes_ = size_t{64} << 20;
     MOELAB_CUDA(cudaMalloc(&workspace_, workspace_bytes_));
@@ -729,6 +756,8 @@ class CudaBackend final : public Backend {
   void* scratch(size_t bytes) {
     if (bytes > scratch_bytes_) {
       if (scratch_) cudaFree(scratch_);
+      scratch_ = nullptr;
+      scratch_bytes_ = 0;
       MOELAB_CUDA(cudaMalloc(&scratch_, bytes));
       scratch_bytes_ = bytes;
     }
@@ -755,10 +784,12 @@ class CudaBackend final : public Backend {
   static int64_t extent(int64_t rows, int64_t cols, int64_t ld, int64_t stride, int64_t batch) {
     return (batch - 1) * stride + (rows - 1) * ld + cols;
   }
-  const void* as_bf16(const float* x, int64_t n, __nv_bfloat16*& buffer, size_t& capacity) {
+  const void* as_bf16(const float* x, int64_t n, uint16_t*& buffer, size_t& capacity) {
     if (static_cast<size_t>(n) > capacity) {
       if (buffer) cudaFree(buffer);
-      MOELAB_CUDA(cudaMalloc(&buffer, n * sizeof(__nv_bfloat16)));
+      buffer = nullptr;
+      capacity = 0;
+      MOELAB_CUDA(cudaMalloc(&buffer, n * sizeof(uint16_t)));
       capacity = n;
     }
     k_to_bf16<<<blocks_for(n), kThreads>>>(buffer, x, n);
@@ -769,9 +800,8 @@ class CudaBackend final : public Backend {
               int64_t sa, const float* b, int64_t ldb, int64_t sb, float beta, float* c, int64_t ldc, int64_t sc,
               int64_t batch) {
     if (m <= 0 || n <= 0 || batch <= 0) return;
-    if (k <= 0) {  // C = beta C
-      for (int64_t x = 0; x < batch; ++x)
-        for (int64_t r = 0; r < m; ++r) scale(c + x * sc + r * ldc, beta, n);
+    if (k <= 0) {  // C = beta C (0 when beta = 0, as on the CPU)
+      if (beta != 1.f) launch1(k_scale_blocks, batch * m * n, "gemm with K = 0", c, beta, batch, m, n, ldc, sc);
       return;
     }
     const bool bf16 = precision_ == Precision::BF16;
@@ -787,38 +817,74 @@ class CudaBackend final : public Backend {
     }
     // Column-major view: C^T (n x m) = op(B)^T (n x k) op(A)^T (k x m). Stored row-major X (r x c, ld) is column-major
     // X^T (c x r, ld).
-    cublasLtMatmulDesc_t desc;
-    check_lt(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "MatmulDescCreate");
+    Descriptors d;
+    check_lt(cublasLtMatmulDescCreate(&d.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "MatmulDescCreate");
     const cublasOperation_t op_first = tb == Trans::N ? CUBLAS_OP_N : CUBLAS_OP_T;
     const cublasOperation_t op_second = ta == Trans::N ? CUBLAS_OP_N : CUBLAS_OP_T;
-    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_first, sizeof op_first);
-    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_second, sizeof op_second);
-    cublasLtMatrixLayout_t la, lb, lc;
-    check_lt(cublasLtMatrixLayoutCreate(&la, in_type, b_cols, b_rows, ldb), "layout B");
-    check_lt(cublasLtMatrixLayoutCreate(&lb, in_type, a_cols, a_rows, lda), "layout A");
-    check_lt(cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, n, m, ldc), "layout C");
+    check_lt(cublasLtMatmulDescSetAttribute(d.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_first, sizeof op_first), "TRANSA");
+    check_lt(cublasLtMatmulDescSetAttribute(d.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_second, sizeof op_second),
+             "TRANSB");
+    check_lt(cublasLtMatrixLayoutCreate(&d.la, in_type, b_cols, b_rows, ldb), "layout B");
+    check_lt(cublasLtMatrixLayoutCreate(&d.lb, in_type, a_cols, a_rows, lda), "layout A");
+    check_lt(cublasLtMatrixLayoutCreate(&d.lc, CUDA_R_32F, n, m, ldc), "layout C");
     if (batch > 1) {
       const int32_t count = static_cast<int32_t>(batch);
-      for (auto [layout, stride] : {std::pair{la, sb}, std::pair{lb, sa}, std::pair{lc, sc}}) {
-        cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof count);
-        cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof stride);
+      for (auto [layout, stride] : {std::pair{d.la, sb}, std::pair{d.lb, sa}, std::pair{d.lc, sc}}) {
+        check_lt(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof count),
+                 "batch count");
+        check_lt(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride,
+                                                  sizeof stride),
+                 "batch stride");
       }
     }
-    const cublasStatus_t status = cublasLtMatmul(lt_, desc, &alpha, pb, la, pa, lb, &beta, c, lc, c, lc, nullptr,
-                                                 workspace_, workspace_bytes_, 0);
-    cublasLtMatrixLayoutDestroy(la);
-    cublasLtMatrixLayoutDestroy(lb);
-    cublasLtMatrixLayoutDestroy(lc);
-    cublasLtMatmulDescDestroy(desc);
-    check_lt(status, "cublasLtMatmul");
+    // The algorithm for these operands' alignment (offset slices of a buffer: attention heads, experts' rows), not
+    // the 256-byte alignment the default preference assumes.
+    const size_t elem_in = bf16 ? 2 : 4;
+    const auto align = [&](const void* p, int64_t stride, size_t elem) {
+      uint64_t a = reinterpret_cast<uintptr_t>(p) | 256;
+      if (batch > 1) a |= static_cast<uint64_t>(stride) * elem;
+      return static_cast<uint32_t>(a & (~a + 1));
+    };
+    const uint32_t align_a = align(pb, sb, elem_in), align_b = align(pa, sa, elem_in), align_c = align(c, sc, 4);
+    check_lt(cublasLtMatmulPreferenceCreate(&d.pref), "PreferenceCreate");
+    check_lt(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes_,
+                                                  sizeof workspace_bytes_),
+             "workspace preference");
+    for (auto [attr, value] : {std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align_a},
+                               std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_b},
+                               std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_c},
+                               std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_c}})
+      check_lt(cublasLtMatmulPreferenceSetAttribute(d.pref, attr, &value, sizeof value), "alignment preference");
+    cublasLtMatmulHeuristicResult_t heuristic{};
+    int found = 0;
+    check_lt(cublasLtMatmulAlgoGetHeuristic(lt_, d.desc, d.la, d.lb, d.lc, d.lc, d.pref, 1, &heuristic, &found),
+             "AlgoGetHeuristic");
+    if (found == 0)
+      throw Error("cuBLASLt has no algorithm for a " + std::to_string(m) + " x " + std::to_string(n) + " x " +
+                  std::to_string(k) + " product with these strides and alignments");
+    check_lt(cublasLtMatmul(lt_, d.desc, &alpha, pb, d.la, pa, d.lb, &beta, c, d.lc, c, d.lc, &heuristic.algo,
+                            workspace_, workspace_bytes_, 0),
+             "cublasLtMatmul");
   }
+  // cuBLASLt descriptors of one product, destroyed however the product ends.
+  struct Descriptors {
+    cublasLtMatmulDesc_t desc = nullptr;
+    cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
+    cublasLtMatmulPreference_t pref = nullptr;
+    ~Descriptors() {
+      if (pref) cublasLtMatmulPreferenceDestroy(pref);
+      for (auto l : {la, lb, lc})
+        if (l) cublasLtMatrixLayoutDestroy(l);
+      if (desc) cublasLtMatmulDescDestroy(desc);
+    }
+  };
 
   Precision precision_ = Precision::FP32;
   cublasLtHandle_t lt_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
-  __nv_bfloat16* bf16_a_ = nullptr;
-  __nv_bfloat16* bf16_b_ = nullptr;
+  uint16_t* bf16_a_ = nullptr;  // bf16 bits
+  uint16_t* bf16_b_ = nullptr;
   size_t bf16_a_capacity_ = 0, bf16_b_capacity_ = 0;
   void* scratch_ = nullptr;
   size_t scratch_bytes_ = 0;
