@@ -65,12 +65,15 @@ int main(int argc, char** argv) {
     std::printf("achieved             %.1f GFLOP/s\n", achieved / 1e9);
     std::printf("GEMM peak (%s)     %.1f GFLOP/s\n", peak_precision.c_str(), peak / 1e9);
     if (peak > 0) std::printf("MFU                  %.1f%%\n", 100.0 * achieved / peak);
+    const double memory_mib = static_cast<double>(be->peak_allocated_bytes()) / (1 << 20);
+    std::printf("backend memory       %.0f MiB at most (parameters, gradients, AdamW state, activations)\n",
+                memory_mib);
     if (json)
       std::printf("RESULT {\"tokens_per_s\": %.3f, \"step_ms\": %.3f, \"flops_per_token\": %.1f, "
                   "\"peak_flops\": %.1f, \"peak_precision\": \"%s\", \"precision\": \"%s\", \"threads\": %d, "
-                  "\"backend\": \"%s\"}\n",
+                  "\"backend\": \"%s\", \"memory_mib\": %.1f}\n",
                   tok_s, 1e3 * timing.seconds_per_step, flops_per_token, peak, peak_precision.c_str(),
-                  moelab::to_string(cfg.train.precision).c_str(), be->threads(), be->name().c_str());
+                  moelab::to_string(cfg.train.precision).c_str(), be->threads(), be->name().c_str(), memory_mib);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "train_bench: error: %s\n", e.what());
     return 1;

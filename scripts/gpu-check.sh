@@ -107,14 +107,15 @@ for config in configs/bench/gpu/dense-1024.toml configs/bench/gpu/moe-1024-e8k2.
 done
 python3 - "${rows[@]}" <<'PY'
 import json, sys
-print(f"{'config':22s} {'moelab tok/s':>12s} {'MFU (bf16 peak)':>15s} {'torch tok/s':>11s} {'moelab/torch':>12s}")
+print(f"{'config':22s} {'moelab tok/s':>12s} {'MFU (bf16 peak)':>15s} {'memory GiB':>10s} {'torch tok/s':>11s} "
+      f"{'moelab/torch':>12s}")
 for row in sys.argv[1:]:
     name, m, t = row.split("|")
     m, t = json.loads(m), json.loads(t or "{}")
     mfu = m["tokens_per_s"] * m["flops_per_token"] / m["peak_flops"] if m.get("peak_flops") else 0
     ratio = m["tokens_per_s"] / t["tokens_per_s"] if t.get("tokens_per_s") else float("nan")
-    print(f"{name:22s} {m['tokens_per_s']:12.0f} {100 * mfu:14.1f}% {t.get('tokens_per_s', float('nan')):11.0f} "
-          f"{ratio:11.2f}x")
+    print(f"{name:22s} {m['tokens_per_s']:12.0f} {100 * mfu:14.1f}% {m.get('memory_mib', 0) / 1024:10.2f} "
+          f"{t.get('tokens_per_s', float('nan')):11.0f} {ratio:11.2f}x")
     print(f"  (peak {m['peak_flops'] / 1e12:.1f} TFLOP/s bf16 on {m.get('backend')})")
 PY
 echo "== gpu-check done (conformance exit status $conformance_status); log: $out/gpu-check.log"

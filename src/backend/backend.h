@@ -100,6 +100,9 @@ class Backend {
   virtual void free(void* ptr) = 0;             // null: nothing
   virtual void upload_bytes(void* dst, const void* host_src, size_t bytes) = 0;
   virtual void download_bytes(void* host_dst, const void* src, size_t bytes) = 0;
+  // The most backend memory that was allocated at once (alloc_bytes, as requested), since construction: the model's
+  // parameters, gradients, optimizer state and activations. 0 for a backend that does not count.
+  virtual size_t peak_allocated_bytes() const { return 0; }
   virtual void fill(float* x, float value, int64_t n) = 0;
   virtual void copy(float* dst, const float* src, int64_t n) = 0;  // backend -> backend
   // Typed conveniences over the above.

@@ -610,6 +610,8 @@ class CpuBackend final : public CpuKernelBackend {
     {
       std::lock_guard<std::mutex> lock(sizes_mutex_);
       sizes_[p] = bytes;
+      live_bytes_ += bytes;
+      peak_bytes_ = std::max(peak_bytes_, live_bytes_);
     }
     adopted(p, bytes);
     return p;
@@ -622,6 +624,7 @@ class CpuBackend final : public CpuKernelBackend {
       auto it = sizes_.find(ptr);
       MOELAB_CHECK(it != sizes_.end(), "free of a pointer the cpu backend did not allocate");
       bytes = it->second;
+      live_bytes_ -= bytes;
       sizes_.erase(it);
     }
     released(ptr, bytes);
@@ -1446,6 +1449,10 @@ class CpuBackend final : public CpuKernelBackend {
   GemmProfile profile_;
   std::mutex sizes_mutex_;
   std::map<void*, size_t> sizes_;  // live allocations
+  size_t live_bytes_ = 0, peak_bytes_ = 0;
+
+ public:
+  size_t peak_allocated_bytes() const override { return peak_bytes_; }
 };
 
 }  // namespace

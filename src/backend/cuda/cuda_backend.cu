@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -557,11 +558,20 @@ class CudaBackend final : public Backend {
       throw Error("out of GPU memory allocating " + std::to_string(bytes >> 20) + " MiB (" + cudaGetErrorString(status) +
                   "); reduce the batch size or the model");
     MOELAB_CUDA(cudaMemset(p, 0, std::max<size_t>(bytes, 1)));
+    sizes_[p] = bytes;
+    live_bytes_ += bytes;
+    peak_bytes_ = std::max(peak_bytes_, live_bytes_);
     return p;
   }
   void free(void* p) override {
-    if (p) cudaFree(p);
+    if (!p) return;
+    if (auto it = sizes_.find(p); it != sizes_.end()) {
+      live_bytes_ -= it->second;
+      sizes_.erase(it);
+    }
+    cudaFree(p);
   }
+  size_t peak_allocated_bytes() const override { return peak_bytes_; }
   void upload_bytes(void* dst, const void* src, size_t bytes) override {
     if (bytes) MOELAB_CUDA(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
   }
@@ -888,6 +898,8 @@ class CudaBackend final : public Backend {
   size_t bf16_a_capacity_ = 0, bf16_b_capacity_ = 0;
   void* scratch_ = nullptr;
   size_t scratch_bytes_ = 0;
+  std::map<void*, size_t> sizes_;  // live allocations, for peak_allocated_bytes
+  size_t live_bytes_ = 0, peak_bytes_ = 0;
 };
 
 }  // namespace

@@ -57,6 +57,8 @@ class StrictBackend final : public Backend {
       std::memset(p, 0, sizes_[p]);
     }
     inner_->adopted(p, sizes_[p]);
+    live_bytes_ += sizes_[p];
+    peak_bytes_ = std::max(peak_bytes_, live_bytes_);
     return p;
   }
   void free(void* ptr) override {
@@ -64,6 +66,7 @@ class StrictBackend final : public Backend {
     auto it = sizes_.find(static_cast<char*>(ptr));
     MOELAB_CHECK(it != sizes_.end(), "cpu-strict: free of a pointer this backend did not allocate");
     inner_->released(ptr, it->second);
+    live_bytes_ -= it->second;
     free_.emplace(it->second, it->first);
     sizes_.erase(it);
   }
@@ -409,6 +412,12 @@ class StrictBackend final : public Backend {
   }
 
   std::unique_ptr<CpuKernelBackend> inner_;
+  size_t live_bytes_ = 0, peak_bytes_ = 0;  // page-rounded
+
+ public:
+  size_t peak_allocated_bytes() const override { return peak_bytes_; }
+
+ private:
   char* base_ = nullptr;
   char* top_ = nullptr;
   int depth_ = 0;
