@@ -14,17 +14,23 @@ struct StepTiming {
   int64_t params = 0;
 };
 
+// Micro-batches of uniformly random tokens and targets drawn from `rng` (which must outlive the source).
+inline Trainer::BatchSource random_batches(const Config& cfg, Rng& rng) {
+  const int64_t tokens_per_micro = cfg.train.batch_size * cfg.model.seq_len, vocab = cfg.model.vocab_size;
+  return [&rng, tokens_per_micro, vocab](std::vector<int32_t>& tok, std::vector<int32_t>& tgt) {
+    tok.resize(tokens_per_micro);
+    tgt.resize(tokens_per_micro);
+    for (auto& t : tok) t = static_cast<int32_t>(rng.below(vocab));
+    for (auto& t : tgt) t = static_cast<int32_t>(rng.below(vocab));
+  };
+}
+
 // Mean wall time of `steps` optimizer steps after `warmup` untimed ones, on uniformly random tokens.
 inline StepTiming time_training(const Config& cfg, Backend& be, int steps, int warmup) {
   Trainer trainer(cfg, be);
   Rng rng(1);
   const int64_t tokens_per_micro = cfg.train.batch_size * cfg.model.seq_len;
-  auto random_batch = [&](std::vector<int32_t>& tok, std::vector<int32_t>& tgt) {
-    tok.resize(tokens_per_micro);
-    tgt.resize(tokens_per_micro);
-    for (auto& t : tok) t = static_cast<int32_t>(rng.below(cfg.model.vocab_size));
-    for (auto& t : tgt) t = static_cast<int32_t>(rng.below(cfg.model.vocab_size));
-  };
+  const Trainer::BatchSource random_batch = random_batches(cfg, rng);
   for (int i = 0; i < warmup; ++i) trainer.step(random_batch);
   auto cpu_now = [] {
     timespec ts{};

@@ -9,6 +9,7 @@
 #include "config/config.h"
 #include "core/rng.h"
 #include "dist/comm.h"
+#include "bench_util.h"
 #include "train/trainer.h"
 
 int main(int argc, char** argv) {
@@ -28,14 +29,9 @@ int main(int argc, char** argv) {
     const moelab::Config cfg = moelab::load_config(config_path, overrides);
     auto be = moelab::make_backend(cfg.train.backend, static_cast<int>(cfg.train.threads));
     moelab::Trainer trainer(cfg, *be, &comm);
-    moelab::Rng rng(1 + static_cast<uint64_t>(comm.rank()));
+    moelab::Rng rng(1 + static_cast<uint64_t>(comm.rank()));  // each rank its own tokens
     const int64_t tokens_per_micro = cfg.train.batch_size * cfg.model.seq_len;
-    auto random_batch = [&](std::vector<int32_t>& tok, std::vector<int32_t>& tgt) {
-      tok.resize(tokens_per_micro);
-      tgt.resize(tokens_per_micro);
-      for (auto& t : tok) t = static_cast<int32_t>(rng.below(cfg.model.vocab_size));
-      for (auto& t : tgt) t = static_cast<int32_t>(rng.below(cfg.model.vocab_size));
-    };
+    const moelab::Trainer::BatchSource random_batch = moelab::bench::random_batches(cfg, rng);
     for (int i = 0; i < warmup; ++i) trainer.step(random_batch);
     double seconds = 0, comm_seconds = 0;
     for (int i = 0; i < steps; ++i) {

@@ -130,21 +130,6 @@ pid_t spawn(const std::vector<std::string>& args, const fs::path& log) {
   return pid;
 }
 
-std::vector<double> losses_of(const fs::path& metrics) {
-  std::vector<double> out;
-  std::ifstream in(metrics);
-  std::string line;
-  while (std::getline(in, line)) {
-    try {
-      const auto j = nlohmann::json::parse(line);
-      if (j.contains("loss")) out.push_back(j["loss"].get<double>());
-    } catch (const nlohmann::json::exception&) {
-      break;  // the last line, read while the run was still writing it
-    }
-  }
-  return out;
-}
-
 TEST(Checkpoint, KillNineThenResumeGivesTheUninterruptedCurve) {
   const fs::path dir = temp_dir("ckpt_kill");
   const std::string tokens = write_tokens(dir / "tokens.bin", 20000, 256);
@@ -173,14 +158,14 @@ TEST(Checkpoint, KillNineThenResumeGivesTheUninterruptedCurve) {
   int status = 0;
   waitpid(spawn(with_out(dir / "full", false), dir / "full.log"), &status, 0);
   ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << read_file((dir / "full.log").string(), "log");
-  const auto reference = losses_of(dir / "full" / "metrics.jsonl");
+  const auto reference = testing::losses_of(dir / "full" / "metrics.jsonl");
   ASSERT_EQ(reference.size(), 120u);
 
   // Kill -9 once a few checkpoints exist.
   const pid_t pid = spawn(with_out(dir / "killed", false), dir / "killed.log");
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   while (std::chrono::steady_clock::now() < deadline) {
-    if (losses_of(dir / "killed" / "metrics.jsonl").size() >= 30) break;
+    if (testing::losses_of(dir / "killed" / "metrics.jsonl").size() >= 30) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   ::kill(pid, SIGKILL);
@@ -194,7 +179,7 @@ TEST(Checkpoint, KillNineThenResumeGivesTheUninterruptedCurve) {
   EXPECT_NE(read_file((dir / "refused.log").string(), "log").find("pass --resume"), std::string::npos);
   waitpid(spawn(with_out(dir / "killed", true), dir / "resumed.log"), &status, 0);
   ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << read_file((dir / "resumed.log").string(), "log");
-  const auto resumed = losses_of(dir / "killed" / "metrics.jsonl");
+  const auto resumed = testing::losses_of(dir / "killed" / "metrics.jsonl");
   ASSERT_EQ(resumed.size(), reference.size());
   for (size_t i = 0; i < reference.size(); ++i) EXPECT_EQ(resumed[i], reference[i]) << "step " << i + 1;
   fs::remove_all(dir);

@@ -351,21 +351,6 @@ pid_t rank_pid(pid_t mpirun, int rank) {
   return -1;
 }
 
-std::vector<double> losses_of(const fs::path& metrics) {
-  std::vector<double> out;
-  std::ifstream in(metrics);
-  std::string line;
-  while (std::getline(in, line)) {
-    try {
-      const auto j = nlohmann::json::parse(line);
-      if (j.contains("loss")) out.push_back(j["loss"].get<double>());
-    } catch (const nlohmann::json::exception&) {
-      break;  // a line being written
-    }
-  }
-  return out;
-}
-
 std::string read_text(const fs::path& p) {
   std::ifstream in(p);
   return std::string(std::istreambuf_iterator<char>(in), {});
@@ -394,7 +379,7 @@ TEST(MpiRun, KillNineOfOneRankThenResumeGivesTheUninterruptedCurve) {
   int status = 0;
   waitpid(spawn_job(with_out(dir / "full", false), dir / "full.log"), &status, 0);
   ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << read_text(dir / "full.log");
-  const auto reference = losses_of(dir / "full" / "metrics.jsonl");
+  const auto reference = testing::losses_of(dir / "full" / "metrics.jsonl");
   ASSERT_EQ(reference.size(), 150u) << "rank 0 alone writes one line per step";
   const std::string log = read_text(dir / "full.log");
   size_t progress = 0;
@@ -403,20 +388,20 @@ TEST(MpiRun, KillNineOfOneRankThenResumeGivesTheUninterruptedCurve) {
 
   const pid_t job = spawn_job(with_out(dir / "killed", false), dir / "killed.log");
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
-  while (std::chrono::steady_clock::now() < deadline && losses_of(dir / "killed" / "metrics.jsonl").size() < 45)
+  while (std::chrono::steady_clock::now() < deadline && testing::losses_of(dir / "killed" / "metrics.jsonl").size() < 45)
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   const pid_t victim = rank_pid(job, 1);
   ASSERT_GT(victim, 0) << "rank 1 of the job not found";
   ::kill(victim, SIGKILL);
   waitpid(job, &status, 0);
   ASSERT_FALSE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the job finished before rank 1 was killed";
-  const size_t at_kill = losses_of(dir / "killed" / "metrics.jsonl").size();
+  const size_t at_kill = testing::losses_of(dir / "killed" / "metrics.jsonl").size();
   EXPECT_LT(at_kill, 150u);
   ASSERT_TRUE(fs::exists(dir / "killed" / "checkpoint" / "state.json"));
 
   waitpid(spawn_job(with_out(dir / "killed", true), dir / "resumed.log"), &status, 0);
   ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << read_text(dir / "resumed.log");
-  const auto resumed = losses_of(dir / "killed" / "metrics.jsonl");
+  const auto resumed = testing::losses_of(dir / "killed" / "metrics.jsonl");
   ASSERT_EQ(resumed.size(), reference.size());
   for (size_t i = 0; i < reference.size(); ++i) EXPECT_EQ(resumed[i], reference[i]) << "step " << i + 1;
   std::printf("killed rank 1 after %zu steps; the resumed run matched all %zu losses bit for bit\n", at_kill,

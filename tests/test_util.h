@@ -9,9 +9,12 @@
 #include <cstdlib>
 #include <memory>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <string>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "backend/backend.h"
 #include "core/io.h"
@@ -128,6 +131,23 @@ inline std::string write_tokens(const std::filesystem::path& path, int64_t count
   }
   write_file_atomic(path.string(), bytes);
   return path.string();
+}
+
+// The training losses in a run's metrics.jsonl, in order; a last line still being written (the run is alive, or
+// was killed mid-line) ends the list.
+inline std::vector<double> losses_of(const std::filesystem::path& metrics) {
+  std::vector<double> out;
+  std::ifstream in(metrics);
+  std::string line;
+  while (std::getline(in, line)) {
+    try {
+      const auto j = nlohmann::json::parse(line);
+      if (j.contains("loss")) out.push_back(j["loss"].get<double>());
+    } catch (const nlohmann::json::exception&) {
+      break;
+    }
+  }
+  return out;
 }
 
 inline double dot(const float* a, const float* b, int64_t n) {

@@ -56,46 +56,43 @@ void ExpertExchange::exchange(int64_t cols, bool forward) {
   group_.alltoallv(send_.data(), sc.data(), so.data(), recv_.data(), rc.data(), ro.data());
 }
 
+// The received rows in two orders: source-major (rank s's block holds its rows of local expert 0, 1, ...) as they
+// arrive, and expert-major (expert e's block holds its rows from rank 0, 1, ...) as the experts compute on them.
+void ExpertExchange::reorder(const float* from, float* to, int64_t cols, bool to_expert_major) const {
+  const int64_t el = local_experts_;
+  for (int s = 0; s < ranks_; ++s) {
+    int64_t source_major = received_offsets_[s];
+    for (int64_t e = 0; e < el; ++e) {
+      const int64_t n = counts_from_[s * el + e];
+      int64_t expert_major = local_offsets_[e];
+      for (int q = 0; q < s; ++q) expert_major += counts_from_[q * el + e];
+      const int64_t src = to_expert_major ? source_major : expert_major, dst = to_expert_major ? expert_major : source_major;
+      if (n > 0) std::memcpy(to + dst * cols, from + src * cols, sizeof(float) * n * cols);
+      source_major += n;
+    }
+  }
+}
+
 void ExpertExchange::dispatch(Backend& be, const float* rows, int64_t cols, float* local) {
   Timer timer;
-  const int64_t el = local_experts_, mine = sent_offsets_[ranks_], got = received_offsets_[ranks_];
+  const int64_t mine = sent_offsets_[ranks_], got = received_offsets_[ranks_];
   send_.resize(static_cast<size_t>(mine * cols));
   recv_.resize(static_cast<size_t>(got * cols));
   be.download(send_.data(), rows, mine * cols);
   exchange(cols, /*forward=*/true);
-  // source-major (s, e) blocks -> expert-major (e, s)
   staged_.resize(recv_.size());
-  for (int s = 0; s < ranks_; ++s) {
-    int64_t src = received_offsets_[s];
-    for (int64_t e = 0; e < el; ++e) {
-      const int64_t n = counts_from_[s * el + e];
-      int64_t dst = local_offsets_[e];
-      for (int q = 0; q < s; ++q) dst += counts_from_[q * el + e];
-      if (n > 0) std::memcpy(staged_.data() + dst * cols, recv_.data() + src * cols, sizeof(float) * n * cols);
-      src += n;
-    }
-  }
+  reorder(recv_.data(), staged_.data(), cols, /*to_expert_major=*/true);
   be.upload(local, staged_.data(), got * cols);
   seconds_ += timer.seconds();
 }
 
 void ExpertExchange::combine(Backend& be, const float* local, int64_t cols, float* rows) {
   Timer timer;
-  const int64_t el = local_experts_, mine = sent_offsets_[ranks_], got = received_offsets_[ranks_];
+  const int64_t mine = sent_offsets_[ranks_], got = received_offsets_[ranks_];
   staged_.resize(static_cast<size_t>(got * cols));
   be.download(staged_.data(), local, got * cols);
-  // expert-major (e, s) -> source-major (s, e), into send_ (the rows go back to their ranks)
-  send_.resize(staged_.size());
-  for (int s = 0; s < ranks_; ++s) {
-    int64_t dst = received_offsets_[s];
-    for (int64_t e = 0; e < el; ++e) {
-      const int64_t n = counts_from_[s * el + e];
-      int64_t src = local_offsets_[e];
-      for (int q = 0; q < s; ++q) src += counts_from_[q * el + e];
-      if (n > 0) std::memcpy(send_.data() + dst * cols, staged_.data() + src * cols, sizeof(float) * n * cols);
-      dst += n;
-    }
-  }
+  send_.resize(staged_.size());  // the rows go back to their ranks
+  reorder(staged_.data(), send_.data(), cols, /*to_expert_major=*/false);
   recv_.resize(static_cast<size_t>(mine * cols));
   exchange(cols, /*forward=*/false);
   be.upload(rows, recv_.data(), mine * cols);

@@ -56,6 +56,7 @@ class ExpertExchange {
   // (source-major).
   std::vector<int64_t> sent_offsets_, received_offsets_;
   void exchange(int64_t cols, bool forward);
+  void reorder(const float* from, float* to, int64_t cols, bool to_expert_major) const;
 };
 
 }  // namespace moelab
