@@ -264,6 +264,19 @@ TEST_P(Conformance, EmbeddingsNormsReductions) {
             be.rmsnorm_forward(p.f[2], p.f[3], p.f[0], p.f[1], N, C, 1e-6f);
             be.rmsnorm_backward(p.f[5], p.f[6], p.f[4], p.f[0], p.f[1], p.f[3], N, C);
           });
+  const int64_t H = 2, hd = 4, stride = 3 * H * hd;  // QK-norm over the q and k heads of a (N, 3C) qkv
+  conform("head_rmsnorm forward and backward (strided rows)",
+          {{random_floats(N * stride, 73, 2.f), random_floats(hd, 74), random_floats(N * 2 * H * hd, 75),
+            random_floats(N * 2 * H, 76), random_floats(N * stride, 77), random_floats(hd, 78)}},
+          [&](Backend& be, const Ptrs& p) {
+            be.head_rmsnorm_forward(p.f[0], p.f[2], p.f[3], p.f[1], N, stride, 2 * H, hd, 1e-6f);
+            be.head_rmsnorm_backward(p.f[4], p.f[5], p.f[2], p.f[1], p.f[3], N, stride, 2 * H, hd);
+          });
+  conform("jitter, out of place and in place",
+          {{random_floats(N * C, 79), random_floats(N * C, 80)}}, [&](Backend& be, const Ptrs& p) {
+            be.jitter(p.f[1], p.f[0], N * C, 12345, 0.01f);
+            be.jitter(p.f[0], p.f[0], N * C, 777, 0.5f);
+          });
   conform("bias_backward, sum, sum_squares",
           {{random_floats(N * C, 63), random_floats(C, 64)}, {}, {}, {std::vector<double>(2, 0.0)}},
           [&](Backend& be, const Ptrs& p) {
@@ -319,33 +332,40 @@ TEST_P(Conformance, DispatchAndCombine) {
           });
 }
 
-// Routing: token choice (top-2 with capacity and renormalisation; dropless top-1) and expert choice, then the
-// statistics and the router's backward, every routing buffer compared.
+// Routing: token choice (top-2 with capacity and renormalisation; dropless top-1; sigmoid scores with a selection
+// bias and a gate scale) and expert choice (softmax and sigmoid), then the statistics and the router's backward with
+// every auxiliary loss, every routing buffer compared.
 TEST_P(Conformance, Routing) {
   struct Case {
     const char* name;
     RouterShape shape;
+    bool selection_bias;
   };
   const std::vector<Case> cases = {
-      {"token choice top-2, capacity 5, renormalised", {4, 6, 5, 2, false, 5, true}},
-      {"token choice top-1, dropless", {4, 6, 5, 1, false, 0, false}},
-      {"expert choice, capacity 2 per position", {4, 6, 5, 2, true, 2, false}},
+      {"token choice top-2, capacity 5, renormalised", {4, 6, 5, 2, false, 5, true, false, 1.f}, false},
+      {"token choice top-1, dropless", {4, 6, 5, 1, false, 0, false, false, 1.f}, false},
+      {"token choice top-2, softmax, selection bias, capacity 5", {4, 6, 5, 2, false, 5, false, false, 1.f}, true},
+      {"token choice top-2, sigmoid, selection bias, gate scale 2.5", {4, 6, 5, 2, false, 0, false, true, 2.5f}, true},
+      {"expert choice, capacity 2 per position", {4, 6, 5, 2, true, 2, false, false, 1.f}, false},
+      {"expert choice, sigmoid, gate scale 1.5", {4, 6, 5, 2, true, 2, false, true, 1.5f}, false},
   };
   for (const Case& k : cases) {
     const RouterShape s = k.shape;
     const int64_t n = s.tokens(), e = s.experts, r = s.max_rows(), topk = std::max<int64_t>(s.top_k, 1);
     Buffers b;
     b.f = {random_floats(n * e, 90, 2.f), std::vector<float>(n * e), std::vector<float>(r), std::vector<float>(n * topk),
-           std::vector<float>(n), random_floats(r, 91), std::vector<float>(n * e)};
+           std::vector<float>(n), random_floats(r, 91), std::vector<float>(n * e), random_floats(e, 92, 0.2f)};
     b.i = {std::vector<int32_t>(r), std::vector<int32_t>(r), std::vector<int32_t>(r), std::vector<int32_t>(n * topk),
            std::vector<int32_t>(n * topk)};
     b.l = {std::vector<int64_t>(e + 1), std::vector<int64_t>(n + 1)};
-    b.d = {std::vector<double>(e), std::vector<double>(e), std::vector<double>(kRouterStatistics)};
+    b.d = {std::vector<double>(e), std::vector<double>(e), std::vector<double>(kRouterStatistics),
+           std::vector<double>(s.batch * e)};
     conform(std::string("route, router_statistics, router_backward: ") + k.name, b, [&](Backend& be, const Ptrs& p) {
-      const RoutingState st{p.i[0], p.i[1], p.f[2], p.l[0], p.l[1], p.i[2], p.i[3], p.f[3], p.i[4], p.f[4], p.d[0], p.d[1]};
+      const RoutingState st{p.i[0], p.i[1], p.f[2], p.l[0], p.l[1], p.i[2], p.i[3], p.f[3], p.i[4], p.f[4], p.d[0],
+                            p.d[1], p.d[3], k.selection_bias ? p.f[7] : nullptr};
       be.route(s, p.f[0], p.f[1], st);
       be.router_statistics(s, p.f[0], p.f[1], st, p.d[2]);
-      be.router_backward(s, p.f[6], p.f[1], p.f[5], st, 0.01f, 0.001f);
+      be.router_backward(s, p.f[6], p.f[0], p.f[1], p.f[5], st, {0.01f, 0.02f, 0.001f});
     });
   }
 }

@@ -36,6 +36,7 @@ Fixture load_fixture(const std::string& file) {
       "train.adam_eps=" + num(t["eps"]), "train.weight_decay=" + num(t["weight_decay"]),
       "train.grad_clip=" + num(t["grad_clip"]), "train.schedule=" + t["schedule"].get<std::string>(),
       "train.threads=2"};
+  if (c.contains("qk_norm")) overrides.push_back("model.qk_norm=" + b(c["qk_norm"]));
   if (c.contains("moe")) {
     const json& m = c["moe"];
     const int64_t expansion = m.value("expansion", 0), g = m["granularity"].get<int64_t>();
@@ -52,6 +53,12 @@ Fixture load_fixture(const std::string& file) {
     overrides.push_back("moe.router=" + m["router"].get<std::string>());
     overrides.push_back("moe.renormalize=" + b(m["renormalize"]));
     overrides.push_back("moe.expert_grad_scale=" + b(m["expert_grad_scale"]));
+    // The newer keys, present only in the fixtures that use them.
+    for (const std::string key : {"first_dense", "gate_scale", "bias_update_rate", "seq_aux_loss_weight",
+                                  "router_jitter"})
+      if (m.contains(key)) overrides.push_back("moe." + key + "=" + num(m[key]));
+    for (const std::string key : {"score", "balance"})
+      if (m.contains(key)) overrides.push_back("moe." + key + "=" + m[key].get<std::string>());
   }
   f.config = config_from_string("", overrides);
   return f;
@@ -102,6 +109,14 @@ TEST_P(FixtureTest, ForwardBackwardAndTenAdamWStepsMatchPyTorch) {
   Trainer trainer(f.config, *be);
   Transformer& model = trainer.model();
   load_params(model, f.j["params"]);
+  if (f.j.contains("router_bias")) {  // bias balancing, frozen (bias_update_rate 0) for the fixture
+    std::map<int64_t, std::vector<float>> biases;
+    for (const auto& [layer, values] : f.j["router_bias"].items()) {
+      const auto v = values.get<std::vector<double>>();
+      biases[std::stoll(layer)] = std::vector<float>(v.begin(), v.end());
+    }
+    model.set_router_biases(biases);
+  }
   const int64_t B = f.config.train.batch_size;
 
   // Single pass on batch 0.
@@ -156,7 +171,8 @@ TEST_P(FixtureTest, ForwardBackwardAndTenAdamWStepsMatchPyTorch) {
 INSTANTIATE_TEST_SUITE_P(PyTorch, FixtureTest,
                          ::testing::Values("dense_gelu_ln_learned.json", "dense_swiglu_rms_rope.json",
                                            "dense_gelu_ln_sin_untied.json", "moe_token_top2_capacity.json",
-                                           "moe_expert_choice.json", "moe_fine_grained.json"),
+                                           "moe_expert_choice.json", "moe_fine_grained.json",
+                                           "moe_sigmoid_bias_qknorm.json"),
                          [](const ::testing::TestParamInfo<const char*>& info) {
                            std::string n = info.param;
                            return n.substr(0, n.find('.'));

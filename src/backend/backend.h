@@ -55,6 +55,10 @@ struct RouterShape {
   // each position group (the batch's tokens at one position).
   int64_t capacity = 0;
   bool renormalize = false;   // token choice: the k gate weights renormalised to sum to 1
+  // Sigmoid scores (DeepSeek-V3) instead of a softmax: scores s = sigmoid(logits), and the token-choice gate weights
+  // are the chosen scores normalised to sum 1 whatever `renormalize` says.
+  bool sigmoid = false;
+  float gate_scale = 1.f;     // multiplies every gate weight
   int64_t tokens() const { return batch * seq; }
   // Upper bound on dispatched rows R, for sizing buffers once.
   int64_t max_rows() const { return expert_choice ? experts * capacity * seq : tokens() * top_k; }
@@ -75,7 +79,20 @@ struct RoutingState {
   int32_t* topk_row = nullptr;         // (N, K)
   float* lse = nullptr;                // (N) logsumexp of the logits, for the z-loss
   double* assigned_fraction = nullptr; // (E) f_e: share of top-k choices (before dropping) going to expert e
-  double* mean_prob = nullptr;         // (E) P_e: mean router probability of expert e
+  // (E) P_e: the mean over tokens of the router probabilities p (the softmax, or the sigmoid scores normalised to
+  // sum 1 per token), which the balancing losses use.
+  double* mean_prob = nullptr;
+  double* seq_fraction = nullptr;      // (B, E) token choice: f_e within each sequence (the sequence-level loss)
+  // Input, may be null: (E) a bias added to the scores for the top-k choice only, never to the gate weights
+  // (auxiliary-loss-free balancing; token choice).
+  const float* selection_bias = nullptr;
+};
+
+// The weights of the router's auxiliary losses in Backend::router_backward, each already times the loss scale.
+struct RouterLossScales {
+  float aux = 0;      // d/dp of aux * E sum_e f_e P_e (token choice)
+  float seq_aux = 0;  // of the sequence-level loss: mean over sequences of E sum_e f_be P_be
+  float z = 0;        // of the z-loss mean_i lse_i^2: scale * weight * 2 / N (the kernel multiplies by lse_i)
 };
 
 // What Backend::router_statistics writes (doubles, in this order).
@@ -83,7 +100,8 @@ enum RouterStatistic : int {
   kRouterEntropy = 0,  // mean over tokens of -sum_e p log p (nats)
   kRouterZLoss = 1,    // mean logsumexp(logits)^2
   kRouterAuxLoss = 2,  // E * sum_e f_e P_e (token choice; 1 when perfectly balanced), else 0
-  kRouterStatistics = 3
+  kRouterSeqAuxLoss = 3,  // mean over sequences of E * sum_e f_be P_be (token choice), else 0
+  kRouterStatistics = 4
 };
 
 class Backend {
@@ -218,21 +236,27 @@ class Backend {
   }
 
   // ---- MoE routing (backend/cpu/routing.cpp on the CPU) -------------------------------------------------------
-  // probs (N, E) = softmax(logits) (fp32 with a double accumulator) and lse; then the routing decision. Token choice:
-  // each token's top k (highest probability first, the lower expert index first among equals), capacity applied in
-  // (choice rank, token) order so first choices win over second choices (GShard), gate weights the selected
-  // probabilities (renormalised over the k selected when asked, dropped ones included). Expert choice: expert e
-  // takes, among the B tokens of each position, the `capacity` with the highest probability (causal). Then the
-  // dispatch order (counting sorts by expert, then token: deterministic), expert and token offsets.
+  // probs (N, E) = the scores: softmax(logits) (fp32 with a double accumulator), or sigmoid(logits) (shape.sigmoid);
+  // lse = logsumexp(logits) either way; then the routing decision. Token choice: each token's top k by score plus
+  // the selection bias when given (highest first, the lower expert index first among equals), capacity applied in
+  // (choice rank, token) order so first choices win over second choices (GShard), gate weights the selected scores
+  // (renormalised over the k selected when asked or with sigmoid scores, dropped ones included) times gate_scale;
+  // the choice fractions f_e, per sequence too, and the mean probabilities P_e. Expert choice: expert e takes,
+  // among the B tokens of each position, the `capacity` with the highest score (causal), weight score * gate_scale.
+  // Then the dispatch order (counting sorts by expert, then token: deterministic), expert and token offsets.
   virtual void route(const RouterShape& shape, const float* logits, float* probs, const RoutingState& state) = 0;
-  // out (kRouterStatistics doubles, backend memory): entropy, z-loss and auxiliary loss of the last route().
+  // out (kRouterStatistics doubles, backend memory): entropy, z-loss and the auxiliary losses of the last route().
   virtual void router_statistics(const RouterShape& shape, const float* logits, const float* probs,
                                  const RoutingState& state, double* out) = 0;
-  // dlogits (N, E) = the router's gradient: from the gate weights' gradient dweight (R) through the selection (and
-  // the renormalisation) and the softmax, plus aux_scale * d aux / d probs (token choice, when aux_scale != 0) and
-  // z_scale * lse * p (the z-loss's, z_scale = scale * weight * 2 / N). Overwrites dlogits.
-  virtual void router_backward(const RouterShape& shape, float* dlogits, const float* probs, const float* dweight,
-                               const RoutingState& state, float aux_scale, float z_scale) = 0;
+  // dlogits (N, E) = the router's gradient: from the gate weights' gradient dweight (R) through the gate scale, the
+  // selection (and the renormalisation) and the scores (softmax or sigmoid), plus the auxiliary losses' through
+  // P_e (scales.aux, scales.seq_aux: token choice) and the z-loss's, scales.z * lse * softmax(logits). Overwrites
+  // dlogits.
+  virtual void router_backward(const RouterShape& shape, float* dlogits, const float* logits, const float* probs,
+                               const float* dweight, const RoutingState& state, const RouterLossScales& scales) = 0;
+  // out = in * (1 + eps * (2 u - 1)) elementwise, u in [0, 1) a hash of (seed, index): the same noise on every
+  // backend, so a backward can apply it again (router jitter; out may be in).
+  virtual void jitter(float* out, const float* in, int64_t n, uint64_t seed, float eps) = 0;
 
   // ---- reductions -----------------------------------------------------------------------------------------
   // dbias[c] += sum_r dout[r, c]
@@ -248,6 +272,15 @@ class Backend {
                                int64_t cols, float eps) = 0;
   virtual void rmsnorm_backward(float* din, float* dweight, const float* dout, const float* in, const float* weight,
                                 const float* rstd, int64_t rows, int64_t cols) = 0;
+  // Per-head RMSNorm in place (QK-norm): x holds `rows` rows `row_stride` apart, each starting with `heads` vectors
+  // of head_dim; every vector v becomes v * rsqrt(mean(v^2) + eps) * weight (head_dim, shared by the heads). saved
+  // (rows, heads * head_dim) receives the input and rstd (rows * heads) the reciprocal norms, for the backward.
+  virtual void head_rmsnorm_forward(float* x, float* saved, float* rstd, const float* weight, int64_t rows,
+                                    int64_t row_stride, int64_t heads, int64_t head_dim, float eps) = 0;
+  // dx, laid out like x, holds the output's gradient and receives the input's (in place); dweight += the weight's.
+  virtual void head_rmsnorm_backward(float* dx, float* dweight, const float* saved, const float* weight,
+                                     const float* rstd, int64_t rows, int64_t row_stride, int64_t heads,
+                                     int64_t head_dim) = 0;
   // Scaled causal softmax over `count` (T x T) score matrices, in place: row t keeps columns <= t, zeros the rest.
   virtual void causal_softmax_forward(float* scores, float scale, int64_t count, int64_t seq) = 0;
   // dscores = scale * P * (dP - rowsum(dP * P)), written over dprobs.

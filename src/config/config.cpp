@@ -60,6 +60,9 @@ const EnumNames<NormKind> kNormNames{{{NormKind::LayerNorm, "layernorm"}, {NormK
 const EnumNames<PosKind> kPosNames{
     {{PosKind::Learned, "learned"}, {PosKind::Sinusoidal, "sinusoidal"}, {PosKind::Rope, "rope"}}};
 const EnumNames<FfnKind> kFfnNames{{{FfnKind::Gelu, "gelu"}, {FfnKind::SwiGLU, "swiglu"}}};
+const EnumNames<ScoreKind> kScoreNames{{{ScoreKind::Softmax, "softmax"}, {ScoreKind::Sigmoid, "sigmoid"}}};
+const EnumNames<BalanceKind> kBalanceNames{
+    {{BalanceKind::AuxLoss, "aux_loss"}, {BalanceKind::Bias, "bias"}, {BalanceKind::None, "none"}}};
 const EnumNames<RouterKind> kRouterNames{
     {{RouterKind::TokenChoice, "token_choice"}, {RouterKind::ExpertChoice, "expert_choice"}}};
 const EnumNames<Precision> kPrecisionNames{{{Precision::FP32, "fp32"}, {Precision::BF16, "bf16"}}};
@@ -125,6 +128,8 @@ const std::vector<KeyDef>& schema() {
                           "feed-forward activation"),
       bool_key("model.bias", [](Config& c) -> bool& { return c.model.bias; },
                "biases on linear layers and LayerNorm (fairseq style)"),
+      bool_key("model.qk_norm", [](Config& c) -> bool& { return c.model.qk_norm; },
+               "RMSNorm on each head's query and key (weights of head_dim, shared by the heads) before RoPE, as OLMoE"),
       bool_key("model.tied_embeddings", [](Config& c) -> bool& { return c.model.tied_embeddings; },
                "output head shares the token embedding matrix"),
       float_key("model.norm_eps", [](Config& c) -> double& { return c.model.norm_eps; }, 0, 1,
@@ -144,6 +149,8 @@ const std::vector<KeyDef>& schema() {
               "G: expert hidden size = d_ff / G (must divide d_ff)"),
       int_key("moe.every", [](Config& c) -> int64_t& { return c.model.moe.every; }, 1, 1024,
               "MoE in every n-th layer (layers i with (i+1) % n == 0); 2 = every other layer as in fairseq"),
+      int_key("moe.first_dense", [](Config& c) -> int64_t& { return c.model.moe.first_dense; }, 0, 1024,
+              "the first k blocks stay dense (DeepSeek); combines with moe.every"),
       int_key("moe.shared_experts", [](Config& c) -> int64_t& { return c.model.moe.shared_experts; }, 0, 1 << 16,
               "always-active experts of size d_ff/G per MoE layer"),
       choice_key<RouterKind>("moe.router", kRouterNames, [](Config& c) -> RouterKind& { return c.model.moe.router; },
@@ -153,10 +160,26 @@ const std::vector<KeyDef>& schema() {
                 "expert choice: each expert takes round(cf * group * k / experts) tokens per group (0 means 1)"),
       bool_key("moe.renormalize", [](Config& c) -> bool& { return c.model.moe.renormalize; },
                "token choice: renormalise the top-k gate weights to sum to 1"),
+      choice_key<ScoreKind>("moe.score", kScoreNames, [](Config& c) -> ScoreKind& { return c.model.moe.score; },
+                            "router scores: softmax over experts, or sigmoid per expert (DeepSeek-V3; the chosen "
+                            "scores are normalised to sum 1 for the gate weights)"),
+      float_key("moe.gate_scale", [](Config& c) -> double& { return c.model.moe.gate_scale; }, 0, 1e3,
+                "multiplies the gate weights (DeepSeek-V3's routed scaling factor)"),
+      choice_key<BalanceKind>("moe.balance", kBalanceNames,
+                              [](Config& c) -> BalanceKind& { return c.model.moe.balance; },
+                              "load balancing: the auxiliary loss (aux_loss_weight), a per-expert selection bias "
+                              "updated after each step (auxiliary-loss-free; the aux loss is then off), or none"),
+      float_key("moe.bias_update_rate", [](Config& c) -> double& { return c.model.moe.bias_update_rate; }, 0, 1e3,
+                "balance = \"bias\": b_e += rate * sign(mean load - load_e) after each optimizer step"),
       float_key("moe.aux_loss_weight", [](Config& c) -> double& { return c.model.moe.aux_loss_weight; }, 0, 1e3,
                 "weight of the load-balancing loss E * sum_e f_e P_e (token choice)"),
       float_key("moe.z_loss_weight", [](Config& c) -> double& { return c.model.moe.z_loss_weight; }, 0, 1e3,
                 "weight of the router z-loss mean(logsumexp(logits)^2)"),
+      float_key("moe.seq_aux_loss_weight", [](Config& c) -> double& { return c.model.moe.seq_aux_loss_weight; }, 0,
+                1e3, "weight of DeepSeek-V3's sequence-level balancing loss (the aux loss within each sequence, "
+                "averaged over sequences; token choice)"),
+      float_key("moe.router_jitter", [](Config& c) -> double& { return c.model.moe.router_jitter; }, 0, 0.999,
+                "training only: the router input times uniform noise in [1 - eps, 1 + eps] (Switch Transformer)"),
       bool_key("moe.expert_grad_scale", [](Config& c) -> bool& { return c.model.moe.expert_grad_scale; },
                "scale expert gradients by 1/sqrt(routed experts), as fairseq does"),
       // [train]
@@ -438,6 +461,19 @@ void validate(const Config& c) {
     if (moe.every > m.n_layers)
       throw Error("moe.every = " + std::to_string(moe.every) + " exceeds model.n_layers = " +
                   std::to_string(m.n_layers) + ": no layer would be MoE");
+    int64_t moe_layers = 0;
+    for (int64_t i = 0; i < m.n_layers; ++i) moe_layers += moe.is_moe_layer(i);
+    if (moe_layers == 0)
+      throw Error("moe.first_dense = " + std::to_string(moe.first_dense) + " with moe.every = " +
+                  std::to_string(moe.every) + " leaves no MoE layer among model.n_layers = " +
+                  std::to_string(m.n_layers) + "; lower moe.first_dense");
+    const bool expert_choice = moe.router == RouterKind::ExpertChoice;
+    if (expert_choice && moe.balance == BalanceKind::Bias)
+      throw Error("moe.balance = \"bias\" needs moe.router = \"token_choice\": expert choice is balanced by "
+                  "construction; set moe.balance = \"none\"");
+    if (expert_choice && moe.seq_aux_loss_weight > 0)
+      throw Error("moe.seq_aux_loss_weight applies to token choice only; set it to 0 with moe.router = "
+                  "\"expert_choice\"");
   }
   if (c.train.min_lr > c.train.lr)
     throw Error("train.min_lr = " + format_double(c.train.min_lr) + " exceeds train.lr = " +
@@ -537,5 +573,7 @@ std::string to_string(FfnKind k) { return kFfnNames.of(k); }
 std::string to_string(ScheduleKind k) { return kScheduleNames.of(k); }
 std::string to_string(Precision k) { return kPrecisionNames.of(k); }
 std::string to_string(RouterKind k) { return kRouterNames.of(k); }
+std::string to_string(ScoreKind k) { return kScoreNames.of(k); }
+std::string to_string(BalanceKind k) { return kBalanceNames.of(k); }
 
 }  // namespace moelab

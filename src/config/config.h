@@ -26,19 +26,28 @@ struct MoeConfig {
   int64_t top_k = 2;
   int64_t granularity = 1;    // G = d_ff / d_expert
   int64_t every = 1;          // MoE in layers i with (i + 1) % every == 0 (2 = every other layer, fairseq)
+  int64_t first_dense = 0;    // the first k blocks stay dense (DeepSeek)
   int64_t shared_experts = 0; // always-active experts of size d_ff / G, added to the routed output
   RouterKind router = RouterKind::TokenChoice;
+  ScoreKind score = ScoreKind::Softmax;  // sigmoid: gate weights are the chosen scores normalised to sum 1
+  double gate_scale = 1.0;               // multiplies the gate weights
+  BalanceKind balance = BalanceKind::AuxLoss;
+  double bias_update_rate = 1e-3;        // balance = bias: b_e += rate * sign(mean load - load_e) per step
   double capacity_factor = 0.0;  // token choice: 0 = dropless; expert choice: capacity multiplier (> 0)
   bool renormalize = false;      // token choice: renormalise the k selected weights to sum to 1
-  double aux_loss_weight = 0.01; // load balancing (Switch form), token choice only
+  double aux_loss_weight = 0.01; // load balancing (Switch form), token choice only, balance = aux_loss
+  double seq_aux_loss_weight = 0.0; // the same loss within each sequence (DeepSeek-V3), averaged over sequences
   double z_loss_weight = 0.0;    // router z-loss
+  double router_jitter = 0.0;    // training: router input times U(1 - eps, 1 + eps) (Switch)
   bool expert_grad_scale = false; // scale expert gradients by 1/sqrt(routed experts) (fairseq)
 
   double capacity_factor_or_one() const { return capacity_factor > 0 ? capacity_factor : 1.0; }
   bool enabled() const { return experts > 0 || expansion > 0; }
   int64_t routed_experts() const { return expansion > 0 ? expansion * granularity : experts; }
   int64_t active_experts() const { return expansion > 0 ? top_k * granularity : top_k; }
-  bool is_moe_layer(int64_t layer) const { return enabled() && (layer + 1) % every == 0; }
+  bool is_moe_layer(int64_t layer) const { return enabled() && layer >= first_dense && (layer + 1) % every == 0; }
+  // The Switch auxiliary loss's weight as applied: aux_loss_weight when balance = aux_loss, else 0.
+  double applied_aux_loss_weight() const { return balance == BalanceKind::AuxLoss ? aux_loss_weight : 0.0; }
   // Sparsity S = (E_total - K) / E_total: the share of routed experts a token does not use.
   double sparsity() const {
     return enabled() ? static_cast<double>(routed_experts() - active_experts()) / routed_experts() : 0.0;
@@ -57,6 +66,7 @@ struct ModelConfig {
   FfnKind ffn = FfnKind::Gelu;
   bool bias = false;
   bool tied_embeddings = true;
+  bool qk_norm = false;  // RMSNorm on each head's q and k before RoPE
   double norm_eps = 1e-5;
   double rope_theta = 10000.0;
   double init_std = 0.02;
@@ -143,6 +153,8 @@ std::string to_string(PosKind k);
 std::string to_string(FfnKind k);
 std::string to_string(ScheduleKind k);
 std::string to_string(RouterKind k);
+std::string to_string(ScoreKind k);
+std::string to_string(BalanceKind k);
 std::string to_string(Precision k);
 
 }  // namespace moelab

@@ -164,6 +164,7 @@ FinetuneResult finetune_on_task(const std::string& checkpoint, const Task& task,
   state.step = trainer.steps_done();
   state.adam_step = trainer.optimizer().steps_taken();
   state.data_rng = trainer.data_rng().state();
+  state.router_bias = trainer.model().router_biases();
   save_checkpoint(result.checkpoint_dir, saved, ParamLayout(saved.model), *backend, trainer.model().params(),
                   trainer.optimizer().first_moment(), trainer.optimizer().second_moment(), state);
   write_file_atomic((out / "config.toml").string(), to_toml(saved));

@@ -57,7 +57,8 @@ LoadedModel load_model(const std::string& checkpoint, int threads, int64_t batch
   lm.backend = make_backend(lm.config.train.backend, threads);
   lm.model = std::make_unique<Transformer>(lm.config.model, *lm.backend, batch);
   lm.batch = batch;
-  load_checkpoint(dir, lm.model->layout(), *lm.backend, lm.model->params(), nullptr, nullptr);
+  lm.model->set_router_biases(
+      load_checkpoint(dir, lm.model->layout(), *lm.backend, lm.model->params(), nullptr, nullptr).router_bias);
   return lm;
 }
 

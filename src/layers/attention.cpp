@@ -60,6 +60,26 @@ void attention_backward(Backend& be, const AttentionShape& s, Tensor dqkv, Tenso
   if (s.rope) be.rope(dqkv.data, B, T, 3 * C, 2 * H, hd, s.rope_theta, /*inverse=*/true, 0);
 }
 
+// q and k of token n are the 2H head vectors at n * 3C; the saved copies are q's (N, C) block, then k's.
+void qk_norm_forward(Backend& be, Tensor qkv, Tensor saved, Tensor rstd, Tensor q_weight, Tensor k_weight,
+                     int64_t n_heads, float eps) {
+  const int64_t C3 = qkv.cols(), C = C3 / 3, N = qkv.numel() / C3, H = n_heads, hd = C / H;
+  MOELAB_CHECK(saved.numel() == 2 * N * C && rstd.numel() == 2 * N * H, "qk-norm buffers " + saved.shape.str());
+  expect_shape(q_weight, {hd}, "q_norm weight");
+  expect_shape(k_weight, {hd}, "k_norm weight");
+  be.head_rmsnorm_forward(qkv.data, saved.data, rstd.data, q_weight.data, N, C3, H, hd, eps);
+  be.head_rmsnorm_forward(qkv.data + C, saved.data + N * C, rstd.data + N * H, k_weight.data, N, C3, H, hd, eps);
+}
+
+void qk_norm_backward(Backend& be, Tensor dqkv, Tensor dq_weight, Tensor dk_weight, Tensor saved, Tensor rstd,
+                      Tensor q_weight, Tensor k_weight, int64_t n_heads) {
+  const int64_t C3 = dqkv.cols(), C = C3 / 3, N = dqkv.numel() / C3, H = n_heads, hd = C / H;
+  MOELAB_CHECK(saved.numel() == 2 * N * C && rstd.numel() == 2 * N * H, "qk-norm buffers " + saved.shape.str());
+  be.head_rmsnorm_backward(dqkv.data, dq_weight.data, saved.data, q_weight.data, rstd.data, N, C3, H, hd);
+  be.head_rmsnorm_backward(dqkv.data + C, dk_weight.data, saved.data + N * C, k_weight.data, rstd.data + N * H, N, C3,
+                           H, hd);
+}
+
 // The probabilities feed two products here and one in the backward, and the softmax's backward reads them; the
 // scores' gradient (dprobs after the softmax's backward) feeds the dq and dk products only.
 void attention_declare_uses(Backend& be, Tensor probs, Tensor dprobs) {

@@ -51,6 +51,13 @@ void attention_forward(Backend& be, const AttentionShape& s, Tensor out, Tensor 
 // dqkv (B, T, 3C) is overwritten; dprobs (B, H, T, T) is scratch.
 void attention_backward(Backend& be, const AttentionShape& s, Tensor dqkv, Tensor dprobs, Tensor dout, Tensor probs,
                         Tensor qkv);
+// QK-norm (OLMoE): RMSNorm over each head's query and key in qkv (B, T, 3C), in place, before RoPE; q_weight and
+// k_weight (hd) are shared by the heads. saved (B, T, 2C) keeps q and k before the norm, rstd (B, T, 2H) their 1/rms.
+void qk_norm_forward(Backend& be, Tensor qkv, Tensor saved, Tensor rstd, Tensor q_weight, Tensor k_weight,
+                     int64_t n_heads, float eps);
+// dqkv's q and k parts turn from the normed values' gradients into the inputs'; dq_weight, dk_weight += ...
+void qk_norm_backward(Backend& be, Tensor dqkv, Tensor dq_weight, Tensor dk_weight, Tensor saved, Tensor rstd,
+                      Tensor q_weight, Tensor k_weight, int64_t n_heads);
 // What reads the full-size probs and dprobs buffers (Backend::declare_use), said once by their owner.
 void attention_declare_uses(Backend& be, Tensor probs, Tensor dprobs);
 

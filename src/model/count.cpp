@@ -14,14 +14,19 @@ int64_t ffn_parameters(const ModelConfig& m, int64_t hidden) {
   return weights + biases;
 }
 
-int64_t moe_layer_count(const ModelConfig& m) { return m.moe.enabled() ? m.n_layers / m.moe.every : 0; }
+int64_t moe_layer_count(const ModelConfig& m) {
+  int64_t n = 0;
+  for (int64_t i = 0; i < m.n_layers; ++i) n += m.moe.is_moe_layer(i);
+  return n;
+}
 
 ParameterCounts count_parameters(const ModelConfig& m) {
   const int64_t C = m.d_model, V = m.vocab_size, T = m.seq_len, L = m.n_layers;
   // LayerNorm has a bias only when the model has biases (fairseq style); RMSNorm never has one.
   const int64_t norm = (m.norm == NormKind::LayerNorm && m.bias) ? 2 * C : C;
   const int64_t attention = 4 * C * C + (m.bias ? 4 * C : 0);  // qkv (3C, C) + out (C, C), biases 3C + C
-  const int64_t block_without_ffn = 2 * norm + attention;       // norm1, attention, norm2
+  const int64_t qk_norm = m.qk_norm ? 2 * m.head_dim() : 0;     // q and k norm weights
+  const int64_t block_without_ffn = 2 * norm + attention + qk_norm;  // norm1, attention, norm2
 
   ParameterCounts n;
   n.embedding = V * C + (m.pos == PosKind::Learned ? T * C : 0) + (m.tied_embeddings ? 0 : V * C);

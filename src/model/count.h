@@ -21,7 +21,7 @@ namespace moelab {
 // A routed expert is ffn_parameters(m, ModelPlan(m).expert_hidden); the dense FFN is ffn_parameters(m, d_ff).
 int64_t ffn_parameters(const ModelConfig& m, int64_t hidden);
 
-// Number of MoE layers: layers i with (i + 1) % every == 0, i.e. floor(n_layers / every); 0 for a dense model.
+// Number of MoE layers: layers i >= first_dense with (i + 1) % every == 0; 0 for a dense model.
 int64_t moe_layer_count(const ModelConfig& m);
 
 struct ParameterCounts {

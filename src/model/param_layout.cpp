@@ -22,6 +22,10 @@ ParamLayout::ParamLayout(const ModelConfig& m, int64_t expert_shards) {
     if (norm_bias) add(p + "norm1.bias", {C}, ParamKind::Bias, 0.f);
     add(p + "attn.qkv.weight", {3 * C, C}, ParamKind::Matrix, std);
     if (m.bias) add(p + "attn.qkv.bias", {3 * C}, ParamKind::Bias, 0.f);
+    if (m.qk_norm) {
+      add(p + "attn.q_norm.weight", {m.head_dim()}, ParamKind::NormWeight, 0.f);
+      add(p + "attn.k_norm.weight", {m.head_dim()}, ParamKind::NormWeight, 0.f);
+    }
     add(p + "attn.out.weight", {C, C}, ParamKind::Matrix, residual_std);
     if (m.bias) add(p + "attn.out.bias", {C}, ParamKind::Bias, 0.f);
     add(p + "norm2.weight", {C}, ParamKind::NormWeight, 0.f);

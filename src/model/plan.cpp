@@ -32,9 +32,14 @@ ModelPlan::ModelPlan(const ModelConfig& m, int64_t expert_shards) {
     d.router = m.moe.router;
     d.capacity_factor = m.moe.capacity_factor;
     d.renormalize = m.moe.renormalize;
+    d.score = m.moe.score;
+    d.gate_scale = static_cast<float>(m.moe.gate_scale);
     d.bias = m.bias;
-    d.aux_loss_weight = static_cast<float>(m.moe.aux_loss_weight);
+    d.balance_bias = m.moe.balance == BalanceKind::Bias;
+    d.aux_loss_weight = static_cast<float>(m.moe.applied_aux_loss_weight());
+    d.seq_aux_loss_weight = static_cast<float>(m.moe.seq_aux_loss_weight);
     d.z_loss_weight = static_cast<float>(m.moe.z_loss_weight);
+    d.router_jitter = static_cast<float>(m.moe.router_jitter);
     d.expert_grad_scale = m.moe.expert_grad_scale;
     d.expert_shards = expert_shards;
     if (expert_shards < 1 || d.experts % expert_shards != 0)

@@ -23,7 +23,8 @@ Transformer::ModelWeights Transformer::weight_views(float* base) const {
                         v(p + "ffn.fc1.weight"), v(p + "ffn.fc1.bias"), v(p + "ffn.fc2.weight"), v(p + "ffn.fc2.bias"),
                         {v(q + "router.weight"), v(q + "experts.fc1.weight"), v(q + "experts.fc1.bias"),
                          v(q + "experts.fc2.weight"), v(q + "experts.fc2.bias"), v(q + "shared.fc1.weight"),
-                         v(q + "shared.fc1.bias"), v(q + "shared.fc2.weight"), v(q + "shared.fc2.bias")}});
+                         v(q + "shared.fc1.bias"), v(q + "shared.fc2.weight"), v(q + "shared.fc2.bias")},
+                        v(p + "attn.q_norm.weight"), v(p + "attn.k_norm.weight")});
   }
   return w;
 }
@@ -49,7 +50,7 @@ MoeActivations Transformer::moe_activations(int64_t i) const {
   return {leading_rows(a.logits, n), leading_rows(a.probs, n),     leading_rows(a.x_sorted, r),
           leading_rows(a.pre, re),   leading_rows(a.act, re),      leading_rows(a.y_sorted, r),
           leading_rows(a.shared_pre, n), leading_rows(a.shared_act, n), leading_rows(a.x_local, re),
-          leading_rows(a.y_local, re)};
+          leading_rows(a.y_local, re), leading_rows(a.router_in, n)};
 }
 
 MoeScratch Transformer::moe_scratch(int64_t i) const {
@@ -59,10 +60,23 @@ MoeScratch Transformer::moe_scratch(int64_t i) const {
   return {leading_rows(s.d_x_sorted, r),   leading_rows(s.d_pre, re),       leading_rows(s.d_act, re),
           leading_rows(s.d_y_sorted, r),   Tensor(s.d_weight.data, {r}),    leading_rows(s.d_logits, n),
           leading_rows(s.d_shared_pre, n), leading_rows(s.d_shared_act, n), Tensor(s.ones.data, {re}),
-          leading_rows(s.d_x_local, re),   leading_rows(s.d_y_local, re)};
+          leading_rows(s.d_x_local, re),   leading_rows(s.d_y_local, re),   leading_rows(s.d_router_in, n)};
 }
 
-MoeDims Transformer::moe_dims(int64_t i) const { return plan_.moe_dims(i, batch_, seq_); }
+// Mixes a seed with a counter (splitmix64's finaliser): independent streams per layer and per forward.
+static uint64_t mix_seed(uint64_t seed, uint64_t n) {
+  uint64_t z = seed + (n + 1) * 0x9e3779b97f4a7c15ULL;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  z ^= z >> 31;
+  return z | 1;  // never 0, which means no noise
+}
+
+MoeDims Transformer::moe_dims(int64_t i) const {
+  MoeDims d = plan_.moe_dims(i, batch_, seq_);
+  if (forward_noise_ != 0 && d.router_jitter > 0) d.jitter_seed = mix_seed(forward_noise_, static_cast<uint64_t>(i));
+  return d;
+}
 
 Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t max_batch, Communicator* expert_group)
     : config_(config),
@@ -88,6 +102,10 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
     acts_.reserve(p + "ln1_mean", {B, T});
     acts_.reserve(p + "ln1_rstd", {B, T});
     acts_.reserve(p + "qkv", {B, T, 3 * C});
+    if (config.qk_norm) {
+      acts_.reserve(p + "qk_saved", {B, T, 2 * C});
+      acts_.reserve(p + "qk_rstd", {B, T, 2 * H});
+    }
     acts_.reserve(p + "probs", {B, H, T, T});
     acts_.reserve(p + "atty", {B, T, C});
     acts_.reserve(p + "res_att", {B, T, C});
@@ -99,6 +117,7 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
       const int64_t R = d.max_rows(), Re = d.max_expert_rows();
       acts_.reserve(p + "moe_logits", {B * T, d.experts});
       acts_.reserve(p + "moe_probs", {B * T, d.experts});
+      if (d.router_jitter > 0) acts_.reserve(p + "moe_router_in", {B * T, C});
       acts_.reserve(p + "moe_x_sorted", {R, C});
       acts_.reserve(p + "moe_pre", {Re, d.fc1_rows()});
       acts_.reserve(p + "moe_act", {Re, d.expert_hidden});
@@ -119,6 +138,8 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
   }
   routing_.resize(config.n_layers);
   moe_stats_.resize(config.n_layers);
+  router_bias_.resize(config.n_layers);
+  balance_load_.resize(config.n_layers);
   expert_sq_offset_.assign(config.n_layers, -1);
   if (plan_.moe_blocks() > 0) {
     int64_t first = 0;
@@ -128,6 +149,10 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
     for (int64_t i = 0; i < config.n_layers; ++i)
       if (plan_.blocks[i].moe) {
         routing_[i].reserve(backend_, plan_.moe_dims(i, B, T));
+        if (d.balance_bias) {  // starts at zero (the backend's memory is zeroed)
+          router_bias_[i].assign(d.experts, 0.f);
+          balance_load_[i].assign(d.experts, 0.0);
+        }
         if (expert_group) exchanges_.emplace(i, std::make_unique<ExpertExchange>(*expert_group, d.experts));
       }
     acts_.reserve("d_moe_x_sorted", {R, C});
@@ -136,6 +161,7 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
     acts_.reserve("d_moe_y_sorted", {R, C});
     acts_.reserve("d_moe_weight", {R});
     acts_.reserve("d_moe_logits", {B * T, d.experts});
+    if (d.router_jitter > 0) acts_.reserve("d_moe_router_in", {B * T, C});
     acts_.reserve("moe_ones", {Re});
     if (d.expert_shards > 1) {
       acts_.reserve("d_moe_x_local", {Re, C});
@@ -186,14 +212,16 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
                        slot(p + "ln2_rstd"), slot(p + "fc_pre"), slot(p + "fc_act"), slot(p + "res_ffn"),
                        {slot(p + "moe_logits"), slot(p + "moe_probs"), slot(p + "moe_x_sorted"), slot(p + "moe_pre"),
                         slot(p + "moe_act"), slot(p + "moe_y_sorted"), slot(p + "moe_shared_pre"),
-                        slot(p + "moe_shared_act"), slot(p + "moe_x_local"), slot(p + "moe_y_local")}});
+                        slot(p + "moe_shared_act"), slot(p + "moe_x_local"), slot(p + "moe_y_local"),
+                        slot(p + "moe_router_in")},
+                       slot(p + "qk_saved"), slot(p + "qk_rstd")});
   }
   buffers_ = {slot("embed"),   slot("lnf"),      slot("lnf_mean"), slot("lnf_rstd"), slot("logits"),
               slot("losses"),  slot("d_res"),    slot("d_ln"),     slot("d_qkv"),    slot("d_probs"),
               slot("d_atty"),  slot("d_fc_pre"), slot("d_fc_act"), slot("sinusoidal"),
               {slot("d_moe_x_sorted"), slot("d_moe_pre"), slot("d_moe_act"), slot("d_moe_y_sorted"),
                slot("d_moe_weight"), slot("d_moe_logits"), slot("d_moe_shared_pre"), slot("d_moe_shared_act"),
-               slot("moe_ones"), slot("d_moe_x_local"), slot("d_moe_y_local")}};
+               slot("moe_ones"), slot("d_moe_x_local"), slot("d_moe_y_local"), slot("d_moe_router_in")}};
   declare_buffer_uses();
 }
 
@@ -300,6 +328,11 @@ double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64
   seq_ = m.seq_len;
   decode_position_ = -1;  // the activations no longer hold a decode window
   backward_scale_ = backward_scale;
+  forward_noise_ = 0;
+  if (backward_scale != 0.f) {  // a training forward: this one's noise, and the seed moves on
+    forward_noise_ = mix_seed(noise_seed_, 0);
+    noise_seed_ = mix_seed(noise_seed_, 1);
+  }
   aux_loss_ = 0.0;
   const int64_t T = m.seq_len, V = m.vocab_size;
   for (int64_t i = 0; i < batch * T; ++i)
@@ -344,6 +377,7 @@ void Transformer::decode(int32_t token) {
                 ")");
   batch_ = 1;
   seq_ = 1;
+  forward_noise_ = 0;
   aux_loss_ = 0.0;
   backend_.upload(tokens_.data(), &token, 1);
   forward_window(decode_position_);
@@ -384,6 +418,9 @@ void Transformer::block_forward(int64_t i, Tensor residual, int64_t first_positi
   Tensor ln1 = window(blocks_[i].ln1), qkv = window(blocks_[i].qkv), atty = window(blocks_[i].atty), res_att = window(blocks_[i].res_att);
   norm_forward(be, m.norm, ln1, window(blocks_[i].ln1_mean), window(blocks_[i].ln1_rstd), residual, w.norm1_w, w.norm1_b, eps);
   linear_forward(be, qkv, ln1, w.qkv_w, w.qkv_b);
+  if (m.qk_norm)
+    qk_norm_forward(be, qkv, window(blocks_[i].qk_saved), window(blocks_[i].qk_rstd), w.q_norm_w, w.k_norm_w, m.n_heads,
+                    eps);
   if (decode_position_ < 0) {
     const AttentionShape attn{batch_, seq_, m.d_model, m.n_heads, m.pos == PosKind::Rope,
                               static_cast<float>(m.rope_theta)};
@@ -402,7 +439,9 @@ void Transformer::block_forward(int64_t i, Tensor residual, int64_t first_positi
     const Shape flat{d.tokens(), m.d_model};
     moe_forward(be, d, res_ffn.reshaped(flat), ln2.reshaped(flat), weights_.blocks[i].moe, moe_activations(i),
                 routing_[i], moe_stats_[i], exchange(i));
-    aux_loss_ += d.aux_loss_weight * moe_stats_[i].aux_loss + d.z_loss_weight * moe_stats_[i].z_loss;
+    aux_loss_ += moe_stats_[i].weighted_aux(d);
+    if (backward_scale_ != 0.f && !balance_load_[i].empty())  // a training forward's choices count for the update
+      for (int64_t e = 0; e < d.experts; ++e) balance_load_[i][e] += moe_stats_[i].assigned[e];
   } else {
     mlp_forward(be, m.ffn, res_ffn, window(blocks_[i].fc_pre), window(blocks_[i].fc_act), ln2, w.fc1_w, w.fc1_b, w.fc2_w,
                 w.fc2_b);
@@ -476,6 +515,9 @@ void Transformer::backward() {
     Tensor d_atty = window(buffers_.d_atty), d_qkv = window(buffers_.d_qkv);
     linear_backward(be, d_atty, g.out_w, g.out_b, d_res, window(blocks_[i].atty), w.out_w, /*accumulate_din=*/false, acc);
     attention_backward(be, attn, d_qkv, window(buffers_.d_probs), d_atty, window(blocks_[i].probs), window(blocks_[i].qkv));
+    if (m.qk_norm)
+      qk_norm_backward(be, d_qkv, g.q_norm_w, g.k_norm_w, window(blocks_[i].qk_saved), window(blocks_[i].qk_rstd),
+                       w.q_norm_w, w.k_norm_w, m.n_heads);
     linear_backward(be, d_ln, g.qkv_w, g.qkv_b, d_qkv, window(blocks_[i].ln1), w.qkv_w, /*accumulate_din=*/false, acc);
     norm_backward(be, m.norm, d_res, g.norm1_w, g.norm1_b, d_ln, layer_in, w.norm1_w, window(blocks_[i].ln1_mean),
                   window(blocks_[i].ln1_rstd));
@@ -507,6 +549,56 @@ double Transformer::grad_sum_squares() {
       }
     }
   return total + backend_.sum_squares(grads_ + run, layout_.total() - run);
+}
+
+}  // namespace moelab
+
+namespace moelab {
+
+std::map<int64_t, std::vector<float>> Transformer::router_biases() const {
+  std::map<int64_t, std::vector<float>> out;
+  for (int64_t i = 0; i < config_.n_layers; ++i)
+    if (!router_bias_[i].empty()) out[i] = router_bias_[i];
+  return out;
+}
+
+void Transformer::set_router_biases(const std::map<int64_t, std::vector<float>>& biases) {
+  for (const auto& [layer, values] : biases)
+    if (layer < 0 || layer >= config_.n_layers || router_bias_[layer].empty())
+      throw Error("router selection biases for layer " + std::to_string(layer) +
+                  ", which has no bias balancing in this model (moe.balance = \"bias\" on MoE layers only)");
+  for (int64_t i = 0; i < config_.n_layers; ++i) {
+    if (router_bias_[i].empty()) continue;
+    const auto it = biases.find(i);
+    if (it == biases.end())
+      throw Error("no router selection biases for MoE layer " + std::to_string(i) + " (moe.balance = \"bias\")");
+    if (it->second.size() != router_bias_[i].size())
+      throw Error("router selection biases of layer " + std::to_string(i) + " hold " +
+                  std::to_string(it->second.size()) + " values for " + std::to_string(router_bias_[i].size()) +
+                  " experts");
+    router_bias_[i] = it->second;
+    backend_.upload(routing_[i].selection_bias.data(), router_bias_[i].data(),
+                    static_cast<int64_t>(router_bias_[i].size()));
+  }
+}
+
+void Transformer::update_router_biases(Communicator* comm) {
+  const double rate = config_.moe.bias_update_rate;
+  for (int64_t i = 0; i < config_.n_layers; ++i) {
+    std::vector<double>& load = balance_load_[i];
+    if (load.empty()) continue;
+    if (comm && comm->size() > 1) comm->allreduce_sum(load.data(), static_cast<int64_t>(load.size()));
+    double mean = 0;
+    for (double l : load) mean += l;
+    mean /= static_cast<double>(load.size());
+    std::vector<float>& b = router_bias_[i];
+    for (size_t e = 0; e < b.size(); ++e) {
+      const double gap = mean - load[e];
+      b[e] = static_cast<float>(b[e] + rate * (gap > 0 ? 1.0 : gap < 0 ? -1.0 : 0.0));
+    }
+    backend_.upload(routing_[i].selection_bias.data(), b.data(), static_cast<int64_t>(b.size()));
+    std::fill(load.begin(), load.end(), 0.0);
+  }
 }
 
 }  // namespace moelab

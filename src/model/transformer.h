@@ -93,8 +93,23 @@ class Transformer {
   // of backend memory; download_logits() brings them to the host.
   Tensor logits() const;
   std::vector<float> download_logits();
-  // Weighted auxiliary loss of the last forward: sum over MoE layers of aux_weight * aux + z_weight * z.
+  // Weighted auxiliary loss of the last forward: sum over MoE layers of MoeStats::weighted_aux.
   double last_aux_loss() const { return aux_loss_; }
+
+  // Router jitter (moe.router_jitter): the next training forward (backward_scale != 0) draws its noise from this
+  // seed (each MoE layer from the seed and its index); every training forward then moves the seed on. The trainer
+  // sets it per micro-batch from train.seed and the step, so a resumed run draws the same noise.
+  void set_noise_seed(uint64_t seed) { noise_seed_ = seed; }
+
+  // Auxiliary-loss-free balancing (moe.balance = "bias"): each MoE layer's selection biases (E), by layer index.
+  // They are training state, not parameters: no gradient, no weight decay; checkpoints keep them.
+  std::map<int64_t, std::vector<float>> router_biases() const;
+  // Throws moelab::Error naming the layer when one is missing, extra or of the wrong size.
+  void set_router_biases(const std::map<int64_t, std::vector<float>>& biases);
+  // After an optimizer step: b_e += rate * sign(mean load - load_e), the loads being the router's top-k choices per
+  // expert over the training forwards since the last update, summed over the ranks of `comm` (may be null). Starts
+  // the next step's counts afresh. Nothing without bias balancing.
+  void update_router_biases(Communicator* comm);
   // Router statistics of the last forward, one entry per layer (empty tokens_per_expert for dense layers).
   const std::vector<MoeStats>& moe_stats() const { return moe_stats_; }
   int64_t last_batch() const { return batch_; }
@@ -106,6 +121,7 @@ class Transformer {
   struct BlockWeights {
     Tensor norm1_w, norm1_b, qkv_w, qkv_b, out_w, out_b, norm2_w, norm2_b, fc1_w, fc1_b, fc2_w, fc2_b;
     MoeWeights moe;  // MoE blocks (fc1/fc2 above empty)
+    Tensor q_norm_w, k_norm_w;  // model.qk_norm, else empty
   };
   struct ModelWeights {
     Tensor tok_emb, pos_emb, final_norm_w, final_norm_b, head;
@@ -114,6 +130,7 @@ class Transformer {
   struct BlockActivations {
     Tensor ln1, ln1_mean, ln1_rstd, qkv, probs, atty, res_att, ln2, ln2_mean, ln2_rstd, fc_pre, fc_act, res_ffn;
     MoeActivations moe;  // MoE blocks (fc_pre, fc_act empty)
+    Tensor qk_saved, qk_rstd;  // model.qk_norm: (B, T, 2C) q and k before the norm, (B, T, 2H) their 1/rms
   };
   struct Buffers {
     Tensor embed, lnf, lnf_mean, lnf_rstd, logits, losses;                  // forward
@@ -157,6 +174,10 @@ class Transformer {
   BackendArray<float> k_cache_, v_cache_;  // (n_layers, seq_len, C) keys and values of decoded positions
   int64_t counted_ = 0;
   float backward_scale_ = 0.f;
+  uint64_t noise_seed_ = 0x6a09e667f3bcc909ULL;
+  uint64_t forward_noise_ = 0;      // the current training forward's noise seed (0: no jitter)
+  std::vector<std::vector<float>> router_bias_;    // per layer: (E) selection biases, or empty
+  std::vector<std::vector<double>> balance_load_;  // per layer: router choices per expert since the last update
   double aux_loss_ = 0.0;
   std::vector<Routing> routing_;    // per layer (used by MoE layers)
   std::vector<MoeStats> moe_stats_;  // per layer

@@ -24,11 +24,17 @@ struct MoeDims {
   int64_t shared_hidden = 0;  // shared_experts * F_e (0: none)
   FfnKind ffn = FfnKind::Gelu;
   RouterKind router = RouterKind::TokenChoice;
+  ScoreKind score = ScoreKind::Softmax;
   double capacity_factor = 0;
   bool renormalize = false;
+  float gate_scale = 1;
   bool bias = false;
-  float aux_loss_weight = 0;
+  bool balance_bias = false;     // a selection bias (Routing::selection_bias) joins the top-k choice
+  float aux_loss_weight = 0;     // as applied (0 unless balance = aux_loss)
+  float seq_aux_loss_weight = 0;
   float z_loss_weight = 0;
+  float router_jitter = 0;       // training forwards with a nonzero jitter_seed only
+  uint64_t jitter_seed = 0;      // this forward's noise (0: none); the same for its backward
   bool expert_grad_scale = false;
   // Expert parallelism (moe/expert_parallel.h): the routed experts split over this many ranks; this rank holds
   // local_experts() of them (its weights, its products). 1: all of them.
@@ -58,13 +64,14 @@ struct MoeWeights {
 
 // Saved forward activations of one MoE layer (views into the model's arena).
 struct MoeActivations {
-  Tensor logits, probs;            // (N, E) router logits and softmax, fp32
+  Tensor logits, probs;            // (N, E) router logits and scores (softmax or sigmoid), fp32
   Tensor x_sorted;                 // (R, C)  token rows gathered in expert order
   Tensor pre, act;                 // (R', P), (R', F_e): the experts' rows (R' = R, or the received rows)
   Tensor y_sorted;                 // (R, C)  expert outputs, before weighting
   Tensor shared_pre, shared_act;   // (N, shared P), (N, shared_hidden) or empty
   Tensor x_local, y_local;         // expert parallelism: (R', C) rows received for this rank's experts, their
                                    // outputs (else empty)
+  Tensor router_in;                // (N, C) the router's jittered input (router_jitter > 0), else empty
 };
 
 // Backward scratch shared by all MoE layers.
@@ -75,6 +82,7 @@ struct MoeScratch {
   Tensor d_shared_pre, d_shared_act;            // or empty
   Tensor ones;                                  // (R') of 1.0, for bias gradients as a GEMM
   Tensor d_x_local, d_y_local;                  // expert parallelism: like x_local, y_local (else empty)
+  Tensor d_router_in;                           // (N, C) with router jitter, else empty
 };
 
 // Routing decisions of one layer's last forward: backend buffers sized once (RoutingState in backend.h says what
@@ -84,7 +92,8 @@ struct Routing {
   BackendArray<int32_t> row_token, row_expert, token_rows, topk_expert, topk_row;
   BackendArray<float> row_weight, topk_prob, lse;
   BackendArray<int64_t> expert_offsets, token_offsets;
-  BackendArray<double> assigned_fraction, mean_prob;
+  BackendArray<double> assigned_fraction, mean_prob, seq_fraction;
+  BackendArray<float> selection_bias;      // (E) balance = bias: added to the scores for the top-k choice only
   BackendArray<double> statistics;         // (kRouterStatistics) Backend::router_statistics
   std::vector<int64_t> host_expert_offsets; // (E + 1) expert_offsets, downloaded
   int64_t rows = 0;                         // dispatched (token, expert) pairs R = host_expert_offsets[E]
@@ -97,7 +106,14 @@ struct MoeStats {
   int64_t idle_experts = 0;      // experts that received no token
   double router_entropy = 0;     // mean over tokens of -sum_e p log p (nats)
   double aux_loss = 0;           // E * sum_e f_e P_e (1 when perfectly balanced)
+  double seq_aux_loss = 0;       // the same within each sequence, averaged over sequences
   double z_loss = 0;             // mean logsumexp(logits)^2
+  std::vector<double> assigned;  // (E) top-k choices per expert, before capacity (token choice; expert choice: rows)
+  double overload() const;       // max assigned / mean assigned (1: perfectly balanced)
+  // The weighted auxiliary objective of this layer: aux, seq_aux and z losses times their weights.
+  double weighted_aux(const MoeDims& d) const {
+    return d.aux_loss_weight * aux_loss + d.seq_aux_loss_weight * seq_aux_loss + d.z_loss_weight * z_loss;
+  }
   double tokens_cv() const;      // coefficient of variation of tokens_per_expert
 };
 
@@ -108,7 +124,7 @@ void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const Moe
                  Routing& routing, MoeStats& stats, ExpertExchange* ep = nullptr);
 // Backward: din += d/d in, parameter gradients accumulate; with !accumulate_dweights the weight matrices' gradients
 // (router, experts, shared expert) are overwritten instead, those of experts that received no row with zeros.
-// loss_scale multiplies the auxiliary losses' own gradients (aux_loss_weight * aux + z_loss_weight * z), matching
+// loss_scale multiplies the auxiliary losses' own gradients (MoeStats::weighted_aux), matching
 // the scale applied to the main loss. expert_dweight_sq (2E, backend memory, may be null) receives the sum of squares of each
 // expert's fc1 and fc2 weight gradient ([2e], [2e + 1]) as this backward leaves them (GemmProblem::c_sum_squares).
 void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& grads, Tensor dout, Tensor in,

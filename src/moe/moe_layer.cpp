@@ -8,6 +8,13 @@
 
 namespace moelab {
 
+double MoeStats::overload() const {
+  if (assigned.empty()) return 0;
+  double sum = 0, most = 0;
+  for (double a : assigned) sum += a, most = std::max(most, a);
+  return sum > 0 ? most * static_cast<double>(assigned.size()) / sum : 0;
+}
+
 double MoeStats::tokens_cv() const {
   if (tokens_per_expert.empty()) return 0;
   double mean = 0, var = 0;
@@ -137,6 +144,14 @@ void compute_stats(Backend& be, const MoeDims& d, const float* logits, const flo
   st.router_entropy = values[kRouterEntropy];
   st.z_loss = values[kRouterZLoss];
   st.aux_loss = values[kRouterAuxLoss];
+  st.seq_aux_loss = values[kRouterSeqAuxLoss];
+  // The router's choices per expert (before capacity): what balancing acts on.
+  if (d.router == RouterKind::TokenChoice) {
+    st.assigned = be.download_vector(r.assigned_fraction.data(), E);
+    for (double& a : st.assigned) a = std::round(a * static_cast<double>(n * d.top_k));
+  } else {
+    st.assigned.assign(st.tokens_per_expert.begin(), st.tokens_per_expert.end());
+  }
 }
 
 }  // namespace
@@ -145,10 +160,14 @@ void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const Moe
                  Routing& r, MoeStats& stats, ExpertExchange* ep) {
   const int64_t n = d.tokens(), C = d.d_model;
   MOELAB_CHECK(in.rows() == n && in.cols() == C, "MoE input " + in.shape.str());
-  // route (fp32 whatever the matmul precision: top-k decisions and the balancing losses are sensitive to it)
+  // route (fp32 whatever the matmul precision: top-k decisions and the balancing losses are sensitive to it), on the
+  // input times the router jitter's noise in a training forward
+  const bool jitter = d.router_jitter > 0 && d.jitter_seed != 0;
+  MOELAB_CHECK(!jitter || !a.router_in.empty(), "router jitter without its input buffer");
+  if (jitter) be.jitter(a.router_in.data, in.data, n * C, d.jitter_seed, d.router_jitter);
   {
     const MatmulPrecisionScope fp32(be, Precision::FP32);
-    linear_forward(be, a.logits, in, w.router, Tensor());
+    linear_forward(be, a.logits, jitter ? a.router_in : in, w.router, Tensor());
   }
   route(be, d, a.logits.data, a.probs.data, r);
   // dispatch -> experts -> combine
@@ -191,14 +210,25 @@ void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& g
   // dispatch backward: each token sums the input gradients of its rows
   be.combine_rows(din.data, s.d_x_sorted.data, r.token_offsets.data(), r.token_rows.data(), nullptr, n, C);
 
-  // Router: d loss / d probs (gate weights, auxiliary loss), then through the softmax to the logits.
-  const float aux_scale = d.router == RouterKind::TokenChoice && d.aux_loss_weight > 0 ? loss_scale * d.aux_loss_weight
-                                                                                       : 0.f;
-  const float z_scale = loss_scale * d.z_loss_weight * 2.f / static_cast<float>(n);
-  be.router_backward(router_shape(d), s.d_logits.data, a.probs.data, s.d_weight.data, r.state(), aux_scale, z_scale);
+  // Router: d loss / d scores (gate weights, balancing losses), then through the scores to the logits.
+  const bool token_choice = d.router == RouterKind::TokenChoice;
+  RouterLossScales scales;
+  scales.aux = token_choice ? loss_scale * d.aux_loss_weight : 0.f;
+  scales.seq_aux = token_choice ? loss_scale * d.seq_aux_loss_weight : 0.f;
+  scales.z = loss_scale * d.z_loss_weight * 2.f / static_cast<float>(n);
+  be.router_backward(router_shape(d), s.d_logits.data, a.logits.data, a.probs.data, s.d_weight.data, r.state(),
+                     scales);
   const MatmulPrecisionScope fp32(be, Precision::FP32);
-  linear_backward(be, din, g.router, Tensor(), s.d_logits, in, w.router, /*accumulate_din=*/true,
-                  accumulate_dweights);
+  if (d.router_jitter > 0 && d.jitter_seed != 0) {
+    // The router saw in * noise: its weight gradient reads that, and the input's gradient is noise * d(in * noise).
+    linear_backward(be, s.d_router_in, g.router, Tensor(), s.d_logits, a.router_in, w.router,
+                    /*accumulate_din=*/false, accumulate_dweights);
+    be.jitter(s.d_router_in.data, s.d_router_in.data, n * C, d.jitter_seed, d.router_jitter);
+    be.add_inplace(din.data, s.d_router_in.data, n * C);
+  } else {
+    linear_backward(be, din, g.router, Tensor(), s.d_logits, in, w.router, /*accumulate_din=*/true,
+                    accumulate_dweights);
+  }
 }
 
 // The dispatched rows and the experts' activations feed the experts' products in the forward and their weight

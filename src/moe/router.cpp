@@ -38,6 +38,8 @@ void Routing::reserve(Backend& be, const MoeDims& d) {
   lse = BackendArray<float>(be, n);
   assigned_fraction = BackendArray<double>(be, e);
   mean_prob = BackendArray<double>(be, e);
+  seq_fraction = BackendArray<double>(be, d.batch * e);
+  if (d.balance_bias) selection_bias = BackendArray<float>(be, e);
   statistics = BackendArray<double>(be, kRouterStatistics);
   host_expert_offsets.assign(e + 1, 0);
   rows = 0;
@@ -46,7 +48,8 @@ void Routing::reserve(Backend& be, const MoeDims& d) {
 RoutingState Routing::state() const {
   return {row_token.data(),  row_expert.data(), row_weight.data(),  expert_offsets.data(),
           token_offsets.data(), token_rows.data(), topk_expert.data(), topk_prob.data(),
-          topk_row.data(),   lse.data(),        assigned_fraction.data(), mean_prob.data()};
+          topk_row.data(),   lse.data(),        assigned_fraction.data(), mean_prob.data(),
+          seq_fraction.data(), selection_bias.data()};
 }
 
 RouterShape router_shape(const MoeDims& d) {
@@ -58,6 +61,8 @@ RouterShape router_shape(const MoeDims& d) {
   s.expert_choice = d.router == RouterKind::ExpertChoice;
   s.capacity = s.expert_choice ? d.expert_choice_capacity() : d.token_choice_capacity();
   s.renormalize = d.renormalize;
+  s.sigmoid = d.score == ScoreKind::Sigmoid;
+  s.gate_scale = d.gate_scale;
   return s;
 }
 
@@ -65,6 +70,7 @@ void route(Backend& be, const MoeDims& d, const float* logits, float* probs, Rou
   MOELAB_CHECK(static_cast<int64_t>(r.host_expert_offsets.size()) == d.experts + 1 &&
                    r.row_token.size() >= d.max_rows() && r.lse.size() >= d.tokens(),
                "routing buffers were reserved for other dims");
+  MOELAB_CHECK(!d.balance_bias || r.selection_bias.size() == d.experts, "no selection bias was reserved");
   be.route(router_shape(d), logits, probs, r.state());
   be.download(r.host_expert_offsets.data(), r.expert_offsets.data(), d.experts + 1);
   r.rows = r.host_expert_offsets[d.experts];

@@ -119,6 +119,11 @@ void save_checkpoint(const std::string& dir, const Config& config, const ParamLa
              {{"s", {state.data_rng.s[0], state.data_rng.s[1], state.data_rng.s[2], state.data_rng.s[3]}},
               {"spare", state.data_rng.spare},
               {"has_spare", state.data_rng.has_spare}}}};
+  if (!state.router_bias.empty()) {
+    json biases = json::object();
+    for (const auto& [layer, values] : state.router_bias) biases["layers." + std::to_string(layer)] = values;
+    s["router_bias"] = biases;
+  }
   write_file_atomic((tmp_dir / "state.json").string(), s.dump(2) + "\n");
   write_file_atomic((tmp_dir / "config.toml").string(), to_toml(config));
   // Swap in: the previous checkpoint stays complete until the new one is in place.
@@ -180,6 +185,12 @@ CheckpointState load_checkpoint(const std::string& dir, const ParamLayout& layou
   for (int i = 0; i < 4; ++i) st.data_rng.s[i] = rng.at("s")[i].get<uint64_t>();
   st.data_rng.spare = rng.at("spare").get<double>();
   st.data_rng.has_spare = rng.at("has_spare").get<bool>();
+  if (s.contains("router_bias"))
+    for (const auto& [name, values] : s.at("router_bias").items()) {
+      if (name.rfind("layers.", 0) != 0)
+        throw Error("checkpoint state '" + (d / "state.json").string() + "' has router biases named '" + name + "'");
+      st.router_bias[std::stoll(name.substr(7))] = values.get<std::vector<float>>();
+    }
   return st;
 }
 

@@ -2,7 +2,8 @@
 // Checkpoints: a directory holding
 //   model.safetensors      the weights (fp32), readable by the `safetensors` package and PyTorch
 //   optimizer.safetensors  AdamW moments, named "exp_avg.<param>" and "exp_avg_sq.<param>"
-//   state.json             step, optimizer step, data-sampler RNG state (the loader position), format version
+//   state.json             step, optimizer step, data-sampler RNG state (the loader position), format version, and
+//                          the router selection biases of bias balancing (training state, not parameters)
 //   config.toml            the resolved config of the run that wrote it
 // A checkpoint is written into a temporary directory and renamed into place, so a crash never leaves a
 // half-written one; loading validates every tensor's name, shape and byte range and fails with a clear error.
@@ -55,6 +56,8 @@ struct CheckpointState {
   int64_t step = 0;       // optimizer steps completed
   int64_t adam_step = 0;  // AdamW's bias-correction step counter
   Rng::State data_rng{};  // the training sampler's position
+  // Auxiliary-loss-free balancing: each MoE layer's router selection biases (Transformer::router_biases), by layer.
+  std::map<int64_t, std::vector<float>> router_bias;
 };
 
 // Saves params/moments (backend memory of `backend`, laid out by `layout`) and state to `dir`, replacing any

@@ -74,6 +74,7 @@ StepStats Trainer::step(const BatchSource& next_batch) {
   optimizer_->step(model_->params(), model_->grads(), s.lr, clip_factor(s.grad_norm, t.grad_clip),
                    AdamW::Grads::ZeroExceptMatrices);
   model_->grads_were_zeroed(/*except_matrices=*/true);
+  model_->update_router_biases(comm_);
   ++steps_done_;
   backend_.synchronize();  // a GPU's queued kernels belong to this step's time
   s.seconds = step_timer_.seconds();
@@ -91,6 +92,9 @@ StepStats Trainer::compute_gradients(const BatchSource& next_batch) {
     next_batch(tokens_, targets_);
     MOELAB_CHECK(static_cast<int64_t>(tokens_.size()) == B * T && tokens_.size() == targets_.size(),
                  "micro-batch must be (batch_size, seq_len)");
+    // Router jitter's noise: a function of the seed, the step and the micro-batch's place in the global batch.
+    model_->set_noise_seed(static_cast<uint64_t>(t.seed) * 0x100000001b3ULL ^
+                           static_cast<uint64_t>(steps_done_ * micro_batches + comm_->rank() * t.grad_accum + micro));
     sums[0] += model_->forward(tokens_.data(), targets_.data(), B, 1.f / static_cast<float>(micro_batches));
     sums[1] += model_->last_aux_loss();
     model_->backward();
@@ -133,6 +137,7 @@ void Trainer::save(const std::string& dir) const {
   st.step = steps_done_;
   st.adam_step = optimizer_->steps_taken();
   st.data_rng = data_rng_.state();
+  st.router_bias = model_->router_biases();
   if (!ep_group_) {
     // Data-parallel replicas hold the same weights and moments: rank 0 writes them, the others wait until it has.
     if (comm_->rank() == 0)
@@ -179,12 +184,16 @@ CheckpointState Trainer::load_into(const std::string& dir, bool optimizer_state)
 
 void Trainer::load(const std::string& dir) {
   const CheckpointState st = load_into(dir, /*optimizer_state=*/true);
+  model_->set_router_biases(st.router_bias);
   steps_done_ = st.step;
   optimizer_->set_steps_taken(st.adam_step);
   data_rng_.set_state(st.data_rng);
 }
 
-void Trainer::load_weights(const std::string& dir) { load_into(dir, /*optimizer_state=*/false); }
+// The router's selection biases come too: they are part of how the trained model routes.
+void Trainer::load_weights(const std::string& dir) {
+  model_->set_router_biases(load_into(dir, /*optimizer_state=*/false).router_bias);
+}
 
 double Trainer::evaluate(const TokenFile& data, int64_t max_batches) {
   return mean_window_loss(*model_, data, config_.train.batch_size, max_batches, comm_).loss;
@@ -230,8 +239,19 @@ double Trainer::grad_sum_squares() {
 namespace {
 
 // Router statistics of every MoE layer, for metrics.jsonl.
+// Each expert's share of the router's choices.
+std::vector<double> load_fraction(const std::vector<double>& assigned) {
+  double sum = 0;
+  for (double a : assigned) sum += a;
+  std::vector<double> out(assigned.size(), 0.0);
+  if (sum > 0)
+    for (size_t e = 0; e < assigned.size(); ++e) out[e] = assigned[e] / sum;
+  return out;
+}
+
 nlohmann::json router_stats_json(const Transformer& model) {
   nlohmann::json layers = nlohmann::json::array();
+  const auto biases = model.router_biases();
   const auto& stats = model.moe_stats();
   for (size_t i = 0; i < stats.size(); ++i) {
     const auto& s = stats[i];
@@ -246,7 +266,16 @@ nlohmann::json router_stats_json(const Transformer& model) {
                       {"idle_experts", s.idle_experts},
                       {"router_entropy", s.router_entropy},
                       {"aux_loss", s.aux_loss},
-                      {"z_loss", s.z_loss}});
+                      {"seq_aux_loss", s.seq_aux_loss},
+                      {"z_loss", s.z_loss},
+                      {"overload", s.overload()},
+                      {"load_fraction", load_fraction(s.assigned)}});
+    if (biases.count(static_cast<int64_t>(i))) {
+      const auto& b = biases.at(static_cast<int64_t>(i));
+      const auto [bmin, bmax] = std::minmax_element(b.begin(), b.end());
+      layers.back()["bias_min"] = *bmin;
+      layers.back()["bias_max"] = *bmax;
+    }
   }
   return layers;
 }

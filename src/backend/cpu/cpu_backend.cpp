@@ -23,6 +23,7 @@
 
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cpu/routing.h"
+#include "backend/noise.h"
 #include "backend/cpu/vec_math.h"
 #include "core/error.h"
 
@@ -1110,10 +1111,15 @@ class CpuBackend final : public CpuKernelBackend {
                          const RoutingState& state, double* out) override {
     cpu::router_statistics(shape, logits, probs, state, out);
   }
-  void router_backward(const RouterShape& shape, float* dlogits, const float* probs, const float* dweight,
-                       const RoutingState& state, float aux_scale, float z_scale) override {
+  void router_backward(const RouterShape& shape, float* dlogits, const float* logits, const float* probs,
+                       const float* dweight, const RoutingState& state, const RouterLossScales& scales) override {
     written(dlogits, shape.tokens() * shape.experts);
-    cpu::router_backward(shape, dlogits, probs, dweight, state, aux_scale, z_scale);
+    cpu::router_backward(shape, dlogits, logits, probs, dweight, state, scales);
+  }
+  void jitter(float* out, const float* in, int64_t n, uint64_t seed, float eps) override {
+    written(out, n);
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) out[i] = in[i] * jitter_factor(seed, i, eps);
   }
 
   void bias_backward(float* dbias, const float* dout, int64_t rows, int64_t cols) override {
@@ -1250,6 +1256,56 @@ class CpuBackend final : public CpuKernelBackend {
     }
     for (int t = 0; t < nthreads; ++t)
       for (int64_t c = 0; c < cols; ++c) dweight[c] += partial[static_cast<size_t>(t) * cols + c];
+  }
+
+  void head_rmsnorm_forward(float* x, float* saved, float* rstd, const float* weight, int64_t rows,
+                            int64_t row_stride, int64_t heads, int64_t head_dim, float eps) override {
+    written(x, (rows - 1) * row_stride + heads * head_dim);
+    written(saved, rows * heads * head_dim);
+    written(rstd, rows * heads);
+#pragma omp parallel for schedule(static)
+    for (int64_t q = 0; q < rows * heads; ++q) {
+      float* v = x + (q / heads) * row_stride + (q % heads) * head_dim;
+      float* keep = saved + q * head_dim;
+      double ss = 0.0;
+      for (int64_t c = 0; c < head_dim; ++c) {
+        keep[c] = v[c];
+        ss += static_cast<double>(v[c]) * v[c];
+      }
+      const float rs = static_cast<float>(1.0 / std::sqrt(ss / head_dim + eps));
+      for (int64_t c = 0; c < head_dim; ++c) v[c] = keep[c] * rs * weight[c];
+      rstd[q] = rs;
+    }
+  }
+  void head_rmsnorm_backward(float* dx, float* dweight, const float* saved, const float* weight, const float* rstd,
+                             int64_t rows, int64_t row_stride, int64_t heads, int64_t head_dim) override {
+    written(dx, (rows - 1) * row_stride + heads * head_dim);
+    written(dweight, head_dim);
+    const int nthreads = threads_;
+    std::vector<float> partial(static_cast<size_t>(nthreads) * head_dim, 0.f);
+#pragma omp parallel num_threads(nthreads)
+    {
+      const int tid = omp_get_thread_num();
+      int64_t q0, q1;
+      chunk_range(rows * heads, omp_get_num_threads(), tid, q0, q1);
+      float* pw = partial.data() + static_cast<size_t>(tid) * head_dim;
+      for (int64_t q = q0; q < q1; ++q) {
+        float* g = dx + (q / heads) * row_stride + (q % heads) * head_dim;
+        const float* x = saved + q * head_dim;
+        const float rs = rstd[q];
+        // y = xhat * w, xhat = x * rs; dx = rs * (dxhat - xhat * mean(dxhat * xhat))
+        double sum_dxhat_xhat = 0.0;
+        for (int64_t c = 0; c < head_dim; ++c) {
+          const float xhat = x[c] * rs;
+          sum_dxhat_xhat += static_cast<double>(g[c] * weight[c]) * xhat;
+          pw[c] += g[c] * xhat;
+        }
+        const float m2 = static_cast<float>(sum_dxhat_xhat / head_dim);
+        for (int64_t c = 0; c < head_dim; ++c) g[c] = rs * (g[c] * weight[c] - x[c] * rs * m2);
+      }
+    }
+    for (int t = 0; t < nthreads; ++t)
+      for (int64_t c = 0; c < head_dim; ++c) dweight[c] += partial[static_cast<size_t>(t) * head_dim + c];
   }
 
   void softmax_rows(float* x, int64_t rows, int64_t cols, float scale) override {

@@ -1,6 +1,6 @@
-// The CPU backend's MoE routing kernels (Backend::route, router_statistics, router_backward): router softmax,
-// token-choice top-k with capacity, expert choice per position group, the sort-by-expert dispatch order, the
-// router statistics and the router's gradient. Counting sorts and fixed loop orders only: results depend on the
+// The CPU backend's MoE routing kernels (Backend::route, router_statistics, router_backward): router softmax or
+// sigmoid scores, token-choice top-k (with a selection bias) and capacity, expert choice per position group, the
+// sort-by-expert dispatch order, the router statistics and the router's gradient. Counting sorts and fixed loop orders only: results depend on the
 // inputs alone.
 #include "backend/cpu/routing.h"
 
@@ -32,11 +32,37 @@ void router_softmax(const float* logits, float* probs, float* lse, int64_t n, in
   }
 }
 
+// Sigmoid scores s = 1 / (1 + exp(-z)), plus per-row logsumexp of the logits (the z-loss's), summed in double.
+void router_sigmoid(const float* logits, float* scores, float* lse, int64_t n, int64_t e) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float* z = logits + i * e;
+    float* s = scores + i * e;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < e; ++j) mx = std::max(mx, z[j]);
+    double sum = 0;
+    for (int64_t j = 0; j < e; ++j) sum += std::exp(static_cast<double>(z[j] - mx));
+    for (int64_t j = 0; j < e; ++j) s[j] = 1.f / (1.f + std::exp(-z[j]));
+    lse[i] = static_cast<float>(mx + std::log(sum));
+  }
+}
+
+// 1 / sum_e s_ie for sigmoid scores (the factor normalising token i's scores into probabilities), 1 for a softmax.
+inline float prob_norm(const RouterShape& d, const float* probs, int64_t i) {
+  if (!d.sigmoid) return 1.f;
+  double sum = 0;
+  for (int64_t j = 0; j < d.experts; ++j) sum += probs[i * d.experts + j];
+  return static_cast<float>(1.0 / sum);
+}
+
+// P_e: the mean over tokens of the router probabilities (the softmax, or the normalised sigmoid scores).
 void mean_probs(const RouterShape& d, const float* probs, const RoutingState& r) {
   const int64_t n = d.tokens(), e = d.experts;
   std::fill(r.mean_prob, r.mean_prob + e, 0.0);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < e; ++j) r.mean_prob[j] += probs[i * e + j];
+  for (int64_t i = 0; i < n; ++i) {
+    const float inv = prob_norm(d, probs, i);
+    for (int64_t j = 0; j < e; ++j) r.mean_prob[j] += probs[i * e + j] * inv;
+  }
   for (int64_t j = 0; j < e; ++j) r.mean_prob[j] /= static_cast<double>(n);
 }
 
@@ -81,11 +107,17 @@ std::vector<int32_t> build_dispatch(const RouterShape& d, int64_t rows, const Ro
 
 void route_token_choice(const RouterShape& d, const float* probs, const RoutingState& r) {
   const int64_t n = d.tokens(), e = d.experts, k = d.top_k;
-  // Top-k per token. Highest probability first, the lower expert index first among equals: one pass keeping the k
-  // best in order.
+  // Top-k per token by score (plus the selection bias). Highest first, the lower expert index first among equals:
+  // one pass keeping the k best in order.
+  const float* bias = r.selection_bias;
+  std::vector<float> keys(bias ? static_cast<size_t>(n * e) : 0);
+  if (bias)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t x = 0; x < e; ++x) keys[i * e + x] = probs[i * e + x] + bias[x];
+  const float* key_base = bias ? keys.data() : probs;
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    const float* p = probs + i * e;
+    const float* p = key_base + i * e;
     int32_t* best = r.topk_expert + i * k;
     int64_t kept = 0;
     for (int32_t x = 0; x < e; ++x) {
@@ -97,17 +129,19 @@ void route_token_choice(const RouterShape& d, const float* probs, const RoutingS
       }
       best[pos] = x;
     }
-    for (int64_t j = 0; j < k; ++j) r.topk_prob[i * k + j] = p[best[j]];
+    for (int64_t j = 0; j < k; ++j) r.topk_prob[i * k + j] = probs[i * e + best[j]];
   }
   // Capacity, in (rank, token) order: every token's first choice is served before any second choice.
   const int64_t capacity = d.capacity;
   std::vector<int64_t> load(e, 0);
   std::fill(r.assigned_fraction, r.assigned_fraction + e, 0.0);
+  std::fill(r.seq_fraction, r.seq_fraction + d.batch * e, 0.0);
   int64_t rows = 0;
   for (int64_t j = 0; j < k; ++j)
     for (int64_t i = 0; i < n; ++i) {
       const int32_t ex = r.topk_expert[i * k + j];
       r.assigned_fraction[ex] += 1.0;
+      r.seq_fraction[(i / d.seq) * e + ex] += 1.0;
       if (capacity > 0 && load[ex] >= capacity) {
         r.topk_row[i * k + j] = -1;
         continue;
@@ -119,16 +153,20 @@ void route_token_choice(const RouterShape& d, const float* probs, const RoutingS
       ++rows;
     }
   for (int64_t x = 0; x < e; ++x) r.assigned_fraction[x] /= static_cast<double>(n * k);
-  // Gate weights: the selected probabilities, optionally renormalised over the k selected (dropped included).
+  for (int64_t x = 0; x < d.batch * e; ++x) r.seq_fraction[x] /= static_cast<double>(d.seq * k);
+  // Gate weights: the selected scores, renormalised over the k selected (dropped included) when asked or with
+  // sigmoid scores, times the gate scale.
   std::vector<float> unsorted_weight(rows);
+  const bool normalise = d.renormalize || d.sigmoid;
   for (int64_t i = 0; i < n; ++i) {
     float denom = 1.f;
-    if (d.renormalize) {
+    if (normalise) {
       denom = 0.f;
       for (int64_t j = 0; j < k; ++j) denom += r.topk_prob[i * k + j];
     }
     for (int64_t j = 0; j < k; ++j)
-      if (r.topk_row[i * k + j] >= 0) unsorted_weight[r.topk_row[i * k + j]] = r.topk_prob[i * k + j] / denom;
+      if (r.topk_row[i * k + j] >= 0)
+        unsorted_weight[r.topk_row[i * k + j]] = r.topk_prob[i * k + j] / denom * d.gate_scale;
   }
   std::copy(unsorted_weight.begin(), unsorted_weight.end(), r.row_weight);
   mean_probs(d, probs, r);
@@ -154,7 +192,7 @@ void route_expert_choice(const RouterShape& d, const float* probs, const Routing
         const int64_t token = order[j] * T + t;
         r.row_token[rows] = static_cast<int32_t>(token);
         r.row_expert[rows] = static_cast<int32_t>(ex);
-        r.row_weight[rows] = probs[token * e + ex];
+        r.row_weight[rows] = probs[token * e + ex] * d.gate_scale;
         ++rows;
       }
     }
@@ -166,7 +204,8 @@ void route_expert_choice(const RouterShape& d, const float* probs, const Routing
 }  // namespace
 
 void route(const RouterShape& shape, const float* logits, float* probs, const RoutingState& state) {
-  router_softmax(logits, probs, state.lse, shape.tokens(), shape.experts);
+  if (shape.sigmoid) router_sigmoid(logits, probs, state.lse, shape.tokens(), shape.experts);
+  else router_softmax(logits, probs, state.lse, shape.tokens(), shape.experts);
   if (shape.expert_choice) route_expert_choice(shape, probs, state);
   else route_token_choice(shape, probs, state);
 }
@@ -174,12 +213,23 @@ void route(const RouterShape& shape, const float* logits, float* probs, const Ro
 void router_statistics(const RouterShape& d, const float* logits, const float* probs, const RoutingState& r,
                        double* out) {
   const int64_t n = d.tokens(), E = d.experts;
-  // -sum_e p log p with log p = logit - lse: lse - sum_e p * logit, without a logarithm per (token, expert).
   double entropy = 0, z = 0;
   for (int64_t i = 0; i < n; ++i) {
-    double dot = 0;
-    for (int64_t e = 0; e < E; ++e) dot += static_cast<double>(probs[i * E + e]) * logits[i * E + e];
-    entropy += r.lse[i] - dot;
+    if (!d.sigmoid) {
+      // -sum_e p log p with log p = logit - lse: lse - sum_e p * logit, without a logarithm per (token, expert).
+      double dot = 0;
+      for (int64_t e = 0; e < E; ++e) dot += static_cast<double>(probs[i * E + e]) * logits[i * E + e];
+      entropy += r.lse[i] - dot;
+    } else {
+      // of the normalised scores p = s / S: log S - sum_e s log s / S
+      double sum = 0, slogs = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        const double s = probs[i * E + e];
+        sum += s;
+        if (s > 0) slogs += s * std::log(s);
+      }
+      entropy += std::log(sum) - slogs / sum;
+    }
     z += static_cast<double>(r.lse[i]) * r.lse[i];
   }
   out[kRouterEntropy] = entropy / static_cast<double>(n);
@@ -187,17 +237,37 @@ void router_statistics(const RouterShape& d, const float* logits, const float* p
   double aux = 0;
   for (int64_t e = 0; e < E; ++e) aux += r.assigned_fraction[e] * r.mean_prob[e];
   out[kRouterAuxLoss] = d.expert_choice ? 0.0 : static_cast<double>(E) * aux;
+  // Sequence-level: per sequence b, E * sum_e f_be P_be with P_be the mean probability over its T tokens.
+  double seq_aux = 0;
+  if (!d.expert_choice) {
+    std::vector<double> mean(E);
+    for (int64_t b = 0; b < d.batch; ++b) {
+      std::fill(mean.begin(), mean.end(), 0.0);
+      for (int64_t t = 0; t < d.seq; ++t) {
+        const int64_t i = b * d.seq + t;
+        const float inv = prob_norm(d, probs, i);
+        for (int64_t e = 0; e < E; ++e) mean[e] += probs[i * E + e] * inv;
+      }
+      double sum = 0;
+      for (int64_t e = 0; e < E; ++e) sum += r.seq_fraction[b * E + e] * mean[e] / static_cast<double>(d.seq);
+      seq_aux += static_cast<double>(E) * sum;
+    }
+    seq_aux /= static_cast<double>(d.batch);
+  }
+  out[kRouterSeqAuxLoss] = seq_aux;
 }
 
-void router_backward(const RouterShape& d, float* dlogits, const float* probs, const float* dweight,
-                     const RoutingState& r, float aux_scale, float z_scale) {
+void router_backward(const RouterShape& d, float* dlogits, const float* logits, const float* probs,
+                     const float* dweight, const RoutingState& r, const RouterLossScales& scales) {
   const int64_t n = d.tokens(), E = d.experts, K = d.top_k;
-  std::fill(dlogits, dlogits + n * E, 0.f);
-  if (!d.expert_choice) {
-    for (int64_t i = 0; i < n; ++i) {
-      float* dp = dlogits + i * E;
-      if (d.renormalize) {
-        // w_j = p_j / S over the k selected: dL/dp_j = (dL/dw_j - sum_q dL/dw_q w_q) / S
+  const bool normalise = d.renormalize || d.sigmoid;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    float* dg = dlogits + i * E;  // first d loss / d scores through the gate weights, then d loss / d logits
+    std::fill(dg, dg + E, 0.f);
+    if (!d.expert_choice) {
+      if (normalise) {
+        // w_j = g p_j / S over the k selected: dL/dp_j = g (dL/dw_j - sum_q dL/dw_q w_q / g) / S
         float denom = 0, dot = 0;
         for (int64_t j = 0; j < K; ++j) denom += r.topk_prob[i * K + j];
         for (int64_t j = 0; j < K; ++j) {
@@ -206,32 +276,49 @@ void router_backward(const RouterShape& d, float* dlogits, const float* probs, c
         }
         for (int64_t j = 0; j < K; ++j) {
           const int32_t row = r.topk_row[i * K + j];
-          dp[r.topk_expert[i * K + j]] += ((row >= 0 ? dweight[row] : 0.f) - dot) / denom;
+          dg[r.topk_expert[i * K + j]] += d.gate_scale * ((row >= 0 ? dweight[row] : 0.f) - dot) / denom;
         }
       } else {
         for (int64_t j = 0; j < K; ++j) {
           const int32_t row = r.topk_row[i * K + j];
-          if (row >= 0) dp[r.topk_expert[i * K + j]] += dweight[row];
+          if (row >= 0) dg[r.topk_expert[i * K + j]] += d.gate_scale * dweight[row];
         }
       }
-    }
-    if (aux_scale != 0.f) {
-      // aux = E * sum_e f_e * mean_i p_ie, with f_e treated as a constant (it is a count).
-      for (int64_t e = 0; e < E; ++e) {
-        const float g_aux = static_cast<float>(aux_scale * E * r.assigned_fraction[e] / n);
-        for (int64_t i = 0; i < n; ++i) dlogits[i * E + e] += g_aux;
+    } else {
+      for (int64_t j = r.token_offsets[i]; j < r.token_offsets[i + 1]; ++j) {
+        const int32_t q = r.token_rows[j];
+        dg[r.row_expert[q]] += d.gate_scale * dweight[q];
       }
     }
-  } else {
-    const int64_t rows = r.expert_offsets[E];
-    for (int64_t q = 0; q < rows; ++q) dlogits[r.row_token[q] * E + r.row_expert[q]] += dweight[q];
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    float* dl = dlogits + i * E;
+    // The balancing losses' gradient with respect to the probabilities p (f_e, f_be are counts: constants):
+    // aux = E sum_e f_e mean_i p_ie, seq_aux = mean_b E sum_e f_be mean_{i in b} p_ie; both E f / N per entry.
+    const bool aux = !d.expert_choice && (scales.aux != 0.f || scales.seq_aux != 0.f);
     const float* p = probs + i * E;
-    float dot = 0;
-    for (int64_t e = 0; e < E; ++e) dot += dl[e] * p[e];
-    for (int64_t e = 0; e < E; ++e) dl[e] = p[e] * (dl[e] - dot) + z_scale * r.lse[i] * p[e];
+    const double* seq_f = r.seq_fraction + (i / d.seq) * E;
+    const auto da = [&](int64_t e) {
+      return static_cast<float>(static_cast<double>(E) / static_cast<double>(n) *
+                                (scales.aux * r.assigned_fraction[e] + scales.seq_aux * seq_f[e]));
+    };
+    const float z_lse = scales.z * r.lse[i];
+    if (!d.sigmoid) {
+      // softmax: dp = dg + da; dlogits = p (dp - p . dp) + z_scale lse p
+      if (aux)
+        for (int64_t e = 0; e < E; ++e) dg[e] += da(e);
+      float dot = 0;
+      for (int64_t e = 0; e < E; ++e) dot += dg[e] * p[e];
+      for (int64_t e = 0; e < E; ++e) dg[e] = p[e] * (dg[e] - dot) + z_lse * p[e];
+    } else {
+      // sigmoid: p = s / S, so ds = dg + (da - p . da) / S; dlogits = s (1 - s) ds + z_scale lse softmax(logits)
+      const float inv = prob_norm(d, probs, i);
+      if (aux) {
+        float dot = 0;
+        for (int64_t e = 0; e < E; ++e) dot += da(e) * p[e] * inv;
+        for (int64_t e = 0; e < E; ++e) dg[e] += (da(e) - dot) * inv;
+      }
+      const float* z = logits + i * E;
+      for (int64_t e = 0; e < E; ++e)
+        dg[e] = p[e] * (1.f - p[e]) * dg[e] + (z_lse != 0.f ? z_lse * std::exp(z[e] - r.lse[i]) : 0.f);
+    }
   }
 }
 

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "backend/cuda/cuda_backend.h"
+#include "backend/noise.h"
 #include "core/error.h"
 
 namespace moelab {
@@ -338,15 +339,30 @@ __global__ void k_router_softmax_rows(const float* logits, float* probs, float* 
     lse[i] = static_cast<float>(mx + log(sum));
   }
 }
+__global__ void k_router_sigmoid_rows(const float* logits, float* scores, float* lse, int64_t n, int64_t e) {
+  GRID_LOOP(i, n) {
+    const float* z = logits + i * e;
+    float* s = scores + i * e;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < e; ++j) mx = fmaxf(mx, z[j]);
+    double sum = 0;
+    for (int64_t j = 0; j < e; ++j) sum += exp(static_cast<double>(z[j] - mx));
+    for (int64_t j = 0; j < e; ++j) s[j] = 1.f / (1.f + expf(-z[j]));
+    lse[i] = static_cast<float>(mx + log(sum));
+  }
+}
+// Top-k by score plus the selection bias (when given), highest first, the lower index first among equals.
 __global__ void k_topk(const float* probs, RoutingState r, int64_t n, int64_t e, int64_t k) {
   GRID_LOOP(i, n) {
     const float* p = probs + i * e;
+    const float* b = r.selection_bias;
     int32_t* best = r.topk_expert + i * k;
     int64_t kept = 0;
     for (int32_t x = 0; x < e; ++x) {
-      if (kept == k && !(p[x] > p[best[k - 1]])) continue;
+      const float key = b ? p[x] + b[x] : p[x];
+      if (kept == k && !(key > (b ? p[best[k - 1]] + b[best[k - 1]] : p[best[k - 1]]))) continue;
       int64_t pos = kept < k ? kept++ : k - 1;
-      while (pos > 0 && p[x] > p[best[pos - 1]]) {
+      while (pos > 0 && key > (b ? p[best[pos - 1]] + b[best[pos - 1]] : p[best[pos - 1]])) {
         best[pos] = best[pos - 1];
         --pos;
       }
@@ -354,6 +370,13 @@ __global__ void k_topk(const float* probs, RoutingState r, int64_t n, int64_t e,
     }
     for (int64_t j = 0; j < k; ++j) r.topk_prob[i * k + j] = p[best[j]];
   }
+}
+// 1 / sum_e s_ie for sigmoid scores, 1 for a softmax.
+__device__ float prob_norm(const float* probs, int64_t i, int64_t e, bool sigmoid) {
+  if (!sigmoid) return 1.f;
+  double sum = 0;
+  for (int64_t j = 0; j < e; ++j) sum += probs[i * e + j];
+  return static_cast<float>(1.0 / sum);
 }
 struct RouteScratch {
   int64_t* count;       // max(n, e) + 1
@@ -397,20 +420,24 @@ __device__ void build_dispatch(RoutingState r, RouteScratch s, int64_t rows, int
   for (int64_t q = 0; q < rows; ++q) r.token_rows[s.count[r.row_token[q]]++] = static_cast<int32_t>(q);
   for (int64_t q = 0; q < rows; ++q) s.position[s.by_expert[q]] = static_cast<int32_t>(q);
 }
-__device__ void mean_probs(const float* probs, RoutingState r, int64_t n, int64_t e) {
+__device__ void mean_probs(const float* probs, RoutingState r, int64_t n, int64_t e, bool sigmoid) {
   for (int64_t j = 0; j < e; ++j) r.mean_prob[j] = 0.0;
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < e; ++j) r.mean_prob[j] += probs[i * e + j];
+  for (int64_t i = 0; i < n; ++i) {
+    const float inv = prob_norm(probs, i, e, sigmoid);
+    for (int64_t j = 0; j < e; ++j) r.mean_prob[j] += probs[i * e + j] * inv;
+  }
   for (int64_t j = 0; j < e; ++j) r.mean_prob[j] /= static_cast<double>(n);
 }
-__global__ void k_route_token_choice(const float* probs, RoutingState r, RouteScratch s, int64_t n, int64_t e,
-                                     int64_t k, int64_t capacity, bool renormalize) {
+__global__ void k_route_token_choice(const float* probs, RoutingState r, RouteScratch s, RouterShape d) {
+  const int64_t n = d.batch * d.seq, e = d.experts, k = d.top_k, capacity = d.capacity;
   for (int64_t x = 0; x < e; ++x) s.load[x] = 0, r.assigned_fraction[x] = 0.0;
+  for (int64_t x = 0; x < d.batch * e; ++x) r.seq_fraction[x] = 0.0;
   int64_t rows = 0;
   for (int64_t j = 0; j < k; ++j)
     for (int64_t i = 0; i < n; ++i) {
       const int32_t ex = r.topk_expert[i * k + j];
       r.assigned_fraction[ex] += 1.0;
+      r.seq_fraction[(i / d.seq) * e + ex] += 1.0;
       if (capacity > 0 && s.load[ex] >= capacity) {
         r.topk_row[i * k + j] = -1;
         continue;
@@ -422,22 +449,24 @@ __global__ void k_route_token_choice(const float* probs, RoutingState r, RouteSc
       ++rows;
     }
   for (int64_t x = 0; x < e; ++x) r.assigned_fraction[x] /= static_cast<double>(n * k);
+  for (int64_t x = 0; x < d.batch * e; ++x) r.seq_fraction[x] /= static_cast<double>(d.seq * k);
   for (int64_t i = 0; i < n; ++i) {
     float denom = 1.f;
-    if (renormalize) {
+    if (d.renormalize || d.sigmoid) {
       denom = 0.f;
       for (int64_t j = 0; j < k; ++j) denom += r.topk_prob[i * k + j];
     }
     for (int64_t j = 0; j < k; ++j)
-      if (r.topk_row[i * k + j] >= 0) r.row_weight[r.topk_row[i * k + j]] = r.topk_prob[i * k + j] / denom;
+      if (r.topk_row[i * k + j] >= 0)
+        r.row_weight[r.topk_row[i * k + j]] = r.topk_prob[i * k + j] / denom * d.gate_scale;
   }
-  mean_probs(probs, r, n, e);
+  mean_probs(probs, r, n, e, d.sigmoid);
   build_dispatch(r, s, rows, n, e);
   for (int64_t q = 0; q < n * k; ++q)
     if (r.topk_row[q] >= 0) r.topk_row[q] = s.position[r.topk_row[q]];
 }
-__global__ void k_route_expert_choice(const float* probs, RoutingState r, RouteScratch s, int64_t B, int64_t T,
-                                      int64_t e, int64_t c) {
+__global__ void k_route_expert_choice(const float* probs, RoutingState r, RouteScratch s, RouterShape d) {
+  const int64_t B = d.batch, T = d.seq, e = d.experts, c = d.capacity;
   int64_t rows = 0;
   int32_t* order = s.tmp_token;  // B entries, free until build_dispatch
   for (int64_t ex = 0; ex < e; ++ex)
@@ -456,40 +485,68 @@ __global__ void k_route_expert_choice(const float* probs, RoutingState r, RouteS
         const int64_t token = order[j] * T + t;
         r.row_token[rows] = static_cast<int32_t>(token);
         r.row_expert[rows] = static_cast<int32_t>(ex);
-        r.row_weight[rows] = probs[token * e + ex];
+        r.row_weight[rows] = probs[token * e + ex] * d.gate_scale;
         ++rows;
       }
     }
   for (int64_t x = 0; x < e; ++x) r.assigned_fraction[x] = 1.0 / static_cast<double>(e);
-  mean_probs(probs, r, B * T, e);
+  mean_probs(probs, r, B * T, e, d.sigmoid);
   build_dispatch(r, s, rows, B * T, e);
 }
-__global__ void k_router_statistics(const float* logits, const float* probs, RoutingState r, double* out, int64_t n,
-                                    int64_t E, bool expert_choice) {
+__global__ void k_router_statistics(const float* logits, const float* probs, RoutingState r, double* out,
+                                    RouterShape d) {
+  const int64_t n = d.batch * d.seq, E = d.experts;
   double entropy = 0, z = 0;
   for (int64_t i = 0; i < n; ++i) {
-    double dot = 0;
-    for (int64_t e = 0; e < E; ++e) dot += static_cast<double>(probs[i * E + e]) * logits[i * E + e];
-    entropy += r.lse[i] - dot;
+    if (!d.sigmoid) {
+      double dot = 0;
+      for (int64_t e = 0; e < E; ++e) dot += static_cast<double>(probs[i * E + e]) * logits[i * E + e];
+      entropy += r.lse[i] - dot;
+    } else {
+      double sum = 0, slogs = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        const double s = probs[i * E + e];
+        sum += s;
+        if (s > 0) slogs += s * log(s);
+      }
+      entropy += log(sum) - slogs / sum;
+    }
     z += static_cast<double>(r.lse[i]) * r.lse[i];
   }
   out[kRouterEntropy] = entropy / static_cast<double>(n);
   out[kRouterZLoss] = z / static_cast<double>(n);
   double aux = 0;
   for (int64_t e = 0; e < E; ++e) aux += r.assigned_fraction[e] * r.mean_prob[e];
-  out[kRouterAuxLoss] = expert_choice ? 0.0 : static_cast<double>(E) * aux;
+  out[kRouterAuxLoss] = d.expert_choice ? 0.0 : static_cast<double>(E) * aux;
+  double seq_aux = 0;
+  if (!d.expert_choice) {
+    for (int64_t b = 0; b < d.batch; ++b) {
+      double sum = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        double mean = 0;
+        for (int64_t t = 0; t < d.seq; ++t) {
+          const int64_t i = b * d.seq + t;
+          mean += probs[i * E + e] * prob_norm(probs, i, E, d.sigmoid);
+        }
+        sum += r.seq_fraction[b * E + e] * mean / static_cast<double>(d.seq);
+      }
+      seq_aux += static_cast<double>(E) * sum;
+    }
+    seq_aux /= static_cast<double>(d.batch);
+  }
+  out[kRouterSeqAuxLoss] = seq_aux;
 }
-// Per token (one thread each): the gate weights' gradient through selection and renormalisation, the auxiliary
-// loss's, then through the softmax, plus the z-loss's. Expert choice: a token's rows are found through its
-// token_rows, so no two threads write one place.
-__global__ void k_router_backward(float* dlogits, const float* probs, const float* dweight, RoutingState r, int64_t n,
-                                  int64_t E, int64_t K, bool expert_choice, bool renormalize, float aux_scale,
-                                  float z_scale) {
+// Per token (one thread each): the gate weights' gradient through the gate scale, selection and renormalisation,
+// the balancing losses', then through the scores (softmax or sigmoid), plus the z-loss's. Expert choice: a token's
+// rows are found through its token_rows, so no two threads write one place.
+__global__ void k_router_backward(float* dlogits, const float* logits, const float* probs, const float* dweight,
+                                  RoutingState r, RouterShape d, RouterLossScales scales) {
+  const int64_t n = d.batch * d.seq, E = d.experts, K = d.top_k;
   GRID_LOOP(i, n) {
-    float* dp = dlogits + i * E;
-    for (int64_t e = 0; e < E; ++e) dp[e] = 0.f;
-    if (!expert_choice) {
-      if (renormalize) {
+    float* dg = dlogits + i * E;
+    for (int64_t e = 0; e < E; ++e) dg[e] = 0.f;
+    if (!d.expert_choice) {
+      if (d.renormalize || d.sigmoid) {
         float denom = 0, dot = 0;
         for (int64_t j = 0; j < K; ++j) denom += r.topk_prob[i * K + j];
         for (int64_t j = 0; j < K; ++j) {
@@ -498,26 +555,88 @@ __global__ void k_router_backward(float* dlogits, const float* probs, const floa
         }
         for (int64_t j = 0; j < K; ++j) {
           const int32_t row = r.topk_row[i * K + j];
-          dp[r.topk_expert[i * K + j]] += ((row >= 0 ? dweight[row] : 0.f) - dot) / denom;
+          dg[r.topk_expert[i * K + j]] += d.gate_scale * ((row >= 0 ? dweight[row] : 0.f) - dot) / denom;
         }
       } else {
         for (int64_t j = 0; j < K; ++j) {
           const int32_t row = r.topk_row[i * K + j];
-          if (row >= 0) dp[r.topk_expert[i * K + j]] += dweight[row];
+          if (row >= 0) dg[r.topk_expert[i * K + j]] += d.gate_scale * dweight[row];
         }
       }
-      if (aux_scale != 0.f)
-        for (int64_t e = 0; e < E; ++e) dp[e] += static_cast<float>(aux_scale * E * r.assigned_fraction[e] / n);
     } else {
       for (int64_t j = r.token_offsets[i]; j < r.token_offsets[i + 1]; ++j) {
         const int32_t q = r.token_rows[j];
-        dp[r.row_expert[q]] += dweight[q];
+        dg[r.row_expert[q]] += d.gate_scale * dweight[q];
       }
     }
+    const bool aux = !d.expert_choice && (scales.aux != 0.f || scales.seq_aux != 0.f);
     const float* p = probs + i * E;
-    float dot = 0;
-    for (int64_t e = 0; e < E; ++e) dot += dp[e] * p[e];
-    for (int64_t e = 0; e < E; ++e) dp[e] = p[e] * (dp[e] - dot) + z_scale * r.lse[i] * p[e];
+    const double* seq_f = r.seq_fraction + (i / d.seq) * E;
+    const double per = static_cast<double>(E) / static_cast<double>(n);
+    const float z_lse = scales.z * r.lse[i];
+    if (!d.sigmoid) {
+      if (aux)
+        for (int64_t e = 0; e < E; ++e)
+          dg[e] += static_cast<float>(per * (scales.aux * r.assigned_fraction[e] + scales.seq_aux * seq_f[e]));
+      float dot = 0;
+      for (int64_t e = 0; e < E; ++e) dot += dg[e] * p[e];
+      for (int64_t e = 0; e < E; ++e) dg[e] = p[e] * (dg[e] - dot) + z_lse * p[e];
+    } else {
+      const float inv = prob_norm(probs, i, E, true);
+      if (aux) {
+        float dot = 0;
+        for (int64_t e = 0; e < E; ++e)
+          dot += static_cast<float>(per * (scales.aux * r.assigned_fraction[e] + scales.seq_aux * seq_f[e])) * p[e] * inv;
+        for (int64_t e = 0; e < E; ++e)
+          dg[e] += (static_cast<float>(per * (scales.aux * r.assigned_fraction[e] + scales.seq_aux * seq_f[e])) - dot) *
+                   inv;
+      }
+      const float* z = logits + i * E;
+      for (int64_t e = 0; e < E; ++e)
+        dg[e] = p[e] * (1.f - p[e]) * dg[e] + (z_lse != 0.f ? z_lse * expf(z[e] - r.lse[i]) : 0.f);
+    }
+  }
+}
+__global__ void k_jitter(float* out, const float* in, int64_t n, uint64_t seed, float eps) {
+  GRID_LOOP(i, n) out[i] = in[i] * jitter_factor(seed, i, eps);
+}
+// QK-norm: one thread per (row, head) vector.
+__global__ void k_head_rmsnorm(float* x, float* saved, float* rstd, const float* w, int64_t count, int64_t stride,
+                               int64_t heads, int64_t hd, float eps) {
+  GRID_LOOP(q, count) {
+    float* v = x + (q / heads) * stride + (q % heads) * hd;
+    float* keep = saved + q * hd;
+    double ss = 0.0;
+    for (int64_t c = 0; c < hd; ++c) {
+      keep[c] = v[c];
+      ss += static_cast<double>(v[c]) * v[c];
+    }
+    const float rs = static_cast<float>(1.0 / sqrt(ss / hd + eps));
+    for (int64_t c = 0; c < hd; ++c) v[c] = keep[c] * rs * w[c];
+    rstd[q] = rs;
+  }
+}
+__global__ void k_head_rmsnorm_backward(float* dx, const float* saved, const float* w, const float* rstd, int64_t count,
+                                        int64_t stride, int64_t heads, int64_t hd) {
+  GRID_LOOP(q, count) {
+    float* g = dx + (q / heads) * stride + (q % heads) * hd;
+    const float* x = saved + q * hd;
+    const float rs = rstd[q];
+    double sum = 0.0;
+    for (int64_t c = 0; c < hd; ++c) sum += static_cast<double>(g[c] * w[c]) * (x[c] * rs);
+    const float m2 = static_cast<float>(sum / hd);
+    for (int64_t c = 0; c < hd; ++c) g[c] = rs * (g[c] * w[c] - x[c] * rs * m2);
+  }
+}
+// The weight's gradient: one thread per column c, summing over the vectors in order (before k_head_rmsnorm_backward
+// overwrites the output gradient).
+__global__ void k_head_rmsnorm_dweight(float* dw, const float* dx, const float* saved, const float* rstd,
+                                       int64_t count, int64_t stride, int64_t heads, int64_t hd) {
+  GRID_LOOP(c, hd) {
+    float acc = 0.f;
+    for (int64_t q = 0; q < count; ++q)
+      acc += dx[(q / heads) * stride + (q % heads) * hd + c] * saved[q * hd + c] * rstd[q];
+    dw[c] += acc;
   }
 }
 
@@ -676,25 +795,28 @@ class CudaBackend final : public Backend {
   // ---- routing ---------------------------------------------------------------------------------------------------
   void route(const RouterShape& s, const float* logits, float* probs, const RoutingState& st) override {
     const int64_t n = s.tokens(), e = s.experts;
-    launch1(k_router_softmax_rows, n, "router softmax", logits, probs, st.lse, n, e);
+    if (s.sigmoid) launch1(k_router_sigmoid_rows, n, "router sigmoid", logits, probs, st.lse, n, e);
+    else launch1(k_router_softmax_rows, n, "router softmax", logits, probs, st.lse, n, e);
     const RouteScratch scratch = route_scratch(s);
     if (s.expert_choice) {
-      k_route_expert_choice<<<1, 1>>>(probs, st, scratch, s.batch, s.seq, e, s.capacity);
+      k_route_expert_choice<<<1, 1>>>(probs, st, scratch, s);
     } else {
       launch1(k_topk, n, "top-k", probs, st, n, e, s.top_k);
-      k_route_token_choice<<<1, 1>>>(probs, st, scratch, n, e, s.top_k, s.capacity, s.renormalize);
+      k_route_token_choice<<<1, 1>>>(probs, st, scratch, s);
     }
     MOELAB_LAUNCH("route");
   }
   void router_statistics(const RouterShape& s, const float* logits, const float* probs, const RoutingState& st,
                          double* out) override {
-    k_router_statistics<<<1, 1>>>(logits, probs, st, out, s.tokens(), s.experts, s.expert_choice);
+    k_router_statistics<<<1, 1>>>(logits, probs, st, out, s);
     MOELAB_LAUNCH("router_statistics");
   }
-  void router_backward(const RouterShape& s, float* dlogits, const float* probs, const float* dweight,
-                       const RoutingState& st, float aux_scale, float z_scale) override {
-    launch1(k_router_backward, s.tokens(), "router_backward", dlogits, probs, dweight, st, s.tokens(), s.experts,
-            s.top_k, s.expert_choice, s.renormalize, aux_scale, z_scale);
+  void router_backward(const RouterShape& s, float* dlogits, const float* logits, const float* probs,
+                       const float* dweight, const RoutingState& st, const RouterLossScales& scales) override {
+    launch1(k_router_backward, s.tokens(), "router_backward", dlogits, logits, probs, dweight, st, s, scales);
+  }
+  void jitter(float* out, const float* in, int64_t n, uint64_t seed, float eps) override {
+    launch1(k_jitter, n, "jitter", out, in, n, seed, eps);
   }
 
   // ---- reductions --------------------------------------------------------------------------------------------------
@@ -724,6 +846,19 @@ class CudaBackend final : public Backend {
     launch1(k_norm_backward_params, cols, "rmsnorm_backward", dw, static_cast<float*>(nullptr), dout, in,
             static_cast<const float*>(nullptr), rstd, rows, cols, true);
   }
+  void head_rmsnorm_forward(float* x, float* saved, float* rstd, const float* weight, int64_t rows,
+                            int64_t row_stride, int64_t heads, int64_t head_dim, float eps) override {
+    launch1(k_head_rmsnorm, rows * heads, "head_rmsnorm", x, saved, rstd, weight, rows * heads, row_stride, heads,
+            head_dim, eps);
+  }
+  void head_rmsnorm_backward(float* dx, float* dweight, const float* saved, const float* weight, const float* rstd,
+                             int64_t rows, int64_t row_stride, int64_t heads, int64_t head_dim) override {
+    launch1(k_head_rmsnorm_dweight, head_dim, "head_rmsnorm dweight", dweight, dx, saved, rstd, rows * heads,
+            row_stride, heads, head_dim);
+    launch1(k_head_rmsnorm_backward, rows * heads, "head_rmsnorm_backward", dx, saved, weight, rstd, rows * heads,
+            row_stride, heads, head_dim);
+  }
+
   void causal_softmax_forward(float* scores, float scale, int64_t count, int64_t seq) override {
     if (count * seq > 0) k_softmax_rows<<<static_cast<unsigned>(count * seq), kThreads>>>(scores, seq, scale, seq, true);
     MOELAB_LAUNCH("causal_softmax_forward");

@@ -239,7 +239,8 @@ class StrictBackend final : public Backend {
                           static_cast<const void*>(r.token_offsets), static_cast<const void*>(r.token_rows),
                           static_cast<const void*>(r.topk_expert), static_cast<const void*>(r.topk_prob),
                           static_cast<const void*>(r.topk_row), static_cast<const void*>(r.lse),
-                          static_cast<const void*>(r.assigned_fraction), static_cast<const void*>(r.mean_prob)})
+                          static_cast<const void*>(r.assigned_fraction), static_cast<const void*>(r.mean_prob),
+                          static_cast<const void*>(r.seq_fraction), static_cast<const void*>(r.selection_bias)})
       own(p, what);
   }
   void route(const RouterShape& shape, const float* logits, float* probs, const RoutingState& state) override {
@@ -254,12 +255,17 @@ class StrictBackend final : public Backend {
     own(out, "router_statistics out");
     inner_->router_statistics(shape, logits, probs, state, out);
   }
-  void router_backward(const RouterShape& shape, float* dlogits, const float* probs, const float* dweight,
-                       const RoutingState& state, float aux_scale, float z_scale) override {
+  void router_backward(const RouterShape& shape, float* dlogits, const float* logits, const float* probs,
+                       const float* dweight, const RoutingState& state, const RouterLossScales& scales) override {
     const Open open(*this);
-    own(dlogits, "router_backward"), own(probs, "router_backward"), own(dweight, "router_backward");
-    own(state, "routing state");
-    inner_->router_backward(shape, dlogits, probs, dweight, state, aux_scale, z_scale);
+    own(dlogits, "router_backward"), own(logits, "router_backward"), own(probs, "router_backward");
+    own(dweight, "router_backward"), own(state, "routing state");
+    inner_->router_backward(shape, dlogits, logits, probs, dweight, state, scales);
+  }
+  void jitter(float* out, const float* in, int64_t n, uint64_t seed, float eps) override {
+    const Open open(*this);
+    own(out, n, "jitter"), own(in, n, "jitter");
+    inner_->jitter(out, in, n, seed, eps);
   }
 
   // ---- reductions -------------------------------------------------------------------------------------------------
@@ -296,6 +302,21 @@ class StrictBackend final : public Backend {
     own(din, "rmsnorm_backward"), own(dweight, "rmsnorm_backward"), own(dout, "rmsnorm_backward");
     own(in, "rmsnorm_backward"), own(weight, "rmsnorm_backward"), own(rstd, "rmsnorm_backward");
     inner_->rmsnorm_backward(din, dweight, dout, in, weight, rstd, rows, cols);
+  }
+  void head_rmsnorm_forward(float* x, float* saved, float* rstd, const float* weight, int64_t rows,
+                            int64_t row_stride, int64_t heads, int64_t head_dim, float eps) override {
+    const Open open(*this);
+    own(x, (rows - 1) * row_stride + heads * head_dim, "head_rmsnorm"), own(saved, rows * heads * head_dim, "head_rmsnorm");
+    own(rstd, rows * heads, "head_rmsnorm"), own(weight, head_dim, "head_rmsnorm");
+    inner_->head_rmsnorm_forward(x, saved, rstd, weight, rows, row_stride, heads, head_dim, eps);
+  }
+  void head_rmsnorm_backward(float* dx, float* dweight, const float* saved, const float* weight, const float* rstd,
+                             int64_t rows, int64_t row_stride, int64_t heads, int64_t head_dim) override {
+    const Open open(*this);
+    own(dx, (rows - 1) * row_stride + heads * head_dim, "head_rmsnorm_backward");
+    own(dweight, head_dim, "head_rmsnorm_backward"), own(saved, rows * heads * head_dim, "head_rmsnorm_backward");
+    own(weight, head_dim, "head_rmsnorm_backward"), own(rstd, rows * heads, "head_rmsnorm_backward");
+    inner_->head_rmsnorm_backward(dx, dweight, saved, weight, rstd, rows, row_stride, heads, head_dim);
   }
   void causal_softmax_forward(float* scores, float scale, int64_t count, int64_t seq) override {
     const Open open(*this);
