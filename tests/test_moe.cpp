@@ -28,6 +28,7 @@ struct MoeFixture {
   Buffer g_router, g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b, g_sh1_w, g_sh1_b, g_sh2_w, g_sh2_b;
   Buffer logits, probs, x_sorted, pre, act, y_sorted, sh_pre, sh_act;
   Buffer d_x_sorted, d_pre, d_act, d_y_sorted, d_weight, d_logits, d_sh_pre, d_sh_act, ones;
+  Buffer router_in, d_router_in, selection_bias;  // router jitter; bias balancing
   Routing routing;
   MoeStats stats;
 
@@ -52,6 +53,7 @@ struct MoeFixture {
     d_weight = Buffer({R}), d_logits = Buffer({N, E}), ones = Buffer({R});
     std::fill(ones.data.begin(), ones.data.end(), 1.f);
     if (S > 0) sh_pre = Buffer({N, SP}), sh_act = Buffer({N, S}), d_sh_pre = Buffer({N, SP}), d_sh_act = Buffer({N, S});
+    if (d.router_jitter > 0) router_in = Buffer({N, C}), d_router_in = Buffer({N, C});
     routing.reserve(be, d);
   }
   // The routing's rows as (token, expert) pairs, downloaded.
@@ -71,11 +73,12 @@ struct MoeFixture {
             opt(g_sh2_w), opt(g_sh2_b)};
   }
   MoeActivations acts() {
-    return {logits.t(), probs.t(), x_sorted.t(), pre.t(), act.t(), y_sorted.t(), opt(sh_pre), opt(sh_act)};
+    return {logits.t(), probs.t(), x_sorted.t(), pre.t(), act.t(), y_sorted.t(), opt(sh_pre), opt(sh_act), Tensor(),
+            Tensor(), opt(router_in)};
   }
   MoeScratch scratch() {
     return {d_x_sorted.t(), d_pre.t(), d_act.t(), d_y_sorted.t(), d_weight.t(), d_logits.t(), opt(d_sh_pre),
-            opt(d_sh_act), ones.t()};
+            opt(d_sh_act), ones.t(), Tensor(), Tensor(), opt(d_router_in)};
   }
   void forward(Backend& be, Tensor out, Tensor in) { moe_forward(be, d, out, in, weights(), acts(), routing, stats); }
   void backward(Backend& be, Tensor din, Tensor dout, Tensor in, float scale = 1.f) {
@@ -208,6 +211,12 @@ struct FdCase {
   bool renormalize, bias;
   int64_t shared;
   FfnKind ffn;
+  // The newer router options (moe.score, gate_scale, balance = "bias", seq_aux_loss_weight, router_jitter).
+  ScoreKind score = ScoreKind::Softmax;
+  float gate_scale = 1.f;
+  bool selection_bias = false;
+  float seq_aux = 0.f;
+  float jitter = 0.f;
 };
 void PrintTo(const FdCase& c, std::ostream* os) { *os << c.name; }
 
@@ -223,7 +232,18 @@ TEST_P(MoeFd, GradientsThroughRouterDispatchAndExperts) {
   d.shared_hidden = fc.shared * fc.hidden;
   d.aux_loss_weight = 0.3f;  // large, so the auxiliary gradients are visible next to the main term
   d.z_loss_weight = 0.2f;
+  d.score = fc.score;
+  d.gate_scale = fc.gate_scale;
+  d.balance_bias = fc.selection_bias;
+  d.seq_aux_loss_weight = fc.seq_aux;
+  d.router_jitter = fc.jitter;
+  d.jitter_seed = fc.jitter > 0 ? 0x5eed : 0;  // the same noise in every forward of the check
   MoeFixture f(*be, d, rng);
+  if (fc.selection_bias) {  // a bias that changes some choices: the gradient must not flow through it
+    std::vector<float> bias(d.experts);
+    fill_normal(bias.data(), d.experts, rng, 0.3f);
+    be->upload(f.routing.selection_bias.data(), bias.data(), d.experts);
+  }
   const int64_t N = d.tokens(), C = d.d_model;
   Buffer x({N, C}), out({N, C}), dout({N, C}), dx({N, C});
   fill_normal(x.data.data(), N * C, rng);
@@ -240,8 +260,7 @@ TEST_P(MoeFd, GradientsThroughRouterDispatchAndExperts) {
     out.zero();
     f.forward(*be, out.t(), x.t());
     flips += f.rows(*be) != rows0;
-    return testing::dot(out.data.data(), dout.data.data(), N * C) + d.aux_loss_weight * f.stats.aux_loss +
-           d.z_loss_weight * f.stats.z_loss;
+    return testing::dot(out.data.data(), dout.data.data(), N * C) + f.stats.weighted_aux(d);
   };
   std::vector<std::pair<std::string, std::pair<Tensor, Tensor>>> pairs = {
       {"x", {x.t(), dx.t()}}, {"router", {f.router.t(), f.g_router.t()}}, {"fc1", {f.fc1_w.t(), f.g_fc1_w.t()}},
@@ -262,7 +281,19 @@ INSTANTIATE_TEST_SUITE_P(
         FdCase{"token_choice_top2_renormalized", RouterKind::TokenChoice, 4, 2, 5, 0.0, true, false, 0, FfnKind::Gelu},
         FdCase{"expert_choice_shared", RouterKind::ExpertChoice, 4, 2, 5, 1.0, false, false, 1, FfnKind::SwiGLU},
         // G = 2: expansion 2 x G 2 = 4 experts of half size, top 1 x G = 2.
-        FdCase{"fine_grained_g2", RouterKind::TokenChoice, 4, 2, 3, 0.0, false, false, 0, FfnKind::Gelu}),
+        FdCase{"fine_grained_g2", RouterKind::TokenChoice, 4, 2, 3, 0.0, false, false, 0, FfnKind::Gelu},
+        // DeepSeek-V3's router: sigmoid scores (normalised over the chosen), gate scale, a selection bias, the
+        // sequence-level loss; then with the Switch aux loss and capacity; then router jitter (fixed noise).
+        FdCase{"sigmoid_bias_seq_aux_gate_scale", RouterKind::TokenChoice, 5, 2, 4, 0.0, false, false, 1,
+               FfnKind::SwiGLU, ScoreKind::Sigmoid, 2.5f, true, 0.4f},
+        FdCase{"sigmoid_capacity_aux", RouterKind::TokenChoice, 4, 2, 5, 0.75, false, true, 0, FfnKind::Gelu,
+               ScoreKind::Sigmoid, 1.f, false, 0.2f},
+        FdCase{"softmax_bias_seq_aux_renormalized", RouterKind::TokenChoice, 4, 2, 5, 0.0, true, false, 0,
+               FfnKind::Gelu, ScoreKind::Softmax, 1.5f, true, 0.4f},
+        FdCase{"router_jitter", RouterKind::TokenChoice, 4, 2, 5, 0.0, false, false, 0, FfnKind::Gelu,
+               ScoreKind::Softmax, 1.f, false, 0.f, 0.1f},
+        FdCase{"expert_choice_sigmoid", RouterKind::ExpertChoice, 4, 2, 5, 1.0, false, false, 0, FfnKind::Gelu,
+               ScoreKind::Sigmoid, 2.f}),
     [](const ::testing::TestParamInfo<FdCase>& info) { return std::string(info.param.name); });
 
 ModelConfig small_moe_model(RouterKind router) {
@@ -307,7 +338,10 @@ TEST(MoeModel, ExpertChoiceIsCausal) {
 }
 
 TEST(MoeModel, WholeModelGradientsMatchFiniteDifferences) {
-  for (RouterKind router : {RouterKind::TokenChoice, RouterKind::ExpertChoice}) {
+  // Token choice, expert choice, then the newer options together: a dense first layer, QK-norm, sigmoid scores with
+  // a gate scale, bias balancing (biases set, not updated) and the sequence-level loss.
+  for (int variant = 0; variant < 3; ++variant) {
+    const RouterKind router = variant == 1 ? RouterKind::ExpertChoice : RouterKind::TokenChoice;
     ModelConfig m = small_moe_model(router);
     m.d_model = 8;
     m.d_ff = 12;
@@ -316,11 +350,35 @@ TEST(MoeModel, WholeModelGradientsMatchFiniteDifferences) {
     m.moe.aux_loss_weight = 0.1;
     m.moe.z_loss_weight = 0.05;
     m.init_std = 0.3;
+    if (variant == 2) {
+      m.n_layers = 3;
+      m.moe.every = 1;
+      m.moe.first_dense = 1;  // layers 1 and 2 are MoE
+      m.qk_norm = true;
+      m.moe.score = ScoreKind::Sigmoid;
+      m.moe.gate_scale = 2.0;
+      m.moe.balance = BalanceKind::Bias;
+      m.moe.seq_aux_loss_weight = 0.2;
+    }
     auto be = testing::make_test_backend(2);
     const int64_t B = 3;
     Transformer model(m, *be, B);
     model.init_weights(3);
     Rng rng(4);
+    if (variant == 2) {
+      std::map<int64_t, std::vector<float>> biases;
+      for (int64_t layer : {1, 2}) {
+        biases[layer].resize(m.moe.experts);
+        fill_normal(biases[layer].data(), m.moe.experts, rng, 0.2f);
+      }
+      model.set_router_biases(biases);
+      for (const auto& e : model.layout().entries())  // QK-norm weights away from 1
+        if (e.name.find("_norm.weight") != std::string::npos && e.name.find("attn.") != std::string::npos) {
+          std::vector<float> w(e.shape.numel());
+          fill_normal(w.data(), e.shape.numel(), rng, 0.2f, 1.f);
+          be->upload(model.params() + e.offset, w.data(), e.shape.numel());
+        }
+    }
     std::vector<int32_t> tokens(B * m.seq_len), targets(B * m.seq_len);
     for (auto& t : tokens) t = static_cast<int32_t>(rng.below(m.vocab_size));
     for (auto& t : targets) t = static_cast<int32_t>(rng.below(m.vocab_size));
@@ -329,10 +387,12 @@ TEST(MoeModel, WholeModelGradientsMatchFiniteDifferences) {
     model.backward();
     std::vector<std::pair<std::string, std::pair<Tensor, Tensor>>> pairs;
     for (const auto& e : model.layout().entries())
-      if (e.name.find("moe") != std::string::npos || e.name.find("layers.0.ffn") != std::string::npos)
+      if (e.name.find("moe") != std::string::npos || e.name.find("layers.0.ffn") != std::string::npos ||
+          e.name.find("_norm.weight") != std::string::npos || e.name.find("attn.qkv") != std::string::npos)
         pairs.push_back({e.name, {model.layout().view(model.params(), e.name), model.layout().view(model.grads(), e.name)}});
     auto loss = [&] { return model.forward(tokens.data(), targets.data(), B) + model.last_aux_loss(); };
-    testing::check_gradients(router == RouterKind::TokenChoice ? "model token choice" : "model expert choice", pairs,
+    testing::check_gradients(variant == 2 ? "model sigmoid, bias, seq aux, qk-norm, first dense"
+                             : router == RouterKind::TokenChoice ? "model token choice" : "model expert choice", pairs,
                              loss, rng, 24, {.eps = 1e-3, .rtol = 3e-2, .atol_frac = 3e-3}, be.get());
   }
 }

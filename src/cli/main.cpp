@@ -47,6 +47,10 @@ int main(int argc, char** argv) {
   train->add_flag("--resume", resume,
                   "continue from <train.out_dir>/checkpoint (bit-identical to an uninterrupted run); without it an "
                   "existing checkpoint is an error");
+  std::string init_from;
+  train->add_option("--init-from", init_from,
+                    "start from the weights of this run or checkpoint directory (train.init_from); a dense source "
+                    "initialises every expert of an MoE config from its FFN (sparse upcycling)");
   train->footer(
       "Example:\n  moelab train --config configs/dense-tiny.toml --set train.steps=200 --set train.threads=2\n"
       "Writes <train.out_dir>/config.toml (the resolved config) and metrics.jsonl (one JSON line per step).");
@@ -84,6 +88,7 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   try {
     if (train->parsed()) {
+      if (!init_from.empty()) overrides.push_back("train.init_from=" + init_from);
       const moelab::Config cfg = moelab::load_config(config_path, overrides);
       moelab::run_training(cfg, std::cout, resume);
       return 0;

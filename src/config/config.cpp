@@ -229,6 +229,9 @@ const std::vector<KeyDef>& schema() {
                  "model FLOPs in the logs: exact, kaplan, chinchilla, abnar, abnar_router or krajewski"),
       float_key("train.peak_flops", [](Config& c) -> double& { return c.train.peak_flops; }, 0, kInf,
                 "FLOP/s for MFU; 0: measure this machine's fp32 GEMM peak at start-up (about 1 s)"),
+      string_key("train.init_from", [](Config& c) -> std::string& { return c.train.init_from; },
+                 "start from the weights of this checkpoint or run directory instead of a random init; a dense "
+                 "source's FFN becomes every expert of an MoE target (sparse upcycling, docs/moe.md)"),
       string_key("train.out_dir", [](Config& c) -> std::string& { return c.train.out_dir; },
                  "run directory: resolved config and metrics.jsonl are written here"),
       // [data]

@@ -102,6 +102,7 @@ struct TrainConfig {
   std::string flops_convention = "exact";  // how model FLOPs are counted in the logs (docs/counting.md)
   double peak_flops = 0;  // FLOP/s that MFU is measured against; 0: measure the fp32 GEMM peak at start
   std::string out_dir = "runs/default";
+  std::string init_from;  // a checkpoint or run directory whose weights start the run (sparse upcycling)
 };
 
 struct DataConfig {

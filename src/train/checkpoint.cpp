@@ -79,6 +79,12 @@ std::vector<std::string> SafetensorsFile::names() const {
   return out;
 }
 
+Shape SafetensorsFile::shape(const std::string& name) const {
+  auto it = index_.find(name);
+  if (it == index_.end()) throw Error("'" + path_ + "' has no tensor '" + name + "'");
+  return it->second.shape;
+}
+
 void SafetensorsFile::read(const std::string& name, const Shape& expected, float* dst) const {
   auto it = index_.find(name);
   if (it == index_.end())

@@ -34,6 +34,7 @@ class SafetensorsFile {
  public:
   explicit SafetensorsFile(const std::string& path);
   bool has(const std::string& name) const { return index_.count(name) != 0; }
+  Shape shape(const std::string& name) const;  // of a tensor that has(name)
   // Copies tensor `name` into dst after checking its dtype (F32) and shape.
   void read(const std::string& name, const Shape& expected, float* dst) const;
   std::vector<std::string> names() const;

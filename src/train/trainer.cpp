@@ -190,6 +190,14 @@ void Trainer::load(const std::string& dir) {
   data_rng_.set_state(st.data_rng);
 }
 
+InitFromReport Trainer::init_from(const std::string& source) {
+  std::vector<float> full = gather_full(std::as_const(*model_).params());
+  const InitFromReport report = init_from_checkpoint(source, config_.model, model_->full_layout(), full);
+  const std::vector<float> local = ep_group_ ? model_->local_from_full(full) : std::move(full);
+  backend_.upload(model_->params(), local.data(), static_cast<int64_t>(local.size()));
+  return report;
+}
+
 // The router's selection biases come too: they are part of how the trained model routes.
 void Trainer::load_weights(const std::string& dir) {
   model_->set_router_biases(load_into(dir, /*optimizer_state=*/false).router_bias);
@@ -362,8 +370,15 @@ TrainSummary run_training(const Config& config, std::ostream& lead_log, bool res
     trainer.load(existing);
     if (lead) truncate_metrics(out_dir / "metrics.jsonl", trainer.steps_done());
     log << "resuming from " << existing << " at step " << trainer.steps_done() << "\n";
-  } else if (lead) {
-    std::filesystem::remove(out_dir / "metrics.jsonl");
+  } else {
+    if (lead) std::filesystem::remove(out_dir / "metrics.jsonl");
+    if (!config.train.init_from.empty()) {
+      const InitFromReport r = trainer.init_from(config.train.init_from);
+      log << "initialised from " << r.checkpoint << ": " << r.copied << " tensors copied";
+      if (r.upcycled > 0) log << ", " << r.upcycled << " expert tensors upcycled from the dense FFNs";
+      if (!r.fresh.empty()) log << ", " << r.fresh.size() << " (routers, shared experts) at the configured init";
+      log << "\n";
+    }
   }
   std::ofstream metrics;  // rank 0's; an unopened stream (writes go nowhere) on the others
   if (lead) {

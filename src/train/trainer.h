@@ -16,6 +16,7 @@
 #include "model/transformer.h"
 #include "optim/adamw.h"
 #include "train/checkpoint.h"
+#include "train/init_from.h"
 
 namespace moelab {
 
@@ -66,6 +67,9 @@ class Trainer {
   void load(const std::string& dir);
   // Loads only the weights of a checkpoint; optimizer moments, step count and sampler stay fresh (fine-tuning).
   void load_weights(const std::string& dir);
+  // Starts from another run's weights, upcycling a dense FFN into experts where the model is MoE
+  // (train/init_from.h); optimizer, step count and sampler stay fresh.
+  InitFromReport init_from(const std::string& source);
 
   Transformer& model() { return *model_; }
   AdamW& optimizer() { return *optimizer_; }
