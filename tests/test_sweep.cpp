@@ -448,3 +448,47 @@ TEST(SweepRun, MixesOneProcessAndMultiProcessRuns) {
 
 }  // namespace
 }  // namespace moelab
+
+namespace moelab {
+namespace {
+
+// [vary]: the routing options as sweep dimensions. Every MoE run is repeated per combination (named and grouped by
+// it), the dense baseline once; then the sweep trains every run.
+TEST(SweepVary, BalanceAndScoreVariantsPlanAndRun) {
+  const fs::path dir = temp_dir("sweep_vary");
+  const fs::path data = make_data(dir / "data");
+  const std::string spec = base_spec(data, "list") +
+                           "[[run]]\nname = \"moe\"\nsteps = 6\nset = [\"moe.experts=4\", \"moe.top_k=2\"]\n"
+                           "[[run]]\nname = \"dense\"\nsteps = 6\n"
+                           "[vary]\n\"moe.balance\" = [\"aux_loss\", \"bias\"]\n\"moe.score\" = [\"softmax\", \"sigmoid\"]\n";
+  SweepPlan plan = plan_sweep_from_string(spec, "t");
+  ASSERT_EQ(plan.runs.size(), 5u);
+  const PlannedRun& r = find_run(plan, "moe-balance_bias-score_sigmoid");
+  EXPECT_TRUE(r.feasible) << r.reason;
+  EXPECT_EQ(r.config.model.moe.balance, BalanceKind::Bias);
+  EXPECT_EQ(r.config.model.moe.score, ScoreKind::Sigmoid);
+  EXPECT_EQ(r.group, "list-balance_bias-score_sigmoid");
+  EXPECT_EQ(find_run(plan, "moe-balance_aux_loss-score_softmax").config.model.moe.balance, BalanceKind::AuxLoss);
+  EXPECT_FALSE(find_run(plan, "dense").config.model.moe.enabled());
+  EXPECT_NE(error_of([&] { plan_sweep_from_string(spec + "\"moe.nope\" = [1]\n", "t"); }).find("moe.nope"),
+            std::string::npos);
+
+  const fs::path sweep = dir / "sweep";
+  write_plan(plan, sweep.string(), spec);
+  std::ostringstream log;
+  SweepRunOptions options;
+  options.binary = MOELAB_BINARY;
+  options.jobs = 2;
+  options.log = &log;
+  const SweepRunSummary s = run_sweep(sweep.string(), options);
+  EXPECT_EQ(s.ok, 5) << log.str();
+  // The bias variant's metrics carry the bias range and the overload factor.
+  const std::string metrics = read_file((sweep / "runs" / "moe-balance_bias-score_sigmoid" / "metrics.jsonl").string(),
+                                        "metrics");
+  EXPECT_NE(metrics.find("\"bias_max\""), std::string::npos);
+  EXPECT_NE(metrics.find("\"overload\""), std::string::npos);
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace moelab

@@ -400,6 +400,66 @@ std::vector<const PlannedRun*> SweepPlan::feasible_runs() const {
   return out;
 }
 
+// [vary] "section.key" = [values...]: every run of the plan repeated for each combination of the values (keys in
+// spec order, the last varying fastest), as a `set` of the run that no rule overrides. moe.* keys vary MoE runs only
+// (a dense baseline stays one run). Names gain "-<key's last part>_<value>" per key, groups the same suffix, so the
+// fits of one variant never mix with another's.
+static std::vector<Request> vary_requests(const Context& ctx, const toml::table* vary, std::vector<Request> requests) {
+  if (!vary) return requests;
+  std::set<std::string> keys;
+  for (const auto& k : config_keys()) keys.insert(k.name);
+  std::vector<std::pair<std::string, std::vector<std::string>>> dims;
+  for (const auto& [key, node] : *vary) {
+    const std::string name(key.str());
+    if (!keys.count(name))
+      throw Error("sweep spec: [vary] key '" + name + "' is not a config key (see `moelab config --list`)");
+    const toml::array* values = node.as_array();
+    if (!values || values->empty())
+      throw Error("sweep spec: [vary] " + name + " must be a non-empty array of values, e.g. [\"a\", \"b\"]");
+    std::vector<std::string> rendered;
+    for (const auto& v : *values) {
+      if (v.is_string()) rendered.push_back(*v.value<std::string>());
+      else if (v.is_integer()) rendered.push_back(std::to_string(*v.value<int64_t>()));
+      else if (v.is_floating_point()) rendered.push_back(compact_number(*v.value<double>()));
+      else if (v.is_boolean()) rendered.push_back(*v.value<bool>() ? "true" : "false");
+      else throw Error("sweep spec: [vary] " + name + " holds a value that is not a string, number or boolean");
+    }
+    dims.emplace_back(name, rendered);
+  }
+  std::vector<Request> out;
+  for (const Request& r : requests) {
+    bool moe = false;
+    try {
+      Config c = ctx.base;
+      for (const auto& o : r.moe_overrides) apply_override(c, o);
+      for (const auto& o : r.run_overrides) apply_override(c, o);
+      moe = c.model.moe.enabled();
+    } catch (const Error&) {
+      moe = true;  // invalid anyway: planned (and refused) once per variant, with its reason
+    }
+    std::vector<Request> variants = {r};
+    for (const auto& [key, values] : dims) {
+      if (key.rfind("moe.", 0) == 0 && !moe) continue;
+      std::vector<Request> next;
+      const std::string leaf = key.substr(key.rfind('.') + 1);
+      for (const Request& v : variants)
+        for (const std::string& value : values) {
+          Request x = v;
+          x.run_overrides.push_back(key + "=" + value);
+          std::string tag = "-" + leaf + "_" + value;
+          for (char& ch : tag)
+            if (!(std::isalnum(static_cast<unsigned char>(ch)) || ch == '-' || ch == '_' || ch == '.')) ch = '_';
+          x.name += tag;
+          x.group += tag;
+          next.push_back(x);
+        }
+      variants = std::move(next);
+    }
+    out.insert(out.end(), variants.begin(), variants.end());
+  }
+  return out;
+}
+
 SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string& source_name) {
   toml::table root;
   try {
@@ -409,7 +469,8 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
     os << "cannot parse sweep spec " << source_name << " at line " << e.source().begin.line << ": " << e.description();
     throw Error(os.str());
   }
-  Section top(&root, "the spec", {"sweep", "base", "rules", "shape", "isoflop", "fixed_params", "granularity", "run"});
+  Section top(&root, "the spec",
+              {"sweep", "base", "rules", "shape", "isoflop", "fixed_params", "granularity", "run", "vary"});
   Section sweep(sub_table(root, "sweep"), "[sweep]",
                 {"name", "kind", "flops_convention", "checkpoint_every", "dense_baseline", "max_epochs", "processes"});
   SweepPlan plan;
@@ -661,6 +722,8 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
   if (requests.empty()) throw Error("sweep spec: the sweep expands to no runs");
   if (plan.kind == "list" && table_array(root, "run").empty())
     throw Error("sweep spec: kind = \"list\" needs [[run]] tables");
+
+  requests = vary_requests(ctx, sub_table(root, "vary"), std::move(requests));
 
   std::set<std::string> names;
   for (const Request& r : requests) {
