@@ -116,7 +116,8 @@ std::string count_report_table(const ModelConfig& m, const std::string& source, 
   out << "  " << m.n_layers << " layers, d_model " << count(m.d_model) << ", " << m.n_heads << " heads, d_ff "
       << count(m.ffn_hidden()) << ", seq_len " << count(m.seq_len) << ", vocab " << count(m.vocab_size) << "; "
       << to_string(m.ffn) << ", " << to_string(m.norm) << ", " << to_string(m.pos) << ", "
-      << (m.bias ? "biases" : "no biases") << ", " << (m.tied_embeddings ? "tied" : "untied") << " embeddings\n";
+      << (m.bias ? "biases" : "no biases") << ", " << (m.tied_embeddings ? "tied" : "untied") << " embeddings"
+      << (m.qk_norm ? ", QK-norm" : "") << "\n";
 
   out << "\nparameters\n";
   row("total", count(n.total));
@@ -131,8 +132,10 @@ std::string count_report_table(const ModelConfig& m, const std::string& source, 
   if (!m.moe.enabled()) {
     out << ": none (dense)\n";
   } else {
-    out << " (" << to_string(m.moe.router) << ", expert hidden " << count(ModelPlan(m).expert_hidden) << ")\n";
-    row("MoE layers", count(n.moe_layers) + " of " + count(m.n_layers));
+    out << " (" << to_string(m.moe.router) << ", " << to_string(m.moe.score) << " scores, balance "
+        << to_string(m.moe.balance) << ", expert hidden " << count(ModelPlan(m).expert_hidden) << ")\n";
+    row("MoE layers", count(n.moe_layers) + " of " + count(m.n_layers) +
+                          (m.moe.first_dense > 0 ? " (first " + count(m.moe.first_dense) + " dense)" : ""));
     row("routed experts E_total", count(n.routed_experts));
     row("active experts K", count(n.active_experts));
     row("shared experts", count(n.shared_experts));

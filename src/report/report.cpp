@@ -588,16 +588,21 @@ class Builder {
     }
     GnuplotFigure fig(900, 180 + 70 * int(c.router_load.size()));
     fig.add("set title " + gnuplot_quote(title + ": " + pick->name + " (last step)"));
-    fig.add("set xlabel 'expert'\nset ylabel 'layer'\nset cblabel 'tokens routed / uniform share'");
+    fig.add("set xlabel 'expert'\nset ylabel 'MoE layer'\nset cblabel 'share of choices / uniform share'");
     fig.add("set xrange [-0.5:" + fmt("%.1f", experts - 0.5) + "]\nset yrange [-0.5:" +
             fmt("%.1f", c.router_load.size() - 0.5) + "]\nset xtics 1\nset ytics 1\nset grid noxtics noytics");
     fig.add("unset key");
     fig.add("set palette defined (0 '#f7fbff', 1 '#6baed6', 2 '#08306b', 3 '#d7301f')\nset cbrange [0:*]");
     fig.add("plot " + fig.add_data(cells) + " using 1:2:3 with image pixels notitle, '' using 1:2:(sprintf('%.2f', $3)) with "
             "labels font ',9' notitle");
+    std::string overload;
+    for (double o : c.router_overload)
+      if (o > 0) overload += (overload.empty() ? "" : ", ") + fmt("%.2f", o);
     emit("router-load", title,
-         "Tokens each expert received at the last training step, relative to an even split (1.0), per MoE layer, for " +
-             pick->name + ".",
+         "The share of the router's choices each expert got at the last training step, relative to an even split "
+         "(1.0), per MoE layer, for " + pick->name + "." +
+             (overload.empty() ? std::string()
+                               : " Overload factor (most loaded expert / mean) per layer: " + overload + "."),
          fig);
   }
 

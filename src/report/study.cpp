@@ -92,8 +92,13 @@ RunCurves read_run_curves(const std::string& run_dir) {
       curves.train.push_back({tokens, j["loss"].get<double>()});
       if (j.contains("router") && j["router"].is_array() && !j["router"].empty()) {
         curves.router_load.clear();
-        for (const auto& layer : j["router"])
-          curves.router_load.push_back(layer.value("tokens_per_expert", std::vector<double>{}));
+        curves.router_overload.clear();
+        for (const auto& layer : j["router"]) {
+          curves.router_load.push_back(layer.contains("load_fraction")
+                                           ? layer.value("load_fraction", std::vector<double>{})
+                                           : layer.value("tokens_per_expert", std::vector<double>{}));
+          curves.router_overload.push_back(layer.value("overload", 0.0));
+        }
       }
     } else if (j.contains("val_loss") && j["val_loss"].is_number()) {
       val.emplace_back(step, j["val_loss"].get<double>());

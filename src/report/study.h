@@ -20,8 +20,10 @@ namespace moelab {
 struct RunCurves {
   std::vector<std::array<double, 2>> train;  // (tokens seen, training loss) per logged step
   std::vector<std::array<double, 2>> val;    // (tokens seen, validation loss) per evaluation
-  // Router load at the last step that logged it: per MoE layer, tokens routed to each expert.
+  // Router load at the last step that logged it: per MoE layer, the share of the router's choices each expert got
+  // (load_fraction; tokens_per_expert in runs logged before it), and the overload factor max / mean (0: not logged).
   std::vector<std::vector<double>> router_load;
+  std::vector<double> router_overload;
 };
 // Reads <run_dir>/metrics.jsonl; a missing file gives empty curves, a line cut short by a kill is skipped.
 RunCurves read_run_curves(const std::string& run_dir);
