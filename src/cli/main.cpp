@@ -5,6 +5,7 @@
 
 #include "cli/count_command.h"
 #include "cli/data_command.h"
+#include "cli/export_command.h"
 #include "cli/fit_commands.h"
 #include "cli/model_commands.h"
 #include "cli/report_command.h"
@@ -81,6 +82,7 @@ int main(int argc, char** argv) {
   moelab::add_data_commands(*data);
   moelab::add_model_commands(app);
   moelab::add_count_command(app);
+  moelab::add_export_command(app);
   moelab::add_fit_commands(app);
   moelab::add_sweep_commands(app);
   moelab::add_report_command(app);

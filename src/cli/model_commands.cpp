@@ -6,6 +6,7 @@
 
 #include "cli/report_errors.h"
 #include "core/error.h"
+#include "core/io.h"
 #include "eval/finetune.h"
 #include "eval/generate.h"
 #include "eval/inference.h"
@@ -36,6 +37,7 @@ void add_model_commands(CLI::App& app) {
     int threads = 0;
     std::string backend;
     bool json = false;
+    std::string logits_of;
     // downstream tasks
     std::vector<std::string> tasks;
     std::vector<int64_t> shots{0};
@@ -74,6 +76,10 @@ void add_model_commands(CLI::App& app) {
                    "also record into this SQLite results store (table `downstream`); default: the sweep's "
                    "results.db when the run is <sweep>/runs/<name>");
   eval->add_flag("--no-record", eval_args->no_record, "print only: write neither <run>/downstream.json nor a database");
+  eval->add_option("--logits-of", eval_args->logits_of,
+                   "print the logits of one sequence as JSON {\"tokens\", \"logits\": [position][vocab]}: FILE "
+                   "holds a JSON array of at most seq_len token ids (for comparing with other implementations, "
+                   "e.g. scripts/hf-check.py)");
   eval->footer(
       "Examples:\n"
       "  moelab eval --checkpoint runs/quickstart data/corpus/val data/prepared/ood_code.bin\n"
@@ -85,6 +91,24 @@ void add_model_commands(CLI::App& app) {
       "store's `downstream` table (docs/tasks.md).");
   eval->callback([eval_args] {
     run_reporting_errors([&] {
+      if (!eval_args->logits_of.empty()) {
+        const auto ids =
+            nlohmann::json::parse(read_file(eval_args->logits_of, "token list")).get<std::vector<int32_t>>();
+        LoadedModel lm = load_model(eval_args->checkpoint, eval_args->threads, 1, eval_args->backend);
+        const int64_t T = lm.config.model.seq_len, V = lm.config.model.vocab_size;
+        if (ids.empty() || static_cast<int64_t>(ids.size()) > T)
+          throw Error("--logits-of: give 1 to " + std::to_string(T) + " (model.seq_len) token ids, not " +
+                      std::to_string(ids.size()));
+        std::vector<int32_t> window(T, 0);  // causal: what follows the ids does not change their logits
+        std::copy(ids.begin(), ids.end(), window.begin());
+        lm.model->forward(window.data(), nullptr, 1);
+        const std::vector<float> logits = lm.model->download_logits();
+        nlohmann::json rows = nlohmann::json::array();
+        for (size_t t = 0; t < ids.size(); ++t)
+          rows.push_back(std::vector<float>(logits.begin() + t * V, logits.begin() + (t + 1) * V));
+        std::cout << nlohmann::json{{"tokens", ids}, {"logits", rows}}.dump() << "\n";
+        return;
+      }
       if (eval_args->inputs.empty() && eval_args->tasks.empty())
         throw Error("nothing to evaluate: give text/shard inputs (perplexity) or --tasks NAME... (accuracy); "
                     "see `moelab eval --help`");

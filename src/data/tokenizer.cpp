@@ -332,6 +332,25 @@ int Tokenizer::eos_id() const { return processor_->eos_id(); }
 int Tokenizer::newline_id() const { return newline_id_; }
 std::string Tokenizer::piece(int id) const { return processor_->IdToPiece(id); }
 
+TokenizerVocabulary Tokenizer::vocabulary() const {
+  TokenizerVocabulary v;
+  using Kind = TokenizerVocabulary::Kind;
+  for (int id = 0; id < processor_->GetPieceSize(); ++id) {
+    v.pieces.push_back(processor_->IdToPiece(id));
+    v.scores.push_back(processor_->GetScore(id));
+    v.kinds.push_back(processor_->IsUnknown(id)   ? Kind::Unknown
+                      : processor_->IsControl(id) ? Kind::Control
+                      : processor_->IsUnused(id)  ? Kind::Unused
+                      : processor_->IsByte(id)    ? Kind::Byte
+                                                  : Kind::Normal);
+  }
+  v.unk_id = processor_->unk_id();
+  v.bos_id = processor_->bos_id();
+  v.eos_id = processor_->eos_id();
+  v.pad_id = processor_->pad_id();
+  return v;
+}
+
 void Tokenizer::encode_line(std::string_view line, std::vector<int32_t>& out) const {
   if (line.empty()) return;
   std::vector<int> ids;

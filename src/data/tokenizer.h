@@ -91,6 +91,15 @@ TokenizerTrainStats train_tokenizer(const std::vector<std::string>& inputs, cons
 
 // ----- encoding --------------------------------------------------------------------------------------------------
 
+// The whole vocabulary, as exporters embed it (GGUF's tokenizer.ggml.*): every piece with its score and kind.
+struct TokenizerVocabulary {
+  enum class Kind { Normal, Unknown, Control, Unused, Byte };
+  std::vector<std::string> pieces;
+  std::vector<float> scores;
+  std::vector<Kind> kinds;
+  int unk_id = -1, bos_id = -1, eos_id = -1, pad_id = -1;  // -1: none
+};
+
 class Tokenizer {
  public:
   explicit Tokenizer(const std::string& model_path);
@@ -103,6 +112,7 @@ class Tokenizer {
   int eos_id() const;      // `</s>`, appended after each document in a shard
   int newline_id() const;  // the byte piece <0x0A>
   std::string piece(int id) const;
+  TokenizerVocabulary vocabulary() const;
 
   // Lossless for any valid UTF-8: decode(encode(text)) == text. Each line is encoded on its own (no length
   // limit) and lines are joined by newline_id(). Thread-safe.

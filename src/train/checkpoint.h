@@ -12,46 +12,13 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "core/safetensors.h"
 #include "core/rng.h"
 #include "core/tensor.h"
 #include "config/config.h"
 #include "model/param_layout.h"
 
 namespace moelab {
-
-struct NamedTensor {
-  std::string name;
-  Shape shape;
-  const float* data;
-};
-
-// Writes tensors (F32, row-major) and string metadata in the safetensors format, atomically.
-void write_safetensors(const std::string& path, const std::vector<NamedTensor>& tensors,
-                       const std::map<std::string, std::string>& metadata = {});
-
-// A safetensors file read fully into memory, its header validated against the file size.
-class SafetensorsFile {
- public:
-  explicit SafetensorsFile(const std::string& path);
-  bool has(const std::string& name) const { return index_.count(name) != 0; }
-  Shape shape(const std::string& name) const;  // of a tensor that has(name)
-  // Copies tensor `name` into dst after checking its dtype (F32) and shape.
-  void read(const std::string& name, const Shape& expected, float* dst) const;
-  std::vector<std::string> names() const;
-  const std::map<std::string, std::string>& metadata() const { return metadata_; }
-
- private:
-  struct Entry {
-    std::string dtype;
-    Shape shape;
-    size_t begin = 0, end = 0;
-  };
-  std::string path_;
-  std::string bytes_;
-  size_t data_start_ = 0;
-  std::map<std::string, Entry> index_;
-  std::map<std::string, std::string> metadata_;
-};
 
 struct CheckpointState {
   int64_t step = 0;       // optimizer steps completed

@@ -1,9 +1,12 @@
 #include "train/init_from.h"
 
+#include <cmath>
 #include <filesystem>
+#include <memory>
 #include <set>
 
 #include "core/error.h"
+#include "formats/formats.h"
 #include "model/plan.h"
 #include "train/checkpoint.h"
 
@@ -15,10 +18,11 @@ namespace {
 std::string resolve_checkpoint(const std::string& source) {
   if (!fs::exists(source))
     throw Error("train.init_from = '" + source + "' does not exist; give a run directory or its checkpoint/ directory");
-  if (fs::exists(fs::path(source) / "state.json")) return source;
+  if (fs::exists(fs::path(source) / "state.json") || is_hf_directory(source)) return source;
   const std::string found = find_checkpoint(source);
   if (found.empty())
-    throw Error("train.init_from = '" + source + "' holds no moelab checkpoint (neither state.json nor checkpoint/)");
+    throw Error("train.init_from = '" + source + "' holds no moelab checkpoint (neither state.json nor checkpoint/) "
+                "and no Hugging Face model (config.json with model.safetensors)");
   return found;
 }
 
@@ -35,6 +39,56 @@ Error shape_error(const std::string& dir, const std::string& name, const Shape& 
                target.str() + " in this model; the two configs differ there (compare their config.toml)");
 }
 
+// The tensors a run starts from, by moelab name: a moelab checkpoint's model.safetensors, or a Hugging Face
+// directory's tensors renamed (formats/formats.h).
+class WeightSource {
+ public:
+  WeightSource(const std::string& dir, const ModelConfig& target) {
+    if (fs::exists(fs::path(dir) / "state.json")) {
+      file_ = std::make_unique<SafetensorsFile>((fs::path(dir) / "model.safetensors").string());
+      return;
+    }
+    hf_ = read_hf(dir);
+    // What the tensors cannot say but the function depends on: the config must agree.
+    const auto differs = [&](const std::string& key, double theirs, double ours) {
+      if (std::fabs(theirs - ours) > 1e-12 * std::max(1.0, std::fabs(ours)))
+        throw Error("train.init_from: " + dir + "/config.json has " + key + " = " + std::to_string(theirs) +
+                    " but this config has " + std::to_string(ours) + "; set them equal");
+    };
+    differs("rope_theta (model.rope_theta)", hf_.rope_theta, target.rope_theta);
+    differs("rms_norm_eps (model.norm_eps)", hf_.rms_norm_eps, target.norm_eps);
+    if (target.ffn != FfnKind::SwiGLU || target.norm != NormKind::RMSNorm || target.pos != PosKind::Rope ||
+        target.bias)
+      throw Error("train.init_from: " + dir + " is a " + hf_.architecture +
+                  ", which needs model.ffn = \"swiglu\", model.norm = \"rmsnorm\", model.pos = \"rope\" and "
+                  "model.bias = false in this config");
+    if (hf_.experts_per_token > 0 && target.moe.enabled() &&
+        (hf_.experts_per_token != target.moe.active_experts() || !target.moe.renormalize))
+      throw Error("train.init_from: " + dir + " is a Mixtral routing to " + std::to_string(hf_.experts_per_token) +
+                  " experts with renormalised weights; set moe.top_k accordingly and moe.renormalize = true");
+    if (hf_.tied != target.tied_embeddings)
+      throw Error("train.init_from: " + dir + "/config.json has tie_word_embeddings = " +
+                  (hf_.tied ? "true" : "false") + "; set model.tied_embeddings to match");
+  }
+  std::vector<std::string> names() const {
+    if (file_) return file_->names();
+    std::vector<std::string> out;
+    for (const auto& [n, t] : hf_.tensors) out.push_back(n);
+    return out;
+  }
+  bool has(const std::string& name) const { return file_ ? file_->has(name) : hf_.tensors.count(name) > 0; }
+  Shape shape(const std::string& name) const { return file_ ? file_->shape(name) : hf_.tensors.at(name).first; }
+  void read(const std::string& name, const Shape& shape, float* dst) const {
+    if (file_) return file_->read(name, shape, dst);
+    const auto& v = hf_.tensors.at(name).second;
+    std::copy(v.begin(), v.end(), dst);
+  }
+
+ private:
+  std::unique_ptr<SafetensorsFile> file_;
+  HfWeights hf_;
+};
+
 }  // namespace
 
 InitFromReport init_from_checkpoint(const std::string& source, const ModelConfig& target, const ParamLayout& layout,
@@ -42,7 +96,7 @@ InitFromReport init_from_checkpoint(const std::string& source, const ModelConfig
   InitFromReport report;
   report.checkpoint = resolve_checkpoint(source);
   const std::string dir = report.checkpoint;
-  const SafetensorsFile file((fs::path(dir) / "model.safetensors").string());
+  const WeightSource file(dir, target);
   std::set<std::string> unused;
   for (const auto& n : file.names()) unused.insert(n);
   const ModelPlan plan(target);

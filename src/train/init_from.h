@@ -17,7 +17,8 @@ struct InitFromReport {
 };
 
 // Overwrites `params` (host, laid out by `layout` = the whole target model's, holding its configured init) with
-// the weights of `source` (a checkpoint directory, or a run directory holding one):
+// the weights of `source` (a checkpoint directory, a run directory holding one, or a Hugging Face Llama / Mixtral
+// directory, whose config.json must agree with this config on RoPE base, norm epsilon, tying and routing):
 //  - a tensor of the same name is copied; its shape must agree;
 //  - an MoE layer of the target whose source layer is dense gets the dense FFN in every routed expert: with G > 1
 //    (expert width d_ff / G) the FFN's hidden units are cut into G slices and slice g goes to experts g, g + G, ...
