@@ -192,6 +192,8 @@ TEST_F(ExportTest, HuggingFaceFixturesImportWithTheReferenceLogitsAndExportBack)
     double scale = 0, worst = 0;
     for (double v : want) scale = std::max(scale, std::fabs(v));
     for (size_t i = 0; i < want.size(); ++i) worst = std::max(worst, std::fabs(logits[i] - want[i]));
+    std::printf("transformers-layout %s fixture vs moelab: max |logit difference| %.3g (largest logit %.3g)\n",
+                which.c_str(), worst, scale);
     EXPECT_LT(worst, 2e-5 * scale) << which << ": worst logit difference " << worst << " (largest logit " << scale
                                    << ")";
     // Back out: the same tensors under the same names (the fixture has no tokenizer: one of vocabulary 300).

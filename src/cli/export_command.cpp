@@ -61,7 +61,7 @@ void add_export_command(CLI::App& app) {
                  "<data.dir>/tokenizer.model)");
   ex->footer(
       "Examples:\n"
-      "  moelab export -k runs/quickstart --format gguf --out quickstart.gguf\n"
+      "  moelab export -k runs/swiglu --format gguf --out swiglu.gguf\n"
       "  moelab export -k runs/moe --format hf --out hf/moe    # then: moelab train --init-from hf/moe ...\n"
       "Only SwiGLU, RMSNorm, RoPE, bias-free models with dropless token-choice softmax routing map onto these\n"
       "formats; anything else is refused with the option that does not map.");
