@@ -36,6 +36,10 @@ namespace fs = std::filesystem;
 const std::vector<double> kHoffmannTheta = {6.0073404, 6.0179186, 0.5267228, 0.33917084, 0.2849083};
 // Krajewski et al. 2024, E = 64: {a, alpha, b, beta, g, gamma, c}.
 const std::vector<double> kKrajewski = {18.1, 0.115, 30.8, 0.147, 2.1, 0.58, 0.47};
+// Ludziejewski et al. 2025, Table 3, in this file's signs {a, alpha, delta, gamma, b, beta, omega, zeta, c, E_start,
+// E_max}: the paper's alpha, beta are -0.1889, -0.1775 and its gamma, zeta 0.0098, -0.0259.
+const std::vector<double> kJoint = {35.91, 0.1889, -0.2285, -0.0098, 35.98, 0.1775, 0.5529, 0.0259, 1.3637, 2.0732,
+                                    290.4521};
 
 std::string temp_dir(const std::string& name) {
   const fs::path dir = fs::temp_directory_path() / ("moelab_test_fit_" + name + "_" + std::to_string(::getpid()));
@@ -61,12 +65,14 @@ std::vector<Observation> synthetic(LawKind law, const std::vector<double>& theta
   Rng rng(seed);
   const double granularities[] = {1, 2, 4, 8, 16};
   const double sparsities[] = {0, 0.25, 0.5, 0.75, 0.9, 0.95, 0.98};
+  const double experts[] = {1, 2, 4, 8, 16, 32, 64, 128};
   std::vector<Observation> pts(n);
   for (auto& p : pts) {
     p.N = log_uniform(rng, 1e7, 1e10);
     p.D = log_uniform(rng, 1e8, 1e12);
     if (law == LawKind::Granularity) p.G = granularities[rng.below(5)];
     if (law == LawKind::Sparsity) p.S = sparsities[rng.below(7)];
+    if (law == LawKind::Joint || law == LawKind::Clark) p.A = log_uniform(rng, 5e7, 3e9), p.E = experts[rng.below(8)];
     p.L = law_loss(law, theta, p) * std::exp(noise * rng.normal());
   }
   return pts;
@@ -94,6 +100,10 @@ TEST(Fit, HuberObjectiveGradientMatchesFiniteDifferences) {
       {LawKind::Sparsity,
        law_theta_from_coefficients(LawKind::Sparsity, {400, 0.3, 400, 0.28, 0.5, -0.5, 20, 0.5, 0.2, 1.2}),
        {5.8, 0.31, 6.1, 0.27, -0.8, -0.4, 3.1, 0.45, 0.22, 0.1}},
+      {LawKind::Joint, law_theta_from_coefficients(LawKind::Joint, kJoint),
+       {3.4, 0.2, -0.2, -0.01, 3.7, 0.17, 0.5, 0.02, 0.3, 0.8, 5.5}},
+      {LawKind::Clark, law_theta_from_coefficients(LawKind::Clark, {-0.082, -0.108, 0.009, 1.104, 1.85, 380.0}),
+       {-0.08, -0.1, 0.01, 1.1, 0.5, 6.0}},
   };
   for (const auto& c : cases) {
     const auto pts = synthetic(c.law, c.truth, 40, 0.02, 7);
@@ -169,6 +179,71 @@ TEST(Fit, SparsityRecoversKnownParameters) {
   EXPECT_NEAR(rmse_log(LawKind::Sparsity, fit.theta, pts), 0.003, 0.0006);
   for (const auto& p : synthetic(LawKind::Sparsity, truth, 100, 0.0, 98))
     EXPECT_NEAR(law_loss(LawKind::Sparsity, fit.theta, p) / p.L, 1.0, 0.01) << "N " << p.N << " D " << p.D << " S " << p.S;
+}
+
+TEST(Fit, SaturatedExpertCountAndItsGradient) {
+  // Ê(1) = E_start; Ê grows with E towards E_max.
+  const double ls = std::log(2.0732), lg = std::log(290.4521 - 2.0732);
+  EXPECT_NEAR(saturated_experts(1, ls, lg), 2.0732, 1e-9);
+  EXPECT_NEAR(saturated_experts(32, ls, lg), 29.7042, 1e-3);  // the paper's Table 4 column, recomputed
+  EXPECT_LT(saturated_experts(1e6, ls, lg), 290.4521);
+  EXPECT_GT(saturated_experts(1e6, ls, lg), 289.0);
+  for (double E : {1.0, 8.0, 200.0}) {
+    double ds, dg;
+    const double v = std::log(saturated_experts(E, ls, lg, &ds, &dg)), h = 1e-6;
+    EXPECT_NEAR(ds, (std::log(saturated_experts(E, ls + h, lg)) - std::log(saturated_experts(E, ls - h, lg))) / (2 * h),
+                1e-6) << E;
+    EXPECT_NEAR(dg, (std::log(saturated_experts(E, ls, lg + h)) - std::log(saturated_experts(E, ls, lg - h))) / (2 * h),
+                1e-6) << E;
+    (void)v;
+  }
+}
+
+TEST(Fit, JointRecoversPublishedParameters) {
+  const auto truth = law_theta_from_coefficients(LawKind::Joint, kJoint);
+  const auto pts = synthetic(LawKind::Joint, truth, 300, 0.003, 14);
+  const ParametricFit fit = fit_parametric(LawKind::Joint, pts, 1e-2);
+  const auto got = law_coefficients(LawKind::Joint, fit.theta);
+  // Eleven parameters from 300 noisy points: the N and D exponents to 0.03, the signs of the expert terms, the
+  // residual at the noise level, and the law's predictions to 1% over the sampled range.
+  EXPECT_NEAR(got[1].second, 0.1889, 0.03) << "alpha";
+  EXPECT_NEAR(got[5].second, 0.1775, 0.03) << "beta";
+  EXPECT_LT(got[2].second, 0.0) << "delta (more experts: a smaller N term)";
+  EXPECT_NEAR(rmse_log(LawKind::Joint, fit.theta, pts), 0.003, 0.0006);
+  for (const auto& p : synthetic(LawKind::Joint, truth, 100, 0.0, 97))
+    EXPECT_NEAR(law_loss(LawKind::Joint, fit.theta, p) / p.L, 1.0, 0.01) << "A " << p.A << " D " << p.D << " E " << p.E;
+}
+
+TEST(Fit, ClarkRecoversKnownParameters) {
+  // log10 L = a log10 N + b log10 Ê + c log10 N log10 Ê + d, with Clark et al.'s shape of values.
+  const std::vector<double> coefficients = {-0.082, -0.108, 0.009, 1.104, 1.85, 380.0};
+  const auto truth = law_theta_from_coefficients(LawKind::Clark, coefficients);
+  const auto pts = synthetic(LawKind::Clark, truth, 250, 0.003, 15);
+  const ParametricFit fit = fit_parametric(LawKind::Clark, pts, 1e-2);
+  const auto got = law_coefficients(LawKind::Clark, fit.theta);
+  EXPECT_NEAR(got[0].second, -0.082, 0.005) << "a";
+  EXPECT_NEAR(got[1].second, -0.108, 0.03) << "b";
+  EXPECT_NEAR(got[2].second, 0.009, 0.004) << "c";
+  EXPECT_NEAR(got[3].second, 1.104, 0.05) << "d";
+  EXPECT_NEAR(rmse_log(LawKind::Clark, fit.theta, pts), 0.003, 0.0006);
+  for (const auto& p : synthetic(LawKind::Clark, truth, 100, 0.0, 96))
+    EXPECT_NEAR(law_loss(LawKind::Clark, fit.theta, p) / p.L, 1.0, 0.01);
+}
+
+TEST(Optimize, JointReproducesThePapersComputeOptimalTable) {
+  const auto theta = law_theta_from_coefficients(LawKind::Joint, kJoint);
+  // Ludziejewski et al. 2025, Table 1 at 1e20 FLOPs: E = 1: 1.7B active, 9.7B tokens; E = 32: 669M, 24.9B.
+  const ComputeOptimum dense = joint_optimum(theta, 1e20, 1);
+  EXPECT_EQ(dense.E, 1);
+  EXPECT_NEAR(dense.N / 1.7e9, 1.0, 0.03);
+  EXPECT_NEAR(dense.D / 9.7e9, 1.0, 0.03);
+  const ComputeOptimum moe = joint_optimum(theta, 1e20, 32);
+  EXPECT_EQ(moe.E, 32) << "more experts are better at fixed compute (the paper's Finding 2)";
+  EXPECT_NEAR(moe.N / 669e6, 1.0, 0.03);
+  EXPECT_NEAR(moe.D / 24.9e9, 1.0, 0.03);
+  EXPECT_NEAR(6 * moe.N * moe.D / 1e20, 1.0, 1e-9);
+  std::printf("joint law at 1e20: E=1 N %.4g D %.4g; E=32 N %.4g D %.4g loss %.4f\n", dense.N, dense.D, moe.N, moe.D,
+              moe.loss);
 }
 
 TEST(Fit, IsoflopOptimumStaysWhereTheRunsAre) {

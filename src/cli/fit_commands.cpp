@@ -79,7 +79,7 @@ struct FitOptions {
 
 struct OptimizeOpts {
   std::string fit;
-  double budget = 0, expansion = 0, max_sparsity = 0;
+  double budget = 0, expansion = 0, max_sparsity = 0, max_experts = 0;
   bool json = false;
 };
 
@@ -96,12 +96,12 @@ void add_fit_commands(CLI::App& app) {
   // ---- fit
   auto fo = std::make_shared<FitOptions>();
   auto* fit = app.add_subcommand("fit", "fit a scaling law to run results (CSV or the SQLite results store)");
-  fit->add_option("--law", fo->law, "chinchilla | granularity | sparsity | isoflop")->required();
+  fit->add_option("--law", fo->law, "chinchilla | granularity | sparsity | isoflop | joint | clark")->required();
   fit->add_option("--data", fo->data, "results: a CSV file (header row) or a SQLite db with table `results`")->required();
   fit->add_option("--out", fo->out, "write fit.json here (atomically)");
   fit->add_option("--columns", fo->columns,
                   "map logical columns to file columns, e.g. N=params,D=tokens (defaults: N=params D=tokens "
-                  "G=granularity S=sparsity L=loss C=flops)");
+                  "G=granularity S=sparsity L=loss C=flops A=active_params E=experts)");
   fit->add_option("--holdout", fo->holdout, "hold rows out of the fit and report their RMSE, e.g. 'S>=0.95', 'C==1e20'");
   fit->add_option("--bootstrap", fo->bootstrap, "bootstrap resamples for percentile intervals (0: none)")
       ->check(CLI::Range(0, 100000));
@@ -145,14 +145,17 @@ void add_fit_commands(CLI::App& app) {
   auto* oexp = opt->add_option("--expansion", oo->expansion, "granularity law: expansion rate E (default: the fit's, else 64)");
   auto* osmax = opt->add_option("--max-sparsity", oo->max_sparsity,
                                 "sparsity law: largest S searched (default: the largest in the fitted data)");
+  auto* oemax = opt->add_option("--max-experts", oo->max_experts,
+                                "joint law: largest expert count searched (default: the largest in the fitted data)");
   opt->add_flag("--json", oo->json, "print JSON");
   opt->footer("Example:\n  moelab optimize --fit fit.json --budget 1e20");
-  opt->callback([oo, oexp, osmax]() {
+  opt->callback([oo, oexp, osmax, oemax]() {
     run_reporting_errors([&] {
       OptimizeOptions o;
       o.budget = oo->budget;
       if (oexp->count()) o.expansion = oo->expansion;
       if (osmax->count()) o.max_sparsity = oo->max_sparsity;
+      if (oemax->count()) o.max_experts = oo->max_experts;
       const auto r = optimize_report(load_fit(oo->fit), o);
       std::cout << (oo->json ? r.dump(2) + "\n" : optimize_text(r));
       std::cout.flush();
@@ -181,6 +184,8 @@ void add_fit_commands(CLI::App& app) {
                   << "), D = " << fmt("%.4g", r["D"].get<double>());
         if (r.contains("G")) std::cout << ", G = " << fmt("%g", r["G"].get<double>());
         if (r.contains("S")) std::cout << ", S = " << fmt("%.4f", r["S"].get<double>());
+        if (r.contains("E")) std::cout << ", E = " << fmt("%g", r["E"].get<double>()) << ", N_active = "
+                                      << fmt("%.4g", r["N_active"].get<double>());
         std::cout << "\n  predicted loss " << fmt("%.4f", r["loss"].get<double>());
         if (r.contains("interval")) std::cout << "   " << interval_text(r["interval"]);
         std::cout << "\n";

@@ -143,7 +143,8 @@ ResultTable read_result_table(const std::string& path) {
 }
 
 ColumnMap default_columns() {
-  return {{"N", "params"}, {"D", "tokens"}, {"G", "granularity"}, {"S", "sparsity"}, {"L", "loss"}, {"C", "flops"}};
+  return {{"N", "params"}, {"D", "tokens"}, {"G", "granularity"}, {"S", "sparsity"}, {"L", "loss"}, {"C", "flops"},
+          {"A", "active_params"}, {"E", "experts"}};
 }
 
 ColumnMap parse_column_map(const std::string& spec) {
@@ -155,7 +156,7 @@ ColumnMap parse_column_map(const std::string& spec) {
       throw Error("--columns entry '" + item + "' is not LOGICAL=column, e.g. --columns N=params,D=tokens");
     const std::string key = trim(item.substr(0, eq)), value = trim(item.substr(eq + 1));
     if (!map.count(key))
-      throw Error("--columns: unknown logical column '" + key + "'; use N, D, G, S, L or C");
+      throw Error("--columns: unknown logical column '" + key + "'; use N, D, G, S, L, C, A or E");
     if (value.empty()) throw Error("--columns: empty column name for " + key);
     map[key] = value;
   }
@@ -216,12 +217,18 @@ std::vector<Observation> extract_observations(const ResultTable& table, const Co
         out[r].S = v;
         continue;
       }
-      if (!(v > 0)) throw Error(where + " is not positive; every N, D, G, C and L must be > 0");
+      if (key == "E") {  // routed experts; a dense run (0 in the results store) counts as one expert
+        if (v < 0) throw Error(where + ": the expert count must be >= 0 (0 or 1: dense)");
+        out[r].E = std::max(1.0, v);
+        continue;
+      }
+      if (!(v > 0)) throw Error(where + " is not positive; every N, D, G, C, L and A must be > 0");
       if (key == "N") out[r].N = v;
       else if (key == "D") out[r].D = v;
       else if (key == "G") out[r].G = v;
       else if (key == "C") out[r].C = v;
       else if (key == "L") out[r].L = v;
+      else if (key == "A") out[r].A = v;
     }
   }
   return out;

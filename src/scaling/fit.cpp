@@ -483,6 +483,8 @@ nlohmann::ordered_json fit_observations(const FitRequest& request, const std::ve
       break;
     case LawKind::Sparsity: j["flops_convention"] = "C = 6 N_a D with N_a = (1 - S) N (Abnar et al. 2025 proxy)"; break;
     case LawKind::Isoflop: j["flops_convention"] = "C as given in column '" + request.columns.at("C") + "'"; break;
+    case LawKind::Joint: j["flops_convention"] = "C = 6 N_a D, N_a the active parameters (Ludziejewski et al. 2025)"; break;
+    case LawKind::Clark: j["flops_convention"] = "none: the law has no token term (a fixed token budget)"; break;
   }
   j["n_points"] = train.size();
   j["holdout"] = request.holdout;
@@ -495,6 +497,8 @@ nlohmann::ordered_json fit_observations(const FitRequest& request, const std::ve
     if (c == "S") ranges["S"] = range_json(train, &Observation::S);
     if (c == "C") ranges["C"] = range_json(train, &Observation::C);
     if (c == "L") ranges["L"] = range_json(train, &Observation::L);
+    if (c == "A") ranges["A"] = range_json(train, &Observation::A);
+    if (c == "E") ranges["E"] = range_json(train, &Observation::E);
   }
   j["data_ranges"] = ranges;
   if (request.expansion) j["expansion"] = *request.expansion;

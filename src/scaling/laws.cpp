@@ -34,6 +34,13 @@ const LawSpec kSparsity{LawKind::Sparsity,
                         {"N", "D", "S", "L"},
                         1e-3};
 const LawSpec kIsoflop{LawKind::Isoflop, "isoflop", {}, {"N", "S", "C", "L"}, 0.0};
+const LawSpec kJoint{LawKind::Joint,
+                     "joint",
+                     {"log_a", "alpha", "delta", "gamma", "log_b", "beta", "omega", "zeta", "log_c", "log_e_start",
+                      "log_e_gap"},
+                     {"A", "D", "E", "L"},
+                     1e-2};
+const LawSpec kClark{LawKind::Clark, "clark", {"a", "b", "c", "d", "log_e_start", "log_e_gap"}, {"A", "E", "L"}, 1e-2};
 
 // Cartesian product of per-parameter value lists, first parameter slowest.
 std::vector<std::vector<double>> product(const std::vector<std::vector<double>>& axes) {
@@ -65,7 +72,9 @@ LawKind law_from_string(const std::string& name) {
   if (name == "granularity") return LawKind::Granularity;
   if (name == "sparsity") return LawKind::Sparsity;
   if (name == "isoflop") return LawKind::Isoflop;
-  throw Error("unknown scaling law '" + name + "'; use one of chinchilla, granularity, sparsity, isoflop");
+  if (name == "joint") return LawKind::Joint;
+  if (name == "clark") return LawKind::Clark;
+  throw Error("unknown scaling law '" + name + "'; use one of chinchilla, granularity, sparsity, isoflop, joint, clark");
 }
 
 std::string to_string(LawKind law) { return law_spec(law).name; }
@@ -76,8 +85,20 @@ const LawSpec& law_spec(LawKind law) {
     case LawKind::Granularity: return kGranularity;
     case LawKind::Sparsity: return kSparsity;
     case LawKind::Isoflop: return kIsoflop;
+    case LawKind::Joint: return kJoint;
+    case LawKind::Clark: return kClark;
   }
   throw Error("unknown law");
+}
+
+double saturated_experts(double E, double log_e_start, double log_e_gap, double* dlog_start, double* dlog_gap) {
+  // E_max = E_start + g keeps E_max > E_start; K = (1/E_start - 1/E_max)^-1 = E_start E_max / g.
+  const double es = std::exp(log_e_start), g = std::exp(log_e_gap), em = es + g;
+  const double K = es * es / g + es, P = E - 1 + K;
+  const double inv = 1 / P + 1 / em, hat = 1 / inv;
+  if (dlog_start) *dlog_start = -hat * (-(2 * es / g + 1) / (P * P) - 1 / (em * em)) * es;
+  if (dlog_gap) *dlog_gap = -hat * ((es * es / (g * g)) / (P * P) - 1 / (em * em)) * g;
+  return hat;
 }
 
 double law_log_loss(LawKind law, const double* t, const Observation& x, double* grad) {
@@ -135,6 +156,49 @@ double law_log_loss(LawKind law, const double* t, const Observation& x, double* 
       }
       return v;
     }
+    case LawKind::Joint: {
+      // theta = (log a, alpha, delta, gamma, log b, beta, omega, zeta, log c, log E_start, log(E_max - E_start)),
+      // u = ln Ê, n = ln N_a: log L = LSE(log a + delta u - (alpha + gamma u) n, log b + omega u - (beta + zeta u)
+      // ln D, log c)
+      double du_s, du_g;
+      const double u = std::log(saturated_experts(x.E, t[9], t[10], &du_s, &du_g)), n = std::log(x.A);
+      std::array<double, 3> z{t[0] + t[2] * u - (t[1] + t[3] * u) * n, t[4] + t[6] * u - (t[5] + t[7] * u) * log_d,
+                              t[8]},
+          w;
+      const double v = log_sum_exp(z, w);
+      if (grad) {
+        grad[0] = w[0];
+        grad[1] = -w[0] * n;
+        grad[2] = w[0] * u;
+        grad[3] = -w[0] * u * n;
+        grad[4] = w[1];
+        grad[5] = -w[1] * log_d;
+        grad[6] = w[1] * u;
+        grad[7] = -w[1] * u * log_d;
+        grad[8] = w[2];
+        const double dz_du = w[0] * (t[2] - t[3] * n) + w[1] * (t[6] - t[7] * log_d);
+        grad[9] = dz_du * du_s;
+        grad[10] = dz_du * du_g;
+      }
+      return v;
+    }
+    case LawKind::Clark: {
+      // theta = (a, b, c, d, log E_start, log(E_max - E_start)): ln L = ln 10 (a lg N + b lg Ê + c lg N lg Ê + d)
+      //                                                              = a ln N + b ln Ê + c ln N ln Ê / ln 10 + d ln 10
+      constexpr double kLn10 = 2.302585092994046;
+      double du_s, du_g;
+      const double u = std::log(saturated_experts(x.E, t[4], t[5], &du_s, &du_g)), n = std::log(x.A);
+      if (grad) {
+        grad[0] = n;
+        grad[1] = u;
+        grad[2] = n * u / kLn10;
+        grad[3] = kLn10;
+        const double dv_du = t[1] + t[2] * n / kLn10;
+        grad[4] = dv_du * du_s;
+        grad[5] = dv_du * du_g;
+      }
+      return t[0] * n + t[1] * u + t[2] * n * u / kLn10 + t[3] * kLn10;
+    }
     case LawKind::Isoflop: break;
   }
   throw Error("the isoflop law is a per-budget surface, not a parametric law of (N, D)");
@@ -157,6 +221,13 @@ std::vector<std::pair<std::string, double>> law_coefficients(LawKind law, const 
       return {{"a", std::exp(t[0])}, {"alpha", t[1]}, {"b", std::exp(t[2])}, {"beta", t[3]},
               {"c", std::exp(t[4])}, {"lambda", t[5]}, {"d", std::exp(t[6])}, {"delta", t[7]},
               {"gamma", t[8]},       {"e", std::exp(t[9])}};
+    case LawKind::Joint:
+      return {{"a", std::exp(t[0])}, {"alpha", t[1]}, {"delta", t[2]}, {"gamma", t[3]}, {"b", std::exp(t[4])},
+              {"beta", t[5]},        {"omega", t[6]}, {"zeta", t[7]},  {"c", std::exp(t[8])},
+              {"E_start", std::exp(t[9])}, {"E_max", std::exp(t[9]) + std::exp(t[10])}};
+    case LawKind::Clark:
+      return {{"a", t[0]}, {"b", t[1]}, {"c", t[2]}, {"d", t[3]}, {"E_start", std::exp(t[4])},
+              {"E_max", std::exp(t[4]) + std::exp(t[5])}};
     case LawKind::Isoflop: break;
   }
   return {};
@@ -178,6 +249,15 @@ std::vector<double> law_theta_from_coefficients(LawKind law, const std::vector<d
       need(10);
       return {std::log(c[0]), c[1], std::log(c[2]), c[3], std::log(c[4]), c[5], std::log(c[6]), c[7], c[8],
               std::log(c[9])};
+    case LawKind::Joint:  // {a, alpha, delta, gamma, b, beta, omega, zeta, c, E_start, E_max}
+      need(11);
+      if (!(c[10] > c[9])) throw Error("joint law: E_max must exceed E_start");
+      return {std::log(c[0]), c[1], c[2], c[3], std::log(c[4]), c[5], c[6], c[7], std::log(c[8]), std::log(c[9]),
+              std::log(c[10] - c[9])};
+    case LawKind::Clark:  // {a, b, c, d, E_start, E_max}
+      need(6);
+      if (!(c[5] > c[4])) throw Error("clark law: E_max must exceed E_start");
+      return {c[0], c[1], c[2], c[3], std::log(c[4]), std::log(c[5] - c[4])};
     case LawKind::Isoflop: break;
   }
   throw Error("the isoflop law has no coefficients");
@@ -198,6 +278,16 @@ std::vector<std::vector<double>> default_start_grid(LawKind law) {
       // axis straddles zero, as does delta's.
       return product({{1, 5}, {0.2, 0.6}, {1, 5}, {0.2, 0.6}, {-2, 0}, {-0.5, 0.5}, {-2, 2}, {-0.5, 0.5}, {0.1, 0.4},
                       {-1, 0.5}});
+    case LawKind::Joint:
+      // Around the paper's fit (a 36, alpha 0.19, delta -0.23, b 36, beta 0.18, omega 0.55, c 1.36, E_start 2.1,
+      // E_max 290) and well beyond: 2^7 * 3 = 384 starts; gamma, zeta start at 0, the saturation at the paper's.
+      return product({{2, 5}, {0.15, 0.4}, {-0.3, 0, 0.3}, {0}, {2, 5}, {0.15, 0.4}, {0, 0.5}, {0}, {-1, 0.5},
+                      {std::log(2.0)}, {std::log(300.0)}});
+    case LawKind::Clark:
+      // a, b, c on log10 scales (a ~ -0.08, b ~ -0.03, c ~ 0.005 in Clark et al.'s range), d the log10 intercept:
+      // 3 * 2 * 2 * 3 * 2 * 2 = 144 starts.
+      return product({{-0.15, -0.08, -0.03}, {-0.1, 0}, {0, 0.01}, {0.5, 1, 1.5}, {std::log(1.5), std::log(4.0)},
+                      {std::log(64.0), std::log(512.0)}});
     case LawKind::Isoflop: break;
   }
   return {};

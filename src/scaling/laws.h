@@ -4,6 +4,11 @@
 //   granularity  L(N, D, G) = c + (g / G^gamma + a) / N^alpha + b / D^beta                  (Krajewski et al. 2024)
 //   sparsity     L(N, D, S) = a / N^alpha + b / D^beta + c / (1-S)^lambda
 //                             + d / ((1-S)^delta N^gamma) + e                               (Abnar et al. 2025, Eq. 6)
+//   joint        L(N_a, D, E) = a Ê^delta / N_a^(alpha + gamma ln Ê) + b Ê^omega / D^(beta + zeta ln Ê) + c
+//                                                                          (Ludziejewski et al. 2025, Eq. 4)
+//   clark        log10 L(N_a, E) = a log10 N_a + b log10 Ê + c log10 N_a log10 Ê + d        (Clark et al. 2022)
+// where Ê is the saturating expert count 1/Ê = 1/(E - 1 + (1/E_start - 1/E_max)^-1) + 1/E_max (Ê = E_start for a
+// dense model, E = 1; Ê -> E_max for many experts), E_start and E_max fitted.
 // Each is fitted in log space as log L = LSE(z_1, ..., z_k), one z per additive term, with every coefficient
 // written as the exponential of a free parameter so it stays positive (Hoffmann's parametrisation: A = exp(a)).
 // The fourth "law", isoflop, is a per-budget polynomial surface and lives in fit.h.
@@ -14,16 +19,20 @@
 
 namespace moelab {
 
-enum class LawKind { Chinchilla, Granularity, Sparsity, Isoflop };
+enum class LawKind { Chinchilla, Granularity, Sparsity, Isoflop, Joint, Clark };
 
 LawKind law_from_string(const std::string& name);  // throws Error naming the valid laws
 std::string to_string(LawKind law);
 
 // One training run's final result in the units the law takes: N parameters, D tokens, G granularity,
-// S sparsity in [0, 1), C training FLOPs, L loss (nats per token).
+// S sparsity in [0, 1), C training FLOPs, L loss (nats per token), A active parameters, E routed experts (1: dense).
 struct Observation {
-  double N = 0, D = 0, G = 1, S = 0, C = 0, L = 0;
+  double N = 0, D = 0, G = 1, S = 0, C = 0, L = 0, A = 0, E = 1;
 };
+
+// The saturating expert count Ê(E; E_start, E_max) and d ln Ê / d(log E_start), d ln Ê / d(log (E_max - E_start)).
+double saturated_experts(double E, double log_e_start, double log_e_gap, double* dlog_start = nullptr,
+                         double* dlog_gap = nullptr);
 
 struct LawSpec {
   LawKind kind;
@@ -45,11 +54,15 @@ inline double law_loss(LawKind law, const std::vector<double>& theta, const Obse
 //   chinchilla: E, A, B, alpha, beta, a = beta/(alpha+beta) (N_opt ~ C^a), b = alpha/(alpha+beta), G
 //   granularity: a, alpha, b, beta, g, gamma, c
 //   sparsity: a, alpha, b, beta, c, lambda, d, delta, gamma, e
+//   joint: a, alpha, delta, gamma, b, beta, omega, zeta, c, E_start, E_max (this file's signs: the paper's alpha,
+//          beta are negative, its gamma, zeta the opposite of these)
+//   clark: a, b, c, d, E_start, E_max
 std::vector<std::pair<std::string, double>> law_coefficients(LawKind law, const std::vector<double>& theta);
 
 // Internal theta from the paper's coefficients (the inverse of the first entries of law_coefficients):
 //   chinchilla {E, A, B, alpha, beta}; granularity {a, alpha, b, beta, g, gamma, c};
-//   sparsity {a, alpha, b, beta, c, lambda, d, delta, gamma, e}.
+//   sparsity {a, alpha, b, beta, c, lambda, d, delta, gamma, e}; joint {a, alpha, delta, gamma, b, beta, omega,
+//   zeta, c, E_start, E_max}; clark {a, b, c, d, E_start, E_max}.
 std::vector<double> law_theta_from_coefficients(LawKind law, const std::vector<double>& coefficients);
 
 // The grid of L-BFGS starting points used by default (docs/fitting.md lists them).

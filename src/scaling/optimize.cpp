@@ -87,6 +87,7 @@ LoadedFit load_fit_json(const nlohmann::json& j, const std::string& source) {
     if (j.contains("bootstrap") && j["bootstrap"].contains("thetas"))
       fit.samples = j["bootstrap"]["thetas"].get<std::vector<std::vector<double>>>();
     if (j.contains("data_ranges") && j["data_ranges"].contains("S")) fit.max_sparsity = j["data_ranges"]["S"][1].get<double>();
+    if (j.contains("data_ranges") && j["data_ranges"].contains("E")) fit.max_experts = j["data_ranges"]["E"][1].get<double>();
   } catch (const nlohmann::json::exception& e) {
     throw Error(source + " is not a moelab fit.json (" + e.what() + "); write one with `moelab fit --out`");
   }
@@ -193,6 +194,29 @@ ComputeOptimum sparsity_optimum(const std::vector<double>& theta, double C, doub
   return o;
 }
 
+ComputeOptimum joint_optimum(const std::vector<double>& t, double C, double max_experts) {
+  ComputeOptimum best;
+  best.loss = kInf;
+  for (double E = 1; E <= std::max(1.0, max_experts) * (1 + 1e-9); E *= 2) {
+    const double u = std::log(saturated_experts(E, t[9], t[10]));
+    const double A = std::exp(t[0] + t[2] * u), alpha = t[1] + t[3] * u;
+    const double B = std::exp(t[4] + t[6] * u), beta = t[5] + t[7] * u;
+    if (!(alpha > 0 && beta > 0)) continue;  // no interior optimum at this E
+    ComputeOptimum o;
+    o.C = C, o.E = E;
+    o.N = std::pow(alpha * A / (beta * B), 1 / (alpha + beta)) * std::pow(C / 6, beta / (alpha + beta));
+    o.N_active = o.N;
+    o.D = C / (6 * o.N);
+    Observation x;
+    x.A = o.N, x.D = o.D, x.E = E;
+    o.loss = law_loss(LawKind::Joint, t, x);
+    if (o.loss < best.loss) best = o;
+  }
+  if (!std::isfinite(best.loss))
+    throw Error("the joint fit has no compute optimum: its N and D exponents are not positive at any E");
+  return best;
+}
+
 // ---- shapes ----------------------------------------------------------------------------------------------------
 
 double parameter_count(const ModelConfig& model, const std::string& param_count) {
@@ -221,13 +245,17 @@ ModelShape shape_for(LawKind law, const ComputeOptimum& optimum, double expansio
     } else if (law == LawKind::Sparsity && optimum.S > 0) {
       const auto [experts, k] = experts_for_sparsity(optimum.S);
       if (experts > k) m.moe.experts = experts, m.moe.top_k = k;
+    } else if (law == LawKind::Joint && optimum.E > 1) {  // the paper's Switch-style top-1 routing
+      m.moe.experts = static_cast<int64_t>(std::llround(optimum.E));
+      m.moe.top_k = 1;
     }
     try {
       validate(c);
     } catch (const Error&) {
       continue;
     }
-    const double n = parameter_count(m, param_count);
+    // The joint law's N is the active parameters (embeddings included).
+    const double n = parameter_count(m, law == LawKind::Joint ? "active" : param_count);
     const double err = std::fabs(std::log(n / optimum.N));
     if (err < best_err) best_err = err, best.model = m, best.parameters = n;
   }
@@ -262,6 +290,10 @@ ComputeOptimum law_optimum(const LoadedFit& fit, const std::vector<double>& thet
     case LawKind::Chinchilla: return chinchilla_optimum(theta, C);
     case LawKind::Granularity: return granularity_optimum(theta, C, expansion);
     case LawKind::Sparsity: return sparsity_optimum(theta, C, max_sparsity);
+    case LawKind::Joint: return joint_optimum(theta, C, fit.max_experts);
+    case LawKind::Clark:
+      throw Error("the clark law has no token term (Clark et al. fix the training tokens), so it defines no compute "
+                  "optimum; use --law joint, or `moelab predict` for one model");
     case LawKind::Isoflop: break;
   }
   throw Error("no parametric optimum for an isoflop fit");
@@ -271,6 +303,7 @@ nlohmann::ordered_json optimum_json(const ComputeOptimum& o, LawKind law) {
   nlohmann::ordered_json j{{"N", o.N}, {"N_active", o.N_active}, {"D", o.D}};
   if (law == LawKind::Granularity) j["G"] = o.G, j["n_blocks"] = o.n_blocks, j["d_model"] = 64 * o.n_blocks;
   if (law == LawKind::Sparsity) j["S"] = o.S;
+  if (law == LawKind::Joint) j["E"] = o.E;
   j["loss"] = o.loss;
   j["tokens_per_parameter"] = o.D / o.N;
   j["tokens_per_active_parameter"] = o.D / o.N_active;
@@ -308,7 +341,9 @@ nlohmann::ordered_json optimize_report(const LoadedFit& fit, const OptimizeOptio
   if (fit.law == LawKind::Granularity && !(expansion >= 1))
     throw Error("--expansion must be >= 1, got " + fmt("%g", expansion));
   const double max_s = options.max_sparsity.value_or(fit.max_sparsity);
-  const ComputeOptimum o = law_optimum(fit, fit.theta, C, expansion, max_s);
+  LoadedFit with_limits = fit;
+  if (options.max_experts) with_limits.max_experts = *options.max_experts;
+  const ComputeOptimum o = law_optimum(with_limits, fit.theta, C, expansion, max_s);
 
   nlohmann::ordered_json r;
   r["law"] = to_string(fit.law);
@@ -323,6 +358,11 @@ nlohmann::ordered_json optimize_report(const LoadedFit& fit, const OptimizeOptio
       r["constraint"] = "C = 6 N_a D, N_a = (1 - S) N";
       r["max_sparsity"] = max_s;
       break;
+    case LawKind::Joint:
+      r["constraint"] = "C = 6 N_a D; E over 1, 2, 4, ... up to max_experts";
+      r["max_experts"] = with_limits.max_experts;
+      break;
+    case LawKind::Clark:
     case LawKind::Isoflop: break;
   }
   r["optimum"] = optimum_json(o, fit.law);
@@ -332,9 +372,10 @@ nlohmann::ordered_json optimize_report(const LoadedFit& fit, const OptimizeOptio
     const auto coef = law_coefficients(LawKind::Chinchilla, fit.theta);
     r["exponents"] = {{"N_opt", coef[5].second}, {"D_opt", coef[6].second}, {"kind", "closed form"}};
   } else {
-    // Local exponents d log N_opt / d log C from budgets C / sqrt(10) and C * sqrt(10), G held at the optimum's.
+    // Local exponents d log N_opt / d log C from budgets C / sqrt(10) and C * sqrt(10), G (E) held at the optimum's.
     auto at = [&](double c) {
       return fit.law == LawKind::Granularity ? granularity_optimum_at(fit.theta, c, expansion, o.G)
+             : fit.law == LawKind::Joint     ? joint_optimum(fit.theta, c, o.E)
                                              : sparsity_optimum(fit.theta, c, max_s);
     };
     const ComputeOptimum lo = at(C / std::sqrt(10.0)), hi = at(C * std::sqrt(10.0));
@@ -344,13 +385,14 @@ nlohmann::ordered_json optimize_report(const LoadedFit& fit, const OptimizeOptio
   }
   if (!fit.samples.empty()) {
     std::vector<ComputeOptimum> boot;
-    for (const auto& t : fit.samples) boot.push_back(law_optimum(fit, t, C, expansion, max_s));
+    for (const auto& t : fit.samples) boot.push_back(law_optimum(with_limits, t, C, expansion, max_s));
     nlohmann::ordered_json iv{{"samples", boot.size()},
                               {"N", percentile_json(column(boot, &ComputeOptimum::N))},
                               {"D", percentile_json(column(boot, &ComputeOptimum::D))},
                               {"loss", percentile_json(column(boot, &ComputeOptimum::loss))}};
     if (fit.law == LawKind::Granularity) iv["G"] = percentile_json(column(boot, &ComputeOptimum::G));
     if (fit.law == LawKind::Sparsity) iv["S"] = percentile_json(column(boot, &ComputeOptimum::S));
+    if (fit.law == LawKind::Joint) iv["E"] = percentile_json(column(boot, &ComputeOptimum::E));
     r["intervals"] = iv;
   }
   const ModelShape shape = shape_for(fit.law, o, expansion, fit.param_count);
@@ -387,6 +429,7 @@ std::string optimize_text(const nlohmann::ordered_json& r) {
   line("D (tokens)           ", "D", "%.4g");
   line("G (granularity)      ", "G", "%g");
   line("S (sparsity)         ", "S", "%.4f");
+  line("E (experts)          ", "E", "%g");
   if (o.contains("loss"))
     out << "  predicted loss       " << fmt("%.4f", o["loss"].get<double>())
         << (r.contains("intervals") && r["intervals"].contains("loss") ? interval("loss")
@@ -424,6 +467,8 @@ nlohmann::ordered_json predict_report(const LoadedFit& fit, const ModelConfig& m
   x.D = tokens;
   x.G = static_cast<double>(counts.granularity);
   x.S = counts.sparsity;
+  x.A = static_cast<double>(counts.active);
+  x.E = std::max<double>(1, static_cast<double>(counts.routed_experts));
   nlohmann::ordered_json r;
   r["law"] = to_string(fit.law);
   r["config"] = source;
@@ -432,6 +477,7 @@ nlohmann::ordered_json predict_report(const LoadedFit& fit, const ModelConfig& m
   r["D"] = tokens;
   if (fit.law == LawKind::Granularity) r["G"] = x.G;
   if (fit.law == LawKind::Sparsity) r["S"] = x.S;
+  if (fit.law == LawKind::Joint || fit.law == LawKind::Clark) r["N_active"] = x.A, r["E"] = x.E;
   r["loss"] = law_loss(fit.law, fit.theta, x);
   if (!fit.samples.empty()) {
     std::vector<double> v;

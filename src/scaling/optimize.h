@@ -31,13 +31,14 @@ struct LoadedFit {
   std::string param_count = "nonembedding_total";
   std::optional<double> expansion;           // granularity: E of the fitted runs, when recorded
   double max_sparsity = 0;                   // largest S in the fitted data (sparsity law)
+  double max_experts = 0;                    // largest E in the fitted data (joint law)
   nlohmann::json document;                   // the whole fit.json
 };
 LoadedFit load_fit_json(const nlohmann::json& document, const std::string& source);
 LoadedFit load_fit(const std::string& path);
 
 struct ComputeOptimum {
-  double C = 0, N = 0, D = 0, G = 1, S = 0;
+  double C = 0, N = 0, D = 0, G = 1, S = 0, E = 1;
   double N_active = 0;   // parameters a token touches under the law's FLOP relation
   double n_blocks = 0;   // granularity: the continuous n_blocks of the optimum (d = 64 n_blocks)
   double loss = 0;
@@ -54,11 +55,15 @@ ComputeOptimum granularity_optimum(const std::vector<double>& theta, double C, d
                                    const std::vector<double>& granularities = {});
 
 ComputeOptimum sparsity_optimum(const std::vector<double>& theta, double C, double max_sparsity);
+// Joint law: for each E in {1, 2, 4, ...} up to max_experts, Chinchilla's closed form with the E-dependent
+// coefficients (C = 6 N_a D); the best E kept. N = N_active = the active parameters.
+ComputeOptimum joint_optimum(const std::vector<double>& theta, double C, double max_experts);
 
 struct OptimizeOptions {
   double budget = 0;
   std::optional<double> expansion;     // granularity (default: the fit's, else 64)
   std::optional<double> max_sparsity;  // sparsity (default: the fit's data maximum)
+  std::optional<double> max_experts;   // joint (default: the fit's data maximum)
 };
 
 // The `moelab optimize` report: optimum, bootstrap intervals, exponents, tokens per parameter, model shape.
