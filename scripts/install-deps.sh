@@ -11,7 +11,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 packages=(
   build-essential cmake ninja-build pkg-config git
   libdnnl-dev libopenblas-dev libomp-dev
-  libcli11-dev libtomlplusplus-dev nlohmann-json3-dev libsentencepiece-dev libnlopt-cxx-dev libsqlite3-dev
+  libcli11-dev libtomlplusplus-dev nlohmann-json3-dev libsentencepiece-dev libnlopt-cxx-dev libsqlite3-dev libssl-dev
   libgtest-dev libbenchmark-dev
   gnuplot-nox fonts-dejavu-core chromium python3
   libopenmpi-dev openmpi-bin

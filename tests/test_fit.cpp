@@ -543,3 +543,79 @@ TEST(FitCli, IsoflopFitWritesPerBudgetOptima) {
 
 }  // namespace
 }  // namespace moelab
+
+namespace moelab {
+namespace {
+
+// Runs at three budgets drawn from the joint law with two seeds each (noise 0.004 on log L): the comparison must
+// put the joint law first (chinchilla and clark cannot follow E and D together), give intervals, measure the
+// replicate noise near the truth, record provenance, and optimize from the comparison must warn when it leaves
+// the data.
+TEST(FitCli, CompareRanksTheTrueLawFirstWithIntervalsNoiseAndProvenance) {
+  const std::string dir = temp_dir("compare");
+  const auto truth = law_theta_from_coefficients(LawKind::Joint, kJoint);
+  Rng rng(77);
+  std::ostringstream csv;
+  csv.precision(17);
+  csv << "name,params,active_params,tokens,flops,experts,granularity,sparsity,seed,loss\n";
+  int row = 0;
+  for (double C : {1e18, 4e18, 1.6e19})
+    for (double E : {1.0, 4.0, 16.0, 64.0})
+      for (double A : {3e7, 6e7, 1.2e8, 2.4e8}) {
+        Observation p;
+        p.A = A, p.E = E, p.D = C / (6 * A);
+        const double L = law_loss(LawKind::Joint, truth, p);
+        for (int seed = 1; seed <= 2; ++seed)
+          csv << "r" << row++ << "," << A * E << "," << A << "," << p.D << "," << C << "," << (E == 1 ? 0 : E)
+              << ",1," << (E == 1 ? 0.0 : 1 - 1 / E) << "," << seed << "," << L * std::exp(0.004 * rng.normal())
+              << "\n";
+      }
+  write_file_atomic(dir + "/runs.csv", csv.str());
+  ASSERT_EQ(run_cli({"fit", "--law", "compare", "--data", dir + "/runs.csv", "--bootstrap", "20", "--seed", "1",
+                     "--out", dir + "/compare.json"}),
+            0);
+  const auto j = nlohmann::json::parse(read_file(dir + "/compare.json", "compare"));
+  ASSERT_GE(j["ranking"].size(), 3u);
+  EXPECT_EQ(j["ranking"][0]["law"], "joint");
+  EXPECT_TRUE(j["ranking"][0]["heldout_rmse_interval"].contains("p97.5"));
+  EXPECT_LT(j["ranking"][0]["heldout_rmse"].get<double>(), j["ranking"][1]["heldout_rmse"].get<double>());
+  for (const char* law : {"chinchilla", "joint", "clark", "sparsity"}) EXPECT_TRUE(j["laws"].contains(law)) << law;
+  EXPECT_NEAR(j["replicate_noise"]["pooled_sd_log_loss"].get<double>(), 0.004, 0.0015);
+  EXPECT_EQ(j["replicate_noise"]["groups"].get<int>(), 48);
+  EXPECT_EQ(j["provenance"]["input_sha256"].get<std::string>().size(), 64u);
+  EXPECT_EQ(j["provenance"]["input_sha256"], sha256_file(dir + "/runs.csv"));
+  EXPECT_EQ(j["provenance"]["input_rows"].get<int>(), 96);
+  EXPECT_NE(j["provenance"]["command_line"].get<std::string>().find("--law compare"), std::string::npos);
+  EXPECT_TRUE(j["provenance"].contains("moelab_version"));
+  // optimize takes the comparison's best law and warns outside the fitted range.
+  const LoadedFit best = load_fit(dir + "/compare.json");
+  EXPECT_EQ(best.law, LawKind::Joint);
+  OptimizeOptions o;
+  o.budget = 1e22;
+  const auto r = optimize_report(best, o);
+  ASSERT_TRUE(r.contains("warnings"));
+  EXPECT_NE(r["warnings"][0].get<std::string>().find("above the largest fitted"), std::string::npos);
+  o.budget = 4e18;
+  EXPECT_FALSE(optimize_report(best, o).contains("warnings"));
+  // A single-law fit carries the same provenance and the replicate noise.
+  ASSERT_EQ(run_cli({"fit", "--law", "chinchilla", "--data", dir + "/runs.csv", "--out", dir + "/fit.json"}), 0);
+  const auto single = nlohmann::json::parse(read_file(dir + "/fit.json", "fit"));
+  EXPECT_EQ(single["provenance"]["input_sha256"], j["provenance"]["input_sha256"]);
+  EXPECT_NEAR(single["replicate_noise"]["pooled_sd_log_loss"].get<double>(), 0.004, 0.0015);
+  fs::remove_all(dir);
+}
+
+TEST(Fit, ReplicateNoiseIsThePooledSpreadOverSeeds) {
+  std::vector<Observation> pts;
+  for (double L : {2.0, 2.2}) pts.push_back({1e8, 1e9, 1, 0, 0, L});      // group 1: logs differ by ln 1.1
+  for (double L : {3.0, 3.0, 3.0}) pts.push_back({2e8, 1e9, 1, 0, 0, L});  // group 2: no spread
+  pts.push_back({4e8, 1e9, 1, 0, 0, 2.5});                                // alone: not a replicate
+  const ReplicateNoise n = replicate_noise(pts);
+  EXPECT_EQ(n.groups, 2u);
+  EXPECT_EQ(n.rows, 5u);
+  const double d = std::log(2.2) - std::log(2.0);
+  EXPECT_NEAR(n.pooled_sd, std::sqrt((d * d / 2) / 3), 1e-12);  // (n_1 - 1) s_1^2 = d^2 / 2; dof 1 + 2
+}
+
+}  // namespace
+}  // namespace moelab

@@ -27,6 +27,41 @@ std::string interval_text(const nlohmann::ordered_json& i) {
          fmt("%.4g", i["p10"].get<double>()) + ", " + fmt("%.4g", i["p90"].get<double>()) + "] (80%)";
 }
 
+// "replicate noise (pooled sd of log L over seeds): 0.0041 from 6 groups (18 runs), beside the residual rmse".
+std::string replicate_text(const nlohmann::ordered_json& noise, double rmse) {
+  if (noise["pooled_sd_log_loss"].is_null())
+    return "  replicate noise: no replicates (runs differing only in train.seed; sweep specs: seeds = [...])\n";
+  const double sd = noise["pooled_sd_log_loss"].get<double>();
+  return "  replicate noise (pooled sd of log L over seeds): " + fmt("%.4g", sd) + " from " +
+         std::to_string(noise["groups"].get<size_t>()) + " groups of replicates (" +
+         std::to_string(noise["rows"].get<size_t>()) + " runs); residual rmse / noise = " + fmt("%.2f", rmse / sd) +
+         (rmse > 1.5 * sd ? ": the law, not the noise, limits the fit\n" : ": the fit is at the noise level\n");
+}
+
+std::string compare_text(const nlohmann::ordered_json& j) {
+  std::ostringstream out;
+  out << "moelab fit --law compare on " << j["data"].get<std::string>() << ", held out: "
+      << j["holdout"].get<std::string>() << "\n";
+  out << "  rank  law           held-out rmse(log L)  [95% bootstrap]          in-sample rmse  parameters\n";
+  int rank = 1;
+  for (const auto& r : j["ranking"]) {
+    std::string iv = "-";
+    if (!r["heldout_rmse_interval"].is_null())
+      iv = "[" + fmt("%.4g", r["heldout_rmse_interval"]["p2.5"].get<double>()) + ", " +
+           fmt("%.4g", r["heldout_rmse_interval"]["p97.5"].get<double>()) + "]";
+    const std::string law = r["law"].get<std::string>();
+    out << "  " << fmt("%4.0f", static_cast<double>(rank++)) << "  " << law << std::string(law.size() < 12 ? 12 - law.size() : 0, ' ')
+        << "  " << fmt("%20.4g", r["heldout_rmse"].get<double>()) << "  " << iv
+        << std::string(iv.size() < 24 ? 24 - iv.size() : 0, ' ') << " " << fmt("%14.4g", r["rmse"].get<double>())
+        << "  " << fmt("%10.0f", r["parameters"].get<double>()) << "\n";
+  }
+  for (const auto& s : j["skipped"])
+    out << "  not fitted: " << s["law"].get<std::string>() << " (" << s["reason"].get<std::string>() << ")\n";
+  if (j.contains("replicate_noise") && !j["replicate_noise"].is_null())
+    out << replicate_text(j["replicate_noise"], j["ranking"][0]["rmse"].get<double>());
+  return out.str();
+}
+
 std::string fit_text(const nlohmann::ordered_json& j) {
   std::ostringstream out;
   out << "moelab fit: " << j["law"].get<std::string>() << " law on " << j["n_points"].get<size_t>() << " points of "
@@ -61,6 +96,8 @@ std::string fit_text(const nlohmann::ordered_json& j) {
   out << "  rmse(log L) " << fmt("%.4g", j["rmse"].get<double>());
   if (!j["heldout_rmse"].is_null()) out << ", held-out rmse " << fmt("%.4g", j["heldout_rmse"].get<double>());
   out << "\n";
+  if (j.contains("replicate_noise") && !j["replicate_noise"].is_null())
+    out << replicate_text(j["replicate_noise"], j["rmse"].get<double>());
   if (has_boot)
     out << "  bootstrap: " << j["bootstrap"]["samples"].get<int>() << " resamples, seed "
         << j["bootstrap"]["seed"].get<uint64_t>() << "\n";
@@ -96,7 +133,11 @@ void add_fit_commands(CLI::App& app) {
   // ---- fit
   auto fo = std::make_shared<FitOptions>();
   auto* fit = app.add_subcommand("fit", "fit a scaling law to run results (CSV or the SQLite results store)");
-  fit->add_option("--law", fo->law, "chinchilla | granularity | sparsity | isoflop | joint | clark")->required();
+  fit->add_option("--law", fo->law,
+                  "chinchilla | granularity | sparsity | isoflop | joint | clark, or compare: every law the columns "
+                  "allow, ranked by the error of predicting the held-out rows (--holdout, default the largest "
+                  "budget) with bootstrap intervals")
+      ->required();
   fit->add_option("--data", fo->data, "results: a CSV file (header row) or a SQLite db with table `results`")->required();
   fit->add_option("--out", fo->out, "write fit.json here (atomically)");
   fit->add_option("--columns", fo->columns,
@@ -118,7 +159,8 @@ void add_fit_commands(CLI::App& app) {
   fit->callback([fo, delta, expansion]() {
     run_reporting_errors([&] {
       FitRequest req;
-      req.law = law_from_string(fo->law);
+      const bool compare = fo->law == "compare";
+      if (!compare) req.law = law_from_string(fo->law);
       req.data_path = fo->data;
       req.columns = parse_column_map(fo->columns);
       req.holdout = fo->holdout;
@@ -129,10 +171,16 @@ void add_fit_commands(CLI::App& app) {
       req.degree = fo->degree;
       parameter_count(ModelConfig{}, fo->param_count);  // validates the name
       req.param_count = fo->param_count;
-      const auto j = run_fit(req);
+      req.command_line = "moelab fit --law " + fo->law + " --data " + fo->data +
+                         (fo->columns.empty() ? "" : " --columns " + fo->columns) +
+                         (fo->holdout.empty() ? "" : " --holdout '" + fo->holdout + "'") +
+                         " --bootstrap " + std::to_string(fo->bootstrap) + " --seed " + std::to_string(fo->seed) +
+                         (delta->count() ? " --delta " + fmt("%g", fo->delta) : "") +
+                         (fo->out.empty() ? "" : " --out " + fo->out);
+      const auto j = compare ? compare_laws(req) : run_fit(req);
       if (!fo->out.empty()) write_file_atomic(fo->out, j.dump(2) + "\n");
       if (fo->json) std::cout << j.dump(2) << "\n";
-      else std::cout << fit_text(j) << (fo->out.empty() ? "" : "  wrote " + fo->out + "\n");
+      else std::cout << (compare ? compare_text(j) : fit_text(j)) << (fo->out.empty() ? "" : "  wrote " + fo->out + "\n");
       std::cout.flush();
     });
   });
@@ -189,6 +237,8 @@ void add_fit_commands(CLI::App& app) {
         std::cout << "\n  predicted loss " << fmt("%.4f", r["loss"].get<double>());
         if (r.contains("interval")) std::cout << "   " << interval_text(r["interval"]);
         std::cout << "\n";
+        if (r.contains("warnings"))
+          for (const auto& w : r["warnings"]) std::cout << "  warning: " << w.get<std::string>() << "\n";
       }
       std::cout.flush();
     });

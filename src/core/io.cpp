@@ -1,5 +1,7 @@
 #include "core/io.h"
 
+#include <openssl/sha.h>
+
 #include <unistd.h>
 
 #include <cstdio>
@@ -37,6 +39,16 @@ std::string read_file(const std::string& path, const std::string& what) {
   std::stringstream ss;
   ss << in.rdbuf();
   return ss.str();
+}
+
+std::string sha256_file(const std::string& path) {
+  const std::string bytes = read_file(path, "file to hash");
+  unsigned char digest[SHA256_DIGEST_LENGTH];
+  SHA256(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size(), digest);
+  static const char* kHex = "0123456789abcdef";
+  std::string out;
+  for (unsigned char b : digest) out += kHex[b >> 4], out += kHex[b & 15];
+  return out;
 }
 
 }  // namespace moelab

@@ -7,5 +7,7 @@ namespace moelab {
 // a half-written file behind. Creates parent directories.
 void write_file_atomic(const std::string& path, const std::string& content);
 std::string read_file(const std::string& path, const std::string& what);
+// The SHA-256 of a file's bytes, as 64 lowercase hex digits (OpenSSL).
+std::string sha256_file(const std::string& path);
 
 }  // namespace moelab

@@ -1,5 +1,7 @@
 #include "scaling/fit.h"
 
+#include <ctime>
+
 #include <omp.h>
 
 #include <algorithm>
@@ -10,6 +12,7 @@
 #include <numeric>
 
 #include "core/error.h"
+#include "core/io.h"
 #include "core/rng.h"
 #include "core/timer.h"
 #include "scaling/optimize.h"
@@ -605,6 +608,161 @@ nlohmann::ordered_json fit_observations(const FitRequest& request, const std::ve
   return j;
 }
 
+namespace {
+// Where a fit came from: the input's SHA-256 and row count, the command line, moelab's version, the time.
+nlohmann::ordered_json provenance(const FitRequest& request, size_t rows) {
+  nlohmann::ordered_json p;
+  p["input"] = request.data_path;
+  p["input_sha256"] = sha256_file(request.data_path);
+  p["input_rows"] = rows;
+  p["command_line"] = request.command_line;
+  p["moelab_version"] = MOELAB_VERSION;
+  const std::time_t now = std::time(nullptr);
+  char when[32];
+  std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+  p["written_at"] = when;
+  return p;
+}
+}  // namespace
+
+namespace {
+// Replicates are told apart by every logical column the table has (N D G S C A E), not only the law's: two runs
+// of different expert counts can share their total parameters and tokens.
+nlohmann::ordered_json replicate_noise_json(const ResultTable& table, const ColumnMap& columns) {
+  std::vector<std::string> cols = {"L"};
+  for (const char* c : {"N", "D", "G", "S", "C", "A", "E"}) {
+    const auto mapped = columns.find(c);
+    const int at = table.find(mapped != columns.end() ? mapped->second : c);
+    if (at >= 0 && table.numeric[at]) cols.push_back(c);
+  }
+  ReplicateNoise noise;
+  try {
+    noise = replicate_noise(extract_observations(table, columns, cols));
+  } catch (const Error&) {
+    return nullptr;
+  }
+  return {{"pooled_sd_log_loss", std::isnan(noise.pooled_sd) ? nlohmann::ordered_json(nullptr)
+                                                             : nlohmann::ordered_json(noise.pooled_sd)},
+          {"groups", noise.groups},
+          {"rows", noise.rows},
+          {"columns", cols}};
+}
+}  // namespace
+
+ReplicateNoise replicate_noise(const std::vector<Observation>& points) {
+  // Rows are replicates when every input column matches (relative 1e-9): N, D, G, S, C, A, E.
+  const auto same = [](const Observation& a, const Observation& b) {
+    const auto eq = [](double x, double y) { return std::fabs(x - y) <= 1e-9 * std::max(std::fabs(x), std::fabs(y)); };
+    return eq(a.N, b.N) && eq(a.D, b.D) && eq(a.G, b.G) && eq(a.S, b.S) && eq(a.C, b.C) && eq(a.A, b.A) && eq(a.E, b.E);
+  };
+  std::vector<std::vector<double>> groups;
+  std::vector<const Observation*> keys;
+  for (const auto& p : points) {
+    size_t g = 0;
+    while (g < keys.size() && !same(*keys[g], p)) ++g;
+    if (g == keys.size()) keys.push_back(&p), groups.emplace_back();
+    groups[g].push_back(std::log(p.L));
+  }
+  ReplicateNoise r;
+  double ss = 0, dof = 0;
+  for (const auto& g : groups) {
+    if (g.size() < 2) continue;
+    double mean = 0;
+    for (double v : g) mean += v;
+    mean /= static_cast<double>(g.size());
+    for (double v : g) ss += (v - mean) * (v - mean);
+    dof += static_cast<double>(g.size() - 1);
+    ++r.groups, r.rows += g.size();
+  }
+  if (dof > 0) r.pooled_sd = std::sqrt(ss / dof);
+  return r;
+}
+
+nlohmann::ordered_json compare_laws(const FitRequest& request) {
+  const ResultTable table = read_result_table(request.data_path);
+  // Held-out rows: the expression given, else the largest budget.
+  RowFilter filter;
+  if (!request.holdout.empty()) {
+    filter = parse_row_filter(request.holdout);
+  } else {
+    const int c = resolve_column(table, request.columns, "C");
+    double largest = 0;
+    for (double v : table.columns[c]) largest = std::max(largest, v);
+    filter = {"C", "==", largest};
+  }
+  const int filter_column = resolve_column(table, request.columns, filter.column);
+  nlohmann::ordered_json out;
+  out["law"] = "compare";
+  out["data"] = request.data_path;
+  out["holdout"] = request.holdout.empty() ? "C==" + std::to_string(filter.value) + " (the largest budget)"
+                                           : request.holdout;
+  nlohmann::ordered_json laws = nlohmann::ordered_json::object(), skipped = nlohmann::ordered_json::array();
+  struct Ranked {
+    std::string law;
+    double heldout = 0, rmse = 0;
+    size_t parameters = 0;
+    nlohmann::ordered_json interval;
+  };
+  std::vector<Ranked> ranked;
+  for (LawKind law : {LawKind::Chinchilla, LawKind::Granularity, LawKind::Sparsity, LawKind::Joint, LawKind::Clark}) {
+    const LawSpec& spec = law_spec(law);
+    std::vector<Observation> all;
+    try {
+      all = extract_observations(table, request.columns, spec.columns);
+    } catch (const Error& e) {
+      skipped.push_back({{"law", spec.name}, {"reason", e.what()}});
+      continue;
+    }
+    // A law whose distinguishing column does not vary in the data adds nothing over a simpler one.
+    const auto varies = [&](double Observation::*field) {
+      for (const auto& p : all)
+        if (std::fabs(p.*field - all[0].*field) > 1e-12 * std::fabs(all[0].*field)) return true;
+      return false;
+    };
+    if ((law == LawKind::Granularity && !varies(&Observation::G)) ||
+        (law == LawKind::Sparsity && !varies(&Observation::S)) ||
+        ((law == LawKind::Joint || law == LawKind::Clark) && !varies(&Observation::E))) {
+      skipped.push_back({{"law", spec.name}, {"reason", "its expert column does not vary in the data"}});
+      continue;
+    }
+    std::vector<Observation> train, heldout;
+    for (size_t r = 0; r < all.size(); ++r)
+      (filter.matches(table.columns[filter_column][r]) ? heldout : train).push_back(all[r]);
+    if (heldout.empty()) throw Error("the held-out rows ('" + out["holdout"].get<std::string>() + "') are empty");
+    if (train.size() <= spec.param_names.size()) {
+      skipped.push_back({{"law", spec.name},
+                         {"reason", std::to_string(train.size()) + " training rows for " +
+                                        std::to_string(spec.param_names.size()) + " parameters"}});
+      continue;
+    }
+    FitRequest one = request;
+    one.law = law;
+    one.holdout = out["holdout"].get<std::string>();
+    nlohmann::ordered_json j = fit_observations(one, train, heldout);
+    Ranked r{spec.name, j["heldout_rmse"].get<double>(), j["rmse"].get<double>(), spec.param_names.size(), nullptr};
+    if (j["bootstrap"].contains("thetas")) {
+      std::vector<double> errors;
+      for (const auto& t : j["bootstrap"]["thetas"]) errors.push_back(rmse_log(law, t.get<std::vector<double>>(), heldout));
+      r.interval = percentile_json(errors);
+      j["heldout_rmse_interval"] = r.interval;
+    }
+    laws[spec.name] = j;
+    ranked.push_back(r);
+  }
+  if (ranked.empty()) throw Error("no law could be fitted to " + request.data_path + ": " + skipped.dump());
+  std::stable_sort(ranked.begin(), ranked.end(), [](const Ranked& a, const Ranked& b) { return a.heldout < b.heldout; });
+  nlohmann::ordered_json ranking = nlohmann::ordered_json::array();
+  for (const auto& r : ranked)
+    ranking.push_back({{"law", r.law}, {"heldout_rmse", r.heldout}, {"heldout_rmse_interval", r.interval},
+                       {"rmse", r.rmse}, {"parameters", r.parameters}});
+  out["ranking"] = ranking;
+  out["provenance"] = provenance(request, table.rows());
+  out["laws"] = laws;
+  out["skipped"] = skipped;
+  out["replicate_noise"] = replicate_noise_json(table, request.columns);
+  return out;
+}
+
 nlohmann::ordered_json run_fit(const FitRequest& request) {
   const ResultTable table = read_result_table(request.data_path);
   const LawSpec& spec = law_spec(request.law);
@@ -619,7 +777,10 @@ nlohmann::ordered_json run_fit(const FitRequest& request) {
     if (heldout.empty())
       throw Error("--holdout '" + request.holdout + "' matches no row of " + request.data_path);
   }
-  return fit_observations(request, train, heldout);
+  nlohmann::ordered_json j = fit_observations(request, train, heldout);
+  if (request.law != LawKind::Isoflop) j["replicate_noise"] = replicate_noise_json(table, request.columns);
+  j["provenance"] = provenance(request, table.rows());
+  return j;
 }
 
 }  // namespace moelab

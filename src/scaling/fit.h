@@ -3,6 +3,7 @@
 // analytic gradients from a grid of starts, the best kept; percentile bootstrap over runs; and the IsoFLOP
 // polynomial surfaces of Abnar et al. (Chinchilla approach 2) per budget.
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -105,10 +106,23 @@ struct FitRequest {
   int degree = 2;                    // isoflop polynomial degree
   std::string param_count = "nonembedding_total";  // what the N column counts (used by predict)
   std::optional<double> expansion;   // granularity law: the expansion rate E of the runs (for optimize)
+  std::string command_line;          // recorded in fit.json's provenance
 };
 
 // Reads the data, fits, bootstraps, and returns the fit.json document (docs/fitting.md lists its keys).
 nlohmann::ordered_json run_fit(const FitRequest& request);
+// `moelab fit --law compare`: every parametric law the data's columns allow, fitted on all rows but the held-out
+// ones (request.holdout, else the largest budget C), ranked by the RMSE of log L on the held-out rows, with
+// bootstrap intervals on that error (request.bootstrap refits on resampled training rows); in-sample RMSE and the
+// parameter count beside it. Laws the columns do not allow are listed with the reason. request.law is ignored.
+nlohmann::ordered_json compare_laws(const FitRequest& request);
+// The pooled standard deviation of log L over groups of rows that differ only in their seed (rows whose law
+// columns other than L are all equal): sqrt(sum_g (n_g - 1) s_g^2 / sum_g (n_g - 1)). NaN when no group has two rows.
+struct ReplicateNoise {
+  double pooled_sd = std::nan("");
+  size_t groups = 0, rows = 0;  // groups with two or more replicates, and their rows
+};
+ReplicateNoise replicate_noise(const std::vector<Observation>& points);
 // The same on points already in memory: `train` is fitted, `heldout` only scored (RMSE of log L).
 nlohmann::ordered_json fit_observations(const FitRequest& request, const std::vector<Observation>& train,
                                         const std::vector<Observation>& heldout);

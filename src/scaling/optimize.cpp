@@ -77,6 +77,15 @@ double minimize_1d(const std::function<double(double)>& f, double lo, double hi,
 
 LoadedFit load_fit_json(const nlohmann::json& j, const std::string& source) {
   LoadedFit fit;
+  // A comparison (`fit --law compare`) stands for its best-ranked law.
+  if (j.is_object() && j.value("law", std::string()) == "compare") {
+    if (!j.contains("ranking") || j["ranking"].empty() || !j.contains("laws"))
+      throw Error(source + " is a law comparison without a ranking; refit with `moelab fit --law compare`");
+    const std::string best = j["ranking"][0]["law"].get<std::string>();
+    LoadedFit winner = load_fit_json(j["laws"].at(best), source + " (its best law, " + best + ")");
+    winner.chosen_from_comparison = best;
+    return winner;
+  }
   try {
     fit.law = law_from_string(j.at("law").get<std::string>());
     fit.document = j;
@@ -215,6 +224,27 @@ ComputeOptimum joint_optimum(const std::vector<double>& t, double C, double max_
   if (!std::isfinite(best.loss))
     throw Error("the joint fit has no compute optimum: its N and D exponents are not positive at any E");
   return best;
+}
+
+std::vector<std::string> extrapolation_warnings(const nlohmann::json& document,
+                                                const std::vector<std::pair<std::string, double>>& at) {
+  std::vector<std::string> out;
+  if (!document.contains("data_ranges")) return out;
+  const auto& ranges = document["data_ranges"];
+  for (const auto& [name, value] : at) {
+    if (!ranges.contains(name) || !ranges[name].is_array() || ranges[name].size() < 2) continue;
+    const double lo = ranges[name][0].get<double>(), hi = ranges[name][1].get<double>();
+    const bool ratio = name != "S";  // sparsity: an additive range
+    if (value > hi * (1 + 1e-9))
+      out.push_back("extrapolating: " + name + " = " + fmt("%.4g", value) + " is " +
+                    (ratio && hi > 0 ? fmt("%.3g", value / hi) + "x" : fmt("%.3g", value - hi)) +
+                    " above the largest fitted " + name + " (" + fmt("%.4g", hi) + ")");
+    else if (value < lo * (1 - 1e-9))
+      out.push_back("extrapolating: " + name + " = " + fmt("%.4g", value) + " is " +
+                    (ratio && value > 0 ? fmt("%.3g", lo / value) + "x" : fmt("%.3g", lo - value)) +
+                    " below the smallest fitted " + name + " (" + fmt("%.4g", lo) + ")");
+  }
+  return out;
 }
 
 // ---- shapes ----------------------------------------------------------------------------------------------------
@@ -395,6 +425,14 @@ nlohmann::ordered_json optimize_report(const LoadedFit& fit, const OptimizeOptio
     if (fit.law == LawKind::Joint) iv["E"] = percentile_json(column(boot, &ComputeOptimum::E));
     r["intervals"] = iv;
   }
+  {
+    std::vector<std::pair<std::string, double>> at = {{fit.law == LawKind::Joint ? "A" : "N", o.N}, {"D", o.D}};
+    if (fit.law == LawKind::Joint) at.push_back({"E", o.E});
+    if (fit.law == LawKind::Sparsity) at.push_back({"S", o.S});
+    const auto warnings = extrapolation_warnings(fit.document, at);
+    if (!warnings.empty()) r["warnings"] = warnings;
+  }
+  if (!fit.chosen_from_comparison.empty()) r["chosen_from_comparison"] = fit.chosen_from_comparison;
   const ModelShape shape = shape_for(fit.law, o, expansion, fit.param_count);
   r["model"] = {{"d_model", shape.model.d_model},
                 {"n_layers", shape.model.n_layers},
@@ -445,6 +483,10 @@ std::string optimize_text(const nlohmann::ordered_json& r) {
     if (r["exponents"].contains("kind")) out << " (" << r["exponents"]["kind"].get<std::string>() << ")";
     out << "\n";
   }
+  if (r.contains("chosen_from_comparison"))
+    out << "  (the best-ranked law of the comparison: " << r["chosen_from_comparison"].get<std::string>() << ")\n";
+  if (r.contains("warnings"))
+    for (const auto& w : r["warnings"]) out << "  warning: " << w.get<std::string>() << "\n";
   if (r.contains("model")) {
     const auto& m = r["model"];
     out << "\nmodel realising N (" << m["param_count"].get<std::string>() << " = "
@@ -479,6 +521,14 @@ nlohmann::ordered_json predict_report(const LoadedFit& fit, const ModelConfig& m
   if (fit.law == LawKind::Sparsity) r["S"] = x.S;
   if (fit.law == LawKind::Joint || fit.law == LawKind::Clark) r["N_active"] = x.A, r["E"] = x.E;
   r["loss"] = law_loss(fit.law, fit.theta, x);
+  {
+    std::vector<std::pair<std::string, double>> at = {{"N", x.N}, {"D", x.D}};
+    if (fit.law == LawKind::Joint || fit.law == LawKind::Clark) at = {{"A", x.A}, {"E", x.E}, {"D", x.D}};
+    if (fit.law == LawKind::Sparsity) at.push_back({"S", x.S});
+    if (fit.law == LawKind::Granularity) at.push_back({"G", x.G});
+    const auto warnings = extrapolation_warnings(fit.document, at);
+    if (!warnings.empty()) r["warnings"] = warnings;
+  }
   if (!fit.samples.empty()) {
     std::vector<double> v;
     for (const auto& t : fit.samples) v.push_back(law_loss(fit.law, t, x));

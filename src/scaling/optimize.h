@@ -32,10 +32,16 @@ struct LoadedFit {
   std::optional<double> expansion;           // granularity: E of the fitted runs, when recorded
   double max_sparsity = 0;                   // largest S in the fitted data (sparsity law)
   double max_experts = 0;                    // largest E in the fitted data (joint law)
+  std::string chosen_from_comparison;        // the law picked from a `fit --law compare` document, else ""
   nlohmann::json document;                   // the whole fit.json
 };
 LoadedFit load_fit_json(const nlohmann::json& document, const std::string& source);
 LoadedFit load_fit(const std::string& path);
+
+// One line per value of `at` (logical column -> value) outside the fitted data's range (fit.json "data_ranges"),
+// saying by how much: "extrapolating: D = 3e12 is 12.5x above the largest fitted D (2.4e11)".
+std::vector<std::string> extrapolation_warnings(const nlohmann::json& document,
+                                                const std::vector<std::pair<std::string, double>>& at);
 
 struct ComputeOptimum {
   double C = 0, N = 0, D = 0, G = 1, S = 0, E = 1;
