@@ -492,3 +492,55 @@ TEST(SweepVary, BalanceAndScoreVariantsPlanAndRun) {
 
 }  // namespace
 }  // namespace moelab
+
+namespace moelab {
+namespace {
+
+// Replicates: [sweep] seeds repeat every run, a [[run]]'s own seeds win; the store keeps each run's seed, and the
+// CSV export carries it, so fits see every replicate and can measure the noise between them.
+TEST(SweepSeeds, RunsRepeatOverSeedsAndTheStoreKeepsTheSeed) {
+  const fs::path dir = temp_dir("sweep_seeds");
+  const fs::path data = make_data(dir / "data");
+  std::string spec = base_spec(data, "list") +
+                     "[[run]]\nname = \"a\"\nsteps = 4\n"
+                     "[[run]]\nname = \"b\"\nsteps = 4\nseeds = [7]\n";
+  spec.insert(spec.find("[base.model]"), "seeds = [1, 2]\n");
+  SweepPlan plan = plan_sweep_from_string(spec, "t");
+  ASSERT_EQ(plan.runs.size(), 3u);
+  EXPECT_EQ(find_run(plan, "a").config.train.seed, 1);
+  EXPECT_EQ(find_run(plan, "a-s2").config.train.seed, 2);
+  EXPECT_EQ(find_run(plan, "b").config.train.seed, 7);
+  EXPECT_EQ(find_run(plan, "a-s2").group, find_run(plan, "a").group);
+  EXPECT_NE(error_of([&] {
+              std::string bad = spec;
+              bad.replace(bad.find("seeds = [1, 2]"), 14, "seeds = [1.5]");
+              plan_sweep_from_string(bad, "t");
+            }).find("seeds"),
+            std::string::npos);
+  const fs::path sweep = dir / "sweep";
+  write_plan(plan, sweep.string(), spec);
+  std::ostringstream log;
+  SweepRunOptions options;
+  options.binary = MOELAB_BINARY;
+  options.jobs = 2;
+  options.log = &log;
+  EXPECT_EQ(run_sweep(sweep.string(), options).ok, 3) << log.str();
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open((sweep / "results.db").string().c_str(), &db), SQLITE_OK);
+  sqlite3_stmt* stmt = nullptr;
+  ASSERT_EQ(sqlite3_prepare_v2(db, "SELECT name, seed FROM results ORDER BY name", -1, &stmt, nullptr), SQLITE_OK);
+  std::map<std::string, int64_t> seeds;
+  while (sqlite3_step(stmt) == SQLITE_ROW)
+    seeds[reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0))] = sqlite3_column_int64(stmt, 1);
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
+  EXPECT_EQ(seeds, (std::map<std::string, int64_t>{{"a", 1}, {"a-s2", 2}, {"b", 7}}));
+  const std::string csv = results_csv(read_results(sweep.string()), "smoothed", false);
+  EXPECT_NE(csv.substr(0, csv.find('\n')).find(",seed"), std::string::npos);
+  // The two replicates of "a" trained differently.
+  EXPECT_NE(read_result((sweep / "runs" / "a").string())->loss, read_result((sweep / "runs" / "a-s2").string())->loss);
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace moelab

@@ -145,7 +145,37 @@ struct Request {
   double target_params = 0, target_sparsity = 0;
   std::string infeasible;  // already known to be unrealisable
   int64_t processes = 0;   // 0: the sweep's
+  std::vector<int64_t> seeds;  // [[run]] seeds: replicates of this run (else the sweep's)
 };
+
+int64_t checked_seed(double seed, const std::string& where) {
+  if (!(seed >= 0 && seed <= 9e15 && std::floor(seed) == seed))
+    throw Error("sweep spec: " + where + " must hold non-negative integers (train.seed values), got " +
+                std::to_string(seed));
+  return static_cast<int64_t>(seed);
+}
+
+bool overrides_key(const std::vector<std::string>& overrides, const std::string& key);
+
+// Replicates: each run once per seed (its [[run]] seeds, else [sweep] seeds), as train.seed in its set list; the
+// first seed keeps the run's name, the others add "-s<seed>". The group stays: fits take every replicate.
+std::vector<Request> replicate_requests(const std::vector<int64_t>& sweep_seeds, std::vector<Request> requests) {
+  std::vector<Request> out;
+  for (const Request& r : requests) {
+    const std::vector<int64_t>& seeds = r.seeds.empty() ? sweep_seeds : r.seeds;
+    if (seeds.empty() || overrides_key(r.run_overrides, "train.seed")) {
+      out.push_back(r);
+      continue;
+    }
+    for (size_t i = 0; i < seeds.size(); ++i) {
+      Request x = r;
+      x.run_overrides.push_back("train.seed=" + std::to_string(seeds[i]));
+      if (i > 0) x.name += "-s" + std::to_string(seeds[i]);
+      out.push_back(x);
+    }
+  }
+  return out;
+}
 
 struct Context {
   Config base;
@@ -472,7 +502,8 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
   Section top(&root, "the spec",
               {"sweep", "base", "rules", "shape", "isoflop", "fixed_params", "granularity", "run", "vary"});
   Section sweep(sub_table(root, "sweep"), "[sweep]",
-                {"name", "kind", "flops_convention", "checkpoint_every", "dense_baseline", "max_epochs", "processes"});
+                {"name", "kind", "flops_convention", "checkpoint_every", "dense_baseline", "max_epochs", "processes",
+                 "seeds"});
   SweepPlan plan;
   plan.spec_path = source_name;
   plan.kind = sweep.string("kind", "");
@@ -697,7 +728,7 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
   }
   // Explicit runs, for any kind (the whole sweep when kind = "list").
   for (const toml::table* t : table_array(root, "run")) {
-    Section s(t, "[[run]]", {"name", "set", "budget", "tokens", "steps", "processes"});
+    Section s(t, "[[run]]", {"name", "set", "budget", "tokens", "steps", "processes", "seeds"});
     Request r;
     r.group = "list";
     r.name = s.string("name", "");
@@ -707,6 +738,7 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
     r.tokens = s.number("tokens", 0);
     r.steps = s.integer("steps", 0);
     r.processes = s.integer("processes", 0);
+    for (double seed : s.numbers("seeds")) r.seeds.push_back(checked_seed(seed, "[[run]] '" + r.name + "' seeds"));
     if (t->contains("processes") && r.processes < 1)
       throw Error("sweep spec: [[run]] '" + r.name + "' processes must be at least 1");
     if ((r.budget > 0) + (r.tokens > 0) + (r.steps > 0) + overrides_key(r.run_overrides, "train.steps") != 1)
@@ -724,6 +756,9 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
     throw Error("sweep spec: kind = \"list\" needs [[run]] tables");
 
   requests = vary_requests(ctx, sub_table(root, "vary"), std::move(requests));
+  std::vector<int64_t> sweep_seeds;
+  for (double seed : sweep.numbers("seeds")) sweep_seeds.push_back(checked_seed(seed, "[sweep] seeds"));
+  requests = replicate_requests(sweep_seeds, std::move(requests));
 
   std::set<std::string> names;
   for (const Request& r : requests) {
@@ -769,6 +804,7 @@ nlohmann::ordered_json plan_to_json(const SweepPlan& plan) {
     if (r.feasible) {
       e["n_heads"] = m.n_heads;
       e["d_ff"] = m.ffn_hidden();
+      e["seed"] = r.config.train.seed;
       e["experts"] = r.counts.routed_experts;
       e["top_k"] = r.counts.active_experts;
       e["granularity"] = r.counts.granularity;
@@ -847,6 +883,7 @@ SweepPlan read_plan(const std::string& dir) {
       // broken after planning must fail on its own when trained, not stop the whole sweep from loading.
       r.config.model.n_heads = e.value("n_heads", int64_t{1});
       r.config.model.d_ff = e.value("d_ff", int64_t{0});
+      r.config.train.seed = e.value("seed", r.config.train.seed);
       r.config.train.out_dir = (root / "runs" / r.name).string();
       r.counts.total = e.value("params", int64_t{0});
       r.counts.active = e.value("active_params", int64_t{0});

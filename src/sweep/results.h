@@ -33,6 +33,7 @@ struct RunResult {
   double budget = 0;
   double sparsity = 0;
   int64_t granularity = 1, experts = 0, top_k = 0, d_model = 0, n_layers = 0;
+  int64_t seed = 0;          // train.seed of the run (replicates of one configuration differ only here)
   double wall_seconds = 0;   // wall time of the attempt that finished the run (child process start to exit)
   double train_seconds = 0;  // sum of the logged step times over all attempts (resumes included)
 };
