@@ -619,3 +619,89 @@ TEST(Fit, ReplicateNoiseIsThePooledSpreadOverSeeds) {
 
 }  // namespace
 }  // namespace moelab
+
+#include "scaling/suggest.h"
+
+namespace moelab {
+namespace {
+
+// The suggest simulation of docs/fitting.md: a Chinchilla world (Hoffmann's coefficients, noise 0.01 on log L),
+// a regular IsoFLOP grid at 1e17, 3e17 and 1e18 FLOPs (5 shapes each), a target of 1e21. Adding the next grid
+// budget (5 shapes at 3e18, 1.5e19 FLOPs in all) is compared with at most 5 suggested runs of no more FLOPs in
+// all, by the bootstrap sd of log N*(1e21) after refitting with the new runs' simulated outcomes, over 3 worlds.
+TEST(Suggest, SuggestedRunsNarrowTheOptimumMoreThanTheNextGridBudgetAtEqualFlops) {
+  const auto& truth = kHoffmannTheta;
+  const double target_C = 1e21, noise = 0.01;
+  auto run_at = [&](double C, double N, Rng& rng) {
+    Observation p;
+    p.N = N, p.D = C / (6 * N), p.C = C;
+    p.L = law_loss(LawKind::Chinchilla, truth, p) * std::exp(noise * rng.normal());
+    return p;
+  };
+  auto grid_budget = [&](double C, Rng& rng) {
+    std::vector<Observation> pts;
+    const double n_star = chinchilla_optimum(truth, C).N;
+    for (double f : {0.25, 0.5, 1.0, 2.0, 4.0}) pts.push_back(run_at(C, n_star * f, rng));
+    return pts;
+  };
+  auto optimum_sd = [&](const std::vector<Observation>& pts, uint64_t seed) {
+    const ParametricFit fit = fit_parametric(LawKind::Chinchilla, pts, 1e-3);
+    const auto thetas = bootstrap_parametric(LawKind::Chinchilla, pts, 1e-3, fit, 64, seed);
+    const auto v = log_optimum_per_member(LawKind::Chinchilla, thetas, target_C, 0, 0, 0);
+    double m = 0, s = 0, n = 0;
+    for (double x : v)
+      if (std::isfinite(x)) m += x, ++n;
+    m /= n;
+    for (double x : v)
+      if (std::isfinite(x)) s += (x - m) * (x - m);
+    return std::sqrt(s / (n - 1));
+  };
+  double sum_grid = 0, sum_suggested = 0, sum_before = 0;
+  std::printf("world | sd log N*(1e21): before | + grid budget 3e18 | + suggested (runs, FLOPs)\n");
+  for (uint64_t world = 1; world <= 3; ++world) {
+    Rng rng(100 + world);
+    std::vector<Observation> base;
+    for (double C : {1e17, 3e17, 1e18})
+      for (const auto& p : grid_budget(C, rng)) base.push_back(p);
+    const ParametricFit fit = fit_parametric(LawKind::Chinchilla, base, 1e-3);
+    const auto thetas = bootstrap_parametric(LawKind::Chinchilla, base, 1e-3, fit, 64, world);
+    const auto target = log_optimum_per_member(LawKind::Chinchilla, thetas, target_C, 0, 0, 0);
+    std::vector<Candidate> candidates;
+    for (double C : {1e18, 3e18, 1e19})
+      for (int i = 0; i < 16; ++i) {
+        Candidate c;
+        c.x.N = std::exp(std::log(3e6) + i * (std::log(3e10) - std::log(3e6)) / 15);
+        c.x.D = C / (6 * c.x.N);
+        c.x.C = C;
+        c.flops = C;
+        candidates.push_back(c);
+      }
+    SuggestOptions o;
+    o.target_budget = target_C;
+    o.count = 5;
+    o.total_flops = 5 * 3e18;
+    o.noise = noise;
+    o.seed = world;
+    const auto picks = suggest_runs(LawKind::Chinchilla, thetas, target, candidates, o);
+    ASSERT_FALSE(picks.empty());
+    EXPECT_LT(picks.back().sd_after, picks.front().sd_before) << "the suggestions expect to narrow the interval";
+    Rng outcomes(500 + world);
+    std::vector<Observation> with_grid = base, with_suggested = base;
+    for (const auto& p : grid_budget(3e18, outcomes)) with_grid.push_back(p);
+    double flops = 0;
+    for (const auto& s : picks) {
+      with_suggested.push_back(run_at(candidates[s.candidate].x.C, candidates[s.candidate].x.N, outcomes));
+      flops += s.flops;
+    }
+    EXPECT_LE(flops, 5 * 3e18 * (1 + 1e-9));
+    const double before = optimum_sd(base, 7), grid = optimum_sd(with_grid, 7), suggested = optimum_sd(with_suggested, 7);
+    std::printf("%5d | %22.4f | %18.4f | %11.4f (%zu, %.3g)\n", static_cast<int>(world), before, grid, suggested,
+                picks.size(), flops);
+    sum_before += before, sum_grid += grid, sum_suggested += suggested;
+  }
+  std::printf("mean  | %22.4f | %18.4f | %11.4f\n", sum_before / 3, sum_grid / 3, sum_suggested / 3);
+  EXPECT_LT(sum_suggested, sum_grid) << "suggested runs should narrow the optimum's interval more than the grid";
+}
+
+}  // namespace
+}  // namespace moelab

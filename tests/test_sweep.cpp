@@ -14,6 +14,8 @@
 #include <sstream>
 #include <thread>
 
+#include <nlohmann/json.hpp>
+
 #include "core/error.h"
 #include "core/io.h"
 #include "core/rng.h"
@@ -539,6 +541,55 @@ TEST(SweepSeeds, RunsRepeatOverSeedsAndTheStoreKeepsTheSeed) {
   EXPECT_NE(csv.substr(0, csv.find('\n')).find(",seed"), std::string::npos);
   // The two replicates of "a" trained differently.
   EXPECT_NE(read_result((sweep / "runs" / "a").string())->loss, read_result((sweep / "runs" / "a-s2").string())->loss);
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace moelab
+
+namespace moelab {
+namespace {
+
+// `sweep suggest --append` on a finished sweep: it proposes runs of the plan's models at new token counts within
+// the FLOP limit, appends them to the plan, and `sweep run` then trains exactly those.
+TEST(SweepSuggest, ProposesAppendsAndTheSweepTrainsThem) {
+  const fs::path dir = temp_dir("sweep_suggest");
+  const fs::path data = make_data(dir / "data", 80000);
+  std::string spec = base_spec(data, "list");
+  for (int d : {16, 32, 48})
+    for (int steps : {6, 12, 24})
+      spec += "[[run]]\nname = \"d" + std::to_string(d) + "-s" + std::to_string(steps) + "\"\nsteps = " +
+              std::to_string(steps) + "\nset = [\"model.d_model=" + std::to_string(d) + "\"]\n";
+  SweepPlan plan = plan_sweep_from_string(spec, "t");
+  const fs::path sweep = dir / "sweep";
+  write_plan(plan, sweep.string(), spec);
+  std::ostringstream log;
+  SweepRunOptions options;
+  options.binary = MOELAB_BINARY;
+  options.jobs = 2;
+  options.log = &log;
+  ASSERT_EQ(run_sweep(sweep.string(), options).ok, 9) << log.str();
+  const std::string cmd = std::string(MOELAB_BINARY) + " sweep suggest " + sweep.string() +
+                          " --target-budget 1e13 --count 2 --max-flops 3e11 --bootstrap 32 --append --json";
+  FILE* pipe = popen(cmd.c_str(), "r");
+  ASSERT_NE(pipe, nullptr);
+  std::string out;
+  char buf[4096];
+  while (size_t n = fread(buf, 1, sizeof buf, pipe)) out.append(buf, n);
+  ASSERT_EQ(pclose(pipe), 0) << out;
+  const auto j = nlohmann::json::parse(out);
+  ASSERT_EQ(j["suggestions"].size(), 2u) << out;
+  for (const auto& s : j["suggestions"]) {
+    EXPECT_LE(s["flops"].get<double>(), 3e11);
+    EXPECT_LE(s["sd_log_n_star_after"].get<double>(), s["sd_log_n_star_before"].get<double>() + 1e-12);
+  }
+  EXPECT_EQ(j["appended"], 2);
+  const SweepPlan grown = read_plan(sweep.string());
+  ASSERT_EQ(grown.runs.size(), 11u) << out << read_file((sweep / "plan.json").string(), "plan").substr(0, 3000);
+  EXPECT_EQ(grown.runs.back().group, "suggested");
+  const SweepRunSummary second = run_sweep(sweep.string(), options);
+  EXPECT_EQ(second.ok, 2) << log.str();
+  EXPECT_EQ(second.skipped, 9);
   fs::remove_all(dir);
 }
 

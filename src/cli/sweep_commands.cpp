@@ -8,6 +8,7 @@
 #include <memory>
 
 #include "cli/report_errors.h"
+#include "cli/suggest_command.h"
 #include "core/error.h"
 #include "core/io.h"
 #include "eval/tasks.h"
@@ -62,6 +63,8 @@ void add_sweep_commands(CLI::App& app) {
     if (o->run.index < 0 && s.failed > 0) throw CLI::RuntimeError(3);
     if (o->run.index >= 0 && s.failed > 0) throw CLI::RuntimeError(3);
   }));
+
+  add_sweep_suggest_command(*sweep);
 
   auto* status = sweep->add_subcommand("status", "progress of a sweep: done/failed/running/pending per run");
   status->add_option("dir", o->dir, "sweep directory")->required();
