@@ -112,6 +112,10 @@ TEST(Report, AnalysisRecoversTheConstructedAnswer) {
 
   EXPECT_TRUE(s["isoflop_fit"].contains("budgets")) << s["isoflop_fit"].dump();
   EXPECT_TRUE(s["sparsity_fit"].contains("parameters")) << s["sparsity_fit"].dump();
+  // The law comparison ranks what the columns allow by the error of predicting the largest budget.
+  ASSERT_TRUE(s["law_comparison"].contains("ranking")) << s["law_comparison"].dump();
+  EXPECT_GE(s["law_comparison"]["ranking"].size(), 2u);
+  EXPECT_NE(s["law_comparison"]["holdout"].get<std::string>().find("largest budget"), std::string::npos);
   EXPECT_EQ(s["recommendation"]["best_measured"]["name"], "c4e9-d32l2-e4k1");
   const std::string headline = s["headline"];
   EXPECT_NE(headline.find("At C = 4e+09 FLOPs the best measured configuration is c4e9-d32l2-e4k1"), std::string::npos)
@@ -165,6 +169,7 @@ TEST(Report, PageHasEveryFigureAndRendersInHeadlessChromium) {
   for (size_t at = html.find("<img "); at != std::string::npos; at = html.find("<img ", at + 1)) ++images;
   EXPECT_EQ(images, ids.size());
   EXPECT_NE(html.find(r.summary["headline"].get<std::string>().substr(0, 40)), std::string::npos);
+  EXPECT_NE(html.find("Which law extrapolates best"), std::string::npos);
   const auto summary = nlohmann::json::parse(read_file(r.summary_path, "summary"));
   EXPECT_EQ(summary["figures"].size(), ids.size());
 

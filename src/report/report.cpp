@@ -688,6 +688,31 @@ std::string page(const Study& study, const ojson& s, const std::vector<ReportFig
     } else if (m.contains("skipped")) {
       h << "<p class=\"note\">Compute multiplier: " << html_escape(m["skipped"].get<std::string>()) << "</p>\n";
     }
+    if (s.contains("law_comparison") && s["law_comparison"].contains("ranking")) {
+      const ojson& c = s["law_comparison"];
+      h << "<h2>Which law extrapolates best</h2>\n<p>Every law the runs' columns allow, fitted without the held-out "
+           "runs ("
+        << html_escape(c["holdout"].get<std::string>())
+        << ") and ranked by the RMSE of log L in predicting them; the interval is over bootstrap refits "
+           "(docs/fitting.md, fit --law compare).</p>\n";
+      rows.clear();
+      int rank = 1;
+      for (const auto& r : c["ranking"]) {
+        const ojson& iv = r["heldout_rmse_interval"];
+        rows.push_back({std::to_string(rank++), r["law"].get<std::string>(), fmt("%.4g", r["heldout_rmse"].get<double>()),
+                        iv.is_null() ? "-"
+                                     : "[" + fmt("%.3g", iv["p2.5"].get<double>()) + ", " +
+                                           fmt("%.3g", iv["p97.5"].get<double>()) + "]",
+                        fmt("%.4g", r["rmse"].get<double>()), std::to_string(r["parameters"].get<int64_t>())});
+      }
+      h << table_html({"rank", "law", "held-out RMSE (log L)", "95% bootstrap", "in-sample RMSE", "parameters"}, rows);
+      for (const auto& sk : c["skipped"])
+        h << "<p class=\"note\">Not fitted: " << html_escape(sk["law"].get<std::string>()) << " ("
+          << html_escape(sk["reason"].get<std::string>()) << ")</p>\n";
+    } else if (s.contains("law_comparison") && s["law_comparison"].contains("skipped")) {
+      h << "<p class=\"note\">Law comparison: " << html_escape(s["law_comparison"]["skipped"].get<std::string>())
+        << "</p>\n";
+    }
     const ojson& rec = s["recommendation"];
     if (rec.contains("sparsity_law") && rec["sparsity_law"].contains("optimum")) {
       const auto& r = rec["sparsity_law"];

@@ -1,6 +1,8 @@
 #include "core/format.h"
 #include "report/study.h"
 
+#include <sstream>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -233,6 +235,31 @@ nlohmann::ordered_json analyse_study(const Study& study, const AnalysisOptions& 
     }
   }
   out["sparsity_fit"] = sparsity_fit;
+
+  // Which law extrapolates best: every law the IsoFLOP runs' columns allow, fitted without the largest budget and
+  // ranked by the error of predicting it (fit --law compare).
+  ojson comparison;
+  if (budgets.size() < 2) {
+    comparison = {{"skipped", "the law comparison needs runs at two or more budgets"}};
+  } else {
+    std::ostringstream csv;
+    csv.precision(17);
+    csv << "params,tokens,sparsity,granularity,flops,loss,active_params,experts\n";
+    for (const auto* r : iso)
+      csv << r->nonembedding_params << "," << r->tokens << "," << r->sparsity << "," << r->granularity << ","
+          << r->budget << "," << loss_of(*r, col) << "," << r->active_params << "," << r->experts << "\n";
+    try {
+      FitRequest compare = request;
+      compare.columns = default_columns();
+      compare.data_path = iso_source;
+      compare.bootstrap = std::min(options.bootstrap, 20);
+      comparison = compare_laws_on(compare, parse_csv(csv.str(), "the IsoFLOP runs"));
+      comparison.erase("laws");  // the per-law documents stay out of summary.json; ranking and reasons stay
+    } catch (const Error& e) {
+      comparison = {{"skipped", e.what()}};
+    }
+  }
+  out["law_comparison"] = comparison;
 
   // ---- best measured configuration per budget; dense vs MoE frontiers ----
   ojson per_budget = ojson::array();

@@ -680,6 +680,12 @@ ReplicateNoise replicate_noise(const std::vector<Observation>& points) {
 
 nlohmann::ordered_json compare_laws(const FitRequest& request) {
   const ResultTable table = read_result_table(request.data_path);
+  nlohmann::ordered_json out = compare_laws_on(request, table);
+  out["provenance"] = provenance(request, table.rows());
+  return out;
+}
+
+nlohmann::ordered_json compare_laws_on(const FitRequest& request, const ResultTable& table) {
   // Held-out rows: the expression given, else the largest budget.
   RowFilter filter;
   if (!request.holdout.empty()) {
@@ -756,7 +762,6 @@ nlohmann::ordered_json compare_laws(const FitRequest& request) {
     ranking.push_back({{"law", r.law}, {"heldout_rmse", r.heldout}, {"heldout_rmse_interval", r.interval},
                        {"rmse", r.rmse}, {"parameters", r.parameters}});
   out["ranking"] = ranking;
-  out["provenance"] = provenance(request, table.rows());
   out["laws"] = laws;
   out["skipped"] = skipped;
   out["replicate_noise"] = replicate_noise_json(table, request.columns);

@@ -116,6 +116,8 @@ nlohmann::ordered_json run_fit(const FitRequest& request);
 // bootstrap intervals on that error (request.bootstrap refits on resampled training rows); in-sample RMSE and the
 // parameter count beside it. Laws the columns do not allow are listed with the reason. request.law is ignored.
 nlohmann::ordered_json compare_laws(const FitRequest& request);
+// The same on a table already in memory (no provenance: there is no input file).
+nlohmann::ordered_json compare_laws_on(const FitRequest& request, const ResultTable& table);
 // The pooled standard deviation of log L over groups of rows that differ only in their seed (rows whose law
 // columns other than L are all equal): sqrt(sum_g (n_g - 1) s_g^2 / sum_g (n_g - 1)). NaN when no group has two rows.
 struct ReplicateNoise {
