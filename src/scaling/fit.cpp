@@ -1,5 +1,6 @@
 #include "scaling/fit.h"
 
+#include <cstdio>
 #include <ctime>
 
 #include <omp.h>
@@ -700,8 +701,9 @@ nlohmann::ordered_json compare_laws_on(const FitRequest& request, const ResultTa
   nlohmann::ordered_json out;
   out["law"] = "compare";
   out["data"] = request.data_path;
-  out["holdout"] = request.holdout.empty() ? "C==" + std::to_string(filter.value) + " (the largest budget)"
-                                           : request.holdout;
+  char largest[48];
+  std::snprintf(largest, sizeof largest, "C==%.10g", filter.value);
+  out["holdout"] = request.holdout.empty() ? std::string(largest) + " (the largest budget)" : request.holdout;
   nlohmann::ordered_json laws = nlohmann::ordered_json::object(), skipped = nlohmann::ordered_json::array();
   struct Ranked {
     std::string law;
@@ -728,7 +730,9 @@ nlohmann::ordered_json compare_laws_on(const FitRequest& request, const ResultTa
     if ((law == LawKind::Granularity && !varies(&Observation::G)) ||
         (law == LawKind::Sparsity && !varies(&Observation::S)) ||
         ((law == LawKind::Joint || law == LawKind::Clark) && !varies(&Observation::E))) {
-      skipped.push_back({{"law", spec.name}, {"reason", "its expert column does not vary in the data"}});
+      const char* column = law == LawKind::Granularity ? "G (granularity)" : law == LawKind::Sparsity ? "S (sparsity)"
+                                                                                                : "E (experts)";
+      skipped.push_back({{"law", spec.name}, {"reason", std::string("its column ") + column + " does not vary in the data"}});
       continue;
     }
     std::vector<Observation> train, heldout;
