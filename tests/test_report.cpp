@@ -170,6 +170,8 @@ TEST(Report, PageHasEveryFigureAndRendersInHeadlessChromium) {
   EXPECT_EQ(images, ids.size());
   EXPECT_NE(html.find(r.summary["headline"].get<std::string>().substr(0, 40)), std::string::npos);
   EXPECT_NE(html.find("Which law extrapolates best"), std::string::npos);
+  EXPECT_NE(html.find("Findings: the three studies' claims"), std::string::npos);
+  EXPECT_EQ(r.summary["findings"]["claims"].size(), 6u);
   const auto summary = nlohmann::json::parse(read_file(r.summary_path, "summary"));
   EXPECT_EQ(summary["figures"].size(), ids.size());
 
@@ -188,6 +190,72 @@ TEST(Report, PageHasEveryFigureAndRendersInHeadlessChromium) {
   write_file_atomic(broken_path, broken);
   EXPECT_NE(std::system(("bash " + check + " " + broken_path + " > /dev/null 2>&1").c_str()), 0);
   fs::remove_all(root);
+}
+
+}  // namespace
+}  // namespace moelab
+
+#include "report/findings.h"
+
+namespace moelab {
+namespace {
+
+// Findings from an in-memory study: two budgets, a dense and an MoE configuration each, two seeds per
+// configuration. The MoE is better by `gap`; the seeds differ by `noise`.
+nlohmann::ordered_json findings_for(double gap, double noise, bool replicates) {
+  Study study;
+  StudySweep s;
+  s.label = "sparsity";
+  s.plan.kind = "isoflop";
+  nlohmann::ordered_json per_budget = nlohmann::ordered_json::array();
+  for (double C : {1e12, 4e12}) {
+    const double base = 5.0 - 0.1 * std::log10(C);
+    for (int seed = 1; seed <= (replicates ? 2 : 1); ++seed)
+      for (bool moe : {false, true}) {
+        RunResult r;
+        r.name = std::string(moe ? "moe" : "dense") + "-" + compact_number(C) + (seed > 1 ? "-s2" : "");
+        r.status = "ok";
+        r.budget = C;
+        r.tokens = static_cast<int64_t>(C / 1e6);
+        r.d_model = 64, r.n_layers = 2;
+        r.experts = moe ? 8 : 0, r.top_k = moe ? 2 : 0, r.sparsity = moe ? 0.75 : 0.0;
+        r.seed = seed;
+        r.smoothed_loss = base - (moe ? gap : 0.0) + (seed == 2 ? noise : 0.0);
+        s.results.push_back(r);
+      }
+    per_budget.push_back({{"C", C},
+                          {"best_dense", {{"name", "dense-" + compact_number(C)}, {"loss", base}}},
+                          {"best_moe", {{"name", "moe-" + compact_number(C)}, {"loss", base - gap}}}});
+  }
+  study.sweeps.push_back(s);
+  nlohmann::ordered_json summary;
+  summary["per_budget"] = per_budget;
+  return study_findings(study, summary, "smoothed_loss");
+}
+
+std::string verdict_of(const nlohmann::ordered_json& f, const std::string& id) {
+  for (const auto& c : f["claims"])
+    if (c["id"] == id) return c["verdict"];
+  return "(missing)";
+}
+
+TEST(Findings, VerdictsFollowTheSeedSpread) {
+  // A clear gap with small seed noise: reproduced (MoE beats dense; sparser is better at fixed FLOPs).
+  auto f = findings_for(0.1, 0.005, true);
+  ASSERT_EQ(f["claims"].size(), 6u);
+  EXPECT_NEAR(f["seed_sd"].get<double>(), 0.005 / std::sqrt(2.0), 1e-9);
+  EXPECT_EQ(verdict_of(f, "moe_beats_dense"), "reproduced");
+  EXPECT_EQ(verdict_of(f, "sparser_better"), "reproduced");
+  EXPECT_EQ(verdict_of(f, "finetune"), "not measured");
+  EXPECT_EQ(verdict_of(f, "fixed_n_u_shape"), "not measured");
+  // The same gap inside the seed noise: inconclusive.
+  EXPECT_EQ(verdict_of(findings_for(0.01, 0.05, true), "moe_beats_dense"), "inconclusive");
+  // MoE worse beyond the noise: not reproduced.
+  EXPECT_EQ(verdict_of(findings_for(-0.1, 0.005, true), "moe_beats_dense"), "not reproduced");
+  // No replicates: the direction is reported, the verdict stays inconclusive.
+  const auto single = findings_for(0.1, 0.0, false);
+  EXPECT_EQ(verdict_of(single, "moe_beats_dense"), "inconclusive");
+  EXPECT_TRUE(single["seed_sd"].is_null());
 }
 
 }  // namespace

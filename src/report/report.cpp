@@ -646,6 +646,22 @@ std::string page(const Study& study, const ojson& s, const std::vector<ReportFig
     << ".note{color:#555;font-size:13px}code{background:#f4f4f4;padding:1px 4px}\n</style></head>\n<body>\n";
   h << "<h1>moelab report: " << html_escape(study.dir) << "</h1>\n";
   h << "<p class=\"headline\" id=\"headline\">" << html_escape(s["headline"].get<std::string>()) << "</p>\n";
+  if (s.contains("findings")) {
+    const ojson& f = s["findings"];
+    h << "<h2 id=\"findings\">Findings: the three studies' claims at this scale</h2>\n<p>Each claim, what this study "
+         "measured, and a verdict. A difference counts only beyond 2&radic;2 seed standard deviations (the pooled "
+         "spread of runs that differ only in their seed); without replicates a single-seed direction stays "
+         "inconclusive (docs/report.md).</p>\n";
+    std::vector<std::vector<std::string>> rows;
+    for (const auto& c : f["claims"])
+      rows.push_back({c["claim"].get<std::string>(), c["source"].get<std::string>(), c["measured"].get<std::string>(),
+                      c["spread"].get<std::string>(),
+                      c["verdict"].get<std::string>() +
+                          (c["why"].get<std::string>().empty() ? "" : ": " + c["why"].get<std::string>())});
+    h << table_html({"claim", "study", "measured here", "seed spread", "verdict"}, rows);
+    for (const auto& w : f["edge_warnings"])
+      h << "<p class=\"note\">Warning: " << html_escape(w.get<std::string>()) << "</p>\n";
+  }
   h << "<p class=\"note\">Every number on this page is in <a href=\"summary.json\">summary.json</a>, computed from the "
        "results stores (results.db, one row per run) and the runs' metrics.jsonl; L is the run's <code>"
     << html_escape(s["loss_column"].get<std::string>())

@@ -1,6 +1,8 @@
 #include "core/format.h"
 #include "report/study.h"
 
+#include "report/findings.h"
+
 #include <sstream>
 
 #include <algorithm>
@@ -423,6 +425,7 @@ nlohmann::ordered_json analyse_study(const Study& study, const AnalysisOptions& 
     }
   }
   out["headline"] = headline;
+  out["findings"] = study_findings(study, out, col);
   return out;
 }
 
