@@ -51,7 +51,7 @@ $moelab sweep run "$study/granularity" --jobs "$jobs" --threads-per-job 1
 
 stage 5 "downstream evaluation: built-in tasks, zero- and 5-shot, first $task_items test items each"
 $moelab sweep eval "$study/sparsity" --tasks wordnet-cloze prose-lastword bible-paraphrase --shots 0 5 \
-  --limit "$task_items" --threads 2 | tail -1
+  --limit "$task_items" --threads 2 | grep --line-buffered -E '^\[[0-9]+/[0-9]+\]|^evaluated [0-9]+ runs'
 
 stage 6 "fits, figures and the report"
 $moelab report "$study" --out "$study/report"

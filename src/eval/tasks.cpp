@@ -1,5 +1,7 @@
 #include "eval/tasks.h"
 
+#include <chrono>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -436,7 +438,10 @@ int64_t evaluate_sweep_on_tasks(const std::string& sweep_dir, const std::vector<
   const std::vector<int64_t> shot_list = shots.empty() ? std::vector<int64_t>{options.shots} : shots;
   const std::string db = (fs::absolute(sweep_dir) / "results.db").string();
   int64_t evaluated = 0, ok = 0;
-  for (const RunResult& result : read_results(sweep_dir)) {
+  const std::vector<RunResult> results = read_results(sweep_dir);
+  const int64_t total = std::count_if(results.begin(), results.end(), [](const RunResult& r) { return r.status == "ok"; });
+  const auto started = std::chrono::steady_clock::now();
+  for (const RunResult& result : results) {
     if (result.status != "ok") continue;
     ++ok;
     const std::string run_dir = (fs::absolute(sweep_dir) / "runs" / result.name).string();
@@ -450,7 +455,7 @@ int64_t evaluate_sweep_on_tasks(const std::string& sweep_dir, const std::vector<
                               r.limit == options.limit && r.seed == options.seed;
                      });
       if (complete) {
-        log << result.name << ": already evaluated (--force re-evaluates)\n";
+        log << "[" << ok << "/" << total << "] " << result.name << ": already evaluated (--force re-evaluates)\n";
         continue;
       }
     }
@@ -466,6 +471,13 @@ int64_t evaluate_sweep_on_tasks(const std::string& sweep_dir, const std::vector<
       log << line << std::flush;
     }
     ++evaluated;
+    // Progress: runs done of the finished runs, and the time left at the pace of the runs evaluated so far.
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    char progress[160];
+    std::snprintf(progress, sizeof progress, "[%ld/%ld] %s evaluated | %.0fs elapsed, ETA %.0fs\n",
+                  static_cast<long>(ok), static_cast<long>(total), result.name.c_str(), elapsed,
+                  elapsed / static_cast<double>(evaluated) * static_cast<double>(total - ok));
+    log << progress << std::flush;
   }
   if (ok == 0) throw Error("sweep '" + sweep_dir + "' has no finished runs to evaluate (see `moelab sweep status`)");
   return evaluated;
