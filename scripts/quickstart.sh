@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job: on a fresh Debian 12 machine, installs what is missing, builds, assembles the default corpus,
 # runs a CPU-sized sparsity study (3 FLOP budgets x 4 shapes x dense + 3 sparsity levels, and a small
-# granularity comparison), evaluates downstream, fits the scaling laws, writes the HTML report, and prints the
-# headline answer. Measured: 10 minutes on 2 cores once built, about 14 from a fresh clone. Every step is
+# granularity comparison, and two more seeds of each budget's best dense and MoE run), evaluates downstream, fits
+# the scaling laws, writes the HTML report with its findings table, and prints the headline answer. Measured
+# before the replicates were added: 10 minutes on 2 cores once built, about 14 from a fresh clone. Every step is
 # idempotent: rerun it after an interruption and it resumes (finished runs are skipped, interrupted ones
 # continue from their checkpoints).
 #
@@ -45,9 +46,13 @@ stage 3 "sweeps: plans"
 $moelab sweep plan "$sparsity_spec" --out "$study/sparsity" | tail -1
 $moelab sweep plan "$granularity_spec" --out "$study/granularity" | tail -1
 
-stage 4 "sweeps: training (progress: [runs done/total], ETA)"
+stage 4 "sweeps: training, then seed replicates of each budget's best dense and MoE (progress: [runs done/total], ETA)"
 $moelab sweep run "$study/sparsity" --jobs "$jobs" --threads-per-job 1
 $moelab sweep run "$study/granularity" --jobs "$jobs" --threads-per-job 1
+# Replicates: the best dense and MoE run of each budget with two more seeds, so the findings can tell effects
+# from seed noise (docs/report.md).
+$moelab sweep replicate "$study/sparsity" --seeds 2 3
+$moelab sweep run "$study/sparsity" --jobs "$jobs" --threads-per-job 1
 
 stage 5 "downstream evaluation: built-in tasks, zero- and 5-shot, first $task_items test items each"
 $moelab sweep eval "$study/sparsity" --tasks wordnet-cloze prose-lastword bible-paraphrase --shots 0 5 \

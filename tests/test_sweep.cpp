@@ -595,3 +595,46 @@ TEST(SweepSuggest, ProposesAppendsAndTheSweepTrainsThem) {
 
 }  // namespace
 }  // namespace moelab
+
+namespace moelab {
+namespace {
+
+// `sweep replicate`: the best dense and MoE run of each budget, again with more seeds, appended and trained.
+TEST(SweepReplicate, RepeatsTheBestDenseAndMoeOfEachBudget) {
+  const fs::path dir = temp_dir("sweep_replicate");
+  const fs::path data = make_data(dir / "data");
+  std::string spec = base_spec(data, "list");
+  for (const char* budget : {"5e8", "1e9"})
+    for (const char* moe : {"", "moe.experts=4"})
+      for (const char* width : {"model.d_model=16", "model.d_model=32"}) {
+        spec += std::string("[[run]]\nname = \"c") + budget + (*moe ? "-moe" : "-dense") + "-" + (width + 14) +
+                "\"\nbudget = " + budget + "\nset = [\"" + width + "\"" + (*moe ? std::string(", \"") + moe + "\"" : "") +
+                "]\n";
+      }
+  SweepPlan plan = plan_sweep_from_string(spec, "t");
+  ASSERT_EQ(plan.runs.size(), 8u) << spec;
+  const fs::path sweep = dir / "sweep";
+  write_plan(plan, sweep.string(), spec);
+  std::ostringstream log;
+  SweepRunOptions options;
+  options.binary = MOELAB_BINARY;
+  options.jobs = 2;
+  options.log = &log;
+  ASSERT_EQ(run_sweep(sweep.string(), options).ok, 8) << log.str();
+  const std::string cmd = std::string(MOELAB_BINARY) + " sweep replicate " + sweep.string() + " --seeds 2 > /dev/null";
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  const SweepPlan grown = read_plan(sweep.string());
+  ASSERT_EQ(grown.runs.size(), 12u);  // 2 budgets x (dense, MoE) x 1 more seed
+  for (size_t i = 8; i < 12; ++i) {
+    EXPECT_NE(grown.runs[i].name.find("-s2"), std::string::npos);
+    EXPECT_EQ(grown.runs[i].config.train.seed, 2);
+  }
+  ASSERT_EQ(std::system(cmd.c_str()), 0);  // again: nothing new
+  EXPECT_EQ(read_plan(sweep.string()).runs.size(), 12u);
+  const SweepRunSummary second = run_sweep(sweep.string(), options);
+  EXPECT_EQ(second.ok, 4) << log.str();
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace moelab

@@ -147,16 +147,9 @@ void add_sweep_suggest_command(CLI::App& sweep) {
     }
     j["suggestions"] = rows;
     if (a->append && !picks.empty()) {
-      // New runs at the end of plan.json (array indices of the others unchanged), each with its config.toml.
-      const fs::path root = fs::absolute(a->dir).lexically_normal();
-      nlohmann::ordered_json doc = nlohmann::ordered_json::parse(read_file((root / "plan.json").string(), "plan"));
-      SweepPlan extra;
-      extra.name = plan.name, extra.kind = plan.kind, extra.flops_convention = plan.flops_convention;
-      std::set<std::string> names;
-      for (const auto& r : plan.runs) names.insert(r.name);
+      std::vector<PlannedRun> runs;
       for (const auto& s : picks) {
         const Candidate& c = candidates[s.candidate];
-        if (names.count(c.name)) throw Error("sweep suggest --append: the plan already has a run named " + c.name);
         const auto [t, steps] = made_from[s.candidate];
         PlannedRun r = *templates[t].run;
         r.name = c.name;
@@ -164,22 +157,14 @@ void add_sweep_suggest_command(CLI::App& sweep) {
         r.config = templates[t].config;
         r.config.train.steps = steps;
         r.config.train.warmup_steps = std::min(r.config.train.warmup_steps, std::max<int64_t>(0, steps - 1));
-        r.config.train.out_dir = (root / "runs" / r.name).string();
         r.steps = steps;
         r.tokens = static_cast<int64_t>(c.x.D);
         r.flops = c.flops;
         r.budget = 0;
         r.target_tokens = c.x.D;
-        extra.runs.push_back(r);
-        write_file_atomic((root / "runs" / r.name / "config.toml").string(), to_toml(r.config));
+        runs.push_back(r);
       }
-      const nlohmann::ordered_json added = plan_to_json(extra);
-      int64_t index = static_cast<int64_t>(plan.feasible_runs().size());  // array indices continue the plan's
-      for (auto e : added["runs"]) {
-        e["index"] = index++;
-        doc["runs"].push_back(e);
-      }
-      write_file_atomic((root / "plan.json").string(), doc.dump(2) + "\n");
+      append_runs(a->dir, runs);
       j["appended"] = picks.size();
     }
     if (a->json) {

@@ -6,9 +6,13 @@
 #include <functional>
 #include <iostream>
 #include <memory>
+#include <set>
+#include <cmath>
+#include <map>
 
 #include "cli/report_errors.h"
 #include "cli/suggest_command.h"
+#include "config/config.h"
 #include "core/error.h"
 #include "core/io.h"
 #include "eval/tasks.h"
@@ -65,6 +69,62 @@ void add_sweep_commands(CLI::App& app) {
   }));
 
   add_sweep_suggest_command(*sweep);
+
+  // replicate
+  struct ReplicateArgs {
+    std::string dir, loss = "val";
+    std::vector<int64_t> seeds{2, 3};
+  };
+  auto ra = std::make_shared<ReplicateArgs>();
+  auto* rep = sweep->add_subcommand(
+      "replicate", "repeat the best dense and the best MoE run of each budget with more seeds (appended to the "
+                   "plan; `sweep run DIR` trains them), so fits and the report can tell effects from seed noise");
+  rep->add_option("dir", ra->dir, "sweep directory with finished runs")->required();
+  rep->add_option("--seeds", ra->seeds, "train.seed values of the replicates (default: 2 3)");
+  rep->add_option("--loss", ra->loss, "what picks the best run: val (default), smoothed or final")
+      ->check(CLI::IsMember({"val", "smoothed", "final"}));
+  rep->footer("Example:\n  moelab sweep replicate runs/sweeps/small --seeds 2 3 && moelab sweep run runs/sweeps/small");
+  rep->callback(reporting_errors([ra]() {
+    const SweepPlan plan = read_plan(ra->dir);
+    const std::vector<RunResult> results = read_results(ra->dir);
+    std::map<std::string, const PlannedRun*> planned;
+    for (const auto& r : plan.runs) planned[r.name] = &r;
+    auto loss = [&](const RunResult& r) {
+      return ra->loss == "val" ? r.val_loss : ra->loss == "final" ? r.loss : r.smoothed_loss;
+    };
+    // Best dense and best MoE per budget (runs with a planned FLOP budget; the others by token count).
+    std::map<std::pair<double, bool>, const RunResult*> best;
+    for (const auto& r : results) {
+      if (r.status != "ok" || !std::isfinite(loss(r))) continue;
+      double key = r.budget > 0 ? r.budget : -static_cast<double>(r.tokens);
+      for (const auto& [k, v] : best)
+        if (std::fabs(k.first - key) <= 1e-6 * std::fabs(key)) key = k.first;
+      auto& slot = best[{key, r.experts > 0}];
+      if (!slot || loss(r) < loss(*slot)) slot = &r;
+    }
+    if (best.empty()) throw Error("sweep replicate: '" + ra->dir + "' has no finished runs (run the sweep first)");
+    std::vector<PlannedRun> runs;
+    for (const auto& [key, r] : best) {
+      const PlannedRun& p = *planned.at(r->name);
+      const Config config = load_config((std::filesystem::path(ra->dir) / "runs" / r->name / "config.toml").string(), {});
+      for (int64_t seed : ra->seeds) {
+        if (seed == config.train.seed) continue;
+        PlannedRun x = p;
+        x.name = r->name + "-s" + std::to_string(seed);
+        if (planned.count(x.name)) continue;  // replicated already
+        x.config = config;
+        x.config.train.seed = seed;
+        runs.push_back(x);
+      }
+    }
+    append_runs(ra->dir, runs);
+    std::set<double> budgets;
+    for (const auto& [key, r] : best) budgets.insert(key.first);
+    std::cout << "appended " << runs.size() << " replicate runs (seeds";
+    for (int64_t s : ra->seeds) std::cout << " " << s;
+    std::cout << ") of the best dense and MoE run of " << budgets.size() << " budget(s); train them with "
+              << "`moelab sweep run " << ra->dir << "`\n";
+  }));
 
   auto* status = sweep->add_subcommand("status", "progress of a sweep: done/failed/running/pending per run");
   status->add_option("dir", o->dir, "sweep directory")->required();

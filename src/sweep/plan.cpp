@@ -846,6 +846,29 @@ void write_plan(SweepPlan& plan, const std::string& dir, const std::string& spec
   write_file_atomic(plan_path.string(), text);  // last: its presence means the plan is complete
 }
 
+void append_runs(const std::string& dir, std::vector<PlannedRun> runs) {
+  const fs::path root = fs::absolute(dir).lexically_normal();
+  const SweepPlan plan = read_plan(dir);
+  std::set<std::string> names;
+  for (const auto& r : plan.runs) names.insert(r.name);
+  nlohmann::ordered_json doc = nlohmann::ordered_json::parse(read_file((root / "plan.json").string(), "sweep plan"));
+  SweepPlan extra;
+  for (auto& r : runs) {
+    if (!names.insert(r.name).second) throw Error("the sweep plan in '" + root.string() + "' already has a run named " + r.name);
+    r.feasible = true;
+    r.config.train.out_dir = (root / "runs" / r.name).string();
+    write_file_atomic((root / "runs" / r.name / "config.toml").string(), to_toml(r.config));
+    extra.runs.push_back(r);
+  }
+  const nlohmann::ordered_json added = plan_to_json(extra);
+  int64_t index = static_cast<int64_t>(plan.feasible_runs().size());
+  for (auto e : added["runs"]) {
+    e["index"] = index++;
+    doc["runs"].push_back(e);
+  }
+  write_file_atomic((root / "plan.json").string(), doc.dump(2) + "\n");  // last: the configs are in place
+}
+
 SweepPlan read_plan(const std::string& dir) {
   const fs::path root = fs::absolute(dir).lexically_normal();
   const fs::path plan_path = root / "plan.json";

@@ -69,6 +69,9 @@ void write_plan(SweepPlan& plan, const std::string& dir, const std::string& spec
 SweepPlan read_plan(const std::string& dir);
 
 nlohmann::ordered_json plan_to_json(const SweepPlan& plan);
+// Adds `runs` (feasible, with full configs) to the end of DIR/plan.json, array indices continuing the plan's, and
+// writes each run's config.toml (train.out_dir set to DIR/runs/<name>). A name the plan has is an error.
+void append_runs(const std::string& dir, std::vector<PlannedRun> runs);
 // The table `sweep plan` prints: name, d_model, layers, experts, top-k, G, S, total and active params, D, FLOPs.
 std::string plan_table(const SweepPlan& plan);
 
