@@ -2,8 +2,8 @@
 # The main job: on a fresh Debian 12 machine, installs what is missing, builds, assembles the default corpus,
 # runs a CPU-sized sparsity study (3 FLOP budgets x 4 shapes x dense + 3 sparsity levels, and a small
 # granularity comparison, and two more seeds of each budget's best dense and MoE run), evaluates downstream, fits
-# the scaling laws, writes the HTML report with its findings table, and prints the headline answer. Measured
-# before the replicates were added: 10 minutes on 2 cores once built, about 14 from a fresh clone. Every step is
+# the scaling laws, writes the HTML report with its findings table, and prints the headline answer. Measured:
+# 15 minutes on 2 cores once built, about 19 from a fresh clone. Every step is
 # idempotent: rerun it after an interruption and it resumes (finished runs are skipped, interrupted ones
 # continue from their checkpoints).
 #
