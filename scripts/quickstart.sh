@@ -20,7 +20,7 @@ while (( $# )); do
   case "$1" in
     --tiny) variant=tiny; shift ;;
     --jobs) [[ $# -ge 2 ]] || { echo "quickstart: --jobs needs a number" >&2; exit 2; }; jobs="$2"; shift 2 ;;
-    -h|--help) sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "quickstart: unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
