@@ -77,14 +77,7 @@ TEST(Checkpoint, WeightsAreStandardSafetensors) {
   fs::remove_all(dir);
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using testing::error_of;
 
 TEST(Checkpoint, BadCheckpointsGiveClearErrors) {
   const fs::path dir = temp_dir("ckpt_errors");

@@ -26,14 +26,7 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 using testing::temp_dir;
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using testing::error_of;
 
 // A SentencePiece model of 320 pieces and a token shard, both from the repository's own docs (real text).
 struct Corpus {

@@ -26,14 +26,7 @@ std::vector<std::string> small_moe(std::vector<std::string> extra = {}) {
   return o;
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using testing::error_of;
 
 TEST(BiasBalancing, UpdateIsTheHandComputedSignStep) {
   const fs::path dir = temp_dir("bias_update");
@@ -49,18 +42,14 @@ TEST(BiasBalancing, UpdateIsTheHandComputedSignStep) {
   // The step's loads, counted by hand from the router's choices of each micro-batch (before the update).
   std::map<int64_t, std::vector<double>> loads = {{0, std::vector<double>(4, 0.0)}, {1, std::vector<double>(4, 0.0)}};
   auto source = trainer.batches(data);
-  const Trainer::BatchSource counting = [&](std::vector<int32_t>& tokens, std::vector<int32_t>& targets) {
-    source(tokens, targets);
-    // The previous micro-batch's forward left its choices in the stats: add them before the next one.
-  };
   int micro = 0;
-  const StepStats st = trainer.step([&](std::vector<int32_t>& tokens, std::vector<int32_t>& targets) {
+  trainer.step([&](std::vector<int32_t>& tokens, std::vector<int32_t>& targets) {
+    // Before each micro-batch but the first, the previous forward's choices are still in the stats.
     if (micro++ > 0)
       for (auto& [layer, l] : loads)
         for (int e = 0; e < 4; ++e) l[e] += model.moe_stats()[layer].assigned[e];
-    counting(tokens, targets);
+    source(tokens, targets);
   });
-  (void)st;
   for (auto& [layer, l] : loads)  // the last micro-batch's
     for (int e = 0; e < 4; ++e) l[e] += model.moe_stats()[layer].assigned[e];
   const auto after = model.router_biases();

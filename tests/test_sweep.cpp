@@ -57,13 +57,15 @@ std::string base_spec(const fs::path& data, const std::string& kind, int64_t che
          "[base.data]\ndir = \"" + data.string() + "\"\n";
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
+using testing::error_of;
+
+// Trains every pending run of a sweep through the moelab binary, 2 at a time; progress lines go to `log`.
+SweepRunSummary train_sweep(const fs::path& sweep, std::ostringstream& log) {
+  SweepRunOptions options;
+  options.binary = MOELAB_BINARY;
+  options.jobs = 2;
+  options.log = &log;
+  return run_sweep(sweep.string(), options);
 }
 
 const PlannedRun& find_run(const SweepPlan& plan, const std::string& name) {
@@ -478,11 +480,7 @@ TEST(SweepVary, BalanceAndScoreVariantsPlanAndRun) {
   const fs::path sweep = dir / "sweep";
   write_plan(plan, sweep.string(), spec);
   std::ostringstream log;
-  SweepRunOptions options;
-  options.binary = MOELAB_BINARY;
-  options.jobs = 2;
-  options.log = &log;
-  const SweepRunSummary s = run_sweep(sweep.string(), options);
+  const SweepRunSummary s = train_sweep(sweep, log);
   EXPECT_EQ(s.ok, 5) << log.str();
   // The bias variant's metrics carry the bias range and the overload factor.
   const std::string metrics = read_file((sweep / "runs" / "moe-balance_bias-score_sigmoid" / "metrics.jsonl").string(),
@@ -522,11 +520,7 @@ TEST(SweepSeeds, RunsRepeatOverSeedsAndTheStoreKeepsTheSeed) {
   const fs::path sweep = dir / "sweep";
   write_plan(plan, sweep.string(), spec);
   std::ostringstream log;
-  SweepRunOptions options;
-  options.binary = MOELAB_BINARY;
-  options.jobs = 2;
-  options.log = &log;
-  EXPECT_EQ(run_sweep(sweep.string(), options).ok, 3) << log.str();
+  EXPECT_EQ(train_sweep(sweep, log).ok, 3) << log.str();
   sqlite3* db = nullptr;
   ASSERT_EQ(sqlite3_open((sweep / "results.db").string().c_str(), &db), SQLITE_OK);
   sqlite3_stmt* stmt = nullptr;
@@ -564,11 +558,7 @@ TEST(SweepSuggest, ProposesAppendsAndTheSweepTrainsThem) {
   const fs::path sweep = dir / "sweep";
   write_plan(plan, sweep.string(), spec);
   std::ostringstream log;
-  SweepRunOptions options;
-  options.binary = MOELAB_BINARY;
-  options.jobs = 2;
-  options.log = &log;
-  ASSERT_EQ(run_sweep(sweep.string(), options).ok, 9) << log.str();
+  ASSERT_EQ(train_sweep(sweep, log).ok, 9) << log.str();
   const std::string cmd = std::string(MOELAB_BINARY) + " sweep suggest " + sweep.string() +
                           " --target-budget 1e13 --count 2 --max-flops 3e11 --bootstrap 32 --append --json";
   FILE* pipe = popen(cmd.c_str(), "r");
@@ -587,7 +577,7 @@ TEST(SweepSuggest, ProposesAppendsAndTheSweepTrainsThem) {
   const SweepPlan grown = read_plan(sweep.string());
   ASSERT_EQ(grown.runs.size(), 11u) << out << read_file((sweep / "plan.json").string(), "plan").substr(0, 3000);
   EXPECT_EQ(grown.runs.back().group, "suggested");
-  const SweepRunSummary second = run_sweep(sweep.string(), options);
+  const SweepRunSummary second = train_sweep(sweep, log);
   EXPECT_EQ(second.ok, 2) << log.str();
   EXPECT_EQ(second.skipped, 9);
   fs::remove_all(dir);
@@ -616,11 +606,7 @@ TEST(SweepReplicate, RepeatsTheBestDenseAndMoeOfEachBudget) {
   const fs::path sweep = dir / "sweep";
   write_plan(plan, sweep.string(), spec);
   std::ostringstream log;
-  SweepRunOptions options;
-  options.binary = MOELAB_BINARY;
-  options.jobs = 2;
-  options.log = &log;
-  ASSERT_EQ(run_sweep(sweep.string(), options).ok, 8) << log.str();
+  ASSERT_EQ(train_sweep(sweep, log).ok, 8) << log.str();
   const std::string cmd = std::string(MOELAB_BINARY) + " sweep replicate " + sweep.string() + " --seeds 2 > /dev/null";
   ASSERT_EQ(std::system(cmd.c_str()), 0);
   const SweepPlan grown = read_plan(sweep.string());
@@ -631,7 +617,7 @@ TEST(SweepReplicate, RepeatsTheBestDenseAndMoeOfEachBudget) {
   }
   ASSERT_EQ(std::system(cmd.c_str()), 0);  // again: nothing new
   EXPECT_EQ(read_plan(sweep.string()).runs.size(), 12u);
-  const SweepRunSummary second = run_sweep(sweep.string(), options);
+  const SweepRunSummary second = train_sweep(sweep, log);
   EXPECT_EQ(second.ok, 4) << log.str();
   fs::remove_all(dir);
 }

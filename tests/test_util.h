@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include "backend/backend.h"
+#include "core/error.h"
 #include "core/io.h"
 #include "core/rng.h"
 #include "core/tensor.h"
@@ -39,6 +40,16 @@ inline float read_value(Backend& be, const float* p) {
   return v;
 }
 inline void write_value(Backend& be, float* p, float v) { be.upload(p, &v, 1); }
+
+// The message of the moelab::Error that f throws, or "" when it throws none.
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
 
 inline void fill_normal(float* x, int64_t n, Rng& rng, float std = 1.f, float mean = 0.f) {
   for (int64_t i = 0; i < n; ++i) x[i] = mean + std * static_cast<float>(rng.normal());
