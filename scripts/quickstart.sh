@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The main job: on a fresh Debian 12 machine, installs what is missing, builds, assembles the default corpus,
-# runs a CPU-sized sparsity study (3 FLOP budgets x 4 shapes x dense + 3 sparsity levels, and a small
-# granularity comparison, and two more seeds of each budget's best dense and MoE run), evaluates downstream, fits
-# the scaling laws, writes the HTML report with its findings table, and prints the headline answer. Measured:
-# 15 minutes on 2 cores once built, about 19 from a fresh clone. Every step is
-# idempotent: rerun it after an interruption and it resumes (finished runs are skipped, interrupted ones
-# continue from their checkpoints).
+# The main job: on a fresh Debian 12 machine, installs what is missing, builds, assembles the default corpus, and
+# runs a CPU-sized study of the three papers' questions: IsoFLOP sparsity curves at 3 budgets (each over a shape
+# ladder that brackets its optimum), granularity G = 1..8 at 3 budgets with the granularity law, loss against
+# sparsity at fixed total parameters, two more seeds of each budget's best dense and MoE run, downstream evaluation
+# zero- and few-shot, and the best dense and MoE run fine-tuned on a built-in task. It fits the laws, writes the HTML
+# report with its findings table (which claims of the papers this study reproduces) and prints the headline.
+# Measured: MEASURED_ONCE_BUILT minutes on 2 cores once built, MEASURED_FRESH from a fresh clone.
+# Every step is idempotent: rerun it after an interruption and it resumes (finished runs are skipped, interrupted
+# ones continue from their checkpoints).
 #
 #   scripts/quickstart.sh            the study, into runs/study (report: runs/study/report/index.html)
-#   scripts/quickstart.sh --tiny     the same path on very small models, into runs/study-tiny (under a minute once built)
+#   scripts/quickstart.sh --tiny     the same path on very small models, into runs/study-tiny (about a minute once built)
 #   scripts/quickstart.sh --jobs N   runs trained at once (default 2, one thread each)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,16 +22,16 @@ while (( $# )); do
   case "$1" in
     --tiny) variant=tiny; shift ;;
     --jobs) [[ $# -ge 2 ]] || { echo "quickstart: --jobs needs a number" >&2; exit 2; }; jobs="$2"; shift 2 ;;
-    -h|--help) sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "quickstart: unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 if [[ "$variant" == tiny ]]; then
-  study=runs/study-tiny; sparsity_spec=configs/study/tiny-sparsity.toml; granularity_spec=configs/study/tiny-granularity.toml
-  task_items=40
+  study=runs/study-tiny; spec=configs/study/tiny-
+  task_items=40; ft_steps=10; ft_items=40
 else
-  study=runs/study; sparsity_spec=configs/study/sparsity.toml; granularity_spec=configs/study/granularity.toml
-  task_items=200
+  study=runs/study; spec=configs/study/
+  task_items=100; ft_steps=450; ft_items=0
 fi
 start=$(date +%s)
 stage() { echo; echo "== [$1/6] $2   ($(( ($(date +%s) - start) / 60 )) min elapsed)"; }
@@ -43,20 +45,24 @@ scripts/fetch-corpus.sh --out data/corpus
 $moelab data prepare --corpus data/corpus --out data/prepared-v2048 --vocab 2048 --quiet
 
 stage 3 "sweeps: plans"
-$moelab sweep plan "$sparsity_spec" --out "$study/sparsity" | tail -1
-$moelab sweep plan "$granularity_spec" --out "$study/granularity" | tail -1
+for sweep in sparsity granularity fixed-params; do
+  $moelab sweep plan "${spec}$sweep.toml" --out "$study/$sweep" | tail -1
+done
 
-stage 4 "sweeps: training, then seed replicates of each budget's best dense and MoE (progress: [runs done/total], ETA)"
+stage 4 "sweeps: training (progress: [runs done/total], ETA), then seed replicates of each budget's best dense and MoE"
 $moelab sweep run "$study/sparsity" --jobs "$jobs" --threads-per-job 1
-$moelab sweep run "$study/granularity" --jobs "$jobs" --threads-per-job 1
 # Replicates: the best dense and MoE run of each budget with two more seeds, so the findings can tell effects
 # from seed noise (docs/report.md).
 $moelab sweep replicate "$study/sparsity" --seeds 2 3
 $moelab sweep run "$study/sparsity" --jobs "$jobs" --threads-per-job 1
+$moelab sweep run "$study/granularity" --jobs "$jobs" --threads-per-job 1
+$moelab sweep run "$study/fixed-params" --jobs "$jobs" --threads-per-job 1
 
-stage 5 "downstream evaluation: built-in tasks, zero- and 5-shot, first $task_items test items each"
+stage 5 "downstream: built-in tasks zero- and 5-shot (first $task_items test items), and the best dense and MoE run fine-tuned"
 $moelab sweep eval "$study/sparsity" --tasks wordnet-cloze prose-lastword bible-paraphrase --shots 0 5 \
-  --limit "$task_items" --threads 2 | grep --line-buffered -E '^\[[0-9]+/[0-9]+\]|^evaluated [0-9]+ runs'
+  --limit "$task_items" --threads "$jobs" | grep --line-buffered -E '^\[[0-9]+/[0-9]+\]|^evaluated [0-9]+ runs'
+$moelab sweep finetune "$study/sparsity" --task wordnet-cloze --steps "$ft_steps" --lr 3e-3 --limit "$ft_items" \
+  --threads "$jobs"
 
 stage 6 "fits, figures and the report"
 $moelab report "$study" --out "$study/report"

@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <tuple>
 
 #include "core/error.h"
 #include "core/io.h"
@@ -162,8 +163,8 @@ TEST(Report, PageHasEveryFigureAndRendersInHeadlessChromium) {
     EXPECT_NE(svg.find("</svg>"), std::string::npos) << id;
     EXPECT_TRUE(fs::exists(root / "out" / "figures" / (id + ".gp"))) << id;
   }
-  // Granularity and downstream have no data here: said so, not drawn empty.
-  ASSERT_EQ(r.skipped.size(), 2u);
+  // Granularity, fixed total parameters and downstream have no data here: said so, not drawn empty.
+  ASSERT_EQ(r.skipped.size(), 3u);
   const std::string html = read_file(r.html_path, "report");
   size_t images = 0;
   for (size_t at = html.find("<img "); at != std::string::npos; at = html.find("<img ", at + 1)) ++images;
@@ -256,6 +257,347 @@ TEST(Findings, VerdictsFollowTheSeedSpread) {
   const auto single = findings_for(0.1, 0.0, false);
   EXPECT_EQ(verdict_of(single, "moe_beats_dense"), "inconclusive");
   EXPECT_TRUE(single["seed_sd"].is_null());
+}
+
+}  // namespace
+}  // namespace moelab
+
+namespace moelab {
+namespace {
+
+using ojson = nlohmann::ordered_json;
+
+const ojson& claim_of(const ojson& f, const std::string& id) {
+  for (const auto& c : f["claims"])
+    if (c["id"] == id) return c;
+  static const ojson none = ojson::object();
+  return none;
+}
+
+std::string warnings_text(const ojson& f) {
+  std::string all;
+  for (const auto& w : f["edge_warnings"]) all += w.get<std::string>() + "\n";
+  return all;
+}
+
+// Two seeds of one configuration (no budget, so it joins no IsoFLOP curve) whose losses differ by `noise`: the
+// study's seed sd is then noise / sqrt(2), and the verdict threshold 2 sqrt(2) sd is exactly 2 * noise.
+void add_replicates(StudySweep& s, double noise) {
+  for (int seed : {1, 2}) {
+    RunResult r;
+    r.name = "replicate-s" + std::to_string(seed);
+    r.status = "ok";
+    r.d_model = 16, r.n_layers = 1;
+    r.tokens = 1000, r.params = 12345;
+    r.seed = seed;
+    r.smoothed_loss = 4.0 + (seed == 2 ? noise : 0.0);
+    s.results.push_back(r);
+  }
+}
+
+// ---- fine-tuning gains (fairseq) --------------------------------------------------------------------------------
+
+RunResult tuned_run(const std::string& name, double C, bool moe, double loss) {
+  RunResult r;
+  r.name = name;
+  r.status = "ok";
+  r.budget = C;
+  r.tokens = static_cast<int64_t>(C / 1e6);
+  r.d_model = 64, r.n_layers = 2;
+  r.experts = moe ? 8 : 0, r.top_k = moe ? 2 : 0, r.sparsity = moe ? 0.75 : 0.0;
+  r.seed = 1;
+  r.smoothed_loss = loss;
+  return r;
+}
+
+DownstreamRecord tuned_record(const std::string& run, double before, double after, double stderr_,
+                              const std::string& mode = "finetune", bool with_before = true) {
+  DownstreamRecord d;
+  d.run = run;
+  d.task = "cloze";
+  d.mode = mode;
+  d.n = 200;
+  d.acc = after;
+  d.acc_stderr = stderr_;
+  d.finetune = {{"steps", 10}};
+  if (with_before)
+    d.finetune["before"] = {{"acc", before}, {"acc_stderr", stderr_}, {"acc_norm", before},
+                            {"acc_norm_stderr", stderr_}, {"n", 200}};
+  return d;
+}
+
+// Fine-tuned runs at three budgets. Only 4e12 is the one to judge: 1.6e13 has a fine-tuned dense run only, and
+// 1e12 (a smaller budget) says the opposite of 4e12. At 4e12 the lower-loss MoE (moe-a) is the one to use; the
+// other fine-tuned MoE (moe-b, higher loss) and records that are not fine-tuning results say the opposite too.
+// Every accuracy has stderr 0.02, so the se of the difference of gains is 0.04 and the threshold 2 se = 0.08.
+ojson finetune_findings(double dense_gain, double moe_gain) {
+  Study study;
+  StudySweep s;
+  s.label = "sparsity";
+  s.plan.kind = "isoflop";
+  s.results = {tuned_run("dense-1e12", 1e12, false, 3.0),  tuned_run("moe-1e12", 1e12, true, 2.9),
+               tuned_run("dense-4e12", 4e12, false, 2.8),  tuned_run("moe-a-4e12", 4e12, true, 2.7),
+               tuned_run("moe-b-4e12", 4e12, true, 2.75),  tuned_run("dense-1.6e13", 1.6e13, false, 2.6)};
+  const double opposite = -(dense_gain - moe_gain);
+  s.downstream = {
+      tuned_record("dense-1e12", 0.3, 0.3 + 0.1, 0.02), tuned_record("moe-1e12", 0.3, 0.3 + 0.1 - opposite, 0.02),
+      tuned_record("dense-4e12", 0.30, 0.30 + dense_gain, 0.02), tuned_record("moe-a-4e12", 0.32, 0.32 + moe_gain, 0.02),
+      tuned_record("moe-b-4e12", 0.32, 0.32 + dense_gain - opposite, 0.02),
+      // Zero-shot results and a fine-tuning record without "before" (written before it existed): ignored.
+      tuned_record("moe-a-4e12", 0.32, 0.32 + dense_gain + 0.5, 0.02, "zero"),
+      tuned_record("dense-1.6e13", 0.3, 0.9, 0.02)};
+  study.sweeps.push_back(s);
+  // A second sweep of the study holding an MoE run at 1.6e13 with a record lacking "before": still no pair there.
+  StudySweep other;
+  other.label = "other";
+  other.plan.kind = "isoflop";
+  other.results = {tuned_run("moe-1.6e13", 1.6e13, true, 2.5)};
+  other.downstream = {tuned_record("moe-1.6e13", 0.3, 0.31, 0.02, "finetune", false)};
+  study.sweeps.push_back(other);
+  return study_findings(study, ojson::object(), "smoothed_loss");
+}
+
+TEST(Findings, FinetuneGainComparesDenseAndMoeAtTheLargestBudgetWithBoth) {
+  // Dense gains 0.20, MoE 0.05: difference 0.15 > 2 se = 0.08.
+  const ojson f = finetune_findings(0.20, 0.05);
+  const ojson& c = claim_of(f, "finetune");
+  EXPECT_EQ(c["verdict"], "reproduced") << c.dump(1);
+  const std::string measured = c["measured"];
+  EXPECT_NE(measured.find("dense-4e12 vs moe-a-4e12"), std::string::npos) << measured;
+  EXPECT_NE(measured.find("dense gain - MoE gain = +0.150"), std::string::npos) << measured;
+  EXPECT_NE(c["spread"].get<std::string>().find("0.040"), std::string::npos) << c["spread"];
+  // Difference 0.05: within 2 se.
+  EXPECT_EQ(claim_of(finetune_findings(0.20, 0.15), "finetune")["verdict"], "inconclusive");
+  // Difference 0.07, just inside 0.08; and 0.09 just beyond it.
+  EXPECT_EQ(claim_of(finetune_findings(0.17, 0.10), "finetune")["verdict"], "inconclusive");
+  EXPECT_EQ(claim_of(finetune_findings(0.19, 0.10), "finetune")["verdict"], "reproduced");
+  // MoE gains more, beyond 2 se.
+  EXPECT_EQ(claim_of(finetune_findings(0.05, 0.20), "finetune")["verdict"], "not reproduced");
+  EXPECT_EQ(claim_of(finetune_findings(0.10, 0.19), "finetune")["verdict"], "not reproduced");
+}
+
+TEST(Findings, FinetuneWithoutBeforeOrWithoutAPairIsNotMeasured) {
+  Study study;
+  StudySweep s;
+  s.label = "sparsity";
+  s.plan.kind = "isoflop";
+  s.results = {tuned_run("dense-1e12", 1e12, false, 3.0), tuned_run("moe-1e12", 1e12, true, 2.9),
+               tuned_run("dense-4e12", 4e12, false, 2.8)};
+  // A pair at 1e12, but the MoE record has no "before"; a dense record at 4e12 with no MoE partner; a few-shot one.
+  s.downstream = {tuned_record("dense-1e12", 0.3, 0.5, 0.02), tuned_record("moe-1e12", 0.3, 0.31, 0.02, "finetune", false),
+                  tuned_record("dense-4e12", 0.3, 0.5, 0.02), tuned_record("moe-1e12", 0.3, 0.31, 0.02, "few")};
+  study.sweeps.push_back(s);
+  EXPECT_EQ(claim_of(study_findings(study, ojson::object(), "smoothed_loss"), "finetune")["verdict"], "not measured");
+  // With "before" on the MoE record, 1e12 is judged: dense +0.2, MoE +0.01.
+  study.sweeps[0].downstream[1] = tuned_record("moe-1e12", 0.3, 0.31, 0.02);
+  EXPECT_EQ(claim_of(study_findings(study, ojson::object(), "smoothed_loss"), "finetune")["verdict"], "reproduced");
+  // A failed MoE run does not count.
+  study.sweeps[0].results[1].status = "failed";
+  EXPECT_EQ(claim_of(study_findings(study, ojson::object(), "smoothed_loss"), "finetune")["verdict"], "not measured");
+}
+
+// ---- loss against sparsity at fixed total parameters (Abnar) ------------------------------------------------------
+
+ojson fixed_group(double params, double C, const std::vector<std::pair<double, double>>& curve) {
+  ojson points = ojson::array();
+  double S = 0, L = INFINITY;
+  for (const auto& [sp, loss] : curve) {
+    points.push_back({{"sparsity", sp}, {"loss", loss}, {"name", "n-s" + compact_number(sp)}});
+    if (loss < L) L = loss, S = sp;
+  }
+  const bool edge = S == curve.front().first || S == curve.back().first;
+  return {{"params", params}, {"C", C}, {"points", points}, {"S_star", S}, {"L_star", L}, {"on_edge", edge}};
+}
+
+// Seed noise 0.01: the threshold is 0.02.
+ojson fixed_params_findings(const ojson& groups) {
+  Study study;
+  StudySweep s;
+  s.label = "fixed";
+  s.plan.kind = "fixed_params";
+  add_replicates(s, 0.01);
+  study.sweeps.push_back(s);
+  ojson summary = ojson::object();
+  summary["fixed_params"] = groups;
+  const ojson f = study_findings(study, summary, "smoothed_loss");
+  EXPECT_NEAR(f["seed_sd"].get<double>(), 0.01 / std::sqrt(2.0), 1e-12);
+  return f;
+}
+
+TEST(Findings, FixedParamsUShapeWithAnInnerMinimumIsReproduced) {
+  // Lowest at S = 0.5, both ends 0.05 and 0.08 above it (> 0.02).
+  const ojson u = ojson::array({fixed_group(1e6, 1e12, {{0.0, 3.05}, {0.5, 3.00}, {0.75, 3.03}, {0.875, 3.08}})});
+  ojson f = fixed_params_findings(u);
+  EXPECT_EQ(verdict_of(f, "fixed_n_u_shape"), "reproduced") << claim_of(f, "fixed_n_u_shape").dump(1);
+  EXPECT_TRUE(f["edge_warnings"].empty()) << warnings_text(f);
+  EXPECT_NE(claim_of(f, "fixed_n_u_shape")["measured"].get<std::string>().find("lowest at S 0.5"), std::string::npos);
+  // One end only 0.01 above the minimum: inside the noise.
+  f = fixed_params_findings(ojson::array({fixed_group(1e6, 1e12, {{0.0, 3.01}, {0.5, 3.00}, {0.875, 3.08}})}));
+  EXPECT_EQ(verdict_of(f, "fixed_n_u_shape"), "inconclusive");
+  EXPECT_TRUE(f["edge_warnings"].empty());
+  // Two groups: reproduced only if every group is.
+  ojson two = u;
+  two.push_back(fixed_group(4e6, 1e12, {{0.0, 3.01}, {0.5, 3.00}, {0.875, 3.08}}));
+  EXPECT_EQ(verdict_of(fixed_params_findings(two), "fixed_n_u_shape"), "inconclusive");
+  two[1] = fixed_group(4e6, 1e12, {{0.0, 2.95}, {0.5, 2.90}, {0.875, 2.93}});
+  EXPECT_EQ(verdict_of(fixed_params_findings(two), "fixed_n_u_shape"), "reproduced");
+  // Fewer than 3 sparsity levels: not a curve.
+  EXPECT_EQ(verdict_of(fixed_params_findings(ojson::array({fixed_group(1e6, 1e12, {{0.0, 3.05}, {0.5, 3.00}})})),
+                       "fixed_n_u_shape"),
+            "not measured");
+}
+
+TEST(Findings, FixedParamsMinimumAtAnEndWarnsAndIsNotAUShape) {
+  // Monotone: lowest at the sparsest S, the densest end 0.15 above it: not reproduced, with a warning.
+  ojson f = fixed_params_findings(ojson::array({fixed_group(1e6, 1e12, {{0.0, 3.10}, {0.5, 3.00}, {0.875, 2.95}})}));
+  EXPECT_EQ(verdict_of(f, "fixed_n_u_shape"), "not reproduced") << claim_of(f, "fixed_n_u_shape").dump(1);
+  ASSERT_EQ(f["edge_warnings"].size(), 1u) << warnings_text(f);
+  EXPECT_NE(warnings_text(f).find("the lowest loss is at the sparsest measured S"), std::string::npos)
+      << warnings_text(f);
+  // Lowest at the densest end.
+  f = fixed_params_findings(ojson::array({fixed_group(1e6, 1e12, {{0.0, 2.90}, {0.5, 3.00}, {0.875, 3.10}})}));
+  EXPECT_EQ(verdict_of(f, "fixed_n_u_shape"), "not reproduced");
+  EXPECT_NE(warnings_text(f).find("the lowest loss is at the densest measured S"), std::string::npos)
+      << warnings_text(f);
+  // Lowest at the sparsest end but the other end within the noise (0.01 above; a rise in between): inconclusive.
+  f = fixed_params_findings(ojson::array({fixed_group(1e6, 1e12, {{0.0, 2.96}, {0.5, 3.00}, {0.875, 2.95}})}));
+  EXPECT_EQ(verdict_of(f, "fixed_n_u_shape"), "inconclusive");
+  EXPECT_EQ(f["edge_warnings"].size(), 1u) << warnings_text(f);
+}
+
+// ---- the optimal granularity (Krajewski) -------------------------------------------------------------------------
+
+ojson granularity_row(double C, const std::vector<std::pair<double, double>>& curve, bool on_edge = false) {
+  ojson points = ojson::array();
+  double G = 0, L = INFINITY;
+  for (const auto& [g, loss] : curve) {
+    points.push_back({{"G", g}, {"loss", loss}, {"name", "c-g" + compact_number(g)}});
+    if (loss < L) L = loss, G = g;
+  }
+  return {{"C", C},
+          {"G_star", G},
+          {"best", {{"loss", L}, {"name", "c-g" + compact_number(G)}}},
+          {"on_edge", on_edge},
+          {"curve_at_best_shape", points}};
+}
+
+// Seed noise 0.01: the threshold is 0.02.
+ojson granularity_findings(const ojson& rows) {
+  Study study;
+  StudySweep s;
+  s.label = "granularity";
+  s.plan.kind = "granularity";
+  add_replicates(s, 0.01);
+  study.sweeps.push_back(s);
+  ojson summary = ojson::object();
+  summary["granularity_optimum"] = rows;
+  return study_findings(study, summary, "smoothed_loss");
+}
+
+TEST(Findings, GranularityAboveOneAndGrowingIsReproduced) {
+  // C 1e12: G* = 2, 0.10 below G = 1. C 4e12: G* = 4, 0.10 below G = 1, and the small budget's G* (2) 0.05 above.
+  const ojson rows = ojson::array({granularity_row(1e12, {{1, 3.10}, {2, 3.00}, {4, 3.05}, {8, 3.09}}),
+                                   granularity_row(4e12, {{1, 2.95}, {2, 2.90}, {4, 2.85}, {8, 2.88}})});
+  ojson f = granularity_findings(rows);
+  EXPECT_EQ(verdict_of(f, "granularity"), "reproduced") << claim_of(f, "granularity").dump(1);
+  EXPECT_TRUE(f["edge_warnings"].empty()) << warnings_text(f);
+  // The same G* at both budgets: no growth.
+  f = granularity_findings(ojson::array({granularity_row(1e12, {{1, 3.10}, {2, 3.00}, {4, 3.05}}),
+                                         granularity_row(4e12, {{1, 2.95}, {2, 2.85}, {4, 2.90}})}));
+  EXPECT_EQ(verdict_of(f, "granularity"), "inconclusive") << claim_of(f, "granularity").dump(1);
+  // G* moves up, but the last budget's loss at the first G* is within the noise (0.01 above).
+  f = granularity_findings(ojson::array({granularity_row(1e12, {{1, 3.10}, {2, 3.00}, {4, 3.05}}),
+                                         granularity_row(4e12, {{1, 2.95}, {2, 2.86}, {4, 2.85}})}));
+  EXPECT_EQ(verdict_of(f, "granularity"), "inconclusive") << claim_of(f, "granularity").dump(1);
+  // G* falls, beyond the noise.
+  f = granularity_findings(ojson::array({granularity_row(1e12, {{1, 3.10}, {2, 3.05}, {4, 3.00}}),
+                                         granularity_row(4e12, {{1, 2.95}, {2, 2.85}, {4, 2.90}})}));
+  EXPECT_EQ(verdict_of(f, "granularity"), "not reproduced") << claim_of(f, "granularity").dump(1);
+  // G* = 1 at one budget.
+  f = granularity_findings(ojson::array({granularity_row(1e12, {{1, 3.00}, {2, 3.05}, {4, 3.10}}),
+                                         granularity_row(4e12, {{1, 2.95}, {2, 2.90}, {4, 2.85}})}));
+  EXPECT_EQ(verdict_of(f, "granularity"), "not reproduced");
+  // G* > 1, but only 0.01 below G = 1: inconclusive.
+  f = granularity_findings(ojson::array({granularity_row(1e12, {{1, 3.01}, {2, 3.00}, {4, 3.05}}),
+                                         granularity_row(4e12, {{1, 2.95}, {2, 2.90}, {4, 2.85}})}));
+  EXPECT_EQ(verdict_of(f, "granularity"), "inconclusive");
+  // One budget: G* > 1 but growth cannot be told.
+  EXPECT_EQ(verdict_of(granularity_findings(ojson::array({rows[0]})), "granularity"), "inconclusive");
+  EXPECT_EQ(verdict_of(granularity_findings(ojson::array()), "granularity"), "not measured");
+}
+
+TEST(Findings, GranularityOptimumOnTheEdgeWarns) {
+  const ojson rows = ojson::array({granularity_row(1e12, {{1, 3.10}, {2, 3.00}, {4, 3.05}}),
+                                   granularity_row(4e12, {{1, 2.95}, {2, 2.90}, {4, 2.85}}, true)});
+  const ojson f = granularity_findings(rows);
+  EXPECT_EQ(verdict_of(f, "granularity"), "reproduced") << claim_of(f, "granularity").dump(1);
+  ASSERT_EQ(f["edge_warnings"].size(), 1u) << warnings_text(f);
+  EXPECT_NE(warnings_text(f).find("the best granularity at C 4e+12 is the largest measured (G = 4)"), std::string::npos)
+      << warnings_text(f);
+}
+
+// ---- IsoFLOP curves whose optimum is not bracketed ---------------------------------------------------------------
+
+RunResult iso_run(double C, double S, int64_t N, int seed, double loss) {
+  RunResult r;
+  r.name = "c" + compact_number(C) + "-s" + compact_number(S) + "-n" + std::to_string(N) + "-seed" + std::to_string(seed);
+  r.status = "ok";
+  r.budget = C;
+  r.sparsity = S;
+  r.experts = S > 0 ? 8 : 0, r.top_k = S > 0 ? 2 : 0;
+  r.nonembedding_params = N;
+  r.params = N + 1000;
+  r.d_model = N / 1000;
+  r.n_layers = 2;
+  r.tokens = static_cast<int64_t>(C / (6.0 * static_cast<double>(N)));
+  r.seed = seed;
+  r.smoothed_loss = loss;
+  return r;
+}
+
+TEST(Findings, IsoflopCurveLowestAtAnEndOfItsLadderWarns) {
+  Study study;
+  StudySweep s;
+  s.label = "sparsity";
+  s.plan.kind = "isoflop";
+  // C 1e12, S 0.75: seed 1 alone is lowest at the smallest N, but the mean over seeds is lowest in the middle.
+  for (auto [N, l1, l2] : {std::tuple<int64_t, double, double>{64000, 2.98, 3.10}, {128000, 3.00, 3.00},
+                           {256000, 3.05, 3.05}})
+    for (int seed : {1, 2}) s.results.push_back(iso_run(1e12, 0.75, N, seed, seed == 1 ? l1 : l2));
+  // C 1e12, dense: lowest at the largest N.
+  for (auto [N, l] : {std::pair<int64_t, double>{64000, 3.2}, {128000, 3.1}, {256000, 3.0}})
+    s.results.push_back(iso_run(1e12, 0.0, N, 1, l));
+  // C 4e12, S 0.75: lowest at the smallest N.
+  for (auto [N, l] : {std::pair<int64_t, double>{64000, 2.7}, {128000, 2.8}, {256000, 2.9}})
+    s.results.push_back(iso_run(4e12, 0.75, N, 1, l));
+  // C 4e12, dense: two sizes only, no curve to judge.
+  for (auto [N, l] : {std::pair<int64_t, double>{64000, 2.7}, {128000, 2.8}})
+    s.results.push_back(iso_run(4e12, 0.0, N, 1, l));
+  study.sweeps.push_back(s);
+  const ojson f = study_findings(study, ojson::object(), "smoothed_loss");
+  const std::string w = warnings_text(f);
+  ASSERT_EQ(f["edge_warnings"].size(), 2u) << w;
+  EXPECT_NE(w.find("the IsoFLOP curve at C 1e+12, S 0 is lowest at the largest shape"), std::string::npos) << w;
+  EXPECT_NE(w.find("the IsoFLOP curve at C 4e+12, S 0.75 is lowest at the smallest shape"), std::string::npos) << w;
+  EXPECT_EQ(w.find("C 1e+12, S 0.75"), std::string::npos) << w;
+
+  // Bracketed everywhere: no warning. A sweep of another kind is not an IsoFLOP ladder.
+  Study good;
+  StudySweep g;
+  g.label = "sparsity";
+  g.plan.kind = "isoflop";
+  for (auto [N, l] : {std::pair<int64_t, double>{64000, 3.1}, {128000, 3.0}, {256000, 3.05}})
+    g.results.push_back(iso_run(1e12, 0.75, N, 1, l));
+  good.sweeps.push_back(g);
+  StudySweep other = g;
+  other.label = "fixed";
+  other.plan.kind = "fixed_params";
+  for (auto& r : other.results) r.smoothed_loss = 3.0 + static_cast<double>(r.nonembedding_params) * 1e-6;
+  good.sweeps.push_back(other);
+  const ojson none = study_findings(good, ojson::object(), "smoothed_loss");
+  EXPECT_TRUE(none["edge_warnings"].empty()) << warnings_text(none);
+  EXPECT_EQ(verdict_of(none, "fixed_n_u_shape"), "not measured");
+  EXPECT_EQ(verdict_of(none, "finetune"), "not measured");
 }
 
 }  // namespace

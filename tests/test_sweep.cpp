@@ -11,8 +11,11 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <set>
 #include <sstream>
 #include <thread>
+#include <tuple>
 
 #include <nlohmann/json.hpp>
 
@@ -619,6 +622,297 @@ TEST(SweepReplicate, RepeatsTheBestDenseAndMoeOfEachBudget) {
   EXPECT_EQ(read_plan(sweep.string()).runs.size(), 12u);
   const SweepRunSummary second = train_sweep(sweep, log);
   EXPECT_EQ(second.ok, 4) << log.str();
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace moelab
+
+namespace moelab {
+namespace {
+
+// A [[shape]]'s own budgets: the shape is planned only at those budgets of the sweep; a budget the sweep does not
+// have is an error naming the table.
+TEST(SweepPlan, ShapeBudgetsLimitAShapeToSomeBudgets) {
+  const fs::path dir = temp_dir("sweep_shape_budgets");
+  const fs::path data = make_data(dir / "data");
+  const std::string shapes = "[[shape]]\nd_model = 32\nn_layers = 2\nn_heads = 2\n"
+                             "[[shape]]\nd_model = 48\nn_layers = 3\nn_heads = 3\n"
+                             "[[shape]]\nd_model = 64\nn_layers = 2\nn_heads = 2\nbudgets = [5e9]\n";
+  const SweepPlan plan = plan_sweep_from_string(
+      base_spec(data, "isoflop") + shapes + "[isoflop]\nbudgets = [2e9, 5e9]\nsparsity = [0.5, 0.75]\ntop_k = 2\n",
+      "t");
+  std::set<std::string> names;
+  for (const auto& r : plan.runs) names.insert(r.name);
+  EXPECT_EQ(plan.runs.size(), 10u);  // 2 budgets x 2 shapes x 2 sparsities, and the d64 shape at 5e9 only
+  const std::set<std::string> expected = {
+      "c2e9-d32l2-e4k2", "c2e9-d32l2-e8k2", "c2e9-d48l3-e4k2", "c2e9-d48l3-e8k2", "c5e9-d32l2-e4k2",
+      "c5e9-d32l2-e8k2", "c5e9-d48l3-e4k2", "c5e9-d48l3-e8k2", "c5e9-d64l2-e4k2", "c5e9-d64l2-e8k2"};
+  EXPECT_EQ(names, expected);
+  for (const auto& r : plan.runs) {
+    if (r.config.model.d_model == 64) {
+      EXPECT_DOUBLE_EQ(r.budget, 5e9) << r.name;
+    }
+  }
+
+  // The dense baseline follows the shape's budgets too.
+  std::string with_dense = base_spec(data, "isoflop") + shapes + "[isoflop]\nbudgets = [2e9, 5e9]\nsparsity = [0.75]\n";
+  with_dense.insert(with_dense.find("[base.model]"), "dense_baseline = true\n");
+  const SweepPlan dense = plan_sweep_from_string(with_dense, "t");
+  EXPECT_EQ(dense.runs.size(), 10u);  // (2 + 2 + 1) shape-budgets x (dense, e8k2)
+  EXPECT_NO_THROW(find_run(dense, "c5e9-d64l2-dense"));
+  EXPECT_THROW(find_run(dense, "c2e9-d64l2-dense"), std::runtime_error);
+  EXPECT_THROW(find_run(dense, "c2e9-d64l2-e8k2"), std::runtime_error);
+
+  // Granularity with a budgets axis.
+  const SweepPlan g = plan_sweep_from_string(
+      base_spec(data, "granularity") + shapes + "[granularity]\ngranularity = [1, 2]\nexpansion = 4\nbudgets = [2e9, 5e9]\n",
+      "t");
+  EXPECT_EQ(g.runs.size(), 10u);  // (2 + 2 + 1) shape-budgets x 2 granularities
+  EXPECT_NO_THROW(find_run(g, "c5e9-d64l2-x4g2"));
+  EXPECT_THROW(find_run(g, "c2e9-d64l2-x4g2"), std::runtime_error);
+
+  // Fixed total parameters: the nearest shape is chosen among those planned at the budget. For the dense baseline,
+  // N = 1e5 is nearest the d48l3 shape (limited to 5e9 here); at 2e9 only d32l2 is left.
+  const std::string fixed_shapes = "[[shape]]\nd_model = 32\nn_layers = 2\nn_heads = 2\n"
+                                   "[[shape]]\nd_model = 48\nn_layers = 3\nn_heads = 3\nbudgets = [5e9]\n";
+  std::string fixed_spec = base_spec(data, "fixed_params") + fixed_shapes +
+                           "[fixed_params]\nparams = [1e5]\nsparsity = [0.5]\nbudgets = [2e9, 5e9]\ntolerance = 100\n";
+  fixed_spec.insert(fixed_spec.find("[base.model]"), "dense_baseline = true\n");
+  const SweepPlan p = plan_sweep_from_string(fixed_spec, "t");
+  ASSERT_EQ(p.runs.size(), 4u);
+  EXPECT_EQ(find_run(p, "n1e5-c5e9-dense-d48l3").config.model.d_model, 48);
+  EXPECT_EQ(find_run(p, "n1e5-c2e9-dense-d32l2").config.model.d_model, 32);
+  EXPECT_EQ(find_run(p, "n1e5-c2e9-e4k2-d32l2").config.model.d_model, 32);
+  for (const auto& r : p.runs) {
+    if (r.budget == 2e9) {
+      EXPECT_EQ(r.config.model.d_model, 32) << r.name;
+    }
+  }
+  // Without the limit, d48l3 is the dense baseline's nearest shape at both budgets.
+  std::string unlimited = fixed_spec;
+  unlimited.replace(unlimited.find("budgets = [5e9]\n"), 16, "");
+  const SweepPlan u = plan_sweep_from_string(unlimited, "t");
+  EXPECT_EQ(find_run(u, "n1e5-c2e9-dense-d48l3").config.model.d_model, 48);
+  EXPECT_EQ(find_run(u, "n1e5-c5e9-dense-d48l3").config.model.d_model, 48);
+
+  // A shape budget that is not one of the sweep's: an error naming the table.
+  std::string bad = shapes;
+  bad.replace(bad.find("budgets = [5e9]"), 15, "budgets = [3e9]");
+  EXPECT_NE(error_of([&] {
+              plan_sweep_from_string(base_spec(data, "isoflop") + bad + "[isoflop]\nbudgets = [2e9, 5e9]\nsparsity = [0.5]\n",
+                                     "t");
+            }).find("is not in [isoflop].budgets"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] {
+              plan_sweep_from_string(base_spec(data, "granularity") + bad +
+                                         "[granularity]\ngranularity = [1, 2]\nexpansion = 4\nbudgets = [2e9, 5e9]\n",
+                                     "t");
+            }).find("is not in [granularity].budgets"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] {
+              plan_sweep_from_string(base_spec(data, "fixed_params") + bad +
+                                         "[fixed_params]\nparams = [1e5]\nsparsity = [0.5]\nbudgets = [2e9, 5e9]\n",
+                                     "t");
+            }).find("is not in [fixed_params].budgets"),
+            std::string::npos);
+  // A token axis has no budgets: a shape with budgets cannot be placed on it.
+  EXPECT_NE(error_of([&] {
+              plan_sweep_from_string(base_spec(data, "granularity") + shapes +
+                                         "[granularity]\ngranularity = [1, 2]\nexpansion = 4\ntokens = [2000]\n",
+                                     "t");
+            }).find("is not in [granularity].budgets"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] {
+              std::string negative = shapes;
+              negative.replace(negative.find("budgets = [5e9]"), 15, "budgets = [-5e9]");
+              plan_sweep_from_string(base_spec(data, "isoflop") + negative + "[isoflop]\nbudgets = [5e9]\nsparsity = [0.5]\n",
+                                     "t");
+            }).find("must be positive"),
+            std::string::npos);
+  fs::remove_all(dir);
+}
+
+// [rules] lr_moe_factor scales the lr rule (and min_lr with it) for MoE runs only.
+TEST(SweepPlan, LrMoeFactorScalesTheLrOfMoeRunsOnly) {
+  const fs::path dir = temp_dir("sweep_lr_moe");
+  const fs::path data = make_data(dir / "data");
+  auto spec = [&](const std::string& rules) {
+    std::string s = base_spec(data, "isoflop") + "[rules]\nlr = 4e-3\nlr_d_ref = 64\nlr_power = 1.0\nmin_lr_ratio = 0.2\n" +
+                    rules +
+                    "[[shape]]\nd_model = 32\nn_layers = 2\nn_heads = 2\n"
+                    "[[shape]]\nd_model = 48\nn_layers = 3\nn_heads = 3\n"
+                    "[isoflop]\nbudgets = [2e9]\nsparsity = [0.75]\ntop_k = 2\n";
+    s.insert(s.find("[base.model]"), "dense_baseline = true\n");
+    return s;
+  };
+  const SweepPlan plain = plan_sweep_from_string(spec(""), "t");
+  const SweepPlan half = plan_sweep_from_string(spec("lr_moe_factor = 0.5\n"), "t");
+  ASSERT_EQ(half.runs.size(), 4u);
+  for (const char* shape : {"d32l2", "d48l3"}) {
+    const auto& dense = find_run(half, std::string("c2e9-") + shape + "-dense").config.train;
+    const auto& moe = find_run(half, std::string("c2e9-") + shape + "-e8k2").config.train;
+    const int64_t d = find_run(half, std::string("c2e9-") + shape + "-dense").config.model.d_model;
+    const double rule = 4e-3 * 64.0 / static_cast<double>(d);
+    // Written with 6 significant digits.
+    const double tol = 1e-6 * rule;
+    EXPECT_NEAR(dense.lr, rule, tol) << shape;
+    EXPECT_NEAR(moe.lr, 0.5 * rule, tol) << shape;
+    EXPECT_NEAR(dense.min_lr, 0.2 * rule, tol) << shape;
+    EXPECT_NEAR(moe.min_lr, 0.2 * 0.5 * rule, tol) << shape;
+    // The default factor is 1: MoE and dense alike.
+    EXPECT_NEAR(find_run(plain, std::string("c2e9-") + shape + "-e8k2").config.train.lr, rule, tol) << shape;
+    EXPECT_NEAR(find_run(plain, std::string("c2e9-") + shape + "-e8k2").config.train.min_lr, 0.2 * rule, tol);
+    EXPECT_NEAR(find_run(plain, std::string("c2e9-") + shape + "-dense").config.train.lr, rule, tol) << shape;
+  }
+  // Written into the run's config.toml as well.
+  SweepPlan written = plan_sweep_from_string(spec("lr_moe_factor = 0.5\n"), "t");
+  write_plan(written, (dir / "sweep").string(), spec("lr_moe_factor = 0.5\n"));
+  EXPECT_NEAR(load_config((dir / "sweep" / "runs" / "c2e9-d32l2-e8k2" / "config.toml").string(), {}).train.lr,
+              0.5 * 4e-3 * 2, 1e-9);
+  for (const char* bad : {"lr_moe_factor = 0\n", "lr_moe_factor = -0.5\n"})
+    EXPECT_NE(error_of([&] { plan_sweep_from_string(spec(bad), "t"); }).find("lr_moe_factor > 0"), std::string::npos)
+        << bad;
+  fs::remove_all(dir);
+}
+
+// `sweep finetune`: the best dense and MoE run of the largest budget (every budget with --all-budgets) fine-tuned
+// on a task, each recorded with the zero-shot accuracy on the same items before; a second call adds nothing.
+TEST(SweepFinetune, TunesTheBestDenseAndMoeOfTheLargestBudget) {
+  const fs::path dir = temp_dir("sweep_finetune");
+  // Byte-level data (vocabulary 256, no tokenizer), so the task's text encodes as bytes.
+  const fs::path data = dir / "data";
+  fs::create_directories(data);
+  {
+    Rng rng(9);
+    for (auto [name, n] : {std::pair<const char*, int64_t>{"train.bin", 40000}, {"val.bin", 2000}}) {
+      ShardWriter w((data / name).string(), 256);
+      std::vector<int32_t> ids(n);
+      for (int64_t i = 0; i < n; ++i) ids[i] = static_cast<int32_t>('a' + (i * 7 + rng.below(5)) % 26);
+      w.append(ids);
+      w.finish();
+    }
+  }
+  std::string spec = base_spec(data, "list");
+  spec.replace(spec.find("vocab_size = 64"), 15, "vocab_size = 256");
+  for (const char* budget : {"2.5e8", "5e8"})
+    for (const char* moe : {"", "moe.experts=4"})
+      for (const char* width : {"model.d_model=16", "model.d_model=32"})
+        spec += std::string("[[run]]\nname = \"c") + budget + (*moe ? "-moe" : "-dense") + "-" + (width + 14) +
+                "\"\nbudget = " + budget + "\nset = [\"" + width + "\"" +
+                (*moe ? std::string(", \"") + moe + "\"" : "") + "]\n";
+  SweepPlan plan = plan_sweep_from_string(spec, "t");
+  ASSERT_EQ(plan.feasible_runs().size(), 8u) << plan_table(plan);
+  const fs::path sweep = dir / "sweep";
+  write_plan(plan, sweep.string(), spec);
+  std::ostringstream log;
+  ASSERT_EQ(train_sweep(sweep, log).ok, 8) << log.str();
+
+  // The expected picks, by validation loss: per budget, the best dense and the best MoE.
+  std::map<std::pair<double, bool>, RunResult> best;
+  for (const RunResult& r : read_results(sweep.string())) {
+    ASSERT_EQ(r.status, "ok") << r.name;
+    const auto key = std::make_pair(r.budget, r.experts > 0);
+    if (!best.count(key) || r.val_loss < best[key].val_loss) best[key] = r;
+  }
+  ASSERT_EQ(best.size(), 4u);
+
+  // A task of single-byte-context items: 16 train, 12 test, 3 choices each.
+  std::string items;
+  const char* choices[3] = {" one", " two", " six"};
+  for (int i = 0; i < 28; ++i)
+    items += "{\"id\": " + std::to_string(i) + ", \"context\": \"" + std::string(1, static_cast<char>('a' + i % 3)) +
+             std::to_string(i) + " is\", \"choices\": [\"" + choices[0] + "\", \"" + choices[1] + "\", \"" + choices[2] +
+             "\"], \"gold\": " + std::to_string(i % 3) + ", \"split\": \"" + (i < 16 ? "train" : "test") + "\"}\n";
+  const fs::path task = dir / "keys.jsonl";
+  write_file_atomic(task.string(), items);
+
+  const fs::path out = dir / "out.txt";
+  const std::string cmd = std::string(MOELAB_BINARY) + " sweep finetune " + sweep.string() + " --task " +
+                          task.string() + " --steps 3 --threads 1";
+  auto run = [&](const std::string& extra) {
+    const int rc = std::system((cmd + extra + " > " + out.string() + " 2>&1").c_str());
+    return std::make_pair(rc, read_file(out.string(), "output"));
+  };
+  auto rows_of = [&] {
+    std::map<std::string, DownstreamRecord> rows;
+    for (const auto& d : read_downstream((sweep / "results.db").string())) {
+      EXPECT_EQ(d.mode, "finetune") << d.run;
+      EXPECT_TRUE(rows.emplace(d.run, d).second) << "two rows for " << d.run;
+    }
+    return rows;
+  };
+  auto check_row = [&](const DownstreamRecord& d, int64_t n) {
+    EXPECT_EQ(d.task, "keys");
+    EXPECT_EQ(d.n, n) << d.run;
+    ASSERT_TRUE(d.finetune.contains("before")) << d.finetune.dump();
+    EXPECT_EQ(d.finetune["before"]["n"].get<int64_t>(), d.n) << d.run;
+    EXPECT_EQ(d.finetune["steps"].get<int64_t>(), 3) << d.run;
+    const double acc = d.finetune["before"]["acc"].get<double>();
+    EXPECT_GE(acc, 0.0);
+    EXPECT_LE(acc, 1.0);
+    EXPECT_NEAR(d.finetune["before"]["acc_stderr"].get<double>(), std::sqrt(acc * (1 - acc) / static_cast<double>(n)),
+                1e-9);
+    EXPECT_TRUE(fs::exists(sweep / "runs" / d.run / ("finetune-keys") / "checkpoint")) << d.run;
+    // The run's own downstream.json holds the same record.
+    bool in_run = false;
+    for (const auto& r : read_run_downstream((sweep / "runs" / d.run).string()))
+      in_run |= r.mode == "finetune" && r.task == "keys" && r.acc == d.acc && r.n == d.n;
+    EXPECT_TRUE(in_run) << d.run;
+  };
+
+  auto [rc, text] = run("");
+  ASSERT_EQ(rc, 0) << text;
+  auto rows = rows_of();
+  ASSERT_EQ(rows.size(), 2u) << text;
+  const std::string dense5 = best[{5e8, false}].name, moe5 = best[{5e8, true}].name;
+  ASSERT_TRUE(rows.count(dense5)) << dense5 << " not fine-tuned:\n" << text;
+  ASSERT_TRUE(rows.count(moe5)) << moe5 << " not fine-tuned:\n" << text;
+  for (const auto& [name, d] : rows) check_row(d, 12);
+  EXPECT_EQ(text.rfind("[1/2] ", 0), 0u) << text;
+  EXPECT_NE(text.find("\n[2/2] "), std::string::npos) << text;
+  EXPECT_NE(text.find(dense5 + " (dense) fine-tuned on keys"), std::string::npos) << text;
+  EXPECT_NE(text.find(moe5 + " (MoE) fine-tuned on keys"), std::string::npos) << text;
+
+  // Again: nothing new, both runs reported as done.
+  std::tie(rc, text) = run("");
+  ASSERT_EQ(rc, 0) << text;
+  EXPECT_EQ(count_of(text, "already fine-tuned"), 2) << text;
+  EXPECT_EQ(rows_of().size(), 2u);
+  EXPECT_EQ(rows_of().at(dense5).acc, rows.at(dense5).acc);
+
+  // Every budget: the smaller budget's pair is added, the larger one's skipped.
+  std::tie(rc, text) = run(" --all-budgets");
+  ASSERT_EQ(rc, 0) << text;
+  EXPECT_EQ(count_of(text, "already fine-tuned"), 2) << text;
+  EXPECT_EQ(text.rfind("[1/4] ", 0), 0u) << text;
+  rows = rows_of();
+  ASSERT_EQ(rows.size(), 4u) << text;
+  for (const auto& name : {best[{2.5e8, false}].name, best[{2.5e8, true}].name}) {
+    ASSERT_TRUE(rows.count(name)) << name << " not fine-tuned:\n" << text;
+    check_row(rows.at(name), 12);
+  }
+
+  // A different --limit is a different result: fine-tuned again, replacing the record.
+  std::tie(rc, text) = run(" --limit 6");
+  ASSERT_EQ(rc, 0) << text;
+  EXPECT_EQ(count_of(text, "already fine-tuned"), 0) << text;
+  rows = rows_of();
+  ASSERT_EQ(rows.size(), 4u);
+  check_row(rows.at(dense5), 6);
+  check_row(rows.at(moe5), 6);
+  check_row(rows.at(best[{2.5e8, true}].name), 12);
+
+  // The single-run command prints the accuracy before and after on the same items (and, with --no-record, records
+  // nothing).
+  const std::string single = std::string(MOELAB_BINARY) + " finetune --checkpoint " + (sweep / "runs" / moe5).string() +
+                             " --task " + task.string() + " --steps 3 --threads 1 --limit 4 --no-record --out " +
+                             (dir / "single").string() + " > " + out.string() + " 2>&1";
+  ASSERT_EQ(std::system(single.c_str()), 0) << read_file(out.string(), "output");
+  text = read_file(out.string(), "output");
+  EXPECT_NE(text.find("zero-shot on the same 4 items before fine-tuning: acc "), std::string::npos) << text;
+  EXPECT_NE(text.find(" after ("), std::string::npos) << text;
+  EXPECT_EQ(rows_of().size(), 4u);
   fs::remove_all(dir);
 }
 

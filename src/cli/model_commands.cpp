@@ -243,6 +243,10 @@ void add_model_commands(CLI::App& app) {
       const FinetuneResult r = finetune_on_task(ft_args->checkpoint, task, options, std::cout);
       if (ft_args->json) std::cout << downstream_to_json(r.record).dump() << "\n";
       else print_downstream({r.record});
+      const auto& before = r.record.finetune["before"];
+      std::printf("zero-shot on the same %ld items before fine-tuning: acc %.4f -> %.4f after (%+.4f)\n",
+                  static_cast<long>(r.record.n), before["acc"].get<double>(), r.record.acc,
+                  r.record.acc - before["acc"].get<double>());
       std::printf("fine-tuned checkpoint: %s\n", r.checkpoint_dir.c_str());
       if (!ft_args->no_record) {
         const std::string db = record_downstream(run, {r.record}, ft_args->results_db);

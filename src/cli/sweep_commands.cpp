@@ -7,7 +7,9 @@
 #include <iostream>
 #include <memory>
 #include <set>
+#include <chrono>
 #include <cmath>
+#include <sstream>
 #include <map>
 
 #include "cli/report_errors.h"
@@ -15,6 +17,7 @@
 #include "config/config.h"
 #include "core/error.h"
 #include "core/io.h"
+#include "eval/finetune.h"
 #include "eval/tasks.h"
 #include "sweep/plan.h"
 #include "sweep/results.h"
@@ -89,28 +92,22 @@ void add_sweep_commands(CLI::App& app) {
     const std::vector<RunResult> results = read_results(ra->dir);
     std::map<std::string, const PlannedRun*> planned;
     for (const auto& r : plan.runs) planned[r.name] = &r;
-    auto loss = [&](const RunResult& r) {
-      return ra->loss == "val" ? r.val_loss : ra->loss == "final" ? r.loss : r.smoothed_loss;
-    };
-    // Best dense and best MoE per budget (runs with a planned FLOP budget; the others by token count).
-    std::map<std::pair<double, bool>, const RunResult*> best;
-    for (const auto& r : results) {
-      if (r.status != "ok" || !std::isfinite(loss(r))) continue;
-      double key = r.budget > 0 ? r.budget : -static_cast<double>(r.tokens);
-      for (const auto& [k, v] : best)
-        if (std::fabs(k.first - key) <= 1e-6 * std::fabs(key)) key = k.first;
-      auto& slot = best[{key, r.experts > 0}];
-      if (!slot || loss(r) < loss(*slot)) slot = &r;
-    }
+    const std::vector<BestRun> best = best_runs_per_budget(results, ra->loss);
     if (best.empty()) throw Error("sweep replicate: '" + ra->dir + "' has no finished runs (run the sweep first)");
     std::vector<PlannedRun> runs;
-    for (const auto& [key, r] : best) {
-      const PlannedRun& p = *planned.at(r->name);
-      const Config config = load_config((std::filesystem::path(ra->dir) / "runs" / r->name / "config.toml").string(), {});
+    for (const BestRun& b : best) {
+      // A replicate that came out best stands for its original run (so a second call appends nothing).
+      std::string base = b.run->name;
+      const std::string suffix = "-s" + std::to_string(b.run->seed);
+      if (base.size() > suffix.size() && base.compare(base.size() - suffix.size(), suffix.size(), suffix) == 0 &&
+          planned.count(base.substr(0, base.size() - suffix.size())))
+        base.resize(base.size() - suffix.size());
+      const PlannedRun& p = *planned.at(base);
+      const Config config = load_config((std::filesystem::path(ra->dir) / "runs" / base / "config.toml").string(), {});
       for (int64_t seed : ra->seeds) {
         if (seed == config.train.seed) continue;
         PlannedRun x = p;
-        x.name = r->name + "-s" + std::to_string(seed);
+        x.name = base + "-s" + std::to_string(seed);
         if (planned.count(x.name)) continue;  // replicated already
         x.config = config;
         x.config.train.seed = seed;
@@ -119,11 +116,91 @@ void add_sweep_commands(CLI::App& app) {
     }
     append_runs(ra->dir, runs);
     std::set<double> budgets;
-    for (const auto& [key, r] : best) budgets.insert(key.first);
+    for (const BestRun& b : best) budgets.insert(b.budget_key);
     std::cout << "appended " << runs.size() << " replicate runs (seeds";
     for (int64_t s : ra->seeds) std::cout << " " << s;
     std::cout << ") of the best dense and MoE run of " << budgets.size() << " budget(s); train them with "
               << "`moelab sweep run " << ra->dir << "`\n";
+  }));
+
+  // finetune
+  struct FinetuneArgs {
+    std::string dir, task, loss = "val", tasks_dir = default_tasks_dir();
+    FinetuneOptions options;
+    bool all_budgets = false, force = false;
+  };
+  auto fa = std::make_shared<FinetuneArgs>();
+  fa->options.steps = 150;
+  fa->options.lr = 1e-3;
+  auto* sft = sweep->add_subcommand(
+      "finetune", "fine-tune the best dense and the best MoE run of the largest budget (or of every budget) on a "
+                  "task, scoring its test split before and after, into DIR/results.db (the fairseq study's comparison)");
+  sft->add_option("dir", fa->dir, "sweep directory with finished runs")->required();
+  sft->add_option("--task", fa->task, "task name in --tasks-dir, or a JSONL task file with train and test items")
+      ->required();
+  sft->add_option("--steps", fa->options.steps, "optimizer steps (default 150)")->check(CLI::PositiveNumber);
+  sft->add_option("--lr", fa->options.lr, "peak learning rate (default 1e-3; 10% warm-up, cosine to lr/10)")
+      ->check(CLI::PositiveNumber);
+  sft->add_option("--batch", fa->options.batch, "sequences (items) per step")->check(CLI::PositiveNumber);
+  sft->add_option("--limit", fa->options.limit, "score at most the first N test items (0: all, the default)")
+      ->check(CLI::NonNegativeNumber);
+  sft->add_option("--threads", fa->options.threads, "CPU threads (0: all cores)");
+  sft->add_option("--tasks-dir", fa->tasks_dir, "where task names resolve (default data/tasks)");
+  sft->add_option("--loss", fa->loss, "what picks the best run: val (default), smoothed or final")
+      ->check(CLI::IsMember({"val", "smoothed", "final"}));
+  sft->add_flag("--all-budgets", fa->all_budgets, "the best pair of every budget, not only the largest");
+  sft->add_flag("--force", fa->force, "fine-tune again runs that already hold a result for this task");
+  sft->footer("Example:\n  moelab sweep finetune runs/study/sparsity --task wordnet-cloze --steps 150 --lr 1e-3\n"
+              "Each run is fine-tuned into DIR/runs/<name>/finetune-<task>; the record (mode finetune, with the\n"
+              "zero-shot accuracy on the same items before fine-tuning) goes to downstream.json and DIR/results.db.\n"
+              "The report's findings table compares the gains of dense and MoE (docs/report.md).");
+  sft->callback(reporting_errors([fa]() {
+    const std::vector<RunResult> results = read_results(fa->dir);
+    std::vector<BestRun> best = best_runs_per_budget(results, fa->loss);
+    if (best.empty()) throw Error("sweep finetune: '" + fa->dir + "' has no finished runs (run the sweep first)");
+    if (!fa->all_budgets) {
+      // The largest budget: the group of the run with the most FLOPs (runs without a budget are keyed by -tokens).
+      double largest = best.front().budget_key, most = -1;
+      for (const BestRun& b : best)
+        if (b.run->flops > most) most = b.run->flops, largest = b.budget_key;
+      std::erase_if(best, [&](const BestRun& b) { return b.budget_key != largest; });
+    }
+    const Task task = load_task(fa->task, fa->tasks_dir);
+    const std::string db = (std::filesystem::absolute(fa->dir) / "results.db").string();
+    const auto started = std::chrono::steady_clock::now();
+    size_t done = 0, trained = 0;
+    for (const BestRun& b : best) {
+      ++done;
+      const std::string run_dir = (std::filesystem::absolute(fa->dir) / "runs" / b.run->name).string();
+      if (!fa->force) {
+        bool have = false;
+        for (const auto& r : read_run_downstream(run_dir))
+          have |= r.task == task.name && r.mode == "finetune" && r.limit == fa->options.limit &&
+                  r.finetune.value("steps", int64_t{0}) == fa->options.steps && r.finetune.contains("before");
+        if (have) {
+          std::cout << "[" << done << "/" << best.size() << "] " << b.run->name
+                    << ": already fine-tuned on " << task.name << " (--force fine-tunes again)\n";
+          continue;
+        }
+      }
+      FinetuneOptions options = fa->options;
+      options.out = run_dir + "/finetune-" + task.name;
+      std::ostringstream log;  // the per-step log stays in finetune.json; one line per run here
+      const FinetuneResult r = finetune_on_task(run_dir, task, options, log);
+      RunLocation run = locate_run(run_dir);
+      run.sweep_dir = std::filesystem::absolute(fa->dir).string();
+      record_downstream(run, {r.record}, db);
+      ++trained;
+      const double elapsed =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+      const double before = r.record.finetune["before"]["acc"].get<double>();
+      std::printf("[%zu/%zu] %s (%s) fine-tuned on %s: acc %.4f -> %.4f (%+.4f, n %ld) | %.0fs elapsed, ETA %.0fs\n",
+                  done, best.size(), b.run->name.c_str(), b.moe ? "MoE" : "dense", task.name.c_str(), before,
+                  r.record.acc, r.record.acc - before, static_cast<long>(r.record.n), elapsed,
+                  elapsed / static_cast<double>(trained) * static_cast<double>(best.size() - done));
+      std::fflush(stdout);
+    }
+    std::cout << "fine-tuned " << trained << " runs; results in " << db << " (table downstream, mode finetune)\n";
   }));
 
   auto* status = sweep->add_subcommand("status", "progress of a sweep: done/failed/running/pending per run");

@@ -99,6 +99,11 @@ FinetuneResult finetune_on_task(const std::string& checkpoint, const Task& task,
   auto backend = make_backend(cfg.train.backend, options.threads);
   Trainer trainer(cfg, *backend);
   trainer.load_weights(run.checkpoint_dir);
+  // The same test items scored before fine-tuning, so the record carries the gain and not only the end point.
+  TaskEvalOptions eval;
+  eval.limit = options.limit;
+  eval.batch = options.eval_batch;
+  const DownstreamRecord before = evaluate_task(source.model, *backend, trainer.model().params(), codec, task, eval);
   log << "moelab finetune: " << run.run_id << " on " << task.name << ": " << train_items.size() << " train items, "
       << options.steps << " steps x " << options.batch << " sequences of " << cfg.model.seq_len << " tokens, lr "
       << options.lr << "\n"
@@ -132,9 +137,6 @@ FinetuneResult finetune_on_task(const std::string& checkpoint, const Task& task,
     }
   }
 
-  TaskEvalOptions eval;
-  eval.limit = options.limit;
-  eval.batch = options.eval_batch;
   DownstreamRecord r = evaluate_task(source.model, *backend, trainer.model().params(), codec, task, eval);
   const fs::path out(options.out);
   result.checkpoint_dir = (fs::absolute(out) / "checkpoint").lexically_normal().string();
@@ -152,7 +154,12 @@ FinetuneResult finetune_on_task(const std::string& checkpoint, const Task& task,
                 {"seed", options.seed},
                 {"train_items", train_items.size()},
                 {"first_loss", result.losses.front()},
-                {"last_loss", result.losses.back()}};
+                {"last_loss", result.losses.back()},
+                {"before", {{"acc", before.acc},
+                            {"acc_stderr", before.acc_stderr},
+                            {"acc_norm", before.acc_norm},
+                            {"acc_norm_stderr", before.acc_norm_stderr},
+                            {"n", before.n}}}};
   r.seconds = timer.seconds();
   result.record = r;
 

@@ -50,7 +50,7 @@ std::pair<std::string, std::string> all_of(const std::vector<std::pair<std::stri
   if (any_not) return {"not reproduced", "at some budget: " + v.front().second};
   for (const auto& x : v)
     if (x.first == "inconclusive") return x;
-  return v.front();
+  return {"inconclusive", "not measured at some budget"};  // a mix of reproduced and not measured
 }
 
 }  // namespace
@@ -94,8 +94,11 @@ ojson study_findings(const Study& study, const ojson& summary, const std::string
       if (b["best_dense"].is_null() || b["best_moe"].is_null()) continue;
       const double d = b["best_dense"]["loss"].get<double>() - b["best_moe"]["loss"].get<double>();
       verdicts.push_back(judge(d, sd));
-      measured += (measured.empty() ? "" : "; ") + std::string("C ") + fmt("%.3g", b["C"].get<double>()) +
-                  ": dense - MoE = " + fmt("%+.4f", d);
+      measured += (measured.empty() ? "" : "; ") + std::string("C ") + fmt("%.3g", b["C"].get<double>()) + ": " +
+                  b["best_dense"]["name"].get<std::string>() + " " + fmt("%.4f", b["best_dense"]["loss"].get<double>()) +
+                  " - " + b["best_moe"]["name"].get<std::string>() + " " +
+                  fmt("%.4f", b["best_moe"]["loss"].get<double>()) + " = " + fmt("%+.4f", d) +
+                  (std::isfinite(sd) ? " ± " + fmt("%.4f", threshold(sd)) : "");
     }
     const auto& m = summary.value("compute_multiplier", ojson::object());
     if (m.contains("per_budget") && !m["per_budget"].empty())
@@ -139,49 +142,153 @@ ojson study_findings(const Study& study, const ojson& summary, const std::string
                           "fairseq MoE vs dense", measured, spread, verdict));
   }
 
-  // 3. MoE gains less from fine-tuning (fairseq).
-  out.push_back(finding("finetune", "MoE gains less than dense from fine-tuning", "fairseq MoE vs dense",
-                        "the study fine-tunes no runs", spread, {"not measured", "no fine-tuning stage yet"}));
-
-  // 4. Optimal G > 1 and growing with budget (Krajewski).
+  // 3. MoE gains less from fine-tuning (fairseq): the accuracy gain of fine-tuning (after - before, on the same
+  // test items) of the dense and the MoE run of the largest budget that has both.
   {
-    std::map<double, std::pair<double, double>> best;  // flops -> (loss, G) over MoE runs
-    for (const auto& g : summary.value("granularity", ojson::array())) {
-      if (g["experts"].get<int64_t>() == 0) continue;
-      const double f = g["flops"].get<double>(), L = g["loss"].get<double>();
-      double key = f;
-      for (const auto& [k, v] : best)
-        if (std::fabs(k - f) <= 0.05 * f) key = k;
-      if (!best.count(key) || L < best[key].first) best[key] = {L, g["granularity"].get<double>()};
+    struct Tuned {
+      const RunResult* run;
+      const DownstreamRecord* rec;
+    };
+    std::map<double, std::pair<std::vector<Tuned>, std::vector<Tuned>>> by_budget;  // C -> (dense, MoE)
+    for (const auto& s : study.sweeps) {
+      std::map<std::string, const RunResult*> by_name;
+      for (const auto& r : s.results) by_name[r.name] = &r;
+      for (const auto& d : s.downstream) {
+        if (d.mode != "finetune" || !d.finetune.contains("before")) continue;
+        const auto it = by_name.find(d.run);
+        if (it == by_name.end() || !ok(*it->second, column)) continue;
+        // Runs without a FLOP budget are ordered by their FLOPs, so the last group is the largest either way.
+        const double key = it->second->budget > 0 ? it->second->budget : it->second->flops;
+        auto& slot = by_budget[key];
+        (it->second->experts > 0 ? slot.second : slot.first).push_back({it->second, &d});
+      }
     }
+    std::pair<std::string, std::string> verdict{"not measured", "no dense and MoE run of one budget were fine-tuned "
+                                                                "(moelab sweep finetune)"};
+    std::string measured = "the study fine-tunes no runs", interval = spread;
+    for (auto it = by_budget.rbegin(); it != by_budget.rend(); ++it) {
+      auto& [dense, moe] = it->second;
+      if (dense.empty() || moe.empty()) continue;
+      auto best = [&](std::vector<Tuned>& v) {
+        return *std::min_element(v.begin(), v.end(), [&](const Tuned& a, const Tuned& b) {
+          return loss(*a.run, column) < loss(*b.run, column);
+        });
+      };
+      const Tuned d = best(dense), m = best(moe);
+      const auto& db = d.rec->finetune["before"];
+      const auto& mb = m.rec->finetune["before"];
+      const double gd = d.rec->acc - db["acc"].get<double>(), gm = m.rec->acc - mb["acc"].get<double>();
+      // Binomial standard errors of the four accuracies, added as if independent (conservative: before and after
+      // are scored on the same items).
+      const double se = std::sqrt(d.rec->acc_stderr * d.rec->acc_stderr +
+                                  std::pow(db["acc_stderr"].get<double>(), 2) + m.rec->acc_stderr * m.rec->acc_stderr +
+                                  std::pow(mb["acc_stderr"].get<double>(), 2));
+      measured = d.rec->task + " (" + std::to_string(d.rec->n) + " test items), " + d.run->name + " vs " +
+                 m.run->name + ": dense " + fmt("%.3f", db["acc"].get<double>()) + " -> " + fmt("%.3f", d.rec->acc) +
+                 " (" + fmt("%+.3f", gd) + "), MoE " + fmt("%.3f", mb["acc"].get<double>()) + " -> " +
+                 fmt("%.3f", m.rec->acc) + " (" + fmt("%+.3f", gm) + "); dense gain - MoE gain = " + fmt("%+.3f", gd - gm);
+      interval = "binomial se of that difference " + fmt("%.3f", se);
+      const double diff = gd - gm;
+      if (diff > 2 * se) verdict = {"reproduced", "beyond 2 binomial se (" + fmt("%.3f", 2 * se) + ")"};
+      else if (diff < -2 * se) verdict = {"not reproduced", "MoE gains more, beyond 2 binomial se"};
+      else verdict = {"inconclusive", "within 2 binomial se (" + fmt("%.3f", 2 * se) + ") of no difference"};
+      break;
+    }
+    out.push_back(finding("finetune", "MoE gains less than dense from fine-tuning", "fairseq MoE vs dense", measured,
+                          interval, verdict));
+  }
+
+  // 4. Optimal G > 1 and growing with budget (Krajewski): the measured best G per budget, judged against G = 1 and
+  // against the smaller budget's G* at the largest budget.
+  ojson warnings = ojson::array();
+  {
+    const auto& rows = summary.value("granularity_optimum", ojson::array());
     std::string measured;
-    bool above_one = !best.empty(), growing = true;
-    double prev = 0;
-    for (const auto& [f, v] : best) {
-      measured += (measured.empty() ? "" : "; ") + std::string("C ") + fmt("%.3g", f) + ": G* = " + fmt("%g", v.second);
-      above_one &= v.second > 1;
-      growing &= v.second >= prev;
-      prev = v.second;
+    std::vector<std::pair<std::string, std::string>> above;
+    auto loss_at = [](const ojson& row, double G) {
+      for (const auto& p : row["curve_at_best_shape"])
+        if (p["G"].get<double>() == G) return p["loss"].get<double>();
+      return kNaN;
+    };
+    for (const auto& row : rows) {
+      const bool by_c = row.contains("C");
+      const double k = by_c ? row["C"].get<double>() : row["tokens"].get<double>();
+      const double G = row["G_star"].get<double>();
+      measured += (measured.empty() ? "" : "; ") + std::string(by_c ? "C " : "D ") + fmt("%.3g", k) + ": G* = " +
+                  fmt("%g", G) + " (L " + fmt("%.4f", row["best"]["loss"].get<double>()) + ", G = 1 " +
+                  fmt("%+.4f", loss_at(row, 1) - row["best"]["loss"].get<double>()) + ")";
+      if (row.contains("law") && row["law"].contains("G_star"))
+        measured += ", law G* = " + fmt("%g", row["law"]["G_star"].get<double>());
+      above.push_back(G > 1 ? judge(loss_at(row, 1) - row["best"]["loss"].get<double>(), sd)
+                            : std::pair<std::string, std::string>{"not reproduced", "G* = 1"});
+      if (row["on_edge"].get<bool>())
+        warnings.push_back("the best granularity at " + std::string(by_c ? "C " : "D ") + fmt("%.3g", k) +
+                           " is the largest measured (G = " + fmt("%g", G) +
+                           "): the optimum may lie beyond it; add a larger G");
     }
     std::pair<std::string, std::string> verdict;
-    if (best.empty()) verdict = {"not measured", "no granularity sweep"};
-    else if (!above_one) verdict = {"not reproduced", "G* = 1 at some budget"};
-    else if (best.size() < 2) verdict = {"inconclusive", "G* > 1, but growth needs two or more budgets"};
-    else if (!std::isfinite(sd)) verdict = {"inconclusive", std::string(growing ? "the direction agrees" : "G* does not grow") +
-                                                                " on a single seed; no replicate seeds to size the noise"};
-    else verdict = growing ? std::pair<std::string, std::string>{"reproduced", "G* > 1 and non-decreasing"}
-                           : std::pair<std::string, std::string>{"not reproduced", "G* does not grow with budget"};
+    if (rows.empty()) {
+      verdict = {"not measured", "no granularity sweep"};
+    } else {
+      const auto first = all_of(above);
+      if (first.first != "reproduced") {
+        verdict = {first.first, "G* > 1: " + first.second};
+      } else if (rows.size() < 2) {
+        verdict = {"inconclusive", "G* > 1, but growth needs two or more budgets"};
+      } else {
+        const double g0 = rows.front()["G_star"].get<double>(), g1 = rows.back()["G_star"].get<double>();
+        const double d = loss_at(rows.back(), g0) - rows.back()["best"]["loss"].get<double>();
+        const auto j = judge(d, sd);
+        if (g1 == g0) verdict = {"inconclusive", "G* > 1 at every budget but the same G* (" + fmt("%g", g0) + ") at both ends"};
+        else if (j.first != "reproduced")
+          verdict = {"inconclusive", "G* > 1 at every budget; G* moves from " + fmt("%g", g0) + " to " + fmt("%g", g1) +
+                                         " but " + j.second};
+        else if (g1 > g0) verdict = {"reproduced", "G* > 1 at every budget and grows from " + fmt("%g", g0) + " to " +
+                                                      fmt("%g", g1) + " (" + j.second + ")"};
+        else verdict = {"not reproduced", "G* falls from " + fmt("%g", g0) + " to " + fmt("%g", g1) + " (" + j.second + ")"};
+      }
+    }
     out.push_back(finding("granularity", "The optimal granularity is above 1 and grows with the budget",
                           "Krajewski et al. 2024", measured.empty() ? "-" : measured, spread, verdict));
   }
 
-  // 5. Loss vs S at fixed total parameters is U-shaped (Abnar).
+  // 5. Loss vs S at fixed total parameters is U-shaped (Abnar): the lowest loss at an inner S, with both ends above it.
   {
-    bool has = false;
-    for (const auto& s : study.sweeps) has |= s.plan.kind == "fixed_params";
+    const auto& groups = summary.value("fixed_params", ojson::array());
+    std::string measured;
+    std::vector<std::pair<std::string, std::string>> verdicts;
+    for (const auto& g : groups) {
+      const auto& pts = g["points"];
+      if (pts.size() < 3) continue;
+      const double L0 = pts.front()["loss"].get<double>(), L1 = pts.back()["loss"].get<double>();
+      const double Ls = g["L_star"].get<double>(), S = g["S_star"].get<double>();
+      std::string curve;
+      for (const auto& p : pts)
+        curve += (curve.empty() ? "" : ", ") + fmt("%.3g", p["sparsity"].get<double>()) + ": " +
+                 fmt("%.4f", p["loss"].get<double>());
+      const std::string where = "N " + fmt("%.3g", g["params"].get<double>()) +
+                                (g.contains("C") ? " at C " + fmt("%.3g", g["C"].get<double>())
+                                                 : " at D " + fmt("%.3g", g["tokens"].get<double>()));
+      measured += (measured.empty() ? "" : "; ") + where + ": L(S) = " + curve + "; lowest at S " + fmt("%.3g", S) +
+                  ", ends " + fmt("%+.4f", L0 - Ls) + " / " + fmt("%+.4f", L1 - Ls);
+      if (g["on_edge"].get<bool>()) {
+        warnings.push_back("at fixed total parameters (" + where + ") the lowest loss is at the " +
+                           (S == pts.front()["sparsity"].get<double>() ? "densest" : "sparsest") +
+                           " measured S: the bottom of the U may lie beyond the sparsity range");
+        const double other = S == pts.front()["sparsity"].get<double>() ? L1 - Ls : L0 - Ls;
+        const auto j = judge(other, sd);
+        verdicts.push_back(j.first == "reproduced"
+                               ? std::pair<std::string, std::string>{"not reproduced", "monotone in S: the lowest loss is at an end, the other end " + j.second}
+                               : std::pair<std::string, std::string>{"inconclusive", "lowest at an end of the S range, and " + j.second});
+      } else {
+        const auto j = judge(std::min(L0, L1) - Ls, sd);
+        verdicts.push_back({j.first, "lowest at an inner S, both ends above it: " + j.second});
+      }
+    }
     out.push_back(finding("fixed_n_u_shape", "At fixed total parameters, loss against sparsity is U-shaped",
-                          "Abnar et al. 2025", has ? "see the fixed-parameter sweep" : "the study has no fixed-parameter sweep",
-                          spread, {"not measured", has ? "not analysed yet" : "no fixed_params sweep"}));
+                          "Abnar et al. 2025", measured.empty() ? "the study has no fixed-parameter sweep" : measured,
+                          spread, verdicts.empty() ? std::pair<std::string, std::string>{"not measured", "no fixed_params sweep with 3 or more sparsity levels"}
+                                                   : all_of(verdicts)));
   }
 
   // 6. Sparser is better at fixed FLOPs (Abnar): the best loss at the sparsest level against dense, per budget.
@@ -214,7 +321,38 @@ ojson study_findings(const Study& study, const ojson& summary, const std::string
   }
 
   // Optima on the edge of the measured range: an extrapolation, flagged.
-  ojson warnings = ojson::array();
+  // (a) The measured IsoFLOP curves: at each budget and sparsity, the best shape must not be the smallest or the
+  // largest of that budget's ladder (losses averaged over seeds).
+  {
+    std::map<std::pair<double, double>, std::map<int64_t, std::vector<double>>> curves;  // (C, S) -> N -> losses
+    for (const auto& s : study.sweeps) {
+      if (s.plan.kind != "isoflop") continue;
+      for (const auto& r : s.results) {
+        if (!ok(r, column) || !(r.budget > 0)) continue;
+        double key = r.budget;
+        for (const auto& [k, v] : curves)
+          if (std::fabs(k.first - r.budget) <= 1e-6 * r.budget) key = k.first;
+        curves[{key, r.sparsity}][r.nonembedding_params].push_back(loss(r, column));
+      }
+    }
+    for (const auto& [cs, by_n] : curves) {
+      if (by_n.size() < 3) continue;
+      int64_t best_n = 0;
+      double best_l = INFINITY;
+      for (const auto& [n, v] : by_n) {
+        double m = 0;
+        for (double x : v) m += x;
+        m /= static_cast<double>(v.size());
+        if (m < best_l) best_l = m, best_n = n;
+      }
+      if (best_n == by_n.begin()->first || best_n == by_n.rbegin()->first)
+        warnings.push_back("the IsoFLOP curve at C " + fmt("%.3g", cs.first) + ", S " + fmt("%.3g", cs.second) +
+                           " is lowest at the " + (best_n == by_n.begin()->first ? "smallest" : "largest") +
+                           " shape of its ladder (N " + fmt("%.3g", static_cast<double>(best_n)) +
+                           "): the optimum is not bracketed; widen the ladder");
+    }
+  }
+  // (b) The fitted IsoFLOP surface's N*.
   const auto& iso = summary.value("isoflop_fit", ojson::object());
   for (const auto& b : iso.value("budgets", ojson::array())) {
     const double n = b["N_star"].get<double>(), lo = b["box"]["N"][0].get<double>(), hi = b["box"]["N"][1].get<double>();

@@ -10,6 +10,7 @@
 #include <map>
 #include <set>
 #include <sstream>
+#include <tuple>
 
 #include "core/error.h"
 #include "core/io.h"
@@ -129,6 +130,7 @@ class Builder {
     attempt("frontier", [&] { frontier(); });
     attempt("compute-multiplier", [&] { multiplier(); });
     attempt("granularity", [&] { granularity(); });
+    attempt("fixed-params", [&] { fixed_params(); });
     attempt("downstream", [&] { downstream(); });
     attempt("router-load", [&] { router_load(); });
   }
@@ -482,10 +484,14 @@ class Builder {
     const std::string title = "Granularity comparison";
     const ojson& g = summary_["granularity"];
     if (g.empty()) return skip(title, "no granularity sweep in the study");
-    std::map<std::pair<int64_t, int64_t>, std::vector<std::vector<double>>> moe;
-    std::map<std::pair<int64_t, int64_t>, double> dense;
+    // One curve per shape and budget (or token count, for a sweep over D).
+    std::map<std::pair<int64_t, double>, std::vector<std::vector<double>>> moe;
+    std::map<std::pair<int64_t, double>, double> dense;
+    std::set<double> by_budget;
     for (const auto& r : g) {
-      const std::pair<int64_t, int64_t> key{r["d_model"].get<int64_t>(), r["tokens"].get<int64_t>()};
+      const double b = r.value("budget", 0.0);
+      if (b > 0) by_budget.insert(b);
+      const std::pair<int64_t, double> key{r["d_model"].get<int64_t>(), b > 0 ? b : r["tokens"].get<double>()};
       if (r["experts"].get<int64_t>() > 0)
         moe[key].push_back({double(r["granularity"].get<int64_t>()), r["loss"].get<double>()});
       else
@@ -499,7 +505,8 @@ class Builder {
     int lt = 1;
     for (auto& [key, pts] : moe) {
       std::sort(pts.begin(), pts.end());
-      const std::string label = "d_model " + std::to_string(key.first) + ", " + fmt("%.3g", double(key.second)) + " tokens";
+      const std::string label = "d_model " + std::to_string(key.first) + ", " + fmt("%.3g", key.second) +
+                                (by_budget.count(key.second) ? " FLOPs" : " tokens");
       plot += fig.add_data(pts) + " using 1:2 with linespoints lt " + std::to_string(lt) + " pt 7 lw 1.5 title " +
               gnuplot_quote(label) + ", ";
       if (dense.count(key))
@@ -511,8 +518,40 @@ class Builder {
     plot.resize(plot.size() - 2);
     fig.add(plot);
     emit("granularity", title,
-         "Loss against expert granularity G at a fixed shape and token count (solid), with the dense model of the "
-         "same shape (dashed).",
+         "Loss against expert granularity G at a fixed shape and FLOP budget (or token count) (solid), with the dense "
+         "model of the same shape and budget (dashed).",
+         fig);
+  }
+
+  // 7b. Loss against sparsity at fixed total parameters (Abnar et al.'s U-shape).
+  void fixed_params() {
+    const std::string title = "Loss against sparsity at fixed total parameters";
+    const ojson& groups = summary_.value("fixed_params", ojson::array());
+    if (groups.empty()) return skip(title, "no fixed_params sweep in the study");
+    GnuplotFigure fig(900, 500);
+    fig.add("set title " + gnuplot_quote(title));
+    fig.add("set xlabel 'sparsity S (experts: 1/(1-S) at top-1)'\nset ylabel " + gnuplot_quote(loss_axis()) +
+            "\nset key outside right font ',9'\nset logscale x 2\nset xrange [0.8:*]\n"
+            "set xtics ('0' 1, '0.5' 2, '0.75' 4, '0.875' 8, '0.9375' 16, '0.96875' 32, '0.984' 64)");
+    std::string plot = "plot ";
+    int lt = 1;
+    for (const auto& g : groups) {
+      std::vector<std::vector<double>> pts;
+      for (const auto& p : g["points"]) pts.push_back({1 / (1 - p["sparsity"].get<double>()), p["loss"].get<double>()});
+      if (pts.empty()) continue;
+      const std::string label = "N " + fmt("%.3g", g["params"].get<double>()) +
+                                (g.contains("C") ? ", C " + fmt("%.3g", g["C"].get<double>())
+                                                 : ", D " + fmt("%.3g", g["tokens"].get<double>()));
+      plot += fig.add_data(pts) + " using 1:2 with linespoints lt " + std::to_string(lt++) + " pt 7 lw 1.5 title " +
+              gnuplot_quote(label) + ", ";
+    }
+    if (plot == "plot ") return skip(title, "no finished runs in the fixed_params sweep");
+    plot.resize(plot.size() - 2);
+    fig.add(plot);
+    emit("fixed-params", title,
+         "Loss against sparsity with the total parameter count held fixed (each point is the ladder shape whose total "
+         "parameters are nearest N at that sparsity; seeds averaged) at one FLOP budget: a sparser model has fewer "
+         "active parameters and so trains on more tokens. Abnar et al. find this curve U-shaped.",
          fig);
   }
 
@@ -658,7 +697,7 @@ std::string page(const Study& study, const ojson& s, const std::vector<ReportFig
                       c["spread"].get<std::string>(),
                       c["verdict"].get<std::string>() +
                           (c["why"].get<std::string>().empty() ? "" : ": " + c["why"].get<std::string>())});
-    h << table_html({"claim", "study", "measured here", "seed spread", "verdict"}, rows);
+    h << table_html({"claim", "study", "measured here", "seed spread or interval", "verdict"}, rows);
     for (const auto& w : f["edge_warnings"])
       h << "<p class=\"note\">Warning: " << html_escape(w.get<std::string>()) << "</p>\n";
   }
@@ -703,6 +742,101 @@ std::string page(const Study& study, const ojson& s, const std::vector<ReportFig
                       rows);
     } else if (m.contains("skipped")) {
       h << "<p class=\"note\">Compute multiplier: " << html_escape(m["skipped"].get<std::string>()) << "</p>\n";
+    }
+    const ojson& pair = s.value("dense_vs_moe_pair", ojson::object());
+    if (pair.contains("dense") && pair.contains("moe")) {
+      h << "<h2>Dense and MoE at equal FLOPs (C = " << fmt("%.3g", pair["C"].get<double>())
+        << ")</h2>\n<p>The best dense and the best MoE run of the largest budget, in domain (validation loss), on each "
+           "out-of-domain set, zero- and few-shot, and fine-tuned (before -> after, on the same test items).</p>\n";
+      rows.clear();
+      const ojson &dn = pair["dense"], &mo = pair["moe"];
+      auto num = [](const ojson& v) { return v.is_null() ? std::string("-") : fmt("%.4f", v.get<double>()); };
+      rows.push_back({"run", dn["name"].get<std::string>(), mo["name"].get<std::string>(), ""});
+      rows.push_back({"validation loss (in domain)", num(dn.value("val_loss", ojson())), num(mo.value("val_loss", ojson())),
+                      dn.value("val_loss", ojson()).is_null() || mo.value("val_loss", ojson()).is_null()
+                          ? "-" : fmt("%+.4f", dn["val_loss"].get<double>() - mo["val_loss"].get<double>())});
+      const ojson dense_ood = dn.value("ood_losses", ojson::object()), moe_ood = mo.value("ood_losses", ojson::object());
+      for (const auto& [k, v] : dense_ood.items()) {
+        const ojson m = moe_ood.value(k, ojson());
+        rows.push_back({k + " (out of domain)", num(v), num(m),
+                        v.is_null() || m.is_null() ? "-" : fmt("%+.4f", v.get<double>() - m.get<double>())});
+      }
+      auto acc_of = [](const ojson& side, const std::string& task, const std::string& mode, int64_t shots) -> ojson {
+        for (const auto& t : side.value("downstream", ojson::array()))
+          if (t["task"] == task && t["mode"] == mode && (mode == "finetune" || t["shots"].get<int64_t>() == shots)) return t;
+        return ojson();
+      };
+      std::set<std::tuple<std::string, std::string, int64_t>> keys;
+      for (const auto& side : {dn, mo})
+        for (const auto& t : side.value("downstream", ojson::array()))
+          keys.insert({t["task"].get<std::string>(), t["mode"].get<std::string>(),
+                       t["mode"] == "finetune" ? 0 : t["shots"].get<int64_t>()});
+      for (const auto& [task, mode, shots] : keys) {
+        const ojson a = acc_of(dn, task, mode, shots), b = acc_of(mo, task, mode, shots);
+        auto text = [&](const ojson& t) {
+          if (t.is_null()) return std::string("-");
+          std::string x = fmt("%.3f", t["acc"].get<double>()) + " ± " + fmt("%.3f", t["acc_stderr"].get<double>());
+          if (t.contains("before")) x = fmt("%.3f", t["before"]["acc"].get<double>()) + " -> " + x;
+          return x;
+        };
+        const std::string label = task + (mode == "finetune" ? " fine-tuned" : mode == "few" ? " " + std::to_string(shots) + "-shot" : " zero-shot") +
+                                  " accuracy (n " + std::to_string((a.is_null() ? b : a)["n"].get<int64_t>()) + ")";
+        std::string diff = "-";
+        if (!a.is_null() && !b.is_null()) {
+          diff = fmt("%+.3f", a["acc"].get<double>() - b["acc"].get<double>());
+          if (a.contains("before") && b.contains("before"))
+            diff = "gain " + fmt("%+.3f", a["acc"].get<double>() - a["before"]["acc"].get<double>()) + " vs " +
+                   fmt("%+.3f", b["acc"].get<double>() - b["before"]["acc"].get<double>());
+        }
+        rows.push_back({label, text(a), text(b), diff});
+      }
+      h << table_html({"", "dense", "MoE", "dense - MoE (loss) / dense - MoE (accuracy)"}, rows);
+    }
+    const ojson& gopt = s.value("granularity_optimum", ojson::array());
+    if (!gopt.empty()) {
+      h << "<h2>Optimal granularity per budget</h2>\n<p>The measured best G over the granularity sweep's shapes at each "
+           "budget, and the fitted granularity law's best G at that run's shape (its parameters and tokens carried to "
+           "G = 16 and 32 along the measured runs' trend in G).</p>\n";
+      rows.clear();
+      for (const auto& r : gopt) {
+        std::string law = "-";
+        if (r.contains("law") && r["law"].contains("G_star"))
+          law = fmt("%g", r["law"]["G_star"].get<double>()) + " (L " + fmt("%.4f", r["law"]["loss"].get<double>()) + ")";
+        std::string curve;
+        for (const auto& p : r["curve_at_best_shape"])
+          curve += (curve.empty() ? "" : ", ") + std::string("G ") + std::to_string(p["G"].get<int64_t>()) + ": " +
+                   fmt("%.4f", p["loss"].get<double>());
+        rows.push_back({r.contains("C") ? "C " + fmt("%.3g", r["C"].get<double>()) : "D " + fmt("%.3g", r["tokens"].get<double>()),
+                        std::to_string(r["G_star"].get<int64_t>()) + (r["on_edge"].get<bool>() ? " (edge)" : ""),
+                        r["best"]["name"].get<std::string>(), curve,
+                        r["dense"].is_null() ? "-" : fmt("%.4f", r["dense"]["loss"].get<double>()), law});
+      }
+      h << table_html({"budget", "measured G*", "best run", "L by G at its shape", "best dense L", "law G*"}, rows);
+      const ojson& gf = s.value("granularity_fit", ojson::object());
+      if (gf.contains("skipped"))
+        h << "<p class=\"note\">Granularity law: " << html_escape(gf["skipped"].get<std::string>()) << "</p>\n";
+      else if (gf.contains("coefficients")) {
+        std::string coef;
+        for (const auto& [k, v] : gf["coefficients"].items())
+          if (v.is_number()) coef += (coef.empty() ? "" : ", ") + k + " " + fmt("%.4g", v.get<double>());
+        h << "<p>Granularity law L = c + (g/G^&gamma; + a)/N^&alpha; + b/D^&beta; fitted on "
+          << gf["n_points"].get<size_t>() << " MoE runs: " << html_escape(coef) << " (RMSE of log L "
+          << fmt("%.4f", gf.value("rmse", 0.0)) << ").</p>\n";
+      }
+    }
+    const ojson& fixed = s.value("fixed_params", ojson::array());
+    for (const auto& g : fixed) {
+      h << "<h2>Fixed total parameters: N " << fmt("%.3g", g["params"].get<double>())
+        << (g.contains("C") ? " at C " + fmt("%.3g", g["C"].get<double>()) : " at D " + fmt("%.3g", g["tokens"].get<double>()))
+        << "</h2>\n";
+      rows.clear();
+      for (const auto& p : g["points"])
+        rows.push_back({fmt("%.4g", p["sparsity"].get<double>()), p["name"].get<std::string>(),
+                        std::to_string(p["d_model"].get<int64_t>()), std::to_string(p["experts"].get<int64_t>()),
+                        fmt("%.4g", static_cast<double>(p["active_params"].get<int64_t>())),
+                        fmt("%.4g", static_cast<double>(p["tokens"].get<int64_t>())), fmt("%.4f", p["loss"].get<double>()),
+                        std::to_string(p["seeds"].get<size_t>())});
+      h << table_html({"S", "run", "d_model", "experts", "active params", "tokens", "L", "seeds"}, rows);
     }
     if (s.contains("law_comparison") && s["law_comparison"].contains("ranking")) {
       const ojson& c = s["law_comparison"];

@@ -12,6 +12,7 @@
 #include <fstream>
 #include <limits>
 #include <map>
+#include <array>
 #include <set>
 
 #include "core/error.h"
@@ -45,7 +46,8 @@ ojson run_brief(const RunResult& r, const std::string& column) {
                {"nonembedding_params", r.nonembedding_params},
                {"active_params", r.active_params},
                {"tokens", r.tokens},
-               {"flops", r.flops}};
+               {"flops", r.flops},
+               {"budget", r.budget}};
 }
 
 std::string describe_run(const ojson& b) {
@@ -338,6 +340,169 @@ nlohmann::ordered_json analyse_study(const Study& study, const AnalysisOptions& 
   }
   out["granularity"] = granularity;
 
+  // ---- the granularity law (Krajewski et al.) on the granularity runs, and the optimal G per budget ----
+  {
+    std::vector<Observation> gpts;
+    std::set<double> gvalues;
+    double expansion = 0;
+    std::vector<const RunResult*> gruns;
+    std::string gsource;
+    for (const auto& s : study.sweeps) {
+      if (s.plan.kind != "granularity") continue;
+      gsource += (gsource.empty() ? "" : ", ") + (fs::path(s.dir) / "results.db").string();
+      for (const auto& r : s.results) {
+        if (!usable(r, col)) continue;
+        gruns.push_back(&r);
+        if (!is_moe(r)) continue;
+        Observation o;
+        o.N = static_cast<double>(r.nonembedding_params);
+        o.D = static_cast<double>(r.tokens);
+        o.G = static_cast<double>(r.granularity);
+        o.C = r.flops;
+        o.L = loss_of(r, col);
+        gpts.push_back(o);
+        gvalues.insert(o.G);
+        if (r.granularity > 0) expansion = static_cast<double>(r.experts) / static_cast<double>(r.granularity);
+      }
+    }
+    ojson gfit;
+    std::set<double> gN, gD;
+    for (const auto& p : gpts) gN.insert(p.N), gD.insert(p.D);
+    if (gpts.size() < 8 || gvalues.size() < 2 || gN.size() < 2 || gD.size() < 2) {
+      gfit = {{"skipped", "the granularity law needs at least 8 MoE runs over 2 or more granularities, model sizes "
+                          "and token counts"}};
+    } else {
+      try {
+        FitRequest g = request;
+        g.law = LawKind::Granularity;
+        g.data_path = gsource;
+        g.columns["C"] = "flops";
+        g.expansion = expansion;
+        gfit = fit_observations(g, gpts, {});
+      } catch (const Error& e) {
+        gfit = {{"skipped", e.what()}};
+      }
+    }
+    out["granularity_fit"] = gfit;
+
+    // Per budget (or token count): the measured best G over every shape, and the law's best G at the measured
+    // shape of the best run, its N and D carried to G = 16 and 32 along the measured runs' linear trend in G (the
+    // router's parameters and FLOPs grow with G).
+    std::vector<double> gkeys;
+    auto key_of = [&](const RunResult& r) {
+      const double k = r.budget > 0 ? r.budget : static_cast<double>(r.tokens);
+      for (double x : gkeys)
+        if (std::fabs(x - k) <= 1e-6 * k) return x;
+      gkeys.push_back(k);
+      return k;
+    };
+    for (const auto* r : gruns) key_of(*r);
+    std::sort(gkeys.begin(), gkeys.end());
+    ojson optimum = ojson::array();
+    for (double k : gkeys) {
+      const RunResult *best = nullptr, *dense = nullptr;
+      double g_max = 0;
+      for (const auto* r : gruns) {
+        if (key_of(*r) != k) continue;
+        if (!is_moe(*r)) {
+          if (!dense || loss_of(*r, col) < loss_of(*dense, col)) dense = r;
+          continue;
+        }
+        g_max = std::max(g_max, static_cast<double>(r->granularity));
+        if (!best || loss_of(*r, col) < loss_of(*best, col)) best = r;
+      }
+      if (!best) continue;
+      const bool by_budget = best->budget > 0;
+      ojson row{{by_budget ? "C" : "tokens", k},
+                {"G_star", best->granularity},
+                {"best", run_brief(*best, col)},
+                {"largest_G_measured", g_max},
+                {"on_edge", static_cast<double>(best->granularity) >= g_max}};
+      row["dense"] = dense ? run_brief(*dense, col) : ojson(nullptr);
+      ojson curve = ojson::array();
+      std::vector<std::array<double, 3>> line;  // G, N, tokens at the best run's shape
+      for (const auto* r : gruns)
+        if (key_of(*r) == k && is_moe(*r) && r->d_model == best->d_model && r->n_layers == best->n_layers) {
+          curve.push_back({{"G", r->granularity}, {"loss", loss_of(*r, col)}, {"name", r->name}});
+          line.push_back({static_cast<double>(r->granularity), static_cast<double>(r->nonembedding_params),
+                          static_cast<double>(r->tokens)});
+        }
+      row["curve_at_best_shape"] = curve;
+      if (gfit.contains("parameters") && line.size() >= 2 && by_budget) {
+        // Least-squares lines N(G) and D(G) through the measured runs of this shape and budget.
+        auto linear = [&](int col_index, double G) {
+          double sx = 0, sy = 0, sxx = 0, sxy = 0;
+          const double n = static_cast<double>(line.size());
+          for (const auto& p : line) sx += p[0], sy += p[col_index], sxx += p[0] * p[0], sxy += p[0] * p[col_index];
+          const double b = (n * sxy - sx * sy) / (n * sxx - sx * sx);
+          return (sy - b * sx) / n + b * G;
+        };
+        try {
+          const LoadedFit fit = load_fit_json(gfit, "granularity fit");
+          double law_best = 0, law_loss_best = kNaN;
+          ojson law = ojson::array();
+          for (double G : {1.0, 2.0, 4.0, 8.0, 16.0, 32.0}) {
+            Observation o;
+            o.N = linear(1, G), o.D = linear(2, G), o.G = G;
+            if (!(o.N > 0 && o.D > 0)) continue;
+            const double L = law_loss(LawKind::Granularity, fit.theta, o);
+            law.push_back({{"G", G}, {"N", o.N}, {"D", o.D}, {"loss", L}});
+            if (!(L >= law_loss_best)) law_best = G, law_loss_best = L;
+          }
+          row["law"] = {{"G_star", law_best}, {"loss", law_loss_best}, {"by_G", law}};
+        } catch (const Error& e) {
+          row["law"] = {{"skipped", e.what()}};
+        }
+      }
+      optimum.push_back(row);
+    }
+    out["granularity_optimum"] = optimum;
+  }
+
+  // ---- fixed total parameters: loss against S (Abnar et al.'s U-shape) ----
+  {
+    ojson fixed = ojson::array();
+    for (const auto& s : study.sweeps) {
+      if (s.plan.kind != "fixed_params") continue;
+      std::map<std::string, const PlannedRun*> planned;
+      for (const auto& p : s.plan.runs) planned[p.name] = &p;
+      std::map<std::pair<double, double>, std::vector<const RunResult*>> groups;  // (N target, budget or D)
+      for (const auto& r : s.results) {
+        if (!usable(r, col) || !planned.count(r.name)) continue;
+        const PlannedRun& p = *planned[r.name];
+        groups[{p.target_params, p.budget > 0 ? p.budget : p.target_tokens}].push_back(&r);
+      }
+      for (auto& [key, runs] : groups) {
+        std::sort(runs.begin(), runs.end(), [&](const RunResult* a, const RunResult* b) {
+          return a->sparsity != b->sparsity ? a->sparsity < b->sparsity : a->seed < b->seed;
+        });
+        ojson pts = ojson::array();
+        // The mean over seeds at each S.
+        std::map<double, std::vector<const RunResult*>> by_s;
+        for (const auto* r : runs) by_s[r->sparsity].push_back(r);
+        double best_s = kNaN, best_l = INFINITY;
+        for (const auto& [S, rs] : by_s) {
+          double m = 0;
+          for (const auto* r : rs) m += loss_of(*r, col);
+          m /= static_cast<double>(rs.size());
+          ojson b = run_brief(*rs.front(), col);
+          b["loss"] = m;
+          b["seeds"] = rs.size();
+          pts.push_back(b);
+          if (m < best_l) best_l = m, best_s = S;
+        }
+        fixed.push_back({{"sweep", s.label},
+                         {"params", key.first},
+                         {runs.front()->budget > 0 ? "C" : "tokens", key.second},
+                         {"points", pts},
+                         {"S_star", best_s},
+                         {"L_star", best_l},
+                         {"on_edge", !by_s.empty() && (best_s == by_s.begin()->first || best_s == by_s.rbegin()->first)}});
+      }
+    }
+    out["fixed_params"] = fixed;
+  }
+
   // ---- downstream ----
   ojson downstream = ojson::array();
   for (const auto& s : study.sweeps) {
@@ -361,6 +526,43 @@ nlohmann::ordered_json analyse_study(const Study& study, const AnalysisOptions& 
     }
   }
   out["downstream"] = downstream;
+
+  // ---- the dense-vs-MoE pair of the largest budget (the fairseq study's comparison): in domain, out of domain,
+  // zero- and few-shot, fine-tuned ----
+  {
+    ojson pair;
+    if (!per_budget.empty() && !per_budget.back()["best_dense"].is_null() && !per_budget.back()["best_moe"].is_null()) {
+      pair["C"] = per_budget.back()["C"];
+      for (const char* side : {"dense", "moe"}) {
+        const std::string name = per_budget.back()[std::string("best_") + side]["name"];
+        ojson o{{"name", name}};
+        for (const auto& s : study.sweeps) {
+          for (const auto& r : s.results)
+            if (r.name == name) {
+              o["val_loss"] = number_or_null(r.val_loss);
+              ojson ood = ojson::object();
+              for (const auto& [k, v] : r.ood_losses) ood[k] = number_or_null(v);
+              o["ood_losses"] = ood;
+              o["params"] = r.params;
+              o["active_params"] = r.active_params;
+            }
+          ojson tasks = ojson::array();
+          for (const auto& d : s.downstream) {
+            if (d.run != name) continue;
+            ojson t{{"task", d.task}, {"mode", d.mode}, {"shots", d.shots}, {"n", d.n}, {"acc", d.acc},
+                    {"acc_stderr", d.acc_stderr}};
+            if (d.finetune.contains("before")) t["before"] = d.finetune["before"];
+            tasks.push_back(t);
+          }
+          if (!tasks.empty()) o["downstream"] = tasks;
+        }
+        pair[side] = o;
+      }
+    } else {
+      pair = {{"skipped", "no budget with both a dense and an MoE run"}};
+    }
+    out["dense_vs_moe_pair"] = pair;
+  }
 
   // ---- the recommendation at the largest budget ----
   if (!budgets.empty()) {

@@ -121,6 +121,7 @@ struct Rules {
   double lr = 3e-3;           // lr at d_model = lr_d_ref
   double lr_d_ref = 256;
   double lr_power = 0.5;      // lr = lr * (lr_d_ref / d_model)^lr_power
+  double lr_moe_factor = 1;   // MoE runs: lr times this (docs/report.md: MoE runs here prefer about half the lr)
   double min_lr_ratio = 0.1;  // min_lr = lr * min_lr_ratio
   double warmup_fraction = 0.05;
   int64_t min_warmup_steps = 1;
@@ -132,6 +133,13 @@ struct Shape {
   int64_t d_model = 0, n_layers = 0, n_heads = 0, d_ff = 0;
   int64_t batch_size = 0;  // 0: from the rules
   double lr = 0;           // 0: from the rules
+  std::vector<double> budgets;  // empty: every budget of the sweep; else only these (a ladder per budget)
+  bool at(double budget) const {
+    if (budgets.empty() || !(budget > 0)) return true;
+    for (double b : budgets)
+      if (std::fabs(b - budget) <= 1e-9 * budget) return true;
+    return false;
+  }
 };
 
 // What a generator asks for; finish_run turns it into a PlannedRun.
@@ -286,7 +294,8 @@ PlannedRun finish_run(const Context& ctx, const Request& r, FlopConvention conve
   };
   const double lr = r.shape.lr > 0 ? r.shape.lr
                                    : ctx.rules.lr * std::pow(ctx.rules.lr_d_ref / static_cast<double>(c.model.d_model),
-                                                             ctx.rules.lr_power);
+                                                             ctx.rules.lr_power) *
+                                         (c.model.moe.enabled() ? ctx.rules.lr_moe_factor : 1.0);
   apply_rule("train.steps", std::to_string(run.steps));
   apply_rule("train.lr", fmt("%.6g", lr));
   apply_rule("train.min_lr", fmt("%.6g", lr * ctx.rules.min_lr_ratio));
@@ -547,22 +556,23 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
   ctx.corpus_tokens = plan.corpus_tokens;
 
   Section rules(sub_table(root, "rules"), "[rules]",
-                {"lr", "lr_d_ref", "lr_power", "min_lr_ratio", "warmup_fraction", "min_warmup_steps", "batch_size"});
+                {"lr", "lr_d_ref", "lr_power", "lr_moe_factor", "min_lr_ratio", "warmup_fraction", "min_warmup_steps", "batch_size"});
   ctx.rules.lr = rules.number("lr", ctx.rules.lr);
   ctx.rules.lr_d_ref = rules.number("lr_d_ref", ctx.rules.lr_d_ref);
   ctx.rules.lr_power = rules.number("lr_power", ctx.rules.lr_power);
+  ctx.rules.lr_moe_factor = rules.number("lr_moe_factor", ctx.rules.lr_moe_factor);
   ctx.rules.min_lr_ratio = rules.number("min_lr_ratio", ctx.rules.min_lr_ratio);
   ctx.rules.warmup_fraction = rules.number("warmup_fraction", ctx.rules.warmup_fraction);
   ctx.rules.min_warmup_steps = rules.integer("min_warmup_steps", ctx.rules.min_warmup_steps);
   ctx.rules.batch_size = rules.integer("batch_size", 0);
-  if (!(ctx.rules.lr > 0) || !(ctx.rules.lr_d_ref > 0) || ctx.rules.min_lr_ratio < 0 || ctx.rules.min_lr_ratio > 1 ||
+  if (!(ctx.rules.lr > 0) || !(ctx.rules.lr_d_ref > 0) || !(ctx.rules.lr_moe_factor > 0) || ctx.rules.min_lr_ratio < 0 || ctx.rules.min_lr_ratio > 1 ||
       ctx.rules.warmup_fraction < 0 || ctx.rules.warmup_fraction >= 1 || ctx.rules.batch_size < 0)
-    throw Error("sweep spec: [rules] needs lr > 0, lr_d_ref > 0, 0 <= min_lr_ratio <= 1, 0 <= warmup_fraction < 1, "
+    throw Error("sweep spec: [rules] needs lr > 0, lr_d_ref > 0, lr_moe_factor > 0, 0 <= min_lr_ratio <= 1, 0 <= warmup_fraction < 1, "
                 "batch_size >= 0");
 
   std::vector<Shape> shapes;
   for (const toml::table* t : table_array(root, "shape")) {
-    Section s(t, "[[shape]]", {"name", "d_model", "n_layers", "n_heads", "d_ff", "batch_size", "lr"});
+    Section s(t, "[[shape]]", {"name", "d_model", "n_layers", "n_heads", "d_ff", "batch_size", "lr", "budgets"});
     Shape shape;
     shape.d_model = s.integer("d_model", 0);
     shape.n_layers = s.integer("n_layers", 0);
@@ -573,6 +583,9 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
     shape.batch_size = s.integer("batch_size", 0);
     shape.lr = s.number("lr", 0);
     shape.tag = s.string("name", shape_tag(shape));
+    shape.budgets = s.numbers("budgets");
+    for (double b : shape.budgets)
+      if (!(b > 0)) throw Error("sweep spec: [[shape]] " + shape.tag + " budgets must be positive FLOP counts");
     shapes.push_back(shape);
   }
   if (shapes.empty()) {  // the base config's own shape
@@ -584,6 +597,18 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
     shape.tag = shape_tag(shape);
     shapes.push_back(shape);
   }
+
+  // A shape's own budgets must be budgets of the sweep (a typo would silently drop the shape).
+  auto check_shape_budgets = [&](const std::vector<Amount>& axis, const std::string& table) {
+    for (const Shape& shape : shapes)
+      for (double b : shape.budgets) {
+        bool found = false;
+        for (const Amount& a : axis) found |= a.budget > 0 && std::fabs(a.budget - b) <= 1e-9 * b;
+        if (!found)
+          throw Error("sweep spec: [[shape]] " + shape.tag + " budgets lists " + fmt("%g", b) + ", which is not in " +
+                      table + ".budgets");
+      }
+  };
 
   std::vector<Request> requests;
   auto add_dense = [&](const Shape& shape, const Amount& a, const std::string& prefix) {
@@ -601,11 +626,13 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
     Section s(sub_table(root, "isoflop"), "[isoflop]", {"budgets", "sparsity", "top_k", "experts", "granularity"});
     if (!s.table) throw Error("sweep spec: kind = \"isoflop\" needs an [isoflop] table with budgets and sparsity");
     const auto budgets = amounts(s, true);
+    check_shape_budgets(budgets, "[isoflop]");
     const auto sparsities = s.numbers("sparsity");
     if (sparsities.empty()) throw Error("sweep spec: [isoflop] sparsity = [0.5, 0.75, ...] is required");
     const int64_t top_k = s.integer("top_k", 2), experts = s.integer("experts", 0), g = s.integer("granularity", 1);
     for (const Amount& a : budgets)
       for (const Shape& shape : shapes) {
+        if (!shape.at(a.budget)) continue;
         if (dense_baseline) add_dense(shape, a, "");
         for (double sp : sparsities) {
           Request r;
@@ -635,10 +662,12 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
     const int64_t top_k = s.integer("top_k", 2), experts = s.integer("experts", 0);
     const double tolerance = s.number("tolerance", 0.25);
     // The ladder shape whose total parameters (with the given MoE) is nearest N in log space.
-    auto nearest = [&](double n, const std::vector<std::string>& moe, std::string& why) -> const Shape* {
+    check_shape_budgets(axis, "[fixed_params]");
+    auto nearest = [&](double n, const std::vector<std::string>& moe, double budget, std::string& why) -> const Shape* {
       const Shape* best = nullptr;
       double best_err = 1e300, best_total = 0;
       for (const Shape& shape : shapes) {
+        if (!shape.at(budget)) continue;
         Request probe;
         probe.shape = shape;
         probe.moe_overrides = moe;
@@ -666,7 +695,7 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
         const std::string prefix = "n" + compact_number(n) + "-";
         if (dense_baseline) {
           std::string why;
-          const Shape* shape = nearest(n, kDense, why);
+          const Shape* shape = nearest(n, kDense, a.budget, why);
           Request r;
           r.group = "dense";
           r.target_params = n;
@@ -688,7 +717,7 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
           const Sparse real = realise_sparsity(sp, top_k, experts);
           r.moe_overrides = moe_explicit(real.experts, real.top_k, 1);
           std::string why = real.error;
-          const Shape* shape = why.empty() ? nearest(n, r.moe_overrides, why) : nullptr;
+          const Shape* shape = why.empty() ? nearest(n, r.moe_overrides, a.budget, why) : nullptr;
           r.infeasible = why;
           if (shape) r.shape = *shape;
           r.name = prefix + a.tag() + "-" +
@@ -705,9 +734,11 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
     const auto gs = s.numbers("granularity");
     if (gs.empty()) throw Error("sweep spec: [granularity] granularity = [1, 2, 4, ...] is required");
     const auto axis = amounts(s, false);
+    check_shape_budgets(axis, "[granularity]");
     const int64_t expansion = s.integer("expansion", 8), top_k = s.integer("top_k", 1);
     for (const Amount& a : axis)
       for (const Shape& shape : shapes) {
+        if (!shape.at(a.budget)) continue;
         if (dense_baseline) add_dense(shape, a, "");
         for (double gd : gs) {
           Request r;

@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <map>
 #include <set>
 #include <sstream>
 
@@ -554,6 +555,28 @@ std::string results_csv(const std::vector<RunResult>& results, const std::string
     out << "\n";
   }
   return out.str();
+}
+
+double result_loss(const RunResult& r, const std::string& loss) {
+  if (loss == "val") return r.val_loss;
+  if (loss == "final") return r.loss;
+  if (loss == "smoothed") return r.smoothed_loss;
+  throw Error("unknown loss '" + loss + "': use val, smoothed or final");
+}
+
+std::vector<BestRun> best_runs_per_budget(const std::vector<RunResult>& results, const std::string& loss) {
+  std::map<std::pair<double, bool>, const RunResult*> best;
+  for (const auto& r : results) {
+    if (r.status != "ok" || !std::isfinite(result_loss(r, loss))) continue;
+    double key = r.budget > 0 ? r.budget : -static_cast<double>(r.tokens);
+    for (const auto& [k, v] : best)
+      if (std::fabs(k.first - key) <= 1e-6 * std::fabs(key)) key = k.first;
+    auto& slot = best[{key, r.experts > 0}];
+    if (!slot || result_loss(r, loss) < result_loss(*slot, loss)) slot = &r;
+  }
+  std::vector<BestRun> out;
+  for (const auto& [key, r] : best) out.push_back({key.first, key.second, r});
+  return out;
 }
 
 }  // namespace moelab

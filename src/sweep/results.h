@@ -57,6 +57,17 @@ int64_t collect_results(const std::string& sweep_dir);
 // Every result.json of the plan, in plan order.
 std::vector<RunResult> read_results(const std::string& sweep_dir);
 
+// The best dense and the best MoE run of each budget among the finished runs, by `loss` ("val", "smoothed" or
+// "final"). Runs with a FLOP budget are grouped by it; the others by token count (key: -tokens). Ordered by key,
+// dense before MoE.
+struct BestRun {
+  double budget_key = 0;  // the budget, or -tokens for runs without one
+  bool moe = false;
+  const RunResult* run = nullptr;
+};
+std::vector<BestRun> best_runs_per_budget(const std::vector<RunResult>& results, const std::string& loss);
+double result_loss(const RunResult& r, const std::string& loss);  // "val", "smoothed" or "final"
+
 // CSV with a header row. Columns: name, status, params, active_params, nonembedding_params, tokens, flops, loss,
 // final_loss, smoothed_loss, val_loss, sparsity, granularity, experts, top_k, d_model, n_layers, steps, budget,
 // wall_seconds, then one ood_<set>_loss column per out-of-domain set. `loss` is the column the fitting tool

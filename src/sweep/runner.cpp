@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -176,6 +177,9 @@ SweepRunSummary run_sweep(const std::string& dir, const SweepRunOptions& options
       else pending.push_back(run);
     }
     if (!existing.empty()) upsert_results(db.string(), existing);  // rows of runs finished before a kill
+    // Largest first: the runs that start last are then the short ones, so no job slot idles for long at the end.
+    std::stable_sort(pending.begin(), pending.end(),
+                     [](const PlannedRun* a, const PlannedRun* b) { return a->flops > b->flops; });
   }
   log << "moelab sweep run: " << summary.total << " runs, " << summary.skipped << " already finished, "
       << pending.size() << " to train; " << options.jobs << " job(s) x " << options.threads_per_job
