@@ -409,20 +409,23 @@ ojson fixed_group(double params, double C, const std::vector<std::pair<double, d
   return {{"params", params}, {"C", C}, {"points", points}, {"S_star", S}, {"L_star", L}, {"on_edge", edge}};
 }
 
-// Seed noise 0.01: the threshold is 0.02.
-ojson fixed_params_findings(const ojson& groups) {
+// The findings of a study whose one sweep (of `kind`) holds only replicates with seed noise 0.01 (threshold 0.02),
+// and whose summary[key] is `rows`.
+ojson findings_with(const std::string& kind, const std::string& key, const ojson& rows) {
   Study study;
   StudySweep s;
-  s.label = "fixed";
-  s.plan.kind = "fixed_params";
+  s.label = kind;
+  s.plan.kind = kind;
   add_replicates(s, 0.01);
   study.sweeps.push_back(s);
   ojson summary = ojson::object();
-  summary["fixed_params"] = groups;
+  summary[key] = rows;
   const ojson f = study_findings(study, summary, "smoothed_loss");
   EXPECT_NEAR(f["seed_sd"].get<double>(), 0.01 / std::sqrt(2.0), 1e-12);
   return f;
 }
+
+ojson fixed_params_findings(const ojson& groups) { return findings_with("fixed_params", "fixed_params", groups); }
 
 TEST(Findings, FixedParamsUShapeWithAnInnerMinimumIsReproduced) {
   // Lowest at S = 0.5, both ends 0.05 and 0.08 above it (> 0.02).
@@ -481,18 +484,7 @@ ojson granularity_row(double C, const std::vector<std::pair<double, double>>& cu
           {"curve_at_best_shape", points}};
 }
 
-// Seed noise 0.01: the threshold is 0.02.
-ojson granularity_findings(const ojson& rows) {
-  Study study;
-  StudySweep s;
-  s.label = "granularity";
-  s.plan.kind = "granularity";
-  add_replicates(s, 0.01);
-  study.sweeps.push_back(s);
-  ojson summary = ojson::object();
-  summary["granularity_optimum"] = rows;
-  return study_findings(study, summary, "smoothed_loss");
-}
+ojson granularity_findings(const ojson& rows) { return findings_with("granularity", "granularity_optimum", rows); }
 
 TEST(Findings, GranularityAboveOneAndGrowingIsReproduced) {
   // C 1e12: G* = 2, 0.10 below G = 1. C 4e12: G* = 4, 0.10 below G = 1, and the small budget's G* (2) 0.05 above.

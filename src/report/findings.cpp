@@ -53,6 +53,15 @@ std::pair<std::string, std::string> all_of(const std::vector<std::pair<std::stri
   return {"inconclusive", "not measured at some budget"};  // a mix of reproduced and not measured
 }
 
+// The budget of `seen` within a relative 1e-6 of b, or b itself, added to `seen`: runs of one planned budget differ
+// by less than a step's FLOPs, and their planned budgets compare equal only up to rounding.
+double snap_budget(std::vector<double>& seen, double b) {
+  for (double x : seen)
+    if (std::fabs(x - b) <= 1e-6 * b) return x;
+  seen.push_back(b);
+  return b;
+}
+
 }  // namespace
 
 double seed_spread(const Study& study, const std::string& column, size_t* groups) {
@@ -294,14 +303,12 @@ ojson study_findings(const Study& study, const ojson& summary, const std::string
   // 6. Sparser is better at fixed FLOPs (Abnar): the best loss at the sparsest level against dense, per budget.
   {
     std::map<double, std::map<double, double>> best;  // C -> S -> best loss
+    std::vector<double> seen;
     for (const auto& s : study.sweeps) {
       if (s.plan.kind != "isoflop") continue;
       for (const auto& r : s.results) {
         if (!ok(r, column) || !(r.budget > 0)) continue;
-        double key = r.budget;
-        for (const auto& [k, v] : best)
-          if (std::fabs(k - r.budget) <= 1e-6 * r.budget) key = k;
-        auto& slot = best[key];
+        auto& slot = best[snap_budget(seen, r.budget)];
         const double L = loss(r, column);
         if (!slot.count(r.sparsity) || L < slot[r.sparsity]) slot[r.sparsity] = L;
       }
@@ -325,14 +332,12 @@ ojson study_findings(const Study& study, const ojson& summary, const std::string
   // largest of that budget's ladder (losses averaged over seeds).
   {
     std::map<std::pair<double, double>, std::map<int64_t, std::vector<double>>> curves;  // (C, S) -> N -> losses
+    std::vector<double> seen;
     for (const auto& s : study.sweeps) {
       if (s.plan.kind != "isoflop") continue;
       for (const auto& r : s.results) {
         if (!ok(r, column) || !(r.budget > 0)) continue;
-        double key = r.budget;
-        for (const auto& [k, v] : curves)
-          if (std::fabs(k.first - r.budget) <= 1e-6 * r.budget) key = k.first;
-        curves[{key, r.sparsity}][r.nonembedding_params].push_back(loss(r, column));
+        curves[{snap_budget(seen, r.budget), r.sparsity}][r.nonembedding_params].push_back(loss(r, column));
       }
     }
     for (const auto& [cs, by_n] : curves) {

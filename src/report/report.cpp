@@ -531,8 +531,12 @@ class Builder {
     GnuplotFigure fig(900, 500);
     fig.add("set title " + gnuplot_quote(title));
     fig.add("set xlabel 'sparsity S (experts: 1/(1-S) at top-1)'\nset ylabel " + gnuplot_quote(loss_axis()) +
-            "\nset key outside right font ',9'\nset logscale x 2\nset xrange [0.8:*]\n"
-            "set xtics ('0' 1, '0.5' 2, '0.75' 4, '0.875' 8, '0.9375' 16, '0.96875' 32, '0.984' 64)");
+            "\nset key outside right font ',9'\nset logscale x 2\n"
+            "set xtics ('0' 1, '0.5' 2, '0.75' 4, '0.875' 8, '0.9375' 16, '0.96875' 32, '0.984' 64, '0.992' 128)");
+    double x_max = 1;
+    for (const auto& g : groups)
+      for (const auto& p : g["points"]) x_max = std::max(x_max, 1 / (1 - p["sparsity"].get<double>()));
+    fig.add("set xrange [0.8:" + fmt("%.6g", x_max * 1.25) + "]");
     std::string plot = "plot ";
     int lt = 1;
     for (const auto& g : groups) {
@@ -822,6 +826,8 @@ std::string page(const Study& study, const ojson& s, const std::vector<ReportFig
         h << "<p>Granularity law L = c + (g/G^&gamma; + a)/N^&alpha; + b/D^&beta; fitted on "
           << gf["n_points"].get<size_t>() << " MoE runs: " << html_escape(coef) << " (RMSE of log L "
           << fmt("%.4f", gf.value("rmse", 0.0)) << ").</p>\n";
+        if (gf.contains("degenerate"))
+          h << "<p class=\"note\">Warning: " << html_escape(gf["degenerate"].get<std::string>()) << ".</p>\n";
       }
     }
     const ojson& fixed = s.value("fixed_params", ojson::array());

@@ -344,6 +344,7 @@ nlohmann::ordered_json analyse_study(const Study& study, const AnalysisOptions& 
   {
     std::vector<Observation> gpts;
     std::set<double> gvalues;
+    std::set<std::pair<int64_t, int64_t>> gshapes;
     double expansion = 0;
     std::vector<const RunResult*> gruns;
     std::string gsource;
@@ -362,6 +363,7 @@ nlohmann::ordered_json analyse_study(const Study& study, const AnalysisOptions& 
         o.L = loss_of(r, col);
         gpts.push_back(o);
         gvalues.insert(o.G);
+        gshapes.insert({r.d_model, r.n_layers});
         if (r.granularity > 0) expansion = static_cast<double>(r.experts) / static_cast<double>(r.granularity);
       }
     }
@@ -379,6 +381,16 @@ nlohmann::ordered_json analyse_study(const Study& study, const AnalysisOptions& 
         g.columns["C"] = "flops";
         g.expansion = expansion;
         gfit = fit_observations(g, gpts, {});
+        // A fit with a non-positive exponent has no physical reading (loss rising with N or D): with a handful of
+        // shapes the law is not identified. Say so, and read no optimum off it.
+        const auto& co = gfit["coefficients"];
+        std::string bad;
+        for (const char* k : {"alpha", "beta", "gamma"})
+          if (co.contains(k) && !(co[k].get<double>() > 0)) bad += (bad.empty() ? "" : ", ") + std::string(k) + " " + fmt("%.3g", co[k].get<double>());
+        if (!bad.empty())
+          gfit["degenerate"] = "the fitted exponents are not all positive (" + bad + "): " + std::to_string(gpts.size()) +
+                               " runs over " + std::to_string(gshapes.size()) + " shapes do not identify the law, so no "
+                               "optimum is read off it";
       } catch (const Error& e) {
         gfit = {{"skipped", e.what()}};
       }
@@ -428,7 +440,7 @@ nlohmann::ordered_json analyse_study(const Study& study, const AnalysisOptions& 
                           static_cast<double>(r->tokens)});
         }
       row["curve_at_best_shape"] = curve;
-      if (gfit.contains("parameters") && line.size() >= 2 && by_budget) {
+      if (gfit.contains("parameters") && !gfit.contains("degenerate") && line.size() >= 2 && by_budget) {
         // Least-squares lines N(G) and D(G) through the measured runs of this shape and budget.
         auto linear = [&](int col_index, double G) {
           double sx = 0, sy = 0, sxx = 0, sxy = 0;
