@@ -4,10 +4,13 @@
 // must also reject a page with a broken image.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <set>
 #include <sstream>
 #include <tuple>
 
@@ -590,6 +593,422 @@ TEST(Findings, IsoflopCurveLowestAtAnEndOfItsLadderWarns) {
   EXPECT_TRUE(none["edge_warnings"].empty()) << warnings_text(none);
   EXPECT_EQ(verdict_of(none, "fixed_n_u_shape"), "not measured");
   EXPECT_EQ(verdict_of(none, "finetune"), "not measured");
+}
+
+}  // namespace
+}  // namespace moelab
+
+// ---- analyse_study: the granularity optimum and law, loss against S at fixed N, the dense-vs-MoE pair ----------
+
+namespace moelab {
+namespace {
+
+using ojson = nlohmann::ordered_json;
+
+// A run with every field analyse_study reads. G = 0 is dense; G > 0 an MoE of 4 G experts, top-G (S = 0.75).
+RunResult study_run(const std::string& name, double C, int64_t d_model, int64_t n_layers, int64_t G, int64_t N,
+                    int64_t D, double loss, int64_t seed = 1) {
+  RunResult r;
+  r.name = name;
+  r.status = "ok";
+  r.val_loss = r.smoothed_loss = r.loss = loss;
+  r.experts = G > 0 ? 4 * G : 0;
+  r.granularity = G > 0 ? G : 1;
+  r.top_k = G > 0 ? G : 0;
+  r.sparsity = G > 0 ? 0.75 : 0.0;
+  r.d_model = d_model, r.n_layers = n_layers;
+  r.nonembedding_params = N;
+  r.active_params = G > 0 ? N / 4 : N;
+  r.params = N + 100000;
+  r.tokens = D;
+  r.flops = 6.0 * static_cast<double>(r.active_params) * static_cast<double>(D);
+  r.budget = C;
+  r.seed = seed;
+  return r;
+}
+
+AnalysisOptions val_loss_options() {
+  AnalysisOptions o;
+  o.loss = "val_loss";
+  o.bootstrap = 0;
+  return o;
+}
+
+bool any_row_has(const ojson& rows, const std::string& key) {
+  for (const auto& r : rows)
+    if (r.contains(key)) return true;
+  return false;
+}
+
+// C 1e12 (d_model 64, 2 layers): G* = 2 among G 1..8. C 4e12 (d_model 96, 3 layers): G* = 8, the largest measured.
+// The runs of the larger budget come first, and a failed run with the lowest loss of all is present.
+Study granularity_study() {
+  StudySweep s;
+  s.label = "granularity";
+  s.plan.kind = "granularity";
+  struct Budget {
+    double C;
+    int64_t d_model, n_layers, n0;
+    double dense_a, dense_b;
+    std::vector<double> moe;  // loss at G = 1, 2, 4, 8
+  };
+  const std::vector<Budget> budgets = {{4e12, 96, 3, 3000000, 3.05, 3.00, {2.95, 2.90, 2.87, 2.85}},
+                                       {1e12, 64, 2, 1000000, 3.20, 3.15, {3.10, 3.00, 3.05, 3.09}}};
+  for (const auto& b : budgets) {
+    const std::string c = "c" + compact_number(b.C);
+    auto tokens = [&](int64_t N) { return static_cast<int64_t>(std::llround(b.C / (6.0 * static_cast<double>(N)))); };
+    s.results.push_back(study_run(c + "-dense-a", b.C, b.d_model, b.n_layers, 0, b.n0, tokens(b.n0), b.dense_a));
+    s.results.push_back(study_run(c + "-dense-b", b.C, b.d_model, b.n_layers, 0, b.n0, tokens(b.n0), b.dense_b));
+    int i = 0;
+    for (int64_t G : {1, 2, 4, 8}) {
+      const int64_t N = b.n0 + b.n0 / 100 * G;
+      s.results.push_back(study_run(c + "-g" + std::to_string(G), b.C, b.d_model, b.n_layers, G, N, tokens(N), b.moe[i++]));
+    }
+  }
+  RunResult failed = study_run("c1e12-g16", 1e12, 64, 2, 16, 1160000, 143678, 1.0);
+  failed.status = "failed";
+  s.results.push_back(failed);
+  Study study;
+  study.dir = "/nonexistent/granularity-study";
+  study.sweeps.push_back(s);
+  return study;
+}
+
+TEST(ReportAnalysis, GranularityOptimumPerBudget) {
+  const Study study = granularity_study();
+  const ojson s = analyse_study(study, val_loss_options());
+  const ojson& rows = s["granularity_optimum"];
+  ASSERT_EQ(rows.size(), 2u) << rows.dump(1);
+  // Budget order, whatever the order of the results.
+  EXPECT_EQ(rows[0]["C"].get<double>(), 1e12);
+  EXPECT_EQ(rows[1]["C"].get<double>(), 4e12);
+  EXPECT_FALSE(rows[0].contains("tokens"));
+  // C 1e12: G* = 2, inside the measured range; the failed G = 16 run (loss 1.0) is not counted.
+  EXPECT_EQ(rows[0]["G_star"].get<int64_t>(), 2);
+  EXPECT_EQ(rows[0]["best"]["name"], "c1e12-g2");
+  EXPECT_EQ(rows[0]["largest_G_measured"].get<double>(), 8.0);
+  EXPECT_FALSE(rows[0]["on_edge"].get<bool>());
+  EXPECT_EQ(rows[0]["dense"]["name"], "c1e12-dense-b");  // the better of the two dense runs
+  // C 4e12: G* = 8, the largest measured.
+  EXPECT_EQ(rows[1]["G_star"].get<int64_t>(), 8);
+  EXPECT_EQ(rows[1]["best"]["name"], "c4e12-g8");
+  EXPECT_TRUE(rows[1]["on_edge"].get<bool>());
+  EXPECT_EQ(rows[1]["dense"]["name"], "c4e12-dense-b");
+  // The loss against G at the best run's shape: the four MoE runs of that budget, dense runs left out.
+  const std::map<int64_t, double> expected[2] = {{{1, 3.10}, {2, 3.00}, {4, 3.05}, {8, 3.09}},
+                                                 {{1, 2.95}, {2, 2.90}, {4, 2.87}, {8, 2.85}}};
+  for (int k = 0; k < 2; ++k) {
+    const ojson& curve = rows[k]["curve_at_best_shape"];
+    ASSERT_EQ(curve.size(), 4u) << curve.dump(1);
+    std::map<int64_t, double> got;
+    for (const auto& p : curve) {
+      got[p["G"].get<int64_t>()] = p["loss"].get<double>();
+      EXPECT_EQ(p["name"].get<std::string>(),
+                "c" + compact_number(rows[k]["C"].get<double>()) + "-g" + std::to_string(p["G"].get<int64_t>()));
+    }
+    EXPECT_EQ(got, expected[k]);
+  }
+
+  // 8 MoE runs over 2 shapes: the law is fitted (possibly degenerate) or skipped; a G* is read off the law only
+  // when it was fitted with positive exponents.
+  const ojson& fit = s["granularity_fit"];
+  ASSERT_TRUE(fit.contains("skipped") || fit.contains("parameters")) << fit.dump(1);
+  const bool usable_law = fit.contains("parameters") && !fit.contains("degenerate");
+  for (const auto& row : rows) EXPECT_EQ(row.contains("law"), usable_law) << fit.dump(1) << "\n" << row.dump(1);
+  // Fitted: "degenerate" exactly when an exponent is not positive (with these 8 runs the fit is deterministic and
+  // comes out with alpha < 0, so this is the path taken).
+  if (fit.contains("parameters")) {
+    bool non_positive = false;
+    for (const char* k : {"alpha", "beta", "gamma"}) non_positive |= !(fit["coefficients"][k].get<double>() > 0);
+    EXPECT_EQ(fit.contains("degenerate"), non_positive) << fit.dump(1);
+    if (fit.contains("degenerate")) {
+      EXPECT_NE(fit["degenerate"].get<std::string>().find("not all positive"), std::string::npos);
+    }
+  }
+
+  // (a) Without the G = 8 runs: 6 MoE runs, too few for the law. G* per budget is still measured, and at 4e12 it
+  // is now the largest G left (4), on the edge.
+  Study fewer = study;
+  auto& rs = fewer.sweeps[0].results;
+  rs.erase(std::remove_if(rs.begin(), rs.end(), [](const RunResult& r) { return r.granularity == 8; }), rs.end());
+  ASSERT_EQ(rs.size(), 11u);
+  const ojson f = analyse_study(fewer, val_loss_options());
+  ASSERT_TRUE(f["granularity_fit"].contains("skipped")) << f["granularity_fit"].dump(1);
+  EXPECT_FALSE(f["granularity_fit"].contains("parameters"));
+  EXPECT_NE(f["granularity_fit"]["skipped"].get<std::string>().find("at least 8 MoE runs"), std::string::npos);
+  ASSERT_EQ(f["granularity_optimum"].size(), 2u);
+  EXPECT_FALSE(any_row_has(f["granularity_optimum"], "law")) << f["granularity_optimum"].dump(1);
+  EXPECT_EQ(f["granularity_optimum"][0]["G_star"].get<int64_t>(), 2);
+  EXPECT_FALSE(f["granularity_optimum"][0]["on_edge"].get<bool>());
+  EXPECT_EQ(f["granularity_optimum"][1]["G_star"].get<int64_t>(), 4);
+  EXPECT_EQ(f["granularity_optimum"][1]["largest_G_measured"].get<double>(), 4.0);
+  EXPECT_TRUE(f["granularity_optimum"][1]["on_edge"].get<bool>());
+  EXPECT_EQ(f["granularity_optimum"][1]["curve_at_best_shape"].size(), 3u);
+}
+
+// Krajewski et al.'s published-like coefficients: L = c + (g / G^gamma + a) / N^alpha + b / D^beta.
+constexpr double kA = 18.1, kAlpha = 0.115, kB = 30.8, kBeta = 0.147, kG = 2.1, kGamma = 0.58, kC = 0.47;
+double granularity_law(double N, double D, double G) {
+  return kC + (kG / std::pow(G, kGamma) + kA) / std::pow(N, kAlpha) + kB / std::pow(D, kBeta);
+}
+
+TEST(ReportAnalysis, GranularityLawFittedOnExactDataGivesTheLawsOptimum) {
+  // Two budgets x three shapes x G 1, 2, 4, 8 (24 MoE runs), losses exactly the law's. At a shape, N grows by 2% of
+  // the shape's size per unit of G and D falls by 1.5%, both exactly linear in G, so the law's N and D carried to
+  // G = 16 and 32 are known, and the law's optimum (G = 16) lies beyond the measured best (G = 8).
+  StudySweep s;
+  s.label = "granularity";
+  s.plan.kind = "granularity";
+  struct Shape {
+    int64_t d_model, n_layers;
+    double N;
+  };
+  const std::vector<Shape> shapes = {{64, 2, 2e6}, {96, 3, 6e6}, {128, 4, 1.5e7}};
+  const std::vector<double> budgets = {1e15, 4e15};
+  auto N_at = [](const Shape& sh, double G) { return sh.N * (1 + 0.02 * G); };
+  auto D_at = [](double C, const Shape& sh, double G) { return C / (6 * sh.N) * (1 - 0.015 * G); };
+  std::vector<size_t> best_shape(budgets.size(), 0);
+  for (size_t b = 0; b < budgets.size(); ++b) {
+    double best = INFINITY;
+    for (size_t k = 0; k < shapes.size(); ++k)
+      for (int64_t G : {1, 2, 4, 8}) {
+        const int64_t N = std::llround(N_at(shapes[k], G)), D = std::llround(D_at(budgets[b], shapes[k], G));
+        const double L = granularity_law(static_cast<double>(N), static_cast<double>(D), static_cast<double>(G));
+        if (L < best) best = L, best_shape[b] = k;
+        s.results.push_back(study_run("c" + compact_number(budgets[b]) + "-d" + std::to_string(shapes[k].d_model) + "-g" +
+                                          std::to_string(G),
+                                      budgets[b], shapes[k].d_model, shapes[k].n_layers, G, N, D, L));
+      }
+  }
+  Study study;
+  study.dir = "/nonexistent/granularity-law";
+  study.sweeps.push_back(s);
+  const ojson out = analyse_study(study, val_loss_options());
+  const ojson& fit = out["granularity_fit"];
+  ASSERT_TRUE(fit.contains("parameters")) << fit.dump(1);
+  EXPECT_FALSE(fit.contains("degenerate")) << fit.dump(1);
+  EXPECT_EQ(fit["n_points"].get<int64_t>(), 24);
+  EXPECT_EQ(fit["expansion"].get<double>(), 4.0);
+  // The exponents come back (the data are exact).
+  const ojson& co = fit["coefficients"];
+  EXPECT_NEAR(co["alpha"].get<double>(), kAlpha, 1e-4) << co.dump();
+  EXPECT_NEAR(co["beta"].get<double>(), kBeta, 1e-4) << co.dump();
+  EXPECT_NEAR(co["gamma"].get<double>(), kGamma, 1e-4) << co.dump();
+
+  const ojson& rows = out["granularity_optimum"];
+  ASSERT_EQ(rows.size(), 2u) << rows.dump(1);
+  for (size_t b = 0; b < budgets.size(); ++b) {
+    const ojson& row = rows[b];
+    EXPECT_EQ(row["C"].get<double>(), budgets[b]);
+    EXPECT_EQ(row["G_star"].get<int64_t>(), 8);
+    EXPECT_TRUE(row["on_edge"].get<bool>());
+    EXPECT_TRUE(row["dense"].is_null());
+    EXPECT_EQ(row["best"]["d_model"].get<int64_t>(), shapes[best_shape[b]].d_model);
+    // Only the best shape's four runs, not all twelve of the budget.
+    EXPECT_EQ(row["curve_at_best_shape"].size(), 4u);
+    ASSERT_TRUE(row.contains("law")) << row.dump(1);
+    ASSERT_TRUE(row["law"].contains("G_star")) << row["law"].dump(1);
+    EXPECT_EQ(row["law"]["G_star"].get<double>(), 16.0) << row["law"].dump(1);
+    const ojson& by_G = row["law"]["by_G"];
+    ASSERT_EQ(by_G.size(), 6u) << by_G.dump(1);
+    const Shape& sh = shapes[best_shape[b]];
+    for (const auto& p : by_G) {
+      const double G = p["G"].get<double>();
+      EXPECT_NEAR(p["N"].get<double>() / N_at(sh, G), 1.0, 1e-6) << p.dump();
+      EXPECT_NEAR(p["D"].get<double>() / D_at(budgets[b], sh, G), 1.0, 1e-6) << p.dump();
+      EXPECT_NEAR(p["loss"].get<double>(), granularity_law(N_at(sh, G), D_at(budgets[b], sh, G), G), 1e-5) << p.dump();
+    }
+    EXPECT_NEAR(row["law"]["loss"].get<double>(), granularity_law(N_at(sh, 16), D_at(budgets[b], sh, 16), 16), 1e-5);
+  }
+}
+
+// ---- loss against S at fixed total parameters ----
+
+// A fixed_params run: planned with its target N and budget (the analysis groups by them), experts 1 / (1 - S).
+void add_fixed_run(StudySweep& s, const std::string& name, double target_N, double C, double S, double loss,
+                   int64_t seed = 1) {
+  PlannedRun p;
+  p.name = name;
+  p.group = "fixed_params";
+  p.target_params = target_N;
+  p.budget = C;
+  p.target_sparsity = S;
+  s.plan.runs.push_back(p);
+  const int64_t experts = S > 0 ? std::llround(1 / (1 - S)) : 0;
+  const int64_t N = static_cast<int64_t>(target_N) + 1234 * experts;  // the realised count misses the target a little
+  RunResult r = study_run(name, C, 64, 2, 0, N, static_cast<int64_t>(C / (6 * (1 - S) * N)), loss, seed);
+  r.experts = experts, r.top_k = S > 0 ? 1 : 0, r.sparsity = S, r.granularity = 1;
+  r.active_params = static_cast<int64_t>((1 - S) * static_cast<double>(N));
+  s.results.push_back(r);
+}
+
+TEST(ReportAnalysis, FixedParamsCurveAndEdge) {
+  StudySweep s;
+  s.label = "fixed";
+  s.plan.kind = "fixed_params";
+  // N 4e7 first (a minimum at the densest end), then N 1e7 (an inner minimum at S 0.75), results out of S order.
+  add_fixed_run(s, "n4e7-s0.5", 4e7, 1e13, 0.5, 2.95);
+  add_fixed_run(s, "n4e7-s0", 4e7, 1e13, 0.0, 2.90);
+  add_fixed_run(s, "n4e7-s0.875", 4e7, 1e13, 0.875, 3.00);
+  const std::vector<std::pair<double, double>> curve = {{0.0, 3.10}, {0.5, 3.02}, {0.75, 3.00}, {0.875, 3.04},
+                                                        {0.9375, 3.12}};
+  for (size_t i : {3u, 0u, 4u, 2u, 1u})
+    add_fixed_run(s, "n1e7-s" + compact_number(curve[i].first), 1e7, 1e13, curve[i].first, curve[i].second);
+  // Not counted: a failed run (lowest loss of all), and a result the plan does not know.
+  add_fixed_run(s, "n1e7-s0.25", 1e7, 1e13, 0.25, 1.0);
+  s.results.back().status = "failed";
+  s.results.push_back(study_run("stray", 1e13, 64, 2, 1, 10000000, 1000, 0.5));
+  Study study;
+  study.dir = "/nonexistent/fixed";
+  study.sweeps.push_back(s);
+
+  ojson out = analyse_study(study, val_loss_options());
+  ASSERT_EQ(out["fixed_params"].size(), 2u) << out["fixed_params"].dump(1);
+  const ojson* g = &out["fixed_params"][0];
+  EXPECT_EQ((*g)["sweep"], "fixed");
+  EXPECT_EQ((*g)["params"].get<double>(), 1e7);
+  EXPECT_EQ((*g)["C"].get<double>(), 1e13);
+  ASSERT_EQ((*g)["points"].size(), 5u) << g->dump(1);
+  for (size_t i = 0; i < curve.size(); ++i) {
+    EXPECT_EQ((*g)["points"][i]["sparsity"].get<double>(), curve[i].first) << i;
+    EXPECT_EQ((*g)["points"][i]["loss"].get<double>(), curve[i].second) << i;
+    EXPECT_EQ((*g)["points"][i]["seeds"].get<int64_t>(), 1) << i;
+    EXPECT_EQ((*g)["points"][i]["name"], "n1e7-s" + compact_number(curve[i].first)) << i;
+  }
+  EXPECT_EQ((*g)["S_star"].get<double>(), 0.75);
+  EXPECT_EQ((*g)["L_star"].get<double>(), 3.00);
+  EXPECT_FALSE((*g)["on_edge"].get<bool>());
+  // The other target N: lowest at S = 0, on the edge.
+  g = &out["fixed_params"][1];
+  EXPECT_EQ((*g)["params"].get<double>(), 4e7);
+  ASSERT_EQ((*g)["points"].size(), 3u) << g->dump(1);
+  EXPECT_EQ((*g)["S_star"].get<double>(), 0.0);
+  EXPECT_EQ((*g)["L_star"].get<double>(), 2.90);
+  EXPECT_TRUE((*g)["on_edge"].get<bool>());
+
+  // A second seed at S 0.5 (loss 3.06): one point, the mean over the seeds.
+  add_fixed_run(study.sweeps[0], "n1e7-s0.5-seed2", 1e7, 1e13, 0.5, 3.06, 2);
+  out = analyse_study(study, val_loss_options());
+  ASSERT_EQ(out["fixed_params"].size(), 2u);
+  g = &out["fixed_params"][0];
+  ASSERT_EQ((*g)["points"].size(), 5u) << g->dump(1);
+  const ojson& p = (*g)["points"][1];
+  EXPECT_EQ(p["sparsity"].get<double>(), 0.5);
+  EXPECT_NEAR(p["loss"].get<double>(), (3.02 + 3.06) / 2, 1e-12);
+  EXPECT_EQ(p["seeds"].get<int64_t>(), 2);
+  EXPECT_EQ((*g)["points"][2]["seeds"].get<int64_t>(), 1);
+  EXPECT_EQ((*g)["S_star"].get<double>(), 0.75);
+  EXPECT_FALSE((*g)["on_edge"].get<bool>());
+}
+
+// ---- the dense-vs-MoE pair of the largest budget ----
+
+DownstreamRecord pair_record(const std::string& run, const std::string& mode, int64_t shots, double acc) {
+  DownstreamRecord d;
+  d.run = run;
+  d.task = "cloze";
+  d.mode = mode;
+  d.shots = shots;
+  d.n = 200;
+  d.acc = acc;
+  d.acc_stderr = std::sqrt(acc * (1 - acc) / 200);
+  if (mode == "finetune")
+    d.finetune = {{"before", {{"acc", acc - 0.1}, {"acc_stderr", 0.03}, {"n", 200}}}, {"steps", 10}};
+  return d;
+}
+
+TEST(ReportAnalysis, DenseMoePairAtTheLargestBudget) {
+  StudySweep s;
+  s.label = "sparsity";
+  s.plan.kind = "isoflop";
+  // Per budget: dense and MoE (S 0.75) at two shapes. The larger budget is listed first; its best dense is the wide
+  // shape, its best MoE the narrow one.
+  struct Run {
+    std::string name;
+    double C;
+    int64_t d_model, G;
+    double loss;
+  };
+  const std::vector<Run> runs = {{"c4e12-d96-dense", 4e12, 96, 0, 3.00}, {"c4e12-d64-dense", 4e12, 64, 0, 3.04},
+                                 {"c4e12-d64-moe", 4e12, 64, 2, 2.90},   {"c4e12-d96-moe", 4e12, 96, 2, 2.93},
+                                 {"c1e12-d64-dense", 1e12, 64, 0, 3.20}, {"c1e12-d96-dense", 1e12, 96, 0, 3.25},
+                                 {"c1e12-d64-moe", 1e12, 64, 2, 3.10},   {"c1e12-d96-moe", 1e12, 96, 2, 3.12}};
+  for (const auto& r : runs) {
+    const int64_t N = r.d_model * r.d_model * 24;
+    RunResult rr = study_run(r.name, r.C, r.d_model, 2, r.G, N,
+                             static_cast<int64_t>(r.C / (6.0 * (r.G > 0 ? N / 4 : N))), r.loss);
+    rr.ood_losses = {{"code", r.loss + 0.5}, {"wiki", r.loss + 0.25}};
+    s.results.push_back(rr);
+  }
+  // Downstream: zero-shot, 5-shot and fine-tuned for the pair (and for a run outside it), at both budgets.
+  for (const std::string run : {"c4e12-d96-dense", "c4e12-d64-moe", "c4e12-d64-dense", "c1e12-d64-dense", "c1e12-d64-moe"}) {
+    const double base = run.find("moe") != std::string::npos ? 0.40 : 0.35;
+    s.downstream.push_back(pair_record(run, "zero", 0, base));
+    s.downstream.push_back(pair_record(run, "few", 5, base + 0.05));
+    s.downstream.push_back(pair_record(run, "finetune", 0, base + 0.2));
+  }
+  Study study;
+  study.dir = "/nonexistent/pair";
+  study.sweeps.push_back(s);
+  // A later granularity sweep whose dense baseline has the pair's dense name (names are unique only within a
+  // sweep): the pair must keep the IsoFLOP run and its own records.
+  StudySweep g;
+  g.label = "zz-granularity";
+  g.plan.kind = "granularity";
+  g.results.push_back(study_run("c4e12-d96-dense", 4e12, 96, 2, 0, 96 * 96 * 24, 1000000, 3.7));
+  g.downstream.push_back(pair_record("c4e12-d96-dense", "zero", 0, 0.99));
+  study.sweeps.push_back(g);
+  AnalysisOptions options = val_loss_options();
+  options.bootstrap = 5;
+  const ojson out = analyse_study(study, options);
+  const ojson& pair = out["dense_vs_moe_pair"];
+  ASSERT_FALSE(pair.contains("skipped")) << pair.dump(1);
+  EXPECT_EQ(pair["C"].get<double>(), 4e12);
+  const std::map<std::string, std::pair<std::string, double>> sides = {{"dense", {"c4e12-d96-dense", 3.00}},
+                                                                         {"moe", {"c4e12-d64-moe", 2.90}}};
+  for (const auto& [side, expected] : sides) {
+    const ojson& o = pair[side];
+    EXPECT_EQ(o["name"], expected.first) << side;
+    EXPECT_EQ(o["val_loss"].get<double>(), expected.second) << side;
+    for (const auto& r : study.sweeps[0].results)
+      if (r.name == expected.first) {
+        EXPECT_EQ(o["params"].get<int64_t>(), r.params) << side;
+        EXPECT_EQ(o["active_params"].get<int64_t>(), r.active_params) << side;
+      }
+    ASSERT_EQ(o["ood_losses"].size(), 2u) << o.dump(1);
+    EXPECT_EQ(o["ood_losses"]["code"].get<double>(), expected.second + 0.5) << side;
+    EXPECT_EQ(o["ood_losses"]["wiki"].get<double>(), expected.second + 0.25) << side;
+    const ojson& ds = o["downstream"];
+    ASSERT_EQ(ds.size(), 3u) << o.dump(1);  // this run's records only
+    const double base = side == "moe" ? 0.40 : 0.35;
+    std::set<std::string> modes;
+    for (const auto& t : ds) {
+      modes.insert(t["mode"].get<std::string>());
+      EXPECT_EQ(t["task"], "cloze");
+      EXPECT_EQ(t["n"].get<int64_t>(), 200);
+      if (t["mode"] == "zero") {
+        EXPECT_EQ(t["shots"].get<int64_t>(), 0);
+        EXPECT_EQ(t["acc"].get<double>(), base);
+        EXPECT_FALSE(t.contains("before"));
+      } else if (t["mode"] == "few") {
+        EXPECT_EQ(t["shots"].get<int64_t>(), 5);
+        EXPECT_EQ(t["acc"].get<double>(), base + 0.05);
+        EXPECT_FALSE(t.contains("before"));
+      } else {
+        EXPECT_EQ(t["mode"], "finetune");
+        EXPECT_EQ(t["acc"].get<double>(), base + 0.2);
+        ASSERT_TRUE(t.contains("before")) << t.dump();
+        EXPECT_EQ(t["before"]["acc"].get<double>(), base + 0.2 - 0.1);
+        EXPECT_EQ(t["before"]["acc_stderr"].get<double>(), 0.03);
+        EXPECT_EQ(t["before"]["n"].get<int64_t>(), 200);
+      }
+    }
+    EXPECT_EQ(modes, (std::set<std::string>{"zero", "few", "finetune"})) << side;
+  }
+  // The per-budget table agrees on the pair.
+  ASSERT_EQ(out["per_budget"].size(), 2u);
+  EXPECT_EQ(out["per_budget"][1]["best_dense"]["name"], "c4e12-d96-dense");
+  EXPECT_EQ(out["per_budget"][1]["best_moe"]["name"], "c4e12-d64-moe");
 }
 
 }  // namespace

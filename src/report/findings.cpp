@@ -128,6 +128,7 @@ ojson study_findings(const Study& study, const ojson& summary, const std::string
       const RunResult *dense = nullptr, *moe = nullptr;
       for (const auto& s : study.sweeps)
         for (const auto& r : s.results) {
+          if (s.plan.kind != "isoflop") continue;  // the pair comes from the IsoFLOP runs; names repeat across sweeps
           if (r.name == dense_name) dense = &r;
           if (r.name == moe_name) moe = &r;
         }

@@ -268,6 +268,7 @@ nlohmann::ordered_json analyse_study(const Study& study, const AnalysisOptions& 
   // ---- best measured configuration per budget; dense vs MoE frontiers ----
   ojson per_budget = ojson::array();
   std::vector<std::array<double, 3>> dense_frontier;  // (C, best dense L, -)
+  const RunResult *pair_dense = nullptr, *pair_moe = nullptr;  // the largest budget's best dense and MoE run
   for (double C : budgets) {
     const RunResult *best = nullptr, *best_dense = nullptr, *best_moe = nullptr;
     for (const auto* r : iso) {
@@ -282,6 +283,7 @@ nlohmann::ordered_json analyse_study(const Study& study, const AnalysisOptions& 
     row["best_moe"] = best_moe ? run_brief(*best_moe, col) : ojson(nullptr);
     per_budget.push_back(row);
     if (best_dense) dense_frontier.push_back({C, loss_of(*best_dense, col), 0});
+    pair_dense = best_dense, pair_moe = best_moe;
   }
   out["per_budget"] = per_budget;
 
@@ -440,7 +442,11 @@ nlohmann::ordered_json analyse_study(const Study& study, const AnalysisOptions& 
                           static_cast<double>(r->tokens)});
         }
       row["curve_at_best_shape"] = curve;
-      if (gfit.contains("parameters") && !gfit.contains("degenerate") && line.size() >= 2 && by_budget) {
+      std::set<double> line_g;
+      for (const auto& p : line) line_g.insert(p[0]);
+      if (gfit.contains("parameters") && !gfit.contains("degenerate") && line_g.size() < 2 && by_budget) {
+        row["law"] = {{"skipped", "the best shape was trained at one G only, so N and D cannot be carried to other G"}};
+      } else if (gfit.contains("parameters") && !gfit.contains("degenerate") && by_budget) {
         // Least-squares lines N(G) and D(G) through the measured runs of this shape and budget.
         auto linear = [&](int col_index, double G) {
           double sx = 0, sy = 0, sxx = 0, sxy = 0;
@@ -540,27 +546,24 @@ nlohmann::ordered_json analyse_study(const Study& study, const AnalysisOptions& 
   out["downstream"] = downstream;
 
   // ---- the dense-vs-MoE pair of the largest budget (the fairseq study's comparison): in domain, out of domain,
-  // zero- and few-shot, fine-tuned ----
+  // zero- and few-shot, fine-tuned. The runs themselves, not their names: names are unique only within a sweep
+  // (a granularity sweep's dense baseline may share its name with an IsoFLOP run). ----
   {
     ojson pair;
-    if (!per_budget.empty() && !per_budget.back()["best_dense"].is_null() && !per_budget.back()["best_moe"].is_null()) {
+    if (pair_dense && pair_moe) {
       pair["C"] = per_budget.back()["C"];
-      for (const char* side : {"dense", "moe"}) {
-        const std::string name = per_budget.back()[std::string("best_") + side]["name"];
-        ojson o{{"name", name}};
+      for (const auto& [side, r] : {std::pair<const char*, const RunResult*>{"dense", pair_dense}, {"moe", pair_moe}}) {
+        ojson o{{"name", r->name}, {"val_loss", number_or_null(r->val_loss)}};
+        ojson ood = ojson::object();
+        for (const auto& [k, v] : r->ood_losses) ood[k] = number_or_null(v);
+        o["ood_losses"] = ood;
+        o["params"] = r->params;
+        o["active_params"] = r->active_params;
         for (const auto& s : study.sweeps) {
-          for (const auto& r : s.results)
-            if (r.name == name) {
-              o["val_loss"] = number_or_null(r.val_loss);
-              ojson ood = ojson::object();
-              for (const auto& [k, v] : r.ood_losses) ood[k] = number_or_null(v);
-              o["ood_losses"] = ood;
-              o["params"] = r.params;
-              o["active_params"] = r.active_params;
-            }
+          if (s.results.empty() || r < s.results.data() || r >= s.results.data() + s.results.size()) continue;
           ojson tasks = ojson::array();
           for (const auto& d : s.downstream) {
-            if (d.run != name) continue;
+            if (d.run != r->name) continue;
             ojson t{{"task", d.task}, {"mode", d.mode}, {"shots", d.shots}, {"n", d.n}, {"acc", d.acc},
                     {"acc_stderr", d.acc_stderr}};
             if (d.finetune.contains("before")) t["before"] = d.finetune["before"];
