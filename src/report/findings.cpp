@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include "core/format.h"
+#include "scaling/fit.h"
 
 namespace moelab {
 using ojson = nlohmann::ordered_json;
@@ -72,19 +73,11 @@ double seed_spread(const Study& study, const std::string& column, size_t* groups
       if (ok(r, column))
         by[{s.label, r.d_model, r.n_layers, r.experts, r.top_k, r.granularity, r.tokens, r.params}].push_back(
             loss(r, column));
-  double ss = 0, dof = 0;
-  size_t n = 0;
-  for (const auto& [key, v] : by) {
-    if (v.size() < 2) continue;
-    double m = 0;
-    for (double x : v) m += x;
-    m /= static_cast<double>(v.size());
-    for (double x : v) ss += (x - m) * (x - m);
-    dof += static_cast<double>(v.size() - 1);
-    ++n;
-  }
-  if (groups) *groups = n;
-  return dof > 0 ? std::sqrt(ss / dof) : kNaN;
+  std::vector<std::vector<double>> groups_of_runs;
+  for (auto& [key, v] : by) groups_of_runs.push_back(std::move(v));
+  const ReplicateNoise noise = pooled_spread(groups_of_runs);
+  if (groups) *groups = noise.groups;
+  return noise.pooled_sd;
 }
 
 ojson study_findings(const Study& study, const ojson& summary, const std::string& column) {

@@ -664,6 +664,10 @@ ReplicateNoise replicate_noise(const std::vector<Observation>& points) {
     if (g == keys.size()) keys.push_back(&p), groups.emplace_back();
     groups[g].push_back(std::log(p.L));
   }
+  return pooled_spread(groups);
+}
+
+ReplicateNoise pooled_spread(const std::vector<std::vector<double>>& groups) {
   ReplicateNoise r;
   double ss = 0, dof = 0;
   for (const auto& g : groups) {

@@ -125,6 +125,9 @@ struct ReplicateNoise {
   size_t groups = 0, rows = 0;  // groups with two or more replicates, and their rows
 };
 ReplicateNoise replicate_noise(const std::vector<Observation>& points);
+// The pooled standard deviation of values in groups (groups of one contribute nothing): the arithmetic of
+// replicate_noise, for callers that group replicates themselves.
+ReplicateNoise pooled_spread(const std::vector<std::vector<double>>& groups);
 // The same on points already in memory: `train` is fitted, `heldout` only scored (RMSE of log L).
 nlohmann::ordered_json fit_observations(const FitRequest& request, const std::vector<Observation>& train,
                                         const std::vector<Observation>& heldout);
