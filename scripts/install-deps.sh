@@ -12,6 +12,7 @@ packages=(
   build-essential cmake ninja-build pkg-config git
   libdnnl-dev libopenblas-dev libomp-dev
   libcli11-dev libtomlplusplus-dev nlohmann-json3-dev libsentencepiece-dev libnlopt-cxx-dev libsqlite3-dev libssl-dev
+  zlib1g-dev libzstd-dev zstd procps
   libgtest-dev libbenchmark-dev
   gnuplot-nox fonts-dejavu-core chromium python3
   libopenmpi-dev openmpi-bin

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -13,6 +14,7 @@
 
 #include "cli/data_command.h"
 #include "core/error.h"
+#include "core/input_stream.h"
 #include "core/rng.h"
 #include "data/prepare.h"
 #include "data/shard.h"
@@ -697,6 +699,162 @@ TEST_F(DataTest, CliSubcommands) {
   r = run_data_cli({"prepare", "--corpus", (dir / "none").string(), "--out", (dir / "o").string()});
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.err.find("moelab: error: corpus directory"), std::string::npos) << r.err;
+}
+
+// ----- compressed inputs -------------------------------------------------------------------------------------------
+
+namespace compressed {
+
+// Runs a shell command (gzip, zstd: the tools users compress corpora with) and fails the test if it fails.
+void sh(const std::string& command) { ASSERT_EQ(std::system(command.c_str()), 0) << command; }
+
+std::vector<TextSegment> segments_of(const std::vector<std::string>& files) {
+  TextReader reader(files);
+  std::vector<TextSegment> out;
+  TextSegment s;
+  while (reader.next(s)) out.push_back(s);
+  return out;
+}
+
+void expect_same_segments(const std::vector<TextSegment>& a, const std::vector<TextSegment>& b, const char* what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i].text, b[i].text) << what << " segment " << i;
+    EXPECT_EQ(a[i].newline_after, b[i].newline_after) << what << " segment " << i;
+    EXPECT_EQ(a[i].document_end, b[i].document_end) << what << " segment " << i;
+  }
+}
+
+}  // namespace compressed
+
+TEST_F(DataTest, GzipAndZstdInputsReadLikeTheirPlainCopies) {
+  using namespace compressed;
+  // Text with a line longer than the reader's 64 KB pieces, non-ASCII, blank lines and no final newline.
+  std::string text = english_text(2000, 21);
+  text += "\n\n" + std::string(200000, 'x') + " long line end\nGr\xc3\xbc\xc3\x9f" "e, \xe6\x97\xa5\xe6\x9c\xac, "
+          "\xf0\x9f\x99\x82\nlast line without newline";
+  write_text(dir / "doc.txt", text);
+  write_text(dir / "docs.jsonl", "{\"text\": \"first\\nsecond\"}\n\n{\"text\": \"" + english_text(5, 3) + "\"}\n");
+  const std::string d = dir.string();
+  sh("gzip -k -c " + d + "/doc.txt > " + d + "/doc.txt.gz");
+  sh("zstd -q -c " + d + "/doc.txt > " + d + "/doc.txt.zst");
+  sh("gzip -c " + d + "/docs.jsonl > " + d + "/docs.jsonl.gz");
+  sh("zstd -q -c " + d + "/docs.jsonl > " + d + "/docs.jsonl.zst");
+  // Several gzip members and zstd frames in one file, as pigz/bgzip and `cat a.zst b.zst` make.
+  sh("head -c 100000 " + d + "/doc.txt | gzip -c > " + d + "/multi.txt.gz && tail -c +100001 " + d +
+     "/doc.txt | gzip -c >> " + d + "/multi.txt.gz");
+  sh("head -c 70000 " + d + "/doc.txt | zstd -q -c > " + d + "/multi.txt.zst && tail -c +70001 " + d +
+     "/doc.txt | zstd -q -c >> " + d + "/multi.txt.zst");
+  // A compressed file is told by its bytes, not only its name.
+  sh("zstd -q -c " + d + "/doc.txt > " + d + "/unnamed.txt");
+
+  EXPECT_EQ(read_input_file(d + "/doc.txt.gz"), text);
+  EXPECT_EQ(read_input_file(d + "/doc.txt.zst"), text);
+  EXPECT_EQ(read_input_file(d + "/multi.txt.gz"), text);
+  EXPECT_EQ(read_input_file(d + "/multi.txt.zst"), text);
+  EXPECT_EQ(read_input_file(d + "/unnamed.txt"), text);
+  EXPECT_EQ(detect_compression(d + "/doc.txt"), Compression::None);
+  EXPECT_EQ(detect_compression(d + "/doc.txt.gz"), Compression::Gzip);
+  EXPECT_EQ(detect_compression(d + "/unnamed.txt"), Compression::Zstd);
+
+  const auto plain = segments_of({d + "/doc.txt", d + "/docs.jsonl"});
+  ASSERT_GT(plain.size(), 300u);
+  expect_same_segments(plain, segments_of({d + "/doc.txt.gz", d + "/docs.jsonl.gz"}), "gzip");
+  expect_same_segments(plain, segments_of({d + "/doc.txt.zst", d + "/docs.jsonl.zst"}), "zstd");
+  expect_same_segments(plain, segments_of({d + "/multi.txt.gz", d + "/docs.jsonl.zst"}), "multi-member gzip");
+  expect_same_segments(plain, segments_of({d + "/multi.txt.zst", d + "/docs.jsonl.gz"}), "multi-frame zstd");
+  EXPECT_TRUE(is_jsonl_path("a/b.jsonl.zst"));
+  EXPECT_TRUE(is_jsonl_path("b.jsonl.gz"));
+  EXPECT_FALSE(is_jsonl_path("b.txt.gz"));
+
+  // Progress counts the files' own (compressed) bytes; statistics count text bytes.
+  TextReader reader({d + "/doc.txt.zst"});
+  TextSegment s;
+  while (reader.next(s)) {
+  }
+  EXPECT_EQ(reader.file_bytes_read(), static_cast<int64_t>(fs::file_size(dir / "doc.txt.zst")));
+  EXPECT_EQ(reader.bytes_read(), static_cast<int64_t>(text.size()));
+
+  // The same shard from the compressed and the plain file, and a tokenizer trained on either is the same.
+  const std::string tok_path = small_tokenizer();
+  const Tokenizer tok(tok_path);
+  encode_to_shard(tok, {d + "/doc.txt", d + "/docs.jsonl"}, d + "/plain.bin", 2);
+  encode_to_shard(tok, {d + "/doc.txt.zst", d + "/docs.jsonl.gz"}, d + "/packed.bin", 2);
+  EXPECT_EQ(slurp(dir / "plain.bin"), slurp(dir / "packed.bin"));
+  TokenizerTrainOptions options;
+  options.vocab_size = 400;
+  train_tokenizer({d + "/docs.jsonl", d + "/doc.txt"}, d + "/plain.model", options);
+  train_tokenizer({d + "/docs.jsonl.zst", d + "/doc.txt.gz"}, d + "/packed.model", options);
+  EXPECT_EQ(slurp(dir / "plain.model"), slurp(dir / "packed.model"));
+}
+
+TEST_F(DataTest, DamagedCompressedInputsAreNamedInTheError) {
+  using namespace compressed;
+  const std::string d = dir.string();
+  write_text(dir / "doc.txt", english_text(3000, 5));
+  sh("gzip -c " + d + "/doc.txt > " + d + "/doc.txt.gz");
+  sh("zstd -q -c " + d + "/doc.txt > " + d + "/doc.txt.zst");
+  auto read_all = [](const std::string& path) { segments_of({path}); };
+  // Truncated: the second half of the file is missing.
+  for (const char* ext : {"gz", "zst"}) {
+    const std::string full = d + "/doc.txt." + ext, cut = d + "/cut.txt." + ext;
+    sh("head -c " + std::to_string(fs::file_size(full) / 2) + " " + full + " > " + cut);
+    const std::string msg = error_of([&] { read_all(cut); });
+    EXPECT_NE(msg.find("input '" + cut + "'"), std::string::npos) << msg;
+    EXPECT_NE(msg.find(std::string("ends ")), std::string::npos) << msg;
+    EXPECT_NE(msg.find(std::string(ext[0] == 'g' ? "gzip -t" : "zstd -t")), std::string::npos) << msg;
+  }
+  // Corrupt: bytes overwritten in the middle of the compressed data.
+  for (const char* ext : {"gz", "zst"}) {
+    const std::string full = d + "/doc.txt." + ext, bad = d + "/bad.txt." + ext;
+    std::string bytes = slurp(full);
+    for (size_t i = bytes.size() / 2; i < bytes.size() / 2 + 64; ++i) bytes[i] = static_cast<char>(bytes[i] ^ 0x5a);
+    write_text(bad, bytes);
+    const std::string msg = error_of([&] { read_all(bad); });
+    EXPECT_NE(msg.find("input '" + bad + "'"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("corrupt"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("at compressed byte"), std::string::npos) << msg;
+  }
+  // Named .gz, but plain text.
+  write_text(dir / "plain.txt.gz", "not compressed at all\n");
+  std::string msg = error_of([&] { read_all(d + "/plain.txt.gz"); });
+  EXPECT_NE(msg.find("plain.txt.gz' is named like a gzip file but does not start with the gzip magic bytes"),
+            std::string::npos)
+      << msg;
+  // The CLI says the same in one line.
+  const std::string tok_path = small_tokenizer();
+  const CliRun r = run_data_cli({"encode", "--tokenizer", tok_path, d + "/bad.txt.zst", "--out", d + "/x.bin", "-q"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_EQ(r.err.rfind("moelab: error: input '" + d + "/bad.txt.zst': corrupt zstd data", 0), 0u) << r.err;
+  EXPECT_FALSE(fs::exists(dir / "x.bin"));
+}
+
+TEST_F(DataTest, PrepareReadsACompressedCorpusToTheSameShards) {
+  using namespace compressed;
+  const fs::path plain = dir / "plain", packed = dir / "packed";
+  make_corpus(plain);
+  // The same corpus compressed file by file: train/ as zstd, val/ and ood/ as gzip.
+  for (const auto& entry : fs::recursive_directory_iterator(plain)) {
+    if (!entry.is_regular_file()) continue;
+    const fs::path rel = entry.path().lexically_relative(plain);
+    const fs::path target = packed / rel;
+    fs::create_directories(target.parent_path());
+    const bool train = rel.begin()->string() == "train";
+    sh(std::string(train ? "zstd -q -c " : "gzip -c ") + entry.path().string() + " > " + target.string() +
+       (train ? ".zst" : ".gz"));
+  }
+  const CliRun a = run_data_cli({"prepare", "--corpus", plain.string(), "--out", (dir / "tok_plain").string(),
+                                 "--vocab", "400"});
+  ASSERT_EQ(a.code, 0) << a.err;
+  const CliRun b = run_data_cli({"prepare", "--corpus", packed.string(), "--out", (dir / "tok_packed").string(),
+                                 "--vocab", "400"});
+  ASSERT_EQ(b.code, 0) << b.err;
+  EXPECT_NE(b.err.find("6/6 files"), std::string::npos) << b.err;  // progress reaches the end in file bytes
+  for (const char* name : {"tokenizer.model", "train.bin", "val.bin", "ood_code.bin", "ood_wordnet.bin"})
+    EXPECT_EQ(slurp(dir / "tok_plain" / name), slurp(dir / "tok_packed" / name)) << name;
+  const auto meta_plain = nlohmann::json::parse(slurp(dir / "tok_plain" / "meta.json"));
+  const auto meta_packed = nlohmann::json::parse(slurp(dir / "tok_packed" / "meta.json"));
+  EXPECT_EQ(meta_plain["shards"], meta_packed["shards"]);  // tokens, documents and text bytes alike
 }
 
 }  // namespace

@@ -8,9 +8,11 @@
 #include "cli/export_command.h"
 #include "cli/fit_commands.h"
 #include "cli/model_commands.h"
+#include "cli/report_errors.h"
 #include "cli/report_command.h"
 #include "cli/sweep_commands.h"
 #include "core/error.h"
+#include "dist/comm.h"
 #include "data/bytes.h"
 #include "config/config.h"
 #include "train/trainer.h"
@@ -30,6 +32,7 @@ int cmd_config_list() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  moelab::install_fatal_signal_handlers();  // multi-process jobs: a crash on one rank ends them all
   CLI::App app{
       "moelab: train dense and Mixture-of-Experts language models on CPU and measure how they scale.\n"
       "Run `moelab SUBCOMMAND --help` for details; `moelab config --list` shows every config key."};
@@ -109,10 +112,10 @@ int main(int argc, char** argv) {
       return 0;
     }
   } catch (const moelab::Error& e) {
-    std::fprintf(stderr, "moelab: error: %s\n", e.what());
+    moelab::report_fatal("error", e.what(), 1);
     return 1;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "moelab: unexpected error: %s\n", e.what());
+    moelab::report_fatal("unexpected error", e.what(), 2);
     return 2;
   }
   return 0;

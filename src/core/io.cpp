@@ -4,7 +4,9 @@
 
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -16,7 +18,13 @@ namespace moelab {
 void write_file_atomic(const std::string& path, const std::string& content) {
   namespace fs = std::filesystem;
   const fs::path target(path);
-  if (target.has_parent_path()) fs::create_directories(target.parent_path());
+  if (target.has_parent_path()) {
+    std::error_code ec;
+    fs::create_directories(target.parent_path(), ec);
+    if (ec)
+      throw Error("cannot create directory '" + target.parent_path().string() + "' for '" + path +
+                  "': " + ec.message() + "; choose a location you can write");
+  }
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
@@ -31,6 +39,18 @@ void write_file_atomic(const std::string& path, const std::string& content) {
     fs::remove(tmp);
     throw Error("cannot rename '" + tmp + "' to '" + path + "': " + ec.message());
   }
+}
+
+void ensure_writable_directory(const std::string& path, const std::string& what, const std::string& fix) {
+  namespace fs = std::filesystem;
+  if (path.empty()) throw Error(what + " is empty; " + fix);
+  std::error_code ec;
+  fs::create_directories(path, ec);
+  std::string reason;
+  if (ec) reason = ec.message();
+  else if (!fs::is_directory(path, ec)) reason = "it exists and is not a directory";
+  else if (::access(path.c_str(), W_OK | X_OK) != 0) reason = std::string("it is not writable (") + std::strerror(errno) + ")";
+  if (!reason.empty()) throw Error(what + " '" + path + "' cannot be created: " + reason + "; " + fix);
 }
 
 std::string read_file(const std::string& path, const std::string& what) {

@@ -12,6 +12,7 @@
 #include <ostream>
 
 #include "core/error.h"
+#include "core/input_stream.h"
 #include "core/io.h"
 #include "core/timer.h"
 #include "data/shard.h"
@@ -135,7 +136,8 @@ EncodeStats encode_to_shard(const Tokenizer& tokenizer, const std::vector<std::s
     }
     if (error) std::rethrow_exception(error);
     for (int64_t c = 0; c < n_chunks; ++c) writer.append(chunk_ids[c]);
-    if (progress) progress(reader.bytes_read(), static_cast<int64_t>(reader.files_done()));
+    // Progress in bytes of the input files (compressed where they are), against their sizes on disk.
+    if (progress) progress(reader.file_bytes_read(), static_cast<int64_t>(reader.files_done()));
   }
   EncodeStats stats;
   stats.files = static_cast<int64_t>(files.size());
@@ -190,7 +192,8 @@ std::vector<Split> find_splits(const std::string& corpus) {
     for (const auto& file : list_input_files({(root / "ood").string()})) {
       const fs::path p(file);
       if (p.parent_path() != root / "ood") continue;  // only ood/<name>.<ext>, one shard each
-      splits.push_back({"ood_" + p.stem().string(), {file}});
+      // ood/code.jsonl.zst -> ood_code: the name without its compression suffix and format extension.
+      splits.push_back({"ood_" + fs::path(strip_compression_suffix(file)).stem().string(), {file}});
     }
   }
   for (auto& split : splits)

@@ -10,6 +10,7 @@
 #include <unordered_map>
 
 #include "core/error.h"
+#include "core/input_stream.h"
 #include "core/io.h"
 #include "core/timer.h"
 
@@ -19,7 +20,9 @@ namespace fs = std::filesystem;
 
 // ----- inputs ----------------------------------------------------------------------------------------------------
 
-bool is_jsonl_path(const std::string& path) { return fs::path(path).extension() == ".jsonl"; }
+bool is_jsonl_path(const std::string& path) {
+  return fs::path(strip_compression_suffix(path)).extension() == ".jsonl";
+}
 
 std::vector<std::string> list_input_files(const std::vector<std::string>& inputs) {
   if (inputs.empty()) throw Error("no input files given");
@@ -86,14 +89,18 @@ void check_utf8(std::string_view text, const std::string& file, int64_t line) {
 
 TextReader::TextReader(std::vector<std::string> files) : files_(std::move(files)) {}
 
+TextReader::~TextReader() = default;
+
+int64_t TextReader::file_bytes_read() const {
+  return finished_file_bytes_ + (in_ ? in_->file_bytes_read() : 0);
+}
+
 bool TextReader::open_next_file() {
   if (file_index_ >= files_.size()) return false;
   const std::string& path = files_[file_index_];
-  in_ = std::ifstream(path, std::ios::binary);
-  if (!in_) throw Error("cannot open input '" + path + "': check the path and its permissions");
+  in_ = std::make_unique<LineStream>(path);
   jsonl_ = is_jsonl_path(path);
   line_number_ = 0;
-  open_ = true;
   return true;
 }
 
@@ -104,23 +111,22 @@ bool TextReader::next(TextSegment& segment) {
       if (segment.document_end) ++documents_;
       return true;
     }
-    if (!open_ && !open_next_file()) return false;
+    if (!in_ && !open_next_file()) return false;
     const std::string& path = files_[file_index_];
-    if (!std::getline(in_, line_)) {
-      if (in_.bad()) throw Error("failed reading input '" + path + "'");
-      in_.close();
-      open_ = false;
+    bool had_newline = false, last = false;
+    if (!in_->next(line_, had_newline, last)) {
+      finished_file_bytes_ += in_->file_bytes_read();
+      in_.reset();
       ++file_index_;
       continue;
     }
     ++line_number_;
-    const bool had_newline = !in_.eof();
     bytes_read_ += static_cast<int64_t>(line_.size()) + (had_newline ? 1 : 0);
     if (!jsonl_) {
       check_utf8(line_, path, line_number_);
       segment.text = line_;
       segment.newline_after = had_newline;
-      segment.document_end = !had_newline || in_.peek() == std::ifstream::traits_type::eof();
+      segment.document_end = last;
       if (segment.document_end) ++documents_;
       return true;
     }

@@ -2,9 +2,9 @@
 // Text inputs and the SentencePiece BPE tokenizer (settings in docs/tokens.md).
 //
 // Inputs: a text file is one document; a JSONL file (*.jsonl) holds one document per line, the string field
-// "text" of a JSON object; a directory stands for every regular, non-hidden file below it, in sorted order.
+// "text" of a JSON object; a directory stands for every regular, non-hidden file below it, in sorted order. Any of
+// these files may be gzip- or zstd-compressed (a.txt.gz, b.jsonl.zst: core/input_stream.h), read as a stream.
 #include <cstdint>
-#include <fstream>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -16,11 +16,14 @@ class SentencePieceProcessor;
 
 namespace moelab {
 
+class LineStream;
+
 // ----- inputs ----------------------------------------------------------------------------------------------------
 
 // Expands files and directories into the sorted list of files they name. Throws Error when an input does not
 // exist or a directory holds no files.
 std::vector<std::string> list_input_files(const std::vector<std::string>& inputs);
+// Whether `path` is JSONL: it ends in .jsonl, or .jsonl.gz / .jsonl.zst.
 bool is_jsonl_path(const std::string& path);
 
 // One line of a document: `text` holds no '\n'. `newline_after` says a '\n' followed it in the document;
@@ -37,17 +40,20 @@ struct TextSegment {
 class TextReader {
  public:
   explicit TextReader(std::vector<std::string> files);
+  ~TextReader();
   // Fills `segment` with the next line; false at the end of the last file.
   bool next(TextSegment& segment);
-  int64_t bytes_read() const { return bytes_read_; }  // input bytes consumed so far
+  int64_t bytes_read() const { return bytes_read_; }  // text bytes consumed so far (decompressed)
+  // Bytes of the input files consumed so far (compressed where they are): progress against their sizes.
+  int64_t file_bytes_read() const;
   size_t files_done() const { return file_index_; }  // files read to their end
   int64_t documents() const { return documents_; }   // documents finished so far
 
  private:
   std::vector<std::string> files_;
   size_t file_index_ = 0;
-  std::ifstream in_;
-  bool open_ = false;
+  std::unique_ptr<LineStream> in_;  // the open file; null between files
+  int64_t finished_file_bytes_ = 0;  // sizes of the files read to their end
   bool jsonl_ = false;
   int64_t line_number_ = 0;
   int64_t bytes_read_ = 0;

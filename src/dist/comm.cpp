@@ -1,5 +1,8 @@
 #include "dist/comm.h"
 
+#include <unistd.h>
+
+#include <csignal>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -92,10 +95,75 @@ std::unique_ptr<Communicator> make_single_communicator() { return std::make_uniq
 
 #ifdef MOELAB_HAVE_MPI
 std::unique_ptr<Communicator> make_mpi_world();  // mpi_comm.cpp
+// mpi_comm.cpp: MPI_Abort on the world; when MPI has not started, start it first (start_mpi) or return.
+void mpi_abort_world(int exit_code, bool start_mpi);
 bool mpi_available() { return true; }
 #else
 bool mpi_available() { return false; }
 #endif
+
+bool launched_as_several_processes() { return launched_size() != 1; }
+
+std::string rank_label() {
+  if (!launched_as_several_processes()) return "";
+  std::string rank = "?";
+  for (const char* var : {"OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"})
+    if (const char* v = std::getenv(var)) {
+      rank = v;
+      break;
+    }
+  const int size = launched_size();
+  return "rank " + rank + (size > 1 ? " of " + std::to_string(size) : std::string()) + ": ";
+}
+
+void abort_job_if_distributed(int exit_code) {
+  if (!launched_as_several_processes()) return;
+  std::fflush(stdout);
+  std::fflush(stderr);
+#ifdef MOELAB_HAVE_MPI
+  mpi_abort_world(exit_code, true);
+#endif
+  std::_Exit(exit_code);  // no MPI in this build: exit now, without the static destructors' MPI_Finalize
+}
+
+namespace {
+
+// Written once by install_fatal_signal_handlers, read by the handler (which may only call async-signal-safe
+// functions, and MPI_Abort as a last act).
+char fatal_prefix[96] = "moelab: fatal signal ";
+
+const char* signal_name(int sig) {
+  switch (sig) {
+    case SIGSEGV: return "SIGSEGV (invalid memory access)";
+    case SIGBUS: return "SIGBUS (bus error)";
+    case SIGFPE: return "SIGFPE (arithmetic exception)";
+    case SIGILL: return "SIGILL (illegal instruction)";
+    case SIGABRT: return "SIGABRT (aborted, e.g. std::terminate)";
+    default: return "signal";
+  }
+}
+
+void on_fatal_signal(int sig) {
+  const char* name = signal_name(sig);
+  [[maybe_unused]] ssize_t w = ::write(STDERR_FILENO, fatal_prefix, std::strlen(fatal_prefix));
+  w = ::write(STDERR_FILENO, name, std::strlen(name));
+  constexpr char tail[] = "; ending the job\n";
+  w = ::write(STDERR_FILENO, tail, sizeof(tail) - 1);
+  std::signal(sig, SIG_DFL);
+  ::alarm(10);  // should MPI_Abort hang in a broken process, SIGALRM ends it and the launcher sees it die
+#ifdef MOELAB_HAVE_MPI
+  mpi_abort_world(128 + sig, false);  // never MPI_Init inside a signal handler
+#endif
+  std::raise(sig);
+}
+
+}  // namespace
+
+void install_fatal_signal_handlers() {
+  if (!launched_as_several_processes()) return;
+  std::snprintf(fatal_prefix, sizeof(fatal_prefix), "moelab: %sfatal signal ", rank_label().c_str());
+  for (int sig : {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT}) std::signal(sig, on_fatal_signal);
+}
 
 Communicator& world_communicator() {
   static std::unique_ptr<Communicator> world = [] {

@@ -97,4 +97,20 @@ Communicator& world_communicator();
 // Whether this build has the MPI communicator.
 bool mpi_available();
 
+// ---- failure: one failing rank ends the whole job -------------------------------------------------------------
+// Whether this process is one of several started by an MPI launcher (mpirun, srun), from its environment; true
+// before MPI is initialised too.
+bool launched_as_several_processes();
+// "rank 1 of 2: " in a multi-process job, "" otherwise: the prefix of every fatal message, so that a job's
+// interleaved stderr says which process failed.
+std::string rank_label();
+// After a fatal error on this rank has been printed: in a multi-process job, MPI_Abort(MPI_COMM_WORLD,
+// exit_code), which makes mpirun and srun stop every rank and return non-zero at once (instead of the other ranks
+// waiting for this one in a collective until the job's time limit). Returns only in a single-process run.
+void abort_job_if_distributed(int exit_code);
+// In a multi-process job: handlers for SIGSEGV, SIGBUS, SIGFPE, SIGILL and SIGABRT (std::terminate) that print
+// "moelab: rank R of N: fatal signal NAME" and abort the job. Called at start-up and again once MPI is initialised
+// (whose own handlers would replace them). Nothing in a single process.
+void install_fatal_signal_handlers();
+
 }  // namespace moelab

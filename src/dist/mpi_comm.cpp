@@ -125,7 +125,23 @@ class MpiCommunicator final : public Communicator {
 
 std::unique_ptr<Communicator> make_mpi_world() {
   static MpiRuntime runtime;
+  install_fatal_signal_handlers();  // after MPI_Init, whose own handlers would otherwise replace ours
   return std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, false);
+}
+
+void mpi_abort_world(int exit_code, bool start_mpi) {
+  int finalised = 0;
+  MPI_Finalized(&finalised);
+  if (finalised) return;
+  int initialised = 0;
+  MPI_Initialized(&initialised);
+  // A rank that fails before its first collective has not started MPI yet: start it, so that the abort reaches
+  // the launcher (an exit without MPI would leave the other ranks waiting in MPI_Init or a collective).
+  if (!initialised) {
+    if (!start_mpi) return;
+    world_communicator();
+  }
+  MPI_Abort(MPI_COMM_WORLD, exit_code);
 }
 
 }  // namespace moelab

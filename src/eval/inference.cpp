@@ -6,6 +6,7 @@
 #include <filesystem>
 
 #include "core/error.h"
+#include "core/input_stream.h"
 #include "core/io.h"
 #include "data/prepare.h"
 #include "data/token_file.h"
@@ -87,19 +88,20 @@ PerplexityResult evaluate_perplexity(LoadedModel& lm, const std::string& input, 
     tmp = fs::temp_directory_path() / ("moelab_eval_" + std::to_string(::getpid()) + ".bin");
     if (!data.tokenizer.empty()) {
       Tokenizer tokenizer(data.tokenizer);
-      encode_to_shard(tokenizer, {input}, tmp.string());
+      result.bytes = encode_to_shard(tokenizer, {input}, tmp.string()).bytes;  // text bytes, decompressed
     } else {
       TextCodec codec(lm.config);  // byte-level
       std::string bytes;
       for (const auto& file : list_input_files({input})) {
-        for (int32_t id : codec.encode(read_file(file, "input"))) {
+        const std::string text = read_input_file(file);
+        result.bytes += static_cast<int64_t>(text.size());
+        for (int32_t id : codec.encode(text)) {
           bytes.push_back(static_cast<char>(id & 0xff));
           bytes.push_back(static_cast<char>(id >> 8));
         }
       }
       write_file_atomic(tmp.string(), bytes);
     }
-    for (const auto& file : list_input_files({input})) result.bytes += static_cast<int64_t>(fs::file_size(file));
     shard = tmp.string();
   }
   TokenFile tokens(shard, lm.config.data.dtype);

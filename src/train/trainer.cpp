@@ -1,6 +1,8 @@
 #include "train/trainer.h"
 
 #include <algorithm>
+#include <csignal>
+#include <cstdlib>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -329,10 +331,48 @@ void truncate_metrics(const std::filesystem::path& path, int64_t last_step) {
 
 }  // namespace
 
+namespace {
+
+// A test hook for the failure tests (tests/dist_failure.sh): MOELAB_TEST_FAULT="RANK:STEP:KIND" makes rank RANK
+// fail as it starts step STEP, KIND being `error` (an Error, as a bad input would throw), `segv` (SIGSEGV) or
+// `kill` (SIGKILL, as the out-of-memory killer would).
+struct TestFault {
+  int64_t step = -1;  // -1: none
+  std::string kind;
+  void strike(int rank) const {
+    if (kind == "segv") std::raise(SIGSEGV);
+    if (kind == "kill") std::raise(SIGKILL);
+    throw Error("MOELAB_TEST_FAULT: failure injected on rank " + std::to_string(rank) + " at step " +
+                std::to_string(step) + " (a test hook: unset MOELAB_TEST_FAULT)");
+  }
+};
+
+TestFault test_fault_from_environment(int rank) {
+  const char* spec = std::getenv("MOELAB_TEST_FAULT");
+  if (!spec || !*spec) return {};
+  int fault_rank = -1;
+  long long step = -1;
+  char kind[16] = {0};
+  if (std::sscanf(spec, "%d:%lld:%15s", &fault_rank, &step, kind) != 3 || step < 1 ||
+      (std::string(kind) != "error" && std::string(kind) != "segv" && std::string(kind) != "kill"))
+    throw Error(std::string("MOELAB_TEST_FAULT='") + spec + "' is not RANK:STEP:KIND with KIND error, segv or kill");
+  if (fault_rank != rank) return {};
+  return {step, kind};
+}
+
+}  // namespace
+
 TrainSummary run_training(const Config& config, std::ostream& lead_log, bool resume) {
   // Under mpirun every process runs this; rank 0 alone writes the run directory and the progress lines.
   Communicator& comm = world_communicator();
   const bool lead = comm.rank() == 0;
+  // The run directory first, before any collective: a rank 0 that cannot write it fails here with the reason, and
+  // the job ends (cli/report_errors.h) instead of waiting for it.
+  const std::filesystem::path out_dir(config.train.out_dir);
+  if (lead)
+    ensure_writable_directory(out_dir.string(), "train.out_dir",
+                              "choose a directory you can write, e.g. --set train.out_dir=runs/NAME");
+  const TestFault fault = test_fault_from_environment(comm.rank());
   std::ostream null_log(nullptr);
   std::ostream& log = lead ? lead_log : null_log;
   const DataConfig data = resolve_data_paths(config.data);
@@ -358,8 +398,6 @@ TrainSummary run_training(const Config& config, std::ostream& lead_log, bool res
   }
   for (auto& [name, file] : eval_sets) check_vocab(*file, config.model);
 
-  const std::filesystem::path out_dir(config.train.out_dir);
-  if (lead) std::filesystem::create_directories(out_dir);
   comm.barrier();
   const std::string existing = find_checkpoint(out_dir.string());
   if (!existing.empty() && !resume)
@@ -455,6 +493,7 @@ TrainSummary run_training(const Config& config, std::ostream& lead_log, bool res
   double window_seconds = 0;
   int64_t window_steps = 0;
   for (int64_t s = trainer.steps_done(); s < t.steps; ++s) {
+    if (s + 1 == fault.step) fault.strike(comm.rank());
     const StepStats st = trainer.step(train_data);
     summary.losses.push_back(st.loss);
     window_seconds += st.seconds;
