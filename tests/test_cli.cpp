@@ -27,6 +27,16 @@ Result run(const std::string& args) {
   return {WEXITSTATUS(status), out};
 }
 
+// A shell command's stdout alone (stderr is the command's to redirect).
+Result run_stdout(const std::string& cmd) {
+  FILE* pipe = popen(cmd.c_str(), "r");
+  std::string out;
+  std::array<char, 4096> buf{};
+  while (size_t n = fread(buf.data(), 1, buf.size(), pipe)) out.append(buf.data(), n);
+  const int status = pclose(pipe);
+  return {WEXITSTATUS(status), out};
+}
+
 class Cli : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -125,6 +135,41 @@ TEST_F(Cli, HelpTeaches) {
   r = run("config --list");
   EXPECT_EQ(r.code, 0);
   EXPECT_NE(r.output.find("train.grad_clip"), std::string::npos);
+}
+
+TEST_F(Cli, GenerateStopsAtTheEndOfTextUnlessToldToIgnoreIt) {
+  // Documents that always end the same way: a model learns that </s> follows "five." and says so greedily.
+  {
+    std::ofstream docs(dir / "docs.jsonl");
+    for (int i = 0; i < 300; ++i) docs << "{\"text\": \"one two three four five.\"}\n";
+  }
+  const std::string tok = (dir / "tok.model").string();
+  Result r = run("data train-tokenizer " + std::string(MOELAB_SOURCE_DIR) + "/docs --vocab 400 --out " + tok);
+  ASSERT_EQ(r.code, 0) << r.output;
+  r = run("data encode --tokenizer " + tok + " " + (dir / "docs.jsonl").string() + " --out " +
+          (dir / "train.bin").string() + " -q");
+  ASSERT_EQ(r.code, 0) << r.output;
+  const fs::path out = dir / "eos_run";
+  r = run("train --set data.train_path=" + (dir / "train.bin").string() + " --set data.tokenizer=" + tok +
+          " --set model.vocab_size=400 --set model.d_model=32 --set model.n_layers=1 --set model.n_heads=2"
+          " --set model.seq_len=32 --set train.batch_size=8 --set train.steps=150 --set train.lr=0.01"
+          " --set train.warmup_steps=10 --set train.threads=2 --set train.out_dir=" + out.string());
+  ASSERT_EQ(r.code, 0) << r.output;
+  // stdout: the prompt and the continuation, without the end token; stderr: that it ended there.
+  const std::string generate = std::string(MOELAB_BINARY) + " generate -k " + out.string() +
+                               " -p 'one two three' -n 20 -t 0 --threads 2";
+  const Result stdout_only = run_stdout(generate + " 2> /dev/null");
+  ASSERT_EQ(stdout_only.code, 0);
+  EXPECT_EQ(stdout_only.output, "one two three four five.\n");
+  r = run("generate -k " + out.string() + " -p 'one two three' -n 20 -t 0 --threads 2");
+  EXPECT_NE(r.output.find("[end of text: </s> after"), std::string::npos) << r.output;
+  // --ignore-eos: the end token is never chosen, so the text goes on to all 20 tokens.
+  const Result on = run_stdout(generate + " --ignore-eos 2> /dev/null");
+  ASSERT_EQ(on.code, 0);
+  EXPECT_EQ(on.output.rfind("one two three four five.", 0), 0u) << on.output;
+  EXPECT_GT(on.output.size(), stdout_only.output.size() + 10) << on.output;
+  r = run("generate --help");
+  EXPECT_NE(r.output.find("--ignore-eos"), std::string::npos) << r.output;
 }
 
 }  // namespace

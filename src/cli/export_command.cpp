@@ -51,7 +51,10 @@ void add_export_command(CLI::App& app) {
   ex->add_option("--format", args->format, "gguf (one file) or hf (a directory)")
       ->required()
       ->check(CLI::IsMember({"gguf", "hf"}));
-  ex->add_option("-o,--out", args->out, "output: FILE.gguf, or a directory for hf")->required();
+  ex->add_option("-o,--out", args->out,
+                 "output: FILE.gguf, or a directory for hf; missing parent directories are created, an existing file "
+                 "is replaced (written to a temporary file, then renamed)")
+      ->required();
   ex->add_option("--dtype", args->dtype,
                  "gguf: f32 (default; llama.cpp then computes in fp32), f16 or bf16 for the weight matrices (norms "
                  "and the router stay f32)")
@@ -64,11 +67,16 @@ void add_export_command(CLI::App& app) {
       "  moelab export -k runs/swiglu --format gguf --out swiglu.gguf\n"
       "  moelab export -k runs/moe --format hf --out hf/moe    # then: moelab train --init-from hf/moe ...\n"
       "Only SwiGLU, RMSNorm, RoPE, bias-free models with dropless token-choice softmax routing map onto these\n"
-      "formats; anything else is refused with the option that does not map.");
+      "formats; anything else is refused with the option that does not map. The tokenizer goes along with its\n"
+      "settings (GGUF: tokenizer.ggml.add_space_prefix = false for moelab's tokenizers; Hugging Face:\n"
+      "tokenizer_config.json), so that llama.cpp and transformers tokenize text into moelab's ids.");
   ex->callback(reporting_errors([args] {
     if (args->format == "hf" && args->dtype != "f32")
       throw Error("--dtype applies to --format gguf; the Hugging Face export is f32");
     const ExportModel m = load_for_export(*args);
+    if (!m.tokenizer_path.empty() && fs::exists(m.tokenizer_path))
+      for (const std::string& caveat : tokenizer_export_caveats(m.tokenizer_path))
+        std::fprintf(stderr, "moelab: warning: %s\n", caveat.c_str());
     if (args->format == "gguf") {
       const std::string arch = gguf_architecture(m.config.model);
       export_gguf(m, args->out, parse_gguf_dtype(args->dtype));

@@ -154,6 +154,7 @@ void add_model_commands(CLI::App& app) {
     uint64_t seed = 1;
     int threads = 0;
     std::string backend;
+    bool ignore_eos = false;
   };
   auto gen_args = std::make_shared<GenerateArgs>();
   auto* gen = app.add_subcommand("generate", "sample text from a checkpoint (KV cache)");
@@ -166,10 +167,15 @@ void add_model_commands(CLI::App& app) {
       ->check(CLI::NonNegativeNumber);
   gen->add_option("--top-p", gen_args->sampling.top_p, "nucleus sampling mass in (0, 1]")->check(CLI::Range(1e-9, 1.0));
   gen->add_option("--seed", gen_args->seed, "random seed (same seed, same text)");
+  gen->add_flag("--ignore-eos", gen_args->ignore_eos,
+                "never end at the end-of-text token </s>: it is never sampled, so text goes on to -n tokens (as "
+                "llama.cpp's --ignore-eos); by default generation stops there and the token is not printed");
   gen->add_option("--threads", gen_args->threads, "CPU threads (0: all cores)");
   gen->add_option("--backend", gen_args->backend,
                   "backend to run on (cpu, cpu-strict); default: the checkpoint's train.backend");
-  gen->footer("Example:\n  moelab generate --checkpoint runs/quickstart --prompt \"In the beginning\" -n 200 -t 0.8 --top-p 0.95");
+  gen->footer("Example:\n  moelab generate --checkpoint runs/quickstart --prompt \"In the beginning\" -n 200 -t 0.8 --top-p 0.95\n"
+              "Prints the prompt and its continuation on stdout. Generation ends after -n tokens, at the model's\n"
+              "context length, or at the end-of-text token </s> (said on stderr; --ignore-eos goes on past it).");
   gen->callback([gen_args] {
     run_reporting_errors([&] {
       LoadedModel lm = load_model(gen_args->checkpoint, gen_args->threads, 1, gen_args->backend);
@@ -182,14 +188,15 @@ void add_model_commands(CLI::App& app) {
                     std::to_string(lm.config.model.seq_len));
       SamplingOptions options = gen_args->sampling;
       options.max_tokens = std::min(options.max_tokens, room);
-      options.stop_token = codec.end_of_document();
+      if (gen_args->ignore_eos) options.banned_token = codec.end_of_document();
+      else options.stop_token = codec.end_of_document();
       Generator generator(*lm.model);
       Rng rng(gen_args->seed);
       std::cout << gen_args->prompt << std::flush;
       // Decode incrementally: print whatever new text the ids so far decode to (pieces can span bytes).
       std::vector<int32_t> ids;
       std::string printed;
-      generator.generate(prompt, options, rng, [&](int32_t id) {
+      const std::vector<int32_t> generated = generator.generate(prompt, options, rng, [&](int32_t id) {
         if (id == options.stop_token) return;
         ids.push_back(id);
         const std::string text = codec.decode(ids);
@@ -198,7 +205,10 @@ void add_model_commands(CLI::App& app) {
           printed = text;
         }
       });
-      std::cout << "\n";
+      std::cout << "\n" << std::flush;
+      if (!generated.empty() && generated.back() == options.stop_token)
+        std::fprintf(stderr, "[end of text: </s> after %zu tokens; --ignore-eos goes on past it]\n",
+                     generated.size() - 1);
     });
   });
 

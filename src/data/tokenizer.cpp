@@ -357,6 +357,86 @@ TokenizerVocabulary Tokenizer::vocabulary() const {
   return v;
 }
 
+namespace {
+
+// Just enough of protobuf's wire format to read scalar and string fields of sentencepiece's ModelProto
+// (sentencepiece_model.proto): a field is a varint key (number << 3 | wire type) and a value; type 0 a varint,
+// 1 eight bytes, 2 a varint length and that many bytes, 5 four bytes.
+class ProtoReader {
+ public:
+  explicit ProtoReader(std::string_view bytes) : bytes_(bytes) {}
+  // The next field; false at the end. Throws Error on malformed input.
+  bool next(uint32_t& field, int& wire_type) {
+    if (pos_ >= bytes_.size()) return false;
+    const uint64_t key = varint();
+    field = static_cast<uint32_t>(key >> 3);
+    wire_type = static_cast<int>(key & 7);
+    return true;
+  }
+  uint64_t varint() {
+    uint64_t value = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      if (pos_ >= bytes_.size()) throw Error("truncated protobuf varint");
+      const auto byte = static_cast<unsigned char>(bytes_[pos_++]);
+      value |= static_cast<uint64_t>(byte & 0x7f) << shift;
+      if (!(byte & 0x80)) return value;
+    }
+    throw Error("malformed protobuf varint");
+  }
+  std::string_view bytes() {
+    const uint64_t n = varint();
+    if (n > bytes_.size() - pos_) throw Error("truncated protobuf field");
+    const std::string_view out = bytes_.substr(pos_, n);
+    pos_ += n;
+    return out;
+  }
+  void skip(int wire_type) {
+    if (wire_type == 0) varint();
+    else if (wire_type == 2) bytes();
+    else if (wire_type == 1 || wire_type == 5) pos_ = std::min(bytes_.size(), pos_ + (wire_type == 1 ? 8 : 4));
+    else throw Error("unsupported protobuf wire type " + std::to_string(wire_type));
+  }
+
+ private:
+  std::string_view bytes_;
+  size_t pos_ = 0;
+};
+
+}  // namespace
+
+TokenizerNormalizer Tokenizer::normalizer() const {
+  // ModelProto: 2 trainer_spec (24 treat_whitespace_as_suffix), 3 normalizer_spec (1 name, 2 precompiled_charsmap,
+  // 3 add_dummy_prefix, 4 remove_extra_whitespaces, 5 escape_whitespaces); absent fields take the proto defaults.
+  TokenizerNormalizer n;
+  const std::string proto = processor_->serialized_model_proto();
+  try {
+    ProtoReader model(proto);
+    uint32_t field;
+    int type;
+    while (model.next(field, type)) {
+      if ((field != 2 && field != 3) || type != 2) {
+        model.skip(type);
+        continue;
+      }
+      ProtoReader spec(model.bytes());
+      uint32_t f;
+      int t;
+      while (spec.next(f, t)) {
+        if (field == 2 && f == 24 && t == 0) n.treat_whitespace_as_suffix = spec.varint() != 0;
+        else if (field == 3 && f == 1 && t == 2) n.rule = std::string(spec.bytes());
+        else if (field == 3 && f == 2 && t == 2) n.has_charsmap = !spec.bytes().empty();
+        else if (field == 3 && f == 3 && t == 0) n.add_dummy_prefix = spec.varint() != 0;
+        else if (field == 3 && f == 4 && t == 0) n.remove_extra_whitespaces = spec.varint() != 0;
+        else if (field == 3 && f == 5 && t == 0) n.escape_whitespaces = spec.varint() != 0;
+        else spec.skip(t);
+      }
+    }
+  } catch (const Error& e) {
+    throw Error("cannot read the normalizer settings of tokenizer model '" + path_ + "': " + e.what());
+  }
+  return n;
+}
+
 void Tokenizer::encode_line(std::string_view line, std::vector<int32_t>& out) const {
   if (line.empty()) return;
   std::vector<int> ids;

@@ -106,6 +106,19 @@ struct TokenizerVocabulary {
   int unk_id = -1, bos_id = -1, eos_id = -1, pad_id = -1;  // -1: none
 };
 
+// How the model turns text into the string its pieces are matched against (SentencePiece's NormalizerSpec and the
+// whitespace setting of its TrainerSpec), read from the model file itself. Exporters state these so that other
+// tokenizers (llama.cpp, Hugging Face) reproduce moelab's ids. moelab's own models: identity, no dummy prefix, no
+// whitespace clean-up.
+struct TokenizerNormalizer {
+  std::string rule = "nmt_nfkc";          // normalization rule name ("identity": none)
+  bool has_charsmap = false;              // a precompiled character map (a rule other than identity)
+  bool add_dummy_prefix = true;           // a "▁" (space) is put in front of the text
+  bool remove_extra_whitespaces = true;   // leading, trailing and repeated spaces are removed
+  bool escape_whitespaces = true;         // spaces become "▁"
+  bool treat_whitespace_as_suffix = false;  // "▁" ends pieces instead of starting them
+};
+
 class Tokenizer {
  public:
   explicit Tokenizer(const std::string& model_path);
@@ -119,6 +132,7 @@ class Tokenizer {
   int newline_id() const;  // the byte piece <0x0A>
   std::string piece(int id) const;
   TokenizerVocabulary vocabulary() const;
+  TokenizerNormalizer normalizer() const;
 
   // Lossless for any valid UTF-8: decode(encode(text)) == text. Each line is encoded on its own (no length
   // limit) and lines are joined by newline_id(). Thread-safe.

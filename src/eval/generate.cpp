@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 
 #include "core/error.h"
@@ -59,7 +60,10 @@ std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt, con
   const float* logits = nullptr;
   for (int32_t tok : prompt) logits = step(tok);
   std::vector<int32_t> out;
+  const int64_t vocab = model_.config().vocab_size;
   while (static_cast<int64_t>(out.size()) < options.max_tokens) {
+    if (options.banned_token >= 0 && options.banned_token < vocab)
+      host_logits_[options.banned_token] = -std::numeric_limits<float>::infinity();
     const int32_t next = sample_token(logits, model_.config().vocab_size, options, rng);
     out.push_back(next);
     if (on_token) on_token(next);

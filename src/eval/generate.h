@@ -17,6 +17,7 @@ struct SamplingOptions {
   double top_p = 1.0;        // nucleus: smallest set of tokens with probability mass >= top_p
   int64_t max_tokens = 100;
   int32_t stop_token = -1;   // stop after emitting this token (e.g. end of document); -1: never
+  int32_t banned_token = -1;  // never emit this token (its probability set to 0; llama.cpp's --ignore-eos); -1: none
 };
 
 // Draws a token from logits (V) under the sampling options.

@@ -208,6 +208,30 @@ std::vector<float> interleave_rope_rows(const std::vector<float>& w, int64_t hea
   return out;
 }
 
+}  // namespace
+
+std::vector<std::string> tokenizer_export_caveats(const std::string& tokenizer_path) {
+  const TokenizerNormalizer n = Tokenizer(tokenizer_path).normalizer();
+  std::vector<std::string> caveats;
+  if (n.rule != "identity" && n.has_charsmap)
+    caveats.push_back("the tokenizer normalises text with rule '" + n.rule + "', which llama.cpp's SentencePiece "
+                      "tokenizer and LlamaTokenizerFast do not apply: text the rule changes (e.g. full-width "
+                      "characters) tokenizes differently there");
+  if (n.remove_extra_whitespaces)
+    caveats.push_back("the tokenizer removes leading, trailing and repeated spaces (remove_extra_whitespaces), which "
+                      "llama.cpp's SentencePiece tokenizer and LlamaTokenizerFast keep: such text tokenizes "
+                      "differently there");
+  if (n.treat_whitespace_as_suffix)
+    caveats.push_back("the tokenizer puts \"▁\" at the end of pieces (treat_whitespace_as_suffix), which llama.cpp "
+                      "does not support");
+  if (!n.escape_whitespaces)
+    caveats.push_back("the tokenizer does not turn spaces into \"▁\" (escape_whitespaces = false), which llama.cpp "
+                      "always does");
+  return caveats;
+}
+
+namespace {
+
 void write_vocabulary(GgufWriter& g, const ExportModel& model) {
   if (model.tokenizer_path.empty() || !fs::exists(model.tokenizer_path))
     throw Error("GGUF export needs the SentencePiece model the data was encoded with ('" + model.tokenizer_path +
@@ -233,6 +257,11 @@ void write_vocabulary(GgufWriter& g, const ExportModel& model) {
   // moelab's documents are their tokens with </s> after each: nothing is added in front.
   g.boolean("tokenizer.ggml.add_bos_token", false);
   g.boolean("tokenizer.ggml.add_eos_token", false);
+  // The normaliser settings llama.cpp reads, from the model itself. Without add_space_prefix llama.cpp assumes
+  // true for a SentencePiece vocabulary and puts a space before every text, so that "The" starts as "▁The".
+  const TokenizerNormalizer n = tokenizer.normalizer();
+  g.boolean("tokenizer.ggml.add_space_prefix", n.add_dummy_prefix);
+  g.boolean("tokenizer.ggml.remove_extra_whitespaces", n.remove_extra_whitespaces);
 }
 
 // ---- Hugging Face names -----------------------------------------------------------------------------------------
@@ -371,7 +400,9 @@ void export_hf(const ExportModel& model, const std::string& dir) {
   if (model.tokenizer_path.empty() || !fs::exists(model.tokenizer_path))
     throw Error("Hugging Face export needs the SentencePiece model the data was encoded with ('" +
                 model.tokenizer_path + "' is missing); pass --tokenizer PATH/tokenizer.model");
-  const TokenizerVocabulary vocab = Tokenizer(model.tokenizer_path).vocabulary();
+  const Tokenizer tokenizer(model.tokenizer_path);
+  const TokenizerVocabulary vocab = tokenizer.vocabulary();
+  const TokenizerNormalizer normalizer = tokenizer.normalizer();
   if (static_cast<int64_t>(vocab.pieces.size()) != m.vocab_size)
     throw Error("the tokenizer '" + model.tokenizer_path + "' has " + std::to_string(vocab.pieces.size()) +
                 " pieces but the model's vocabulary is " + std::to_string(m.vocab_size) + "; pass --tokenizer");
@@ -459,7 +490,12 @@ void export_hf(const ExportModel& model, const std::string& dir) {
   tc["unk_token"] = vocab.unk_id >= 0 ? vocab.pieces[vocab.unk_id] : "<unk>";
   tc["pad_token"] = nullptr;
   tc["model_max_length"] = m.seq_len;
-  tc["legacy"] = false;
+  // So that LlamaTokenizer and LlamaTokenizerFast give moelab's ids (docs/export.md, "Tokenizer"): legacy mode
+  // (the slow tokenizer runs the SentencePiece model as it is; the fast one replaces spaces by "▁"), a "▁" in
+  // front only where the model adds one itself, and "</s>" or "<s>" in text read as text, as moelab reads it.
+  tc["legacy"] = true;
+  tc["add_prefix_space"] = normalizer.add_dummy_prefix;
+  tc["split_special_tokens"] = true;
   tc["clean_up_tokenization_spaces"] = false;
   write_file_atomic((fs::path(dir) / "tokenizer_config.json").string(), tc.dump(2) + "\n");
 }

@@ -33,6 +33,9 @@ std::string hf_architecture(const ModelConfig& m);
 // GGUF version 3, the vocabulary embedded (tokenizer.ggml.*), matrices in `dtype` (norms and the router stay F32).
 // Written to a temporary file and renamed into place.
 void export_gguf(const ExportModel& model, const std::string& path, GgufDtype dtype);
+// What the exported tokenizer settings cannot reproduce in llama.cpp or LlamaTokenizerFast (SentencePiece
+// normalisation those do not implement), one sentence each; empty for moelab's own tokenizers.
+std::vector<std::string> tokenizer_export_caveats(const std::string& tokenizer_path);
 // config.json, model.safetensors (F32, Hugging Face names), generation_config.json, tokenizer.model and
 // tokenizer_config.json in `dir` (created; files replaced one by one, each atomically).
 void export_hf(const ExportModel& model, const std::string& dir);
