@@ -7,15 +7,64 @@
 asks moelab for the logits of that sequence, runs AutoModelForCausalLM.from_pretrained(HF_DIR) in float32 on the
 same ids, and prints the largest |logit difference| and |log-probability difference| and whether the greedy next
 tokens agree at every position; it exits 1 when the log-probabilities differ by more than --tolerance (default 1e-4).
+Then the tokenizer, from text: LlamaTokenizer and LlamaTokenizerFast loaded from HF_DIR must give, for each of a set
+of texts (leading and repeated spaces, newlines, digits, non-ASCII, byte fallback, "</s>" as text), exactly the ids
+`moelab data encode` gives with the same tokenizer.model (docs/export.md, "Tokenizer"); any difference exits 1.
 transformers is not installable on the development machines; the device machine (docs/export.md) has it.
 """
 import argparse
 import json
 import os
 import random
+import struct
 import subprocess
 import sys
 import tempfile
+
+
+TEXTS = [
+    "The hacker wrote a program that",
+    "  Two leading spaces, then\nnew lines\n\n\tand a tab.\n",
+    "Digits: 1874, 3.14159 and 2048 pieces; 007.",
+    "Non-ASCII: caf\u00e9, na\u00efve, Gr\u00f6\u00dfe, \u65e5\u672c\u8a9e, \u0395\u03bb\u03bb\u03b7\u03bd\u03b9\u03ba\u03ac.",
+    "Byte fallback: \U0001F642 \U0001F680 \u203d \u2603.",
+    "Spaces   repeated    and trailing   ",
+    "Literal control text </s> <s> <unk> stays text.",
+    " starts with a space",
+]
+
+
+def moelab_ids(moelab, tokenizer_model, text, workdir):
+    """moelab's ids of `text`: `moelab data encode` into a shard (64-byte header, uint16 or uint32 ids, </s> last)."""
+    src, shard = os.path.join(workdir, "text.txt"), os.path.join(workdir, "text.bin")
+    with open(src, "w", encoding="utf-8") as f:
+        f.write(text)
+    subprocess.run([moelab, "data", "encode", "--tokenizer", tokenizer_model, src, "--out", shard, "-q"],
+                   check=True, stdout=subprocess.DEVNULL)
+    data = open(shard, "rb").read()
+    width = struct.unpack_from("<I", data, 16)[0]  # header: magic, version, vocab_size, dtype_bytes (docs/tokens.md)
+    body = data[64:]
+    ids = list(struct.unpack(f"<{len(body) // width}{'H' if width == 2 else 'I'}", body))
+    return ids[:-1]  # the document's </s>
+
+
+def check_tokenizers(args):
+    """Returns the number of texts on which LlamaTokenizer or LlamaTokenizerFast differ from moelab."""
+    from transformers import LlamaTokenizer, LlamaTokenizerFast
+    tokenizers = {"LlamaTokenizer": LlamaTokenizer.from_pretrained(args.hf),
+                  "LlamaTokenizerFast": LlamaTokenizerFast.from_pretrained(args.hf)}
+    bad = 0
+    with tempfile.TemporaryDirectory() as workdir:
+        for text in TEXTS:
+            ours = moelab_ids(args.moelab, os.path.join(args.hf, "tokenizer.model"), text, workdir)
+            for name, tok in tokenizers.items():
+                theirs = tok.encode(text, add_special_tokens=False)
+                if theirs != ours:
+                    bad += 1
+                    print(f"hf-check: {name} differs on {text[:40]!r}: {theirs[:12]} vs moelab {ours[:12]}")
+    print(f"hf-check: tokenizers from text: {len(TEXTS) * len(tokenizers) - bad} of {len(TEXTS) * len(tokenizers)} "
+          f"(text, tokenizer) pairs give moelab's ids")
+    return bad
 
 
 def main():
@@ -53,7 +102,8 @@ def main():
     print(f"hf-check: {config['architectures'][0]}, {len(ids)} positions, vocab {config['vocab_size']}: "
           f"max |logit diff| {logit_diff:.3g}, max |log p diff| {logp_diff:.3g}, "
           f"greedy next token equal at every position: {same_argmax}")
-    sys.exit(0 if logp_diff <= args.tolerance and same_argmax else 1)
+    tokenizer_differences = check_tokenizers(args)
+    sys.exit(0 if logp_diff <= args.tolerance and same_argmax and tokenizer_differences == 0 else 1)
 
 
 if __name__ == "__main__":

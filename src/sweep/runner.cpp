@@ -71,12 +71,14 @@ struct Child {
 };
 
 // How a run of several processes is started: srun inside a Slurm job (its allocation, the cluster's MPI plugin:
-// SLURM_MPI_TYPE=pmix for OpenMPI where that is not the default), else mpirun on this machine (--oversubscribe: a
-// sweep decides the load itself; --allow-run-as-root when root).
+// SLURM_MPI_TYPE=pmix for OpenMPI where that is not the default; --kill-on-bad-exit=1 so that a rank killed by a
+// signal ends the step instead of leaving the others waiting, docs/distributed.md), else mpirun on this machine
+// (--oversubscribe: a sweep decides the load itself; --allow-run-as-root when root).
 std::vector<std::string> launcher(int64_t processes, int threads) {
   if (processes <= 1) return {};
   if (std::getenv("SLURM_JOB_ID"))
-    return {"srun", "--ntasks=" + std::to_string(processes), "--cpus-per-task=" + std::to_string(threads)};
+    return {"srun", "--ntasks=" + std::to_string(processes), "--cpus-per-task=" + std::to_string(threads),
+            "--kill-on-bad-exit=1"};
   std::vector<std::string> l = {"mpirun", "-np", std::to_string(processes), "--oversubscribe"};
   if (::geteuid() == 0) l.push_back("--allow-run-as-root");
   return l;
