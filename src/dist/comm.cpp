@@ -112,7 +112,9 @@ std::string rank_label() {
       rank = v;
       break;
     }
-  const int size = launched_size();
+  int size = launched_size();
+  if (size == 0)  // PMIx tells the size only after MPI_Init; under srun, Slurm says it
+    if (const char* v = std::getenv("SLURM_STEP_NUM_TASKS")) size = std::atoi(v);
   return "rank " + rank + (size > 1 ? " of " + std::to_string(size) : std::string()) + ": ";
 }
 
