@@ -311,10 +311,14 @@ TEST_F(ExportTest, GgufIsWellFormed) {
                                   "model.n_layers=3"}));
   const fs::path run = *dir_ / "gguf_run";
   train_and_save(config, *corpus_, run, 2);
-  const std::string path = (*dir_ / "ds.gguf").string();
+  // --out into directories that do not exist yet: created, as `moelab export --help` says.
+  const std::string path = (*dir_ / "new" / "nested" / "ds.gguf").string();
   const std::string cmd = std::string(MOELAB_BINARY) + " export -k " + run.string() + " --format gguf --out " + path +
                           " > /dev/null";
   ASSERT_EQ(std::system(cmd.c_str()), 0);
+  const std::string help = (*dir_ / "export_help.txt").string();
+  ASSERT_EQ(std::system((std::string(MOELAB_BINARY) + " export --help > " + help).c_str()), 0);
+  EXPECT_NE(read_file(help, "help").find("missing parent directories are created"), std::string::npos);
   const Gguf g(path);
   EXPECT_EQ(g.kv.at("general.architecture"), "deepseek");
   EXPECT_EQ(g.kv.at("deepseek.block_count"), 3);

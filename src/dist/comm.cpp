@@ -146,11 +146,13 @@ const char* signal_name(int sig) {
 }
 
 void on_fatal_signal(int sig) {
-  const char* name = signal_name(sig);
-  [[maybe_unused]] ssize_t w = ::write(STDERR_FILENO, fatal_prefix, std::strlen(fatal_prefix));
-  w = ::write(STDERR_FILENO, name, std::strlen(name));
-  constexpr char tail[] = "; ending the job\n";
-  w = ::write(STDERR_FILENO, tail, sizeof(tail) - 1);
+  // One write of the whole line: the launcher forwards a rank's stderr in pieces, and its own abort banner must
+  // not land inside the message.
+  char line[256];
+  size_t n = 0;
+  for (const char* part : {static_cast<const char*>(fatal_prefix), signal_name(sig), "; ending the job\n"})
+    for (const char* p = part; *p && n < sizeof(line); ++p) line[n++] = *p;
+  [[maybe_unused]] const ssize_t written = ::write(STDERR_FILENO, line, n);
   std::signal(sig, SIG_DFL);
   ::alarm(10);  // should MPI_Abort hang in a broken process, SIGALRM ends it and the launcher sees it die
 #ifdef MOELAB_HAVE_MPI
