@@ -527,15 +527,19 @@ TEST(SweepSeeds, RunsRepeatOverSeedsAndTheStoreKeepsTheSeed) {
   sqlite3* db = nullptr;
   ASSERT_EQ(sqlite3_open((sweep / "results.db").string().c_str(), &db), SQLITE_OK);
   sqlite3_stmt* stmt = nullptr;
-  ASSERT_EQ(sqlite3_prepare_v2(db, "SELECT name, seed FROM results ORDER BY name", -1, &stmt, nullptr), SQLITE_OK);
+  ASSERT_EQ(sqlite3_prepare_v2(db, "SELECT name, seed, data_seed FROM results ORDER BY name", -1, &stmt, nullptr),
+            SQLITE_OK);
   std::map<std::string, int64_t> seeds;
-  while (sqlite3_step(stmt) == SQLITE_ROW)
+  while (sqlite3_step(stmt) == SQLITE_ROW) {
     seeds[reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0))] = sqlite3_column_int64(stmt, 1);
+    // train.data_seed unset: the windows' order follows train.seed, and the store says so.
+    EXPECT_EQ(sqlite3_column_int64(stmt, 2), sqlite3_column_int64(stmt, 1));
+  }
   sqlite3_finalize(stmt);
   sqlite3_close(db);
   EXPECT_EQ(seeds, (std::map<std::string, int64_t>{{"a", 1}, {"a-s2", 2}, {"b", 7}}));
   const std::string csv = results_csv(read_results(sweep.string()), "smoothed", false);
-  EXPECT_NE(csv.substr(0, csv.find('\n')).find(",seed"), std::string::npos);
+  EXPECT_NE(csv.substr(0, csv.find('\n')).find(",seed,data_seed"), std::string::npos);
   // The two replicates of "a" trained differently.
   EXPECT_NE(read_result((sweep / "runs" / "a").string())->loss, read_result((sweep / "runs" / "a-s2").string())->loss);
   fs::remove_all(dir);

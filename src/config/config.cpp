@@ -208,7 +208,10 @@ const std::vector<KeyDef>& schema() {
       float_key("train.grad_clip", [](Config& c) -> double& { return c.train.grad_clip; }, 0, kInf,
                 "clip the global gradient norm to this value; 0 disables"),
       int_key("train.seed", [](Config& c) -> int64_t& { return c.train.seed; }, 0, 9.2e18,
-              "seed for initialisation and batch sampling"),
+              "seed for initialisation, and for batch sampling unless train.data_seed is set"),
+      int_key("train.data_seed", [](Config& c) -> int64_t& { return c.train.data_seed; }, -1, 9.2e18,
+              "seed of the training windows' order, apart from initialisation: runs with equal data_seed see the "
+              "same windows in the same order (paired comparisons); -1 means train.seed"),
       int_key("train.threads", [](Config& c) -> int64_t& { return c.train.threads; }, 0, 4096,
               "CPU threads; 0 means all cores"),
       string_key("train.backend", [](Config& c) -> std::string& { return c.train.backend; },

@@ -91,7 +91,8 @@ struct TrainConfig {
   double weight_decay = 0.1;
   bool decay_embeddings = false;  // weight decay on embeddings; norms and biases are never decayed
   double grad_clip = 1.0;         // global-norm clip; 0 disables
-  int64_t seed = 1;
+  int64_t seed = 1;       // initialisation (and router jitter)
+  int64_t data_seed = -1;  // the order of the training windows; -1: train.seed
   int64_t threads = 0;  // 0 means all cores
   std::string backend = "cpu";  // make_backend's name (backend/backend.h)
   Precision precision = Precision::FP32;  // of the matrix products (config/kinds.h)
@@ -104,6 +105,9 @@ struct TrainConfig {
   std::string out_dir = "runs/default";
   std::string init_from;  // a checkpoint or run directory whose weights start the run (sparse upcycling)
 };
+
+// The seed of the training windows' order: train.data_seed, or train.seed when that is -1.
+inline int64_t effective_data_seed(const TrainConfig& t) { return t.data_seed >= 0 ? t.data_seed : t.seed; }
 
 struct DataConfig {
   std::string dir;         // a `moelab data prepare` output: train.bin, val.bin, ood_*.bin, tokenizer.model

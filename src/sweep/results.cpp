@@ -65,7 +65,8 @@ const char* kSchema =
     "nonembedding_params INTEGER, tokens INTEGER, steps INTEGER, steps_done INTEGER, flops REAL, "
     "flops_per_token REAL, budget REAL, sparsity REAL, granularity INTEGER, experts INTEGER, top_k INTEGER, "
     "d_model INTEGER, n_layers INTEGER, loss REAL, smoothed_loss REAL, val_loss REAL, ood_losses TEXT, "
-    "wall_seconds REAL, train_seconds REAL, exit_code INTEGER, error TEXT, result_json TEXT, seed INTEGER)";
+    "wall_seconds REAL, train_seconds REAL, exit_code INTEGER, error TEXT, result_json TEXT, seed INTEGER, "
+    "data_seed INTEGER)";
 
 // Downstream accuracy per (run, task, shots, mode); docs/tasks.md documents every column.
 const char* kDownstreamSchema =
@@ -279,6 +280,7 @@ RunResult result_from_run(const PlannedRun& run, const std::string& run_dir, int
   r.d_model = run.config.model.d_model;
   r.n_layers = run.config.model.n_layers;
   r.seed = run.config.train.seed;
+  r.data_seed = effective_data_seed(run.config.train);
   r.loss = r.smoothed_loss = r.val_loss = kNaN;
 
   // metrics.jsonl: one line per step with "loss"; evaluation lines carry "<set>_loss" and no "loss". A resumed
@@ -363,6 +365,7 @@ nlohmann::ordered_json result_to_json(const RunResult& r) {
   j["granularity"] = r.granularity;
   j["experts"] = r.experts;
   j["seed"] = r.seed;
+  j["data_seed"] = r.data_seed;
   j["top_k"] = r.top_k;
   j["d_model"] = r.d_model;
   j["n_layers"] = r.n_layers;
@@ -397,6 +400,7 @@ RunResult result_from_json(const nlohmann::json& j) {
   r.granularity = j.value("granularity", int64_t{1});
   r.experts = j.value("experts", int64_t{0});
   r.seed = j.value("seed", int64_t{0});
+  r.data_seed = j.value("data_seed", r.seed);  // results written before data_seed existed: it was train.seed
   r.top_k = j.value("top_k", int64_t{0});
   r.d_model = j.value("d_model", int64_t{0});
   r.n_layers = j.value("n_layers", int64_t{0});
@@ -419,30 +423,30 @@ std::optional<RunResult> read_result(const std::string& run_dir) {
   }
 }
 
-// A store written before replicates existed has no seed column: it gains one (NULL for its old rows).
-static void add_seed_column(Db& db) {
-  bool has = false;
+// A store written before replicates (or data seeds) existed lacks the column: it gains it (NULL for old rows).
+static void add_seed_columns(Db& db) {
+  std::set<std::string> columns;
   sqlite3_stmt* stmt = nullptr;
   if (sqlite3_prepare_v2(db.get(), "PRAGMA table_info(results)", -1, &stmt, nullptr) == SQLITE_OK) {
-    while (sqlite3_step(stmt) == SQLITE_ROW)
-      has |= std::string(reinterpret_cast<const char*>(sqlite3_column_text(stmt, 1))) == "seed";
+    while (sqlite3_step(stmt) == SQLITE_ROW) columns.insert(reinterpret_cast<const char*>(sqlite3_column_text(stmt, 1)));
     sqlite3_finalize(stmt);
   }
-  if (!has) db.exec("ALTER TABLE results ADD COLUMN seed INTEGER");
+  for (const char* column : {"seed", "data_seed"})
+    if (!columns.count(column)) db.exec(std::string("ALTER TABLE results ADD COLUMN ") + column + " INTEGER");
 }
 
 void upsert_results(const std::string& db_path, const std::vector<RunResult>& results) {
   Db db(db_path);
   db.exec(kSchema);
-  add_seed_column(db);
+  add_seed_columns(db);
   db.exec("BEGIN IMMEDIATE");
   sqlite3_stmt* stmt = nullptr;
   const char* sql =
       "INSERT OR REPLACE INTO results (name, status, run_group, params, active_params, nonembedding_params, tokens, "
       "steps, steps_done, flops, flops_per_token, budget, sparsity, granularity, experts, top_k, d_model, n_layers, "
-      "loss, smoothed_loss, val_loss, ood_losses, wall_seconds, train_seconds, exit_code, error, result_json, seed) "
-      "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, "
-      "?23, ?24, ?25, ?26, ?27, ?28)";
+      "loss, smoothed_loss, val_loss, ood_losses, wall_seconds, train_seconds, exit_code, error, result_json, seed, "
+      "data_seed) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, "
+      "?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29)";
   if (sqlite3_prepare_v2(db.get(), sql, -1, &stmt, nullptr) != SQLITE_OK) {
     const std::string msg = sqlite3_errmsg(db.get());
     db.exec("ROLLBACK");
@@ -484,6 +488,7 @@ void upsert_results(const std::string& db_path, const std::vector<RunResult>& re
     sqlite3_bind_text(stmt, 26, r.error.c_str(), -1, SQLITE_TRANSIENT);
     sqlite3_bind_text(stmt, 27, json.c_str(), -1, SQLITE_TRANSIENT);
     sqlite3_bind_int64(stmt, 28, r.seed);
+    sqlite3_bind_int64(stmt, 29, r.data_seed);
     if (sqlite3_step(stmt) != SQLITE_DONE) {
       const std::string msg = sqlite3_errmsg(db.get());
       sqlite3_finalize(stmt);
@@ -531,7 +536,7 @@ std::string results_csv(const std::vector<RunResult>& results, const std::string
     for (const auto& [k, v] : r.ood_losses) ood_sets.insert(k);
   std::ostringstream out;
   out << "name,status,params,active_params,nonembedding_params,tokens,flops,loss,final_loss,smoothed_loss,val_loss,"
-         "sparsity,granularity,experts,top_k,d_model,n_layers,steps,budget,wall_seconds,seed";
+         "sparsity,granularity,experts,top_k,d_model,n_layers,steps,budget,wall_seconds,seed,data_seed";
   for (const auto& s : ood_sets) out << "," << s;  // keys are already ood_<set>_loss
   out << "\n";
   auto num = [](double v) {
@@ -547,7 +552,7 @@ std::string results_csv(const std::vector<RunResult>& results, const std::string
         << "," << r.tokens << "," << num(r.flops) << "," << num(loss) << "," << num(r.loss) << ","
         << num(r.smoothed_loss) << "," << num(r.val_loss) << "," << num(r.sparsity) << "," << r.granularity << ","
         << r.experts << "," << r.top_k << "," << r.d_model << "," << r.n_layers << "," << r.steps << ","
-        << num(r.budget) << "," << num(r.wall_seconds) << "," << r.seed;
+        << num(r.budget) << "," << num(r.wall_seconds) << "," << r.seed << "," << r.data_seed;
     for (const auto& s : ood_sets) {
       auto it = r.ood_losses.find(s);
       out << "," << (it == r.ood_losses.end() ? "" : num(it->second));

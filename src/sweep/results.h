@@ -34,6 +34,7 @@ struct RunResult {
   double sparsity = 0;
   int64_t granularity = 1, experts = 0, top_k = 0, d_model = 0, n_layers = 0;
   int64_t seed = 0;          // train.seed of the run (replicates of one configuration differ only here)
+  int64_t data_seed = 0;     // the seed of its training windows' order (train.data_seed, or train.seed)
   double wall_seconds = 0;   // wall time of the attempt that finished the run (child process start to exit)
   double train_seconds = 0;  // sum of the logged step times over all attempts (resumes included)
 };

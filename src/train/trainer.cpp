@@ -27,7 +27,7 @@ Trainer::Trainer(const Config& config, Backend& backend, Communicator* comm)
       backend_(backend),
       own_comm_(comm ? nullptr : make_single_communicator()),
       comm_(comm ? comm : own_comm_.get()),
-      data_rng_(static_cast<uint64_t>(config.train.seed) ^ 0x5eed0da7aULL) {
+      data_rng_(static_cast<uint64_t>(effective_data_seed(config.train)) ^ 0x5eed0da7aULL) {
   backend_.set_matmul_precision(config.train.precision);
   const int64_t P = config.dist.expert_parallel, ranks = comm_->size();
   if (P > 1) {

@@ -1,0 +1,212 @@
+#include "scaling/arms.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <map>
+#include <set>
+
+#include "core/error.h"
+#include "core/format.h"
+
+namespace moelab {
+
+namespace {
+
+// Solves the 3x3 system m v = r by Gaussian elimination with partial pivoting; false when singular.
+bool solve3(std::array<std::array<double, 3>, 3> m, std::array<double, 3> r, std::array<double, 3>& v) {
+  for (int col = 0; col < 3; ++col) {
+    int pivot = col;
+    for (int row = col + 1; row < 3; ++row)
+      if (std::fabs(m[row][col]) > std::fabs(m[pivot][col])) pivot = row;
+    if (std::fabs(m[pivot][col]) < 1e-12) return false;
+    std::swap(m[col], m[pivot]);
+    std::swap(r[col], r[pivot]);
+    for (int row = col + 1; row < 3; ++row) {
+      const double f = m[row][col] / m[col][col];
+      for (int k = col; k < 3; ++k) m[row][k] -= f * m[col][k];
+      r[row] -= f * r[col];
+    }
+  }
+  for (int row = 2; row >= 0; --row) {
+    double s = r[row];
+    for (int k = row + 1; k < 3; ++k) s -= m[row][k] * v[k];
+    v[row] = s / m[row][row];
+  }
+  return true;
+}
+
+}  // namespace
+
+ArmMinimum fit_arm_minimum(const std::vector<ArmRun>& runs) {
+  if (runs.empty()) throw Error("an arm with no runs has no minimum");
+  ArmMinimum m;
+  m.runs = static_cast<int>(runs.size());
+  std::map<int, std::vector<const ArmRun*>> by_config;
+  for (const auto& r : runs) by_config[r.config].push_back(&r);
+  m.configs = static_cast<int>(by_config.size());
+  m.min_replicates = m.runs;
+  std::set<double> xs;
+  for (const auto& [config, rs] : by_config) {
+    m.min_replicates = std::min(m.min_replicates, static_cast<int>(rs.size()));
+    xs.insert(rs.front()->x);
+  }
+  if (xs.size() < 3) {  // no parabola through fewer than 3 shapes: the best config mean
+    m.loss = INFINITY;
+    for (const auto& [config, rs] : by_config) {
+      double mean = 0;
+      for (const auto* r : rs) mean += r->loss / static_cast<double>(rs.size());
+      if (mean < m.loss) m.loss = mean, m.x = rs.front()->x;
+    }
+    return m;
+  }
+  const double x_lo = *xs.begin(), x_hi = *xs.rbegin();
+  const double x0 = 0.5 * (x_lo + x_hi), scale = 0.5 * (x_hi - x_lo);
+  // Least squares in u = (x - x0) / scale: the normal equations of [1, u, u^2].
+  std::array<std::array<double, 3>, 3> normal{};
+  std::array<double, 3> rhs{}, coef{};
+  for (const auto& r : runs) {
+    const double u = (r.x - x0) / scale;
+    const double f[3] = {1, u, u * u};
+    for (int i = 0; i < 3; ++i) {
+      rhs[i] += f[i] * r.loss;
+      for (int j = 0; j < 3; ++j) normal[i][j] += f[i] * f[j];
+    }
+  }
+  if (!solve3(normal, rhs, coef)) throw Error("the IsoFLOP parabola is singular (the shapes do not span 3 sizes)");
+  m.fitted = true;
+  auto value = [&](double u) { return coef[0] + coef[1] * u + coef[2] * u * u; };
+  if (coef[2] > 0) {
+    const double u_star = -coef[1] / (2 * coef[2]);
+    if (u_star >= -1 && u_star <= 1) {
+      m.interior = true;
+      m.x = x0 + scale * u_star;
+      m.loss = value(u_star);
+      return m;
+    }
+  }
+  const double at_lo = value(-1), at_hi = value(1);
+  m.x = at_lo <= at_hi ? x_lo : x_hi;
+  m.loss = std::min(at_lo, at_hi);
+  return m;
+}
+
+double student_t_quantile(double p, double df) {
+  // Two-sided 5% and one-sided 20% points of Student's t, df = 1 ... 30 (standard tables).
+  static const double t975[] = {12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+                                2.201,  2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+                                2.080,  2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042};
+  static const double t80[] = {1.376, 1.061, 0.978, 0.941, 0.920, 0.906, 0.896, 0.889, 0.883, 0.879,
+                               0.876, 0.873, 0.870, 0.868, 0.866, 0.865, 0.863, 0.862, 0.861, 0.860,
+                               0.859, 0.858, 0.858, 0.857, 0.856, 0.856, 0.855, 0.855, 0.854, 0.854};
+  const bool upper = std::fabs(p - 0.975) < 1e-12;
+  if (!upper && std::fabs(p - 0.8) > 1e-12) throw Error("student_t_quantile supports p = 0.975 and 0.8 only");
+  if (!(df >= 1)) throw Error("Student's t needs at least one degree of freedom");
+  const double z = upper ? 1.959963985 : 0.841621234;
+  if (std::isinf(df)) return z;
+  const int k = static_cast<int>(std::floor(df));
+  if (k <= 30) return (upper ? t975 : t80)[k - 1];
+  // Cornish-Fisher: t = z + (z^3 + z) / (4 df) + (5 z^5 + 16 z^3 + 3 z) / (96 df^2).
+  const double v = k;
+  return z + (z * z * z + z) / (4 * v) + (5 * std::pow(z, 5) + 16 * z * z * z + 3 * z) / (96 * v * v);
+}
+
+double minimum_detectable_effect(double se, double df) {
+  return (student_t_quantile(0.975, df) + student_t_quantile(0.8, df)) * se;
+}
+
+namespace {
+
+// The replicate indices that cover every config of `runs`, and each one's fitted minimum.
+std::map<int, double> per_replicate_minima(const std::vector<ArmRun>& runs) {
+  std::map<int, std::set<int>> configs_of;  // replicate -> configs it has
+  std::set<int> configs;
+  for (const auto& r : runs) configs_of[r.replicate].insert(r.config), configs.insert(r.config);
+  std::map<int, double> minima;
+  for (const auto& [replicate, have] : configs_of) {
+    if (have != configs) continue;
+    std::vector<ArmRun> one;
+    for (const auto& r : runs)
+      if (r.replicate == replicate) one.push_back(r);
+    minima[replicate] = fit_arm_minimum(one).loss;
+  }
+  return minima;
+}
+
+double mean_of(const std::vector<double>& v) {
+  double m = 0;
+  for (double x : v) m += x / static_cast<double>(v.size());
+  return m;
+}
+
+double variance_of(const std::vector<double>& v) {  // sample variance (n - 1)
+  const double m = mean_of(v);
+  double s = 0;
+  for (double x : v) s += (x - m) * (x - m);
+  return s / static_cast<double>(v.size() - 1);
+}
+
+}  // namespace
+
+ArmComparison compare_arm_minima(const std::vector<ArmRun>& a, const std::vector<ArmRun>& b,
+                                 const ArmComparisonOptions& options) {
+  ArmComparison out;
+  out.a = fit_arm_minimum(a);
+  out.b = fit_arm_minimum(b);
+  out.estimate = out.a.loss - out.b.loss;
+  for (const auto* runs : {&a, &b}) {
+    std::set<std::pair<int, int>> seen;
+    for (const auto& r : *runs)
+      if (!seen.insert({r.config, r.replicate}).second)
+        throw Error("two runs of config " + std::to_string(r.config) + " have replicate " +
+                    std::to_string(r.replicate) + ": replicate indices must be unique within a config");
+  }
+  const std::map<int, double> ma = per_replicate_minima(a), mb = per_replicate_minima(b);
+  std::vector<double> diffs;
+  if (options.paired)
+    for (const auto& [replicate, m] : ma)
+      if (auto it = mb.find(replicate); it != mb.end()) diffs.push_back(m - it->second);
+  if (options.paired && diffs.size() >= 2) {
+    out.paired = true;
+    out.per_replicate = diffs;
+    out.replicates_a = out.replicates_b = static_cast<int>(diffs.size());
+    out.df = static_cast<double>(diffs.size() - 1);
+    out.se = std::sqrt(variance_of(diffs) / static_cast<double>(diffs.size()));
+  } else {
+    std::vector<double> va, vb;
+    for (const auto& [replicate, m] : ma) va.push_back(m);
+    for (const auto& [replicate, m] : mb) vb.push_back(m);
+    out.replicates_a = static_cast<int>(va.size());
+    out.replicates_b = static_cast<int>(vb.size());
+    if (va.size() < 2 || vb.size() < 2) {
+      out.why_undefined = "each arm needs at least 2 replicates covering all its shapes (has " +
+                          std::to_string(va.size()) + " and " + std::to_string(vb.size()) + ")";
+      return out;
+    }
+    const double sa = variance_of(va) / static_cast<double>(va.size());
+    const double sb = variance_of(vb) / static_cast<double>(vb.size());
+    out.se = std::sqrt(sa + sb);
+    // Welch-Satterthwaite degrees of freedom.
+    const double denom = sa * sa / static_cast<double>(va.size() - 1) + sb * sb / static_cast<double>(vb.size() - 1);
+    out.df = denom > 0 ? (sa + sb) * (sa + sb) / denom : static_cast<double>(va.size() + vb.size() - 2);
+  }
+  const double t = student_t_quantile(0.975, out.df);
+  out.lo = out.estimate - t * out.se;
+  out.hi = out.estimate + t * out.se;
+  out.mde = minimum_detectable_effect(out.se, out.df);
+  return out;
+}
+
+Verdict judge_positive(double estimate, double lo, double hi, double mde) {
+  if (!std::isfinite(estimate)) return {"inconclusive", "not measured"};
+  if (!std::isfinite(lo) || !std::isfinite(hi))
+    return {"inconclusive", std::string("the direction ") + (estimate > 0 ? "agrees" : "disagrees") +
+                                " but there is no interval (no replicate seeds to size the noise)"};
+  const std::string interval = "95% interval [" + fmt("%+.4f", lo) + ", " + fmt("%+.4f", hi) + "]";
+  if (lo > 0) return {"reproduced", interval + " excludes 0"};
+  if (hi < 0) return {"not reproduced", interval + " lies below 0: the opposite"};
+  return {"inconclusive", interval + " includes 0; this design detects an effect of " + fmt("%.3g", mde) +
+                              " or more (80% power, 5% two-sided)"};
+}
+
+}  // namespace moelab
