@@ -1,5 +1,5 @@
 #pragma once
-// Comparing two arms of a study at one compute budget (docs/report.md, "Judging a claim"): e.g. dense against MoE,
+// Comparing two arms of a study at one compute budget (docs/fitting.md, "Comparing two arms"): e.g. dense against MoE,
 // each arm a ladder of shapes trained with several seeds. Each arm's IsoFLOP minimum is a parabola in log N fitted
 // to every run of the arm (all shapes, all seeds), never the single luckiest run; the difference of the two minima
 // gets a 95% interval from the replicates, paired across the arms (replicate r of one arm with replicate r of the
