@@ -313,27 +313,46 @@ RunResult tuned_run(const std::string& name, double C, bool moe, double loss) {
   return r;
 }
 
-DownstreamRecord tuned_record(const std::string& run, double before, double after, double stderr_,
-                              const std::string& mode = "finetune", bool with_before = true) {
+// A fine-tuning record on 400 test items: `before` of them right before fine-tuning (at random positions, seeded by
+// the run's name), then 10 + max(0, g) items turned right and 10 + max(0, -g) turned wrong, g = gain x 400, so
+// the accuracy moves by `gain` and some items move both ways, as real fine-tuning moves them.
+DownstreamRecord tuned_record(const std::string& run, double before, double gain, const std::string& mode = "finetune",
+                              bool with_before = true, bool per_item = true) {
+  constexpr int n = 400;
+  Rng rng(std::hash<std::string>{}(run));
+  std::vector<int> order(n);
+  for (int i = 0; i < n; ++i) order[i] = i;
+  for (int i = n - 1; i > 0; --i) std::swap(order[i], order[rng.below(i + 1)]);
+  std::string was(n, '0');
+  const int right = static_cast<int>(std::lround(before * n));
+  for (int k = 0; k < right; ++k) was[order[k]] = '1';
+  const int g = static_cast<int>(std::lround(gain * n));
+  const int up = std::min(n - right, 10 + std::max(0, g)), down = std::min(right, 10 + std::max(0, -g));
+  std::string now = was;
+  for (int k = 0; k < down; ++k) now[order[k]] = '0';              // right items turned wrong
+  for (int k = 0; k < up; ++k) now[order[right + k]] = '1';        // wrong items turned right
   DownstreamRecord d;
   d.run = run;
   d.task = "cloze";
   d.mode = mode;
-  d.n = 200;
-  d.acc = after;
-  d.acc_stderr = stderr_;
+  d.n = n;
+  d.acc = std::count(now.begin(), now.end(), '1') / double(n);
+  d.acc_stderr = std::sqrt(d.acc * (1 - d.acc) / n);
+  if (per_item) d.correct = now;
   d.finetune = {{"steps", 10}};
-  if (with_before)
-    d.finetune["before"] = {{"acc", before}, {"acc_stderr", stderr_}, {"acc_norm", before},
-                            {"acc_norm_stderr", stderr_}, {"n", 200}};
+  if (with_before) {
+    const double b = std::count(was.begin(), was.end(), '1') / double(n);
+    d.finetune["before"] = {{"acc", b}, {"acc_stderr", std::sqrt(b * (1 - b) / n)}, {"acc_norm", b},
+                            {"acc_norm_stderr", 0.02}, {"n", n}};
+    if (per_item) d.finetune["before"]["correct"] = was;
+  }
   return d;
 }
 
 // Fine-tuned runs at three budgets. Only 4e12 is the one to judge: 1.6e13 has a fine-tuned dense run only, and
 // 1e12 (a smaller budget) says the opposite of 4e12. At 4e12 the lower-loss MoE (moe-a) is the one to use; the
 // other fine-tuned MoE (moe-b, higher loss) and records that are not fine-tuning results say the opposite too.
-// Every accuracy has stderr 0.02, so the se of the difference of gains is 0.04 and the threshold 2 se = 0.08.
-ojson finetune_findings(double dense_gain, double moe_gain) {
+ojson finetune_findings(double dense_gain, double moe_gain, bool per_item = true) {
   Study study;
   StudySweep s;
   s.label = "sparsity";
@@ -341,42 +360,55 @@ ojson finetune_findings(double dense_gain, double moe_gain) {
   s.results = {tuned_run("dense-1e12", 1e12, false, 3.0),  tuned_run("moe-1e12", 1e12, true, 2.9),
                tuned_run("dense-4e12", 4e12, false, 2.8),  tuned_run("moe-a-4e12", 4e12, true, 2.7),
                tuned_run("moe-b-4e12", 4e12, true, 2.75),  tuned_run("dense-1.6e13", 1.6e13, false, 2.6)};
-  const double opposite = -(dense_gain - moe_gain);
   s.downstream = {
-      tuned_record("dense-1e12", 0.3, 0.3 + 0.1, 0.02), tuned_record("moe-1e12", 0.3, 0.3 + 0.1 - opposite, 0.02),
-      tuned_record("dense-4e12", 0.30, 0.30 + dense_gain, 0.02), tuned_record("moe-a-4e12", 0.32, 0.32 + moe_gain, 0.02),
-      tuned_record("moe-b-4e12", 0.32, 0.32 + dense_gain - opposite, 0.02),
-      // Zero-shot results and a fine-tuning record without "before" (written before it existed): ignored.
-      tuned_record("moe-a-4e12", 0.32, 0.32 + dense_gain + 0.5, 0.02, "zero"),
-      tuned_record("dense-1.6e13", 0.3, 0.9, 0.02)};
+      tuned_record("dense-1e12", 0.3, moe_gain, "finetune", true, per_item),
+      tuned_record("moe-1e12", 0.3, dense_gain, "finetune", true, per_item),
+      tuned_record("dense-4e12", 0.30, dense_gain, "finetune", true, per_item),
+      tuned_record("moe-a-4e12", 0.32, moe_gain, "finetune", true, per_item),
+      tuned_record("moe-b-4e12", 0.32, dense_gain + 0.2, "finetune", true, per_item),
+      // Zero-shot results: ignored.
+      tuned_record("moe-a-4e12", 0.32, dense_gain + 0.5, "zero", true, per_item),
+      tuned_record("dense-1.6e13", 0.3, 0.6, "finetune", true, per_item)};
   study.sweeps.push_back(s);
-  // A second sweep of the study holding an MoE run at 1.6e13 with a record lacking "before": still no pair there.
+  // A second sweep of the study holding an MoE run at 1.6e13 with a record lacking "before" (written before it
+  // existed): still no pair there.
   StudySweep other;
   other.label = "other";
   other.plan.kind = "isoflop";
   other.results = {tuned_run("moe-1.6e13", 1.6e13, true, 2.5)};
-  other.downstream = {tuned_record("moe-1.6e13", 0.3, 0.31, 0.02, "finetune", false)};
+  other.downstream = {tuned_record("moe-1.6e13", 0.3, 0.01, "finetune", false)};
   study.sweeps.push_back(other);
   return study_findings(study, ojson::object(), "smoothed_loss");
 }
 
-TEST(Findings, FinetuneGainComparesDenseAndMoeAtTheLargestBudgetWithBoth) {
-  // Dense gains 0.20, MoE 0.05: difference 0.15 > 2 se = 0.08.
+TEST(Findings, FinetuneGainIsJudgedPerItemAtTheLargestBudgetWithBoth) {
+  // Dense gains 0.20, MoE 0.05, over the same 400 items.
   const ojson f = finetune_findings(0.20, 0.05);
   const ojson& c = claim_of(f, "finetune");
   EXPECT_EQ(c["verdict"], "reproduced") << c.dump(1);
   const std::string measured = c["measured"];
   EXPECT_NE(measured.find("dense-4e12 vs moe-a-4e12"), std::string::npos) << measured;
   EXPECT_NE(measured.find("dense gain - MoE gain = +0.150"), std::string::npos) << measured;
-  EXPECT_NE(c["spread"].get<std::string>().find("0.040"), std::string::npos) << c["spread"];
-  // Difference 0.05: within 2 se.
-  EXPECT_EQ(claim_of(finetune_findings(0.20, 0.15), "finetune")["verdict"], "inconclusive");
-  // Difference 0.07, just inside 0.08; and 0.09 just beyond it.
-  EXPECT_EQ(claim_of(finetune_findings(0.17, 0.10), "finetune")["verdict"], "inconclusive");
-  EXPECT_EQ(claim_of(finetune_findings(0.19, 0.10), "finetune")["verdict"], "reproduced");
-  // MoE gains more, beyond 2 se.
+  EXPECT_NE(measured.find("items turned right / wrong by fine-tuning: dense 90 / 10, MoE 30 / 10"), std::string::npos)
+      << measured;
+  EXPECT_NE(c["spread"].get<std::string>().find("paired over 400 items: 95% interval ["), std::string::npos)
+      << c["spread"];
+  // A difference of 0.075 that four accuracies taken as independent cannot tell (2 binomial se = 0.092 here) is
+  // decided per item, because most items keep their answer.
+  const ojson small_findings = finetune_findings(0.10, 0.025), tiny_findings = finetune_findings(0.20, 0.175),
+              old_findings = finetune_findings(0.20, 0.05, false);
+  const ojson& small = claim_of(small_findings, "finetune");
+  EXPECT_EQ(small["verdict"], "reproduced") << small.dump(1);
+  // 0.025: inconclusive, with what the design could have detected.
+  const ojson& tiny = claim_of(tiny_findings, "finetune");
+  EXPECT_EQ(tiny["verdict"], "inconclusive") << tiny.dump(1);
+  EXPECT_NE(tiny["why"].get<std::string>().find("detects an effect of"), std::string::npos) << tiny.dump(1);
+  // MoE gains more: refuted.
   EXPECT_EQ(claim_of(finetune_findings(0.05, 0.20), "finetune")["verdict"], "not reproduced");
-  EXPECT_EQ(claim_of(finetune_findings(0.10, 0.19), "finetune")["verdict"], "not reproduced");
+  // Records from before per-item results: inconclusive, saying why, never four accuracies as if independent.
+  const ojson& old = claim_of(old_findings, "finetune");
+  EXPECT_EQ(old["verdict"], "inconclusive");
+  EXPECT_NE(old["why"].get<std::string>().find("predate per-item results"), std::string::npos) << old.dump(1);
 }
 
 TEST(Findings, FinetuneWithoutBeforeOrWithoutAPairIsNotMeasured) {
@@ -387,12 +419,12 @@ TEST(Findings, FinetuneWithoutBeforeOrWithoutAPairIsNotMeasured) {
   s.results = {tuned_run("dense-1e12", 1e12, false, 3.0), tuned_run("moe-1e12", 1e12, true, 2.9),
                tuned_run("dense-4e12", 4e12, false, 2.8)};
   // A pair at 1e12, but the MoE record has no "before"; a dense record at 4e12 with no MoE partner; a few-shot one.
-  s.downstream = {tuned_record("dense-1e12", 0.3, 0.5, 0.02), tuned_record("moe-1e12", 0.3, 0.31, 0.02, "finetune", false),
-                  tuned_record("dense-4e12", 0.3, 0.5, 0.02), tuned_record("moe-1e12", 0.3, 0.31, 0.02, "few")};
+  s.downstream = {tuned_record("dense-1e12", 0.3, 0.2), tuned_record("moe-1e12", 0.3, 0.01, "finetune", false),
+                  tuned_record("dense-4e12", 0.3, 0.2), tuned_record("moe-1e12", 0.3, 0.01, "few")};
   study.sweeps.push_back(s);
   EXPECT_EQ(claim_of(study_findings(study, ojson::object(), "smoothed_loss"), "finetune")["verdict"], "not measured");
   // With "before" on the MoE record, 1e12 is judged: dense +0.2, MoE +0.01.
-  study.sweeps[0].downstream[1] = tuned_record("moe-1e12", 0.3, 0.31, 0.02);
+  study.sweeps[0].downstream[1] = tuned_record("moe-1e12", 0.3, 0.01);
   EXPECT_EQ(claim_of(study_findings(study, ojson::object(), "smoothed_loss"), "finetune")["verdict"], "reproduced");
   // A failed MoE run does not count.
   study.sweeps[0].results[1].status = "failed";

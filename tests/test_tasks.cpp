@@ -3,6 +3,8 @@
 // learnable task, and the results store's downstream table.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include <cmath>
 #include <sstream>
 
@@ -200,6 +202,7 @@ TEST(Scorer, EvaluateTaskPicksTheLikeliestChoice) {
   EXPECT_DOUBLE_EQ(r.acc, 1.0);
   EXPECT_DOUBLE_EQ(r.acc_stderr, 0.0);
   EXPECT_NEAR(r.chance, 1.0 / 3.0, 1e-12);
+  EXPECT_EQ(r.correct, "111111");  // per item, in order: paired comparisons over items use it
   TaskEvalOptions limited;
   limited.limit = 4;
   EXPECT_EQ(evaluate_task(c.model, *be, model.params(), codec, task, limited).n, 4);
@@ -297,6 +300,14 @@ TEST(Finetune, LearnsATrivialTaskFarAboveChance) {
   EXPECT_EQ(r.record.n, 40);
   EXPECT_NEAR(r.record.chance, 0.25, 1e-12);
   EXPECT_GE(r.record.acc, 0.8) << log.str();
+  // Per-item results before and after, on the same 40 items, agreeing with the accuracies.
+  const std::string before = r.record.finetune["before"]["correct"], after = r.record.correct;
+  ASSERT_EQ(before.size(), 40u);
+  ASSERT_EQ(after.size(), 40u);
+  EXPECT_DOUBLE_EQ(std::count(after.begin(), after.end(), '1') / 40.0, r.record.acc);
+  EXPECT_DOUBLE_EQ(std::count(before.begin(), before.end(), '1') / 40.0,
+                   r.record.finetune["before"]["acc"].get<double>());
+  EXPECT_EQ(downstream_from_json(downstream_to_json(r.record)).correct, after);  // stored and read back
   EXPECT_LT(r.losses.back(), r.losses.front());
   EXPECT_TRUE(std::filesystem::exists(dir / "ft" / "checkpoint" / "model.safetensors"));
   EXPECT_TRUE(std::filesystem::exists(dir / "ft" / "finetune.json"));

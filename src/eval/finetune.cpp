@@ -159,7 +159,8 @@ FinetuneResult finetune_on_task(const std::string& checkpoint, const Task& task,
                             {"acc_stderr", before.acc_stderr},
                             {"acc_norm", before.acc_norm},
                             {"acc_norm_stderr", before.acc_norm_stderr},
-                            {"n", before.n}}}};
+                            {"n", before.n},
+                            {"correct", before.correct}}}};
   r.seconds = timer.seconds();
   result.record = r;
 

@@ -321,6 +321,8 @@ DownstreamRecord evaluate_task(const ModelConfig& config, Backend& backend, cons
 
   int64_t correct = 0, correct_norm = 0;
   double chance = 0;
+  std::string per_item;  // '1' / '0' per item (DownstreamRecord::correct)
+  per_item.reserve(items.size());
   for (size_t i = 0; i < items.size(); ++i) {
     const TaskItem& item = *items[i];
     // The first of equal scores wins, so ties never favour the gold choice.
@@ -333,6 +335,7 @@ DownstreamRecord evaluate_task(const ModelConfig& config, Backend& backend, cons
       if (norm_score > best_norm_score) best_norm_score = norm_score, best_norm = c;
     }
     correct += static_cast<int64_t>(best) == item.gold;
+    per_item.push_back(static_cast<int64_t>(best) == item.gold ? '1' : '0');
     correct_norm += static_cast<int64_t>(best_norm) == item.gold;
     chance += 1.0 / static_cast<double>(item.choices.size());
   }
@@ -342,6 +345,7 @@ DownstreamRecord evaluate_task(const ModelConfig& config, Backend& backend, cons
   r.shots = options.shots;
   r.mode = options.shots > 0 ? "few" : "zero";
   r.n = static_cast<int64_t>(items.size());
+  r.correct = std::move(per_item);
   const double n = static_cast<double>(r.n);
   r.acc = correct / n;
   r.acc_norm = correct_norm / n;

@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include "core/format.h"
+#include "scaling/arms.h"
 #include "scaling/fit.h"
 
 namespace moelab {
@@ -181,20 +182,36 @@ ojson study_findings(const Study& study, const ojson& summary, const std::string
       const auto& db = d.rec->finetune["before"];
       const auto& mb = m.rec->finetune["before"];
       const double gd = d.rec->acc - db["acc"].get<double>(), gm = m.rec->acc - mb["acc"].get<double>();
-      // Binomial standard errors of the four accuracies, added as if independent (conservative: before and after
-      // are scored on the same items).
-      const double se = std::sqrt(d.rec->acc_stderr * d.rec->acc_stderr +
-                                  std::pow(db["acc_stderr"].get<double>(), 2) + m.rec->acc_stderr * m.rec->acc_stderr +
-                                  std::pow(mb["acc_stderr"].get<double>(), 2));
       measured = d.rec->task + " (" + std::to_string(d.rec->n) + " test items), " + d.run->name + " vs " +
                  m.run->name + ": dense " + fmt("%.3f", db["acc"].get<double>()) + " -> " + fmt("%.3f", d.rec->acc) +
                  " (" + fmt("%+.3f", gd) + "), MoE " + fmt("%.3f", mb["acc"].get<double>()) + " -> " +
                  fmt("%.3f", m.rec->acc) + " (" + fmt("%+.3f", gm) + "); dense gain - MoE gain = " + fmt("%+.3f", gd - gm);
-      interval = "binomial se of that difference " + fmt("%.3f", se);
-      const double diff = gd - gm;
-      if (diff > 2 * se) verdict = {"reproduced", "beyond 2 binomial se (" + fmt("%.3f", 2 * se) + ")"};
-      else if (diff < -2 * se) verdict = {"not reproduced", "MoE gains more, beyond 2 binomial se"};
-      else verdict = {"inconclusive", "within 2 binomial se (" + fmt("%.3f", 2 * se) + ") of no difference"};
+      // Judged per item: item i's dense gain (after - before, each 0 or 1) minus its MoE gain, paired over the
+      // same test items, never four accuracies taken as independent.
+      const std::string before_d = db.value("correct", ""), before_m = mb.value("correct", "");
+      const std::string& after_d = d.rec->correct;
+      const std::string& after_m = m.rec->correct;
+      const size_t n = after_d.size();
+      if (n == 0 || before_d.size() != n || before_m.size() != n || after_m.size() != n) {
+        interval = "no per-item results";
+        verdict = {"inconclusive", "these fine-tuning records predate per-item results (moelab sweep finetune "
+                                   "records them now); four accuracies are not judged as if independent"};
+        break;
+      }
+      std::vector<double> diffs(n);
+      int64_t up_d = 0, down_d = 0, up_m = 0, down_m = 0;  // discordant items (McNemar's b and c) per arm
+      for (size_t i = 0; i < n; ++i) {
+        const int dd = (after_d[i] == '1') - (before_d[i] == '1'), dm = (after_m[i] == '1') - (before_m[i] == '1');
+        up_d += dd > 0, down_d += dd < 0, up_m += dm > 0, down_m += dm < 0;
+        diffs[i] = dd - dm;
+      }
+      const PairedMean p = paired_mean(diffs);
+      measured += "; items turned right / wrong by fine-tuning: dense " + std::to_string(up_d) + " / " +
+                  std::to_string(down_d) + ", MoE " + std::to_string(up_m) + " / " + std::to_string(down_m);
+      interval = "paired over " + std::to_string(n) + " items: 95% interval [" + fmt("%+.3f", p.lo) + ", " +
+                 fmt("%+.3f", p.hi) + "], detectable effect " + fmt("%.3f", p.mde);
+      const Verdict v = judge_positive(p.estimate, p.lo, p.hi, p.mde);
+      verdict = {v.verdict, v.why};
       break;
     }
     out.push_back(finding("finetune", "MoE gains less than dense from fine-tuning", "fairseq MoE vs dense", measured,

@@ -148,6 +148,21 @@ double variance_of(const std::vector<double>& v) {  // sample variance (n - 1)
 
 }  // namespace
 
+PairedMean paired_mean(const std::vector<double>& differences) {
+  PairedMean p;
+  p.n = static_cast<int>(differences.size());
+  if (p.n == 0) return p;
+  p.estimate = mean_of(differences);
+  if (p.n < 2) return p;
+  p.df = p.n - 1;
+  p.se = std::sqrt(variance_of(differences) / p.n);
+  const double t = student_t_quantile(0.975, p.df);
+  p.lo = p.estimate - t * p.se;
+  p.hi = p.estimate + t * p.se;
+  p.mde = minimum_detectable_effect(p.se, p.df);
+  return p;
+}
+
 ArmComparison compare_arm_minima(const std::vector<ArmRun>& a, const std::vector<ArmRun>& b,
                                  const ArmComparisonOptions& options) {
   ArmComparison out;
@@ -170,8 +185,9 @@ ArmComparison compare_arm_minima(const std::vector<ArmRun>& a, const std::vector
     out.paired = true;
     out.per_replicate = diffs;
     out.replicates_a = out.replicates_b = static_cast<int>(diffs.size());
-    out.df = static_cast<double>(diffs.size() - 1);
-    out.se = std::sqrt(variance_of(diffs) / static_cast<double>(diffs.size()));
+    const PairedMean p = paired_mean(diffs);
+    out.df = p.df;
+    out.se = p.se;
   } else {
     std::vector<double> va, vb;
     for (const auto& [replicate, m] : ma) va.push_back(m);

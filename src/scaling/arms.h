@@ -59,6 +59,16 @@ struct ArmComparison {
 ArmComparison compare_arm_minima(const std::vector<ArmRun>& a, const std::vector<ArmRun>& b,
                                  const ArmComparisonOptions& options = {});
 
+// The mean of paired differences (e.g. per test item: dense's gain from fine-tuning minus MoE's) with its t interval:
+// se = sd(d) / sqrt(n) on n - 1 degrees of freedom, lo/hi = mean -+ t_{n-1, 0.975} se, and the detectable effect.
+// Fewer than 2 differences: NaN interval.
+struct PairedMean {
+  double estimate = std::nan(""), se = std::nan(""), df = 0;
+  double lo = std::nan(""), hi = std::nan(""), mde = std::nan("");
+  int n = 0;
+};
+PairedMean paired_mean(const std::vector<double>& differences);
+
 // Student's t quantile for p in {0.975, 0.8} (the two the comparisons use; a table to 30 degrees of freedom, the
 // Cornish-Fisher expansion beyond, rounded-down non-integer df); other p throw.
 double student_t_quantile(double p, double df);

@@ -101,6 +101,7 @@ nlohmann::ordered_json downstream_to_json(const DownstreamRecord& r) {
   j["task_file"] = r.task_file;
   j["seconds"] = number_or_null(r.seconds);
   if (!r.finetune.is_null()) j["finetune"] = r.finetune;
+  if (!r.correct.empty()) j["correct"] = r.correct;
   return j;
 }
 
@@ -127,6 +128,7 @@ DownstreamRecord downstream_from_json(const nlohmann::json& j) {
   r.task_file = j.value("task_file", "");
   r.seconds = number_of(j, "seconds");
   if (j.contains("finetune")) r.finetune = j["finetune"];
+  r.correct = j.value("correct", "");
   return r;
 }
 

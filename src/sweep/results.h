@@ -96,7 +96,11 @@ struct DownstreamRecord {
   std::string checkpoint;      // the checkpoint scored (for finetune: the fine-tuned one)
   std::string task_file;
   double seconds = 0;          // wall time of the evaluation (fine-tuning included for mode finetune)
-  nlohmann::json finetune;     // mode finetune: steps, lr, batch, train items, first/last training loss
+  nlohmann::json finetune;     // mode finetune: steps, lr, batch, train items, first/last training loss, and
+                               // "before": the same items scored before fine-tuning (acc, ..., correct)
+  // Per scored item, in the split's order: '1' when the gold choice had the highest total log-likelihood (acc),
+  // else '0'. Paired comparisons over items (e.g. the gain of fine-tuning) need it; "" in records made before it.
+  std::string correct;
 };
 
 nlohmann::ordered_json downstream_to_json(const DownstreamRecord& r);
