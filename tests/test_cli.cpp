@@ -17,16 +17,6 @@ struct Result {
   std::string output;
 };
 
-Result run(const std::string& args) {
-  const std::string cmd = std::string(MOELAB_BINARY) + " " + args + " 2>&1";
-  FILE* pipe = popen(cmd.c_str(), "r");
-  std::string out;
-  std::array<char, 4096> buf{};
-  while (size_t n = fread(buf.data(), 1, buf.size(), pipe)) out.append(buf.data(), n);
-  const int status = pclose(pipe);
-  return {WEXITSTATUS(status), out};
-}
-
 // A shell command's stdout alone (stderr is the command's to redirect).
 Result run_stdout(const std::string& cmd) {
   FILE* pipe = popen(cmd.c_str(), "r");
@@ -36,6 +26,9 @@ Result run_stdout(const std::string& cmd) {
   const int status = pclose(pipe);
   return {WEXITSTATUS(status), out};
 }
+
+// The moelab binary with `args`, stdout and stderr together.
+Result run(const std::string& args) { return run_stdout(std::string(MOELAB_BINARY) + " " + args + " 2>&1"); }
 
 class Cli : public ::testing::Test {
  protected:
