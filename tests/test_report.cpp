@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <set>
 #include <sstream>
@@ -204,37 +205,57 @@ TEST(Report, PageHasEveryFigureAndRendersInHeadlessChromium) {
 namespace moelab {
 namespace {
 
-// Findings from an in-memory study: two budgets, a dense and an MoE configuration each, two seeds per
-// configuration. The MoE is better by `gap`; the seeds differ by `noise`.
-nlohmann::ordered_json findings_for(double gap, double noise, bool replicates) {
+using ojson = nlohmann::ordered_json;
+
+// A synthetic study of runs as the sweeps write them: at each budget, each arm (E experts, top-1; E = 0 is dense)
+// over a ladder of 3 shapes, R replicates (train.seed = data seed = 1..R). Loss = base(C) + 0.2 (log N - log N*)^2
+// - gain(E) + shared[r] + own, where shared[r] is replicate r's noise common to every run of it (the data order
+// the pairing cancels) and own each run's own noise (sd `own`, seeded).
+struct Synthetic {
+  std::vector<double> budgets = {1e12, 4e12};
+  std::vector<int64_t> experts = {0, 8};
+  int replicates = 3;
+  double shared = 0.03, own = 0.002;
+  std::function<double(int64_t experts, double C)> gain = [](int64_t E, double) { return E > 0 ? 0.05 : 0.0; };
+};
+
+std::vector<RunResult> synthetic_runs(const Synthetic& spec, uint64_t seed = 7) {
+  Rng rng(seed);
+  std::vector<double> shared(spec.replicates);
+  for (auto& x : shared) x = spec.shared * rng.normal();
+  std::vector<RunResult> out;
+  for (double C : spec.budgets) {
+    const double n_star = 1e5 * std::sqrt(C / 1e12);
+    for (int64_t E : spec.experts)
+      for (double f : {0.5, 1.0, 2.0})
+        for (int r = 1; r <= spec.replicates; ++r) {
+          RunResult x;
+          const auto N = static_cast<int64_t>(n_star * f);
+          x.name = "c" + compact_number(C) + "-n" + std::to_string(N) + (E ? "-e" + std::to_string(E) : "-dense") +
+                   (r > 1 ? "-s" + std::to_string(r) : "");
+          x.status = "ok";
+          x.budget = C;
+          x.experts = E, x.top_k = E ? 1 : 0, x.sparsity = E ? 1 - 1.0 / static_cast<double>(E) : 0.0;
+          x.nonembedding_params = N, x.params = N + 1000, x.d_model = N / 1000, x.n_layers = 4;
+          x.tokens = static_cast<int64_t>(C / (6.0 * static_cast<double>(N)));
+          x.seed = x.data_seed = r;
+          const double lf = std::log(f);
+          x.smoothed_loss = x.val_loss = 4.0 - 0.1 * std::log10(C / 1e12) + 0.2 * lf * lf - spec.gain(E, C) +
+                                         shared[r - 1] + spec.own * rng.normal();
+          out.push_back(x);
+        }
+  }
+  return out;
+}
+
+ojson synthetic_findings(const std::vector<RunResult>& runs) {
   Study study;
   StudySweep s;
   s.label = "sparsity";
   s.plan.kind = "isoflop";
-  nlohmann::ordered_json per_budget = nlohmann::ordered_json::array();
-  for (double C : {1e12, 4e12}) {
-    const double base = 5.0 - 0.1 * std::log10(C);
-    for (int seed = 1; seed <= (replicates ? 2 : 1); ++seed)
-      for (bool moe : {false, true}) {
-        RunResult r;
-        r.name = std::string(moe ? "moe" : "dense") + "-" + compact_number(C) + (seed > 1 ? "-s2" : "");
-        r.status = "ok";
-        r.budget = C;
-        r.tokens = static_cast<int64_t>(C / 1e6);
-        r.d_model = 64, r.n_layers = 2;
-        r.experts = moe ? 8 : 0, r.top_k = moe ? 2 : 0, r.sparsity = moe ? 0.75 : 0.0;
-        r.seed = seed;
-        r.smoothed_loss = base - (moe ? gap : 0.0) + (seed == 2 ? noise : 0.0);
-        s.results.push_back(r);
-      }
-    per_budget.push_back({{"C", C},
-                          {"best_dense", {{"name", "dense-" + compact_number(C)}, {"loss", base}}},
-                          {"best_moe", {{"name", "moe-" + compact_number(C)}, {"loss", base - gap}}}});
-  }
+  s.results = runs;
   study.sweeps.push_back(s);
-  nlohmann::ordered_json summary;
-  summary["per_budget"] = per_budget;
-  return study_findings(study, summary, "smoothed_loss");
+  return study_findings(study, ojson::object(), "val_loss");
 }
 
 std::string verdict_of(const nlohmann::ordered_json& f, const std::string& id) {
@@ -243,23 +264,76 @@ std::string verdict_of(const nlohmann::ordered_json& f, const std::string& id) {
   return "(missing)";
 }
 
-TEST(Findings, VerdictsFollowTheSeedSpread) {
-  // A clear gap with small seed noise: reproduced (MoE beats dense; sparser is better at fixed FLOPs).
-  auto f = findings_for(0.1, 0.005, true);
+const ojson& claim_of(const ojson& f, const std::string& id) {
+  for (const auto& c : f["claims"])
+    if (c["id"] == id) return c;
+  static const ojson none = ojson::object();
+  return none;
+}
+
+TEST(Findings, MoeBeatsDenseIsJudgedOnEveryReplicateWithAnInterval) {
+  // A 0.05 gain under replicate noise (sd 0.03) shared by the arms, own noise 0.002: the paired interval finds it.
+  Synthetic spec;
+  ojson f = synthetic_findings(synthetic_runs(spec));
   ASSERT_EQ(f["claims"].size(), 6u);
-  EXPECT_NEAR(f["seed_sd"].get<double>(), 0.005 / std::sqrt(2.0), 1e-9);
-  EXPECT_EQ(verdict_of(f, "moe_beats_dense"), "reproduced");
-  EXPECT_EQ(verdict_of(f, "sparser_better"), "reproduced");
-  EXPECT_EQ(verdict_of(f, "finetune"), "not measured");
-  EXPECT_EQ(verdict_of(f, "fixed_n_u_shape"), "not measured");
-  // The same gap inside the seed noise: inconclusive.
-  EXPECT_EQ(verdict_of(findings_for(0.01, 0.05, true), "moe_beats_dense"), "inconclusive");
-  // MoE worse beyond the noise: not reproduced.
-  EXPECT_EQ(verdict_of(findings_for(-0.1, 0.005, true), "moe_beats_dense"), "not reproduced");
-  // No replicates: the direction is reported, the verdict stays inconclusive.
-  const auto single = findings_for(0.1, 0.0, false);
-  EXPECT_EQ(verdict_of(single, "moe_beats_dense"), "inconclusive");
-  EXPECT_TRUE(single["seed_sd"].is_null());
+  const ojson& c = claim_of(f, "moe_beats_dense");
+  EXPECT_EQ(c["verdict"], "reproduced") << c.dump(1);
+  EXPECT_NEAR(c["estimate"].get<double>(), 0.05, 0.01);
+  EXPECT_LT(c["interval"][0].get<double>(), 0.05);
+  EXPECT_GT(c["interval"][1].get<double>(), 0.05);
+  EXPECT_GT(c["detectable_effect"].get<double>(), 0);
+  EXPECT_EQ(c["n_per_arm"]["dense"], 18);  // 2 budgets x 3 shapes x 3 replicates
+  EXPECT_EQ(c["n_per_arm"]["moe"], 18);
+  ASSERT_EQ(c["details"].size(), 3u);  // two budgets and the compute multiplier
+  EXPECT_EQ(c["details"][0]["n_per_arm"]["dense"]["replicates"], 3);
+  EXPECT_GT(c["details"][2]["compute_multiplier"].get<double>(), 1.0);
+  // Pairing: the shared noise cancels, so the paired se is far below the unpaired one.
+  ASSERT_EQ(f["pairing"].size(), 2u);
+  for (const auto& p : f["pairing"]) {
+    EXPECT_LT(p["se_paired"].get<double>(), 0.5 * p["se_unpaired"].get<double>()) << p.dump();
+    EXPECT_GT(p["correlation"].get<double>(), 0.9) << p.dump();
+  }
+  // Sparser (8 experts against dense) is better here too.
+  EXPECT_EQ(verdict_of(f, "sparser_better"), "reproduced") << claim_of(f, "sparser_better").dump(1);
+
+  // MoE worse: not reproduced. No difference with own noise 0.01: inconclusive, saying what it could detect.
+  spec.gain = [](int64_t E, double) { return E > 0 ? -0.05 : 0.0; };
+  EXPECT_EQ(verdict_of(synthetic_findings(synthetic_runs(spec)), "moe_beats_dense"), "not reproduced");
+  EXPECT_EQ(verdict_of(synthetic_findings(synthetic_runs(spec)), "sparser_better"), "not reproduced");
+  spec.gain = [](int64_t, double) { return 0.0; };
+  spec.own = 0.01;
+  f = synthetic_findings(synthetic_runs(spec));
+  EXPECT_EQ(verdict_of(f, "moe_beats_dense"), "inconclusive") << claim_of(f, "moe_beats_dense").dump(1);
+  EXPECT_NE(claim_of(f, "moe_beats_dense")["why"].get<std::string>().find("this design detects an effect of"),
+            std::string::npos);
+  // One replicate: no interval, so never decided.
+  spec.replicates = 1;
+  spec.gain = [](int64_t E, double) { return E > 0 ? 0.05 : 0.0; };
+  f = synthetic_findings(synthetic_runs(spec));
+  EXPECT_EQ(verdict_of(f, "moe_beats_dense"), "inconclusive");
+  EXPECT_TRUE(f["seed_sd"].is_null());
+}
+
+TEST(Findings, APlantedLuckySeedDecidesNothing) {
+  // No real difference; one MoE run (replicate 3, the middle shape of each budget) is 0.08 lower than its seeds
+  // say, 8 own-noise sd. The best single run of each budget is then that lucky MoE run, by 0.08, which the old
+  // best-of-seeds rule (a win beyond 2 sqrt(2) seed sd) called reproduced; every run and the pairing see through it.
+  Synthetic spec;
+  spec.gain = [](int64_t, double) { return 0.0; };
+  spec.own = 0.01;
+  auto runs = synthetic_runs(spec);
+  double best_dense = INFINITY, best_moe = INFINITY;
+  for (auto& r : runs) {
+    if (r.experts > 0 && r.seed == 3 && r.name.find("-n" + std::to_string(static_cast<int64_t>(1e5 * std::sqrt(r.budget / 1e12)))) != std::string::npos)
+      r.val_loss = r.smoothed_loss = r.val_loss - 0.08;
+    if (r.budget == 1e12) (r.experts ? best_moe : best_dense) = std::min(r.experts ? best_moe : best_dense, r.val_loss);
+  }
+  const ojson f = synthetic_findings(runs);
+  const double sd = f["seed_sd"].get<double>();
+  EXPECT_GT(best_dense - best_moe, 2 * std::sqrt(2.0) * sd) << "the planted seed must fool the old rule";
+  const ojson& c = claim_of(f, "moe_beats_dense");
+  EXPECT_EQ(c["verdict"], "inconclusive") << c.dump(1);
+  EXPECT_LT(c["estimate"].get<double>(), 0.5 * (best_dense - best_moe));
 }
 
 }  // namespace
@@ -270,33 +344,12 @@ namespace {
 
 using ojson = nlohmann::ordered_json;
 
-const ojson& claim_of(const ojson& f, const std::string& id) {
-  for (const auto& c : f["claims"])
-    if (c["id"] == id) return c;
-  static const ojson none = ojson::object();
-  return none;
-}
-
 std::string warnings_text(const ojson& f) {
   std::string all;
   for (const auto& w : f["edge_warnings"]) all += w.get<std::string>() + "\n";
   return all;
 }
 
-// Two seeds of one configuration (no budget, so it joins no IsoFLOP curve) whose losses differ by `noise`: the
-// study's seed sd is then noise / sqrt(2), and the verdict threshold 2 sqrt(2) sd is exactly 2 * noise.
-void add_replicates(StudySweep& s, double noise) {
-  for (int seed : {1, 2}) {
-    RunResult r;
-    r.name = "replicate-s" + std::to_string(seed);
-    r.status = "ok";
-    r.d_model = 16, r.n_layers = 1;
-    r.tokens = 1000, r.params = 12345;
-    r.seed = seed;
-    r.smoothed_loss = 4.0 + (seed == 2 ? noise : 0.0);
-    s.results.push_back(r);
-  }
-}
 
 // ---- fine-tuning gains (fairseq) --------------------------------------------------------------------------------
 
@@ -433,134 +486,115 @@ TEST(Findings, FinetuneWithoutBeforeOrWithoutAPairIsNotMeasured) {
 
 // ---- loss against sparsity at fixed total parameters (Abnar) ------------------------------------------------------
 
-ojson fixed_group(double params, double C, const std::vector<std::pair<double, double>>& curve) {
-  ojson points = ojson::array();
-  double S = 0, L = INFINITY;
-  for (const auto& [sp, loss] : curve) {
-    points.push_back({{"sparsity", sp}, {"loss", loss}, {"name", "n-s" + compact_number(sp)}});
-    if (loss < L) L = loss, S = sp;
-  }
-  const bool edge = S == curve.front().first || S == curve.back().first;
-  return {{"params", params}, {"C", C}, {"points", points}, {"S_star", S}, {"L_star", L}, {"on_edge", edge}};
-}
-
-// The findings of a study whose one sweep (of `kind`) holds only replicates with seed noise 0.01 (threshold 0.02),
-// and whose summary[key] is `rows`.
-ojson findings_with(const std::string& kind, const std::string& key, const ojson& rows) {
+// A fixed-parameter sweep: at S = 0, 0.5, ..., 0.984 (x = log2 E = 0..6), loss = 3 + curve(x) + shared[r] + own.
+ojson fixed_params_findings(const std::function<double(double)>& curve, int replicates = 3, double own = 0.002) {
   Study study;
   StudySweep s;
-  s.label = kind;
-  s.plan.kind = kind;
-  add_replicates(s, 0.01);
+  s.label = "fixed-params";
+  s.plan.kind = "fixed_params";
+  Rng rng(11);
+  for (int r = 1; r <= replicates; ++r) {
+    const double shared = 0.03 * rng.normal();
+    for (int x = 0; x <= 6; ++x) {
+      PlannedRun p;
+      p.name = "n3e5-x" + std::to_string(x) + (r > 1 ? "-s" + std::to_string(r) : "");
+      p.target_params = 3e5, p.budget = 1e12;
+      s.plan.runs.push_back(p);
+      RunResult run;
+      run.name = p.name;
+      run.status = "ok";
+      run.budget = 1e12;
+      run.experts = x ? int64_t{1} << x : 0, run.top_k = x ? 1 : 0;
+      run.sparsity = 1 - std::exp2(-x);
+      run.nonembedding_params = 300000 - 1000 * x, run.d_model = 64 - 4 * x, run.n_layers = 4;
+      run.seed = run.data_seed = r;
+      run.smoothed_loss = run.val_loss = 3 + curve(x) + shared + own * rng.normal();
+      s.results.push_back(run);
+    }
+  }
   study.sweeps.push_back(s);
-  ojson summary = ojson::object();
-  summary[key] = rows;
-  const ojson f = study_findings(study, summary, "smoothed_loss");
-  EXPECT_NEAR(f["seed_sd"].get<double>(), 0.01 / std::sqrt(2.0), 1e-12);
-  return f;
+  return study_findings(study, ojson::object(), "val_loss");
 }
 
-ojson fixed_params_findings(const ojson& groups) { return findings_with("fixed_params", "fixed_params", groups); }
-
-TEST(Findings, FixedParamsUShapeWithAnInnerMinimumIsReproduced) {
-  // Lowest at S = 0.5, both ends 0.05 and 0.08 above it (> 0.02).
-  const ojson u = ojson::array({fixed_group(1e6, 1e12, {{0.0, 3.05}, {0.5, 3.00}, {0.75, 3.03}, {0.875, 3.08}})});
-  ojson f = fixed_params_findings(u);
-  EXPECT_EQ(verdict_of(f, "fixed_n_u_shape"), "reproduced") << claim_of(f, "fixed_n_u_shape").dump(1);
-  EXPECT_TRUE(f["edge_warnings"].empty()) << warnings_text(f);
-  EXPECT_NE(claim_of(f, "fixed_n_u_shape")["measured"].get<std::string>().find("lowest at S 0.5"), std::string::npos);
-  // One end only 0.01 above the minimum: inside the noise.
-  f = fixed_params_findings(ojson::array({fixed_group(1e6, 1e12, {{0.0, 3.01}, {0.5, 3.00}, {0.875, 3.08}})}));
-  EXPECT_EQ(verdict_of(f, "fixed_n_u_shape"), "inconclusive");
-  EXPECT_TRUE(f["edge_warnings"].empty());
-  // Two groups: reproduced only if every group is.
-  ojson two = u;
-  two.push_back(fixed_group(4e6, 1e12, {{0.0, 3.01}, {0.5, 3.00}, {0.875, 3.08}}));
-  EXPECT_EQ(verdict_of(fixed_params_findings(two), "fixed_n_u_shape"), "inconclusive");
-  two[1] = fixed_group(4e6, 1e12, {{0.0, 2.95}, {0.5, 2.90}, {0.875, 2.93}});
-  EXPECT_EQ(verdict_of(fixed_params_findings(two), "fixed_n_u_shape"), "reproduced");
-  // Fewer than 3 sparsity levels: not a curve.
-  EXPECT_EQ(verdict_of(fixed_params_findings(ojson::array({fixed_group(1e6, 1e12, {{0.0, 3.05}, {0.5, 3.00}})})),
-                       "fixed_n_u_shape"),
-            "not measured");
-}
-
-TEST(Findings, FixedParamsMinimumAtAnEndWarnsAndIsNotAUShape) {
-  // Monotone: lowest at the sparsest S, the densest end 0.15 above it: not reproduced, with a warning.
-  ojson f = fixed_params_findings(ojson::array({fixed_group(1e6, 1e12, {{0.0, 3.10}, {0.5, 3.00}, {0.875, 2.95}})}));
+TEST(Findings, FixedParamsUShapeIsJudgedByCurvatureAndWhereItsMinimumLies) {
+  // A U with its bottom at x = 3 (S 0.875): curvature 0.01 per (log2 E)^2.
+  ojson f = fixed_params_findings([](double x) { return 0.01 * (x - 3) * (x - 3); });
+  const ojson& c = claim_of(f, "fixed_n_u_shape");
+  EXPECT_EQ(c["verdict"], "reproduced") << c.dump(1);
+  EXPECT_NEAR(c["estimate"].get<double>(), 0.01, 0.002);
+  EXPECT_NEAR(c["details"][0]["S_star"].get<double>(), 0.875, 0.03);
+  // Monotone: falling all the way (a convex curve whose bottom lies beyond the sparsest S), or a straight line.
+  f = fixed_params_findings([](double x) { return 0.01 * (x - 9) * (x - 9); });
   EXPECT_EQ(verdict_of(f, "fixed_n_u_shape"), "not reproduced") << claim_of(f, "fixed_n_u_shape").dump(1);
-  ASSERT_EQ(f["edge_warnings"].size(), 1u) << warnings_text(f);
-  EXPECT_NE(warnings_text(f).find("the lowest loss is at the sparsest measured S"), std::string::npos)
-      << warnings_text(f);
-  // Lowest at the densest end.
-  f = fixed_params_findings(ojson::array({fixed_group(1e6, 1e12, {{0.0, 2.90}, {0.5, 3.00}, {0.875, 3.10}})}));
-  EXPECT_EQ(verdict_of(f, "fixed_n_u_shape"), "not reproduced");
-  EXPECT_NE(warnings_text(f).find("the lowest loss is at the densest measured S"), std::string::npos)
-      << warnings_text(f);
-  // Lowest at the sparsest end but the other end within the noise (0.01 above; a rise in between): inconclusive.
-  f = fixed_params_findings(ojson::array({fixed_group(1e6, 1e12, {{0.0, 2.96}, {0.5, 3.00}, {0.875, 2.95}})}));
-  EXPECT_EQ(verdict_of(f, "fixed_n_u_shape"), "inconclusive");
-  EXPECT_EQ(f["edge_warnings"].size(), 1u) << warnings_text(f);
+  // An upside-down U: not reproduced.
+  EXPECT_EQ(verdict_of(fixed_params_findings([](double x) { return -0.01 * (x - 3) * (x - 3); }), "fixed_n_u_shape"),
+            "not reproduced");
+  // A faint U under large own noise: inconclusive.
+  f = fixed_params_findings([](double x) { return 0.001 * (x - 3) * (x - 3); }, 3, 0.02);
+  EXPECT_EQ(verdict_of(f, "fixed_n_u_shape"), "inconclusive") << claim_of(f, "fixed_n_u_shape").dump(1);
+  // Fewer than 3 sparsity levels: not a curve.
+  Study two;
+  EXPECT_EQ(verdict_of(study_findings(two, ojson::object(), "val_loss"), "fixed_n_u_shape"), "not measured");
 }
 
 // ---- the optimal granularity (Krajewski) -------------------------------------------------------------------------
 
-ojson granularity_row(double C, const std::vector<std::pair<double, double>>& curve, bool on_edge = false) {
-  ojson points = ojson::array();
-  double G = 0, L = INFINITY;
-  for (const auto& [g, loss] : curve) {
-    points.push_back({{"G", g}, {"loss", loss}, {"name", "c-g" + compact_number(g)}});
-    if (loss < L) L = loss, G = g;
+// A granularity sweep at C 1e12 and 4e12: G = 1, 2, 4, 8 (x = log2 G), loss = 3 + 0.02 (x - x*(C))^2 + noise.
+ojson granularity_findings(double x_small, double x_large, double own = 0.002) {
+  Study study;
+  StudySweep s;
+  s.label = "granularity";
+  s.plan.kind = "granularity";
+  Rng rng(5);
+  for (int r = 1; r <= 3; ++r) {
+    const double shared = 0.03 * rng.normal();
+    for (auto [C, xs] : {std::pair{1e12, x_small}, std::pair{4e12, x_large}})
+      for (int x = 0; x <= 3; ++x) {
+        RunResult run;
+        run.name = "c" + compact_number(C) + "-g" + std::to_string(1 << x) + (r > 1 ? "-s" + std::to_string(r) : "");
+        run.status = "ok";
+        run.budget = C;
+        run.granularity = 1 << x, run.experts = 4 << x, run.top_k = 1 << x, run.sparsity = 0.75;
+        run.nonembedding_params = 100000, run.d_model = 64, run.n_layers = 4;
+        run.seed = run.data_seed = r;
+        run.smoothed_loss = run.val_loss = 3 - 0.1 * std::log10(C / 1e12) + 0.02 * (x - xs) * (x - xs) + shared +
+                                           own * rng.normal();
+        s.results.push_back(run);
+      }
   }
-  return {{"C", C},
-          {"G_star", G},
-          {"best", {{"loss", L}, {"name", "c-g" + compact_number(G)}}},
-          {"on_edge", on_edge},
-          {"curve_at_best_shape", points}};
+  study.sweeps.push_back(s);
+  return study_findings(study, ojson::object(), "val_loss");
 }
 
-ojson granularity_findings(const ojson& rows) { return findings_with("granularity", "granularity_optimum", rows); }
-
-TEST(Findings, GranularityAboveOneAndGrowingIsReproduced) {
-  // C 1e12: G* = 2, 0.10 below G = 1. C 4e12: G* = 4, 0.10 below G = 1, and the small budget's G* (2) 0.05 above.
-  const ojson rows = ojson::array({granularity_row(1e12, {{1, 3.10}, {2, 3.00}, {4, 3.05}, {8, 3.09}}),
-                                   granularity_row(4e12, {{1, 2.95}, {2, 2.90}, {4, 2.85}, {8, 2.88}})});
-  ojson f = granularity_findings(rows);
-  EXPECT_EQ(verdict_of(f, "granularity"), "reproduced") << claim_of(f, "granularity").dump(1);
-  EXPECT_TRUE(f["edge_warnings"].empty()) << warnings_text(f);
-  // The same G* at both budgets: no growth.
-  f = granularity_findings(ojson::array({granularity_row(1e12, {{1, 3.10}, {2, 3.00}, {4, 3.05}}),
-                                         granularity_row(4e12, {{1, 2.95}, {2, 2.85}, {4, 2.90}})}));
+TEST(Findings, GranularityAboveOneAndGrowingIsJudgedPerReplicate) {
+  // G* = 2 at the smaller budget, 4 at the larger: reproduced, with G* and its interval per budget.
+  ojson f = granularity_findings(1, 2);
+  const ojson& c = claim_of(f, "granularity");
+  EXPECT_EQ(c["verdict"], "reproduced") << c.dump(1);
+  EXPECT_NEAR(c["estimate"].get<double>(), 1.0, 0.2);  // log2 G* grows by one doubling
+  EXPECT_NEAR(c["details"][0]["G_star"].get<double>(), 2.0, 0.3);
+  EXPECT_NEAR(c["details"][1]["G_star"].get<double>(), 4.0, 0.6);
+  // The same G* at both budgets: above 1, but no growth to see.
+  f = granularity_findings(1.5, 1.5);
   EXPECT_EQ(verdict_of(f, "granularity"), "inconclusive") << claim_of(f, "granularity").dump(1);
-  // G* moves up, but the last budget's loss at the first G* is within the noise (0.01 above).
-  f = granularity_findings(ojson::array({granularity_row(1e12, {{1, 3.10}, {2, 3.00}, {4, 3.05}}),
-                                         granularity_row(4e12, {{1, 2.95}, {2, 2.86}, {4, 2.85}})}));
-  EXPECT_EQ(verdict_of(f, "granularity"), "inconclusive") << claim_of(f, "granularity").dump(1);
-  // G* falls, beyond the noise.
-  f = granularity_findings(ojson::array({granularity_row(1e12, {{1, 3.10}, {2, 3.05}, {4, 3.00}}),
-                                         granularity_row(4e12, {{1, 2.95}, {2, 2.85}, {4, 2.90}})}));
+  EXPECT_NE(claim_of(f, "granularity")["why"].get<std::string>().find("detects an effect of"), std::string::npos);
+  // G* falls with the budget.
+  EXPECT_EQ(verdict_of(granularity_findings(2, 1), "granularity"), "not reproduced");
+  // Loss rises from G = 1 at both budgets: G = 1 is best.
+  f = granularity_findings(-1, -1);
   EXPECT_EQ(verdict_of(f, "granularity"), "not reproduced") << claim_of(f, "granularity").dump(1);
-  // G* = 1 at one budget.
-  f = granularity_findings(ojson::array({granularity_row(1e12, {{1, 3.00}, {2, 3.05}, {4, 3.10}}),
-                                         granularity_row(4e12, {{1, 2.95}, {2, 2.90}, {4, 2.85}})}));
-  EXPECT_EQ(verdict_of(f, "granularity"), "not reproduced");
-  // G* > 1, but only 0.01 below G = 1: inconclusive.
-  f = granularity_findings(ojson::array({granularity_row(1e12, {{1, 3.01}, {2, 3.00}, {4, 3.05}}),
-                                         granularity_row(4e12, {{1, 2.95}, {2, 2.90}, {4, 2.85}})}));
-  EXPECT_EQ(verdict_of(f, "granularity"), "inconclusive");
-  // One budget: G* > 1 but growth cannot be told.
-  EXPECT_EQ(verdict_of(granularity_findings(ojson::array({rows[0]})), "granularity"), "inconclusive");
-  EXPECT_EQ(verdict_of(granularity_findings(ojson::array()), "granularity"), "not measured");
+  EXPECT_EQ(verdict_of(study_findings(Study{}, ojson::object(), "val_loss"), "granularity"), "not measured");
 }
 
-TEST(Findings, GranularityOptimumOnTheEdgeWarns) {
-  const ojson rows = ojson::array({granularity_row(1e12, {{1, 3.10}, {2, 3.00}, {4, 3.05}}),
-                                   granularity_row(4e12, {{1, 2.95}, {2, 2.90}, {4, 2.85}}, true)});
-  const ojson f = granularity_findings(rows);
-  EXPECT_EQ(verdict_of(f, "granularity"), "reproduced") << claim_of(f, "granularity").dump(1);
-  ASSERT_EQ(f["edge_warnings"].size(), 1u) << warnings_text(f);
-  EXPECT_NE(warnings_text(f).find("the best granularity at C 4e+12 is the largest measured (G = 4)"), std::string::npos)
-      << warnings_text(f);
+TEST(Findings, OptimaOnTheEdgeOfTheirRangeWarn) {
+  ojson summary = ojson::object();
+  summary["granularity_optimum"] = ojson::array({{{"C", 4e12}, {"G_star", 4}, {"on_edge", true}}});
+  summary["fixed_params"] = ojson::array({{{"params", 3e5}, {"on_edge", true}}});
+  const ojson f = study_findings(Study{}, summary, "val_loss");
+  std::string w;
+  for (const auto& x : f["edge_warnings"]) w += x.get<std::string>() + "\n";
+  EXPECT_NE(w.find("the best granularity at C 4e+12 is the largest measured (G = 4)"), std::string::npos) << w;
+  EXPECT_NE(w.find("at fixed total parameters (N 3e+05) the lowest mean loss is at an end"), std::string::npos) << w;
 }
 
 // ---- IsoFLOP curves whose optimum is not bracketed ---------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <map>
+#include <set>
 #include <tuple>
 
 #include "core/format.h"
@@ -23,36 +25,41 @@ double loss(const RunResult& r, const std::string& column) {
 
 bool ok(const RunResult& r, const std::string& column) { return r.status == "ok" && std::isfinite(loss(r, column)); }
 
-// "d ± 2 sqrt(2) sd": a difference of two single runs is significant beyond that.
-double threshold(double sd) { return 2 * std::sqrt(2.0) * sd; }
+ojson number_or_null(double x) { return std::isfinite(x) ? ojson(x) : ojson(nullptr); }
 
-// The verdict on a difference that the claim says is positive.
-std::pair<std::string, std::string> judge(double d, double sd) {
-  if (!std::isfinite(d)) return {"not measured", ""};
-  if (!std::isfinite(sd))
-    return {"inconclusive", std::string(d > 0 ? "the direction agrees" : "the direction disagrees") +
-                                " on a single seed; no replicate seeds to size the noise"};
-  if (d > threshold(sd)) return {"reproduced", "beyond 2 sqrt(2) seed sd (" + fmt("%.3g", threshold(sd)) + ")"};
-  if (d < -threshold(sd)) return {"not reproduced", "the opposite, beyond 2 sqrt(2) seed sd"};
-  return {"inconclusive", "within 2 sqrt(2) seed sd (" + fmt("%.3g", threshold(sd)) + ") of no difference"};
-}
+// What a claim's verdict rests on: an estimate (positive: the claim's direction), its 95% interval, the smallest
+// effect the design detects (80% power, 5% two-sided), and how many runs and replicates each arm had.
+struct Evidence {
+  double estimate = kNaN, lo = kNaN, hi = kNaN, mde = kNaN;
+  std::string unit = "nats";
+  ojson n_per_arm = ojson::object();
+  ojson details = ojson::array();  // per budget (or per set): the same numbers, one object each
+};
 
 ojson finding(const std::string& id, const std::string& claim, const std::string& source, const std::string& measured,
-              const std::string& spread, const std::pair<std::string, std::string>& verdict) {
-  return {{"id", id},           {"claim", claim},      {"source", source},          {"measured", measured},
-          {"spread", spread},   {"verdict", verdict.first}, {"why", verdict.second}};
+              const std::string& spread, const Verdict& verdict, const Evidence& e) {
+  ojson f{{"id", id},         {"claim", claim},     {"source", source},        {"measured", measured},
+          {"spread", spread}, {"verdict", verdict.verdict}, {"why", verdict.why}};
+  f["estimate"] = number_or_null(e.estimate);
+  f["interval"] = ojson::array({number_or_null(e.lo), number_or_null(e.hi)});
+  f["detectable_effect"] = number_or_null(e.mde);
+  f["unit"] = e.unit;
+  f["n_per_arm"] = e.n_per_arm;
+  if (!e.details.empty()) f["details"] = e.details;
+  return f;
 }
 
-// Combines per-budget verdicts: reproduced only if every budget is, not reproduced if any is, else inconclusive.
-std::pair<std::string, std::string> all_of(const std::vector<std::pair<std::string, std::string>>& v) {
-  if (v.empty()) return {"not measured", ""};
-  bool all = true, any_not = false;
-  for (const auto& x : v) all &= x.first == "reproduced", any_not |= x.first == "not reproduced";
-  if (all) return {"reproduced", "at every budget (" + v.front().second + ")"};
-  if (any_not) return {"not reproduced", "at some budget: " + v.front().second};
-  for (const auto& x : v)
-    if (x.first == "inconclusive") return x;
-  return {"inconclusive", "not measured at some budget"};  // a mix of reproduced and not measured
+std::string interval_text(const PairedMean& p, const char* format = "%+.4f") {
+  if (!std::isfinite(p.estimate)) return "- (no replicate covers every run it needs)";
+  if (!std::isfinite(p.lo)) return fmt(format, p.estimate) + " (no interval: fewer than 2 replicates)";
+  return fmt(format, p.estimate) + " [" + fmt(format, p.lo) + ", " + fmt(format, p.hi) + "]";
+}
+
+ojson evidence_json(const PairedMean& p) {
+  return {{"estimate", number_or_null(p.estimate)},
+          {"interval", ojson::array({number_or_null(p.lo), number_or_null(p.hi)})},
+          {"detectable_effect", number_or_null(p.mde)},
+          {"replicates", p.n}};
 }
 
 // The budget of `seen` within a relative 1e-6 of b, or b itself, added to `seen`: runs of one planned budget differ
@@ -64,16 +71,126 @@ double snap_budget(std::vector<double>& seen, double b) {
   return b;
 }
 
+// log2 of the expansion 1 / (1 - S): 0 for dense, log2 E for top-1 of E experts; the axis along which the
+// studies vary sparsity.
+double sparsity_axis(double S) { return -std::log2(std::max(1e-12, 1 - S)); }
+
+// An arm of the IsoFLOP sweeps at one budget: the runs of one sparsity, granularity and top-k over the budget's
+// shape ladder, every replicate.
+struct ArmKey {
+  double sparsity;
+  int64_t experts, top_k, granularity;
+  bool operator<(const ArmKey& o) const {
+    return std::tie(sparsity, experts, top_k, granularity) < std::tie(o.sparsity, o.experts, o.top_k, o.granularity);
+  }
+  std::string label() const {
+    return experts == 0 ? std::string("dense")
+                        : "S " + fmt("%.4g", sparsity) + " (" + std::to_string(experts) + " experts, top-" +
+                              std::to_string(top_k) + (granularity > 1 ? ", G " + std::to_string(granularity) : "") +
+                              ")";
+  }
+};
+using Arms = std::map<double, std::map<ArmKey, std::vector<const RunResult*>>>;  // budget -> arm -> runs
+
+Arms isoflop_arms(const Study& study, const std::string& column) {
+  Arms arms;
+  std::vector<double> seen;
+  for (const auto& s : study.sweeps) {
+    if (s.plan.kind != "isoflop") continue;
+    for (const auto& r : s.results)
+      if (ok(r, column) && r.budget > 0)
+        arms[snap_budget(seen, r.budget)][{r.sparsity, r.experts, r.top_k, r.granularity}].push_back(&r);
+  }
+  return arms;
+}
+
+// The runs as the comparison code sees them: a config per set of replicates (runs with one base name: one shape,
+// differing only in their seeds), the data seed as the replicate index (runs with one data seed saw the same
+// windows in the same order: they pair), x = log N. A second run of one config and data seed (a rerun under
+// another name pattern) is left out rather than counted twice.
+using LossOf = std::function<double(const RunResult&)>;
+std::vector<ArmRun> arm_runs(const std::vector<const RunResult*>& runs, const LossOf& loss_of) {
+  std::map<std::string, int> config;
+  std::set<std::pair<int, int>> seen;
+  std::vector<ArmRun> out;
+  for (const auto* r : runs) {
+    const double L = loss_of(*r);
+    if (!std::isfinite(L)) continue;
+    const int c = config.emplace(replicate_base_name(*r), static_cast<int>(config.size())).first->second;
+    if (!seen.insert({c, static_cast<int>(r->data_seed)}).second) continue;
+    out.push_back({c, static_cast<int>(r->data_seed), std::log(static_cast<double>(r->nonembedding_params)), L});
+  }
+  return out;
+}
+
+ojson arm_count(const std::vector<ArmRun>& runs) {
+  std::set<int> configs, replicates;
+  for (const auto& r : runs) configs.insert(r.config), replicates.insert(r.replicate);
+  return {{"runs", runs.size()}, {"shapes", configs.size()}, {"replicates", replicates.size()}};
+}
+
+// The MoE arm of a budget whose minimum, fitted to all its runs, is lowest (the study's best sparsity there).
+const std::pair<const ArmKey, std::vector<const RunResult*>>* best_moe_arm(
+    const std::map<ArmKey, std::vector<const RunResult*>>& arms, const LossOf& loss_of) {
+  const std::pair<const ArmKey, std::vector<const RunResult*>>* best = nullptr;
+  double best_loss = INFINITY;
+  for (const auto& arm : arms) {
+    if (arm.first.experts == 0) continue;
+    const auto runs = arm_runs(arm.second, loss_of);
+    if (runs.empty()) continue;
+    const double L = fit_arm_minimum(runs).loss;
+    if (L < best_loss) best_loss = L, best = &arm;
+  }
+  return best;
+}
+
+// The mean over `per_key` maps (e.g. budgets) of each replicate's value, for the replicates every map has.
+std::vector<double> mean_over_keys(const std::vector<std::map<int, double>>& per_key) {
+  std::vector<double> out;
+  if (per_key.empty()) return out;
+  for (const auto& [replicate, v] : per_key.front()) {
+    double sum = 0;
+    bool all = true;
+    for (const auto& m : per_key) {
+      const auto it = m.find(replicate);
+      if (it == m.end()) { all = false; break; }
+      sum += it->second;
+    }
+    if (all) out.push_back(sum / static_cast<double>(per_key.size()));
+  }
+  return out;
+}
+
+std::map<int, double> by_replicate(const ArmComparison& c) {
+  std::map<int, double> m;
+  for (size_t i = 0; i < c.replicate_ids.size(); ++i) m[c.replicate_ids[i]] = c.per_replicate[i];
+  return m;
+}
+
+Verdict not_measured(const std::string& why) { return {"not measured", why}; }
+
+// Combines the verdicts of parts (budgets, sets): reproduced if all are, not reproduced if any is, else
+// inconclusive (the first inconclusive part's reason).
+Verdict all_of(const std::vector<std::pair<std::string, Verdict>>& parts) {
+  if (parts.empty()) return not_measured("nothing to judge");
+  bool all = true;
+  for (const auto& [where, v] : parts) all &= v.verdict == "reproduced";
+  if (all) return {"reproduced", "at every " + std::string(parts.size() > 1 ? "one of " + std::to_string(parts.size()) : "part") + ": " + parts.front().first + ": " + parts.front().second.why};
+  for (const auto& [where, v] : parts)
+    if (v.verdict == "not reproduced") return {"not reproduced", where + ": " + v.why};
+  for (const auto& [where, v] : parts)
+    if (v.verdict == "inconclusive") return {"inconclusive", where + ": " + v.why};
+  return {"inconclusive", "not measured everywhere"};
+}
+
 }  // namespace
 
 double seed_spread(const Study& study, const std::string& column, size_t* groups) {
-  // A configuration: everything the results store says about a run but its seed and its losses.
-  std::map<std::tuple<std::string, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>, std::vector<double>> by;
+  // A configuration: the runs of one sweep with one base name (they differ only in their seeds).
+  std::map<std::pair<std::string, std::string>, std::vector<double>> by;
   for (const auto& s : study.sweeps)
     for (const auto& r : s.results)
-      if (ok(r, column))
-        by[{s.label, r.d_model, r.n_layers, r.experts, r.top_k, r.granularity, r.tokens, r.params}].push_back(
-            loss(r, column));
+      if (ok(r, column)) by[{s.label, replicate_base_name(r)}].push_back(loss(r, column));
   std::vector<std::vector<double>> groups_of_runs;
   for (auto& [key, v] : by) groups_of_runs.push_back(std::move(v));
   const ReplicateNoise noise = pooled_spread(groups_of_runs);
@@ -81,73 +198,173 @@ double seed_spread(const Study& study, const std::string& column, size_t* groups
   return noise.pooled_sd;
 }
 
-ojson study_findings(const Study& study, const ojson& summary, const std::string& column) {
-  size_t groups = 0;
-  const double sd = seed_spread(study, column, &groups);
-  const std::string spread = std::isfinite(sd) ? "seed sd " + fmt("%.3g", sd) + " (" + std::to_string(groups) +
-                                                     " replicated configurations)"
-                                               : "no replicate seeds";
-  ojson out = ojson::array();
+namespace {
 
-  // 1. MoE beats dense at equal FLOPs, and by how much (fairseq; Abnar).
-  {
-    std::vector<std::pair<std::string, std::string>> verdicts;
-    std::string measured;
-    for (const auto& b : summary.value("per_budget", ojson::array())) {
-      if (b["best_dense"].is_null() || b["best_moe"].is_null()) continue;
-      const double d = b["best_dense"]["loss"].get<double>() - b["best_moe"]["loss"].get<double>();
-      verdicts.push_back(judge(d, sd));
-      measured += (measured.empty() ? "" : "; ") + std::string("C ") + fmt("%.3g", b["C"].get<double>()) + ": " +
-                  b["best_dense"]["name"].get<std::string>() + " " + fmt("%.4f", b["best_dense"]["loss"].get<double>()) +
-                  " - " + b["best_moe"]["name"].get<std::string>() + " " +
-                  fmt("%.4f", b["best_moe"]["loss"].get<double>()) + " = " + fmt("%+.4f", d) +
-                  (std::isfinite(sd) ? " ± " + fmt("%.4f", threshold(sd)) : "");
-    }
-    const auto& m = summary.value("compute_multiplier", ojson::object());
-    if (m.contains("per_budget") && !m["per_budget"].empty())
-      measured += "; compute multiplier at the largest budget " +
-                  fmt("%.2f", m["per_budget"].back()["multiplier"].get<double>()) + "x";
-    out.push_back(finding("moe_beats_dense", "MoE beats dense at equal training FLOPs (and needs less compute for a loss)",
-                          "fairseq MoE vs dense; Abnar et al.", measured.empty() ? "no budget with both" : measured,
-                          spread, all_of(verdicts)));
+struct Context {
+  const Study& study;
+  const ojson& summary;
+  std::string column;
+  std::string spread;
+  ojson warnings = ojson::array();
+  ojson pairing = ojson::array();
+  LossOf in_domain() const {
+    return [c = column](const RunResult& r) { return loss(r, c); };
   }
+};
 
-  // 2. The gap by domain: MoE gains less out of domain (fairseq).
-  {
-    const auto& pb = summary.value("per_budget", ojson::array());
-    std::pair<std::string, std::string> verdict{"not measured", "no budget with a dense and an MoE run"};
-    std::string measured = "-";
-    if (!pb.empty() && !pb.back()["best_dense"].is_null() && !pb.back()["best_moe"].is_null()) {
-      const std::string dense_name = pb.back()["best_dense"]["name"], moe_name = pb.back()["best_moe"]["name"];
-      const RunResult *dense = nullptr, *moe = nullptr;
-      for (const auto& s : study.sweeps)
-        for (const auto& r : s.results) {
-          if (s.plan.kind != "isoflop") continue;  // the pair comes from the IsoFLOP runs; names repeat across sweeps
-          if (r.name == dense_name) dense = &r;
-          if (r.name == moe_name) moe = &r;
-        }
-      if (dense && moe && std::isfinite(dense->val_loss) && std::isfinite(moe->val_loss) && !moe->ood_losses.empty()) {
-        const double in = dense->val_loss - moe->val_loss;
-        measured = "in domain (val) " + fmt("%+.4f", in);
-        double worst = INFINITY;
-        for (const auto& [name, l] : moe->ood_losses) {
-          const auto it = dense->ood_losses.find(name);
-          if (it == dense->ood_losses.end()) continue;
-          const double g = it->second - l;
-          measured += ", " + name + " " + fmt("%+.4f", g);
-          worst = std::min(worst, in - g);
-        }
-        // The claim: the in-domain gain exceeds the out-of-domain one on every set.
-        verdict = std::isfinite(worst) ? judge(worst, sd) : verdict;
-        measured = "dense - MoE loss at C " + fmt("%.3g", pb.back()["C"].get<double>()) + ": " + measured;
-      }
+// 1. MoE beats dense at equal FLOPs (fairseq; Abnar): per budget, dense's IsoFLOP minimum minus the best MoE arm's,
+// each fitted to all its runs, paired by replicate; judged on the mean over budgets, replicate by replicate. With
+// the compute multiplier: the dense compute that reaches the MoE minimum of the largest budget, per replicate.
+ojson claim_moe_beats_dense(Context& ctx) {
+  const Arms arms = isoflop_arms(ctx.study, ctx.column);
+  Evidence e;
+  std::string measured;
+  std::vector<std::map<int, double>> per_budget;
+  std::vector<std::pair<std::string, Verdict>> parts;
+  ojson n = ojson::object();
+  std::map<int, std::vector<std::pair<double, double>>> dense_minima;  // replicate -> (log C, dense minimum)
+  std::map<int, double> moe_at_top;
+  double top_C = kNaN;
+  for (const auto& [C, by_arm] : arms) {
+    const auto dense_it = std::find_if(by_arm.begin(), by_arm.end(), [](const auto& a) { return a.first.experts == 0; });
+    const auto* moe = best_moe_arm(by_arm, ctx.in_domain());
+    if (dense_it == by_arm.end() || !moe) continue;
+    const auto dense_runs = arm_runs(dense_it->second, ctx.in_domain());
+    const auto moe_runs = arm_runs(moe->second, ctx.in_domain());
+    const ArmComparison c = compare_arm_minima(dense_runs, moe_runs);
+    const std::string where = "C " + fmt("%.3g", C);
+    const Verdict v = judge_positive(c.estimate, c.lo, c.hi, c.mde);
+    parts.push_back({where, v});
+    measured += (measured.empty() ? "" : "; ") + where + ": dense " + fmt("%.4f", c.a.loss) + " - MoE " +
+                moe->first.label() + " " + fmt("%.4f", c.b.loss) + " = " + fmt("%+.4f", c.estimate) +
+                (std::isfinite(c.lo) ? " [" + fmt("%+.4f", c.lo) + ", " + fmt("%+.4f", c.hi) + "]" : "");
+    e.details.push_back({{"C", C},
+                         {"moe_arm", moe->first.label()},
+                         {"dense_minimum", c.a.loss},
+                         {"moe_minimum", c.b.loss},
+                         {"estimate", c.estimate},
+                         {"interval", ojson::array({number_or_null(c.lo), number_or_null(c.hi)})},
+                         {"detectable_effect", number_or_null(c.mde)},
+                         {"paired", c.paired},
+                         {"n_per_arm", {{"dense", arm_count(dense_runs)}, {"moe", arm_count(moe_runs)}}},
+                         {"minima_interior", {{"dense", c.a.interior}, {"moe", c.b.interior}}}});
+    n["dense"] = n.contains("dense") ? n["dense"].get<int64_t>() + static_cast<int64_t>(dense_runs.size())
+                                     : static_cast<int64_t>(dense_runs.size());
+    n["moe"] = n.contains("moe") ? n["moe"].get<int64_t>() + static_cast<int64_t>(moe_runs.size())
+                                 : static_cast<int64_t>(moe_runs.size());
+    if (c.paired) {
+      per_budget.push_back(by_replicate(c));
+      ctx.pairing.push_back({{"C", C},
+                             {"comparison", "dense - MoE " + moe->first.label()},
+                             {"replicates", c.per_replicate.size()},
+                             {"se_paired", c.se},
+                             {"se_unpaired", number_or_null(c.se_unpaired)},
+                             {"variance_ratio", number_or_null(c.se * c.se / (c.se_unpaired * c.se_unpaired))},
+                             {"correlation", number_or_null(c.correlation)}});
     }
-    out.push_back(finding("gap_by_domain", "MoE's advantage is smaller out of domain than in domain",
-                          "fairseq MoE vs dense", measured, spread, verdict));
+    for (const auto& [r, m] : replicate_minima(dense_runs)) dense_minima[r].push_back({std::log(C), m.loss});
+    moe_at_top.clear();
+    for (const auto& [r, m] : replicate_minima(moe_runs)) moe_at_top[r] = m.loss;
+    top_C = C;
   }
+  e.n_per_arm = n;
+  if (parts.empty()) {
+    return finding("moe_beats_dense", "MoE beats dense at equal training FLOPs (and needs less compute for a loss)",
+                   "fairseq MoE vs dense; Abnar et al.", "no budget with a dense and an MoE arm", ctx.spread,
+                   not_measured("no IsoFLOP budget has both a dense and an MoE arm"), e);
+  }
+  const PairedMean pooled = paired_mean(mean_over_keys(per_budget));
+  e.estimate = pooled.estimate, e.lo = pooled.lo, e.hi = pooled.hi, e.mde = pooled.mde;
+  measured += "; mean over " + std::to_string(parts.size()) + " budgets " + interval_text(pooled);
+  Verdict verdict = judge_positive(pooled.estimate, pooled.lo, pooled.hi, pooled.mde);
+  if (verdict.verdict == "reproduced")
+    for (const auto& [where, v] : parts)
+      if (v.verdict == "not reproduced") verdict = {"inconclusive", "positive on average but the opposite at " + where};
+  verdict.why = pooled.n == 0 ? "no replicate seed covers every shape of both arms at every budget (plan the "
+                                "sweep with [sweep] seeds = [1, 2, 3])"
+                              : "mean over budgets, paired by replicate: " + verdict.why;
 
-  // 3. MoE gains less from fine-tuning (fairseq): the accuracy gain of fine-tuning (after - before, on the same
-  // test items) of the dense and the MoE run of the largest budget that has both.
+  // The compute multiplier: per replicate, dense's minima against log C (a line over the budgets) and the C at
+  // which that line reaches the MoE minimum of the largest budget, over that budget; the mean of its log over
+  // replicates with a t interval.
+  std::vector<double> log_mult;
+  for (const auto& [r, pts] : dense_minima) {
+    if (pts.size() < 2 || !moe_at_top.count(r)) continue;
+    std::vector<double> x, y;
+    for (const auto& [lc, l] : pts) x.push_back(lc), y.push_back(l);
+    const Line line = fit_line(x, y);
+    if (!(line.b < 0)) continue;
+    log_mult.push_back((moe_at_top[r] - line.a) / line.b - std::log(top_C));
+  }
+  if (log_mult.size() >= 2 && log_mult.size() == dense_minima.size()) {
+    const PairedMean m = paired_mean(log_mult);
+    measured += "; compute multiplier at C " + fmt("%.3g", top_C) + ": " + fmt("%.2f", std::exp(m.estimate)) + "x [" +
+                fmt("%.2f", std::exp(m.lo)) + ", " + fmt("%.2f", std::exp(m.hi)) + "] (dense's line through its " +
+                "minima over budgets, per replicate)";
+    e.details.push_back({{"compute_multiplier", std::exp(m.estimate)},
+                         {"interval", ojson::array({number_or_null(std::exp(m.lo)), number_or_null(std::exp(m.hi))})},
+                         {"C", top_C},
+                         {"replicates", m.n}});
+  }
+  return finding("moe_beats_dense", "MoE beats dense at equal training FLOPs (and needs less compute for a loss)",
+                 "fairseq MoE vs dense; Abnar et al.", measured, ctx.spread, verdict, e);
+}
+
+// 2. MoE's gain is smaller out of domain (fairseq): at the largest budget, dense - MoE minimum on validation minus
+// the same on each out-of-domain set, per replicate (the same runs, so paired), judged per set.
+ojson claim_gap_by_domain(Context& ctx) {
+  const Arms arms = isoflop_arms(ctx.study, ctx.column);
+  Evidence e;
+  const std::string id = "gap_by_domain", claim = "MoE's advantage is smaller out of domain than in domain",
+                    source = "fairseq MoE vs dense";
+  for (auto it = arms.rbegin(); it != arms.rend(); ++it) {
+    const auto& [C, by_arm] = *it;
+    const auto dense_it = std::find_if(by_arm.begin(), by_arm.end(), [](const auto& a) { return a.first.experts == 0; });
+    const auto* moe = best_moe_arm(by_arm, ctx.in_domain());
+    if (dense_it == by_arm.end() || !moe) continue;
+    std::set<std::string> sets;
+    for (const auto* r : moe->second)
+      for (const auto& [name, l] : r->ood_losses) sets.insert(name);
+    if (sets.empty()) break;
+    const auto in = compare_arm_minima(arm_runs(dense_it->second, ctx.in_domain()), arm_runs(moe->second, ctx.in_domain()));
+    const auto in_by_r = by_replicate(in);
+    std::string measured = "dense - MoE " + moe->first.label() + " minimum at C " + fmt("%.3g", C) +
+                           ": in domain " + fmt("%+.4f", in.estimate);
+    std::vector<std::pair<std::string, Verdict>> parts;
+    for (const auto& set : sets) {
+      const LossOf ood = [set](const RunResult& r) {
+        const auto f = r.ood_losses.find(set);
+        return f == r.ood_losses.end() ? kNaN : f->second;
+      };
+      const auto out = compare_arm_minima(arm_runs(dense_it->second, ood), arm_runs(moe->second, ood));
+      std::vector<double> d;
+      for (const auto& [r, g_out] : by_replicate(out))
+        if (in_by_r.count(r)) d.push_back(in_by_r.at(r) - g_out);
+      const PairedMean p = paired_mean(d);
+      measured += ", " + set + " " + fmt("%+.4f", out.estimate) + " (in - out " + interval_text(p) + ")";
+      const Verdict v = judge_positive(p.estimate, p.lo, p.hi, p.mde);
+      parts.push_back({set, v});
+      ojson dj = evidence_json(p);
+      dj["set"] = set;
+      dj["gain_in_domain"] = in.estimate;
+      dj["gain_out_of_domain"] = out.estimate;
+      e.details.push_back(dj);
+      if (!std::isfinite(e.estimate) || p.estimate < e.estimate) e.estimate = p.estimate, e.lo = p.lo, e.hi = p.hi, e.mde = p.mde;
+    }
+    e.n_per_arm = {{"dense", arm_count(arm_runs(dense_it->second, ctx.in_domain()))},
+                   {"moe", arm_count(arm_runs(moe->second, ctx.in_domain()))}};
+    return finding(id, claim, source, measured, ctx.spread, all_of(parts), e);
+  }
+  return finding(id, claim, source, "-", ctx.spread,
+                 not_measured("no budget with a dense and an MoE arm measured out of domain"), e);
+}
+// 3. MoE gains less from fine-tuning (fairseq): the accuracy gain of fine-tuning (after - before, on the same
+// test items) of the dense and the MoE run of the largest budget that has both, per item.
+ojson claim_finetune(Context& ctx) {
+  const Study& study = ctx.study;
+  const std::string& column = ctx.column;
+  Evidence e;
+  e.unit = "accuracy";
   {
     struct Tuned {
       const RunResult* run;
@@ -169,7 +386,7 @@ ojson study_findings(const Study& study, const ojson& summary, const std::string
     }
     std::pair<std::string, std::string> verdict{"not measured", "no dense and MoE run of one budget were fine-tuned "
                                                                 "(moelab sweep finetune)"};
-    std::string measured = "the study fine-tunes no runs", interval = spread;
+    std::string measured = "the study fine-tunes no runs", interval = ctx.spread;
     for (auto it = by_budget.rbegin(); it != by_budget.rend(); ++it) {
       auto& [dense, moe] = it->second;
       if (dense.empty() || moe.empty()) continue;
@@ -212,132 +429,267 @@ ojson study_findings(const Study& study, const ojson& summary, const std::string
                  fmt("%+.3f", p.hi) + "], detectable effect " + fmt("%.3f", p.mde);
       const Verdict v = judge_positive(p.estimate, p.lo, p.hi, p.mde);
       verdict = {v.verdict, v.why};
+      e.estimate = p.estimate, e.lo = p.lo, e.hi = p.hi, e.mde = p.mde;
+      e.n_per_arm = {{"dense", {{"runs", 1}, {"items", n}}}, {"moe", {{"runs", 1}, {"items", n}}}};
       break;
     }
-    out.push_back(finding("finetune", "MoE gains less than dense from fine-tuning", "fairseq MoE vs dense", measured,
-                          interval, verdict));
+    return finding("finetune", "MoE gains less than dense from fine-tuning", "fairseq MoE vs dense", measured,
+                   interval, Verdict{verdict.first, verdict.second}, e);
   }
+}
 
-  // 4. Optimal G > 1 and growing with budget (Krajewski): the measured best G per budget, judged against G = 1 and
-  // against the smaller budget's G* at the largest budget.
-  ojson warnings = ojson::array();
-  {
-    const auto& rows = summary.value("granularity_optimum", ojson::array());
-    std::string measured;
-    std::vector<std::pair<std::string, std::string>> above;
-    auto loss_at = [](const ojson& row, double G) {
-      for (const auto& p : row["curve_at_best_shape"])
-        if (p["G"].get<double>() == G) return p["loss"].get<double>();
-      return kNaN;
-    };
-    for (const auto& row : rows) {
-      const bool by_c = row.contains("C");
-      const double k = by_c ? row["C"].get<double>() : row["tokens"].get<double>();
-      const double G = row["G_star"].get<double>();
-      measured += (measured.empty() ? "" : "; ") + std::string(by_c ? "C " : "D ") + fmt("%.3g", k) + ": G* = " +
-                  fmt("%g", G) + " (L " + fmt("%.4f", row["best"]["loss"].get<double>()) + ", G = 1 " +
-                  fmt("%+.4f", loss_at(row, 1) - row["best"]["loss"].get<double>()) + ")";
-      if (row.contains("law") && row["law"].contains("G_star"))
-        measured += ", law G* = " + fmt("%g", row["law"]["G_star"].get<double>());
-      above.push_back(G > 1 ? judge(loss_at(row, 1) - row["best"]["loss"].get<double>(), sd)
-                            : std::pair<std::string, std::string>{"not reproduced", "G* = 1"});
-      if (row["on_edge"].get<bool>())
-        warnings.push_back("the best granularity at " + std::string(by_c ? "C " : "D ") + fmt("%.3g", k) +
-                           " is the largest measured (G = " + fmt("%g", G) +
-                           "): the optimum may lie beyond it; add a larger G");
+
+// Per replicate (data seed): the points (x, loss) of `runs`, for replicates with at least 3 distinct x.
+std::map<int, std::pair<std::vector<double>, std::vector<double>>> points_by_replicate(
+    const std::vector<const RunResult*>& runs, const std::function<double(const RunResult&)>& x_of,
+    const LossOf& loss_of) {
+  std::map<int, std::pair<std::vector<double>, std::vector<double>>> out;
+  for (const auto* r : runs) {
+    auto& [x, y] = out[static_cast<int>(r->data_seed)];
+    x.push_back(x_of(*r)), y.push_back(loss_of(*r));
+  }
+  for (auto it = out.begin(); it != out.end();)
+    it = std::set<double>(it->second.first.begin(), it->second.first.end()).size() < 3 ? out.erase(it) : std::next(it);
+  return out;
+}
+
+// 4. The optimal granularity is above 1 and grows with the budget (Krajewski): per budget and replicate, a parabola
+// of loss in log2 G over the MoE runs; "above 1" is its slope at G = 1 (negative: loss falls from G = 1), G* its
+// minimum within the measured G, "grows" the change of log2 G* from the smallest to the largest budget, each with a
+// t interval over replicates.
+ojson claim_granularity(Context& ctx) {
+  std::map<double, std::vector<const RunResult*>> by_budget;
+  std::vector<double> seen;
+  for (const auto& s : ctx.study.sweeps) {
+    if (s.plan.kind != "granularity") continue;
+    for (const auto& r : s.results)
+      if (ok(r, ctx.column) && r.experts > 0)
+        by_budget[snap_budget(seen, r.budget > 0 ? r.budget : -static_cast<double>(r.tokens))].push_back(&r);
+  }
+  Evidence e;
+  e.unit = "nats per doubling of G";
+  std::string measured;
+  std::vector<std::pair<std::string, Verdict>> above;
+  std::vector<std::map<int, double>> log_g_star;  // per budget: replicate -> log2 G*
+  int64_t runs = 0;
+  for (const auto& [k, rs] : by_budget) {
+    const auto pts = points_by_replicate(
+        rs, [](const RunResult& r) { return std::log2(static_cast<double>(r.granularity)); }, ctx.in_domain());
+    if (pts.empty()) continue;
+    runs += static_cast<int64_t>(rs.size());
+    std::vector<double> falls;
+    std::map<int, double> stars;
+    for (const auto& [rep, xy] : pts) {
+      const Parabola p = fit_parabola(xy.first, xy.second);
+      const double lo = *std::min_element(xy.first.begin(), xy.first.end());
+      const double hi = *std::max_element(xy.first.begin(), xy.first.end());
+      falls.push_back(-p.slope(0));
+      const double v = p.vertex();
+      stars[rep] = std::isfinite(v) ? std::clamp(v, lo, hi) : (p.at(lo) <= p.at(hi) ? lo : hi);
     }
-    std::pair<std::string, std::string> verdict;
-    if (rows.empty()) {
-      verdict = {"not measured", "no granularity sweep"};
-    } else {
-      const auto first = all_of(above);
-      if (first.first != "reproduced") {
-        verdict = {first.first, "G* > 1: " + first.second};
-      } else if (rows.size() < 2) {
-        verdict = {"inconclusive", "G* > 1, but growth needs two or more budgets"};
+    std::vector<double> star_values;
+    for (const auto& [rep, v] : stars) star_values.push_back(v);
+    const PairedMean fall = paired_mean(falls), star = paired_mean(star_values);
+    const std::string where = (k > 0 ? "C " : "D ") + fmt("%.3g", std::fabs(k));
+    measured += (measured.empty() ? "" : "; ") + where + ": G* = " + fmt("%.2g", std::exp2(star.estimate)) +
+                (std::isfinite(star.lo) ? " [" + fmt("%.2g", std::exp2(star.lo)) + ", " + fmt("%.2g", std::exp2(star.hi)) + "]" : "") +
+                ", loss falls from G = 1 by " + interval_text(fall) + " per doubling";
+    above.push_back({where, judge_positive(fall.estimate, fall.lo, fall.hi, fall.mde)});
+    log_g_star.push_back(stars);
+    ojson d = evidence_json(fall);
+    d[k > 0 ? "C" : "tokens"] = std::fabs(k);
+    d["G_star"] = std::exp2(star.estimate);
+    d["G_star_interval"] = ojson::array({number_or_null(std::exp2(star.lo)), number_or_null(std::exp2(star.hi))});
+    e.details.push_back(d);
+  }
+  e.n_per_arm = {{"moe", runs}};
+  const std::string id = "granularity", claim = "The optimal granularity is above 1 and grows with the budget",
+                    source = "Krajewski et al. 2024";
+  if (above.empty())
+    return finding(id, claim, source, "-", ctx.spread, not_measured("no granularity sweep with 3 or more G"), e);
+  const Verdict first = all_of(above);
+  // Growth: log2 G* at the largest budget minus at the smallest, paired by replicate.
+  PairedMean growth;
+  if (log_g_star.size() >= 2) {
+    std::vector<double> d;
+    for (const auto& [rep, v] : log_g_star.back())
+      if (log_g_star.front().count(rep)) d.push_back(v - log_g_star.front().at(rep));
+    growth = paired_mean(d);
+    measured += "; log2 G* grows by " + interval_text(growth, "%+.2f") + " from the smallest to the largest budget";
+  }
+  e.estimate = growth.estimate, e.lo = growth.lo, e.hi = growth.hi, e.mde = growth.mde;
+  e.unit = "log2 G* (largest budget - smallest)";
+  Verdict verdict;
+  if (first.verdict == "not reproduced") {
+    verdict = {"not reproduced", "G = 1 is best (" + first.why + ")"};
+  } else if (log_g_star.size() < 2) {
+    verdict = {"inconclusive", "growth needs two or more budgets"};
+  } else {
+    const Verdict g = judge_positive(growth.estimate, growth.lo, growth.hi, growth.mde);
+    if (g.verdict == "not reproduced") verdict = {"not reproduced", "G* falls with the budget: " + g.why};
+    else if (first.verdict != "reproduced") verdict = {"inconclusive", "G* > 1: " + first.why};
+    else if (g.verdict == "reproduced") verdict = {"reproduced", "G* > 1 at every budget and grows: " + g.why};
+    else verdict = {"inconclusive", "G* > 1 at every budget (loss falls from G = 1); its growth: " + g.why};
+  }
+  return finding(id, claim, source, measured, ctx.spread, verdict, e);
+}
+
+// 5. At fixed total parameters, loss against sparsity is U-shaped (Abnar): per replicate, a parabola of loss in
+// log2 (1 / (1 - S)); U-shaped when its curvature is positive and its minimum lies inside the measured range, each
+// with a t interval over replicates.
+ojson claim_fixed_n_u_shape(Context& ctx) {
+  Evidence e;
+  e.unit = "curvature, nats per (log2 expansion)^2";
+  std::string measured;
+  std::vector<std::pair<std::string, Verdict>> parts;
+  int64_t runs = 0;
+  for (const auto& s : ctx.study.sweeps) {
+    if (s.plan.kind != "fixed_params") continue;
+    std::map<std::string, const PlannedRun*> planned;
+    for (const auto& p : s.plan.runs) planned[p.name] = &p;
+    std::map<std::pair<double, double>, std::vector<const RunResult*>> groups;  // (N target, budget or D)
+    for (const auto& r : s.results)
+      if (ok(r, ctx.column) && planned.count(r.name))
+        groups[{planned[r.name]->target_params,
+                planned[r.name]->budget > 0 ? planned[r.name]->budget : planned[r.name]->target_tokens}]
+            .push_back(&r);
+    for (const auto& [key, rs] : groups) {
+      const auto pts = points_by_replicate(rs, [](const RunResult& r) { return sparsity_axis(r.sparsity); }, ctx.in_domain());
+      if (pts.empty()) continue;
+      runs += static_cast<int64_t>(rs.size());
+      double lo = INFINITY, hi = -INFINITY;
+      std::vector<double> curvature, vertex;
+      for (const auto& [rep, xy] : pts) {
+        for (double x : xy.first) lo = std::min(lo, x), hi = std::max(hi, x);
+        const Parabola p = fit_parabola(xy.first, xy.second);
+        curvature.push_back(p.c);
+        vertex.push_back(p.c > 0 ? -p.b / (2 * p.c) : kNaN);
+      }
+      const PairedMean c = paired_mean(curvature);
+      const bool all_convex = std::all_of(vertex.begin(), vertex.end(), [](double v) { return std::isfinite(v); });
+      const PairedMean v = all_convex ? paired_mean(vertex) : PairedMean{};
+      const std::string where = "N " + fmt("%.3g", key.first) + " at " + (rs.front()->budget > 0 ? "C " : "D ") +
+                                fmt("%.3g", key.second);
+      measured += (measured.empty() ? "" : "; ") + where + ": curvature " + interval_text(c) + ", lowest at S " +
+                  (all_convex ? fmt("%.3g", 1 - std::exp2(-v.estimate)) +
+                                    (std::isfinite(v.lo) ? " [" + fmt("%.3g", 1 - std::exp2(-v.lo)) + ", " +
+                                                               fmt("%.3g", 1 - std::exp2(-v.hi)) + "]" : "")
+                              : std::string("- (not convex in every replicate)")) +
+                  " (measured S " + fmt("%.3g", 1 - std::exp2(-lo)) + " to " + fmt("%.3g", 1 - std::exp2(-hi)) + ")";
+      Verdict verdict = judge_positive(c.estimate, c.lo, c.hi, c.mde);
+      if (verdict.verdict == "reproduced") {
+        if (all_convex && v.hi <= lo) verdict = {"not reproduced", "convex, but its minimum lies below the densest S measured: loss rises with S"};
+        else if (all_convex && v.lo >= hi) verdict = {"not reproduced", "convex, but its minimum lies beyond the sparsest S measured: loss falls with S"};
+        else if (!all_convex || !(v.lo > lo && v.hi < hi))
+          verdict = {"inconclusive", "convex (" + verdict.why + "), but the interval of its minimum is not inside the measured S"};
+        else verdict.why = "convex, " + verdict.why + ", with its minimum inside the measured S";
       } else {
-        const double g0 = rows.front()["G_star"].get<double>(), g1 = rows.back()["G_star"].get<double>();
-        const double d = loss_at(rows.back(), g0) - rows.back()["best"]["loss"].get<double>();
-        const auto j = judge(d, sd);
-        if (g1 == g0) verdict = {"inconclusive", "G* > 1 at every budget but the same G* (" + fmt("%g", g0) + ") at both ends"};
-        else if (j.first != "reproduced")
-          verdict = {"inconclusive", "G* > 1 at every budget; G* moves from " + fmt("%g", g0) + " to " + fmt("%g", g1) +
-                                         " but " + j.second};
-        else if (g1 > g0) verdict = {"reproduced", "G* > 1 at every budget and grows from " + fmt("%g", g0) + " to " +
-                                                      fmt("%g", g1) + " (" + j.second + ")"};
-        else verdict = {"not reproduced", "G* falls from " + fmt("%g", g0) + " to " + fmt("%g", g1) + " (" + j.second + ")"};
+        verdict.why = "curvature: " + verdict.why;
+      }
+      parts.push_back({where, verdict});
+      ojson d = evidence_json(c);
+      d["params"] = key.first;
+      d["S_star"] = all_convex ? number_or_null(1 - std::exp2(-v.estimate)) : ojson(nullptr);
+      d["S_star_interval"] = all_convex ? ojson::array({number_or_null(1 - std::exp2(-v.lo)), number_or_null(1 - std::exp2(-v.hi))})
+                                        : ojson(nullptr);
+      e.details.push_back(d);
+      if (parts.size() == 1) e.estimate = c.estimate, e.lo = c.lo, e.hi = c.hi, e.mde = c.mde;
+    }
+  }
+  e.n_per_arm = {{"runs", runs}};
+  const std::string id = "fixed_n_u_shape", claim = "At fixed total parameters, loss against sparsity is U-shaped",
+                    source = "Abnar et al. 2025";
+  if (parts.empty())
+    return finding(id, claim, source, "the study has no fixed-parameter sweep", ctx.spread,
+                   not_measured("no fixed_params sweep with 3 or more sparsity levels"), e);
+  return finding(id, claim, source, measured, ctx.spread, all_of(parts), e);
+}
+
+// 6. At fixed training FLOPs, sparser is better (Abnar): per budget and replicate, each sparsity arm's IsoFLOP
+// minimum and the slope of a line through them against log2 (1 / (1 - S)); the claim's estimate is minus the slope
+// (nats gained per doubling of the expansion), averaged over budgets replicate by replicate.
+ojson claim_sparser_better(Context& ctx) {
+  const Arms arms = isoflop_arms(ctx.study, ctx.column);
+  Evidence e;
+  e.unit = "nats per doubling of 1 / (1 - S)";
+  std::string measured;
+  std::vector<std::map<int, double>> per_budget;
+  std::vector<std::pair<std::string, Verdict>> parts;
+  int64_t runs = 0;
+  for (const auto& [C, by_arm] : arms) {
+    if (by_arm.size() < 2) continue;
+    std::map<int, std::pair<std::vector<double>, std::vector<double>>> pts;  // replicate -> (x, minimum)
+    std::string curve;
+    for (const auto& [key, rs] : by_arm) {
+      const auto ar = arm_runs(rs, ctx.in_domain());
+      runs += static_cast<int64_t>(ar.size());
+      curve += (curve.empty() ? "" : ", ") + fmt("%.3g", key.sparsity) + ": " + fmt("%.4f", fit_arm_minimum(ar).loss);
+      for (const auto& [rep, m] : replicate_minima(ar)) {
+        pts[rep].first.push_back(sparsity_axis(key.sparsity));
+        pts[rep].second.push_back(m.loss);
       }
     }
-    out.push_back(finding("granularity", "The optimal granularity is above 1 and grows with the budget",
-                          "Krajewski et al. 2024", measured.empty() ? "-" : measured, spread, verdict));
+    std::map<int, double> gain;
+    for (const auto& [rep, xy] : pts)
+      if (xy.first.size() == by_arm.size()) gain[rep] = -fit_line(xy.first, xy.second).b;
+    std::vector<double> g;
+    for (const auto& [rep, v] : gain) g.push_back(v);
+    const PairedMean p = paired_mean(g);
+    const std::string where = "C " + fmt("%.3g", C);
+    measured += (measured.empty() ? "" : "; ") + where + ": minima by S " + curve + "; gain per doubling " +
+                interval_text(p);
+    parts.push_back({where, judge_positive(p.estimate, p.lo, p.hi, p.mde)});
+    per_budget.push_back(gain);
+    ojson d = evidence_json(p);
+    d["C"] = C;
+    e.details.push_back(d);
   }
+  e.n_per_arm = {{"runs", runs}, {"arms_per_budget", arms.empty() ? 0 : arms.begin()->second.size()}};
+  const std::string id = "sparser_better", claim = "At fixed training FLOPs, sparser models reach lower loss",
+                    source = "Abnar et al. 2025";
+  if (parts.empty())
+    return finding(id, claim, source, "-", ctx.spread, not_measured("no IsoFLOP budget with two or more sparsities"), e);
+  const PairedMean pooled = paired_mean(mean_over_keys(per_budget));
+  e.estimate = pooled.estimate, e.lo = pooled.lo, e.hi = pooled.hi, e.mde = pooled.mde;
+  measured += "; mean over budgets " + interval_text(pooled);
+  Verdict verdict = judge_positive(pooled.estimate, pooled.lo, pooled.hi, pooled.mde);
+  if (verdict.verdict == "reproduced")
+    for (const auto& [where, v] : parts)
+      if (v.verdict == "not reproduced") verdict = {"inconclusive", "positive on average but the opposite at " + where};
+  verdict.why = pooled.n == 0 ? "no replicate seed covers every shape of every arm at every budget (plan the "
+                                "sweep with [sweep] seeds = [1, 2, 3])"
+                              : "mean over budgets, paired by replicate: " + verdict.why;
+  return finding(id, claim, source, measured, ctx.spread, verdict, e);
+}
 
-  // 5. Loss vs S at fixed total parameters is U-shaped (Abnar): the lowest loss at an inner S, with both ends above it.
-  {
-    const auto& groups = summary.value("fixed_params", ojson::array());
-    std::string measured;
-    std::vector<std::pair<std::string, std::string>> verdicts;
-    for (const auto& g : groups) {
-      const auto& pts = g["points"];
-      if (pts.size() < 3) continue;
-      const double L0 = pts.front()["loss"].get<double>(), L1 = pts.back()["loss"].get<double>();
-      const double Ls = g["L_star"].get<double>(), S = g["S_star"].get<double>();
-      std::string curve;
-      for (const auto& p : pts)
-        curve += (curve.empty() ? "" : ", ") + fmt("%.3g", p["sparsity"].get<double>()) + ": " +
-                 fmt("%.4f", p["loss"].get<double>());
-      const std::string where = "N " + fmt("%.3g", g["params"].get<double>()) +
-                                (g.contains("C") ? " at C " + fmt("%.3g", g["C"].get<double>())
-                                                 : " at D " + fmt("%.3g", g["tokens"].get<double>()));
-      measured += (measured.empty() ? "" : "; ") + where + ": L(S) = " + curve + "; lowest at S " + fmt("%.3g", S) +
-                  ", ends " + fmt("%+.4f", L0 - Ls) + " / " + fmt("%+.4f", L1 - Ls);
-      if (g["on_edge"].get<bool>()) {
-        warnings.push_back("at fixed total parameters (" + where + ") the lowest loss is at the " +
-                           (S == pts.front()["sparsity"].get<double>() ? "densest" : "sparsest") +
-                           " measured S: the bottom of the U may lie beyond the sparsity range");
-        const double other = S == pts.front()["sparsity"].get<double>() ? L1 - Ls : L0 - Ls;
-        const auto j = judge(other, sd);
-        verdicts.push_back(j.first == "reproduced"
-                               ? std::pair<std::string, std::string>{"not reproduced", "monotone in S: the lowest loss is at an end, the other end " + j.second}
-                               : std::pair<std::string, std::string>{"inconclusive", "lowest at an end of the S range, and " + j.second});
-      } else {
-        const auto j = judge(std::min(L0, L1) - Ls, sd);
-        verdicts.push_back({j.first, "lowest at an inner S, both ends above it: " + j.second});
-      }
-    }
-    out.push_back(finding("fixed_n_u_shape", "At fixed total parameters, loss against sparsity is U-shaped",
-                          "Abnar et al. 2025", measured.empty() ? "the study has no fixed-parameter sweep" : measured,
-                          spread, verdicts.empty() ? std::pair<std::string, std::string>{"not measured", "no fixed_params sweep with 3 or more sparsity levels"}
-                                                   : all_of(verdicts)));
-  }
+}  // namespace
 
-  // 6. Sparser is better at fixed FLOPs (Abnar): the best loss at the sparsest level against dense, per budget.
-  {
-    std::map<double, std::map<double, double>> best;  // C -> S -> best loss
-    std::vector<double> seen;
-    for (const auto& s : study.sweeps) {
-      if (s.plan.kind != "isoflop") continue;
-      for (const auto& r : s.results) {
-        if (!ok(r, column) || !(r.budget > 0)) continue;
-        auto& slot = best[snap_budget(seen, r.budget)];
-        const double L = loss(r, column);
-        if (!slot.count(r.sparsity) || L < slot[r.sparsity]) slot[r.sparsity] = L;
-      }
-    }
-    std::vector<std::pair<std::string, std::string>> verdicts;
-    std::string measured;
-    for (const auto& [C, by_s] : best) {
-      if (by_s.size() < 2) continue;
-      const double d = by_s.begin()->second - by_s.rbegin()->second;  // least sparse - most sparse
-      verdicts.push_back(judge(d, sd));
-      measured += (measured.empty() ? "" : "; ") + std::string("C ") + fmt("%.3g", C) + ": S " +
-                  fmt("%.3g", by_s.begin()->first) + " -> " + fmt("%.3g", by_s.rbegin()->first) + " changes L by " +
-                  fmt("%+.4f", -d);
-    }
-    out.push_back(finding("sparser_better", "At fixed training FLOPs, sparser models reach lower loss",
-                          "Abnar et al. 2025", measured.empty() ? "-" : measured, spread, all_of(verdicts)));
-  }
-
+ojson study_findings(const Study& study, const ojson& summary, const std::string& column) {
+  size_t groups = 0;
+  const double sd = seed_spread(study, column, &groups);
+  Context ctx{study, summary, column,
+              std::isfinite(sd) ? "seed sd " + fmt("%.3g", sd) + " (" + std::to_string(groups) + " replicated configurations)"
+                                : "no replicate seeds"};
+  ojson out = ojson::array();
+  out.push_back(claim_moe_beats_dense(ctx));
+  out.push_back(claim_gap_by_domain(ctx));
+  out.push_back(claim_finetune(ctx));
+  out.push_back(claim_granularity(ctx));
+  out.push_back(claim_fixed_n_u_shape(ctx));
+  out.push_back(claim_sparser_better(ctx));
+  ojson& warnings = ctx.warnings;
+  // The optimum of a curve at the edge of its measured range: the granularity optimum and the fixed-parameter
+  // U's bottom (replicate means, from summary.json).
+  for (const auto& row : summary.value("granularity_optimum", ojson::array()))
+    if (row.value("on_edge", false))
+      warnings.push_back("the best granularity at " + std::string(row.contains("C") ? "C " : "D ") +
+                         fmt("%.3g", row.contains("C") ? row["C"].get<double>() : row["tokens"].get<double>()) +
+                         " is the largest measured (G = " + fmt("%g", row["G_star"].get<double>()) +
+                         "): the optimum may lie beyond it; add a larger G");
+  for (const auto& g : summary.value("fixed_params", ojson::array()))
+    if (g.value("on_edge", false))
+      warnings.push_back("at fixed total parameters (N " + fmt("%.3g", g["params"].get<double>()) +
+                         ") the lowest mean loss is at an end of the measured S: the bottom of the U may lie beyond it");
   // Optima on the edge of the measured range: an extrapolation, flagged.
   // (a) The measured IsoFLOP curves: at each budget and sparsity, the best shape must not be the smallest or the
   // largest of that budget's ladder (losses averaged over seeds).
@@ -377,7 +729,10 @@ ojson study_findings(const Study& study, const ojson& summary, const std::string
                          (n <= lo * 1.02 ? "smallest" : "largest") +
                          " measured shape: N* is an extrapolation; widen the shape ladder");
   }
-  return {{"claims", out}, {"edge_warnings", warnings}, {"seed_sd", std::isfinite(sd) ? ojson(sd) : ojson(nullptr)}};
+  return {{"claims", out},
+          {"edge_warnings", warnings},
+          {"seed_sd", std::isfinite(sd) ? ojson(sd) : ojson(nullptr)},
+          {"pairing", ctx.pairing}};
 }
 
 }  // namespace moelab

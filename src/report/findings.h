@@ -8,14 +8,18 @@
 
 namespace moelab {
 
-// Verdicts: "reproduced", "not reproduced", "inconclusive" (the data cannot tell at this scale, and why), or
-// "not measured" (the study has no runs for it). A difference counts only beyond 2 sqrt(2) seed sd (the pooled sd
-// of the loss over replicate runs, those differing only in train.seed); without replicates a single-seed
-// direction is reported but stays inconclusive.
+// Each claim is judged on every run: an estimate fitted to all shapes and replicates (IsoFLOP minima as parabolas in
+// log N per arm, curves in log2 G or log2 (1 / (1 - S)) per replicate), a 95% t interval over replicates, paired
+// across arms by data seed (docs/fitting.md, "Comparing two arms"), and the smallest effect the design detects.
+// Verdicts: "reproduced" or "not reproduced" when the interval excludes zero, "inconclusive" otherwise (saying
+// the detectable effect), "not measured" when the study has no runs for it. Each claim carries estimate,
+// interval, detectable_effect, unit and n_per_arm; `pairing` says how much pairing narrowed each dense-vs-MoE
+// interval (paired and unpaired se, the correlation of the arms' per-replicate minima).
 nlohmann::ordered_json study_findings(const Study& study, const nlohmann::ordered_json& summary,
                                       const std::string& loss_column);
 
-// The seed spread: the pooled sd of the loss over groups of runs that differ only in train.seed (NaN: none).
+// The seed spread: the pooled sd of the loss over groups of replicates (runs of one sweep with one base name,
+// differing only in their seeds; NaN: none).
 double seed_spread(const Study& study, const std::string& loss_column, size_t* groups = nullptr);
 
 }  // namespace moelab

@@ -153,14 +153,52 @@ Study load_study(const std::string& dir) {
   return study;
 }
 
-nlohmann::ordered_json analyse_study(const Study& study, const AnalysisOptions& options) {
+Study replicate_means(const Study& study) {
+  Study out = study;
+  for (auto& s : out.sweeps) {
+    std::map<std::string, std::vector<const RunResult*>> groups;
+    std::vector<std::string> order;
+    for (const auto& r : s.results) {
+      if (r.status != "ok") continue;
+      auto& g = groups[replicate_base_name(r)];
+      if (g.empty()) order.push_back(replicate_base_name(r));
+      g.push_back(&r);
+    }
+    std::vector<RunResult> merged;
+    for (const auto& r : s.results)
+      if (r.status != "ok") merged.push_back(r);
+    for (const auto& base : order) {
+      auto& g = groups[base];
+      std::sort(g.begin(), g.end(), [](const RunResult* a, const RunResult* b) { return a->seed < b->seed; });
+      RunResult m = *g.front();
+      const double n = static_cast<double>(g.size());
+      m.loss = m.smoothed_loss = m.val_loss = 0;
+      for (auto& [set, l] : m.ood_losses) l = 0;
+      for (const auto* r : g) {
+        m.loss += r->loss / n, m.smoothed_loss += r->smoothed_loss / n, m.val_loss += r->val_loss / n;
+        for (auto& [set, l] : m.ood_losses) {
+          const auto it = r->ood_losses.find(set);
+          l += it == r->ood_losses.end() ? NAN : it->second / n;
+        }
+      }
+      merged.push_back(std::move(m));
+    }
+    s.results = std::move(merged);
+  }
+  return out;
+}
+
+nlohmann::ordered_json analyse_study(const Study& all_runs, const AnalysisOptions& options) {
   const std::string& col = options.loss;
   ojson out;
-  out["study"] = study.dir;
+  out["study"] = all_runs.dir;
   out["loss_column"] = col;
+  // Every analysis below that picks a best configuration or fits a curve reads replicate means; the findings
+  // read every run (their intervals come from the replicates).
+  const Study study = replicate_means(all_runs);
 
   ojson sweeps = ojson::array();
-  for (const auto& s : study.sweeps) {
+  for (const auto& s : all_runs.sweeps) {
     int64_t ok = 0, failed = 0;
     for (const auto& r : s.results) (r.status == "ok" ? ok : failed)++;
     sweeps.push_back({{"label", s.label},
@@ -523,7 +561,7 @@ nlohmann::ordered_json analyse_study(const Study& study, const AnalysisOptions& 
 
   // ---- downstream ----
   ojson downstream = ojson::array();
-  for (const auto& s : study.sweeps) {
+  for (const auto& s : all_runs.sweeps) {
     std::map<std::string, const RunResult*> by_name;
     for (const auto& r : s.results) by_name[r.name] = &r;
     for (const auto& d : s.downstream) {
@@ -642,7 +680,7 @@ nlohmann::ordered_json analyse_study(const Study& study, const AnalysisOptions& 
     }
   }
   out["headline"] = headline;
-  out["findings"] = study_findings(study, out, col);
+  out["findings"] = study_findings(all_runs, out, col);
   return out;
 }
 

@@ -50,6 +50,11 @@ inline bool same_budget(double a, double b) {
   return std::fabs(a - b) <= 1e-6 * std::max(std::fabs(a), std::fabs(b));
 }
 
+// The study with each group of replicates (runs of one sweep with one base name) replaced by one run: the first
+// replicate's row (lowest seed) with every loss the mean over the group's finished runs, so that analyses that pick
+// a best configuration compare replicate means, never the luckiest seed. Failed runs stay as they are.
+Study replicate_means(const Study& study);
+
 // DIR is a sweep, a single run, or a directory whose immediate subdirectories are sweeps or runs. Throws Error
 // when DIR does not exist or holds none of these (naming what was looked for).
 Study load_study(const std::string& dir);

@@ -38,6 +38,47 @@ bool solve3(std::array<std::array<double, 3>, 3> m, std::array<double, 3> r, std
 
 }  // namespace
 
+Parabola fit_parabola(const std::vector<double>& x, const std::vector<double>& y) {
+  Parabola p;
+  if (x.size() != y.size()) throw Error("fit_parabola: x and y differ in length");
+  const std::set<double> xs(x.begin(), x.end());
+  if (xs.size() < 3) return p;
+  // Least squares in u = (x - x0) / scale (well conditioned), then back to x.
+  const double x0 = 0.5 * (*xs.begin() + *xs.rbegin()), scale = 0.5 * (*xs.rbegin() - *xs.begin());
+  std::array<std::array<double, 3>, 3> normal{};
+  std::array<double, 3> rhs{}, k{};
+  for (size_t i = 0; i < x.size(); ++i) {
+    const double u = (x[i] - x0) / scale;
+    const double f[3] = {1, u, u * u};
+    for (int r = 0; r < 3; ++r) {
+      rhs[r] += f[r] * y[i];
+      for (int c = 0; c < 3; ++c) normal[r][c] += f[r] * f[c];
+    }
+  }
+  if (!solve3(normal, rhs, k)) return p;
+  // y = k0 + k1 u + k2 u^2 with u = (x - x0) / scale.
+  p.c = k[2] / (scale * scale);
+  p.b = k[1] / scale - 2 * p.c * x0;
+  p.a = k[0] - k[1] * x0 / scale + p.c * x0 * x0;
+  p.ok = true;
+  return p;
+}
+
+Line fit_line(const std::vector<double>& x, const std::vector<double>& y) {
+  Line l;
+  const double n = static_cast<double>(x.size());
+  if (x.size() != y.size() || x.size() < 2) return l;
+  double sx = 0, sy = 0;
+  for (size_t i = 0; i < x.size(); ++i) sx += x[i], sy += y[i];
+  const double mx = sx / n, my = sy / n;
+  double sxx = 0, sxy = 0;
+  for (size_t i = 0; i < x.size(); ++i) sxx += (x[i] - mx) * (x[i] - mx), sxy += (x[i] - mx) * (y[i] - my);
+  if (!(sxx > 0)) return l;
+  l.b = sxy / sxx;
+  l.a = my - l.b * mx;
+  return l;
+}
+
 ArmMinimum fit_arm_minimum(const std::vector<ArmRun>& runs) {
   if (runs.empty()) throw Error("an arm with no runs has no minimum");
   ArmMinimum m;
@@ -60,32 +101,20 @@ ArmMinimum fit_arm_minimum(const std::vector<ArmRun>& runs) {
     }
     return m;
   }
-  const double x_lo = *xs.begin(), x_hi = *xs.rbegin();
-  const double x0 = 0.5 * (x_lo + x_hi), scale = 0.5 * (x_hi - x_lo);
-  // Least squares in u = (x - x0) / scale: the normal equations of [1, u, u^2].
-  std::array<std::array<double, 3>, 3> normal{};
-  std::array<double, 3> rhs{}, coef{};
-  for (const auto& r : runs) {
-    const double u = (r.x - x0) / scale;
-    const double f[3] = {1, u, u * u};
-    for (int i = 0; i < 3; ++i) {
-      rhs[i] += f[i] * r.loss;
-      for (int j = 0; j < 3; ++j) normal[i][j] += f[i] * f[j];
-    }
-  }
-  if (!solve3(normal, rhs, coef)) throw Error("the IsoFLOP parabola is singular (the shapes do not span 3 sizes)");
+  std::vector<double> x, y;
+  for (const auto& r : runs) x.push_back(r.x), y.push_back(r.loss);
+  const Parabola p = fit_parabola(x, y);
+  if (!p.ok) throw Error("the IsoFLOP parabola is singular (the shapes do not span 3 sizes)");
   m.fitted = true;
-  auto value = [&](double u) { return coef[0] + coef[1] * u + coef[2] * u * u; };
-  if (coef[2] > 0) {
-    const double u_star = -coef[1] / (2 * coef[2]);
-    if (u_star >= -1 && u_star <= 1) {
-      m.interior = true;
-      m.x = x0 + scale * u_star;
-      m.loss = value(u_star);
-      return m;
-    }
+  const double x_lo = *xs.begin(), x_hi = *xs.rbegin();
+  const double v = p.vertex();
+  if (std::isfinite(v) && v >= x_lo && v <= x_hi) {
+    m.interior = true;
+    m.x = v;
+    m.loss = p.at(v);
+    return m;
   }
-  const double at_lo = value(-1), at_hi = value(1);
+  const double at_lo = p.at(x_lo), at_hi = p.at(x_hi);
   m.x = at_lo <= at_hi ? x_lo : x_hi;
   m.loss = std::min(at_lo, at_hi);
   return m;
@@ -117,22 +146,6 @@ double minimum_detectable_effect(double se, double df) {
 
 namespace {
 
-// The replicate indices that cover every config of `runs`, and each one's fitted minimum.
-std::map<int, double> per_replicate_minima(const std::vector<ArmRun>& runs) {
-  std::map<int, std::set<int>> configs_of;  // replicate -> configs it has
-  std::set<int> configs;
-  for (const auto& r : runs) configs_of[r.replicate].insert(r.config), configs.insert(r.config);
-  std::map<int, double> minima;
-  for (const auto& [replicate, have] : configs_of) {
-    if (have != configs) continue;
-    std::vector<ArmRun> one;
-    for (const auto& r : runs)
-      if (r.replicate == replicate) one.push_back(r);
-    minima[replicate] = fit_arm_minimum(one).loss;
-  }
-  return minima;
-}
-
 double mean_of(const std::vector<double>& v) {
   double m = 0;
   for (double x : v) m += x / static_cast<double>(v.size());
@@ -147,6 +160,21 @@ double variance_of(const std::vector<double>& v) {  // sample variance (n - 1)
 }
 
 }  // namespace
+
+std::map<int, ArmMinimum> replicate_minima(const std::vector<ArmRun>& runs) {
+  std::map<int, std::set<int>> configs_of;  // replicate -> configs it has
+  std::set<int> configs;
+  for (const auto& r : runs) configs_of[r.replicate].insert(r.config), configs.insert(r.config);
+  std::map<int, ArmMinimum> minima;
+  for (const auto& [replicate, have] : configs_of) {
+    if (have != configs) continue;
+    std::vector<ArmRun> one;
+    for (const auto& r : runs)
+      if (r.replicate == replicate) one.push_back(r);
+    minima[replicate] = fit_arm_minimum(one);
+  }
+  return minima;
+}
 
 PairedMean paired_mean(const std::vector<double>& differences) {
   PairedMean p;
@@ -176,22 +204,40 @@ ArmComparison compare_arm_minima(const std::vector<ArmRun>& a, const std::vector
         throw Error("two runs of config " + std::to_string(r.config) + " have replicate " +
                     std::to_string(r.replicate) + ": replicate indices must be unique within a config");
   }
-  const std::map<int, double> ma = per_replicate_minima(a), mb = per_replicate_minima(b);
-  std::vector<double> diffs;
+  const std::map<int, ArmMinimum> ma = replicate_minima(a), mb = replicate_minima(b);
+  std::vector<double> diffs, pa, pb;
+  std::vector<int> ids;
   if (options.paired)
     for (const auto& [replicate, m] : ma)
-      if (auto it = mb.find(replicate); it != mb.end()) diffs.push_back(m - it->second);
+      if (auto it = mb.find(replicate); it != mb.end()) {
+        diffs.push_back(m.loss - it->second.loss);
+        pa.push_back(m.loss), pb.push_back(it->second.loss);
+        ids.push_back(replicate);
+      }
+  // Welch's se over each arm's per-replicate minima: the unpaired comparison, and what pairing is measured against.
+  std::vector<double> va, vb;
+  for (const auto& [replicate, m] : ma) va.push_back(m.loss);
+  for (const auto& [replicate, m] : mb) vb.push_back(m.loss);
+  double welch_df = 0;
+  if (va.size() >= 2 && vb.size() >= 2) {
+    const double sa = variance_of(va) / static_cast<double>(va.size());
+    const double sb = variance_of(vb) / static_cast<double>(vb.size());
+    out.se_unpaired = std::sqrt(sa + sb);
+    // Welch-Satterthwaite degrees of freedom.
+    const double denom = sa * sa / static_cast<double>(va.size() - 1) + sb * sb / static_cast<double>(vb.size() - 1);
+    welch_df = denom > 0 ? (sa + sb) * (sa + sb) / denom : static_cast<double>(va.size() + vb.size() - 2);
+  }
   if (options.paired && diffs.size() >= 2) {
     out.paired = true;
     out.per_replicate = diffs;
+    out.replicate_ids = ids;
     out.replicates_a = out.replicates_b = static_cast<int>(diffs.size());
     const PairedMean p = paired_mean(diffs);
     out.df = p.df;
     out.se = p.se;
+    const double va_p = variance_of(pa), vb_p = variance_of(pb);
+    if (va_p > 0 && vb_p > 0) out.correlation = (va_p + vb_p - variance_of(diffs)) / (2 * std::sqrt(va_p * vb_p));
   } else {
-    std::vector<double> va, vb;
-    for (const auto& [replicate, m] : ma) va.push_back(m);
-    for (const auto& [replicate, m] : mb) vb.push_back(m);
     out.replicates_a = static_cast<int>(va.size());
     out.replicates_b = static_cast<int>(vb.size());
     if (va.size() < 2 || vb.size() < 2) {
@@ -199,12 +245,8 @@ ArmComparison compare_arm_minima(const std::vector<ArmRun>& a, const std::vector
                           std::to_string(va.size()) + " and " + std::to_string(vb.size()) + ")";
       return out;
     }
-    const double sa = variance_of(va) / static_cast<double>(va.size());
-    const double sb = variance_of(vb) / static_cast<double>(vb.size());
-    out.se = std::sqrt(sa + sb);
-    // Welch-Satterthwaite degrees of freedom.
-    const double denom = sa * sa / static_cast<double>(va.size() - 1) + sb * sb / static_cast<double>(vb.size() - 1);
-    out.df = denom > 0 ? (sa + sb) * (sa + sb) / denom : static_cast<double>(va.size() + vb.size() - 2);
+    out.se = out.se_unpaired;
+    out.df = welch_df;
   }
   const double t = student_t_quantile(0.975, out.df);
   out.lo = out.estimate - t * out.se;

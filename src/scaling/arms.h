@@ -7,6 +7,7 @@
 // the design could have detected.
 #include <cmath>
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -34,6 +35,27 @@ struct ArmMinimum {
 };
 ArmMinimum fit_arm_minimum(const std::vector<ArmRun>& runs);
 
+// The least-squares parabola y = a + b x + c x^2 through (x_i, y_i); `ok` false when the points span fewer than 3
+// distinct x. `vertex` is -b / (2c) (NaN unless c > 0).
+struct Parabola {
+  double a = 0, b = 0, c = 0;
+  bool ok = false;
+  double at(double x) const { return a + b * x + c * x * x; }
+  double slope(double x) const { return b + 2 * c * x; }
+  double vertex() const { return c > 0 ? -b / (2 * c) : std::nan(""); }
+};
+Parabola fit_parabola(const std::vector<double>& x, const std::vector<double>& y);
+
+// The least-squares line y = a + b x; b NaN when the x are all equal.
+struct Line {
+  double a = 0, b = std::nan("");
+};
+Line fit_line(const std::vector<double>& x, const std::vector<double>& y);
+
+// Per replicate: the arm's minimum fitted to that replicate's runs alone, for each replicate that covers every
+// config of the arm (replicate index -> minimum).
+std::map<int, ArmMinimum> replicate_minima(const std::vector<ArmRun>& runs);
+
 struct ArmComparisonOptions {
   bool paired = true;  // pair replicate r of one arm with replicate r of the other when both have it
 };
@@ -54,6 +76,9 @@ struct ArmComparison {
   bool paired = false;
   int replicates_a = 0, replicates_b = 0;  // replicates covering every shape of the arm (paired: of both arms)
   std::vector<double> per_replicate;        // paired: d_r; unpaired: empty
+  std::vector<int> replicate_ids;           // paired: the replicate index of each d_r
+  double se_unpaired = std::nan("");        // Welch's se of the same difference, for the pairing gain
+  double correlation = std::nan("");        // paired: the correlation of the two arms' per-replicate minima
   std::string why_undefined;
 };
 ArmComparison compare_arm_minima(const std::vector<ArmRun>& a, const std::vector<ArmRun>& b,

@@ -571,18 +571,38 @@ double result_loss(const RunResult& r, const std::string& loss) {
   throw Error("unknown loss '" + loss + "': use val, smoothed or final");
 }
 
+std::string replicate_base_name(const RunResult& r) {
+  const std::string suffix = "-s" + std::to_string(r.seed);
+  if (r.name.size() > suffix.size() && r.name.compare(r.name.size() - suffix.size(), suffix.size(), suffix) == 0)
+    return r.name.substr(0, r.name.size() - suffix.size());
+  return r.name;
+}
+
 std::vector<BestRun> best_runs_per_budget(const std::vector<RunResult>& results, const std::string& loss) {
-  std::map<std::pair<double, bool>, const RunResult*> best;
+  struct Config {
+    const RunResult* first = nullptr;  // the lowest seed
+    double sum = 0;
+    int n = 0;
+  };
+  std::map<std::pair<double, bool>, std::map<std::string, Config>> configs;
+  std::vector<double> keys;
   for (const auto& r : results) {
     if (r.status != "ok" || !std::isfinite(result_loss(r, loss))) continue;
     double key = r.budget > 0 ? r.budget : -static_cast<double>(r.tokens);
-    for (const auto& [k, v] : best)
-      if (std::fabs(k.first - key) <= 1e-6 * std::fabs(key)) key = k.first;
-    auto& slot = best[{key, r.experts > 0}];
-    if (!slot || result_loss(r, loss) < result_loss(*slot, loss)) slot = &r;
+    for (double k : keys)
+      if (std::fabs(k - key) <= 1e-6 * std::fabs(key)) key = k;
+    if (std::find(keys.begin(), keys.end(), key) == keys.end()) keys.push_back(key);
+    Config& c = configs[{key, r.experts > 0}][replicate_base_name(r)];
+    if (!c.first || r.seed < c.first->seed) c.first = &r;
+    c.sum += result_loss(r, loss), c.n += 1;
   }
   std::vector<BestRun> out;
-  for (const auto& [key, r] : best) out.push_back({key.first, key.second, r});
+  for (const auto& [key, by_name] : configs) {
+    const Config* best = nullptr;
+    for (const auto& [name, c] : by_name)
+      if (!best || c.sum / c.n < best->sum / best->n) best = &c;
+    out.push_back({key.first, key.second, best->first});
+  }
   return out;
 }
 

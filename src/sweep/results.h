@@ -58,8 +58,13 @@ int64_t collect_results(const std::string& sweep_dir);
 // Every result.json of the plan, in plan order.
 std::vector<RunResult> read_results(const std::string& sweep_dir);
 
-// The best dense and the best MoE run of each budget among the finished runs, by `loss` ("val", "smoothed" or
-// "final"). Runs with a FLOP budget are grouped by it; the others by token count (key: -tokens). Ordered by key,
+// The replicates of a run: the run's name without its "-s<seed>" suffix (of its own train.seed: how `[sweep] seeds`
+// and `sweep replicate` name replicates), else the name itself. Runs of one sweep with one base name are replicates.
+std::string replicate_base_name(const RunResult& r);
+
+// The best dense and the best MoE configuration of each budget among the finished runs, by the mean loss over
+// its replicates (never the luckiest seed), represented by its first replicate (lowest seed), ; by `loss` ("val",
+// "smoothed" or "final"). Runs with a FLOP budget are grouped by it; the others by token count (key: -tokens). Ordered by key,
 // dense before MoE.
 struct BestRun {
   double budget_key = 0;  // the budget, or -tokens for runs without one

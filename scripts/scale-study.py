@@ -1,0 +1,57 @@
+#!/usr/bin/python3
+"""Scales one of the quickstart's study specs to a time budget (scripts/quickstart.sh --hours H).
+
+The default study (configs/study/*.toml) trains every configuration with 3 seeds in about DEFAULT_MINUTES of
+training on 2 cores (measured: docs/report.md). Given H hours, this keeps the design and spends the time on
+  * more seeds: 5 once H >= 2 (the t interval's width falls from 4.30 / sqrt(3) to 2.78 / sqrt(5) seed sd), and
+  * larger budgets: every FLOP budget times F, with F = available time / (default time x seeds / 3), and every
+    IsoFLOP and granularity shape widened by F^(1/4) (N* grows as C^(1/2), N as d^2), rounded to a multiple of 4,
+    so that each ladder still brackets its budget's optimum; the learning-rate rule follows d_model.
+The fixed-parameter spec keeps its shapes and its N (its budget grows by F, the paper's curve at more tokens).
+Prints the scaled spec on stdout and the plan (F, seeds, ETA) on stderr. Standard library only.
+"""
+import argparse
+import math
+import re
+import sys
+
+DEFAULT_MINUTES = 24.0  # training minutes of the default study on 2 cores, --jobs 2 (docs/report.md)
+
+
+def scale_numbers(text, key, factor, fmt):
+    """Multiplies every number of `key = [ ... ]` arrays (one line) by factor."""
+    def repl(m):
+        values = [fmt(float(v) * factor) for v in m.group(2).split(",") if v.strip()]
+        return m.group(1) + ", ".join(values) + "]"
+    return re.sub(r"^(\s*" + re.escape(key) + r"\s*=\s*\[)([^\]]*)\]", repl, text, flags=re.M)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("spec")
+    ap.add_argument("--hours", type=float, required=True)
+    a = ap.parse_args()
+    if a.hours <= 0:
+        sys.exit("scale-study: --hours must be positive")
+    text = open(a.spec, encoding="utf-8").read()
+    seeds = 5 if a.hours >= 2 else 3
+    available = a.hours * 60  # training minutes (the default's rate was measured with --jobs 2 on 2 cores)
+    factor = max(1.0, available / (DEFAULT_MINUTES * seeds / 3))
+    widen = factor ** 0.25
+    fixed = re.search(r'^kind\s*=\s*"fixed_params"', text, flags=re.M) is not None
+    text = scale_numbers(text, "budgets", factor, lambda v: "%.3g" % v)
+    if not fixed:
+        text = re.sub(r"^(d_model\s*=\s*)(\d+)", lambda m: m.group(1) + str(max(8, 4 * round(int(m.group(2)) * widen / 4))),
+                      text, flags=re.M)
+    text = re.sub(r"^seeds\s*=\s*\[[^\]]*\]", "seeds = [" + ", ".join(str(s) for s in range(1, seeds + 1)) + "]",
+                  text, flags=re.M)
+    header = ("# Scaled by scripts/scale-study.py from %s for --hours %g: budgets x %.3g, %s%d seeds.\n"
+              % (a.spec, a.hours, factor, "" if fixed else "d_model x %.3g, " % widen, seeds))
+    sys.stdout.write(header + text)
+    print("scale-study: %s: budgets x %.3g, %d seeds (the default study: %d min of training, 3 seeds; this one: about "
+          "%.0f min on 2 cores)" % (a.spec, factor, seeds, DEFAULT_MINUTES, DEFAULT_MINUTES * seeds / 3 * factor),
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
