@@ -282,8 +282,9 @@ TEST(Findings, MoeBeatsDenseIsJudgedOnEveryReplicateWithAnInterval) {
   EXPECT_LT(c["interval"][0].get<double>(), 0.05);
   EXPECT_GT(c["interval"][1].get<double>(), 0.05);
   EXPECT_GT(c["detectable_effect"].get<double>(), 0);
-  EXPECT_EQ(c["n_per_arm"]["dense"], 18);  // 2 budgets x 3 shapes x 3 replicates
-  EXPECT_EQ(c["n_per_arm"]["moe"], 18);
+  EXPECT_EQ(c["n_per_arm"]["dense"]["runs"], 18);  // 2 budgets x 3 shapes x 3 replicates
+  EXPECT_EQ(c["n_per_arm"]["moe"]["runs"], 18);
+  EXPECT_EQ(c["n_per_arm"]["moe"]["replicates"], 3);
   ASSERT_EQ(c["details"].size(), 3u);  // two budgets and the compute multiplier
   EXPECT_EQ(c["details"][0]["n_per_arm"]["dense"]["replicates"], 3);
   EXPECT_GT(c["details"][2]["compute_multiplier"].get<double>(), 1.0);

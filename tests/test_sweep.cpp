@@ -780,6 +780,29 @@ TEST(SweepPlan, LrMoeFactorScalesTheLrOfMoeRunsOnly) {
   fs::remove_all(dir);
 }
 
+// [rules] init_std scales model.init_std with width: init_std * (lr_d_ref / d_model)^init_power; 0 keeps the base's.
+TEST(SweepPlan, InitStdRuleScalesTheInitialisationWithWidth) {
+  const fs::path dir = temp_dir("sweep_init_std");
+  const fs::path data = make_data(dir / "data");
+  auto spec = [&](const std::string& rules) {
+    return base_spec(data, "isoflop") + "[rules]\nlr = 4e-3\nlr_d_ref = 64\n" + rules +
+           "[[shape]]\nd_model = 32\nn_layers = 2\nn_heads = 2\n"
+           "[[shape]]\nd_model = 48\nn_layers = 3\nn_heads = 3\n"
+           "[isoflop]\nbudgets = [2e9]\nsparsity = [0.75]\ntop_k = 2\n";
+  };
+  const SweepPlan scaled = plan_sweep_from_string(spec("init_std = 0.1\n"), "t");
+  for (const auto& r : scaled.runs)
+    EXPECT_NEAR(r.config.model.init_std, 0.1 * std::sqrt(64.0 / static_cast<double>(r.config.model.d_model)), 1e-6)
+        << r.name;
+  const SweepPlan linear = plan_sweep_from_string(spec("init_std = 0.1\ninit_power = 1\n"), "t");
+  EXPECT_NEAR(find_run(linear, "c2e9-d32l2-e8k2").config.model.init_std, 0.2, 1e-6);
+  const SweepPlan off = plan_sweep_from_string(spec(""), "t");
+  EXPECT_EQ(find_run(off, "c2e9-d32l2-e8k2").config.model.init_std, Config{}.model.init_std);
+  EXPECT_NE(error_of([&] { plan_sweep_from_string(spec("init_std = -1\n"), "t"); }).find("init_std must be >= 0"),
+            std::string::npos);
+  fs::remove_all(dir);
+}
+
 // `sweep finetune`: the best dense and MoE run of the largest budget (every budget with --all-budgets) fine-tuned
 // on a task, each recorded with the zero-shot accuracy on the same items before; a second call adds nothing.
 TEST(SweepFinetune, TunesTheBestDenseAndMoeOfTheLargestBudget) {

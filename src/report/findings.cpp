@@ -175,7 +175,9 @@ Verdict all_of(const std::vector<std::pair<std::string, Verdict>>& parts) {
   if (parts.empty()) return not_measured("nothing to judge");
   bool all = true;
   for (const auto& [where, v] : parts) all &= v.verdict == "reproduced";
-  if (all) return {"reproduced", "at every " + std::string(parts.size() > 1 ? "one of " + std::to_string(parts.size()) : "part") + ": " + parts.front().first + ": " + parts.front().second.why};
+  if (all)
+    return {"reproduced", "in all " + std::to_string(parts.size()) + " (" + parts.front().first + ": " +
+                              parts.front().second.why + (parts.size() > 1 ? "; ..." : "") + ")"};
   for (const auto& [where, v] : parts)
     if (v.verdict == "not reproduced") return {"not reproduced", where + ": " + v.why};
   for (const auto& [where, v] : parts)
@@ -248,10 +250,14 @@ ojson claim_moe_beats_dense(Context& ctx) {
                          {"paired", c.paired},
                          {"n_per_arm", {{"dense", arm_count(dense_runs)}, {"moe", arm_count(moe_runs)}}},
                          {"minima_interior", {{"dense", c.a.interior}, {"moe", c.b.interior}}}});
-    n["dense"] = n.contains("dense") ? n["dense"].get<int64_t>() + static_cast<int64_t>(dense_runs.size())
-                                     : static_cast<int64_t>(dense_runs.size());
-    n["moe"] = n.contains("moe") ? n["moe"].get<int64_t>() + static_cast<int64_t>(moe_runs.size())
-                                 : static_cast<int64_t>(moe_runs.size());
+    for (const auto& [arm, runs] : {std::pair{"dense", &dense_runs}, std::pair{"moe", &moe_runs}}) {
+      ojson& slot = n[arm];
+      if (slot.is_null()) slot = ojson::object();
+      const ojson count = arm_count(*runs);
+      slot["runs"] = slot.value("runs", int64_t{0}) + count["runs"].get<int64_t>();
+      slot["budgets"] = slot.value("budgets", int64_t{0}) + 1;
+      slot["replicates"] = count["replicates"];
+    }
     if (c.paired) {
       per_budget.push_back(by_replicate(c));
       ctx.pairing.push_back({{"C", C},

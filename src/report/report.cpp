@@ -675,6 +675,60 @@ std::string interval_text(const ojson& iv) {
   return "[" + fmt("%.3g", iv["p2.5"].get<double>()) + ", " + fmt("%.3g", iv["p97.5"].get<double>()) + "]";
 }
 
+// The findings table (each claim: measured, estimate with its interval, detectable effect, runs per arm, verdict),
+// the seed spread, the pairing table and the edge warnings.
+void findings_html(std::ostream& h, const ojson& f) {
+  h << "<h2 id=\"findings\">Findings: the three studies' claims at this scale</h2>\n<p>Each claim, what this study "
+       "measured, and a verdict from every run: an estimate fitted to all shapes and replicates, its 95% t interval "
+       "over replicates (paired by data order where arms share it), and the smallest effect this design detects "
+       "(80% power, 5% two-sided). Reproduced or not reproduced when the interval excludes 0, otherwise "
+       "inconclusive (docs/report.md, \"Findings\").</p>\n";
+  auto number = [](const ojson& x, const char* format) {
+    return x.is_number() ? fmt(format, x.get<double>()) : std::string("-");
+  };
+  std::vector<std::vector<std::string>> rows;
+  for (const auto& c : f["claims"]) {
+    std::string estimate = "-", n = "-";
+    if (c.contains("estimate") && c["estimate"].is_number())
+      estimate = number(c["estimate"], "%+.4g") + " [" + number(c["interval"][0], "%+.3g") + ", " +
+                 number(c["interval"][1], "%+.3g") + "] " + c.value("unit", std::string());
+    if (c.contains("n_per_arm") && !c["n_per_arm"].empty()) {
+      n.clear();
+      for (const auto& [arm, v] : c["n_per_arm"].items()) {
+        std::string counts;
+        if (v.is_object())
+          for (const auto& [what, k] : v.items()) counts += (counts.empty() ? "" : ", ") + what + " " + k.dump();
+        n += (n.empty() ? "" : "; ") + arm + ": " + (v.is_object() ? counts : v.dump());
+      }
+    }
+    rows.push_back({c["claim"].get<std::string>(), c["source"].get<std::string>(), c["measured"].get<std::string>(),
+                    estimate, c.contains("detectable_effect") ? number(c["detectable_effect"], "%.3g") : "-", n,
+                    c["verdict"].get<std::string>() +
+                        (c["why"].get<std::string>().empty() ? "" : ": " + c["why"].get<std::string>())});
+  }
+  h << table_html({"claim", "study", "measured here", "estimate [95% interval]", "detectable effect", "n per arm",
+                   "verdict"},
+                  rows);
+  if (f.contains("seed_sd") && f["seed_sd"].is_number())
+    h << "<p class=\"note\">Seed spread: the pooled sd of the loss over replicates of one configuration is "
+      << fmt("%.4f", f["seed_sd"].get<double>()) << ".</p>\n";
+  if (f.contains("pairing") && !f["pairing"].empty()) {
+    std::vector<std::vector<std::string>> prow;
+    for (const auto& p : f["pairing"])
+      prow.push_back({fmt("%.3g", p["C"].get<double>()), p["comparison"].get<std::string>(),
+                      std::to_string(p["replicates"].get<int64_t>()), number(p["se_paired"], "%.4f"),
+                      number(p["se_unpaired"], "%.4f"), number(p["variance_ratio"], "%.2f"),
+                      number(p["correlation"], "%.2f")});
+    h << "<p class=\"note\">What pairing by data order bought: the standard error of each dense-minus-MoE "
+         "difference of minima paired by replicate, against Welch's unpaired one over the same per-replicate "
+         "minima, and the correlation of the two arms' per-replicate minima.</p>\n";
+    h << table_html({"C", "comparison", "replicates", "se paired", "se unpaired", "variance ratio", "correlation"},
+                    prow);
+  }
+  for (const auto& w : f["edge_warnings"])
+    h << "<p class=\"note\">Warning: " << html_escape(w.get<std::string>()) << "</p>\n";
+}
+
 std::string page(const Study& study, const ojson& s, const std::vector<ReportFigure>& figures,
                  const std::vector<std::string>& skipped) {
   std::ostringstream h;
@@ -689,22 +743,7 @@ std::string page(const Study& study, const ojson& s, const std::vector<ReportFig
     << ".note{color:#555;font-size:13px}code{background:#f4f4f4;padding:1px 4px}\n</style></head>\n<body>\n";
   h << "<h1>moelab report: " << html_escape(study.dir) << "</h1>\n";
   h << "<p class=\"headline\" id=\"headline\">" << html_escape(s["headline"].get<std::string>()) << "</p>\n";
-  if (s.contains("findings")) {
-    const ojson& f = s["findings"];
-    h << "<h2 id=\"findings\">Findings: the three studies' claims at this scale</h2>\n<p>Each claim, what this study "
-         "measured, and a verdict. A difference counts only beyond 2&radic;2 seed standard deviations (the pooled "
-         "spread of runs that differ only in their seed); without replicates a single-seed direction stays "
-         "inconclusive (docs/report.md).</p>\n";
-    std::vector<std::vector<std::string>> rows;
-    for (const auto& c : f["claims"])
-      rows.push_back({c["claim"].get<std::string>(), c["source"].get<std::string>(), c["measured"].get<std::string>(),
-                      c["spread"].get<std::string>(),
-                      c["verdict"].get<std::string>() +
-                          (c["why"].get<std::string>().empty() ? "" : ": " + c["why"].get<std::string>())});
-    h << table_html({"claim", "study", "measured here", "seed spread or interval", "verdict"}, rows);
-    for (const auto& w : f["edge_warnings"])
-      h << "<p class=\"note\">Warning: " << html_escape(w.get<std::string>()) << "</p>\n";
-  }
+  if (s.contains("findings")) findings_html(h, s["findings"]);
   h << "<p class=\"note\">Every number on this page is in <a href=\"summary.json\">summary.json</a>, computed from the "
        "results stores (results.db, one row per run) and the runs' metrics.jsonl; L is the run's <code>"
     << html_escape(s["loss_column"].get<std::string>())

@@ -126,6 +126,8 @@ struct Rules {
   double warmup_fraction = 0.05;
   int64_t min_warmup_steps = 1;
   int64_t batch_size = 0;     // 0: the base config's train.batch_size
+  double init_std = 0;        // > 0: model.init_std = init_std * (lr_d_ref / d_model)^init_power; 0: the base config's
+  double init_power = 0.5;
 };
 
 struct Shape {
@@ -304,6 +306,10 @@ PlannedRun finish_run(const Context& ctx, const Request& r, FlopConvention conve
   warmup = std::max<int64_t>(0, std::min(warmup, run.steps - 1));
   apply_rule("train.warmup_steps", std::to_string(warmup));
   apply_rule("train.checkpoint_every", std::to_string(ctx.checkpoint_every));
+  if (ctx.rules.init_std > 0)
+    apply_rule("model.init_std",
+               fmt("%.6g", ctx.rules.init_std * std::pow(ctx.rules.lr_d_ref / static_cast<double>(c.model.d_model),
+                                                         ctx.rules.init_power)));
   c.train.flops_convention = ctx.convention;
   try {
     validate(c);
@@ -556,7 +562,8 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
   ctx.corpus_tokens = plan.corpus_tokens;
 
   Section rules(sub_table(root, "rules"), "[rules]",
-                {"lr", "lr_d_ref", "lr_power", "lr_moe_factor", "min_lr_ratio", "warmup_fraction", "min_warmup_steps", "batch_size"});
+                {"lr", "lr_d_ref", "lr_power", "lr_moe_factor", "min_lr_ratio", "warmup_fraction", "min_warmup_steps", "batch_size",
+                 "init_std", "init_power"});
   ctx.rules.lr = rules.number("lr", ctx.rules.lr);
   ctx.rules.lr_d_ref = rules.number("lr_d_ref", ctx.rules.lr_d_ref);
   ctx.rules.lr_power = rules.number("lr_power", ctx.rules.lr_power);
@@ -565,6 +572,10 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
   ctx.rules.warmup_fraction = rules.number("warmup_fraction", ctx.rules.warmup_fraction);
   ctx.rules.min_warmup_steps = rules.integer("min_warmup_steps", ctx.rules.min_warmup_steps);
   ctx.rules.batch_size = rules.integer("batch_size", 0);
+  ctx.rules.init_std = rules.number("init_std", 0);
+  ctx.rules.init_power = rules.number("init_power", ctx.rules.init_power);
+  if (ctx.rules.init_std < 0)
+    throw Error("sweep spec: [rules] init_std must be >= 0 (0 keeps the base config's model.init_std)");
   if (!(ctx.rules.lr > 0) || !(ctx.rules.lr_d_ref > 0) || !(ctx.rules.lr_moe_factor > 0) || ctx.rules.min_lr_ratio < 0 || ctx.rules.min_lr_ratio > 1 ||
       ctx.rules.warmup_fraction < 0 || ctx.rules.warmup_fraction >= 1 || ctx.rules.batch_size < 0)
     throw Error("sweep spec: [rules] needs lr > 0, lr_d_ref > 0, lr_moe_factor > 0, 0 <= min_lr_ratio <= 1, 0 <= warmup_fraction < 1, "
