@@ -112,6 +112,30 @@ TEST(Count, ClosedFormMatchesLayoutAndTransformerOverGrid) {
   EXPECT_EQ(transformers, checked);
 }
 
+// A parameter name no moelab model has throws: a misspelt name can never pass for a feature that is off.
+TEST(ParamLayout, UnknownParameterNameThrowsAbsentFeatureIsEmpty) {
+  ModelConfig m;
+  m.vocab_size = 64, m.d_model = 16, m.n_layers = 2, m.n_heads = 2, m.seq_len = 8;
+  m.bias = false;
+  const ParamLayout layout(m);
+  std::vector<float> block(static_cast<size_t>(layout.total()));
+  EXPECT_FALSE(layout.view_or_empty(block.data(), "layers.1.attn.qkv.weight").empty());
+  EXPECT_TRUE(layout.view_or_empty(block.data(), "layers.1.attn.qkv.bias").empty());  // no biases: feature off
+  for (const char* typo : {"layers.1.attn.qkv.weigth", "layers.x.attn.qkv.weight", "layer.0.norm1.weight",
+                           "tok_emb", "layers.0.", "lm_head.bias"})
+    EXPECT_THROW(layout.view_or_empty(block.data(), typo), Error) << typo;
+  EXPECT_TRUE(ParamLayout::is_parameter_name("layers.12.moe.experts.fc2.bias"));
+  // Every name a layout adds is a known one (the constructor checks; here over several configs).
+  for (bool bias : {false, true}) {
+    m.bias = bias;
+    m.norm = NormKind::LayerNorm;
+    m.qk_norm = true;
+    m.tied_embeddings = false;
+    const ParamLayout full(m);
+    for (const auto& e : full.entries()) EXPECT_TRUE(ParamLayout::is_parameter_name(e.name)) << e.name;
+  }
+}
+
 TEST(Count, DenseModelHasNoExperts) {
   const ModelConfig m = config_from_string("", {}).model;
   const ParameterCounts n = count_parameters(m);

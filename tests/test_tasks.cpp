@@ -258,6 +258,54 @@ TEST(AnswerOnlyLoss, MeanOverCountedTokensWithExactGradients) {
 
 // ---- fine-tuning ---------------------------------------------------------------------------------------------------
 
+// Train items whose gold choice alone is longer than the model's context are left out and said so (a 512-piece
+// vocabulary makes some WordNet glosses longer than 64 tokens); when every one is, the error says what to do.
+TEST(Finetune, LeavesOutTrainItemsLongerThanTheContext) {
+  const std::string long_answer = " " + std::string(100, 'z');
+  std::string text;
+  for (int i = 0; i < 12; ++i) {
+    const bool too_long = i < 2;
+    text += "{\"id\": " + std::to_string(i) + ", \"context\": \"key " + std::to_string(i % 2) +
+            " is\", \"choices\": [\"" + (too_long ? long_answer : std::string(" one")) + "\", \" two\"], \"gold\": 0" +
+            ", \"split\": \"" + (i < 8 ? "train" : "test") + "\"}\n";
+  }
+  const auto dir = testing::temp_dir("finetune_long");
+  write_file_atomic((dir / "t.jsonl").string(), text);
+  const Config c = config_from_string("", {"model.vocab_size=256", "model.d_model=16", "model.n_layers=1",
+                                           "model.n_heads=2", "model.seq_len=64", "train.threads=1",
+                                           "train.backend=" + testing::test_backend_name()});
+  auto be = testing::make_test_backend(1);
+  {
+    Trainer pre(c, *be);
+    pre.save((dir / "run" / "checkpoint").string());
+  }
+  FinetuneOptions o;
+  o.steps = 3, o.lr = 1e-3, o.batch = 2, o.threads = 1;
+  o.out = (dir / "ft").string();
+  std::ostringstream log;
+  const FinetuneResult r = finetune_on_task((dir / "run").string(), load_task_file((dir / "t.jsonl").string()), o, log);
+  EXPECT_EQ(r.losses.size(), 3u);
+  EXPECT_NE(log.str().find("left out 2 of 8 train items whose gold choice is longer than the model's context (64 tokens)"),
+            std::string::npos)
+      << log.str();
+  // Every train item too long: a clear error.
+  std::string all_long;
+  for (int i = 0; i < 4; ++i)
+    all_long += "{\"id\": " + std::to_string(i) + ", \"context\": \"k\", \"choices\": [\"" + long_answer +
+                "\", \" b\"], \"gold\": 0, \"split\": \"" + (i < 2 ? "train" : "test") + "\"}\n";
+  write_file_atomic((dir / "long.jsonl").string(), all_long);
+  o.out = (dir / "ft2").string();
+  try {
+    finetune_on_task((dir / "run").string(), load_task_file((dir / "long.jsonl").string()), o, log);
+    ADD_FAILURE() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("every train item's gold choice is longer than the model's context of 64"),
+              std::string::npos)
+        << e.what();
+  }
+  std::filesystem::remove_all(dir);
+}
+
 TEST(Finetune, LearnsATrivialTaskFarAboveChance) {
   // key -> answer, with a random three-letter prefix per item: learnable only by reading the key.
   const char* keys[4] = {"red", "blue", "green", "black"};

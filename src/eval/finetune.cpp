@@ -59,7 +59,7 @@ FinetuneResult finetune_on_task(const std::string& checkpoint, const Task& task,
                                 std::ostream& log) {
   Timer timer;
   const RunLocation run = locate_run(checkpoint);
-  const std::vector<const TaskItem*> train_items = task.split("train");
+  std::vector<const TaskItem*> train_items = task.split("train");
   if (train_items.empty())
     throw Error("task '" + task.name + "' (" + task.path + ") has no train split; fine-tuning needs items with "
                 "\"split\": \"train\"");
@@ -84,6 +84,21 @@ FinetuneResult finetune_on_task(const std::string& checkpoint, const Task& task,
     while (T < longest) T *= 2;
     cfg.model.seq_len = std::min(T, source.model.seq_len);
   }
+  // Items whose gold choice alone is longer than the model's context cannot be trained on (their context is cut
+  // from the left, never the answer): left out, and said so.
+  const size_t all_items = train_items.size();
+  std::erase_if(train_items, [&](const TaskItem* item) {
+    size_t first = 0;
+    const auto full = answer_sequence(*item, codec, first);
+    const auto answer_len = static_cast<int64_t>(full.size() - first);
+    return answer_len < 1 || answer_len > cfg.model.seq_len;
+  });
+  if (train_items.empty())
+    throw Error("task '" + task.name + "': every train item's gold choice is longer than the model's context of " +
+                std::to_string(cfg.model.seq_len) + " tokens (or empty); fine-tune a model with a longer model.seq_len");
+  if (train_items.size() < all_items)
+    log << "moelab finetune: left out " << all_items - train_items.size() << " of " << all_items
+        << " train items whose gold choice is longer than the model's context (" << cfg.model.seq_len << " tokens)\n";
   auto& t = cfg.train;
   t.batch_size = options.batch;
   t.grad_accum = 1;

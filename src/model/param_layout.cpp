@@ -59,7 +59,31 @@ ParamLayout::ParamLayout(const ModelConfig& m, int64_t expert_shards) {
   if (!m.tied_embeddings) add("lm_head.weight", {V, C}, ParamKind::Matrix, std);
 }
 
+bool ParamLayout::is_parameter_name(const std::string& name) {
+  static const char* const top[] = {"tok_emb.weight", "pos_emb.weight", "final_norm.weight", "final_norm.bias",
+                                    "lm_head.weight"};
+  static const char* const block[] = {
+      "norm1.weight",           "norm1.bias",           "attn.qkv.weight",        "attn.qkv.bias",
+      "attn.q_norm.weight",     "attn.k_norm.weight",   "attn.out.weight",        "attn.out.bias",
+      "norm2.weight",           "norm2.bias",           "ffn.fc1.weight",         "ffn.fc1.bias",
+      "ffn.fc2.weight",         "ffn.fc2.bias",         "moe.router.weight",      "moe.experts.fc1.weight",
+      "moe.experts.fc1.bias",   "moe.experts.fc2.weight", "moe.experts.fc2.bias", "moe.shared.fc1.weight",
+      "moe.shared.fc1.bias",    "moe.shared.fc2.weight",  "moe.shared.fc2.bias"};
+  for (const char* t : top)
+    if (name == t) return true;
+  const std::string prefix = "layers.";
+  if (name.compare(0, prefix.size(), prefix) != 0) return false;
+  size_t at = prefix.size();
+  while (at < name.size() && name[at] >= '0' && name[at] <= '9') ++at;
+  if (at == prefix.size() || at >= name.size() || name[at] != '.') return false;
+  const std::string part = name.substr(at + 1);
+  for (const char* b : block)
+    if (part == b) return true;
+  return false;
+}
+
 void ParamLayout::add(const std::string& name, Shape shape, ParamKind kind, float init_std) {
+  if (!is_parameter_name(name)) throw Error("ParamLayout: '" + name + "' is missing from is_parameter_name's list");
   entries_.push_back({name, shape, total_, kind, init_std});
   total_ += shape.numel();
 }

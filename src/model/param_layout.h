@@ -4,6 +4,7 @@
 #include <string>
 #include <vector>
 
+#include "core/error.h"
 #include "core/tensor.h"
 #include "config/config.h"
 
@@ -31,9 +32,15 @@ class ParamLayout {
     const auto& e = find(name);
     return Tensor(base + e.offset, e.shape);
   }
+  // A parameter this model may lack (a feature it has off, e.g. biases): an empty tensor when absent. A name that
+  // no moelab model has (a misspelling) throws, so it can never pass for "feature off" and drop a weight silently.
   Tensor view_or_empty(float* base, const std::string& name) const {
+    if (!is_parameter_name(name)) throw Error("'" + name + "' is not a parameter name any moelab model has (misspelt?)");
     return has(name) ? view(base, name) : Tensor();
   }
+  // Whether `name` is one a moelab model can have: tok_emb / pos_emb / final_norm / lm_head tensors, or
+  // layers.<i>.<part> for the block parts the layout adds.
+  static bool is_parameter_name(const std::string& name);
 
  private:
   void add(const std::string& name, Shape shape, ParamKind kind, float init_std);
