@@ -15,7 +15,7 @@ import math
 import re
 import sys
 
-DEFAULT_MINUTES = 24.0  # training minutes of the default study on 2 cores, --jobs 2 (docs/report.md)
+DEFAULT_MINUTES = 29.0  # training minutes of the default study on 2 cores, --jobs 2 (measured: docs/report.md)
 
 
 def scale_numbers(text, key, factor, fmt):
