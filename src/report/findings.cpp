@@ -485,17 +485,21 @@ ojson claim_granularity(Context& ctx) {
     runs += static_cast<int64_t>(rs.size());
     std::vector<double> falls;
     std::map<int, double> stars;
+    double g_lo = INFINITY, g_hi = -INFINITY;  // the measured log2 G range: G* and its interval stay inside it
     for (const auto& [rep, xy] : pts) {
       const Parabola p = fit_parabola(xy.first, xy.second);
       const double lo = *std::min_element(xy.first.begin(), xy.first.end());
       const double hi = *std::max_element(xy.first.begin(), xy.first.end());
+      g_lo = std::min(g_lo, lo), g_hi = std::max(g_hi, hi);
       falls.push_back(-p.slope(0));
       const double v = p.vertex();
       stars[rep] = std::isfinite(v) ? std::clamp(v, lo, hi) : (p.at(lo) <= p.at(hi) ? lo : hi);
     }
     std::vector<double> star_values;
     for (const auto& [rep, v] : stars) star_values.push_back(v);
-    const PairedMean fall = paired_mean(falls), star = paired_mean(star_values);
+    const PairedMean fall = paired_mean(falls);
+    PairedMean star = paired_mean(star_values);
+    if (std::isfinite(star.lo)) star.lo = std::clamp(star.lo, g_lo, g_hi), star.hi = std::clamp(star.hi, g_lo, g_hi);
     const std::string where = (k > 0 ? "C " : "D ") + fmt("%.3g", std::fabs(k));
     measured += (measured.empty() ? "" : "; ") + where + ": G* = " + fmt("%.2g", std::exp2(star.estimate)) +
                 (std::isfinite(star.lo) ? " [" + fmt("%.2g", std::exp2(star.lo)) + ", " + fmt("%.2g", std::exp2(star.hi)) + "]" : "") +
