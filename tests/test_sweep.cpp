@@ -23,6 +23,7 @@
 #include "core/io.h"
 #include "core/rng.h"
 #include "data/shard.h"
+#include "model/count.h"
 #include "sweep/plan.h"
 #include "sweep/results.h"
 #include "dist/comm.h"
@@ -777,6 +778,32 @@ TEST(SweepPlan, LrMoeFactorScalesTheLrOfMoeRunsOnly) {
   for (const char* bad : {"lr_moe_factor = 0\n", "lr_moe_factor = -0.5\n"})
     EXPECT_NE(error_of([&] { plan_sweep_from_string(spec(bad), "t"); }).find("lr_moe_factor > 0"), std::string::npos)
         << bad;
+  fs::remove_all(dir);
+}
+
+// One parser for a FLOPs convention's name: config keys and sweep specs give the same choices and the same error,
+// and a sweep's convention reaches every run's config as the enum.
+TEST(SweepPlan, FlopsConventionIsOneChoiceParsedOnce) {
+  for (FlopConvention c : all_flop_conventions()) EXPECT_EQ(parse_flop_convention(to_string(c)), c);
+  EXPECT_NE(error_of([] { parse_flop_convention("kaplan2"); }).find(
+                "unknown FLOPs convention 'kaplan2': use one of exact, kaplan, chinchilla, abnar, abnar_router, krajewski"),
+            std::string::npos);
+  EXPECT_NE(error_of([] { config_from_string("", {"train.flops_convention=kaplan2"}); })
+                .find("is not one of exact|kaplan|chinchilla|abnar|abnar_router|krajewski"),
+            std::string::npos);
+  const fs::path dir = temp_dir("sweep_convention");
+  const fs::path data = make_data(dir / "data");
+  auto spec = [&](const std::string& convention) {
+    std::string s = base_spec(data, "isoflop") + "[[shape]]\nd_model = 32\nn_layers = 2\nn_heads = 2\n"
+                    "[isoflop]\nbudgets = [2e9]\nsparsity = [0.75]\ntop_k = 2\n";
+    s.insert(s.find("[base.model]"), "flops_convention = \"" + convention + "\"\n");
+    return s;
+  };
+  const SweepPlan plan = plan_sweep_from_string(spec("kaplan"), "t");
+  ASSERT_FALSE(plan.runs.empty());
+  for (const auto& r : plan.runs) EXPECT_EQ(r.config.train.flops_convention, FlopConvention::Kaplan) << r.name;
+  EXPECT_NE(error_of([&] { plan_sweep_from_string(spec("kaplan2"), "t"); }).find("unknown FLOPs convention 'kaplan2'"),
+            std::string::npos);
   fs::remove_all(dir);
 }
 

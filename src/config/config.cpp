@@ -68,6 +68,12 @@ const EnumNames<RouterKind> kRouterNames{
 const EnumNames<Precision> kPrecisionNames{{{Precision::FP32, "fp32"}, {Precision::BF16, "bf16"}}};
 const EnumNames<ScheduleKind> kScheduleNames{
     {{ScheduleKind::Cosine, "cosine"}, {ScheduleKind::WSD, "wsd"}, {ScheduleKind::Constant, "constant"}}};
+const EnumNames<FlopConvention> kFlopConventionNames{{{FlopConvention::Exact, "exact"},
+                                                      {FlopConvention::Kaplan, "kaplan"},
+                                                      {FlopConvention::Chinchilla, "chinchilla"},
+                                                      {FlopConvention::Abnar, "abnar"},
+                                                      {FlopConvention::AbnarRouter, "abnar_router"},
+                                                      {FlopConvention::Krajewski, "krajewski"}}};
 
 KeyDef int_key(std::string name, std::function<int64_t&(Config&)> ref, double min, double max, std::string help) {
   KeyDef k;
@@ -228,8 +234,9 @@ const std::vector<KeyDef>& schema() {
               "batches of sequential windows per evaluation; 0: the whole validation file"),
       int_key("train.checkpoint_every", [](Config& c) -> int64_t& { return c.train.checkpoint_every; }, 0, 1e12,
               "steps between checkpoints in <out_dir>/checkpoint; 0: only at the end"),
-      string_key("train.flops_convention", [](Config& c) -> std::string& { return c.train.flops_convention; },
-                 "model FLOPs in the logs: exact, kaplan, chinchilla, abnar, abnar_router or krajewski"),
+      choice_key<FlopConvention>("train.flops_convention", kFlopConventionNames,
+                                 [](Config& c) -> FlopConvention& { return c.train.flops_convention; },
+                                 "how model FLOPs are counted in the logs (docs/counting.md)"),
       float_key("train.peak_flops", [](Config& c) -> double& { return c.train.peak_flops; }, 0, kInf,
                 "FLOP/s for MFU; 0: measure this machine's fp32 GEMM peak at start-up (about 1 s)"),
       string_key("train.init_from", [](Config& c) -> std::string& { return c.train.init_from; },
@@ -487,10 +494,6 @@ void validate(const Config& c) {
   if (c.train.warmup_steps > c.train.steps)
     throw Error("train.warmup_steps = " + std::to_string(c.train.warmup_steps) + " exceeds train.steps = " +
                 std::to_string(c.train.steps));
-  static const char* kConventions[] = {"exact", "kaplan", "chinchilla", "abnar", "abnar_router", "krajewski"};
-  if (std::find(std::begin(kConventions), std::end(kConventions), c.train.flops_convention) == std::end(kConventions))
-    throw Error("train.flops_convention = '" + c.train.flops_convention +
-                "' is not one of exact, kaplan, chinchilla, abnar, abnar_router, krajewski");
   if (c.data.dtype != "uint16" && c.data.dtype != "uint32")
     throw Error("data.dtype = '" + c.data.dtype + "' must be \"uint16\" or \"uint32\"");
   if (c.data.dtype == "uint16" && m.vocab_size > 65536)
@@ -578,6 +581,15 @@ std::string to_string(PosKind k) { return kPosNames.of(k); }
 std::string to_string(FfnKind k) { return kFfnNames.of(k); }
 std::string to_string(ScheduleKind k) { return kScheduleNames.of(k); }
 std::string to_string(Precision k) { return kPrecisionNames.of(k); }
+std::string to_string(FlopConvention k) { return kFlopConventionNames.of(k); }
+
+FlopConvention parse_flop_convention(const std::string& name) {
+  for (const auto& [value, n] : kFlopConventionNames.names)
+    if (n == name) return value;
+  std::string all;
+  for (const auto& n : kFlopConventionNames.list()) all += (all.empty() ? "" : ", ") + n;
+  throw Error("unknown FLOPs convention '" + name + "': use one of " + all + " (docs/counting.md)");
+}
 std::string to_string(RouterKind k) { return kRouterNames.of(k); }
 std::string to_string(ScoreKind k) { return kScoreNames.of(k); }
 std::string to_string(BalanceKind k) { return kBalanceNames.of(k); }

@@ -14,6 +14,8 @@ namespace moelab {
 
 // The learning-rate schedule (optim/schedule.h): cosine decay, warmup-stable-decay, or constant after warmup.
 enum class ScheduleKind { Cosine, WSD, Constant };
+// How model FLOPs are counted (docs/counting.md): the papers' conventions and the engine's exact count.
+enum class FlopConvention { Kaplan, Chinchilla, Abnar, AbnarRouter, Krajewski, Exact };
 
 // Mixture-of-Experts layers (see docs/config.md). Disabled when experts == 0 and expansion == 0.
 // Two ways to say the same thing:
@@ -100,7 +102,7 @@ struct TrainConfig {
   int64_t eval_every = 0;     // steps between validation evaluations; 0: only at the end
   int64_t eval_batches = 50;  // batches per evaluation; 0: the whole validation file
   int64_t checkpoint_every = 0;  // steps between checkpoints; 0: only at the end
-  std::string flops_convention = "exact";  // how model FLOPs are counted in the logs (docs/counting.md)
+  FlopConvention flops_convention = FlopConvention::Exact;  // how model FLOPs are counted in the logs
   double peak_flops = 0;  // FLOP/s that MFU is measured against; 0: measure the fp32 GEMM peak at start
   std::string out_dir = "runs/default";
   std::string init_from;  // a checkpoint or run directory whose weights start the run (sparse upcycling)
@@ -161,5 +163,10 @@ std::string to_string(RouterKind k);
 std::string to_string(ScoreKind k);
 std::string to_string(BalanceKind k);
 std::string to_string(Precision k);
+// exact, kaplan, chinchilla, abnar, abnar_router, krajewski: the names `train.flops_convention`, a sweep's
+// `flops_convention` and `moelab count` use.
+std::string to_string(FlopConvention k);
+// The one parser of a convention's name (config keys and sweep specs alike); an unknown name throws, naming them all.
+FlopConvention parse_flop_convention(const std::string& name);
 
 }  // namespace moelab

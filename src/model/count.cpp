@@ -69,18 +69,6 @@ const std::vector<FlopConvention>& all_flop_conventions() {
   return conventions;
 }
 
-std::string to_string(FlopConvention convention) {
-  switch (convention) {
-    case FlopConvention::Kaplan: return "kaplan";
-    case FlopConvention::Chinchilla: return "chinchilla";
-    case FlopConvention::Abnar: return "abnar";
-    case FlopConvention::AbnarRouter: return "abnar_router";
-    case FlopConvention::Krajewski: return "krajewski";
-    case FlopConvention::Exact: return "exact";
-  }
-  return "?";
-}
-
 double kaplan_flops_per_token(double nonembedding_active_params, double n_layers, double n_ctx, double d_model) {
   // Kaplan et al. 2020, Table 1: 2N forward for the weights plus 2 n_layers n_ctx d_attn for the attention
   // scores ("Mask"); training is 3x forward.

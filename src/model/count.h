@@ -47,12 +47,11 @@ ParameterCounts count_parameters(const ModelConfig& m);
 
 // ---- FLOPs per token under each convention (training = forward + backward) --------------------------------
 
-enum class FlopConvention { Kaplan, Chinchilla, Abnar, AbnarRouter, Krajewski, Exact };
+// FlopConvention (config/config.h): the papers' conventions and the engine's exact count.
 
 // Every convention, in the order `moelab count` prints them.
 const std::vector<FlopConvention>& all_flop_conventions();
-// The stable name used in the CLI table and as a JSON key: kaplan, chinchilla, abnar, abnar_router, krajewski, exact.
-std::string to_string(FlopConvention convention);
+// Its stable name (the CLI table, JSON keys, config values): to_string(FlopConvention) in config/config.h.
 
 // Krajewski et al. 2024, Eq. 10: c_f training FLOPs per active parameter, c_r per router parameter (router
 // matmul 6, dispatch + combine 4 forward and 4 backward).

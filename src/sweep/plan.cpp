@@ -190,7 +190,7 @@ std::vector<Request> replicate_requests(const std::vector<int64_t>& sweep_seeds,
 struct Context {
   Config base;
   Rules rules;
-  std::string convention = "exact";
+  FlopConvention convention = FlopConvention::Exact;
   int64_t checkpoint_every = 50;
   int64_t processes = 1;  // [sweep] processes: each run's, unless its [[run]] says otherwise
   int64_t corpus_tokens = 0;
@@ -431,13 +431,6 @@ std::string compact_number(double value) {
   return mantissa + "e" + sign + exponent;
 }
 
-FlopConvention flop_convention_from_name(const std::string& name) {
-  for (FlopConvention c : all_flop_conventions())
-    if (to_string(c) == name) return c;
-  throw Error("unknown FLOPs convention '" + name +
-              "': use one of exact, kaplan, chinchilla, abnar, abnar_router, krajewski (docs/counting.md)");
-}
-
 std::vector<const PlannedRun*> SweepPlan::feasible_runs() const {
   std::vector<const PlannedRun*> out;
   for (const auto& r : runs)
@@ -527,13 +520,13 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
     throw Error("sweep spec: [sweep] kind = '" + plan.kind + "' must be one of isoflop, fixed_params, granularity, list");
   plan.name = sweep.string("name", plan.kind);
   plan.flops_convention = sweep.string("flops_convention", "exact");
-  const FlopConvention convention = flop_convention_from_name(plan.flops_convention);
+  const FlopConvention convention = parse_flop_convention(plan.flops_convention);
   plan.max_epochs = sweep.number("max_epochs", 1.0);
   const bool dense_baseline = sweep.boolean("dense_baseline", false);
 
   Context ctx;
   ctx.base = read_base(sub_table(root, "base"));
-  ctx.convention = plan.flops_convention;
+  ctx.convention = convention;
   ctx.checkpoint_every = sweep.integer("checkpoint_every", 50);
   ctx.processes = sweep.integer("processes", 1);
   if (ctx.processes < 1) throw Error("sweep spec: [sweep] processes must be at least 1");

@@ -52,8 +52,6 @@ struct SweepPlan {
   std::vector<const PlannedRun*> feasible_runs() const;
 };
 
-FlopConvention flop_convention_from_name(const std::string& name);
-
 // Parses a spec and expands it. `spec_dir` resolves nothing: relative paths in the spec (base.config,
 // data.dir) are relative to the current directory, like every other moelab command. Throws Error for a
 // malformed spec (unknown key, wrong type, missing list); per-run problems become infeasible runs instead.

@@ -427,10 +427,7 @@ TrainSummary run_training(const Config& config, std::ostream& lead_log, bool res
   const std::string checkpoint_dir = (out_dir / "checkpoint").string();
   const auto& t = config.train;
   const int64_t tokens_per_step = t.batch_size * t.grad_accum * config.model.seq_len * comm.size();
-  FlopConvention convention = FlopConvention::Exact;
-  for (FlopConvention c : all_flop_conventions())
-    if (to_string(c) == t.flops_convention) convention = c;
-  const double flops_per_token = training_flops_per_token(config.model, convention);
+  const double flops_per_token = training_flops_per_token(config.model, t.flops_convention);
   // The peak of one process's GEMMs (measured by rank 0 while the others wait), times the processes.
   double peak = t.peak_flops > 0 ? t.peak_flops : lead ? measure_gemm_peak(*backend, 0.3) : 0.0;
   comm.broadcast(&peak, 1, 0);
@@ -441,11 +438,11 @@ TrainSummary run_training(const Config& config, std::ostream& lead_log, bool res
                 "(%s), peak %.1f GFLOP/s (%s), out %s\n",
                 trainer.model().full_layout().total() / 1e6, static_cast<long>(t.steps), static_cast<long>(tokens_per_step),
                 comm.size(), comm.size() == 1 ? "" : "es", backend->threads(), flops_per_token / 1e6,
-                t.flops_convention.c_str(), peak / 1e9,
+                to_string(t.flops_convention).c_str(), peak / 1e9,
                 t.peak_flops > 0 ? "configured" : "measured fp32 GEMM", out_dir.c_str());
   log << line << std::flush;
   metrics << nlohmann::json{{"step", trainer.steps_done()}, {"flops_per_token", flops_per_token},
-                            {"flops_convention", t.flops_convention}, {"peak_flops", peak}}.dump() << "\n";
+                            {"flops_convention", to_string(t.flops_convention)}, {"peak_flops", peak}}.dump() << "\n";
   const auto& moe = config.model.moe;
   const int64_t active = active_parameter_count(trainer.model().full_layout(), config.model);
   if (moe.enabled()) {
