@@ -169,6 +169,25 @@ std::map<int, double> by_replicate(const ArmComparison& c) {
 
 Verdict not_measured(const std::string& why) { return {"not measured", why}; }
 
+// A claim judged on the mean over budgets, replicate by replicate (each map: replicate -> the budget's estimate):
+// its t interval, the verdict, and "inconclusive" when it is positive on average but the opposite at some budget.
+// Fills the evidence and appends the pooled estimate to `measured`.
+Verdict judge_mean_over_budgets(const std::vector<std::map<int, double>>& per_budget,
+                                const std::vector<std::pair<std::string, Verdict>>& parts, Evidence& e,
+                                std::string& measured) {
+  const PairedMean pooled = paired_mean(mean_over_keys(per_budget));
+  e.estimate = pooled.estimate, e.lo = pooled.lo, e.hi = pooled.hi, e.mde = pooled.mde;
+  measured += "; mean over " + std::to_string(parts.size()) + " budgets " + interval_text(pooled);
+  Verdict verdict = judge_positive(pooled.estimate, pooled.lo, pooled.hi, pooled.mde);
+  if (verdict.verdict == "reproduced")
+    for (const auto& [where, v] : parts)
+      if (v.verdict == "not reproduced") verdict = {"inconclusive", "positive on average but the opposite at " + where};
+  verdict.why = pooled.n == 0 ? "no replicate seed covers every shape of every arm at every budget (plan the "
+                                "sweep with [sweep] seeds = [1, 2, 3])"
+                              : "mean over budgets, paired by replicate: " + verdict.why;
+  return verdict;
+}
+
 // Combines the verdicts of parts (budgets, sets): reproduced if all are, not reproduced if any is, else
 // inconclusive (the first inconclusive part's reason).
 Verdict all_of(const std::vector<std::pair<std::string, Verdict>>& parts) {
@@ -279,16 +298,7 @@ ojson claim_moe_beats_dense(Context& ctx) {
                    "fairseq MoE vs dense; Abnar et al.", "no budget with a dense and an MoE arm", ctx.spread,
                    not_measured("no IsoFLOP budget has both a dense and an MoE arm"), e);
   }
-  const PairedMean pooled = paired_mean(mean_over_keys(per_budget));
-  e.estimate = pooled.estimate, e.lo = pooled.lo, e.hi = pooled.hi, e.mde = pooled.mde;
-  measured += "; mean over " + std::to_string(parts.size()) + " budgets " + interval_text(pooled);
-  Verdict verdict = judge_positive(pooled.estimate, pooled.lo, pooled.hi, pooled.mde);
-  if (verdict.verdict == "reproduced")
-    for (const auto& [where, v] : parts)
-      if (v.verdict == "not reproduced") verdict = {"inconclusive", "positive on average but the opposite at " + where};
-  verdict.why = pooled.n == 0 ? "no replicate seed covers every shape of both arms at every budget (plan the "
-                                "sweep with [sweep] seeds = [1, 2, 3])"
-                              : "mean over budgets, paired by replicate: " + verdict.why;
+  Verdict verdict = judge_mean_over_budgets(per_budget, parts, e, measured);
 
   // The compute multiplier: per replicate, dense's minima against log C (a line over the budgets) and the C at
   // which that line reaches the MoE minimum of the largest budget, over that budget; the mean of its log over
@@ -659,16 +669,7 @@ ojson claim_sparser_better(Context& ctx) {
                     source = "Abnar et al. 2025";
   if (parts.empty())
     return finding(id, claim, source, "-", ctx.spread, not_measured("no IsoFLOP budget with two or more sparsities"), e);
-  const PairedMean pooled = paired_mean(mean_over_keys(per_budget));
-  e.estimate = pooled.estimate, e.lo = pooled.lo, e.hi = pooled.hi, e.mde = pooled.mde;
-  measured += "; mean over budgets " + interval_text(pooled);
-  Verdict verdict = judge_positive(pooled.estimate, pooled.lo, pooled.hi, pooled.mde);
-  if (verdict.verdict == "reproduced")
-    for (const auto& [where, v] : parts)
-      if (v.verdict == "not reproduced") verdict = {"inconclusive", "positive on average but the opposite at " + where};
-  verdict.why = pooled.n == 0 ? "no replicate seed covers every shape of every arm at every budget (plan the "
-                                "sweep with [sweep] seeds = [1, 2, 3])"
-                              : "mean over budgets, paired by replicate: " + verdict.why;
+  const Verdict verdict = judge_mean_over_budgets(per_budget, parts, e, measured);
   return finding(id, claim, source, measured, ctx.spread, verdict, e);
 }
 
