@@ -105,6 +105,7 @@ class FixtureTest : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(FixtureTest, ForwardBackwardAndTenAdamWStepsMatchPyTorch) {
   Fixture f = load_fixture(GetParam());
+  f.config.train.log_every = 1;  // every step a logging step: its StepStats carry the auxiliary loss
   auto be = testing::make_test_backend(2);
   Trainer trainer(f.config, *be);
   Transformer& model = trainer.model();

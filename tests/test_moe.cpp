@@ -9,9 +9,11 @@
 #include <utility>
 
 #include "backend/backend.h"
+#include "dist/comm.h"
 #include "layers/layers.h"
 #include "model/transformer.h"
 #include "moe/moe.h"
+#include "moe/moe_layer.h"
 #include "optim/adamw.h"
 #include "test_util.h"
 
@@ -29,10 +31,13 @@ struct MoeFixture {
   Buffer logits, probs, x_sorted, pre, act, y_sorted, sh_pre, sh_act;
   Buffer d_x_sorted, d_pre, d_act, d_y_sorted, d_weight, d_logits, d_sh_pre, d_sh_act, ones;
   Buffer router_in, d_router_in, selection_bias;  // router jitter; bias balancing
-  Routing routing;
-  MoeStats stats;
+  Buffer x_local, y_local, d_x_local, d_y_local;  // the all-to-all dispatcher's rows (with a group)
+  Backend& be;
+  MoeLayer layer;
 
-  MoeFixture(Backend& be, const MoeDims& dims, Rng& rng) : d(dims) {
+  // group: the layer dispatches by all-to-all over it (expert parallelism), else locally.
+  MoeFixture(Backend& backend, const MoeDims& dims, Rng& rng, Communicator* group = nullptr)
+      : d(dims), be(backend), layer(backend, dims, group) {
     const int64_t E = d.experts, C = d.d_model, F = d.expert_hidden, P = d.fc1_rows(), N = d.tokens();
     const int64_t R = d.max_rows(), S = d.shared_hidden, SP = d.shared_fc1_rows();
     auto make = [](Buffer& v, Buffer& g, Shape s) { v = Buffer(s), g = Buffer(s); };
@@ -54,14 +59,17 @@ struct MoeFixture {
     std::fill(ones.data.begin(), ones.data.end(), 1.f);
     if (S > 0) sh_pre = Buffer({N, SP}), sh_act = Buffer({N, S}), d_sh_pre = Buffer({N, SP}), d_sh_act = Buffer({N, S});
     if (d.router_jitter > 0) router_in = Buffer({N, C}), d_router_in = Buffer({N, C});
-    routing.reserve(be, d);
+    if (group) x_local = Buffer({R, C}), y_local = Buffer({R, C}), d_x_local = Buffer({R, C}), d_y_local = Buffer({R, C});
   }
+  const Routing& routing() const { return layer.routing(); }
+  MoeStats stats() const { return layer.statistics(be); }
   // The routing's rows as (token, expert) pairs, downloaded.
   std::vector<std::pair<int32_t, int32_t>> rows(Backend& be) const {
-    const auto token = be.download_vector(routing.row_token.data(), routing.rows);
-    const auto expert = be.download_vector(routing.row_expert.data(), routing.rows);
+    const Routing& r = routing();
+    const auto token = be.download_vector(r.row_token.data(), r.rows);
+    const auto expert = be.download_vector(r.row_expert.data(), r.rows);
     std::vector<std::pair<int32_t, int32_t>> out;
-    for (int64_t q = 0; q < routing.rows; ++q) out.push_back({token[q], expert[q]});
+    for (int64_t q = 0; q < r.rows; ++q) out.push_back({token[q], expert[q]});
     return out;
   }
   static Tensor opt(Buffer& b) { return b.shape.rank == 0 ? Tensor() : b.t(); }
@@ -73,16 +81,16 @@ struct MoeFixture {
             opt(g_sh2_w), opt(g_sh2_b)};
   }
   MoeActivations acts() {
-    return {logits.t(), probs.t(), x_sorted.t(), pre.t(), act.t(), y_sorted.t(), opt(sh_pre), opt(sh_act), Tensor(),
-            Tensor(), opt(router_in)};
+    return {logits.t(), probs.t(), x_sorted.t(), pre.t(), act.t(), y_sorted.t(), opt(sh_pre), opt(sh_act),
+            opt(x_local), opt(y_local), opt(router_in)};
   }
   MoeScratch scratch() {
     return {d_x_sorted.t(), d_pre.t(), d_act.t(), d_y_sorted.t(), d_weight.t(), d_logits.t(), opt(d_sh_pre),
-            opt(d_sh_act), ones.t(), Tensor(), Tensor(), opt(d_router_in)};
+            opt(d_sh_act), ones.t(), opt(d_x_local), opt(d_y_local), opt(d_router_in)};
   }
-  void forward(Backend& be, Tensor out, Tensor in) { moe_forward(be, d, out, in, weights(), acts(), routing, stats); }
+  void forward(Backend& be, Tensor out, Tensor in) { layer.forward(be, d, out, in, weights(), acts()); }
   void backward(Backend& be, Tensor din, Tensor dout, Tensor in, float scale = 1.f) {
-    moe_backward(be, d, din, grads(), dout, in, weights(), acts(), scratch(), routing, scale);
+    layer.backward(be, d, din, grads(), dout, in, weights(), acts(), scratch(), scale);
   }
 };
 
@@ -115,8 +123,8 @@ TEST_F(MoeTest, OneExpertTopOneEqualsDenseFfn) {
     Tensor w1 = f.fc1_w.t().reshaped({d.fc1_rows(), C}), w2 = f.fc2_w.t().reshaped({C, d.expert_hidden});
     mlp_forward(*be, ffn, out_dense.t(), pre.t(), act.t(), x.t(), w1, Tensor(), w2, Tensor());
     for (int64_t i = 0; i < N * C; ++i) ASSERT_EQ(out_moe.data[i], out_dense.data[i]) << "entry " << i;
-    EXPECT_EQ(f.stats.dropped_fraction, 0.0);
-    EXPECT_EQ(be->download_vector(f.routing.row_weight.data(), 1)[0], 1.f);  // softmax over one expert is exactly 1
+    EXPECT_EQ(f.stats().dropped_fraction, 0.0);
+    EXPECT_EQ(be->download_vector(f.routing().row_weight.data(), 1)[0], 1.f);  // softmax over one expert is exactly 1
     // Backward: expert gradients equal the dense FFN's; the router gets none (the gate is constant).
     Buffer dout({N, C}), dx_moe({N, C}), dx_dense({N, C}), dw1({d.fc1_rows(), C}), dw2({C, d.expert_hidden});
     Buffer dpre({N, d.fc1_rows()}), dact({N, d.expert_hidden});
@@ -128,6 +136,37 @@ TEST_F(MoeTest, OneExpertTopOneEqualsDenseFfn) {
     for (size_t i = 0; i < dw2.data.size(); ++i) ASSERT_EQ(f.g_fc2_w.data[i], dw2.data[i]);
     for (int64_t i = 0; i < N * C; ++i) ASSERT_NEAR(dx_moe.data[i], dx_dense.data[i], 1e-6);
     for (float g : f.g_router.data) ASSERT_NEAR(g, 0.f, 1e-6);
+  }
+}
+
+// The token dispatcher is chosen when the layer is built and nothing else in the layer depends on it: the all-to-all
+// dispatcher over a group of one rank (every row crosses through the exchange's host buffers and comes back) gives
+// the local dispatcher's outputs, gradients and statistics bit for bit.
+TEST_F(MoeTest, AllToAllDispatcherOverOneRankEqualsLocal) {
+  auto group = world_communicator().split(world_communicator().rank(), 0);
+  ASSERT_EQ(group->size(), 1);
+  for (RouterKind router : {RouterKind::TokenChoice, RouterKind::ExpertChoice}) {
+    MoeDims d = dims(router, 4, 2, 5, router == RouterKind::TokenChoice ? 1.0 : 0.0);
+    d.bias = true;
+    Rng r1(11), r2(11);
+    MoeFixture local(*be, d, r1), all_to_all(*be, d, r2, group.get());
+    const int64_t N = d.tokens(), C = d.d_model;
+    Buffer x({N, C}), dout({N, C}), out_a({N, C}), out_b({N, C}), dx_a({N, C}), dx_b({N, C});
+    fill_normal(x.data.data(), N * C, rng);
+    fill_normal(dout.data.data(), N * C, rng);
+    local.forward(*be, out_a.t(), x.t());
+    all_to_all.forward(*be, out_b.t(), x.t());
+    EXPECT_EQ(out_a.data, out_b.data);
+    local.backward(*be, dx_a.t(), dout.t(), x.t());
+    all_to_all.backward(*be, dx_b.t(), dout.t(), x.t());
+    EXPECT_EQ(dx_a.data, dx_b.data);
+    EXPECT_EQ(local.g_router.data, all_to_all.g_router.data);
+    EXPECT_EQ(local.g_fc1_w.data, all_to_all.g_fc1_w.data);
+    EXPECT_EQ(local.g_fc2_b.data, all_to_all.g_fc2_b.data);
+    EXPECT_EQ(local.stats().aux_loss, all_to_all.stats().aux_loss);
+    EXPECT_EQ(local.stats().tokens_per_expert, all_to_all.stats().tokens_per_expert);
+    EXPECT_GT(std::accumulate(local.g_fc1_w.data.begin(), local.g_fc1_w.data.end(), 0.0,
+                              [](double s, float v) { return s + std::fabs(v); }), 0.0);
   }
 }
 
@@ -192,9 +231,9 @@ TEST_F(MoeTest, CapacityDropsOverflowInRankThenTokenOrder) {
   Buffer x({N, C}), out({N, C});
   for (auto& v : x.data) v = 1.f + 0.1f * static_cast<float>(rng.uniform());
   f.forward(*be, out.t(), x.t());
-  EXPECT_EQ(f.routing.rows, 2);
-  EXPECT_NEAR(f.stats.dropped_fraction, 10.0 / 12.0, 1e-12);
-  EXPECT_EQ(f.stats.idle_experts, 3);
+  EXPECT_EQ(f.routing().rows, 2);
+  EXPECT_NEAR(f.stats().dropped_fraction, 10.0 / 12.0, 1e-12);
+  EXPECT_EQ(f.stats().idle_experts, 3);
   // The first two tokens won the slots; the others pass through (zero MoE output).
   const auto rows = f.rows(*be);
   EXPECT_EQ(rows[0].first, 0);
@@ -242,7 +281,7 @@ TEST_P(MoeFd, GradientsThroughRouterDispatchAndExperts) {
   if (fc.selection_bias) {  // a bias that changes some choices: the gradient must not flow through it
     std::vector<float> bias(d.experts);
     fill_normal(bias.data(), d.experts, rng, 0.3f);
-    be->upload(f.routing.selection_bias.data(), bias.data(), d.experts);
+    f.layer.router().set_selection_bias(*be, bias);
   }
   const int64_t N = d.tokens(), C = d.d_model;
   Buffer x({N, C}), out({N, C}), dout({N, C}), dx({N, C});
@@ -250,7 +289,7 @@ TEST_P(MoeFd, GradientsThroughRouterDispatchAndExperts) {
   fill_normal(dout.data.data(), N * C, rng);
   f.forward(*be, out.t(), x.t());
   if (fc.capacity > 0 && fc.router == RouterKind::TokenChoice) {
-    EXPECT_GT(f.stats.dropped_fraction, 0.0);
+    EXPECT_GT(f.stats().dropped_fraction, 0.0);
   }
   f.backward(*be, dx.t(), dout.t(), x.t());
   // Snapshot the routing so we can tell whether a perturbation flipped a discrete decision.
@@ -260,7 +299,7 @@ TEST_P(MoeFd, GradientsThroughRouterDispatchAndExperts) {
     out.zero();
     f.forward(*be, out.t(), x.t());
     flips += f.rows(*be) != rows0;
-    return testing::dot(out.data.data(), dout.data.data(), N * C) + f.stats.weighted_aux(d);
+    return testing::dot(out.data.data(), dout.data.data(), N * C) + f.stats().weighted_aux(d);
   };
   std::vector<std::pair<std::string, std::pair<Tensor, Tensor>>> pairs = {
       {"x", {x.t(), dx.t()}}, {"router", {f.router.t(), f.g_router.t()}}, {"fc1", {f.fc1_w.t(), f.g_fc1_w.t()}},
@@ -442,7 +481,7 @@ TEST(MoeModel, OptimizerLeavesMatrixGradientsForTheNextBackwardToOverwrite) {
   stale.zero_grad();
   fresh.forward(tokens.data(), targets.data(), B, 1.f);
   stale.forward(tokens.data(), targets.data(), B, 1.f);
-  for (const auto& s : stale.moe_stats()) idle += s.idle_experts;
+  for (const auto& s : stale.moe_statistics()) idle += s.idle_experts;
   ASSERT_GE(idle, 8);  // the zero-row path is exercised
   fresh.backward();
   stale.backward();

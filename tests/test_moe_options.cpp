@@ -47,11 +47,11 @@ TEST(BiasBalancing, UpdateIsTheHandComputedSignStep) {
     // Before each micro-batch but the first, the previous forward's choices are still in the stats.
     if (micro++ > 0)
       for (auto& [layer, l] : loads)
-        for (int e = 0; e < 4; ++e) l[e] += model.moe_stats()[layer].assigned[e];
+        for (int e = 0; e < 4; ++e) l[e] += model.moe_statistics()[layer].assigned[e];
     source(tokens, targets);
   });
   for (auto& [layer, l] : loads)  // the last micro-batch's
-    for (int e = 0; e < 4; ++e) l[e] += model.moe_stats()[layer].assigned[e];
+    for (int e = 0; e < 4; ++e) l[e] += model.moe_statistics()[layer].assigned[e];
   const auto after = model.router_biases();
   for (auto& [layer, l] : loads) {
     double total = 0;
@@ -109,7 +109,7 @@ TEST(BiasBalancing, BalancesBetterThanNothing) {
     double sum = 0;
     for (int s = 0; s < 40; ++s) {
       t.step(data);
-      if (s >= 30) sum += t.model().moe_stats()[0].overload() + t.model().moe_stats()[1].overload();
+      if (s >= 30) sum += t.model().moe_statistics()[0].overload() + t.model().moe_statistics()[1].overload();
     }
     overload[with_bias] = sum / 20;
   }
@@ -133,14 +133,14 @@ TEST(RouterJitter, OnlyTrainingForwardsAreNoisyAndTheNoiseIsReproducible) {
   // Training: the router sees noise, so the routing statistics move; the same seed gives the same loss.
   jittered.set_noise_seed(11);
   const double a = jittered.forward(tokens.data(), targets.data(), 4, 1.f);
-  const double entropy_a = jittered.moe_stats()[0].router_entropy;
+  const double entropy_a = jittered.moe_statistics()[0].router_entropy;
   jittered.set_noise_seed(11);
   EXPECT_EQ(jittered.forward(tokens.data(), targets.data(), 4, 1.f), a);
   reference.forward(tokens.data(), targets.data(), 4, 1.f);
-  EXPECT_NE(entropy_a, reference.moe_stats()[0].router_entropy);
+  EXPECT_NE(entropy_a, reference.moe_statistics()[0].router_entropy);
   jittered.set_noise_seed(12);
   jittered.forward(tokens.data(), targets.data(), 4, 1.f);
-  EXPECT_NE(jittered.moe_stats()[0].router_entropy, entropy_a);
+  EXPECT_NE(jittered.moe_statistics()[0].router_entropy, entropy_a);
 }
 
 TEST(MoeOptions, FirstDenseAndQkNormAreCounted) {

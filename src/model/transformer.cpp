@@ -136,25 +136,16 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
     }
     acts_.reserve(p + "res_ffn", {B, T, C});
   }
-  routing_.resize(config.n_layers);
-  moe_stats_.resize(config.n_layers);
-  router_bias_.resize(config.n_layers);
-  balance_load_.resize(config.n_layers);
+  moe_layers_.resize(config.n_layers);
   expert_sq_offset_.assign(config.n_layers, -1);
+  expert_parallel_ = expert_group != nullptr;
   if (plan_.moe_blocks() > 0) {
     int64_t first = 0;
     while (!plan_.blocks[first].moe) ++first;
     const MoeDims d = plan_.moe_dims(first, B, T);  // every MoE block has the same dims
     const int64_t R = d.max_rows(), Re = d.max_expert_rows();
     for (int64_t i = 0; i < config.n_layers; ++i)
-      if (plan_.blocks[i].moe) {
-        routing_[i].reserve(backend_, plan_.moe_dims(i, B, T));
-        if (d.balance_bias) {  // starts at zero (the backend's memory is zeroed)
-          router_bias_[i].assign(d.experts, 0.f);
-          balance_load_[i].assign(d.experts, 0.0);
-        }
-        if (expert_group) exchanges_.emplace(i, std::make_unique<ExpertExchange>(*expert_group, d.experts));
-      }
+      if (plan_.blocks[i].moe) moe_layers_[i] = std::make_unique<MoeLayer>(backend_, plan_.moe_dims(i, B, T), expert_group);
     acts_.reserve("d_moe_x_sorted", {R, C});
     acts_.reserve("d_moe_pre", {Re, d.fc1_rows()});
     acts_.reserve("d_moe_act", {Re, d.expert_hidden});
@@ -246,7 +237,7 @@ void Transformer::declare_buffer_uses() {
         be.declare_use(a.ln2.data, a.ln2.numel(), Use::MatmulOperand);
         mlp_declare_uses(be, a.moe.shared_act, buffers_.moe.d_shared_pre, !w.moe.shared_fc1_b.empty());
       }
-      moe_declare_uses(be, a.moe, buffers_.moe, plan_.blocks[i].moe_dims.expert_shards > 1);
+      moe_layers_[i]->declare_uses(be, a.moe, buffers_.moe);
     }
   }
   be.declare_use(buffers_.lnf.data, buffers_.lnf.numel(), Use::MatmulOperandOnly);  // the head's products only
@@ -258,13 +249,31 @@ Transformer::~Transformer() {
   backend_.free(grads_);
 }
 
-ExpertExchange* Transformer::exchange(int64_t block) const {
-  auto it = exchanges_.find(block);
-  return it == exchanges_.end() ? nullptr : it->second.get();
+int64_t Transformer::expert_shard() const {
+  for (int64_t i = 0; i < config_.n_layers; ++i)
+    if (moe_layers_[i]) return moe_layers_[i]->dispatcher().first_expert() / plan_.blocks[i].moe_dims.local_experts();
+  return 0;
 }
 
-int64_t Transformer::expert_shard() const {
-  return exchanges_.empty() ? 0 : exchanges_.begin()->second->first_expert() / exchanges_.begin()->second->local_experts();
+double Transformer::take_exchange_seconds() {
+  double s = 0;
+  for (auto& layer : moe_layers_)
+    if (layer) s += layer->dispatcher().take_seconds();
+  return s;
+}
+
+double Transformer::last_aux_loss() const {
+  double sum = 0.0;
+  for (const auto& layer : moe_layers_)
+    if (layer && layer->last_dims().batch > 0) sum += layer->statistics(backend_).weighted_aux(layer->last_dims());
+  return sum;
+}
+
+std::vector<MoeStats> Transformer::moe_statistics() const {
+  std::vector<MoeStats> out(config_.n_layers);
+  for (int64_t i = 0; i < config_.n_layers; ++i)
+    if (moe_layers_[i] && moe_layers_[i]->last_dims().batch > 0) out[i] = moe_layers_[i]->statistics(backend_);
+  return out;
 }
 
 // Each local tensor is its full tensor, or, for a routed-expert tensor under expert parallelism, this rank's slice of
@@ -300,7 +309,7 @@ void Transformer::init_weights(uint64_t seed) {
         for (int64_t i = 0; i < n; ++i) p[i] = static_cast<float>(rng.normal()) * e.init_std;
     }
   }
-  if (!exchanges_.empty()) host = local_from_full(host);
+  if (expert_parallel_) host = local_from_full(host);
   backend_.upload(params_, host.data(), layout_.total());
 }
 
@@ -333,7 +342,6 @@ double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64
     forward_noise_ = mix_seed(noise_seed_, 0);
     noise_seed_ = mix_seed(noise_seed_, 1);
   }
-  aux_loss_ = 0.0;
   const int64_t T = m.seq_len, V = m.vocab_size;
   for (int64_t i = 0; i < batch * T; ++i)
     if (tokens[i] < 0 || tokens[i] >= V)
@@ -357,7 +365,7 @@ double Transformer::forward(const int32_t* tokens, const int32_t* targets, int64
 }
 
 void Transformer::decode_reset() {
-  if (!exchanges_.empty())
+  if (expert_parallel_)
     throw Error("generation with expert parallelism is not supported; load the checkpoint in one process");
   decode_position_ = 0;
   if (!k_cache_.data()) {
@@ -378,7 +386,6 @@ void Transformer::decode(int32_t token) {
   batch_ = 1;
   seq_ = 1;
   forward_noise_ = 0;
-  aux_loss_ = 0.0;
   backend_.upload(tokens_.data(), &token, 1);
   forward_window(decode_position_);
   ++decode_position_;
@@ -437,11 +444,9 @@ void Transformer::block_forward(int64_t i, Tensor residual, int64_t first_positi
   if (plan_.blocks[i].moe) {
     const MoeDims d = moe_dims(i);
     const Shape flat{d.tokens(), m.d_model};
-    moe_forward(be, d, res_ffn.reshaped(flat), ln2.reshaped(flat), weights_.blocks[i].moe, moe_activations(i),
-                routing_[i], moe_stats_[i], exchange(i));
-    aux_loss_ += moe_stats_[i].weighted_aux(d);
-    if (backward_scale_ != 0.f && !balance_load_[i].empty())  // a training forward's choices count for the update
-      for (int64_t e = 0; e < d.experts; ++e) balance_load_[i][e] += moe_stats_[i].assigned[e];
+    // a training forward's choices count for the balancing update
+    moe_layers_[i]->forward(be, d, res_ffn.reshaped(flat), ln2.reshaped(flat), weights_.blocks[i].moe,
+                            moe_activations(i), /*training=*/backward_scale_ != 0.f);
   } else {
     mlp_forward(be, m.ffn, res_ffn, window(blocks_[i].fc_pre), window(blocks_[i].fc_act), ln2, w.fc1_w, w.fc1_b, w.fc2_w,
                 w.fc2_b);
@@ -501,9 +506,10 @@ void Transformer::backward() {
     be.fill(d_ln.data, 0.f, d_ln.numel());
     if (plan_.blocks[i].moe) {
       const Shape flat{batch_ * T, m.d_model};
-      moe_backward(be, moe_dims(i), d_ln.reshaped(flat), grad_views_.blocks[i].moe, d_res.reshaped(flat),
-                   window(blocks_[i].ln2).reshaped(flat), weights_.blocks[i].moe, moe_activations(i), moe_scratch(i),
-                   routing_[i], backward_scale_, acc, expert_dweight_sq_.data() + expert_sq_offset_[i], exchange(i));
+      moe_layers_[i]->backward(be, moe_dims(i), d_ln.reshaped(flat), grad_views_.blocks[i].moe, d_res.reshaped(flat),
+                               window(blocks_[i].ln2).reshaped(flat), weights_.blocks[i].moe, moe_activations(i),
+                               moe_scratch(i), backward_scale_, acc,
+                               expert_dweight_sq_.data() + expert_sq_offset_[i]);
     } else {
       mlp_backward(be, m.ffn, d_ln, g.fc1_w, g.fc1_b, g.fc2_w, g.fc2_b, window(buffers_.d_fc_pre), window(buffers_.d_fc_act), d_res,
                    window(blocks_[i].ln2), window(blocks_[i].fc_pre), window(blocks_[i].fc_act), w.fc1_w, w.fc2_w, acc);
@@ -558,47 +564,33 @@ namespace moelab {
 std::map<int64_t, std::vector<float>> Transformer::router_biases() const {
   std::map<int64_t, std::vector<float>> out;
   for (int64_t i = 0; i < config_.n_layers; ++i)
-    if (!router_bias_[i].empty()) out[i] = router_bias_[i];
+    if (moe_layers_[i] && moe_layers_[i]->router().balances_by_bias()) out[i] = moe_layers_[i]->router().selection_bias();
   return out;
 }
 
 void Transformer::set_router_biases(const std::map<int64_t, std::vector<float>>& biases) {
+  const auto balanced = [&](int64_t i) { return moe_layers_[i] && moe_layers_[i]->router().balances_by_bias(); };
   for (const auto& [layer, values] : biases)
-    if (layer < 0 || layer >= config_.n_layers || router_bias_[layer].empty())
+    if (layer < 0 || layer >= config_.n_layers || !balanced(layer))
       throw Error("router selection biases for layer " + std::to_string(layer) +
                   ", which has no bias balancing in this model (moe.balance = \"bias\" on MoE layers only)");
   for (int64_t i = 0; i < config_.n_layers; ++i) {
-    if (router_bias_[i].empty()) continue;
+    if (!balanced(i)) continue;
+    Router& router = moe_layers_[i]->router();
     const auto it = biases.find(i);
     if (it == biases.end())
       throw Error("no router selection biases for MoE layer " + std::to_string(i) + " (moe.balance = \"bias\")");
-    if (it->second.size() != router_bias_[i].size())
+    if (it->second.size() != router.selection_bias().size())
       throw Error("router selection biases of layer " + std::to_string(i) + " hold " +
-                  std::to_string(it->second.size()) + " values for " + std::to_string(router_bias_[i].size()) +
+                  std::to_string(it->second.size()) + " values for " + std::to_string(router.selection_bias().size()) +
                   " experts");
-    router_bias_[i] = it->second;
-    backend_.upload(routing_[i].selection_bias.data(), router_bias_[i].data(),
-                    static_cast<int64_t>(router_bias_[i].size()));
+    router.set_selection_bias(backend_, it->second);
   }
 }
 
 void Transformer::update_router_biases(Communicator* comm) {
-  const double rate = config_.moe.bias_update_rate;
-  for (int64_t i = 0; i < config_.n_layers; ++i) {
-    std::vector<double>& load = balance_load_[i];
-    if (load.empty()) continue;
-    if (comm && comm->size() > 1) comm->allreduce_sum(load.data(), static_cast<int64_t>(load.size()));
-    double mean = 0;
-    for (double l : load) mean += l;
-    mean /= static_cast<double>(load.size());
-    std::vector<float>& b = router_bias_[i];
-    for (size_t e = 0; e < b.size(); ++e) {
-      const double gap = mean - load[e];
-      b[e] = static_cast<float>(b[e] + rate * (gap > 0 ? 1.0 : gap < 0 ? -1.0 : 0.0));
-    }
-    backend_.upload(routing_[i].selection_bias.data(), b.data(), static_cast<int64_t>(b.size()));
-    std::fill(load.begin(), load.end(), 0.0);
-  }
+  for (auto& layer : moe_layers_)
+    if (layer) layer->router().update_selection_bias(backend_, config_.moe.bias_update_rate, comm);
 }
 
 }  // namespace moelab

@@ -12,8 +12,8 @@
 #include "model/param_layout.h"
 #include "model/plan.h"
 #include "dist/comm.h"
-#include "moe/expert_parallel.h"
 #include "moe/moe.h"
+#include "moe/moe_layer.h"
 
 namespace moelab {
 
@@ -36,11 +36,7 @@ class Transformer {
   // A whole-model host vector (full_layout) cut to this rank's parameters (layout).
   std::vector<float> local_from_full(const std::vector<float>& full) const;
   // Seconds the MoE layers spent exchanging rows with the expert-parallel group since the last call.
-  double take_exchange_seconds() {
-    double s = 0;
-    for (auto& [block, ex] : exchanges_) s += ex->take_seconds();
-    return s;
-  }
+  double take_exchange_seconds();
   Backend& backend() { return backend_; }
   int64_t num_params() const { return layout_.total(); }
   // The parameter block (backend memory), declared a matrix-product operand (Backend::declare_use).
@@ -93,8 +89,9 @@ class Transformer {
   // of backend memory; download_logits() brings them to the host.
   Tensor logits() const;
   std::vector<float> download_logits();
-  // Weighted auxiliary loss of the last forward: sum over MoE layers of MoeStats::weighted_aux.
-  double last_aux_loss() const { return aux_loss_; }
+  // Weighted auxiliary loss of the last forward: sum over MoE layers of MoeStats::weighted_aux, computed now from
+  // the router statistics (a pass over each MoE layer's scores on the backend).
+  double last_aux_loss() const;
 
   // Router jitter (moe.router_jitter): the next training forward (backward_scale != 0) draws its noise from this
   // seed (each MoE layer from the seed and its index); every training forward then moves the seed on. The trainer
@@ -110,8 +107,9 @@ class Transformer {
   // expert over the training forwards since the last update, summed over the ranks of `comm` (may be null). Starts
   // the next step's counts afresh. Nothing without bias balancing.
   void update_router_biases(Communicator* comm);
-  // Router statistics of the last forward, one entry per layer (empty tokens_per_expert for dense layers).
-  const std::vector<MoeStats>& moe_stats() const { return moe_stats_; }
+  // Router statistics of the last forward, computed now: one entry per layer (empty tokens_per_expert for dense
+  // layers).
+  std::vector<MoeStats> moe_statistics() const;
   int64_t last_batch() const { return batch_; }
   int64_t counted_positions() const { return counted_; }
 
@@ -153,8 +151,9 @@ class Transformer {
   Backend& backend_;
   ParamLayout layout_;
   ParamLayout full_layout_;
-  std::map<int64_t, std::unique_ptr<ExpertExchange>> exchanges_;  // per MoE block, under expert parallelism
-  ExpertExchange* exchange(int64_t block) const;
+  // Per layer: the MoE layer (router, balancing state, token dispatcher), or null for a dense block.
+  std::vector<std::unique_ptr<MoeLayer>> moe_layers_;
+  bool expert_parallel_ = false;  // the MoE layers dispatch to an expert-parallel group
   int64_t plan_expert_shards() const {
     for (const auto& b : plan_.blocks)
       if (b.moe) return b.moe_dims.expert_shards;
@@ -176,11 +175,6 @@ class Transformer {
   float backward_scale_ = 0.f;
   uint64_t noise_seed_ = 0x6a09e667f3bcc909ULL;
   uint64_t forward_noise_ = 0;      // the current training forward's noise seed (0: no jitter)
-  std::vector<std::vector<float>> router_bias_;    // per layer: (E) selection biases, or empty
-  std::vector<std::vector<double>> balance_load_;  // per layer: router choices per expert since the last update
-  double aux_loss_ = 0.0;
-  std::vector<Routing> routing_;    // per layer (used by MoE layers)
-  std::vector<MoeStats> moe_stats_;  // per layer
   // Per MoE layer (2E, else empty): the sums of squares of its experts' fc1 and fc2 weight gradients as the last
   // backward left them; valid until the gradient block is written by anything else.
   BackendArray<double> expert_dweight_sq_;   // (MoE layers, 2E) in backend memory

@@ -1,10 +1,14 @@
 #pragma once
-// A Mixture-of-Experts FFN layer as four seams (Megatron-Core style):
-//   route    (router.cpp, Backend::route): logits -> probabilities -> (token, expert, weight) rows sorted by expert
-//   dispatch (moe_layer.cpp, Backend::gather_rows): the assigned token rows into one contiguous block per expert
-//   experts  (moe_layer.cpp): grouped GEMM over the per-expert slices, activation, grouped GEMM
-//   combine  (moe_layer.cpp, Backend::combine_rows): each token's weighted expert outputs into the residual stream
-// An all-to-all dispatcher for expert parallelism replaces dispatch/combine without touching the others.
+// A Mixture-of-Experts FFN layer in three parts (Megatron-Core's router / token dispatcher / experts split):
+//   Router          (moe/router.h): logits -> scores -> the routing decision, (token, expert, weight) rows sorted by
+//                   expert (Backend::route); the balancing state and losses; statistics on demand
+//   TokenDispatcher (moe/dispatcher.h): the routed rows to the experts that compute them and their outputs back:
+//                   in place (local), or by all-to-all to the ranks holding the experts (expert parallelism),
+//                   chosen once when the layer is built
+//   Experts         (moe/experts.h): grouped GEMM over the per-expert slices, activation, grouped GEMM
+// MoeLayer (moe/moe_layer.h) owns a layer's router and dispatcher and runs route -> gather -> dispatch -> experts ->
+// combine -> weighted sum per token, and the exact reverse for the backward. This header holds the data the parts
+// share: the dims, the weights, the saved activations, the routing buffers and the statistics.
 // Sorting by expert and combining per token in a fixed order means no atomics: results are deterministic.
 #include <cstdint>
 #include <vector>
@@ -117,26 +121,7 @@ struct MoeStats {
   double tokens_cv() const;      // coefficient of variation of tokens_per_expert
 };
 
-class ExpertExchange;
-// Forward of the whole layer: out (N, C) += MoE(in (N, C)). Fills routing and stats. With `ep` (expert parallelism,
-// d.expert_shards > 1), the rows go to the ranks holding their experts and back (moe/expert_parallel.h).
-void moe_forward(Backend& be, const MoeDims& d, Tensor out, Tensor in, const MoeWeights& w, const MoeActivations& a,
-                 Routing& routing, MoeStats& stats, ExpertExchange* ep = nullptr);
-// Backward: din += d/d in, parameter gradients accumulate; with !accumulate_dweights the weight matrices' gradients
-// (router, experts, shared expert) are overwritten instead, those of experts that received no row with zeros.
-// loss_scale multiplies the auxiliary losses' own gradients (MoeStats::weighted_aux), matching
-// the scale applied to the main loss. expert_dweight_sq (2E, backend memory, may be null) receives the sum of squares of each
-// expert's fc1 and fc2 weight gradient ([2e], [2e + 1]) as this backward leaves them (GemmProblem::c_sum_squares).
-void moe_backward(Backend& be, const MoeDims& d, Tensor din, const MoeWeights& grads, Tensor dout, Tensor in,
-                  const MoeWeights& w, const MoeActivations& a, const MoeScratch& s, const Routing& routing,
-                  float loss_scale, bool accumulate_dweights = true, double* expert_dweight_sq = nullptr,
-                  ExpertExchange* ep = nullptr);
-
-// What reads the full-size activation and scratch buffers (Backend::declare_use), said once by their owner; the
-// shared expert's are an FFN's (mlp_declare_uses).
-void moe_declare_uses(Backend& be, const MoeActivations& activations, const MoeScratch& scratch, bool expert_parallel);
-
-// ---- the route seam, exposed for tests and for other dispatchers -------------------------------------------------
+// ---- the route seam (moe/router.cpp), exposed for tests -----------------------------------------------------------
 RouterShape router_shape(const MoeDims& d);
 // probs (N, E) and the routing decision from the router logits (N, E) (Backend::route), then the experts' row
 // counts downloaded into routing.host_expert_offsets.

@@ -68,6 +68,11 @@ StepStats Trainer::step(const TokenFile& data) { return step(batches(data)); }
 
 std::vector<float> Trainer::full_gradients() const { return gather_full(std::as_const(*model_).grads()); }
 
+bool Trainer::logs_step(int64_t step) const {
+  const auto& t = config_.train;
+  return (t.log_every > 0 && step % t.log_every == 0) || step == t.steps;
+}
+
 StepStats Trainer::step(const BatchSource& next_batch) {
   StepStats s = compute_gradients(next_batch);
   const auto& t = config_.train;
@@ -90,6 +95,7 @@ StepStats Trainer::compute_gradients(const BatchSource& next_batch) {
   model_->zero_grad();
   const int64_t micro_batches = t.grad_accum * comm_->size();  // in the global batch
   double sums[2] = {0.0, 0.0};                                  // loss, auxiliary loss
+  const bool statistics = model_->config().moe.enabled() && logs_step(steps_done_ + 1);
   for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
     next_batch(tokens_, targets_);
     MOELAB_CHECK(static_cast<int64_t>(tokens_.size()) == B * T && tokens_.size() == targets_.size(),
@@ -98,7 +104,7 @@ StepStats Trainer::compute_gradients(const BatchSource& next_batch) {
     model_->set_noise_seed(static_cast<uint64_t>(t.seed) * 0x100000001b3ULL ^
                            static_cast<uint64_t>(steps_done_ * micro_batches + comm_->rank() * t.grad_accum + micro));
     sums[0] += model_->forward(tokens_.data(), targets_.data(), B, 1.f / static_cast<float>(micro_batches));
-    sums[1] += model_->last_aux_loss();
+    if (statistics) sums[1] += model_->last_aux_loss();
     model_->backward();
   }
   StepStats s;
@@ -262,7 +268,7 @@ std::vector<double> load_fraction(const std::vector<double>& assigned) {
 nlohmann::json router_stats_json(const Transformer& model) {
   nlohmann::json layers = nlohmann::json::array();
   const auto biases = model.router_biases();
-  const auto& stats = model.moe_stats();
+  const auto stats = model.moe_statistics();
   for (size_t i = 0; i < stats.size(); ++i) {
     const auto& s = stats[i];
     if (s.tokens_per_expert.empty()) continue;
@@ -504,11 +510,11 @@ TrainSummary run_training(const Config& config, std::ostream& lead_log, bool res
                           {"flops", flops_per_token * static_cast<double>(st.step * tokens_per_step)},
                           {"step_seconds", st.seconds},
                           {"elapsed_seconds", total.seconds()}};
-    if (moe.enabled()) {
+    const bool log_step = trainer.logs_step(st.step);
+    if (moe.enabled() && log_step) {  // the router's statistics, computed for logging steps only
       rec["aux_loss"] = st.aux_loss;
-      if (st.step % t.log_every == 0 || st.step == t.steps) rec["router"] = router_stats_json(trainer.model());
+      rec["router"] = router_stats_json(trainer.model());
     }
-    const bool log_step = st.step % t.log_every == 0 || st.step == t.steps;
     if (log_step) {  // throughput over the steps since the last progress line
       rec["flops_per_second"] = tok_s * flops_per_token;
       rec["mfu"] = tok_s * flops_per_token / peak;

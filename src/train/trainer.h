@@ -23,7 +23,9 @@ namespace moelab {
 struct StepStats {
   int64_t step = 0;      // 1-based index of the optimizer step just taken
   double loss = 0;       // mean training cross-entropy over the step's micro-batches
-  double aux_loss = 0;   // mean weighted MoE auxiliary loss (balancing + z), added to the objective
+  // Mean weighted MoE auxiliary loss (balancing + z), added to the objective: computed on logging steps only
+  // (Trainer::logs_step; the router statistics are not part of a step), 0 on the others.
+  double aux_loss = 0;
   double lr = 0;
   double grad_norm = 0;  // before clipping
   double seconds = 0;    // wall time of the step
@@ -44,6 +46,9 @@ class Trainer {
   // so the step is the mean over the global batch and bitwise reproducible for a given world size. Throws
   // moelab::Error on a non-finite loss.
   StepStats step(const BatchSource& next_batch);
+  // Whether step number `step` (1-based) is a logging step: every train.log_every-th and the last. Its StepStats
+  // carry the auxiliary loss.
+  bool logs_step(int64_t step) const;
   // What step() does before the optimizer update: every micro-batch's forward and backward, gradients summed over
   // the ranks (StepStats without grad_norm, lr or seconds).
   StepStats compute_gradients(const BatchSource& next_batch);
