@@ -174,6 +174,29 @@ TEST(DataParallel, BitwiseReproducibleForAWorldSize) {
   }
 }
 
+// The gradient sum goes in buckets (dist.bucket_mb), each element summed over the ranks in rank order whatever bucket
+// holds it: buckets of 2 KiB (hundreds of them, runs cut mid-tensor) give the bits of one bucket for everything,
+// data parallel and expert parallel alike.
+TEST(DataParallel, GradientBucketsDoNotChangeABit) {
+  Communicator& c = world_communicator();
+  TokenFile data(token_file(c), "uint16");
+  for (const std::string& parallel : {std::string("dist.expert_parallel=1"), "dist.expert_parallel=" + std::to_string(c.size())}) {
+    const std::vector<std::string> keys = {"moe.experts=4", "moe.top_k=2", parallel};
+    std::vector<std::string> small = keys, whole = keys;
+    small.push_back("dist.bucket_mb=0.002");
+    whole.push_back("dist.bucket_mb=1000");
+    auto be1 = testing::make_test_backend(1), be2 = testing::make_test_backend(1);
+    Trainer a(tiny(small), *be1, &c), b(tiny(whole), *be2, &c);
+    for (int s = 0; s < 3; ++s) {
+      const StepStats x = a.step(data), y = b.step(data);
+      EXPECT_EQ(x.loss, y.loss) << parallel << ", step " << s;
+      EXPECT_EQ(x.grad_norm, y.grad_norm) << parallel << ", step " << s;
+    }
+    EXPECT_EQ(be1->download_vector(std::as_const(a.model()).params(), a.model().num_params()),
+              be2->download_vector(std::as_const(b.model()).params(), b.model().num_params()))
+        << parallel;
+  }
+}
 
 // Expert parallelism over all ranks against one process that runs every rank's micro-batch (grad_accum = ranks):
 // the same routing (each rank routes its own tokens, with its own capacity), the experts computing on rows from

@@ -260,6 +260,9 @@ const std::vector<KeyDef>& schema() {
       int_key("dist.expert_parallel", [](Config& c) -> int64_t& { return c.dist.expert_parallel; }, 1, 65536,
               "expert parallelism P: each MoE layer's routed experts are split over groups of P processes (P divides "
               "the number of processes and the routed experts); 1: every process holds every expert"),
+      float_key("dist.bucket_mb", [](Config& c) -> double& { return c.dist.bucket_mb; }, 0.001, 1e6,
+                "the gradients are summed over the ranks in buckets of at most this many MiB, last layers first "
+                "(the order the backward finishes them); any size gives the same bits"),
   };
   return keys;
 }

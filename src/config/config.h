@@ -125,6 +125,7 @@ struct DataConfig {
 // groups of P consecutive ranks.
 struct DistConfig {
   int64_t expert_parallel = 1;
+  double bucket_mb = 25;  // the gradient sum's bucket size (MiB of fp32 gradients)
 };
 
 struct Config {

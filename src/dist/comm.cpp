@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
@@ -51,6 +52,42 @@ void Communicator::sum_in_rank_order(T* data, int64_t n) {
 void Communicator::allreduce_sum(float* data, int64_t n) { sum_in_rank_order(data, n); }
 void Communicator::allreduce_sum(double* data, int64_t n) { sum_in_rank_order(data, n); }
 void Communicator::allreduce_sum(int64_t* data, int64_t n) { sum_in_rank_order(data, n); }
+
+// Host staging: the segments downloaded back to back, summed over the ranks, uploaded where they came from.
+void Communicator::allreduce_sum(Backend& be, float* base, const std::vector<Segment>& segments) {
+  if (size() == 1) return;
+  int64_t total = 0;
+  for (const Segment& s : segments) total += s.count;
+  std::vector<float>& host = stage_send_;  // kept across calls: a fresh one would cost its page faults every step
+  host.resize(static_cast<size_t>(total));
+  int64_t at = 0;
+  for (const Segment& s : segments) {
+    be.download(host.data() + at, base + s.offset, s.count);
+    at += s.count;
+  }
+  sum_in_rank_order(host.data(), total);
+  at = 0;
+  for (const Segment& s : segments) {
+    be.upload(base + s.offset, host.data() + at, s.count);
+    at += s.count;
+  }
+}
+
+// Host staging: what this rank sends downloaded, exchanged, what it received uploaded.
+void Communicator::alltoallv(Backend& be, const float* send, const int64_t* send_counts, const int64_t* send_offsets,
+                             float* recv, const int64_t* recv_counts, const int64_t* recv_offsets) {
+  const int p = size();
+  int64_t sent = 0, received = 0;
+  for (int q = 0; q < p; ++q) {
+    sent = std::max(sent, send_offsets[q] + send_counts[q]);
+    received = std::max(received, recv_offsets[q] + recv_counts[q]);
+  }
+  stage_send_.resize(static_cast<size_t>(sent));
+  stage_recv_.resize(static_cast<size_t>(received));
+  be.download(stage_send_.data(), send, sent);
+  alltoallv(stage_send_.data(), send_counts, send_offsets, stage_recv_.data(), recv_counts, recv_offsets);
+  be.upload(recv, stage_recv_.data(), received);
+}
 
 namespace {
 

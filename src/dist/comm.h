@@ -3,8 +3,11 @@
 // process (always there, no MPI needed at run time) and MPI (built when CMake finds MPI; `mpirun -np N moelab ...`
 // or `srun moelab ...`). A NCCL communicator for the CUDA backend comes behind the same interface.
 //
-// Buffers are host memory: code holding backend buffers downloads them, exchanges, and uploads (dist/backend_comm.h
-// does that for whole buffers). Every collective is called by every rank of the communicator, in the same order.
+// Two kinds of buffers: host memory (counts, losses, statistics, checkpoint tensors) and backend memory (the
+// gradients' sum and the MoE rows' all-to-all, the traffic of every step). The calls on backend buffers are
+// virtual: the host communicators (one process, MPI) stage them through host memory inside the call (download,
+// exchange, upload: what their callers did before), and a NCCL communicator can work on them in place.
+// Every collective is called by every rank of the communicator, in the same order.
 // Sums are deterministic: allreduce_sum adds the ranks' values in rank order (a reduce-scatter by all-to-all, a
 // fixed-order sum per element, then an all-gather), so a run is bitwise reproducible for a given world size, and
 // a 2-rank sum of a, b is exactly a + b.
@@ -14,6 +17,8 @@
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#include "backend/backend.h"
 
 namespace moelab {
 
@@ -73,6 +78,18 @@ class Communicator {
     broadcast_bytes(data, static_cast<size_t>(count) * sizeof(T), root);
   }
 
+  // ---- on backend buffers --------------------------------------------------------------------------------
+  // A piece of a backend buffer: `count` elements from `offset`.
+  struct Segment {
+    int64_t offset = 0, count = 0;
+  };
+  // The sum over ranks, in rank order, of the segments of the backend buffer `base`, as if they were one
+  // contiguous buffer (each element's sum is the same bits whichever segments it is summed in).
+  virtual void allreduce_sum(Backend& be, float* base, const std::vector<Segment>& segments);
+  // alltoallv of backend buffers: counts and offsets in floats, send and recv backend memory.
+  virtual void alltoallv(Backend& be, const float* send, const int64_t* send_counts, const int64_t* send_offsets,
+                         float* recv, const int64_t* recv_counts, const int64_t* recv_offsets);
+
  private:
   template <class T>
   void sum_in_rank_order(T* data, int64_t n);
@@ -85,6 +102,7 @@ class Communicator {
   std::vector<float> scratch_float_;
   std::vector<double> scratch_double_;
   std::vector<int64_t> scratch_int_;
+  std::vector<float> stage_send_, stage_recv_;  // host staging of the backend-buffer calls, kept across calls
 };
 
 // One process: rank 0 of 1; every collective is a copy.

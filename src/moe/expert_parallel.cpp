@@ -1,6 +1,5 @@
 #include "moe/expert_parallel.h"
 
-#include <cstring>
 #include <string>
 
 #include "core/error.h"
@@ -43,9 +42,9 @@ void ExpertExchange::plan(const std::vector<int64_t>& expert_offsets) {
   seconds_ += timer.seconds();
 }
 
-// forward (dispatch): send_ holds this rank's rows (destination-major), recv_ gets the received rows
-// (source-major); backward (combine): the reverse.
-void ExpertExchange::exchange(int64_t cols, bool forward) {
+// forward (dispatch): send holds this rank's rows (destination-major), recv gets the received rows (source-major);
+// backward (combine): the reverse. Both backend memory: the communicator stages them as it needs.
+void ExpertExchange::exchange(Backend& be, const float* send, float* recv, int64_t cols, bool forward) {
   std::vector<int64_t> sc(ranks_), so(ranks_), rc(ranks_), ro(ranks_);
   for (int q = 0; q < ranks_; ++q) {
     const int64_t out = forward ? sent_[q] : received_from_[q], in = forward ? received_from_[q] : sent_[q];
@@ -53,12 +52,13 @@ void ExpertExchange::exchange(int64_t cols, bool forward) {
     const int64_t in_at = forward ? received_offsets_[q] : sent_offsets_[q];
     sc[q] = out * cols, so[q] = out_at * cols, rc[q] = in * cols, ro[q] = in_at * cols;
   }
-  group_.alltoallv(send_.data(), sc.data(), so.data(), recv_.data(), rc.data(), ro.data());
+  group_.alltoallv(be, send, sc.data(), so.data(), recv, rc.data(), ro.data());
 }
 
 // The received rows in two orders: source-major (rank s's block holds its rows of local expert 0, 1, ...) as they
 // arrive, and expert-major (expert e's block holds its rows from rank 0, 1, ...) as the experts compute on them.
-void ExpertExchange::reorder(const float* from, float* to, int64_t cols, bool to_expert_major) const {
+// One backend copy per (rank, expert) block.
+void ExpertExchange::reorder(Backend& be, const float* from, float* to, int64_t cols, bool to_expert_major) const {
   const int64_t el = local_experts_;
   for (int s = 0; s < ranks_; ++s) {
     int64_t source_major = received_offsets_[s];
@@ -67,35 +67,30 @@ void ExpertExchange::reorder(const float* from, float* to, int64_t cols, bool to
       int64_t expert_major = local_offsets_[e];
       for (int q = 0; q < s; ++q) expert_major += counts_from_[q * el + e];
       const int64_t src = to_expert_major ? source_major : expert_major, dst = to_expert_major ? expert_major : source_major;
-      if (n > 0) std::memcpy(to + dst * cols, from + src * cols, sizeof(float) * n * cols);
+      if (n > 0) be.copy(to + dst * cols, from + src * cols, n * cols);
       source_major += n;
     }
   }
 }
 
+float* ExpertExchange::staging(Backend& be, int64_t count) {
+  if (staging_.size() < count) staging_ = BackendArray<float>(be, count + count / 2);  // grows rarely
+  return staging_.data();
+}
+
 void ExpertExchange::dispatch(Backend& be, const float* rows, int64_t cols, float* local) {
   Timer timer;
-  const int64_t mine = sent_offsets_[ranks_], got = received_offsets_[ranks_];
-  send_.resize(static_cast<size_t>(mine * cols));
-  recv_.resize(static_cast<size_t>(got * cols));
-  be.download(send_.data(), rows, mine * cols);
-  exchange(cols, /*forward=*/true);
-  staged_.resize(recv_.size());
-  reorder(recv_.data(), staged_.data(), cols, /*to_expert_major=*/true);
-  be.upload(local, staged_.data(), got * cols);
+  float* arrived = staging(be, received_offsets_[ranks_] * cols);
+  exchange(be, rows, arrived, cols, /*forward=*/true);
+  reorder(be, arrived, local, cols, /*to_expert_major=*/true);
   seconds_ += timer.seconds();
 }
 
 void ExpertExchange::combine(Backend& be, const float* local, int64_t cols, float* rows) {
   Timer timer;
-  const int64_t mine = sent_offsets_[ranks_], got = received_offsets_[ranks_];
-  staged_.resize(static_cast<size_t>(got * cols));
-  be.download(staged_.data(), local, got * cols);
-  send_.resize(staged_.size());  // the rows go back to their ranks
-  reorder(staged_.data(), send_.data(), cols, /*to_expert_major=*/false);
-  recv_.resize(static_cast<size_t>(mine * cols));
-  exchange(cols, /*forward=*/false);
-  be.upload(rows, recv_.data(), mine * cols);
+  float* leaving = staging(be, received_offsets_[ranks_] * cols);  // the rows go back to their ranks
+  reorder(be, local, leaving, cols, /*to_expert_major=*/false);
+  exchange(be, leaving, rows, cols, /*forward=*/false);
   seconds_ += timer.seconds();
 }
 

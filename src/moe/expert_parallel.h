@@ -4,7 +4,9 @@
 // rows (token, expert) it dispatched, sorted by expert and so grouped by the rank holding the expert, go there by
 // one all-to-all (counts first, then rows), the experts compute on the rows they received with the grouped GEMM,
 // and a second all-to-all returns the outputs in the order they came. The backward sends the rows' output gradients
-// the same way and returns their input gradients. Rows cross through host memory (download, exchange, upload).
+// the same way and returns their input gradients. The rows stay in backend memory: the communicator's all-to-all
+// takes backend buffers (a host communicator stages them inside the call), and the reordering between the order
+// they travel in and the order the experts compute in is a backend copy per (rank, expert) block.
 //
 // One ExpertExchange per MoE layer: plan() after the layer's routing fixes who sends what to whom, and the same plan
 // serves the layer's backward.
@@ -50,13 +52,14 @@ class ExpertExchange {
   // counts_from_[s * local_experts + e]: rows rank s sends for local expert e; sent_[q]: rows this rank sends to q.
   std::vector<int64_t> counts_from_, sent_, received_from_;
   std::vector<int64_t> local_offsets_;
-  std::vector<float> send_, recv_, staged_;
+  BackendArray<float> staging_;  // the rows as they travel (source-major), grown to the most received
   double seconds_ = 0;
   // Row offsets of each rank's block in this rank's rows (destination-major) and in the received rows
   // (source-major).
   std::vector<int64_t> sent_offsets_, received_offsets_;
-  void exchange(int64_t cols, bool forward);
-  void reorder(const float* from, float* to, int64_t cols, bool to_expert_major) const;
+  void exchange(Backend& be, const float* send, float* recv, int64_t cols, bool forward);
+  void reorder(Backend& be, const float* from, float* to, int64_t cols, bool to_expert_major) const;
+  float* staging(Backend& be, int64_t count);
 };
 
 }  // namespace moelab

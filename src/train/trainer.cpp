@@ -51,6 +51,7 @@ Trainer::Trainer(const Config& config, Backend& backend, Communicator* comm)
     if (!runs.empty() && runs.back().first + runs.back().second == e.offset) runs.back().second += e.shape.numel();
     else runs.emplace_back(e.offset, e.shape.numel());
   }
+  if (comm_->size() > 1) plan_gradient_buckets();
 }
 
 Trainer::BatchSource Trainer::batches(const TokenFile& data) {
@@ -218,27 +219,31 @@ double Trainer::evaluate(const TokenFile& data, int64_t max_batches) {
 // The gradient block summed over the ranks, through host memory (download, sum in rank order, upload).
 // Under expert parallelism the replicated parameters' gradients are summed over every rank, an expert shard's over
 // the ranks holding that shard (the rows of every rank of its group already reached it).
-void Trainer::allreduce_gradients() {
-  std::vector<float>& host = grad_host_;  // kept across steps: a fresh one would cost its page faults every step
-  host.resize(static_cast<size_t>(model_->num_params()));
-  backend_.download(host.data(), std::as_const(*model_).grads(), model_->num_params());
-  if (!ep_group_) {
-    comm_->allreduce_sum(host.data(), static_cast<int64_t>(host.size()));
-  } else {
-    for (auto [runs, group] : {std::pair{&dense_runs_, comm_}, std::pair{&expert_runs_, replica_group_.get()}}) {
-      if (group->size() == 1 || runs->empty()) continue;
-      std::vector<float>& packed = grad_packed_;
-      packed.clear();
-      for (auto [offset, n] : *runs) packed.insert(packed.end(), host.begin() + offset, host.begin() + offset + n);
-      group->allreduce_sum(packed.data(), static_cast<int64_t>(packed.size()));
-      int64_t at = 0;
-      for (auto [offset, n] : *runs) {
-        std::copy(packed.begin() + at, packed.begin() + at + n, host.begin() + offset);
-        at += n;
+void Trainer::plan_gradient_buckets() {
+  const int64_t cap = std::max<int64_t>(1, static_cast<int64_t>(config_.dist.bucket_mb * (1 << 20) / sizeof(float)));
+  Communicator* expert_group = ep_group_ ? replica_group_.get() : comm_;
+  for (auto [runs, group] : {std::pair{&dense_runs_, comm_}, std::pair{&expert_runs_, expert_group}}) {
+    if (group->size() == 1) continue;
+    int64_t filled = cap;  // of the open bucket (none yet)
+    for (auto run = runs->rbegin(); run != runs->rend(); ++run) {
+      int64_t end = run->first + run->second;  // cut from the run's end towards its start
+      while (end > run->first) {
+        if (filled == cap) {
+          buckets_.push_back({group, {}});
+          filled = 0;
+        }
+        const int64_t n = std::min(end - run->first, cap - filled);
+        buckets_.back().segments.push_back({end - n, n});
+        filled += n;
+        end -= n;
       }
     }
   }
-  backend_.upload(model_->grads(), host.data(), static_cast<int64_t>(host.size()));
+}
+
+void Trainer::allreduce_gradients() {
+  float* grads = model_->grads();
+  for (const GradientBucket& b : buckets_) b.group->allreduce_sum(backend_, grads, b.segments);
 }
 
 // The global gradient norm's square: replicated parameters once, every expert shard of the group once.

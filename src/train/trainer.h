@@ -96,7 +96,15 @@ class Trainer {
   int64_t steps_done_ = 0;
   std::vector<int32_t> tokens_, targets_;
   Timer step_timer_;
-  std::vector<float> grad_host_, grad_packed_;  // host staging of the gradient sums
+  // The gradient sum over the ranks in buckets of at most dist.bucket_mb, each one collective of one group on
+  // backend buffers (Communicator::allreduce_sum), in reverse layout order: the last layers' gradients, which the
+  // backward finishes first, come first, so that a communicator able to overlap may start them during the backward.
+  struct GradientBucket {
+    Communicator* group;
+    std::vector<Communicator::Segment> segments;
+  };
+  std::vector<GradientBucket> buckets_;
+  void plan_gradient_buckets();
   void allreduce_gradients();
   double grad_sum_squares();
   std::vector<float> gather_full(const float* block) const;
