@@ -50,6 +50,35 @@ TEST(Config, OutOfRangeAndWrongTypeAreNamed) {
   EXPECT_NE(error_of("[model\n").find("cannot parse config test.toml"), std::string::npos);
 }
 
+// List keys are TOML arrays; the old comma-separated string is still read, with a deprecation warning that shows
+// the array to write instead; --set takes a TOML array or one path; the resolved config writes the array back.
+TEST(Config, ListKeysAreTomlArraysAndCommaStringsAreDeprecated) {
+  const std::vector<std::string> two = {"a/ood_code.bin", "b/ood_web.bin"};
+  testing::internal::CaptureStderr();
+  EXPECT_EQ(config_from_string("[data]\nood_paths = [\"a/ood_code.bin\", \"b/ood_web.bin\"]\n", {}).data.ood_paths,
+            two);
+  EXPECT_EQ(testing::internal::GetCapturedStderr(), "");
+  testing::internal::CaptureStderr();
+  EXPECT_EQ(config_from_string("[data]\nood_paths = \"a/ood_code.bin,b/ood_web.bin\"\n", {}, "old.toml").data.ood_paths,
+            two);
+  const std::string warning = testing::internal::GetCapturedStderr();
+  EXPECT_NE(warning.find("warning: config key 'data.ood_paths' in old.toml is a comma-separated string, which is "
+                         "deprecated; write a TOML array: ood_paths = [\"a/ood_code.bin\", \"b/ood_web.bin\"]"),
+            std::string::npos)
+      << warning;
+  EXPECT_EQ(config_from_string("", {"data.ood_paths=[\"a/ood_code.bin\", \"b/ood_web.bin\"]"}).data.ood_paths, two);
+  EXPECT_EQ(config_from_string("", {"data.ood_paths=a/ood_code.bin"}).data.ood_paths,
+            std::vector<std::string>{"a/ood_code.bin"});
+  EXPECT_TRUE(config_from_string("", {}).data.ood_paths.empty());
+  EXPECT_NE(error_of("[data]\nood_paths = [1, 2]\n").find("'data.ood_paths' in test.toml expects [string]"),
+            std::string::npos);
+  EXPECT_NE(error_of("", {"data.ood_paths=[\"a\""}).find("is not a TOML array of strings"), std::string::npos);
+  Config c = config_from_string("", {"data.ood_paths=[\"a/ood_code.bin\", \"b/ood_web.bin\"]"});
+  const std::string text = to_toml(c);
+  EXPECT_NE(text.find("ood_paths = [\"a/ood_code.bin\", \"b/ood_web.bin\"]"), std::string::npos) << text;
+  EXPECT_EQ(config_from_string(text, {}).data.ood_paths, two);
+}
+
 TEST(Config, CrossKeyConstraints) {
   EXPECT_NE(error_of("", {"model.n_heads=3"}).find("not divisible"), std::string::npos);
   EXPECT_NE(error_of("", {"train.min_lr=1", "train.lr=0.1"}).find("train.min_lr"), std::string::npos);

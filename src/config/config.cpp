@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <iostream>
 #include <limits>
 #include <map>
 #include <sstream>
@@ -17,7 +18,7 @@
 namespace moelab {
 namespace {
 
-enum class KeyType { Int, Float, Bool, String, Choice };
+enum class KeyType { Int, Float, Bool, String, Choice, StringList };
 
 // One schema entry. Exactly one of the accessors matching `type` is set; Choice keys read and write their
 // enum through its name.
@@ -32,6 +33,7 @@ struct KeyDef {
   std::function<double&(Config&)> float_ref;
   std::function<bool&(Config&)> bool_ref;
   std::function<std::string&(Config&)> string_ref;
+  std::function<std::vector<std::string>&(Config&)> list_ref;
   std::function<void(Config&, const std::string&)> set_choice;
   std::function<std::string(const Config&)> get_choice;
 };
@@ -97,6 +99,12 @@ KeyDef string_key(std::string name, std::function<std::string&(Config&)> ref, st
   KeyDef k;
   k.name = std::move(name), k.type = KeyType::String, k.help = std::move(help);
   k.string_ref = std::move(ref);
+  return k;
+}
+KeyDef list_key(std::string name, std::function<std::vector<std::string>&(Config&)> ref, std::string help) {
+  KeyDef k;
+  k.name = std::move(name), k.type = KeyType::StringList, k.help = std::move(help);
+  k.list_ref = std::move(ref);
   return k;
 }
 template <typename E>
@@ -251,8 +259,9 @@ const std::vector<KeyDef>& schema() {
                  "training tokens: a token shard (or a flat file of ids); default <dir>/train.bin"),
       string_key("data.val_path", [](Config& c) -> std::string& { return c.data.val_path; },
                  "validation tokens, evaluated every train.eval_every steps; default <dir>/val.bin"),
-      string_key("data.ood_paths", [](Config& c) -> std::string& { return c.data.ood_paths; },
-                 "comma-separated out-of-domain token shards, evaluated with the validation set; default <dir>/ood_*.bin"),
+      list_key("data.ood_paths", [](Config& c) -> std::vector<std::string>& { return c.data.ood_paths; },
+                 "out-of-domain token shards, a TOML array of paths (--set data.ood_paths='[\"a.bin\", \"b.bin\"]' or one "
+                 "path), evaluated with the validation set; default <dir>/ood_*.bin"),
       string_key("data.tokenizer", [](Config& c) -> std::string& { return c.data.tokenizer; },
                  "SentencePiece model for eval/generate; default <dir>/tokenizer.model; none: byte-level"),
       string_key("data.dtype", [](Config& c) -> std::string& { return c.data.dtype; },
@@ -298,6 +307,7 @@ std::string type_name(const KeyDef& k) {
     case KeyType::Float: return "float";
     case KeyType::Bool: return "bool";
     case KeyType::String: return "string";
+    case KeyType::StringList: return "[string]";
     case KeyType::Choice: {
       std::string s;
       for (auto& c : k.choices) s += (s.empty() ? "" : "|") + c;
@@ -345,8 +355,37 @@ void set_choice(Config& c, const KeyDef& k, const std::string& v, const std::str
   k.set_choice(c, v);
 }
 
+// A TOML basic string literal.
+std::string quote(const std::string& s) {
+  std::string out = "\"";
+  for (char ch : s) {
+    if (ch == '"' || ch == '\\') out += '\\';
+    out += ch;
+  }
+  return out + "\"";
+}
+
 [[noreturn]] void type_error(const KeyDef& k, const std::string& where, const std::string& got) {
   throw Error("config key '" + k.name + "'" + where + " expects " + type_name(k) + ", got " + got);
+}
+
+// A list key given as one string: one item, or (the old form, deprecated) items separated by commas.
+void set_list_from_text(Config& c, const KeyDef& k, const std::string& text, const std::string& where) {
+  std::vector<std::string> items;
+  for (size_t begin = 0; begin <= text.size();) {
+    size_t end = text.find(',', begin);
+    if (end == std::string::npos) end = text.size();
+    if (end > begin) items.push_back(text.substr(begin, end - begin));
+    begin = end + 1;
+  }
+  if (items.size() > 1) {
+    std::string array;
+    for (const auto& item : items) array += (array.empty() ? "" : ", ") + quote(item);
+    std::cerr << "moelab: warning: config key '" << k.name << "'" << where
+              << " is a comma-separated string, which is deprecated; write a TOML array: " << k.name.substr(k.name.find('.') + 1)
+              << " = [" << array << "]\n";
+  }
+  k.list_ref(c) = std::move(items);
 }
 
 void set_from_toml(Config& c, const KeyDef& k, const toml::node& node, const std::string& where) {
@@ -375,6 +414,18 @@ void set_from_toml(Config& c, const KeyDef& k, const toml::node& node, const std
     case KeyType::Choice:
       if (auto v = node.as_string()) return set_choice(c, k, v->get(), where);
       type_error(k, where, "a non-string");
+    case KeyType::StringList:
+      if (auto array = node.as_array()) {
+        std::vector<std::string> items;
+        for (const toml::node& item : *array) {
+          if (!item.as_string()) type_error(k, where, "an array holding a non-string");
+          items.push_back(item.as_string()->get());
+        }
+        k.list_ref(c) = std::move(items);
+        return;
+      }
+      if (auto v = node.as_string()) return set_list_from_text(c, k, v->get(), where);
+      type_error(k, where, "a non-array");
   }
 }
 
@@ -390,16 +441,6 @@ void walk_table(Config& c, const toml::table& table, const std::string& prefix, 
   }
 }
 
-// A TOML basic string literal.
-std::string quote(const std::string& s) {
-  std::string out = "\"";
-  for (char ch : s) {
-    if (ch == '"' || ch == '\\') out += '\\';
-    out += ch;
-  }
-  return out + "\"";
-}
-
 std::string value_text(const Config& c, const KeyDef& k) {
   Config& m = const_cast<Config&>(c);
   switch (k.type) {
@@ -408,6 +449,11 @@ std::string value_text(const Config& c, const KeyDef& k) {
     case KeyType::Bool: return k.bool_ref(m) ? "true" : "false";
     case KeyType::String: return quote(k.string_ref(m));
     case KeyType::Choice: return "\"" + k.get_choice(c) + "\"";
+    case KeyType::StringList: {
+      std::string out;
+      for (const auto& item : k.list_ref(m)) out += (out.empty() ? "" : ", ") + quote(item);
+      return "[" + out + "]";
+    }
   }
   return "";
 }
@@ -451,6 +497,18 @@ void apply_override(Config& c, const std::string& assignment) {
       return;
     case KeyType::String: k.string_ref(c) = text; return;
     case KeyType::Choice: return set_choice(c, k, text, where);
+    case KeyType::StringList:
+      if (!text.empty() && text.front() == '[') {  // a TOML array: --set 'data.ood_paths=["a.bin", "b.bin"]'
+        toml::table t;
+        try {
+          t = toml::parse("v = " + text);
+        } catch (const toml::parse_error& e) {
+          throw Error("config key '" + k.name + "'" + where + ": '" + text + "' is not a TOML array of strings (" +
+                      std::string(e.description()) + ")");
+        }
+        return set_from_toml(c, k, *t.get("v"), where);
+      }
+      return set_list_from_text(c, k, text, where);
   }
 }
 
@@ -548,7 +606,7 @@ DataConfig resolve_data_paths(const DataConfig& data) {
       if (name.rfind("ood_", 0) == 0 && e.path().extension() == ".bin") found.push_back(e.path().string());
     }
     std::sort(found.begin(), found.end());
-    for (const auto& f : found) d.ood_paths += (d.ood_paths.empty() ? "" : ",") + f;
+    d.ood_paths = found;
   }
   return d;
 }

@@ -115,7 +115,7 @@ struct DataConfig {
   std::string dir;         // a `moelab data prepare` output: train.bin, val.bin, ood_*.bin, tokenizer.model
   std::string train_path;  // token shard (or legacy flat file); default <dir>/train.bin
   std::string val_path;    // optional; default <dir>/val.bin when it exists
-  std::string ood_paths;   // comma-separated out-of-domain shards; default <dir>/ood_*.bin
+  std::vector<std::string> ood_paths;  // out-of-domain shards (a TOML array); default <dir>/ood_*.bin
   std::string tokenizer;   // SentencePiece model; default <dir>/tokenizer.model; none: byte-level (vocab 256)
   std::string dtype = "uint16";
 };

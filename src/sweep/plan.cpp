@@ -541,14 +541,7 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
   data.train_path = absolute(data.train_path);
   data.val_path = absolute(data.val_path);
   data.tokenizer = absolute(data.tokenizer);
-  std::string ood;
-  for (size_t b = 0; b < data.ood_paths.size();) {
-    size_t e = data.ood_paths.find(',', b);
-    if (e == std::string::npos) e = data.ood_paths.size();
-    if (e > b) ood += (ood.empty() ? "" : ",") + absolute(data.ood_paths.substr(b, e - b));
-    b = e + 1;
-  }
-  data.ood_paths = ood;
+  for (std::string& path : data.ood_paths) path = absolute(path);
   ctx.base.data = data;
   plan.train_path = data.train_path;
   plan.corpus_tokens = TokenFile(data.train_path, data.dtype).size();

@@ -396,16 +396,10 @@ TrainSummary run_training(const Config& config, std::ostream& lead_log, bool res
   // Evaluation sets: validation first, then each out-of-domain set, named by file stem.
   std::vector<std::pair<std::string, std::unique_ptr<TokenFile>>> eval_sets;
   if (!data.val_path.empty()) eval_sets.emplace_back("val", std::make_unique<TokenFile>(data.val_path, data.dtype));
-  for (size_t begin = 0; begin < data.ood_paths.size();) {
-    size_t end = data.ood_paths.find(',', begin);
-    if (end == std::string::npos) end = data.ood_paths.size();
-    const std::string path = data.ood_paths.substr(begin, end - begin);
-    if (!path.empty()) {
-      std::string name = std::filesystem::path(path).stem().string();
-      if (name.rfind("ood_", 0) == 0) name = name.substr(4);
-      eval_sets.emplace_back("ood_" + name, std::make_unique<TokenFile>(path, data.dtype));
-    }
-    begin = end + 1;
+  for (const std::string& path : data.ood_paths) {
+    std::string name = std::filesystem::path(path).stem().string();
+    if (name.rfind("ood_", 0) == 0) name = name.substr(4);
+    eval_sets.emplace_back("ood_" + name, std::make_unique<TokenFile>(path, data.dtype));
   }
   for (auto& [name, file] : eval_sets) check_vocab(*file, config.model);
 
