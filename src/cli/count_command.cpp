@@ -180,10 +180,10 @@ void add_count_command(CLI::App& app) {
       "Example:\n  moelab count --config configs/fairseq-moe-4b.toml --tokens 300e9\n"
       "Never builds the model, so any shape answers instantly. Conventions: kaplan, chinchilla, abnar,\n"
       "abnar_router, krajewski, exact (what the engine computes); see docs/counting.md.\n");
-  count->callback(reporting_errors([options, tokens]() {
+  on_run(count, [options, tokens]() {
     options->tokens_given = tokens->count() > 0;
     run_count(*options);
-  }));
+  });
 }
 
 }  // namespace moelab

@@ -70,7 +70,7 @@ void add_export_command(CLI::App& app) {
       "formats; anything else is refused with the option that does not map. The tokenizer goes along with its\n"
       "settings (GGUF: tokenizer.ggml.add_space_prefix = false for moelab's tokenizers; Hugging Face:\n"
       "tokenizer_config.json), so that llama.cpp and transformers tokenize text into moelab's ids.");
-  ex->callback(reporting_errors([args] {
+  on_run(ex, [args] {
     if (args->format == "hf" && args->dtype != "f32")
       throw Error("--dtype applies to --format gguf; the Hugging Face export is f32");
     const ExportModel m = load_for_export(*args);
@@ -88,7 +88,7 @@ void add_export_command(CLI::App& app) {
       std::printf("wrote %s: %s (config.json, model.safetensors, generation_config.json, tokenizer.model, "
                   "tokenizer_config.json)\n", args->out.c_str(), arch.c_str());
     }
-  }));
+  });
 }
 
 }  // namespace moelab

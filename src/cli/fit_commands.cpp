@@ -156,33 +156,31 @@ void add_fit_commands(CLI::App& app) {
   fit->add_flag("--json", fo->json, "print fit.json instead of the summary");
   fit->footer("Example:\n  moelab fit --law chinchilla --data runs.csv --bootstrap 100 --seed 1 --out fit.json\n"
               "See docs/fitting.md for the laws, start grids and the fit.json format.");
-  fit->callback([fo, delta, expansion]() {
-    run_reporting_errors([&] {
-      FitRequest req;
-      const bool compare = fo->law == "compare";
-      if (!compare) req.law = law_from_string(fo->law);
-      req.data_path = fo->data;
-      req.columns = parse_column_map(fo->columns);
-      req.holdout = fo->holdout;
-      req.bootstrap = fo->bootstrap;
-      req.seed = fo->seed;
-      if (delta->count()) req.delta = fo->delta;
-      if (expansion->count()) req.expansion = fo->expansion;
-      req.degree = fo->degree;
-      parameter_count(ModelConfig{}, fo->param_count);  // validates the name
-      req.param_count = fo->param_count;
-      req.command_line = "moelab fit --law " + fo->law + " --data " + fo->data +
-                         (fo->columns.empty() ? "" : " --columns " + fo->columns) +
-                         (fo->holdout.empty() ? "" : " --holdout '" + fo->holdout + "'") +
-                         " --bootstrap " + std::to_string(fo->bootstrap) + " --seed " + std::to_string(fo->seed) +
-                         (delta->count() ? " --delta " + fmt("%g", fo->delta) : "") +
-                         (fo->out.empty() ? "" : " --out " + fo->out);
-      const auto j = compare ? compare_laws(req) : run_fit(req);
-      if (!fo->out.empty()) write_file_atomic(fo->out, j.dump(2) + "\n");
-      if (fo->json) std::cout << j.dump(2) << "\n";
-      else std::cout << (compare ? compare_text(j) : fit_text(j)) << (fo->out.empty() ? "" : "  wrote " + fo->out + "\n");
-      std::cout.flush();
-    });
+  on_run(fit, [fo, delta, expansion]() {
+    FitRequest req;
+    const bool compare = fo->law == "compare";
+    if (!compare) req.law = law_from_string(fo->law);
+    req.data_path = fo->data;
+    req.columns = parse_column_map(fo->columns);
+    req.holdout = fo->holdout;
+    req.bootstrap = fo->bootstrap;
+    req.seed = fo->seed;
+    if (delta->count()) req.delta = fo->delta;
+    if (expansion->count()) req.expansion = fo->expansion;
+    req.degree = fo->degree;
+    parameter_count(ModelConfig{}, fo->param_count);  // validates the name
+    req.param_count = fo->param_count;
+    req.command_line = "moelab fit --law " + fo->law + " --data " + fo->data +
+                       (fo->columns.empty() ? "" : " --columns " + fo->columns) +
+                       (fo->holdout.empty() ? "" : " --holdout '" + fo->holdout + "'") +
+                       " --bootstrap " + std::to_string(fo->bootstrap) + " --seed " + std::to_string(fo->seed) +
+                       (delta->count() ? " --delta " + fmt("%g", fo->delta) : "") +
+                       (fo->out.empty() ? "" : " --out " + fo->out);
+    const auto j = compare ? compare_laws(req) : run_fit(req);
+    if (!fo->out.empty()) write_file_atomic(fo->out, j.dump(2) + "\n");
+    if (fo->json) std::cout << j.dump(2) << "\n";
+    else std::cout << (compare ? compare_text(j) : fit_text(j)) << (fo->out.empty() ? "" : "  wrote " + fo->out + "\n");
+    std::cout.flush();
   });
 
   // ---- optimize
@@ -197,17 +195,15 @@ void add_fit_commands(CLI::App& app) {
                                 "joint law: largest expert count searched (default: the largest in the fitted data)");
   opt->add_flag("--json", oo->json, "print JSON");
   opt->footer("Example:\n  moelab optimize --fit fit.json --budget 1e20");
-  opt->callback([oo, oexp, osmax, oemax]() {
-    run_reporting_errors([&] {
-      OptimizeOptions o;
-      o.budget = oo->budget;
-      if (oexp->count()) o.expansion = oo->expansion;
-      if (osmax->count()) o.max_sparsity = oo->max_sparsity;
-      if (oemax->count()) o.max_experts = oo->max_experts;
-      const auto r = optimize_report(load_fit(oo->fit), o);
-      std::cout << (oo->json ? r.dump(2) + "\n" : optimize_text(r));
-      std::cout.flush();
-    });
+  on_run(opt, [oo, oexp, osmax, oemax]() {
+    OptimizeOptions o;
+    o.budget = oo->budget;
+    if (oexp->count()) o.expansion = oo->expansion;
+    if (osmax->count()) o.max_sparsity = oo->max_sparsity;
+    if (oemax->count()) o.max_experts = oo->max_experts;
+    const auto r = optimize_report(load_fit(oo->fit), o);
+    std::cout << (oo->json ? r.dump(2) + "\n" : optimize_text(r));
+    std::cout.flush();
   });
 
   // ---- predict
@@ -220,28 +216,26 @@ void add_fit_commands(CLI::App& app) {
   pred->add_flag("--json", po->json, "print JSON");
   pred->footer("Example:\n  moelab predict --fit fit.json --config configs/quickstart.toml --tokens 2e9\n"
                "N is counted from the config as the fit's param_count; G and S come from its [moe] section.");
-  pred->callback([po]() {
-    run_reporting_errors([&] {
-      const Config cfg = load_config(po->config, po->overrides);
-      const auto r = predict_report(load_fit(po->fit), cfg.model, po->tokens, po->config);
-      if (po->json) {
-        std::cout << r.dump(2) << "\n";
-      } else {
-        std::cout << "moelab predict: " << r["law"].get<std::string>() << " law, " << po->config << "\n"
-                  << "  N = " << fmt("%.4g", r["N"].get<double>()) << " (" << r["param_count"].get<std::string>()
-                  << "), D = " << fmt("%.4g", r["D"].get<double>());
-        if (r.contains("G")) std::cout << ", G = " << fmt("%g", r["G"].get<double>());
-        if (r.contains("S")) std::cout << ", S = " << fmt("%.4f", r["S"].get<double>());
-        if (r.contains("E")) std::cout << ", E = " << fmt("%g", r["E"].get<double>()) << ", N_active = "
-                                      << fmt("%.4g", r["N_active"].get<double>());
-        std::cout << "\n  predicted loss " << fmt("%.4f", r["loss"].get<double>());
-        if (r.contains("interval")) std::cout << "   " << interval_text(r["interval"]);
-        std::cout << "\n";
-        if (r.contains("warnings"))
-          for (const auto& w : r["warnings"]) std::cout << "  warning: " << w.get<std::string>() << "\n";
-      }
-      std::cout.flush();
-    });
+  on_run(pred, [po]() {
+    const Config cfg = load_config(po->config, po->overrides);
+    const auto r = predict_report(load_fit(po->fit), cfg.model, po->tokens, po->config);
+    if (po->json) {
+      std::cout << r.dump(2) << "\n";
+    } else {
+      std::cout << "moelab predict: " << r["law"].get<std::string>() << " law, " << po->config << "\n"
+                << "  N = " << fmt("%.4g", r["N"].get<double>()) << " (" << r["param_count"].get<std::string>()
+                << "), D = " << fmt("%.4g", r["D"].get<double>());
+      if (r.contains("G")) std::cout << ", G = " << fmt("%g", r["G"].get<double>());
+      if (r.contains("S")) std::cout << ", S = " << fmt("%.4f", r["S"].get<double>());
+      if (r.contains("E")) std::cout << ", E = " << fmt("%g", r["E"].get<double>()) << ", N_active = "
+                                    << fmt("%.4g", r["N_active"].get<double>());
+      std::cout << "\n  predicted loss " << fmt("%.4f", r["loss"].get<double>());
+      if (r.contains("interval")) std::cout << "   " << interval_text(r["interval"]);
+      std::cout << "\n";
+      if (r.contains("warnings"))
+        for (const auto& w : r["warnings"]) std::cout << "  warning: " << w.get<std::string>() << "\n";
+    }
+    std::cout.flush();
   });
 }
 

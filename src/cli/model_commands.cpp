@@ -89,62 +89,60 @@ void add_model_commands(CLI::App& app) {
       "acc (highest total log-likelihood) and acc_norm (highest log-likelihood per character of the choice),\n"
       "each with its binomial standard error. Results are merged into <run>/downstream.json and the results\n"
       "store's `downstream` table (docs/tasks.md).");
-  eval->callback([eval_args] {
-    run_reporting_errors([&] {
-      if (!eval_args->logits_of.empty()) {
-        const auto ids =
-            nlohmann::json::parse(read_file(eval_args->logits_of, "token list")).get<std::vector<int32_t>>();
-        LoadedModel lm = load_model(eval_args->checkpoint, eval_args->threads, 1, eval_args->backend);
-        const int64_t T = lm.config.model.seq_len, V = lm.config.model.vocab_size;
-        if (ids.empty() || static_cast<int64_t>(ids.size()) > T)
-          throw Error("--logits-of: give 1 to " + std::to_string(T) + " (model.seq_len) token ids, not " +
-                      std::to_string(ids.size()));
-        std::vector<int32_t> window(T, 0);  // causal: what follows the ids does not change their logits
-        std::copy(ids.begin(), ids.end(), window.begin());
-        lm.model->forward(window.data(), nullptr, 1);
-        const std::vector<float> logits = lm.model->download_logits();
-        nlohmann::json rows = nlohmann::json::array();
-        for (size_t t = 0; t < ids.size(); ++t)
-          rows.push_back(std::vector<float>(logits.begin() + t * V, logits.begin() + (t + 1) * V));
-        std::cout << nlohmann::json{{"tokens", ids}, {"logits", rows}}.dump() << "\n";
-        return;
+  on_run(eval, [eval_args] {
+    if (!eval_args->logits_of.empty()) {
+      const auto ids =
+          nlohmann::json::parse(read_file(eval_args->logits_of, "token list")).get<std::vector<int32_t>>();
+      LoadedModel lm = load_model(eval_args->checkpoint, eval_args->threads, 1, eval_args->backend);
+      const int64_t T = lm.config.model.seq_len, V = lm.config.model.vocab_size;
+      if (ids.empty() || static_cast<int64_t>(ids.size()) > T)
+        throw Error("--logits-of: give 1 to " + std::to_string(T) + " (model.seq_len) token ids, not " +
+                    std::to_string(ids.size()));
+      std::vector<int32_t> window(T, 0);  // causal: what follows the ids does not change their logits
+      std::copy(ids.begin(), ids.end(), window.begin());
+      lm.model->forward(window.data(), nullptr, 1);
+      const std::vector<float> logits = lm.model->download_logits();
+      nlohmann::json rows = nlohmann::json::array();
+      for (size_t t = 0; t < ids.size(); ++t)
+        rows.push_back(std::vector<float>(logits.begin() + t * V, logits.begin() + (t + 1) * V));
+      std::cout << nlohmann::json{{"tokens", ids}, {"logits", rows}}.dump() << "\n";
+      return;
+    }
+    if (eval_args->inputs.empty() && eval_args->tasks.empty())
+      throw Error("nothing to evaluate: give text/shard inputs (perplexity) or --tasks NAME... (accuracy); "
+                  "see `moelab eval --help`");
+    if (!eval_args->tasks.empty()) {
+      const RunLocation run = locate_run(eval_args->checkpoint);
+      const auto records = evaluate_checkpoint_on_tasks(eval_args->checkpoint, eval_args->tasks, eval_args->shots,
+                                                        eval_args->task_options, eval_args->threads,
+                                                        eval_args->tasks_dir);
+      if (eval_args->json) {
+        for (const auto& r : records) std::cout << downstream_to_json(r).dump() << "\n";
+      } else {
+        print_downstream(records);
       }
-      if (eval_args->inputs.empty() && eval_args->tasks.empty())
-        throw Error("nothing to evaluate: give text/shard inputs (perplexity) or --tasks NAME... (accuracy); "
-                    "see `moelab eval --help`");
-      if (!eval_args->tasks.empty()) {
-        const RunLocation run = locate_run(eval_args->checkpoint);
-        const auto records = evaluate_checkpoint_on_tasks(eval_args->checkpoint, eval_args->tasks, eval_args->shots,
-                                                          eval_args->task_options, eval_args->threads,
-                                                          eval_args->tasks_dir);
-        if (eval_args->json) {
-          for (const auto& r : records) std::cout << downstream_to_json(r).dump() << "\n";
-        } else {
-          print_downstream(records);
-        }
-        if (!eval_args->no_record) {
-          const std::string db = record_downstream(run, records, eval_args->results_db);
-          std::fprintf(stderr, "recorded in %s/downstream.json%s%s\n", run.run_dir.c_str(), db.empty() ? "" : " and ",
-                       db.c_str());
-        }
-        if (eval_args->inputs.empty()) return;
+      if (!eval_args->no_record) {
+        const std::string db = record_downstream(run, records, eval_args->results_db);
+        std::fprintf(stderr, "recorded in %s/downstream.json%s%s\n", run.run_dir.c_str(), db.empty() ? "" : " and ",
+                     db.c_str());
       }
-      LoadedModel lm = load_model(eval_args->checkpoint, eval_args->threads, 8, eval_args->backend);
-      for (const auto& input : eval_args->inputs) {
-        const PerplexityResult r = evaluate_perplexity(lm, input, eval_args->batches);
-        if (eval_args->json) {
-          std::cout << nlohmann::json{{"input", r.input}, {"tokens", r.tokens}, {"loss", r.loss},
-                                      {"perplexity", r.perplexity()}, {"bits_per_byte", r.bits_per_byte()}}
-                           .dump()
-                    << "\n";
-        } else {
-          std::printf("%-40s %10ld tokens  loss %.4f  perplexity %9.2f", r.input.c_str(),
-                      static_cast<long>(r.tokens), r.loss, r.perplexity());
-          if (r.bytes > 0) std::printf("  %.3f bits/byte", r.bits_per_byte());
-          std::printf("\n");
-        }
+      if (eval_args->inputs.empty()) return;
+    }
+    LoadedModel lm = load_model(eval_args->checkpoint, eval_args->threads, 8, eval_args->backend);
+    for (const auto& input : eval_args->inputs) {
+      const PerplexityResult r = evaluate_perplexity(lm, input, eval_args->batches);
+      if (eval_args->json) {
+        std::cout << nlohmann::json{{"input", r.input}, {"tokens", r.tokens}, {"loss", r.loss},
+                                    {"perplexity", r.perplexity()}, {"bits_per_byte", r.bits_per_byte()}}
+                         .dump()
+                  << "\n";
+      } else {
+        std::printf("%-40s %10ld tokens  loss %.4f  perplexity %9.2f", r.input.c_str(),
+                    static_cast<long>(r.tokens), r.loss, r.perplexity());
+        if (r.bytes > 0) std::printf("  %.3f bits/byte", r.bits_per_byte());
+        std::printf("\n");
       }
-    });
+    }
   });
 
   // generate
@@ -176,40 +174,38 @@ void add_model_commands(CLI::App& app) {
   gen->footer("Example:\n  moelab generate --checkpoint runs/quickstart --prompt \"In the beginning\" -n 200 -t 0.8 --top-p 0.95\n"
               "Prints the prompt and its continuation on stdout. Generation ends after -n tokens, at the model's\n"
               "context length, or at the end-of-text token </s> (said on stderr; --ignore-eos goes on past it).");
-  gen->callback([gen_args] {
-    run_reporting_errors([&] {
-      LoadedModel lm = load_model(gen_args->checkpoint, gen_args->threads, 1, gen_args->backend);
-      TextCodec codec(lm.config);
-      std::vector<int32_t> prompt = codec.encode(gen_args->prompt);
-      if (prompt.empty()) throw Error("the prompt encodes to no tokens");
-      const int64_t room = lm.config.model.seq_len - static_cast<int64_t>(prompt.size());
-      if (room <= 0)
-        throw Error("the prompt is " + std::to_string(prompt.size()) + " tokens, the model's context is " +
-                    std::to_string(lm.config.model.seq_len));
-      SamplingOptions options = gen_args->sampling;
-      options.max_tokens = std::min(options.max_tokens, room);
-      if (gen_args->ignore_eos) options.banned_token = codec.end_of_document();
-      else options.stop_token = codec.end_of_document();
-      Generator generator(*lm.model);
-      Rng rng(gen_args->seed);
-      std::cout << gen_args->prompt << std::flush;
-      // Decode incrementally: print whatever new text the ids so far decode to (pieces can span bytes).
-      std::vector<int32_t> ids;
-      std::string printed;
-      const std::vector<int32_t> generated = generator.generate(prompt, options, rng, [&](int32_t id) {
-        if (id == options.stop_token) return;
-        ids.push_back(id);
-        const std::string text = codec.decode(ids);
-        if (text.size() > printed.size() && text.compare(0, printed.size(), printed) == 0) {
-          std::cout << text.substr(printed.size()) << std::flush;
-          printed = text;
-        }
-      });
-      std::cout << "\n" << std::flush;
-      if (!generated.empty() && generated.back() == options.stop_token)
-        std::fprintf(stderr, "[end of text: </s> after %zu tokens; --ignore-eos goes on past it]\n",
-                     generated.size() - 1);
+  on_run(gen, [gen_args] {
+    LoadedModel lm = load_model(gen_args->checkpoint, gen_args->threads, 1, gen_args->backend);
+    TextCodec codec(lm.config);
+    std::vector<int32_t> prompt = codec.encode(gen_args->prompt);
+    if (prompt.empty()) throw Error("the prompt encodes to no tokens");
+    const int64_t room = lm.config.model.seq_len - static_cast<int64_t>(prompt.size());
+    if (room <= 0)
+      throw Error("the prompt is " + std::to_string(prompt.size()) + " tokens, the model's context is " +
+                  std::to_string(lm.config.model.seq_len));
+    SamplingOptions options = gen_args->sampling;
+    options.max_tokens = std::min(options.max_tokens, room);
+    if (gen_args->ignore_eos) options.banned_token = codec.end_of_document();
+    else options.stop_token = codec.end_of_document();
+    Generator generator(*lm.model);
+    Rng rng(gen_args->seed);
+    std::cout << gen_args->prompt << std::flush;
+    // Decode incrementally: print whatever new text the ids so far decode to (pieces can span bytes).
+    std::vector<int32_t> ids;
+    std::string printed;
+    const std::vector<int32_t> generated = generator.generate(prompt, options, rng, [&](int32_t id) {
+      if (id == options.stop_token) return;
+      ids.push_back(id);
+      const std::string text = codec.decode(ids);
+      if (text.size() > printed.size() && text.compare(0, printed.size(), printed) == 0) {
+        std::cout << text.substr(printed.size()) << std::flush;
+        printed = text;
+      }
     });
+    std::cout << "\n" << std::flush;
+    if (!generated.empty() && generated.back() == options.stop_token)
+      std::fprintf(stderr, "[end of text: </s> after %zu tokens; --ignore-eos goes on past it]\n",
+                   generated.size() - 1);
   });
 
   // finetune
@@ -244,26 +240,24 @@ void add_model_commands(CLI::App& app) {
       "  moelab finetune --checkpoint runs/quickstart --task bible-paraphrase --steps 60 --lr 3e-4 --threads 2\n"
       "Writes <out>/checkpoint (the fine-tuned weights, same config), <out>/finetune.json (result and loss\n"
       "curve), and records mode \"finetune\" for the source run in <run>/downstream.json and the results store.");
-  ft->callback([ft_args] {
-    run_reporting_errors([&] {
-      const RunLocation run = locate_run(ft_args->checkpoint);
-      const Task task = load_task(ft_args->task, ft_args->tasks_dir);
-      FinetuneOptions options = ft_args->options;
-      if (options.out.empty()) options.out = run.run_dir + "/finetune-" + task.name;
-      const FinetuneResult r = finetune_on_task(ft_args->checkpoint, task, options, std::cout);
-      if (ft_args->json) std::cout << downstream_to_json(r.record).dump() << "\n";
-      else print_downstream({r.record});
-      const auto& before = r.record.finetune["before"];
-      std::printf("zero-shot on the same %ld items before fine-tuning: acc %.4f -> %.4f after (%+.4f)\n",
-                  static_cast<long>(r.record.n), before["acc"].get<double>(), r.record.acc,
-                  r.record.acc - before["acc"].get<double>());
-      std::printf("fine-tuned checkpoint: %s\n", r.checkpoint_dir.c_str());
-      if (!ft_args->no_record) {
-        const std::string db = record_downstream(run, {r.record}, ft_args->results_db);
-        std::fprintf(stderr, "recorded in %s/downstream.json%s%s\n", run.run_dir.c_str(), db.empty() ? "" : " and ",
-                     db.c_str());
-      }
-    });
+  on_run(ft, [ft_args] {
+    const RunLocation run = locate_run(ft_args->checkpoint);
+    const Task task = load_task(ft_args->task, ft_args->tasks_dir);
+    FinetuneOptions options = ft_args->options;
+    if (options.out.empty()) options.out = run.run_dir + "/finetune-" + task.name;
+    const FinetuneResult r = finetune_on_task(ft_args->checkpoint, task, options, std::cout);
+    if (ft_args->json) std::cout << downstream_to_json(r.record).dump() << "\n";
+    else print_downstream({r.record});
+    const auto& before = r.record.finetune["before"];
+    std::printf("zero-shot on the same %ld items before fine-tuning: acc %.4f -> %.4f after (%+.4f)\n",
+                static_cast<long>(r.record.n), before["acc"].get<double>(), r.record.acc,
+                r.record.acc - before["acc"].get<double>());
+    std::printf("fine-tuned checkpoint: %s\n", r.checkpoint_dir.c_str());
+    if (!ft_args->no_record) {
+      const std::string db = record_downstream(run, {r.record}, ft_args->results_db);
+      std::fprintf(stderr, "recorded in %s/downstream.json%s%s\n", run.run_dir.c_str(), db.empty() ? "" : " and ",
+                   db.c_str());
+    }
   });
 
   // tasks
@@ -272,19 +266,17 @@ void add_model_commands(CLI::App& app) {
   tasks->add_option("--tasks-dir", *tasks_dir, "task directory (default $MOELAB_TASKS_DIR or data/tasks)");
   tasks->footer("Lists each task with its item counts per split; docs/tasks.md describes the format and how each\n"
                 "built-in task is constructed.");
-  tasks->callback([tasks_dir] {
-    run_reporting_errors([&] {
-      const auto names = task_names(*tasks_dir);
-      if (names.empty())
-        throw Error("no tasks in '" + *tasks_dir + "'; build them with scripts/fetch-corpus.sh (or python3 "
-                    "scripts/corpus_tools.py tasks --corpus data/corpus --out " + *tasks_dir + ")");
-      std::printf("%-22s %7s %7s %7s  %s\n", "task", "items", "train", "test", "file");
-      for (const auto& name : names) {
-        const Task t = load_task(name, *tasks_dir);
-        std::printf("%-22s %7zu %7zu %7zu  %s\n", name.c_str(), t.items.size(), t.split("train").size(),
-                    t.split("test").size(), t.path.c_str());
-      }
-    });
+  on_run(tasks, [tasks_dir] {
+    const auto names = task_names(*tasks_dir);
+    if (names.empty())
+      throw Error("no tasks in '" + *tasks_dir + "'; build them with scripts/fetch-corpus.sh (or python3 "
+                  "scripts/corpus_tools.py tasks --corpus data/corpus --out " + *tasks_dir + ")");
+    std::printf("%-22s %7s %7s %7s  %s\n", "task", "items", "train", "test", "file");
+    for (const auto& name : names) {
+      const Task t = load_task(name, *tasks_dir);
+      std::printf("%-22s %7zu %7zu %7zu  %s\n", name.c_str(), t.items.size(), t.split("train").size(),
+                  t.split("test").size(), t.path.c_str());
+    }
   });
 }
 

@@ -35,7 +35,7 @@ void add_report_command(CLI::App& app) {
       "Prints the headline answer. Example:\n"
       "  moelab report runs/study --out runs/study/report\n"
       "  chromium runs/study/report/index.html");
-  cmd->callback(reporting_errors([args] {
+  on_run(cmd, [args] {
     ReportOptions options;
     options.out_dir = args->out;
     options.analysis.loss = args->loss;
@@ -45,7 +45,7 @@ void add_report_command(CLI::App& app) {
     for (const auto& s : r.skipped) std::cout << "  not drawn: " << s << "\n";
     std::cout << "\n" << r.summary["headline"].get<std::string>() << "\n\n";
     std::cout << "wrote " << r.html_path << " (" << r.figures.size() << " figures) and " << r.summary_path << "\n";
-  }));
+  });
 }
 
 }  // namespace moelab

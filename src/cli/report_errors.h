@@ -1,7 +1,8 @@
 #pragma once
-// Subcommand callbacks run inside CLI11's parse, outside main()'s own error handling: they report errors here,
-// with the same message shape and exit codes (1: a user error, moelab::Error; 2: anything unexpected); in a
-// multi-process job the failing rank ends the whole job.
+// Every subcommand is registered the same way: its options on its CLI::App, then its body with on_run(), which
+// runs it after parsing behind the one error handler here: the same message shape and exit codes for every command
+// (1: a user error, moelab::Error; 2: anything unexpected; a body may throw CLI::RuntimeError(n) for its own code),
+// and in a multi-process job the failing rank ends the whole job.
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <functional>
@@ -32,9 +33,9 @@ inline void run_reporting_errors(const std::function<void()>& body) {
   }
 }
 
-// The same, as a callback for CLI::App::callback.
-inline std::function<void()> reporting_errors(std::function<void()> body) {
-  return [body = std::move(body)] { run_reporting_errors(body); };
+// Registers `body` as what `command` does once parsed, behind the error handler above.
+inline void on_run(CLI::App* command, std::function<void()> body) {
+  command->callback([body = std::move(body)] { run_reporting_errors(body); });
 }
 
 }  // namespace moelab

@@ -61,7 +61,7 @@ void add_sweep_suggest_command(CLI::App& sweep) {
       "Candidates: every distinct model the plan holds, trained on token counts from half the smallest to 8x the\n"
       "largest D of the finished runs (12 per model, geometric), within --max-flops. Example:\n"
       "  moelab sweep suggest runs/sweeps/small --target-budget 1e18 --count 3 --max-flops 1e15 --append");
-  cmd->callback(reporting_errors([a] {
+  on_run(cmd, [a] {
     const LawKind law = law_from_string(a->law);
     const SweepPlan plan = read_plan(a->dir);
     const std::vector<RunResult> results = read_results(a->dir);
@@ -183,7 +183,7 @@ void add_sweep_suggest_command(CLI::App& sweep) {
     if (j.contains("appended"))
       std::printf("  appended %zu runs to %s/plan.json; train them with `moelab sweep run %s`\n", picks.size(),
                   a->dir.c_str(), a->dir.c_str());
-  }));
+  });
 }
 
 }  // namespace moelab

@@ -46,14 +46,14 @@ void add_sweep_commands(CLI::App& app) {
   plan->footer("Example:\n  moelab sweep plan configs/sweeps/isoflop-sparsity.toml --out runs/sweeps/isoflop\n"
                "Prints name, d_model, layers, experts, top-k, G, S, total and active parameters, tokens D, FLOPs;\n"
                "runs that cannot be realised are listed with the reason and not planned.");
-  plan->callback(reporting_errors([o]() {
+  on_run(plan, [o]() {
     SweepPlan p = plan_sweep(o->spec);
     if (!o->out.empty()) write_plan(p, o->out, read_file(o->spec, "sweep spec"));
     std::cout << plan_table(p);
     if (!o->out.empty())
       std::cout << "planned " << p.feasible_runs().size() << " runs in " << o->out << "; train them with `moelab sweep run "
                 << o->out << " --jobs N`\n";
-  }));
+  });
 
   auto* run = sweep->add_subcommand("run", "train the pending runs of a sweep, N at a time (resumes after a kill)");
   run->add_option("dir", o->dir, "sweep directory (from `sweep plan --out`)")->required();
@@ -65,11 +65,11 @@ void add_sweep_commands(CLI::App& app) {
   run->footer("Example:\n  moelab sweep run runs/sweeps/isoflop --jobs 2 --threads-per-job 1\n"
               "Each run trains as its own process; finished runs are skipped, interrupted ones resume from their\n"
               "checkpoint, a failing run is recorded as failed and the others go on. Results: DIR/results.db.");
-  run->callback(reporting_errors([o]() {
+  on_run(run, [o]() {
     const SweepRunSummary s = run_sweep(o->dir, o->run);
     if (o->run.index < 0 && s.failed > 0) throw CLI::RuntimeError(3);
     if (o->run.index >= 0 && s.failed > 0) throw CLI::RuntimeError(3);
-  }));
+  });
 
   add_sweep_suggest_command(*sweep);
 
@@ -87,7 +87,7 @@ void add_sweep_commands(CLI::App& app) {
   rep->add_option("--loss", ra->loss, "what picks the best run: val (default), smoothed or final")
       ->check(CLI::IsMember({"val", "smoothed", "final"}));
   rep->footer("Example:\n  moelab sweep replicate runs/sweeps/small --seeds 2 3 && moelab sweep run runs/sweeps/small");
-  rep->callback(reporting_errors([ra]() {
+  on_run(rep, [ra]() {
     const SweepPlan plan = read_plan(ra->dir);
     const std::vector<RunResult> results = read_results(ra->dir);
     std::map<std::string, const PlannedRun*> planned;
@@ -121,7 +121,7 @@ void add_sweep_commands(CLI::App& app) {
     for (int64_t s : ra->seeds) std::cout << " " << s;
     std::cout << ") of the best dense and MoE run of " << budgets.size() << " budget(s); train them with "
               << "`moelab sweep run " << ra->dir << "`\n";
-  }));
+  });
 
   // finetune
   struct FinetuneArgs {
@@ -154,7 +154,7 @@ void add_sweep_commands(CLI::App& app) {
               "Each run is fine-tuned into DIR/runs/<name>/finetune-<task>; the record (mode finetune, with the\n"
               "zero-shot accuracy on the same items before fine-tuning) goes to downstream.json and DIR/results.db.\n"
               "The report's findings table compares the gains of dense and MoE (docs/report.md).");
-  sft->callback(reporting_errors([fa]() {
+  on_run(sft, [fa]() {
     const std::vector<RunResult> results = read_results(fa->dir);
     std::vector<BestRun> best = best_runs_per_budget(results, fa->loss);
     if (best.empty()) throw Error("sweep finetune: '" + fa->dir + "' has no finished runs (run the sweep first)");
@@ -201,11 +201,11 @@ void add_sweep_commands(CLI::App& app) {
       std::fflush(stdout);
     }
     std::cout << "fine-tuned " << trained << " runs; results in " << db << " (table downstream, mode finetune)\n";
-  }));
+  });
 
   auto* status = sweep->add_subcommand("status", "progress of a sweep: done/failed/running/pending per run");
   status->add_option("dir", o->dir, "sweep directory")->required();
-  status->callback(reporting_errors([o]() { std::cout << sweep_status(o->dir); }));
+  on_run(status, [o]() { std::cout << sweep_status(o->dir); });
 
   auto* exp = sweep->add_subcommand("export", "write the sweep's results as a table (CSV) for law fitting");
   exp->add_option("dir", o->dir, "sweep directory")->required();
@@ -213,11 +213,11 @@ void add_sweep_commands(CLI::App& app) {
   exp->add_option("--out", o->out, "file to write (default: stdout)");
   exp->add_option("--loss", o->loss, "what the `loss` column holds: smoothed (default), final or val");
   exp->add_flag("--all", o->all, "include failed runs (status column says which)");
-  exp->callback(reporting_errors([o]() {
+  on_run(exp, [o]() {
     const std::string csv = results_csv(read_results(o->dir), o->loss, o->all);
     if (o->out.empty()) std::cout << csv;
     else write_file_atomic(o->out, csv);
-  }));
+  });
 
   auto* slurm = sweep->add_subcommand("slurm", "write DIR/sweep.sbatch: a Slurm job array, one task per run");
   slurm->add_option("dir", o->dir, "sweep directory")->required();
@@ -230,7 +230,7 @@ void add_sweep_commands(CLI::App& app) {
   slurm->add_option("--tasks-per-node", o->slurm.tasks_per_node, "MPI processes per node of a task (default 1); "
                     "nodes x tasks-per-node must cover the sweep's largest run")->check(CLI::PositiveNumber);
   slurm->add_option("--moelab", o->slurm.binary, "moelab executable path on the cluster (default: this one)");
-  slurm->callback(reporting_errors([o]() {
+  on_run(slurm, [o]() {
     const std::string script = slurm_script(o->dir, o->slurm);
     const auto root = std::filesystem::absolute(o->dir);
     std::filesystem::create_directories(root / "slurm");
@@ -239,7 +239,7 @@ void add_sweep_commands(CLI::App& app) {
                                  std::filesystem::perm_options::add);
     std::cout << "wrote " << (root / "sweep.sbatch").string() << "; submit with `sbatch " << (root / "sweep.sbatch").string()
               << "`, then `moelab sweep collect " << o->dir << "`\n";
-  }));
+  });
 
   struct SweepEvalOptions {
     std::vector<std::string> tasks;
@@ -264,20 +264,20 @@ void add_sweep_commands(CLI::App& app) {
   sweval->footer("Example:\n  moelab sweep eval runs/sweeps/small --tasks wordnet-cloze bible-paraphrase --shots 0 5 --limit 200\n"
                  "Each run's results go to DIR/runs/<name>/downstream.json and the `downstream` table of DIR/results.db\n"
                  "(keyed by run, task, shots, mode), next to its losses in `results`.");
-  sweval->callback(reporting_errors([o, e]() {
+  on_run(sweval, [o, e]() {
     const int64_t n = evaluate_sweep_on_tasks(o->dir, e->tasks, e->shots, e->task, e->threads, e->tasks_dir, e->force,
                                               std::cout);
     std::cout << "evaluated " << n << " runs; results in " << (std::filesystem::absolute(o->dir) / "results.db").string()
               << " (table downstream)\n";
-  }));
+  });
 
   auto* collect = sweep->add_subcommand("collect", "rebuild DIR/results.db from the runs' result.json files");
   collect->add_option("dir", o->dir, "sweep directory")->required();
-  collect->callback(reporting_errors([o]() {
+  on_run(collect, [o]() {
     const int64_t n = collect_results(o->dir);
     std::cout << "collected " << n << " run results into " << (std::filesystem::absolute(o->dir) / "results.db").string()
               << "\n";
-  }));
+  });
 }
 
 }  // namespace moelab
