@@ -498,41 +498,207 @@ static std::vector<Request> vary_requests(const Context& ctx, const toml::table*
   return out;
 }
 
-SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string& source_name) {
-  toml::table root;
-  try {
-    root = toml::parse(spec_text, source_name);
-  } catch (const toml::parse_error& e) {
-    std::ostringstream os;
-    os << "cannot parse sweep spec " << source_name << " at line " << e.source().begin.line << ": " << e.description();
-    throw Error(os.str());
-  }
-  Section top(&root, "the spec",
-              {"sweep", "base", "rules", "shape", "isoflop", "fixed_params", "granularity", "run", "vary"});
-  Section sweep(sub_table(root, "sweep"), "[sweep]",
-                {"name", "kind", "flops_convention", "checkpoint_every", "dense_baseline", "max_epochs", "processes",
-                 "seeds"});
-  SweepPlan plan;
-  plan.spec_path = source_name;
-  plan.kind = sweep.string("kind", "");
-  const std::set<std::string> kinds = {"isoflop", "fixed_params", "granularity", "list"};
-  if (!kinds.count(plan.kind))
-    throw Error("sweep spec: [sweep] kind = '" + plan.kind + "' must be one of isoflop, fixed_params, granularity, list");
-  plan.name = sweep.string("name", plan.kind);
-  plan.flops_convention = sweep.string("flops_convention", "exact");
-  const FlopConvention convention = parse_flop_convention(plan.flops_convention);
-  plan.max_epochs = sweep.number("max_epochs", 1.0);
-  const bool dense_baseline = sweep.boolean("dense_baseline", false);
+namespace {
 
-  Context ctx;
-  ctx.base = read_base(sub_table(root, "base"));
-  ctx.convention = convention;
-  ctx.checkpoint_every = sweep.integer("checkpoint_every", 50);
-  ctx.processes = sweep.integer("processes", 1);
-  if (ctx.processes < 1) throw Error("sweep spec: [sweep] processes must be at least 1");
-  ctx.max_epochs = plan.max_epochs;
-  if (ctx.checkpoint_every < 0) throw Error("sweep spec: [sweep] checkpoint_every must be >= 0");
-  // Absolute data paths, so a run's config.toml works from any directory (and on every Slurm node).
+// What every sweep kind's expansion reads: the context, the ladder of shapes, and whether a dense run joins each
+// point of the kind's grid.
+struct KindInput {
+  const Context& ctx;
+  const std::vector<Shape>& shapes;
+  bool dense_baseline;
+};
+
+void add_dense(std::vector<Request>& requests, const Shape& shape, const Amount& a, const std::string& prefix) {
+  Request r;
+  r.group = "dense";
+  r.shape = shape;
+  r.moe_overrides = kDense;
+  r.budget = a.budget;
+  r.tokens = a.tokens;
+  r.name = prefix + a.tag() + "-" + shape.tag + "-dense";
+  requests.push_back(r);
+}
+
+// A shape's own budgets must be budgets of the sweep (a typo would silently drop the shape).
+void check_shape_budgets(const std::vector<Shape>& shapes, const std::vector<Amount>& axis, const std::string& table) {
+  for (const Shape& shape : shapes)
+    for (double b : shape.budgets) {
+      bool found = false;
+      for (const Amount& a : axis) found |= a.budget > 0 && std::fabs(a.budget - b) <= 1e-9 * b;
+      if (!found)
+        throw Error("sweep spec: [[shape]] " + shape.tag + " budgets lists " + fmt("%g", b) + ", which is not in " +
+                    table + ".budgets");
+    }
+}
+
+// kind = "isoflop": every shape of each budget's ladder at every sparsity (and dense), at the budget's FLOPs.
+void expand_isoflop(const KindInput& in, const Section& s, std::vector<Request>& requests) {
+  const auto budgets = amounts(s, true);
+  check_shape_budgets(in.shapes, budgets, "[isoflop]");
+  const auto sparsities = s.numbers("sparsity");
+  if (sparsities.empty()) throw Error("sweep spec: [isoflop] sparsity = [0.5, 0.75, ...] is required");
+  const int64_t top_k = s.integer("top_k", 2), experts = s.integer("experts", 0), g = s.integer("granularity", 1);
+  for (const Amount& a : budgets)
+    for (const Shape& shape : in.shapes) {
+      if (!shape.at(a.budget)) continue;
+      if (in.dense_baseline) add_dense(requests, shape, a, "");
+      for (double sp : sparsities) {
+        Request r;
+        r.group = "isoflop";
+        r.shape = shape;
+        r.budget = a.budget;
+        r.target_sparsity = sp;
+        const Sparse real = realise_sparsity(sp, top_k, experts);
+        r.infeasible = real.error;
+        r.moe_overrides = moe_explicit(real.experts, real.top_k, g);
+        r.name = a.tag() + "-" + shape.tag + "-" +
+                 (real.error.empty() ? "e" + std::to_string(real.experts) + "k" + std::to_string(real.top_k) +
+                                           (g > 1 ? "g" + std::to_string(g) : "")
+                                     : "s" + compact_number(sp));
+        requests.push_back(r);
+      }
+    }
+}
+
+// kind = "fixed_params": at each total parameter count N, the ladder shape nearest N for every sparsity.
+void expand_fixed_params(const KindInput& in, const Section& s, std::vector<Request>& requests) {
+  const auto params = s.numbers("params");
+  const auto sparsities = s.numbers("sparsity");
+  if (params.empty() || sparsities.empty())
+    throw Error("sweep spec: [fixed_params] needs params = [total parameters...] and sparsity = [...]");
+  const auto axis = amounts(s, false);
+  const int64_t top_k = s.integer("top_k", 2), experts = s.integer("experts", 0);
+  const double tolerance = s.number("tolerance", 0.25);
+  // The ladder shape whose total parameters (with the given MoE) is nearest N in log space.
+  check_shape_budgets(in.shapes, axis, "[fixed_params]");
+  auto nearest = [&](double n, const std::vector<std::string>& moe, double budget, std::string& why) -> const Shape* {
+    const Shape* best = nullptr;
+    double best_err = 1e300, best_total = 0;
+    for (const Shape& shape : in.shapes) {
+      if (!shape.at(budget)) continue;
+      Request probe;
+      probe.shape = shape;
+      probe.moe_overrides = moe;
+      try {
+        const double total = static_cast<double>(count_parameters(model_config(in.ctx, probe).model).total);
+        const double err = std::fabs(std::log(total / n));
+        if (err < best_err) best = &shape, best_err = err, best_total = total;
+      } catch (const Error&) {
+      }
+    }
+    if (!best) {
+      why = "no shape of the ladder builds a valid model with this MoE";
+      return nullptr;
+    }
+    if (best_err > std::log1p(tolerance)) {
+      why = "nearest ladder shape " + best->tag + " has " + fmt("%.4g", best_total) + " total parameters, " +
+            fmt("%.0f", 100 * std::fabs(best_total / n - 1)) + "% from N = " + fmt("%.4g", n) +
+            " (tolerance " + fmt("%g", tolerance) + "): add a shape to the ladder";
+      return nullptr;
+    }
+    return best;
+  };
+  for (double n : params)
+    for (const Amount& a : axis) {
+      const std::string prefix = "n" + compact_number(n) + "-";
+      if (in.dense_baseline) {
+        std::string why;
+        const Shape* shape = nearest(n, kDense, a.budget, why);
+        Request r;
+        r.group = "dense";
+        r.target_params = n;
+        r.budget = a.budget;
+        r.tokens = a.tokens;
+        r.moe_overrides = kDense;
+        r.infeasible = why;
+        if (shape) r.shape = *shape;
+        r.name = prefix + a.tag() + "-dense" + (shape ? "-" + shape->tag : "");
+        requests.push_back(r);
+      }
+      for (double sp : sparsities) {
+        Request r;
+        r.group = "fixed_params";
+        r.target_params = n;
+        r.target_sparsity = sp;
+        r.budget = a.budget;
+        r.tokens = a.tokens;
+        const Sparse real = realise_sparsity(sp, top_k, experts);
+        r.moe_overrides = moe_explicit(real.experts, real.top_k, 1);
+        std::string why = real.error;
+        const Shape* shape = why.empty() ? nearest(n, r.moe_overrides, a.budget, why) : nullptr;
+        r.infeasible = why;
+        if (shape) r.shape = *shape;
+        r.name = prefix + a.tag() + "-" +
+                 (real.error.empty() ? "e" + std::to_string(real.experts) + "k" + std::to_string(real.top_k)
+                                     : "s" + compact_number(sp)) +
+                 (shape ? "-" + shape->tag : "");
+        requests.push_back(r);
+      }
+    }
+}
+
+// kind = "granularity": every shape at every granularity G of one expansion rate.
+void expand_granularity(const KindInput& in, const Section& s, std::vector<Request>& requests) {
+  const auto gs = s.numbers("granularity");
+  if (gs.empty()) throw Error("sweep spec: [granularity] granularity = [1, 2, 4, ...] is required");
+  const auto axis = amounts(s, false);
+  check_shape_budgets(in.shapes, axis, "[granularity]");
+  const int64_t expansion = s.integer("expansion", 8), top_k = s.integer("top_k", 1);
+  for (const Amount& a : axis)
+    for (const Shape& shape : in.shapes) {
+      if (!shape.at(a.budget)) continue;
+      if (in.dense_baseline) add_dense(requests, shape, a, "");
+      for (double gd : gs) {
+        Request r;
+        r.group = "granularity";
+        r.shape = shape;
+        r.budget = a.budget;
+        r.tokens = a.tokens;
+        const int64_t g = std::llround(gd);
+        if (g < 1 || static_cast<double>(g) != gd) r.infeasible = "granularity G = " + fmt("%g", gd) + " is not a positive integer";
+        r.moe_overrides = {"moe.experts=0", "moe.expansion=" + std::to_string(expansion),
+                           "moe.granularity=" + std::to_string(std::max<int64_t>(g, 1)),
+                           "moe.top_k=" + std::to_string(top_k)};
+        r.target_sparsity = g >= 1 ? static_cast<double>(expansion * g - top_k * g) / static_cast<double>(expansion * g) : 0;
+        r.name = a.tag() + "-" + shape.tag + "-x" + std::to_string(expansion) + "g" + compact_number(gd);
+        requests.push_back(r);
+      }
+    }
+}
+
+// The sweep kinds: [sweep] kind names one; its table, of these keys, says what to expand. Kind "list" has no table
+// of its own: its runs are the [[run]] tables, which every kind may add.
+struct SweepKind {
+  std::string name;
+  std::set<std::string> keys;  // of its table, [<name>]
+  std::string missing;         // the error when the table is absent
+  void (*expand)(const KindInput&, const Section&, std::vector<Request>&);
+};
+
+const std::vector<SweepKind>& sweep_kinds() {
+  static const std::vector<SweepKind> kinds = {
+      {"isoflop", {"budgets", "sparsity", "top_k", "experts", "granularity"},
+       "sweep spec: kind = \"isoflop\" needs an [isoflop] table with budgets and sparsity", expand_isoflop},
+      {"fixed_params", {"params", "sparsity", "top_k", "experts", "budgets", "tokens", "tolerance"},
+       "sweep spec: kind = \"fixed_params\" needs a [fixed_params] table", expand_fixed_params},
+      {"granularity", {"granularity", "expansion", "top_k", "budgets", "tokens"},
+       "sweep spec: kind = \"granularity\" needs a [granularity] table", expand_granularity},
+      {"list", {}, "", nullptr},
+  };
+  return kinds;
+}
+
+const SweepKind& find_kind(const std::string& name) {
+  std::string names;
+  for (const SweepKind& k : sweep_kinds()) {
+    if (k.name == name) return k;
+    names += (names.empty() ? "" : ", ") + k.name;
+  }
+  throw Error("sweep spec: [sweep] kind = '" + name + "' must be one of " + names);
+}
+
+// Absolute data paths, so a run's config.toml works from any directory (and on every Slurm node); the corpus size.
+void resolve_sweep_data(Context& ctx, SweepPlan& plan) {
   DataConfig data = resolve_data_paths(ctx.base.data);
   if (data.train_path.empty())
     throw Error("sweep spec: the base config names no training data: set data.dir (a `moelab data prepare` output) "
@@ -547,26 +713,34 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
   plan.corpus_tokens = TokenFile(data.train_path, data.dtype).size();
   ctx.corpus_tokens = plan.corpus_tokens;
 
-  Section rules(sub_table(root, "rules"), "[rules]",
-                {"lr", "lr_d_ref", "lr_power", "lr_moe_factor", "min_lr_ratio", "warmup_fraction", "min_warmup_steps", "batch_size",
-                 "init_std", "init_power"});
-  ctx.rules.lr = rules.number("lr", ctx.rules.lr);
-  ctx.rules.lr_d_ref = rules.number("lr_d_ref", ctx.rules.lr_d_ref);
-  ctx.rules.lr_power = rules.number("lr_power", ctx.rules.lr_power);
-  ctx.rules.lr_moe_factor = rules.number("lr_moe_factor", ctx.rules.lr_moe_factor);
-  ctx.rules.min_lr_ratio = rules.number("min_lr_ratio", ctx.rules.min_lr_ratio);
-  ctx.rules.warmup_fraction = rules.number("warmup_fraction", ctx.rules.warmup_fraction);
-  ctx.rules.min_warmup_steps = rules.integer("min_warmup_steps", ctx.rules.min_warmup_steps);
-  ctx.rules.batch_size = rules.integer("batch_size", 0);
-  ctx.rules.init_std = rules.number("init_std", 0);
-  ctx.rules.init_power = rules.number("init_power", ctx.rules.init_power);
-  if (ctx.rules.init_std < 0)
+}
+
+Rules read_rules(const toml::table* table) {
+  Rules rules;
+  Section section(table, "[rules]",
+                  {"lr", "lr_d_ref", "lr_power", "lr_moe_factor", "min_lr_ratio", "warmup_fraction", "min_warmup_steps", "batch_size",
+                   "init_std", "init_power"});
+  rules.lr = section.number("lr", rules.lr);
+  rules.lr_d_ref = section.number("lr_d_ref", rules.lr_d_ref);
+  rules.lr_power = section.number("lr_power", rules.lr_power);
+  rules.lr_moe_factor = section.number("lr_moe_factor", rules.lr_moe_factor);
+  rules.min_lr_ratio = section.number("min_lr_ratio", rules.min_lr_ratio);
+  rules.warmup_fraction = section.number("warmup_fraction", rules.warmup_fraction);
+  rules.min_warmup_steps = section.integer("min_warmup_steps", rules.min_warmup_steps);
+  rules.batch_size = section.integer("batch_size", 0);
+  rules.init_std = section.number("init_std", 0);
+  rules.init_power = section.number("init_power", rules.init_power);
+  if (rules.init_std < 0)
     throw Error("sweep spec: [rules] init_std must be >= 0 (0 keeps the base config's model.init_std)");
-  if (!(ctx.rules.lr > 0) || !(ctx.rules.lr_d_ref > 0) || !(ctx.rules.lr_moe_factor > 0) || ctx.rules.min_lr_ratio < 0 || ctx.rules.min_lr_ratio > 1 ||
-      ctx.rules.warmup_fraction < 0 || ctx.rules.warmup_fraction >= 1 || ctx.rules.batch_size < 0)
+  if (!(rules.lr > 0) || !(rules.lr_d_ref > 0) || !(rules.lr_moe_factor > 0) || rules.min_lr_ratio < 0 || rules.min_lr_ratio > 1 ||
+      rules.warmup_fraction < 0 || rules.warmup_fraction >= 1 || rules.batch_size < 0)
     throw Error("sweep spec: [rules] needs lr > 0, lr_d_ref > 0, lr_moe_factor > 0, 0 <= min_lr_ratio <= 1, 0 <= warmup_fraction < 1, "
                 "batch_size >= 0");
+  return rules;
+}
 
+// The [[shape]] ladder, or the base config's own shape.
+std::vector<Shape> read_shapes(const toml::table& root, const Context& ctx) {
   std::vector<Shape> shapes;
   for (const toml::table* t : table_array(root, "shape")) {
     Section s(t, "[[shape]]", {"name", "d_model", "n_layers", "n_heads", "d_ff", "batch_size", "lr", "budgets"});
@@ -595,166 +769,12 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
     shapes.push_back(shape);
   }
 
-  // A shape's own budgets must be budgets of the sweep (a typo would silently drop the shape).
-  auto check_shape_budgets = [&](const std::vector<Amount>& axis, const std::string& table) {
-    for (const Shape& shape : shapes)
-      for (double b : shape.budgets) {
-        bool found = false;
-        for (const Amount& a : axis) found |= a.budget > 0 && std::fabs(a.budget - b) <= 1e-9 * b;
-        if (!found)
-          throw Error("sweep spec: [[shape]] " + shape.tag + " budgets lists " + fmt("%g", b) + ", which is not in " +
-                      table + ".budgets");
-      }
-  };
+  return shapes;
+}
 
+// [[run]] tables: explicit runs, for any kind (the whole sweep when kind = "list").
+std::vector<Request> read_run_tables(const toml::table& root, const Context& ctx) {
   std::vector<Request> requests;
-  auto add_dense = [&](const Shape& shape, const Amount& a, const std::string& prefix) {
-    Request r;
-    r.group = "dense";
-    r.shape = shape;
-    r.moe_overrides = kDense;
-    r.budget = a.budget;
-    r.tokens = a.tokens;
-    r.name = prefix + a.tag() + "-" + shape.tag + "-dense";
-    requests.push_back(r);
-  };
-
-  if (plan.kind == "isoflop") {
-    Section s(sub_table(root, "isoflop"), "[isoflop]", {"budgets", "sparsity", "top_k", "experts", "granularity"});
-    if (!s.table) throw Error("sweep spec: kind = \"isoflop\" needs an [isoflop] table with budgets and sparsity");
-    const auto budgets = amounts(s, true);
-    check_shape_budgets(budgets, "[isoflop]");
-    const auto sparsities = s.numbers("sparsity");
-    if (sparsities.empty()) throw Error("sweep spec: [isoflop] sparsity = [0.5, 0.75, ...] is required");
-    const int64_t top_k = s.integer("top_k", 2), experts = s.integer("experts", 0), g = s.integer("granularity", 1);
-    for (const Amount& a : budgets)
-      for (const Shape& shape : shapes) {
-        if (!shape.at(a.budget)) continue;
-        if (dense_baseline) add_dense(shape, a, "");
-        for (double sp : sparsities) {
-          Request r;
-          r.group = "isoflop";
-          r.shape = shape;
-          r.budget = a.budget;
-          r.target_sparsity = sp;
-          const Sparse real = realise_sparsity(sp, top_k, experts);
-          r.infeasible = real.error;
-          r.moe_overrides = moe_explicit(real.experts, real.top_k, g);
-          r.name = a.tag() + "-" + shape.tag + "-" +
-                   (real.error.empty() ? "e" + std::to_string(real.experts) + "k" + std::to_string(real.top_k) +
-                                             (g > 1 ? "g" + std::to_string(g) : "")
-                                       : "s" + compact_number(sp));
-          requests.push_back(r);
-        }
-      }
-  } else if (plan.kind == "fixed_params") {
-    Section s(sub_table(root, "fixed_params"), "[fixed_params]",
-              {"params", "sparsity", "top_k", "experts", "budgets", "tokens", "tolerance"});
-    if (!s.table) throw Error("sweep spec: kind = \"fixed_params\" needs a [fixed_params] table");
-    const auto params = s.numbers("params");
-    const auto sparsities = s.numbers("sparsity");
-    if (params.empty() || sparsities.empty())
-      throw Error("sweep spec: [fixed_params] needs params = [total parameters...] and sparsity = [...]");
-    const auto axis = amounts(s, false);
-    const int64_t top_k = s.integer("top_k", 2), experts = s.integer("experts", 0);
-    const double tolerance = s.number("tolerance", 0.25);
-    // The ladder shape whose total parameters (with the given MoE) is nearest N in log space.
-    check_shape_budgets(axis, "[fixed_params]");
-    auto nearest = [&](double n, const std::vector<std::string>& moe, double budget, std::string& why) -> const Shape* {
-      const Shape* best = nullptr;
-      double best_err = 1e300, best_total = 0;
-      for (const Shape& shape : shapes) {
-        if (!shape.at(budget)) continue;
-        Request probe;
-        probe.shape = shape;
-        probe.moe_overrides = moe;
-        try {
-          const double total = static_cast<double>(count_parameters(model_config(ctx, probe).model).total);
-          const double err = std::fabs(std::log(total / n));
-          if (err < best_err) best = &shape, best_err = err, best_total = total;
-        } catch (const Error&) {
-        }
-      }
-      if (!best) {
-        why = "no shape of the ladder builds a valid model with this MoE";
-        return nullptr;
-      }
-      if (best_err > std::log1p(tolerance)) {
-        why = "nearest ladder shape " + best->tag + " has " + fmt("%.4g", best_total) + " total parameters, " +
-              fmt("%.0f", 100 * std::fabs(best_total / n - 1)) + "% from N = " + fmt("%.4g", n) +
-              " (tolerance " + fmt("%g", tolerance) + "): add a shape to the ladder";
-        return nullptr;
-      }
-      return best;
-    };
-    for (double n : params)
-      for (const Amount& a : axis) {
-        const std::string prefix = "n" + compact_number(n) + "-";
-        if (dense_baseline) {
-          std::string why;
-          const Shape* shape = nearest(n, kDense, a.budget, why);
-          Request r;
-          r.group = "dense";
-          r.target_params = n;
-          r.budget = a.budget;
-          r.tokens = a.tokens;
-          r.moe_overrides = kDense;
-          r.infeasible = why;
-          if (shape) r.shape = *shape;
-          r.name = prefix + a.tag() + "-dense" + (shape ? "-" + shape->tag : "");
-          requests.push_back(r);
-        }
-        for (double sp : sparsities) {
-          Request r;
-          r.group = "fixed_params";
-          r.target_params = n;
-          r.target_sparsity = sp;
-          r.budget = a.budget;
-          r.tokens = a.tokens;
-          const Sparse real = realise_sparsity(sp, top_k, experts);
-          r.moe_overrides = moe_explicit(real.experts, real.top_k, 1);
-          std::string why = real.error;
-          const Shape* shape = why.empty() ? nearest(n, r.moe_overrides, a.budget, why) : nullptr;
-          r.infeasible = why;
-          if (shape) r.shape = *shape;
-          r.name = prefix + a.tag() + "-" +
-                   (real.error.empty() ? "e" + std::to_string(real.experts) + "k" + std::to_string(real.top_k)
-                                       : "s" + compact_number(sp)) +
-                   (shape ? "-" + shape->tag : "");
-          requests.push_back(r);
-        }
-      }
-  } else if (plan.kind == "granularity") {
-    Section s(sub_table(root, "granularity"), "[granularity]",
-              {"granularity", "expansion", "top_k", "budgets", "tokens"});
-    if (!s.table) throw Error("sweep spec: kind = \"granularity\" needs a [granularity] table");
-    const auto gs = s.numbers("granularity");
-    if (gs.empty()) throw Error("sweep spec: [granularity] granularity = [1, 2, 4, ...] is required");
-    const auto axis = amounts(s, false);
-    check_shape_budgets(axis, "[granularity]");
-    const int64_t expansion = s.integer("expansion", 8), top_k = s.integer("top_k", 1);
-    for (const Amount& a : axis)
-      for (const Shape& shape : shapes) {
-        if (!shape.at(a.budget)) continue;
-        if (dense_baseline) add_dense(shape, a, "");
-        for (double gd : gs) {
-          Request r;
-          r.group = "granularity";
-          r.shape = shape;
-          r.budget = a.budget;
-          r.tokens = a.tokens;
-          const int64_t g = std::llround(gd);
-          if (g < 1 || static_cast<double>(g) != gd) r.infeasible = "granularity G = " + fmt("%g", gd) + " is not a positive integer";
-          r.moe_overrides = {"moe.experts=0", "moe.expansion=" + std::to_string(expansion),
-                             "moe.granularity=" + std::to_string(std::max<int64_t>(g, 1)),
-                             "moe.top_k=" + std::to_string(top_k)};
-          r.target_sparsity = g >= 1 ? static_cast<double>(expansion * g - top_k * g) / static_cast<double>(expansion * g) : 0;
-          r.name = a.tag() + "-" + shape.tag + "-x" + std::to_string(expansion) + "g" + compact_number(gd);
-          requests.push_back(r);
-        }
-      }
-  }
-  // Explicit runs, for any kind (the whole sweep when kind = "list").
   for (const toml::table* t : table_array(root, "run")) {
     Section s(t, "[[run]]", {"name", "set", "budget", "tokens", "steps", "processes", "seeds"});
     Request r;
@@ -779,6 +799,54 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
     r.shape.d_ff = ctx.base.model.d_ff;
     requests.push_back(r);
   }
+  return requests;
+}
+
+}  // namespace
+
+SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string& source_name) {
+  toml::table root;
+  try {
+    root = toml::parse(spec_text, source_name);
+  } catch (const toml::parse_error& e) {
+    std::ostringstream os;
+    os << "cannot parse sweep spec " << source_name << " at line " << e.source().begin.line << ": " << e.description();
+    throw Error(os.str());
+  }
+  Section top(&root, "the spec",
+              {"sweep", "base", "rules", "shape", "isoflop", "fixed_params", "granularity", "run", "vary"});
+  Section sweep(sub_table(root, "sweep"), "[sweep]",
+                {"name", "kind", "flops_convention", "checkpoint_every", "dense_baseline", "max_epochs", "processes",
+                 "seeds"});
+  SweepPlan plan;
+  plan.spec_path = source_name;
+  plan.kind = sweep.string("kind", "");
+  const SweepKind& kind = find_kind(plan.kind);
+  plan.name = sweep.string("name", plan.kind);
+  plan.flops_convention = sweep.string("flops_convention", "exact");
+  const FlopConvention convention = parse_flop_convention(plan.flops_convention);
+  plan.max_epochs = sweep.number("max_epochs", 1.0);
+  const bool dense_baseline = sweep.boolean("dense_baseline", false);
+
+  Context ctx;
+  ctx.base = read_base(sub_table(root, "base"));
+  ctx.convention = convention;
+  ctx.checkpoint_every = sweep.integer("checkpoint_every", 50);
+  ctx.processes = sweep.integer("processes", 1);
+  if (ctx.processes < 1) throw Error("sweep spec: [sweep] processes must be at least 1");
+  ctx.max_epochs = plan.max_epochs;
+  if (ctx.checkpoint_every < 0) throw Error("sweep spec: [sweep] checkpoint_every must be >= 0");
+  resolve_sweep_data(ctx, plan);
+  ctx.rules = read_rules(sub_table(root, "rules"));
+  const std::vector<Shape> shapes = read_shapes(root, ctx);
+
+  std::vector<Request> requests;
+  if (kind.expand) {
+    const Section s(sub_table(root, kind.name), "[" + kind.name + "]", kind.keys);
+    if (!s.table) throw Error(kind.missing);
+    kind.expand({ctx, shapes, dense_baseline}, s, requests);
+  }
+  for (Request& r : read_run_tables(root, ctx)) requests.push_back(std::move(r));
   if (requests.empty()) throw Error("sweep spec: the sweep expands to no runs");
   if (plan.kind == "list" && table_array(root, "run").empty())
     throw Error("sweep spec: kind = \"list\" needs [[run]] tables");
