@@ -77,6 +77,7 @@ class Trainer {
   InitFromReport init_from(const std::string& source);
 
   Transformer& model() { return *model_; }
+  const Transformer& model() const { return *model_; }
   AdamW& optimizer() { return *optimizer_; }
   int64_t steps_done() const { return steps_done_; }
   Rng& data_rng() { return data_rng_; }
