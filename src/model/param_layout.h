@@ -1,16 +1,16 @@
 #pragma once
-// The parameter layout: every parameter's name, shape and offset in one flat block. Parameters, gradients
-// and both AdamW moments are four arenas with this same layout, so an optimizer or a checkpoint walks one list.
+// The parameter layout: every parameter's name, shape and offset in one flat block, in the order of the parameter
+// table (model/params.h). Parameters, gradients and both AdamW moments are four arenas with this same layout, so an
+// optimizer or a checkpoint walks one list.
 #include <string>
 #include <vector>
 
 #include "core/error.h"
 #include "core/tensor.h"
 #include "config/config.h"
+#include "model/params.h"
 
 namespace moelab {
-
-enum class ParamKind { Matrix, Embedding, NormWeight, Bias };
 
 struct ParamEntry {
   std::string name;
@@ -38,8 +38,8 @@ class ParamLayout {
     if (!is_parameter_name(name)) throw Error("'" + name + "' is not a parameter name any moelab model has (misspelt?)");
     return has(name) ? view(base, name) : Tensor();
   }
-  // Whether `name` is one a moelab model can have: tok_emb / pos_emb / final_norm / lm_head tensors, or
-  // layers.<i>.<part> for the block parts the layout adds.
+  // Whether `name` is one a moelab model can have: a name of the parameter table (model/params.h), block tensors
+  // as layers.<i>.<name>.
   static bool is_parameter_name(const std::string& name);
 
  private:

@@ -7,27 +7,8 @@
 
 namespace moelab {
 
-// Parameter (or gradient) views of every block, from the layout's names once; forward and backward use these.
-Transformer::ModelWeights Transformer::weight_views(float* base) const {
-  const auto v = [&](const std::string& name) { return layout_.view_or_empty(base, name); };
-  ModelWeights w;
-  w.tok_emb = v("tok_emb.weight");
-  w.pos_emb = v("pos_emb.weight");
-  w.final_norm_w = v("final_norm.weight");
-  w.final_norm_b = v("final_norm.bias");
-  w.head = v(config_.tied_embeddings ? "tok_emb.weight" : "lm_head.weight");
-  for (int64_t i = 0; i < config_.n_layers; ++i) {
-    const std::string p = "layers." + std::to_string(i) + ".", q = p + "moe.";
-    w.blocks.push_back({v(p + "norm1.weight"), v(p + "norm1.bias"), v(p + "attn.qkv.weight"), v(p + "attn.qkv.bias"),
-                        v(p + "attn.out.weight"), v(p + "attn.out.bias"), v(p + "norm2.weight"), v(p + "norm2.bias"),
-                        v(p + "ffn.fc1.weight"), v(p + "ffn.fc1.bias"), v(p + "ffn.fc2.weight"), v(p + "ffn.fc2.bias"),
-                        {v(q + "router.weight"), v(q + "experts.fc1.weight"), v(q + "experts.fc1.bias"),
-                         v(q + "experts.fc2.weight"), v(q + "experts.fc2.bias"), v(q + "shared.fc1.weight"),
-                         v(q + "shared.fc1.bias"), v(q + "shared.fc2.weight"), v(q + "shared.fc2.bias")},
-                        v(p + "attn.q_norm.weight"), v(p + "attn.k_norm.weight")});
-  }
-  return w;
-}
+// Parameter (or gradient) views of every block, from the parameter table once; forward and backward use these.
+Transformer::ModelWeights Transformer::weight_views(float* base) const { return param_views(layout_, base, config_); }
 
 // The current window's part of a full (max_batch, seq_len, ...) activation: a smaller batch, or one decoded
 // position, uses the leading part. (The 4-D attention probabilities keep their T x T blocks: decode() uses their

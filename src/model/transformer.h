@@ -10,6 +10,7 @@
 #include "backend/arena.h"
 #include "config/config.h"
 #include "model/param_layout.h"
+#include "model/params.h"
 #include "model/plan.h"
 #include "dist/comm.h"
 #include "moe/moe.h"
@@ -116,15 +117,9 @@ class Transformer {
  private:
   // Typed views, built once at construction: each block's parameters (or gradients), each block's saved
   // activations and the shared buffers at full (max_batch, seq_len) size. window() cuts the current window.
-  struct BlockWeights {
-    Tensor norm1_w, norm1_b, qkv_w, qkv_b, out_w, out_b, norm2_w, norm2_b, fc1_w, fc1_b, fc2_w, fc2_b;
-    MoeWeights moe;  // MoE blocks (fc1/fc2 above empty)
-    Tensor q_norm_w, k_norm_w;  // model.qk_norm, else empty
-  };
-  struct ModelWeights {
-    Tensor tok_emb, pos_emb, final_norm_w, final_norm_b, head;
-    std::vector<BlockWeights> blocks;
-  };
+  // Typed views of the parameters (or gradients), from the parameter table (model/params.h).
+  using BlockWeights = BlockParams;
+  using ModelWeights = ModelParams;
   struct BlockActivations {
     Tensor ln1, ln1_mean, ln1_rstd, qkv, probs, atty, res_att, ln2, ln2_mean, ln2_rstd, fc_pre, fc_act, res_ffn;
     MoeActivations moe;  // MoE blocks (fc_pre, fc_act empty)
