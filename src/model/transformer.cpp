@@ -59,6 +59,175 @@ MoeDims Transformer::moe_dims(int64_t i) const {
   return d;
 }
 
+// ---- the buffer tables: each activation buffer declared once, with its arena name, its shape in this model (none:
+// the model does not use it) and the typed view's field; reserved in table order ------------------------------------
+
+namespace {
+
+struct BufferSizes {
+  const ModelConfig& m;
+  const ModelPlan& plan;
+  int64_t B, T, C, H, V, F, pre_width;
+  BufferSizes(const ModelConfig& config, const ModelPlan& p, int64_t max_batch)
+      : m(config), plan(p), B(max_batch), T(config.seq_len), C(config.d_model), H(config.n_heads),
+        V(config.vocab_size), F(p.ffn_hidden), pre_width(p.glu * p.ffn_hidden) {}
+  bool moe(int64_t block) const { return plan.blocks[block].moe; }
+  MoeDims dims(int64_t block) const { return plan.moe_dims(block, B, T); }
+  // The MoE scratch: sized by the first MoE block (every MoE block has the same dims); none without MoE blocks.
+  bool any_moe() const { return plan.moe_blocks() > 0; }
+  MoeDims first_dims() const {
+    int64_t first = 0;
+    while (!plan.blocks[first].moe) ++first;
+    return dims(first);
+  }
+};
+
+Shape none() { return Shape(); }
+
+struct BlockBufferSpec {
+  const char* name;  // layers.<i>.<name> in the arena
+  Tensor& (*field)(BlockBuffers&);
+  Shape (*shape)(const BufferSizes&, int64_t block);
+};
+struct ModelBufferSpec {
+  const char* name;
+  bool after_blocks;
+  Tensor& (*field)(ModelBuffers&);
+  Shape (*shape)(const BufferSizes&);
+};
+
+const std::vector<BlockBufferSpec>& block_buffer_table() {
+  using A = BlockBuffers;
+  using Z = BufferSizes;
+  // A dense block's, an MoE block's (with the options that need it), or every block's.
+  static const std::vector<BlockBufferSpec> table = {
+      {"ln1", [](A& a) -> Tensor& { return a.ln1; }, [](const Z& z, int64_t) { return Shape{z.B, z.T, z.C}; }},
+      {"ln1_mean", [](A& a) -> Tensor& { return a.ln1_mean; }, [](const Z& z, int64_t) { return Shape{z.B, z.T}; }},
+      {"ln1_rstd", [](A& a) -> Tensor& { return a.ln1_rstd; }, [](const Z& z, int64_t) { return Shape{z.B, z.T}; }},
+      {"qkv", [](A& a) -> Tensor& { return a.qkv; }, [](const Z& z, int64_t) { return Shape{z.B, z.T, 3 * z.C}; }},
+      {"qk_saved", [](A& a) -> Tensor& { return a.qk_saved; },
+       [](const Z& z, int64_t) { return z.m.qk_norm ? Shape{z.B, z.T, 2 * z.C} : none(); }},
+      {"qk_rstd", [](A& a) -> Tensor& { return a.qk_rstd; },
+       [](const Z& z, int64_t) { return z.m.qk_norm ? Shape{z.B, z.T, 2 * z.H} : none(); }},
+      {"probs", [](A& a) -> Tensor& { return a.probs; }, [](const Z& z, int64_t) { return Shape{z.B, z.H, z.T, z.T}; }},
+      {"atty", [](A& a) -> Tensor& { return a.atty; }, [](const Z& z, int64_t) { return Shape{z.B, z.T, z.C}; }},
+      {"res_att", [](A& a) -> Tensor& { return a.res_att; }, [](const Z& z, int64_t) { return Shape{z.B, z.T, z.C}; }},
+      {"ln2", [](A& a) -> Tensor& { return a.ln2; }, [](const Z& z, int64_t) { return Shape{z.B, z.T, z.C}; }},
+      {"ln2_mean", [](A& a) -> Tensor& { return a.ln2_mean; }, [](const Z& z, int64_t) { return Shape{z.B, z.T}; }},
+      {"ln2_rstd", [](A& a) -> Tensor& { return a.ln2_rstd; }, [](const Z& z, int64_t) { return Shape{z.B, z.T}; }},
+      {"moe_logits", [](A& a) -> Tensor& { return a.moe.logits; },
+       [](const Z& z, int64_t i) { return z.moe(i) ? Shape{z.B * z.T, z.dims(i).experts} : none(); }},
+      {"moe_probs", [](A& a) -> Tensor& { return a.moe.probs; },
+       [](const Z& z, int64_t i) { return z.moe(i) ? Shape{z.B * z.T, z.dims(i).experts} : none(); }},
+      {"moe_router_in", [](A& a) -> Tensor& { return a.moe.router_in; },
+       [](const Z& z, int64_t i) { return z.moe(i) && z.dims(i).router_jitter > 0 ? Shape{z.B * z.T, z.C} : none(); }},
+      {"moe_x_sorted", [](A& a) -> Tensor& { return a.moe.x_sorted; },
+       [](const Z& z, int64_t i) { return z.moe(i) ? Shape{z.dims(i).max_rows(), z.C} : none(); }},
+      {"moe_pre", [](A& a) -> Tensor& { return a.moe.pre; },
+       [](const Z& z, int64_t i) { return z.moe(i) ? Shape{z.dims(i).max_expert_rows(), z.dims(i).fc1_rows()} : none(); }},
+      {"moe_act", [](A& a) -> Tensor& { return a.moe.act; },
+       [](const Z& z, int64_t i) {
+         return z.moe(i) ? Shape{z.dims(i).max_expert_rows(), z.dims(i).expert_hidden} : none();
+       }},
+      {"moe_y_sorted", [](A& a) -> Tensor& { return a.moe.y_sorted; },
+       [](const Z& z, int64_t i) { return z.moe(i) ? Shape{z.dims(i).max_rows(), z.C} : none(); }},
+      {"moe_x_local", [](A& a) -> Tensor& { return a.moe.x_local; },
+       [](const Z& z, int64_t i) {
+         return z.moe(i) && z.dims(i).expert_shards > 1 ? Shape{z.dims(i).max_expert_rows(), z.C} : none();
+       }},
+      {"moe_y_local", [](A& a) -> Tensor& { return a.moe.y_local; },
+       [](const Z& z, int64_t i) {
+         return z.moe(i) && z.dims(i).expert_shards > 1 ? Shape{z.dims(i).max_expert_rows(), z.C} : none();
+       }},
+      {"moe_shared_pre", [](A& a) -> Tensor& { return a.moe.shared_pre; },
+       [](const Z& z, int64_t i) {
+         return z.moe(i) && z.dims(i).shared_hidden > 0 ? Shape{z.B * z.T, z.dims(i).shared_fc1_rows()} : none();
+       }},
+      {"moe_shared_act", [](A& a) -> Tensor& { return a.moe.shared_act; },
+       [](const Z& z, int64_t i) {
+         return z.moe(i) && z.dims(i).shared_hidden > 0 ? Shape{z.B * z.T, z.dims(i).shared_hidden} : none();
+       }},
+      {"fc_pre", [](A& a) -> Tensor& { return a.fc_pre; },
+       [](const Z& z, int64_t i) { return z.moe(i) ? none() : Shape{z.B, z.T, z.pre_width}; }},
+      {"fc_act", [](A& a) -> Tensor& { return a.fc_act; },
+       [](const Z& z, int64_t i) { return z.moe(i) ? none() : Shape{z.B, z.T, z.F}; }},
+      {"res_ffn", [](A& a) -> Tensor& { return a.res_ffn; }, [](const Z& z, int64_t) { return Shape{z.B, z.T, z.C}; }},
+  };
+  return table;
+}
+
+const std::vector<ModelBufferSpec>& model_buffer_table() {
+  using U = ModelBuffers;
+  using Z = BufferSizes;
+  // The first, the input of every block; then the MoE backward scratch, shared by every MoE block; the rest.
+  static const std::vector<ModelBufferSpec> table = {
+      {"embed", false, [](U& b) -> Tensor& { return b.embed; }, [](const Z& z) { return Shape{z.B, z.T, z.C}; }},
+      {"d_moe_x_sorted", true, [](U& b) -> Tensor& { return b.moe.d_x_sorted; },
+       [](const Z& z) { return z.any_moe() ? Shape{z.first_dims().max_rows(), z.C} : none(); }},
+      {"d_moe_pre", true, [](U& b) -> Tensor& { return b.moe.d_pre; },
+       [](const Z& z) {
+         return z.any_moe() ? Shape{z.first_dims().max_expert_rows(), z.first_dims().fc1_rows()} : none();
+       }},
+      {"d_moe_act", true, [](U& b) -> Tensor& { return b.moe.d_act; },
+       [](const Z& z) {
+         return z.any_moe() ? Shape{z.first_dims().max_expert_rows(), z.first_dims().expert_hidden} : none();
+       }},
+      {"d_moe_y_sorted", true, [](U& b) -> Tensor& { return b.moe.d_y_sorted; },
+       [](const Z& z) { return z.any_moe() ? Shape{z.first_dims().max_rows(), z.C} : none(); }},
+      {"d_moe_weight", true, [](U& b) -> Tensor& { return b.moe.d_weight; },
+       [](const Z& z) { return z.any_moe() ? Shape{z.first_dims().max_rows()} : none(); }},
+      {"d_moe_logits", true, [](U& b) -> Tensor& { return b.moe.d_logits; },
+       [](const Z& z) { return z.any_moe() ? Shape{z.B * z.T, z.first_dims().experts} : none(); }},
+      {"d_moe_router_in", true, [](U& b) -> Tensor& { return b.moe.d_router_in; },
+       [](const Z& z) { return z.any_moe() && z.first_dims().router_jitter > 0 ? Shape{z.B * z.T, z.C} : none(); }},
+      {"moe_ones", true, [](U& b) -> Tensor& { return b.moe.ones; },
+       [](const Z& z) { return z.any_moe() ? Shape{z.first_dims().max_expert_rows()} : none(); }},
+      {"d_moe_x_local", true, [](U& b) -> Tensor& { return b.moe.d_x_local; },
+       [](const Z& z) {
+         return z.any_moe() && z.first_dims().expert_shards > 1 ? Shape{z.first_dims().max_expert_rows(), z.C} : none();
+       }},
+      {"d_moe_y_local", true, [](U& b) -> Tensor& { return b.moe.d_y_local; },
+       [](const Z& z) {
+         return z.any_moe() && z.first_dims().expert_shards > 1 ? Shape{z.first_dims().max_expert_rows(), z.C} : none();
+       }},
+      {"d_moe_shared_pre", true, [](U& b) -> Tensor& { return b.moe.d_shared_pre; },
+       [](const Z& z) {
+         return z.any_moe() && z.first_dims().shared_hidden > 0 ? Shape{z.B * z.T, z.first_dims().shared_fc1_rows()}
+                                                                 : none();
+       }},
+      {"d_moe_shared_act", true, [](U& b) -> Tensor& { return b.moe.d_shared_act; },
+       [](const Z& z) {
+         return z.any_moe() && z.first_dims().shared_hidden > 0 ? Shape{z.B * z.T, z.first_dims().shared_hidden}
+                                                                 : none();
+       }},
+      {"lnf", true, [](U& b) -> Tensor& { return b.lnf; }, [](const Z& z) { return Shape{z.B, z.T, z.C}; }},
+      {"lnf_mean", true, [](U& b) -> Tensor& { return b.lnf_mean; }, [](const Z& z) { return Shape{z.B, z.T}; }},
+      {"lnf_rstd", true, [](U& b) -> Tensor& { return b.lnf_rstd; }, [](const Z& z) { return Shape{z.B, z.T}; }},
+      {"logits", true, [](U& b) -> Tensor& { return b.logits; }, [](const Z& z) { return Shape{z.B, z.T, z.V}; }},
+      {"losses", true, [](U& b) -> Tensor& { return b.losses; }, [](const Z& z) { return Shape{z.B, z.T}; }},
+      {"d_res", true, [](U& b) -> Tensor& { return b.d_res; }, [](const Z& z) { return Shape{z.B, z.T, z.C}; }},
+      {"d_ln", true, [](U& b) -> Tensor& { return b.d_ln; }, [](const Z& z) { return Shape{z.B, z.T, z.C}; }},
+      {"d_qkv", true, [](U& b) -> Tensor& { return b.d_qkv; }, [](const Z& z) { return Shape{z.B, z.T, 3 * z.C}; }},
+      {"d_probs", true, [](U& b) -> Tensor& { return b.d_probs; },
+       [](const Z& z) { return Shape{z.B, z.H, z.T, z.T}; }},
+      {"d_atty", true, [](U& b) -> Tensor& { return b.d_atty; }, [](const Z& z) { return Shape{z.B, z.T, z.C}; }},
+      {"d_fc_pre", true, [](U& b) -> Tensor& { return b.d_fc_pre; },
+       [](const Z& z) { return Shape{z.B, z.T, z.pre_width}; }},
+      {"d_fc_act", true, [](U& b) -> Tensor& { return b.d_fc_act; }, [](const Z& z) { return Shape{z.B, z.T, z.F}; }},
+      {"sinusoidal", true, [](U& b) -> Tensor& { return b.sinusoidal; },
+       [](const Z& z) { return z.m.pos == PosKind::Sinusoidal ? Shape{z.T, z.C} : none(); }},
+  };
+  return table;
+}
+
+void reserve_buffers(Arena& arena, const BufferSizes& sizes, bool after_blocks) {
+  for (const ModelBufferSpec& spec : model_buffer_table())
+    if (const Shape shape = spec.shape(sizes); spec.after_blocks == after_blocks && shape.rank > 0)
+      arena.reserve(spec.name, shape);
+}
+
+}  // namespace
+
 Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t max_batch, Communicator* expert_group)
     : config_(config),
       plan_(config, expert_group ? expert_group->size() : 1),
@@ -67,97 +236,27 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
       full_layout_(config),
       max_batch_(max_batch),
       acts_(backend) {
-  const int64_t B = max_batch, T = config.seq_len, C = config.d_model, H = config.n_heads, V = config.vocab_size;
-  const int64_t F = plan_.ffn_hidden, pre_width = plan_.glu * F;
+  const int64_t B = max_batch, T = config.seq_len, C = config.d_model;
   params_ = backend_.alloc(layout_.total());
   grads_ = backend_.alloc(layout_.total());
   tokens_ = BackendArray<int32_t>(backend_, B * T);
   targets_ = BackendArray<int32_t>(backend_, B * T);
 
-  // Saved activations, per layer: everything the backward reads. Shapes are (B, T, ...) so a smaller batch
-  // can use a prefix.
-  acts_.reserve("embed", {B, T, C});
+  // Saved activations, per layer: everything the backward reads, and the shared buffers (buffer tables below).
+  // Shapes are (B, T, ...) so a smaller batch can use a prefix.
+  const BufferSizes sizes{config, plan_, B};
+  reserve_buffers(acts_, sizes, /*after_blocks=*/false);
   for (int64_t i = 0; i < config.n_layers; ++i) {
     const std::string p = "layers." + std::to_string(i) + ".";
-    acts_.reserve(p + "ln1", {B, T, C});
-    acts_.reserve(p + "ln1_mean", {B, T});
-    acts_.reserve(p + "ln1_rstd", {B, T});
-    acts_.reserve(p + "qkv", {B, T, 3 * C});
-    if (config.qk_norm) {
-      acts_.reserve(p + "qk_saved", {B, T, 2 * C});
-      acts_.reserve(p + "qk_rstd", {B, T, 2 * H});
-    }
-    acts_.reserve(p + "probs", {B, H, T, T});
-    acts_.reserve(p + "atty", {B, T, C});
-    acts_.reserve(p + "res_att", {B, T, C});
-    acts_.reserve(p + "ln2", {B, T, C});
-    acts_.reserve(p + "ln2_mean", {B, T});
-    acts_.reserve(p + "ln2_rstd", {B, T});
-    if (plan_.blocks[i].moe) {
-      const MoeDims d = plan_.moe_dims(i, B, T);
-      const int64_t R = d.max_rows(), Re = d.max_expert_rows();
-      acts_.reserve(p + "moe_logits", {B * T, d.experts});
-      acts_.reserve(p + "moe_probs", {B * T, d.experts});
-      if (d.router_jitter > 0) acts_.reserve(p + "moe_router_in", {B * T, C});
-      acts_.reserve(p + "moe_x_sorted", {R, C});
-      acts_.reserve(p + "moe_pre", {Re, d.fc1_rows()});
-      acts_.reserve(p + "moe_act", {Re, d.expert_hidden});
-      acts_.reserve(p + "moe_y_sorted", {R, C});
-      if (d.expert_shards > 1) {
-        acts_.reserve(p + "moe_x_local", {Re, C});
-        acts_.reserve(p + "moe_y_local", {Re, C});
-      }
-      if (d.shared_hidden > 0) {
-        acts_.reserve(p + "moe_shared_pre", {B * T, d.shared_fc1_rows()});
-        acts_.reserve(p + "moe_shared_act", {B * T, d.shared_hidden});
-      }
-    } else {
-      acts_.reserve(p + "fc_pre", {B, T, pre_width});
-      acts_.reserve(p + "fc_act", {B, T, F});
-    }
-    acts_.reserve(p + "res_ffn", {B, T, C});
+    for (const BlockBufferSpec& spec : block_buffer_table())
+      if (const Shape shape = spec.shape(sizes, i); shape.rank > 0) acts_.reserve(p + spec.name, shape);
   }
   moe_layers_.resize(config.n_layers);
   expert_sq_offset_.assign(config.n_layers, -1);
   expert_parallel_ = expert_group != nullptr;
-  if (plan_.moe_blocks() > 0) {
-    int64_t first = 0;
-    while (!plan_.blocks[first].moe) ++first;
-    const MoeDims d = plan_.moe_dims(first, B, T);  // every MoE block has the same dims
-    const int64_t R = d.max_rows(), Re = d.max_expert_rows();
-    for (int64_t i = 0; i < config.n_layers; ++i)
-      if (plan_.blocks[i].moe) moe_layers_[i] = std::make_unique<MoeLayer>(backend_, plan_.moe_dims(i, B, T), expert_group);
-    acts_.reserve("d_moe_x_sorted", {R, C});
-    acts_.reserve("d_moe_pre", {Re, d.fc1_rows()});
-    acts_.reserve("d_moe_act", {Re, d.expert_hidden});
-    acts_.reserve("d_moe_y_sorted", {R, C});
-    acts_.reserve("d_moe_weight", {R});
-    acts_.reserve("d_moe_logits", {B * T, d.experts});
-    if (d.router_jitter > 0) acts_.reserve("d_moe_router_in", {B * T, C});
-    acts_.reserve("moe_ones", {Re});
-    if (d.expert_shards > 1) {
-      acts_.reserve("d_moe_x_local", {Re, C});
-      acts_.reserve("d_moe_y_local", {Re, C});
-    }
-    if (d.shared_hidden > 0) {
-      acts_.reserve("d_moe_shared_pre", {B * T, d.shared_fc1_rows()});
-      acts_.reserve("d_moe_shared_act", {B * T, d.shared_hidden});
-    }
-  }
-  acts_.reserve("lnf", {B, T, C});
-  acts_.reserve("lnf_mean", {B, T});
-  acts_.reserve("lnf_rstd", {B, T});
-  acts_.reserve("logits", {B, T, V});
-  acts_.reserve("losses", {B, T});
-  // Backward scratch, shared by all layers.
-  acts_.reserve("d_res", {B, T, C});
-  acts_.reserve("d_ln", {B, T, C});
-  acts_.reserve("d_qkv", {B, T, 3 * C});
-  acts_.reserve("d_probs", {B, H, T, T});
-  acts_.reserve("d_atty", {B, T, C});
-  acts_.reserve("d_fc_pre", {B, T, pre_width});
-  acts_.reserve("d_fc_act", {B, T, F});
-  if (config.pos == PosKind::Sinusoidal) acts_.reserve("sinusoidal", {T, C});
+  for (int64_t i = 0; i < config.n_layers; ++i)
+    if (plan_.blocks[i].moe) moe_layers_[i] = std::make_unique<MoeLayer>(backend_, plan_.moe_dims(i, B, T), expert_group);
+  reserve_buffers(acts_, sizes, /*after_blocks=*/true);
   acts_.allocate();
   if (acts_.has("moe_ones")) backend_.fill(acts_.view("moe_ones").data, 1.f, acts_.view("moe_ones").numel());
   if (config.pos == PosKind::Sinusoidal) {
@@ -177,23 +276,12 @@ Transformer::Transformer(const ModelConfig& config, Backend& backend, int64_t ma
   weights_ = weight_views(params_);
   grad_views_ = weight_views(grads_);
   const auto slot = [&](const std::string& name) { return acts_.has(name) ? acts_.view(name) : Tensor(); };
+  blocks_.resize(config.n_layers);
   for (int64_t i = 0; i < config.n_layers; ++i) {
     const std::string p = "layers." + std::to_string(i) + ".";
-    blocks_.push_back({slot(p + "ln1"), slot(p + "ln1_mean"), slot(p + "ln1_rstd"), slot(p + "qkv"), slot(p + "probs"),
-                       slot(p + "atty"), slot(p + "res_att"), slot(p + "ln2"), slot(p + "ln2_mean"),
-                       slot(p + "ln2_rstd"), slot(p + "fc_pre"), slot(p + "fc_act"), slot(p + "res_ffn"),
-                       {slot(p + "moe_logits"), slot(p + "moe_probs"), slot(p + "moe_x_sorted"), slot(p + "moe_pre"),
-                        slot(p + "moe_act"), slot(p + "moe_y_sorted"), slot(p + "moe_shared_pre"),
-                        slot(p + "moe_shared_act"), slot(p + "moe_x_local"), slot(p + "moe_y_local"),
-                        slot(p + "moe_router_in")},
-                       slot(p + "qk_saved"), slot(p + "qk_rstd")});
+    for (const BlockBufferSpec& spec : block_buffer_table()) spec.field(blocks_[i]) = slot(p + spec.name);
   }
-  buffers_ = {slot("embed"),   slot("lnf"),      slot("lnf_mean"), slot("lnf_rstd"), slot("logits"),
-              slot("losses"),  slot("d_res"),    slot("d_ln"),     slot("d_qkv"),    slot("d_probs"),
-              slot("d_atty"),  slot("d_fc_pre"), slot("d_fc_act"), slot("sinusoidal"),
-              {slot("d_moe_x_sorted"), slot("d_moe_pre"), slot("d_moe_act"), slot("d_moe_y_sorted"),
-               slot("d_moe_weight"), slot("d_moe_logits"), slot("d_moe_shared_pre"), slot("d_moe_shared_act"),
-               slot("moe_ones"), slot("d_moe_x_local"), slot("d_moe_y_local"), slot("d_moe_router_in")}};
+  for (const ModelBufferSpec& spec : model_buffer_table()) spec.field(buffers_) = slot(spec.name);
   declare_buffer_uses();
 }
 

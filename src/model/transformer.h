@@ -18,6 +18,20 @@
 
 namespace moelab {
 
+// The model's activation buffers as typed views, each of the full (max_batch, seq_len, ...) size: every block's
+// saved activations, and the buffers the blocks share. Empty tensors for what this model does not use.
+struct BlockBuffers {
+  Tensor ln1, ln1_mean, ln1_rstd, qkv, probs, atty, res_att, ln2, ln2_mean, ln2_rstd, fc_pre, fc_act, res_ffn;
+  MoeActivations moe;        // MoE blocks (fc_pre, fc_act empty)
+  Tensor qk_saved, qk_rstd;  // model.qk_norm: (B, T, 2C) q and k before the norm, (B, T, 2H) their 1/rms
+};
+struct ModelBuffers {
+  Tensor embed, lnf, lnf_mean, lnf_rstd, logits, losses;            // forward
+  Tensor d_res, d_ln, d_qkv, d_probs, d_atty, d_fc_pre, d_fc_act;  // backward scratch, shared by blocks
+  Tensor sinusoidal;                                                // (T, C) fixed table, or empty
+  MoeScratch moe;                                                   // MoE backward scratch, shared by MoE blocks
+};
+
 class Transformer {
  public:
   // expert_group: expert parallelism (dist.expert_parallel): this rank holds its share of every MoE layer's routed
@@ -120,17 +134,8 @@ class Transformer {
   // Typed views of the parameters (or gradients), from the parameter table (model/params.h).
   using BlockWeights = BlockParams;
   using ModelWeights = ModelParams;
-  struct BlockActivations {
-    Tensor ln1, ln1_mean, ln1_rstd, qkv, probs, atty, res_att, ln2, ln2_mean, ln2_rstd, fc_pre, fc_act, res_ffn;
-    MoeActivations moe;  // MoE blocks (fc_pre, fc_act empty)
-    Tensor qk_saved, qk_rstd;  // model.qk_norm: (B, T, 2C) q and k before the norm, (B, T, 2H) their 1/rms
-  };
-  struct Buffers {
-    Tensor embed, lnf, lnf_mean, lnf_rstd, logits, losses;                  // forward
-    Tensor d_res, d_ln, d_qkv, d_probs, d_atty, d_fc_pre, d_fc_act;        // backward scratch, shared by blocks
-    Tensor sinusoidal;                                                      // (T, C) fixed table, or empty
-    MoeScratch moe;
-  };
+  using BlockActivations = BlockBuffers;
+  using Buffers = ModelBuffers;
   ModelWeights weight_views(float* base) const;
   Tensor window(Tensor full) const;
   MoeDims moe_dims(int64_t block) const;  // of the current window
