@@ -171,6 +171,33 @@ TEST(SweepPlan, InfeasibleRunsAreReportedWithTheirReason) {
             std::string::npos);
   EXPECT_NE(error_of([&] { plan_sweep_from_string(base_spec(data, "nope"), "t"); }).find("must be one of"),
             std::string::npos);
+  // The spec's tables go through the config's schema code: the same did-you-mean, the same wording of a wrong type
+  // or an out-of-range value.
+  const std::string misspelt =
+      error_of([&] { plan_sweep_from_string(base_spec(data, "isoflop") + "[isoflop]\nbudget = [1]\n", "t"); });
+  EXPECT_NE(misspelt.find("sweep spec: unknown key 'budget' in [isoflop] (did you mean 'budgets'?); known: budgets, "
+                          "experts, granularity, sparsity, top_k"),
+            std::string::npos)
+      << misspelt;
+  const std::string typed = error_of([&] {
+    plan_sweep_from_string(base_spec(data, "isoflop") + "[isoflop]\nbudgets = [1e9]\nsparsity = [0.5]\ntop_k = \"two\"\n",
+                           "t");
+  });
+  EXPECT_NE(typed.find("sweep spec: [isoflop] top_k expects int, got a string"), std::string::npos) << typed;
+  const std::string listed = error_of([&] {
+    plan_sweep_from_string(base_spec(data, "isoflop") + "[isoflop]\nbudgets = [1e9, \"big\"]\nsparsity = [0.5]\n", "t");
+  });
+  EXPECT_NE(listed.find("sweep spec: [isoflop] budgets expects [number], got an array holding a string"),
+            std::string::npos)
+      << listed;
+  const std::string ranged = error_of([&] {
+    plan_sweep_from_string(base_spec(data, "isoflop") + "[isoflop]\nbudgets = [1e9]\nsparsity = [0.5]\ntop_k = 0\n",
+                           "t");
+  });
+  EXPECT_NE(ranged.find("sweep spec: [isoflop] top_k = 0.0 is out of range [1, 1048576]"), std::string::npos) << ranged;
+  EXPECT_NE(error_of([] { config_from_string("[model]\nd_model = \"big\"\n", {}, "run.toml"); })
+                .find("config key 'model.d_model' in run.toml expects int, got a string"),
+            std::string::npos);
   fs::remove_all(dir);
 }
 

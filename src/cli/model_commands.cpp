@@ -26,10 +26,8 @@ void print_downstream(const std::vector<DownstreamRecord>& records) {
                 r.acc_norm, r.acc_norm_stderr, r.chance);
 }
 
-}  // namespace
-
-void add_model_commands(CLI::App& app) {
-  // eval
+// `eval`: perplexity of a checkpoint on text or shards, or its accuracy on downstream tasks.
+void add_eval_command(CLI::App& app) {
   struct EvalArgs {
     std::string checkpoint;
     std::vector<std::string> inputs;
@@ -144,8 +142,10 @@ void add_model_commands(CLI::App& app) {
       }
     }
   });
+}
 
-  // generate
+// `generate`: sample text from a checkpoint.
+void add_generate_command(CLI::App& app) {
   struct GenerateArgs {
     std::string checkpoint, prompt;
     SamplingOptions sampling;
@@ -207,8 +207,10 @@ void add_model_commands(CLI::App& app) {
       std::fprintf(stderr, "[end of text: </s> after %zu tokens; --ignore-eos goes on past it]\n",
                    generated.size() - 1);
   });
+}
 
-  // finetune
+// `finetune`: fine-tune a checkpoint on a task's train split and score its test split.
+void add_finetune_command(CLI::App& app) {
   struct FinetuneArgs {
     std::string checkpoint, task, results_db;
     std::string tasks_dir = default_tasks_dir();
@@ -259,8 +261,10 @@ void add_model_commands(CLI::App& app) {
                    db.c_str());
     }
   });
+}
 
-  // tasks
+// `tasks`: list the downstream tasks.
+void add_tasks_command(CLI::App& app) {
   auto tasks_dir = std::make_shared<std::string>(default_tasks_dir());
   auto* tasks = app.add_subcommand("tasks", "list the downstream tasks (built by scripts/fetch-corpus.sh)");
   tasks->add_option("--tasks-dir", *tasks_dir, "task directory (default $MOELAB_TASKS_DIR or data/tasks)");
@@ -278,6 +282,15 @@ void add_model_commands(CLI::App& app) {
                   t.split("test").size(), t.path.c_str());
     }
   });
+}
+
+}  // namespace
+
+void add_model_commands(CLI::App& app) {
+  add_eval_command(app);
+  add_generate_command(app);
+  add_finetune_command(app);
+  add_tasks_command(app);
 }
 
 }  // namespace moelab

@@ -33,13 +33,7 @@ struct SweepOptions {
   SlurmOptions slurm;
 };
 
-}  // namespace
-
-void add_sweep_commands(CLI::App& app) {
-  auto o = std::make_shared<SweepOptions>();
-  auto* sweep = app.add_subcommand("sweep", "plan, run and collect sweeps of training runs (docs/sweeps.md)");
-  sweep->require_subcommand(1);
-
+void add_sweep_plan_command(CLI::App* sweep, const std::shared_ptr<SweepOptions>& o) {
   auto* plan = sweep->add_subcommand("plan", "expand a sweep spec into runs: DIR/plan.json, DIR/runs/<name>/config.toml");
   plan->add_option("spec", o->spec, "sweep spec (TOML; examples in configs/sweeps/)")->required()->check(CLI::ExistingFile);
   plan->add_option("--out", o->out, "sweep directory to create; omitted: only print the table");
@@ -54,7 +48,9 @@ void add_sweep_commands(CLI::App& app) {
       std::cout << "planned " << p.feasible_runs().size() << " runs in " << o->out << "; train them with `moelab sweep run "
                 << o->out << " --jobs N`\n";
   });
+}
 
+void add_sweep_run_command(CLI::App* sweep, const std::shared_ptr<SweepOptions>& o) {
   auto* run = sweep->add_subcommand("run", "train the pending runs of a sweep, N at a time (resumes after a kill)");
   run->add_option("dir", o->dir, "sweep directory (from `sweep plan --out`)")->required();
   run->add_option("-j,--jobs", o->run.jobs, "runs trained at once")->check(CLI::PositiveNumber);
@@ -70,10 +66,9 @@ void add_sweep_commands(CLI::App& app) {
     if (o->run.index < 0 && s.failed > 0) throw CLI::RuntimeError(3);
     if (o->run.index >= 0 && s.failed > 0) throw CLI::RuntimeError(3);
   });
+}
 
-  add_sweep_suggest_command(*sweep);
-
-  // replicate
+void add_sweep_replicate_command(CLI::App* sweep) {
   struct ReplicateArgs {
     std::string dir, loss = "val";
     std::vector<int64_t> seeds{2, 3};
@@ -122,8 +117,9 @@ void add_sweep_commands(CLI::App& app) {
     std::cout << ") of the best dense and MoE run of " << budgets.size() << " budget(s); train them with "
               << "`moelab sweep run " << ra->dir << "`\n";
   });
+}
 
-  // finetune
+void add_sweep_finetune_command(CLI::App* sweep) {
   struct FinetuneArgs {
     std::string dir, task, loss = "val", tasks_dir = default_tasks_dir();
     FinetuneOptions options;
@@ -202,11 +198,15 @@ void add_sweep_commands(CLI::App& app) {
     }
     std::cout << "fine-tuned " << trained << " runs; results in " << db << " (table downstream, mode finetune)\n";
   });
+}
 
+void add_sweep_status_command(CLI::App* sweep, const std::shared_ptr<SweepOptions>& o) {
   auto* status = sweep->add_subcommand("status", "progress of a sweep: done/failed/running/pending per run");
   status->add_option("dir", o->dir, "sweep directory")->required();
   on_run(status, [o]() { std::cout << sweep_status(o->dir); });
+}
 
+void add_sweep_export_command(CLI::App* sweep, const std::shared_ptr<SweepOptions>& o) {
   auto* exp = sweep->add_subcommand("export", "write the sweep's results as a table (CSV) for law fitting");
   exp->add_option("dir", o->dir, "sweep directory")->required();
   exp->add_flag("--csv", o->csv, "CSV output (the only format, and the default)");
@@ -218,7 +218,9 @@ void add_sweep_commands(CLI::App& app) {
     if (o->out.empty()) std::cout << csv;
     else write_file_atomic(o->out, csv);
   });
+}
 
+void add_sweep_slurm_command(CLI::App* sweep, const std::shared_ptr<SweepOptions>& o) {
   auto* slurm = sweep->add_subcommand("slurm", "write DIR/sweep.sbatch: a Slurm job array, one task per run");
   slurm->add_option("dir", o->dir, "sweep directory")->required();
   slurm->add_option("--partition", o->slurm.partition, "Slurm partition (default: the cluster's)");
@@ -240,7 +242,9 @@ void add_sweep_commands(CLI::App& app) {
     std::cout << "wrote " << (root / "sweep.sbatch").string() << "; submit with `sbatch " << (root / "sweep.sbatch").string()
               << "`, then `moelab sweep collect " << o->dir << "`\n";
   });
+}
 
+void add_sweep_eval_command(CLI::App* sweep, const std::shared_ptr<SweepOptions>& o) {
   struct SweepEvalOptions {
     std::vector<std::string> tasks;
     std::vector<int64_t> shots{0};
@@ -270,7 +274,9 @@ void add_sweep_commands(CLI::App& app) {
     std::cout << "evaluated " << n << " runs; results in " << (std::filesystem::absolute(o->dir) / "results.db").string()
               << " (table downstream)\n";
   });
+}
 
+void add_sweep_collect_command(CLI::App* sweep, const std::shared_ptr<SweepOptions>& o) {
   auto* collect = sweep->add_subcommand("collect", "rebuild DIR/results.db from the runs' result.json files");
   collect->add_option("dir", o->dir, "sweep directory")->required();
   on_run(collect, [o]() {
@@ -278,6 +284,24 @@ void add_sweep_commands(CLI::App& app) {
     std::cout << "collected " << n << " run results into " << (std::filesystem::absolute(o->dir) / "results.db").string()
               << "\n";
   });
+}
+
+}  // namespace
+
+void add_sweep_commands(CLI::App& app) {
+  auto o = std::make_shared<SweepOptions>();
+  auto* sweep = app.add_subcommand("sweep", "plan, run and collect sweeps of training runs (docs/sweeps.md)");
+  sweep->require_subcommand(1);
+  add_sweep_plan_command(sweep, o);
+  add_sweep_run_command(sweep, o);
+  add_sweep_suggest_command(*sweep);
+  add_sweep_replicate_command(sweep);
+  add_sweep_finetune_command(sweep);
+  add_sweep_status_command(sweep, o);
+  add_sweep_export_command(sweep, o);
+  add_sweep_slurm_command(sweep, o);
+  add_sweep_eval_command(sweep, o);
+  add_sweep_collect_command(sweep, o);
 }
 
 }  // namespace moelab

@@ -13,12 +13,11 @@
 #include <sstream>
 #include <variant>
 
+#include "config/schema.h"
 #include "core/error.h"
 
 namespace moelab {
 namespace {
-
-enum class KeyType { Int, Float, Bool, String, Choice, StringList };
 
 // One schema entry. Exactly one of the accessors matching `type` is set; Choice keys read and write their
 // enum through its name.
@@ -119,9 +118,9 @@ KeyDef choice_key(std::string name, const EnumNames<E>& names, std::function<E&(
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-const std::vector<KeyDef>& schema() {
-  static const std::vector<KeyDef> keys = {
-      // [model]
+// [model]: the dense shape.
+std::vector<KeyDef> model_keys() {
+  return {
       int_key("model.vocab_size", [](Config& c) -> int64_t& { return c.model.vocab_size; }, 2, 1 << 24,
               "vocabulary size (must cover every token id in the data)"),
       int_key("model.d_model", [](Config& c) -> int64_t& { return c.model.d_model; }, 1, 1 << 16,
@@ -152,7 +151,12 @@ const std::vector<KeyDef>& schema() {
                 "RoPE base frequency"),
       float_key("model.init_std", [](Config& c) -> double& { return c.model.init_std; }, 0, 10,
                 "std of the normal init of weights (output projections are scaled by 1/sqrt(2 n_layers))"),
-      // [moe]
+  };
+}
+
+// [moe]: experts, routing, balancing.
+std::vector<KeyDef> moe_keys() {
+  return {
       int_key("moe.experts", [](Config& c) -> int64_t& { return c.model.moe.experts; }, 0, 1 << 20,
               "routed experts per MoE layer; 0 with expansion 0 means a dense model"),
       int_key("moe.expansion", [](Config& c) -> int64_t& { return c.model.moe.expansion; }, 0, 1 << 20,
@@ -196,7 +200,12 @@ const std::vector<KeyDef>& schema() {
                 "training only: the router input times uniform noise in [1 - eps, 1 + eps] (Switch Transformer)"),
       bool_key("moe.expert_grad_scale", [](Config& c) -> bool& { return c.model.moe.expert_grad_scale; },
                "scale expert gradients by 1/sqrt(routed experts), as fairseq does"),
-      // [train]
+  };
+}
+
+// [train]: optimisation, precision, logging, checkpoints.
+std::vector<KeyDef> train_keys() {
+  return {
       int_key("train.batch_size", [](Config& c) -> int64_t& { return c.train.batch_size; }, 1, 1 << 20,
               "sequences per micro-batch"),
       int_key("train.grad_accum", [](Config& c) -> int64_t& { return c.train.grad_accum; }, 1, 1 << 20,
@@ -252,7 +261,12 @@ const std::vector<KeyDef>& schema() {
                  "source's FFN becomes every expert of an MoE target (sparse upcycling, docs/moe.md)"),
       string_key("train.out_dir", [](Config& c) -> std::string& { return c.train.out_dir; },
                  "run directory: resolved config and metrics.jsonl are written here"),
-      // [data]
+  };
+}
+
+// [data] and [dist].
+std::vector<KeyDef> data_and_dist_keys() {
+  return {
       string_key("data.dir", [](Config& c) -> std::string& { return c.data.dir; },
                  "prepared data directory (`moelab data prepare`): supplies the paths below when they are empty"),
       string_key("data.train_path", [](Config& c) -> std::string& { return c.data.train_path; },
@@ -273,49 +287,32 @@ const std::vector<KeyDef>& schema() {
                 "the gradients are summed over the ranks in buckets of at most this many MiB, last layers first "
                 "(the order the backward finishes them); any size gives the same bits"),
   };
-  return keys;
 }
 
-size_t edit_distance(const std::string& a, const std::string& b) {
-  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
-  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
-  for (size_t i = 1; i <= a.size(); ++i) {
-    cur[0] = i;
-    for (size_t j = 1; j <= b.size(); ++j)
-      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
-    std::swap(prev, cur);
-  }
-  return prev[b.size()];
+// Every config key, once: the schema the parser, --set, `config --list` and the resolved config read.
+const std::vector<KeyDef>& schema() {
+  static const std::vector<KeyDef> keys = [] {
+    std::vector<KeyDef> all;
+    for (auto part : {model_keys(), moe_keys(), train_keys(), data_and_dist_keys()})
+      all.insert(all.end(), part.begin(), part.end());
+    return all;
+  }();
+  return keys;
 }
 
 const KeyDef& find_key(const std::string& name, const std::string& where) {
   for (const auto& k : schema())
     if (k.name == name) return k;
-  std::string best;
-  size_t best_distance = 4;
-  for (const auto& k : schema()) {
-    const size_t d = edit_distance(name, k.name);
-    if (d < best_distance) best_distance = d, best = k.name;
-  }
+  std::vector<std::string> known;
+  for (const auto& k : schema()) known.push_back(k.name);
+  const std::string best = closest_key(name, known);
   throw Error("unknown config key '" + name + "'" + where +
               (best.empty() ? "" : " (did you mean '" + best + "'?)") + "; `moelab config --list` shows every key");
 }
 
-std::string type_name(const KeyDef& k) {
-  switch (k.type) {
-    case KeyType::Int: return "int";
-    case KeyType::Float: return "float";
-    case KeyType::Bool: return "bool";
-    case KeyType::String: return "string";
-    case KeyType::StringList: return "[string]";
-    case KeyType::Choice: {
-      std::string s;
-      for (auto& c : k.choices) s += (s.empty() ? "" : "|") + c;
-      return s;
-    }
-  }
-  return "?";
-}
+KeyRule rule_of(const KeyDef& k) { return {k.name, k.type, k.min, k.max, k.choices}; }
+std::string type_name(const KeyDef& k) { return type_name(k.type, k.choices); }
+std::string subject_of(const KeyDef& k, const std::string& where) { return "config key '" + k.name + "'" + where; }
 
 std::string format_double(double v) {
   std::ostringstream os;
@@ -326,20 +323,8 @@ std::string format_double(double v) {
   return s;
 }
 
-std::string range_text(const KeyDef& k) {
-  auto num = [&](double v) {
-    if (std::isinf(v)) return std::string(v < 0 ? "-inf" : "inf");
-    return k.type == KeyType::Int ? std::to_string(static_cast<int64_t>(v)) : format_double(v);
-  };
-  const std::string lo = num(k.min), hi = num(k.max);
-  return "[" + lo + ", " + hi + "]";
-}
-
-void check_range(const KeyDef& k, double v, const std::string& where) {
-  if (!(v >= k.min && v <= k.max) || std::isnan(v))
-    throw Error("config key '" + k.name + "'" + where + " = " + format_double(v) + " is out of range " +
-                range_text(k));
-}
+std::string range_text(const KeyDef& k) { return range_text(rule_of(k)); }
+void check_range(const KeyDef& k, double v, const std::string& where) { check_range(subject_of(k, where), rule_of(k), v); }
 
 void set_int(Config& c, const KeyDef& k, int64_t v, const std::string& where) {
   check_range(k, static_cast<double>(v), where);
@@ -366,7 +351,7 @@ std::string quote(const std::string& s) {
 }
 
 [[noreturn]] void type_error(const KeyDef& k, const std::string& where, const std::string& got) {
-  throw Error("config key '" + k.name + "'" + where + " expects " + type_name(k) + ", got " + got);
+  throw_type_error(subject_of(k, where), rule_of(k), got);
 }
 
 // A list key given as one string: one item, or (the old form, deprecated) items separated by commas.
@@ -394,11 +379,11 @@ void set_from_toml(Config& c, const KeyDef& k, const toml::node& node, const std
       if (auto v = node.as_integer()) return set_int(c, k, v->get(), where);
       if (auto v = node.as_floating_point(); v && std::floor(v->get()) == v->get())
         return set_int(c, k, static_cast<int64_t>(v->get()), where);
-      type_error(k, where, "a " + std::string(toml::impl::node_type_friendly_names[static_cast<int>(node.type())]));
+      type_error(k, where, value_kind(node));
     case KeyType::Float:
       if (auto v = node.as_floating_point()) return set_float(c, k, v->get(), where);
       if (auto v = node.as_integer()) return set_float(c, k, static_cast<double>(v->get()), where);
-      type_error(k, where, "a " + std::string(toml::impl::node_type_friendly_names[static_cast<int>(node.type())]));
+      type_error(k, where, value_kind(node));
     case KeyType::Bool:
       if (auto v = node.as_boolean()) {
         k.bool_ref(c) = v->get();
@@ -426,6 +411,10 @@ void set_from_toml(Config& c, const KeyDef& k, const toml::node& node, const std
       }
       if (auto v = node.as_string()) return set_list_from_text(c, k, v->get(), where);
       type_error(k, where, "a non-array");
+    case KeyType::NumberList:
+    case KeyType::Table:
+    case KeyType::TableArray:
+      break;  // no config key is one of these (sweep specs use them)
   }
 }
 
@@ -454,6 +443,10 @@ std::string value_text(const Config& c, const KeyDef& k) {
       for (const auto& item : k.list_ref(m)) out += (out.empty() ? "" : ", ") + quote(item);
       return "[" + out + "]";
     }
+    case KeyType::NumberList:
+    case KeyType::Table:
+    case KeyType::TableArray:
+      break;
   }
   return "";
 }
@@ -509,6 +502,10 @@ void apply_override(Config& c, const std::string& assignment) {
         return set_from_toml(c, k, *t.get("v"), where);
       }
       return set_list_from_text(c, k, text, where);
+    case KeyType::NumberList:
+    case KeyType::Table:
+    case KeyType::TableArray:
+      break;
   }
 }
 

@@ -6,11 +6,13 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <set>
 #include <sstream>
 #include <toml++/toml.h>
 
+#include "config/schema.h"
 #include "core/error.h"
 #include "core/io.h"
 #include "data/token_file.h"
@@ -22,22 +24,15 @@ namespace fs = std::filesystem;
 
 // ---- spec reading helpers: every key is known, typed, and errors name it ------------------------------------
 
+// A table of the spec, checked once by the schema code every TOML input goes through (config/schema.h): every key
+// known (a misspelt one is named with the closest known key), every value of its rule's type and range; the
+// getters below then read values that are known to be well typed.
 struct Section {
   const toml::table* table = nullptr;
   std::string name;
-  std::set<std::string> known;
 
-  Section(const toml::table* t, std::string n, std::set<std::string> keys)
-      : table(t), name(std::move(n)), known(std::move(keys)) {
-    if (!table) return;
-    for (const auto& [key, value] : *table)
-      if (!known.count(std::string(key.str())))
-        throw Error("sweep spec: unknown key '" + std::string(key.str()) + "' in " + name + " (known: " + join() + ")");
-  }
-  std::string join() const {
-    std::string s;
-    for (const auto& k : known) s += (s.empty() ? "" : ", ") + k;
-    return s;
+  Section(const toml::table* t, std::string n, const std::vector<KeyRule>& rules) : table(t), name(std::move(n)) {
+    if (table) check_table(*table, rules, name, "sweep spec: ");
   }
   const toml::node* get(const std::string& key) const { return table ? table->get(key) : nullptr; }
   bool has(const std::string& key) const { return get(key) != nullptr; }
@@ -390,7 +385,9 @@ std::vector<Amount> amounts(const Section& s, bool budgets_required) {
 // Reads the base config: an optional file, inline [base.model] / [base.moe] / [base.train] / [base.data] tables
 // merged over it, then base.set overrides.
 Config read_base(const toml::table* base_table) {
-  Section base(base_table, "[base]", {"config", "set", "model", "moe", "train", "data"});
+  Section base(base_table, "[base]",
+               {{"config", KeyType::String}, {"set", KeyType::StringList}, {"model", KeyType::Table},
+                {"moe", KeyType::Table}, {"train", KeyType::Table}, {"data", KeyType::Table}});
   toml::table merged;
   const std::string path = base.string("config", "");
   if (!path.empty()) {
@@ -670,18 +667,25 @@ void expand_granularity(const KindInput& in, const Section& s, std::vector<Reque
 // of its own: its runs are the [[run]] tables, which every kind may add.
 struct SweepKind {
   std::string name;
-  std::set<std::string> keys;  // of its table, [<name>]
+  std::vector<KeyRule> keys;  // of its table, [<name>]
   std::string missing;         // the error when the table is absent
   void (*expand)(const KindInput&, const Section&, std::vector<Request>&);
 };
 
 const std::vector<SweepKind>& sweep_kinds() {
   static const std::vector<SweepKind> kinds = {
-      {"isoflop", {"budgets", "sparsity", "top_k", "experts", "granularity"},
+      {"isoflop",
+       {{"budgets", KeyType::NumberList}, {"sparsity", KeyType::NumberList}, {"top_k", KeyType::Int, 1, 1 << 20},
+        {"experts", KeyType::Int, 0, 1 << 20}, {"granularity", KeyType::Int, 1, 1 << 16}},
        "sweep spec: kind = \"isoflop\" needs an [isoflop] table with budgets and sparsity", expand_isoflop},
-      {"fixed_params", {"params", "sparsity", "top_k", "experts", "budgets", "tokens", "tolerance"},
+      {"fixed_params",
+       {{"params", KeyType::NumberList}, {"sparsity", KeyType::NumberList}, {"top_k", KeyType::Int, 1, 1 << 20},
+        {"experts", KeyType::Int, 0, 1 << 20}, {"budgets", KeyType::NumberList}, {"tokens", KeyType::NumberList},
+        {"tolerance", KeyType::Float, 0, 1e6}},
        "sweep spec: kind = \"fixed_params\" needs a [fixed_params] table", expand_fixed_params},
-      {"granularity", {"granularity", "expansion", "top_k", "budgets", "tokens"},
+      {"granularity",
+       {{"granularity", KeyType::NumberList}, {"expansion", KeyType::Int, 1, 1 << 20},
+        {"top_k", KeyType::Int, 1, 1 << 20}, {"budgets", KeyType::NumberList}, {"tokens", KeyType::NumberList}},
        "sweep spec: kind = \"granularity\" needs a [granularity] table", expand_granularity},
       {"list", {}, "", nullptr},
   };
@@ -717,9 +721,12 @@ void resolve_sweep_data(Context& ctx, SweepPlan& plan) {
 
 Rules read_rules(const toml::table* table) {
   Rules rules;
+  const double inf = std::numeric_limits<double>::infinity();
   Section section(table, "[rules]",
-                  {"lr", "lr_d_ref", "lr_power", "lr_moe_factor", "min_lr_ratio", "warmup_fraction", "min_warmup_steps", "batch_size",
-                   "init_std", "init_power"});
+                  {{"lr", KeyType::Float}, {"lr_d_ref", KeyType::Float}, {"lr_power", KeyType::Float},
+                   {"lr_moe_factor", KeyType::Float}, {"min_lr_ratio", KeyType::Float},
+                   {"warmup_fraction", KeyType::Float}, {"min_warmup_steps", KeyType::Int, 0, inf},
+                   {"batch_size", KeyType::Int}, {"init_std", KeyType::Float}, {"init_power", KeyType::Float}});
   rules.lr = section.number("lr", rules.lr);
   rules.lr_d_ref = section.number("lr_d_ref", rules.lr_d_ref);
   rules.lr_power = section.number("lr_power", rules.lr_power);
@@ -743,7 +750,10 @@ Rules read_rules(const toml::table* table) {
 std::vector<Shape> read_shapes(const toml::table& root, const Context& ctx) {
   std::vector<Shape> shapes;
   for (const toml::table* t : table_array(root, "shape")) {
-    Section s(t, "[[shape]]", {"name", "d_model", "n_layers", "n_heads", "d_ff", "batch_size", "lr", "budgets"});
+    Section s(t, "[[shape]]",
+              {{"name", KeyType::String}, {"d_model", KeyType::Int}, {"n_layers", KeyType::Int},
+               {"n_heads", KeyType::Int, 1, 1024}, {"d_ff", KeyType::Int, 0, 1 << 20}, {"batch_size", KeyType::Int, 0, 1e9},
+               {"lr", KeyType::Float, 0, 1e3}, {"budgets", KeyType::NumberList}});
     Shape shape;
     shape.d_model = s.integer("d_model", 0);
     shape.n_layers = s.integer("n_layers", 0);
@@ -776,7 +786,10 @@ std::vector<Shape> read_shapes(const toml::table& root, const Context& ctx) {
 std::vector<Request> read_run_tables(const toml::table& root, const Context& ctx) {
   std::vector<Request> requests;
   for (const toml::table* t : table_array(root, "run")) {
-    Section s(t, "[[run]]", {"name", "set", "budget", "tokens", "steps", "processes", "seeds"});
+    Section s(t, "[[run]]",
+              {{"name", KeyType::String}, {"set", KeyType::StringList}, {"budget", KeyType::Float},
+               {"tokens", KeyType::Float}, {"steps", KeyType::Int}, {"processes", KeyType::Int},
+               {"seeds", KeyType::NumberList}});
     Request r;
     r.group = "list";
     r.name = s.string("name", "");
@@ -814,10 +827,13 @@ SweepPlan plan_sweep_from_string(const std::string& spec_text, const std::string
     throw Error(os.str());
   }
   Section top(&root, "the spec",
-              {"sweep", "base", "rules", "shape", "isoflop", "fixed_params", "granularity", "run", "vary"});
+              {{"sweep", KeyType::Table}, {"base", KeyType::Table}, {"rules", KeyType::Table},
+               {"shape", KeyType::TableArray}, {"isoflop", KeyType::Table}, {"fixed_params", KeyType::Table},
+               {"granularity", KeyType::Table}, {"run", KeyType::TableArray}, {"vary", KeyType::Table}});
   Section sweep(sub_table(root, "sweep"), "[sweep]",
-                {"name", "kind", "flops_convention", "checkpoint_every", "dense_baseline", "max_epochs", "processes",
-                 "seeds"});
+                {{"name", KeyType::String}, {"kind", KeyType::String}, {"flops_convention", KeyType::String},
+                 {"checkpoint_every", KeyType::Int}, {"dense_baseline", KeyType::Bool},
+                 {"max_epochs", KeyType::Float, 0, 1e6}, {"processes", KeyType::Int}, {"seeds", KeyType::NumberList}});
   SweepPlan plan;
   plan.spec_path = source_name;
   plan.kind = sweep.string("kind", "");
