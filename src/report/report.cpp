@@ -729,9 +729,9 @@ void findings_html(std::ostream& h, const ojson& f) {
     h << "<p class=\"note\">Warning: " << html_escape(w.get<std::string>()) << "</p>\n";
 }
 
-std::string page(const Study& study, const ojson& s, const std::vector<ReportFigure>& figures,
-                 const std::vector<std::string>& skipped) {
-  std::ostringstream h;
+// ---- the page, one function per section, each writing its HTML to h --------------------------------------------
+
+void page_head(std::ostream& h, const Study& study, const ojson& s) {
   h << "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n<title>moelab report: "
     << html_escape(fs::path(study.dir).filename().string()) << "</title>\n<style>\n"
     << "body{font-family:'DejaVu Sans',sans-serif;max-width:1180px;margin:24px auto;padding:0 16px;color:#222}\n"
@@ -750,8 +750,11 @@ std::string page(const Study& study, const ojson& s, const std::vector<ReportFig
     << "</code> at the end of training. Figures are SVG drawn by gnuplot; their scripts with the data inline are in "
        "figures/*.gp.</p>\n";
 
-  h << "<h2>Sweeps</h2>\n";
+}
+
+void sweeps_html(std::ostream& h, const ojson& s) {
   std::vector<std::vector<std::string>> rows;
+  h << "<h2>Sweeps</h2>\n";
   for (const auto& sw : s["sweeps"])
     rows.push_back({sw["label"].get<std::string>(), sw["kind"].get<std::string>(),
                     std::to_string(sw["runs_planned"].get<int64_t>()), std::to_string(sw["runs_ok"].get<int64_t>()),
@@ -759,173 +762,199 @@ std::string page(const Study& study, const ojson& s, const std::vector<ReportFig
                     std::to_string(sw["downstream_rows"].get<int64_t>()), sw["dir"].get<std::string>()});
   h << table_html({"sweep", "kind", "runs planned", "ok", "failed", "downstream rows", "directory"}, rows);
 
-  if (!s["per_budget"].empty()) {
-    h << "<h2>Best configuration per budget</h2>\n";
+}
+
+// The best configuration per budget and the compute multiplier.
+void per_budget_html(std::ostream& h, const ojson& s) {
+  std::vector<std::vector<std::string>> rows;
+  h << "<h2>Best configuration per budget</h2>\n";
+  for (const auto& b : s["per_budget"]) {
+    auto brief = [](const ojson& r) {
+      return r.is_null() ? std::string("-") : r["name"].get<std::string>() + " (" + fmt("%.4f", r["loss"].get<double>()) + ")";
+    };
+    rows.push_back({fmt("%.3g", b["C"].get<double>()), brief(b["best"]), brief(b["best_dense"]), brief(b["best_moe"])});
+  }
+  h << table_html({"budget C (FLOPs)", "best run (L)", "best dense (L)", "best MoE (L)"}, rows);
+  const ojson& m = s["compute_multiplier"];
+  if (m.contains("per_budget")) {
     rows.clear();
-    for (const auto& b : s["per_budget"]) {
-      auto brief = [](const ojson& r) {
-        return r.is_null() ? std::string("-") : r["name"].get<std::string>() + " (" + fmt("%.4f", r["loss"].get<double>()) + ")";
+    for (const auto& r : m["per_budget"])
+      rows.push_back({fmt("%.3g", r["C"].get<double>()), fmt("%.4f", r["moe_loss"].get<double>()),
+                      r["dense_loss"].is_null() ? "-" : fmt("%.4f", r["dense_loss"].get<double>()),
+                      fmt("%.3g", r["dense_compute_for_moe_loss"].get<double>()),
+                      fmt("%.2f", r["multiplier"].get<double>()), r["extrapolated"].get<bool>() ? "yes" : "no"});
+    h << "<p>Compute multiplier: the FLOPs at which the dense power law (log L = a + b log C through the best dense "
+         "run of each budget; b = "
+      << fmt("%.4f", m["dense_frontier"]["b"].get<double>()) << ") reaches the best MoE loss, over C.</p>\n";
+    h << table_html({"budget C", "best MoE L", "best dense L", "dense FLOPs for the MoE L", "multiplier",
+                     "extrapolated"},
+                    rows);
+  } else if (m.contains("skipped")) {
+    h << "<p class=\"note\">Compute multiplier: " << html_escape(m["skipped"].get<std::string>()) << "</p>\n";
+  }
+}
+
+// The dense-vs-MoE pair of the largest budget, in domain, out of domain, downstream.
+void pair_html(std::ostream& h, const ojson& s) {
+  std::vector<std::vector<std::string>> rows;
+  const ojson& pair = s.value("dense_vs_moe_pair", ojson::object());
+  if (pair.contains("dense") && pair.contains("moe")) {
+    h << "<h2>Dense and MoE at equal FLOPs (C = " << fmt("%.3g", pair["C"].get<double>())
+      << ")</h2>\n<p>The best dense and the best MoE run of the largest budget, in domain (validation loss), on each "
+         "out-of-domain set, zero- and few-shot, and fine-tuned (before -> after, on the same test items).</p>\n";
+    const ojson &dn = pair["dense"], &mo = pair["moe"];
+    auto num = [](const ojson& v) { return v.is_null() ? std::string("-") : fmt("%.4f", v.get<double>()); };
+    rows.push_back({"run", dn["name"].get<std::string>(), mo["name"].get<std::string>(), ""});
+    rows.push_back({"validation loss (in domain)", num(dn.value("val_loss", ojson())), num(mo.value("val_loss", ojson())),
+                    dn.value("val_loss", ojson()).is_null() || mo.value("val_loss", ojson()).is_null()
+                        ? "-" : fmt("%+.4f", dn["val_loss"].get<double>() - mo["val_loss"].get<double>())});
+    const ojson dense_ood = dn.value("ood_losses", ojson::object()), moe_ood = mo.value("ood_losses", ojson::object());
+    for (const auto& [k, v] : dense_ood.items()) {
+      const ojson m = moe_ood.value(k, ojson());
+      rows.push_back({k + " (out of domain)", num(v), num(m),
+                      v.is_null() || m.is_null() ? "-" : fmt("%+.4f", v.get<double>() - m.get<double>())});
+    }
+    auto acc_of = [](const ojson& side, const std::string& task, const std::string& mode, int64_t shots) -> ojson {
+      for (const auto& t : side.value("downstream", ojson::array()))
+        if (t["task"] == task && t["mode"] == mode && (mode == "finetune" || t["shots"].get<int64_t>() == shots)) return t;
+      return ojson();
+    };
+    std::set<std::tuple<std::string, std::string, int64_t>> keys;
+    for (const auto& side : {dn, mo})
+      for (const auto& t : side.value("downstream", ojson::array()))
+        keys.insert({t["task"].get<std::string>(), t["mode"].get<std::string>(),
+                     t["mode"] == "finetune" ? 0 : t["shots"].get<int64_t>()});
+    for (const auto& [task, mode, shots] : keys) {
+      const ojson a = acc_of(dn, task, mode, shots), b = acc_of(mo, task, mode, shots);
+      auto text = [&](const ojson& t) {
+        if (t.is_null()) return std::string("-");
+        std::string x = fmt("%.3f", t["acc"].get<double>()) + " ± " + fmt("%.3f", t["acc_stderr"].get<double>());
+        if (t.contains("before")) x = fmt("%.3f", t["before"]["acc"].get<double>()) + " -> " + x;
+        return x;
       };
-      rows.push_back({fmt("%.3g", b["C"].get<double>()), brief(b["best"]), brief(b["best_dense"]), brief(b["best_moe"])});
-    }
-    h << table_html({"budget C (FLOPs)", "best run (L)", "best dense (L)", "best MoE (L)"}, rows);
-    const ojson& m = s["compute_multiplier"];
-    if (m.contains("per_budget")) {
-      rows.clear();
-      for (const auto& r : m["per_budget"])
-        rows.push_back({fmt("%.3g", r["C"].get<double>()), fmt("%.4f", r["moe_loss"].get<double>()),
-                        r["dense_loss"].is_null() ? "-" : fmt("%.4f", r["dense_loss"].get<double>()),
-                        fmt("%.3g", r["dense_compute_for_moe_loss"].get<double>()),
-                        fmt("%.2f", r["multiplier"].get<double>()), r["extrapolated"].get<bool>() ? "yes" : "no"});
-      h << "<p>Compute multiplier: the FLOPs at which the dense power law (log L = a + b log C through the best dense "
-           "run of each budget; b = "
-        << fmt("%.4f", m["dense_frontier"]["b"].get<double>()) << ") reaches the best MoE loss, over C.</p>\n";
-      h << table_html({"budget C", "best MoE L", "best dense L", "dense FLOPs for the MoE L", "multiplier",
-                       "extrapolated"},
-                      rows);
-    } else if (m.contains("skipped")) {
-      h << "<p class=\"note\">Compute multiplier: " << html_escape(m["skipped"].get<std::string>()) << "</p>\n";
-    }
-    const ojson& pair = s.value("dense_vs_moe_pair", ojson::object());
-    if (pair.contains("dense") && pair.contains("moe")) {
-      h << "<h2>Dense and MoE at equal FLOPs (C = " << fmt("%.3g", pair["C"].get<double>())
-        << ")</h2>\n<p>The best dense and the best MoE run of the largest budget, in domain (validation loss), on each "
-           "out-of-domain set, zero- and few-shot, and fine-tuned (before -> after, on the same test items).</p>\n";
-      rows.clear();
-      const ojson &dn = pair["dense"], &mo = pair["moe"];
-      auto num = [](const ojson& v) { return v.is_null() ? std::string("-") : fmt("%.4f", v.get<double>()); };
-      rows.push_back({"run", dn["name"].get<std::string>(), mo["name"].get<std::string>(), ""});
-      rows.push_back({"validation loss (in domain)", num(dn.value("val_loss", ojson())), num(mo.value("val_loss", ojson())),
-                      dn.value("val_loss", ojson()).is_null() || mo.value("val_loss", ojson()).is_null()
-                          ? "-" : fmt("%+.4f", dn["val_loss"].get<double>() - mo["val_loss"].get<double>())});
-      const ojson dense_ood = dn.value("ood_losses", ojson::object()), moe_ood = mo.value("ood_losses", ojson::object());
-      for (const auto& [k, v] : dense_ood.items()) {
-        const ojson m = moe_ood.value(k, ojson());
-        rows.push_back({k + " (out of domain)", num(v), num(m),
-                        v.is_null() || m.is_null() ? "-" : fmt("%+.4f", v.get<double>() - m.get<double>())});
+      const std::string label = task + (mode == "finetune" ? " fine-tuned" : mode == "few" ? " " + std::to_string(shots) + "-shot" : " zero-shot") +
+                                " accuracy (n " + std::to_string((a.is_null() ? b : a)["n"].get<int64_t>()) + ")";
+      std::string diff = "-";
+      if (!a.is_null() && !b.is_null()) {
+        diff = fmt("%+.3f", a["acc"].get<double>() - b["acc"].get<double>());
+        if (a.contains("before") && b.contains("before"))
+          diff = "gain " + fmt("%+.3f", a["acc"].get<double>() - a["before"]["acc"].get<double>()) + " vs " +
+                 fmt("%+.3f", b["acc"].get<double>() - b["before"]["acc"].get<double>());
       }
-      auto acc_of = [](const ojson& side, const std::string& task, const std::string& mode, int64_t shots) -> ojson {
-        for (const auto& t : side.value("downstream", ojson::array()))
-          if (t["task"] == task && t["mode"] == mode && (mode == "finetune" || t["shots"].get<int64_t>() == shots)) return t;
-        return ojson();
-      };
-      std::set<std::tuple<std::string, std::string, int64_t>> keys;
-      for (const auto& side : {dn, mo})
-        for (const auto& t : side.value("downstream", ojson::array()))
-          keys.insert({t["task"].get<std::string>(), t["mode"].get<std::string>(),
-                       t["mode"] == "finetune" ? 0 : t["shots"].get<int64_t>()});
-      for (const auto& [task, mode, shots] : keys) {
-        const ojson a = acc_of(dn, task, mode, shots), b = acc_of(mo, task, mode, shots);
-        auto text = [&](const ojson& t) {
-          if (t.is_null()) return std::string("-");
-          std::string x = fmt("%.3f", t["acc"].get<double>()) + " ± " + fmt("%.3f", t["acc_stderr"].get<double>());
-          if (t.contains("before")) x = fmt("%.3f", t["before"]["acc"].get<double>()) + " -> " + x;
-          return x;
-        };
-        const std::string label = task + (mode == "finetune" ? " fine-tuned" : mode == "few" ? " " + std::to_string(shots) + "-shot" : " zero-shot") +
-                                  " accuracy (n " + std::to_string((a.is_null() ? b : a)["n"].get<int64_t>()) + ")";
-        std::string diff = "-";
-        if (!a.is_null() && !b.is_null()) {
-          diff = fmt("%+.3f", a["acc"].get<double>() - b["acc"].get<double>());
-          if (a.contains("before") && b.contains("before"))
-            diff = "gain " + fmt("%+.3f", a["acc"].get<double>() - a["before"]["acc"].get<double>()) + " vs " +
-                   fmt("%+.3f", b["acc"].get<double>() - b["before"]["acc"].get<double>());
-        }
-        rows.push_back({label, text(a), text(b), diff});
-      }
-      h << table_html({"", "dense", "MoE", "dense - MoE (loss) / dense - MoE (accuracy)"}, rows);
+      rows.push_back({label, text(a), text(b), diff});
     }
-    const ojson& gopt = s.value("granularity_optimum", ojson::array());
-    if (!gopt.empty()) {
-      h << "<h2>Optimal granularity per budget</h2>\n<p>The measured best G over the granularity sweep's shapes at each "
-           "budget, and the fitted granularity law's best G at that run's shape (its parameters and tokens carried to "
-           "G = 16 and 32 along the measured runs' trend in G).</p>\n";
-      rows.clear();
-      for (const auto& r : gopt) {
-        std::string law = "-";
-        if (r.contains("law") && r["law"].contains("G_star"))
-          law = fmt("%g", r["law"]["G_star"].get<double>()) + " (L " + fmt("%.4f", r["law"]["loss"].get<double>()) + ")";
-        std::string curve;
-        for (const auto& p : r["curve_at_best_shape"])
-          curve += (curve.empty() ? "" : ", ") + std::string("G ") + std::to_string(p["G"].get<int64_t>()) + ": " +
-                   fmt("%.4f", p["loss"].get<double>());
-        rows.push_back({r.contains("C") ? "C " + fmt("%.3g", r["C"].get<double>()) : "D " + fmt("%.3g", r["tokens"].get<double>()),
-                        std::to_string(r["G_star"].get<int64_t>()) + (r["on_edge"].get<bool>() ? " (edge)" : ""),
-                        r["best"]["name"].get<std::string>(), curve,
-                        r["dense"].is_null() ? "-" : fmt("%.4f", r["dense"]["loss"].get<double>()), law});
-      }
-      h << table_html({"budget", "measured G*", "best run", "L by G at its shape", "best dense L", "law G*"}, rows);
-      const ojson& gf = s.value("granularity_fit", ojson::object());
-      if (gf.contains("skipped"))
-        h << "<p class=\"note\">Granularity law: " << html_escape(gf["skipped"].get<std::string>()) << "</p>\n";
-      else if (gf.contains("coefficients")) {
-        std::string coef;
-        for (const auto& [k, v] : gf["coefficients"].items())
-          if (v.is_number()) coef += (coef.empty() ? "" : ", ") + k + " " + fmt("%.4g", v.get<double>());
-        h << "<p>Granularity law L = c + (g/G^&gamma; + a)/N^&alpha; + b/D^&beta; fitted on "
-          << gf["n_points"].get<size_t>() << " MoE runs: " << html_escape(coef) << " (RMSE of log L "
-          << fmt("%.4f", gf.value("rmse", 0.0)) << ").</p>\n";
-        if (gf.contains("degenerate"))
-          h << "<p class=\"note\">Warning: " << html_escape(gf["degenerate"].get<std::string>()) << ".</p>\n";
-      }
+    h << table_html({"", "dense", "MoE", "dense - MoE (loss) / dense - MoE (accuracy)"}, rows);
+  }
+}
+
+// The optimal granularity per budget, measured and by the law.
+void granularity_html(std::ostream& h, const ojson& s) {
+  std::vector<std::vector<std::string>> rows;
+  const ojson& gopt = s.value("granularity_optimum", ojson::array());
+  if (!gopt.empty()) {
+    h << "<h2>Optimal granularity per budget</h2>\n<p>The measured best G over the granularity sweep's shapes at each "
+         "budget, and the fitted granularity law's best G at that run's shape (its parameters and tokens carried to "
+         "G = 16 and 32 along the measured runs' trend in G).</p>\n";
+    for (const auto& r : gopt) {
+      std::string law = "-";
+      if (r.contains("law") && r["law"].contains("G_star"))
+        law = fmt("%g", r["law"]["G_star"].get<double>()) + " (L " + fmt("%.4f", r["law"]["loss"].get<double>()) + ")";
+      std::string curve;
+      for (const auto& p : r["curve_at_best_shape"])
+        curve += (curve.empty() ? "" : ", ") + std::string("G ") + std::to_string(p["G"].get<int64_t>()) + ": " +
+                 fmt("%.4f", p["loss"].get<double>());
+      rows.push_back({r.contains("C") ? "C " + fmt("%.3g", r["C"].get<double>()) : "D " + fmt("%.3g", r["tokens"].get<double>()),
+                      std::to_string(r["G_star"].get<int64_t>()) + (r["on_edge"].get<bool>() ? " (edge)" : ""),
+                      r["best"]["name"].get<std::string>(), curve,
+                      r["dense"].is_null() ? "-" : fmt("%.4f", r["dense"]["loss"].get<double>()), law});
     }
-    const ojson& fixed = s.value("fixed_params", ojson::array());
-    for (const auto& g : fixed) {
-      h << "<h2>Fixed total parameters: N " << fmt("%.3g", g["params"].get<double>())
-        << (g.contains("C") ? " at C " + fmt("%.3g", g["C"].get<double>()) : " at D " + fmt("%.3g", g["tokens"].get<double>()))
-        << "</h2>\n";
-      rows.clear();
-      for (const auto& p : g["points"])
-        rows.push_back({fmt("%.4g", p["sparsity"].get<double>()), p["name"].get<std::string>(),
-                        std::to_string(p["d_model"].get<int64_t>()), std::to_string(p["experts"].get<int64_t>()),
-                        fmt("%.4g", static_cast<double>(p["active_params"].get<int64_t>())),
-                        fmt("%.4g", static_cast<double>(p["tokens"].get<int64_t>())), fmt("%.4f", p["loss"].get<double>()),
-                        std::to_string(p["seeds"].get<size_t>())});
-      h << table_html({"S", "run", "d_model", "experts", "active params", "tokens", "L", "seeds"}, rows);
-    }
-    if (s.contains("law_comparison") && s["law_comparison"].contains("ranking")) {
-      const ojson& c = s["law_comparison"];
-      h << "<h2>Which law extrapolates best</h2>\n<p>Every law the runs' columns allow, fitted without the held-out "
-           "runs ("
-        << html_escape(c["holdout"].get<std::string>())
-        << ") and ranked by the RMSE of log L in predicting them; the interval is over bootstrap refits "
-           "(docs/fitting.md, fit --law compare).</p>\n";
-      rows.clear();
-      int rank = 1;
-      for (const auto& r : c["ranking"]) {
-        const ojson& iv = r["heldout_rmse_interval"];
-        rows.push_back({std::to_string(rank++), r["law"].get<std::string>(), fmt("%.4g", r["heldout_rmse"].get<double>()),
-                        iv.is_null() ? "-"
-                                     : "[" + fmt("%.3g", iv["p2.5"].get<double>()) + ", " +
-                                           fmt("%.3g", iv["p97.5"].get<double>()) + "]",
-                        fmt("%.4g", r["rmse"].get<double>()), std::to_string(r["parameters"].get<int64_t>())});
-      }
-      h << table_html({"rank", "law", "held-out RMSE (log L)", "95% bootstrap", "in-sample RMSE", "parameters"}, rows);
-      for (const auto& sk : c["skipped"])
-        h << "<p class=\"note\">Not fitted: " << html_escape(sk["law"].get<std::string>()) << " ("
-          << html_escape(sk["reason"].get<std::string>()) << ")</p>\n";
-    } else if (s.contains("law_comparison") && s["law_comparison"].contains("skipped")) {
-      h << "<p class=\"note\">Law comparison: " << html_escape(s["law_comparison"]["skipped"].get<std::string>())
-        << "</p>\n";
-    }
-    const ojson& rec = s["recommendation"];
-    if (rec.contains("sparsity_law") && rec["sparsity_law"].contains("optimum")) {
-      const auto& r = rec["sparsity_law"];
-      const auto& o = r["optimum"];
-      const ojson iv = r.value("intervals", ojson::object());
-      h << "<h2>Recommendation of the fitted sparsity law at C = " << fmt("%.3g", rec["budget"].get<double>())
-        << "</h2>\n";
-      rows = {{"N (total non-embedding)", fmt("%.4g", o["N"].get<double>()), interval_text(iv.value("N", ojson()))},
-              {"D (tokens)", fmt("%.4g", o["D"].get<double>()), interval_text(iv.value("D", ojson()))},
-              {"S (sparsity)", fmt("%.4g", o["S"].get<double>()), interval_text(iv.value("S", ojson()))},
-              {"predicted loss", fmt("%.4f", o["loss"].get<double>()), interval_text(iv.value("loss", ojson()))}};
-      h << table_html({"quantity", "optimum", "95% bootstrap interval"}, rows);
-      h << "<p class=\"note\">Under the law's constraint " << html_escape(r.value("constraint", std::string()))
-        << " (the papers' 6 N D convention; the runs' budgets count every matrix product exactly, embeddings "
-           "included, so this optimum is an extrapolation of the fit, not a measured run).</p>\n";
+    h << table_html({"budget", "measured G*", "best run", "L by G at its shape", "best dense L", "law G*"}, rows);
+    const ojson& gf = s.value("granularity_fit", ojson::object());
+    if (gf.contains("skipped"))
+      h << "<p class=\"note\">Granularity law: " << html_escape(gf["skipped"].get<std::string>()) << "</p>\n";
+    else if (gf.contains("coefficients")) {
+      std::string coef;
+      for (const auto& [k, v] : gf["coefficients"].items())
+        if (v.is_number()) coef += (coef.empty() ? "" : ", ") + k + " " + fmt("%.4g", v.get<double>());
+      h << "<p>Granularity law L = c + (g/G^&gamma; + a)/N^&alpha; + b/D^&beta; fitted on "
+        << gf["n_points"].get<size_t>() << " MoE runs: " << html_escape(coef) << " (RMSE of log L "
+        << fmt("%.4f", gf.value("rmse", 0.0)) << ").</p>\n";
+      if (gf.contains("degenerate"))
+        h << "<p class=\"note\">Warning: " << html_escape(gf["degenerate"].get<std::string>()) << ".</p>\n";
     }
   }
+}
 
+// Fixed total parameters: loss against S.
+void fixed_params_html(std::ostream& h, const ojson& s) {
+  std::vector<std::vector<std::string>> rows;
+  const ojson& fixed = s.value("fixed_params", ojson::array());
+  for (const auto& g : fixed) {
+    h << "<h2>Fixed total parameters: N " << fmt("%.3g", g["params"].get<double>())
+      << (g.contains("C") ? " at C " + fmt("%.3g", g["C"].get<double>()) : " at D " + fmt("%.3g", g["tokens"].get<double>()))
+      << "</h2>\n";
+    rows.clear();
+    for (const auto& p : g["points"])
+      rows.push_back({fmt("%.4g", p["sparsity"].get<double>()), p["name"].get<std::string>(),
+                      std::to_string(p["d_model"].get<int64_t>()), std::to_string(p["experts"].get<int64_t>()),
+                      fmt("%.4g", static_cast<double>(p["active_params"].get<int64_t>())),
+                      fmt("%.4g", static_cast<double>(p["tokens"].get<int64_t>())), fmt("%.4f", p["loss"].get<double>()),
+                      std::to_string(p["seeds"].get<size_t>())});
+    h << table_html({"S", "run", "d_model", "experts", "active params", "tokens", "L", "seeds"}, rows);
+  }
+}
+
+// Which law extrapolates best.
+void law_comparison_html(std::ostream& h, const ojson& s) {
+  std::vector<std::vector<std::string>> rows;
+  if (s.contains("law_comparison") && s["law_comparison"].contains("ranking")) {
+    const ojson& c = s["law_comparison"];
+    h << "<h2>Which law extrapolates best</h2>\n<p>Every law the runs' columns allow, fitted without the held-out "
+         "runs ("
+      << html_escape(c["holdout"].get<std::string>())
+      << ") and ranked by the RMSE of log L in predicting them; the interval is over bootstrap refits "
+         "(docs/fitting.md, fit --law compare).</p>\n";
+    int rank = 1;
+    for (const auto& r : c["ranking"]) {
+      const ojson& iv = r["heldout_rmse_interval"];
+      rows.push_back({std::to_string(rank++), r["law"].get<std::string>(), fmt("%.4g", r["heldout_rmse"].get<double>()),
+                      iv.is_null() ? "-"
+                                   : "[" + fmt("%.3g", iv["p2.5"].get<double>()) + ", " +
+                                         fmt("%.3g", iv["p97.5"].get<double>()) + "]",
+                      fmt("%.4g", r["rmse"].get<double>()), std::to_string(r["parameters"].get<int64_t>())});
+    }
+    h << table_html({"rank", "law", "held-out RMSE (log L)", "95% bootstrap", "in-sample RMSE", "parameters"}, rows);
+    for (const auto& sk : c["skipped"])
+      h << "<p class=\"note\">Not fitted: " << html_escape(sk["law"].get<std::string>()) << " ("
+        << html_escape(sk["reason"].get<std::string>()) << ")</p>\n";
+  } else if (s.contains("law_comparison") && s["law_comparison"].contains("skipped")) {
+    h << "<p class=\"note\">Law comparison: " << html_escape(s["law_comparison"]["skipped"].get<std::string>())
+      << "</p>\n";
+  }
+}
+
+// The fitted sparsity law's recommendation.
+void recommendation_html(std::ostream& h, const ojson& s) {
+  std::vector<std::vector<std::string>> rows;
+  const ojson& rec = s["recommendation"];
+  if (rec.contains("sparsity_law") && rec["sparsity_law"].contains("optimum")) {
+    const auto& r = rec["sparsity_law"];
+    const auto& o = r["optimum"];
+    const ojson iv = r.value("intervals", ojson::object());
+    h << "<h2>Recommendation of the fitted sparsity law at C = " << fmt("%.3g", rec["budget"].get<double>())
+      << "</h2>\n";
+    rows = {{"N (total non-embedding)", fmt("%.4g", o["N"].get<double>()), interval_text(iv.value("N", ojson()))},
+            {"D (tokens)", fmt("%.4g", o["D"].get<double>()), interval_text(iv.value("D", ojson()))},
+            {"S (sparsity)", fmt("%.4g", o["S"].get<double>()), interval_text(iv.value("S", ojson()))},
+            {"predicted loss", fmt("%.4f", o["loss"].get<double>()), interval_text(iv.value("loss", ojson()))}};
+    h << table_html({"quantity", "optimum", "95% bootstrap interval"}, rows);
+    h << "<p class=\"note\">Under the law's constraint " << html_escape(r.value("constraint", std::string()))
+      << " (the papers' 6 N D convention; the runs' budgets count every matrix product exactly, embeddings "
+         "included, so this optimum is an extrapolation of the fit, not a measured run).</p>\n";
+  }
+}
+
+void figures_html(std::ostream& h, const std::vector<ReportFigure>& figures, const std::vector<std::string>& skipped) {
   h << "<h2>Figures</h2>\n";
   for (const auto& f : figures) {
     h << "<figure id=\"fig-" << f.id << "\"><img alt=\"" << html_escape(f.title) << "\" src=\"data:image/svg+xml;base64,"
@@ -939,9 +968,12 @@ std::string page(const Study& study, const ojson& s, const std::vector<ReportFig
     h << "</ul>\n";
   }
 
+}
+
+void downstream_html(std::ostream& h, const ojson& s) {
+  std::vector<std::vector<std::string>> rows;
   if (!s["downstream"].empty()) {
     h << "<h2>Downstream evaluation</h2>\n";
-    rows.clear();
     for (const auto& d : s["downstream"])
       rows.push_back({d["run"].get<std::string>(), d["task"].get<std::string>(), d["mode"].get<std::string>(),
                       std::to_string(d["shots"].get<int>()),
@@ -952,9 +984,12 @@ std::string page(const Study& study, const ojson& s, const std::vector<ReportFig
     h << table_html({"run", "task", "mode", "shots", "accuracy ± s.e.", "length-normalised ± s.e.", "items", "L"}, rows);
   }
 
+}
+
+void all_runs_html(std::ostream& h, const Study& study) {
   h << "<h2>All runs</h2>\n";
   for (const auto& sw : study.sweeps) {
-    rows.clear();
+    std::vector<std::vector<std::string>> rows;
     for (const auto& r : sw.results)
       rows.push_back({r.name, r.status, fmt("%.3g", double(r.nonembedding_params)), fmt("%.3g", double(r.active_params)),
                       fmt("%.3g", double(r.tokens)), fmt("%.3g", r.flops), fmt("%.4g", r.sparsity),
@@ -965,6 +1000,24 @@ std::string page(const Study& study, const ojson& s, const std::vector<ReportFig
                      "train loss (last 10%)", "val loss", "train s"},
                     rows);
   }
+}
+
+std::string page(const Study& study, const ojson& s, const std::vector<ReportFigure>& figures,
+                 const std::vector<std::string>& skipped) {
+  std::ostringstream h;
+  page_head(h, study, s);
+  sweeps_html(h, s);
+  if (!s["per_budget"].empty()) {
+    per_budget_html(h, s);
+    pair_html(h, s);
+    granularity_html(h, s);
+    fixed_params_html(h, s);
+    law_comparison_html(h, s);
+    recommendation_html(h, s);
+  }
+  figures_html(h, figures, skipped);
+  downstream_html(h, s);
+  all_runs_html(h, study);
   // Self-check for the browser test (tests/test_report_browser.sh): every image decoded, no script error.
   h << "<script>\nwindow.__errors = [];\nwindow.addEventListener('error', e => window.__errors.push(String(e.message)));\n"
        "window.addEventListener('load', () => {\n"
