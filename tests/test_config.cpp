@@ -67,6 +67,12 @@ TEST(Config, ListKeysAreTomlArraysAndCommaStringsAreDeprecated) {
             std::string::npos)
       << warning;
   EXPECT_EQ(config_from_string("", {"data.ood_paths=[\"a/ood_code.bin\", \"b/ood_web.bin\"]"}).data.ood_paths, two);
+  testing::internal::CaptureStderr();
+  EXPECT_EQ(config_from_string("", {"data.ood_paths=a/ood_code.bin,b/ood_web.bin"}).data.ood_paths, two);
+  const std::string from_set = testing::internal::GetCapturedStderr();
+  EXPECT_NE(from_set.find("write a TOML array: --set 'data.ood_paths=[\"a/ood_code.bin\", \"b/ood_web.bin\"]'"),
+            std::string::npos)
+      << from_set;
   EXPECT_EQ(config_from_string("", {"data.ood_paths=a/ood_code.bin"}).data.ood_paths,
             std::vector<std::string>{"a/ood_code.bin"});
   EXPECT_TRUE(config_from_string("", {}).data.ood_paths.empty());

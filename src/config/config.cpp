@@ -366,9 +366,12 @@ void set_list_from_text(Config& c, const KeyDef& k, const std::string& text, con
   if (items.size() > 1) {
     std::string array;
     for (const auto& item : items) array += (array.empty() ? "" : ", ") + quote(item);
+    const bool from_set = where.find("--set") != std::string::npos;
     std::cerr << "moelab: warning: config key '" << k.name << "'" << where
-              << " is a comma-separated string, which is deprecated; write a TOML array: " << k.name.substr(k.name.find('.') + 1)
-              << " = [" << array << "]\n";
+              << " is a comma-separated string, which is deprecated; write a TOML array: "
+              << (from_set ? "--set '" + k.name + "=[" + array + "]'"
+                           : k.name.substr(k.name.find('.') + 1) + " = [" + array + "]")
+              << "\n";
   }
   k.list_ref(c) = std::move(items);
 }
