@@ -95,7 +95,7 @@ TEST(Report, AnalysisRecoversTheConstructedAnswer) {
   EXPECT_EQ(study.sweeps[0].results.size(), 18u);
   AnalysisOptions options;
   options.bootstrap = 20;
-  const auto s = analyse_study(study, options);
+  const auto s = summary_to_json(analyse_study(study, options));
 
   ASSERT_EQ(s["budgets"].size(), 3u);
   const auto& per_budget = s["per_budget"];
@@ -173,10 +173,10 @@ TEST(Report, PageHasEveryFigureAndRendersInHeadlessChromium) {
   size_t images = 0;
   for (size_t at = html.find("<img "); at != std::string::npos; at = html.find("<img ", at + 1)) ++images;
   EXPECT_EQ(images, ids.size());
-  EXPECT_NE(html.find(r.summary["headline"].get<std::string>().substr(0, 40)), std::string::npos);
+  EXPECT_NE(html.find(r.summary.headline.substr(0, 40)), std::string::npos);
   EXPECT_NE(html.find("Which law extrapolates best"), std::string::npos);
   EXPECT_NE(html.find("Findings: the three studies' claims"), std::string::npos);
-  EXPECT_EQ(r.summary["findings"]["claims"].size(), 6u);
+  EXPECT_EQ(r.summary.findings.claims.size(), 6u);
   const auto summary = nlohmann::json::parse(read_file(r.summary_path, "summary"));
   EXPECT_EQ(summary["figures"].size(), ids.size());
 
@@ -206,6 +206,11 @@ namespace moelab {
 namespace {
 
 using ojson = nlohmann::ordered_json;
+
+// The findings section as summary.json writes it, from a study alone (no other section).
+ojson findings_json(const Study& study, const std::string& column) {
+  return findings_to_json(study_findings(study, StudySummary{}, column));
+}
 
 // A synthetic study of runs as the sweeps write them: at each budget, each arm (E experts, top-1; E = 0 is dense)
 // over a ladder of 3 shapes, R replicates (train.seed = data seed = 1..R). Loss = base(C) + 0.2 (log N - log N*)^2
@@ -255,7 +260,7 @@ ojson synthetic_findings(const std::vector<RunResult>& runs) {
   s.plan.kind = "isoflop";
   s.results = runs;
   study.sweeps.push_back(s);
-  return study_findings(study, ojson::object(), "val_loss");
+  return findings_json(study, "val_loss");
 }
 
 std::string verdict_of(const nlohmann::ordered_json& f, const std::string& id) {
@@ -432,7 +437,7 @@ ojson finetune_findings(double dense_gain, double moe_gain, bool per_item = true
   other.results = {tuned_run("moe-1.6e13", 1.6e13, true, 2.5)};
   other.downstream = {tuned_record("moe-1.6e13", 0.3, 0.01, "finetune", false)};
   study.sweeps.push_back(other);
-  return study_findings(study, ojson::object(), "smoothed_loss");
+  return findings_json(study, "smoothed_loss");
 }
 
 TEST(Findings, FinetuneGainIsJudgedPerItemAtTheLargestBudgetWithBoth) {
@@ -476,13 +481,13 @@ TEST(Findings, FinetuneWithoutBeforeOrWithoutAPairIsNotMeasured) {
   s.downstream = {tuned_record("dense-1e12", 0.3, 0.2), tuned_record("moe-1e12", 0.3, 0.01, "finetune", false),
                   tuned_record("dense-4e12", 0.3, 0.2), tuned_record("moe-1e12", 0.3, 0.01, "few")};
   study.sweeps.push_back(s);
-  EXPECT_EQ(claim_of(study_findings(study, ojson::object(), "smoothed_loss"), "finetune")["verdict"], "not measured");
+  EXPECT_EQ(claim_of(findings_json(study, "smoothed_loss"), "finetune")["verdict"], "not measured");
   // With "before" on the MoE record, 1e12 is judged: dense +0.2, MoE +0.01.
   study.sweeps[0].downstream[1] = tuned_record("moe-1e12", 0.3, 0.01);
-  EXPECT_EQ(claim_of(study_findings(study, ojson::object(), "smoothed_loss"), "finetune")["verdict"], "reproduced");
+  EXPECT_EQ(claim_of(findings_json(study, "smoothed_loss"), "finetune")["verdict"], "reproduced");
   // A failed MoE run does not count.
   study.sweeps[0].results[1].status = "failed";
-  EXPECT_EQ(claim_of(study_findings(study, ojson::object(), "smoothed_loss"), "finetune")["verdict"], "not measured");
+  EXPECT_EQ(claim_of(findings_json(study, "smoothed_loss"), "finetune")["verdict"], "not measured");
 }
 
 // ---- loss against sparsity at fixed total parameters (Abnar) ------------------------------------------------------
@@ -514,7 +519,7 @@ ojson fixed_params_findings(const std::function<double(double)>& curve, int repl
     }
   }
   study.sweeps.push_back(s);
-  return study_findings(study, ojson::object(), "val_loss");
+  return findings_json(study, "val_loss");
 }
 
 TEST(Findings, FixedParamsUShapeIsJudgedByCurvatureAndWhereItsMinimumLies) {
@@ -535,7 +540,7 @@ TEST(Findings, FixedParamsUShapeIsJudgedByCurvatureAndWhereItsMinimumLies) {
   EXPECT_EQ(verdict_of(f, "fixed_n_u_shape"), "inconclusive") << claim_of(f, "fixed_n_u_shape").dump(1);
   // Fewer than 3 sparsity levels: not a curve.
   Study two;
-  EXPECT_EQ(verdict_of(study_findings(two, ojson::object(), "val_loss"), "fixed_n_u_shape"), "not measured");
+  EXPECT_EQ(verdict_of(findings_json(two, "val_loss"), "fixed_n_u_shape"), "not measured");
 }
 
 // ---- the optimal granularity (Krajewski) -------------------------------------------------------------------------
@@ -564,7 +569,7 @@ ojson granularity_findings(double x_small, double x_large, double own = 0.002) {
       }
   }
   study.sweeps.push_back(s);
-  return study_findings(study, ojson::object(), "val_loss");
+  return findings_json(study, "val_loss");
 }
 
 TEST(Findings, GranularityAboveOneAndGrowingIsJudgedPerReplicate) {
@@ -584,14 +589,18 @@ TEST(Findings, GranularityAboveOneAndGrowingIsJudgedPerReplicate) {
   // Loss rises from G = 1 at both budgets: G = 1 is best.
   f = granularity_findings(-1, -1);
   EXPECT_EQ(verdict_of(f, "granularity"), "not reproduced") << claim_of(f, "granularity").dump(1);
-  EXPECT_EQ(verdict_of(study_findings(Study{}, ojson::object(), "val_loss"), "granularity"), "not measured");
+  EXPECT_EQ(verdict_of(findings_json(Study{}, "val_loss"), "granularity"), "not measured");
 }
 
 TEST(Findings, OptimaOnTheEdgeOfTheirRangeWarn) {
-  ojson summary = ojson::object();
-  summary["granularity_optimum"] = ojson::array({{{"C", 4e12}, {"G_star", 4}, {"on_edge", true}}});
-  summary["fixed_params"] = ojson::array({{{"params", 3e5}, {"on_edge", true}}});
-  const ojson f = study_findings(Study{}, summary, "val_loss");
+  StudySummary summary;
+  GranularityOptimum g;
+  g.key = 4e12, g.G_star = 4, g.on_edge = true;
+  summary.granularity_optimum.push_back(g);
+  FixedParamsCurve fixed;
+  fixed.params = 3e5, fixed.on_edge = true;
+  summary.fixed_params.push_back(fixed);
+  const ojson f = findings_to_json(study_findings(Study{}, summary, "val_loss"));
   std::string w;
   for (const auto& x : f["edge_warnings"]) w += x.get<std::string>() + "\n";
   EXPECT_NE(w.find("the best granularity at C 4e+12 is the largest measured (G = 4)"), std::string::npos) << w;
@@ -636,7 +645,7 @@ TEST(Findings, IsoflopCurveLowestAtAnEndOfItsLadderWarns) {
   for (auto [N, l] : {std::pair<int64_t, double>{64000, 2.7}, {128000, 2.8}})
     s.results.push_back(iso_run(4e12, 0.0, N, 1, l));
   study.sweeps.push_back(s);
-  const ojson f = study_findings(study, ojson::object(), "smoothed_loss");
+  const ojson f = findings_json(study, "smoothed_loss");
   const std::string w = warnings_text(f);
   ASSERT_EQ(f["edge_warnings"].size(), 2u) << w;
   EXPECT_NE(w.find("the IsoFLOP curve at C 1e+12, S 0 is lowest at the largest shape"), std::string::npos) << w;
@@ -656,7 +665,7 @@ TEST(Findings, IsoflopCurveLowestAtAnEndOfItsLadderWarns) {
   other.plan.kind = "fixed_params";
   for (auto& r : other.results) r.smoothed_loss = 3.0 + static_cast<double>(r.nonembedding_params) * 1e-6;
   good.sweeps.push_back(other);
-  const ojson none = study_findings(good, ojson::object(), "smoothed_loss");
+  const ojson none = findings_json(good, "smoothed_loss");
   EXPECT_TRUE(none["edge_warnings"].empty()) << warnings_text(none);
   EXPECT_EQ(verdict_of(none, "fixed_n_u_shape"), "not measured");
   EXPECT_EQ(verdict_of(none, "finetune"), "not measured");
@@ -743,7 +752,7 @@ Study granularity_study() {
 
 TEST(ReportAnalysis, GranularityOptimumPerBudget) {
   const Study study = granularity_study();
-  const ojson s = analyse_study(study, val_loss_options());
+  const ojson s = summary_to_json(analyse_study(study, val_loss_options()));
   const ojson& rows = s["granularity_optimum"];
   ASSERT_EQ(rows.size(), 2u) << rows.dump(1);
   // Budget order, whatever the order of the results.
@@ -799,7 +808,7 @@ TEST(ReportAnalysis, GranularityOptimumPerBudget) {
   auto& rs = fewer.sweeps[0].results;
   rs.erase(std::remove_if(rs.begin(), rs.end(), [](const RunResult& r) { return r.granularity == 8; }), rs.end());
   ASSERT_EQ(rs.size(), 11u);
-  const ojson f = analyse_study(fewer, val_loss_options());
+  const ojson f = summary_to_json(analyse_study(fewer, val_loss_options()));
   ASSERT_TRUE(f["granularity_fit"].contains("skipped")) << f["granularity_fit"].dump(1);
   EXPECT_FALSE(f["granularity_fit"].contains("parameters"));
   EXPECT_NE(f["granularity_fit"]["skipped"].get<std::string>().find("at least 8 MoE runs"), std::string::npos);
@@ -850,7 +859,7 @@ TEST(ReportAnalysis, GranularityLawFittedOnExactDataGivesTheLawsOptimum) {
   Study study;
   study.dir = "/nonexistent/granularity-law";
   study.sweeps.push_back(s);
-  const ojson out = analyse_study(study, val_loss_options());
+  const ojson out = summary_to_json(analyse_study(study, val_loss_options()));
   const ojson& fit = out["granularity_fit"];
   ASSERT_TRUE(fit.contains("parameters")) << fit.dump(1);
   EXPECT_FALSE(fit.contains("degenerate")) << fit.dump(1);
@@ -929,7 +938,7 @@ TEST(ReportAnalysis, FixedParamsCurveAndEdge) {
   study.dir = "/nonexistent/fixed";
   study.sweeps.push_back(s);
 
-  ojson out = analyse_study(study, val_loss_options());
+  ojson out = summary_to_json(analyse_study(study, val_loss_options()));
   ASSERT_EQ(out["fixed_params"].size(), 2u) << out["fixed_params"].dump(1);
   const ojson* g = &out["fixed_params"][0];
   EXPECT_EQ((*g)["sweep"], "fixed");
@@ -955,7 +964,7 @@ TEST(ReportAnalysis, FixedParamsCurveAndEdge) {
 
   // A second seed at S 0.5 (loss 3.06): one point, the mean over the seeds.
   add_fixed_run(study.sweeps[0], "n1e7-s0.5-seed2", 1e7, 1e13, 0.5, 3.06, 2);
-  out = analyse_study(study, val_loss_options());
+  out = summary_to_json(analyse_study(study, val_loss_options()));
   ASSERT_EQ(out["fixed_params"].size(), 2u);
   g = &out["fixed_params"][0];
   ASSERT_EQ((*g)["points"].size(), 5u) << g->dump(1);
@@ -1027,7 +1036,7 @@ TEST(ReportAnalysis, DenseMoePairAtTheLargestBudget) {
   study.sweeps.push_back(g);
   AnalysisOptions options = val_loss_options();
   options.bootstrap = 5;
-  const ojson out = analyse_study(study, options);
+  const ojson out = summary_to_json(analyse_study(study, options));
   const ojson& pair = out["dense_vs_moe_pair"];
   ASSERT_FALSE(pair.contains("skipped")) << pair.dump(1);
   EXPECT_EQ(pair["C"].get<double>(), 4e12);

@@ -43,7 +43,7 @@ void add_report_command(CLI::App& app) {
     options.analysis.seed = args->seed;
     const ReportResult r = write_report(args->dir, options, std::cout);
     for (const auto& s : r.skipped) std::cout << "  not drawn: " << s << "\n";
-    std::cout << "\n" << r.summary["headline"].get<std::string>() << "\n\n";
+    std::cout << "\n" << r.summary.headline << "\n\n";
     std::cout << "wrote " << r.html_path << " (" << r.figures.size() << " figures) and " << r.summary_path << "\n";
   });
 }

@@ -36,17 +36,16 @@ struct Evidence {
   ojson details = ojson::array();  // per budget (or per set): the same numbers, one object each
 };
 
-ojson finding(const std::string& id, const std::string& claim, const std::string& source, const std::string& measured,
+Claim finding(const std::string& id, const std::string& claim, const std::string& source, const std::string& measured,
               const std::string& spread, const Verdict& verdict, const Evidence& e) {
-  ojson f{{"id", id},         {"claim", claim},     {"source", source},        {"measured", measured},
-          {"spread", spread}, {"verdict", verdict.verdict}, {"why", verdict.why}};
-  f["estimate"] = number_or_null(e.estimate);
-  f["interval"] = ojson::array({number_or_null(e.lo), number_or_null(e.hi)});
-  f["detectable_effect"] = number_or_null(e.mde);
-  f["unit"] = e.unit;
-  f["n_per_arm"] = e.n_per_arm;
-  if (!e.details.empty()) f["details"] = e.details;
-  return f;
+  Claim c;
+  c.id = id, c.claim = claim, c.source = source, c.measured = measured, c.spread = spread;
+  c.verdict = verdict.verdict, c.why = verdict.why;
+  c.estimate = e.estimate, c.lo = e.lo, c.hi = e.hi, c.detectable_effect = e.mde;
+  c.unit = e.unit;
+  c.n_per_arm = e.n_per_arm;
+  c.details = e.details;
+  return c;
 }
 
 std::string interval_text(const PairedMean& p, const char* format = "%+.4f") {
@@ -223,11 +222,11 @@ namespace {
 
 struct Context {
   const Study& study;
-  const ojson& summary;
+  const StudySummary& summary;
   std::string column;
   std::string spread;
-  ojson warnings = ojson::array();
-  ojson pairing = ojson::array();
+  std::vector<std::string> warnings;
+  std::vector<PairingRow> pairing;
   LossOf in_domain() const {
     return [c = column](const RunResult& r) { return loss(r, c); };
   }
@@ -236,7 +235,7 @@ struct Context {
 // 1. MoE beats dense at equal FLOPs (fairseq; Abnar): per budget, dense's IsoFLOP minimum minus the best MoE arm's,
 // each fitted to all its runs, paired by replicate; judged on the mean over budgets, replicate by replicate. With
 // the compute multiplier: the dense compute that reaches the MoE minimum of the largest budget, per replicate.
-ojson claim_moe_beats_dense(Context& ctx) {
+Claim claim_moe_beats_dense(Context& ctx) {
   const Arms arms = isoflop_arms(ctx.study, ctx.column);
   Evidence e;
   std::string measured;
@@ -279,13 +278,8 @@ ojson claim_moe_beats_dense(Context& ctx) {
     }
     if (c.paired) {
       per_budget.push_back(by_replicate(c));
-      ctx.pairing.push_back({{"C", C},
-                             {"comparison", "dense - MoE " + moe->first.label()},
-                             {"replicates", c.per_replicate.size()},
-                             {"se_paired", c.se},
-                             {"se_unpaired", number_or_null(c.se_unpaired)},
-                             {"variance_ratio", number_or_null(c.se * c.se / (c.se_unpaired * c.se_unpaired))},
-                             {"correlation", number_or_null(c.correlation)}});
+      ctx.pairing.push_back({C, "dense - MoE " + moe->first.label(), c.per_replicate.size(), c.se, c.se_unpaired,
+                             c.se * c.se / (c.se_unpaired * c.se_unpaired), c.correlation});
     }
     for (const auto& [r, m] : replicate_minima(dense_runs)) dense_minima[r].push_back({std::log(C), m.loss});
     moe_at_top.clear();
@@ -328,7 +322,7 @@ ojson claim_moe_beats_dense(Context& ctx) {
 
 // 2. MoE's gain is smaller out of domain (fairseq): at the largest budget, dense - MoE minimum on validation minus
 // the same on each out-of-domain set, per replicate (the same runs, so paired), judged per set.
-ojson claim_gap_by_domain(Context& ctx) {
+Claim claim_gap_by_domain(Context& ctx) {
   const Arms arms = isoflop_arms(ctx.study, ctx.column);
   Evidence e;
   const std::string id = "gap_by_domain", claim = "MoE's advantage is smaller out of domain than in domain",
@@ -376,7 +370,7 @@ ojson claim_gap_by_domain(Context& ctx) {
 }
 // 3. MoE gains less from fine-tuning (fairseq): the accuracy gain of fine-tuning (after - before, on the same
 // test items) of the dense and the MoE run of the largest budget that has both, per item.
-ojson claim_finetune(Context& ctx) {
+Claim claim_finetune(Context& ctx) {
   const Study& study = ctx.study;
   const std::string& column = ctx.column;
   Evidence e;
@@ -473,7 +467,7 @@ std::map<int, std::pair<std::vector<double>, std::vector<double>>> points_by_rep
 // of loss in log2 G over the MoE runs; "above 1" is its slope at G = 1 (negative: loss falls from G = 1), G* its
 // minimum within the measured G, "grows" the change of log2 G* from the smallest to the largest budget, each with a
 // t interval over replicates.
-ojson claim_granularity(Context& ctx) {
+Claim claim_granularity(Context& ctx) {
   std::map<double, std::vector<const RunResult*>> by_budget;
   std::vector<double> seen;
   for (const auto& s : ctx.study.sweeps) {
@@ -557,7 +551,7 @@ ojson claim_granularity(Context& ctx) {
 // 5. At fixed total parameters, loss against sparsity is U-shaped (Abnar): per replicate, a parabola of loss in
 // log2 (1 / (1 - S)); U-shaped when its curvature is positive and its minimum lies inside the measured range, each
 // with a t interval over replicates.
-ojson claim_fixed_n_u_shape(Context& ctx) {
+Claim claim_fixed_n_u_shape(Context& ctx) {
   Evidence e;
   e.unit = "curvature, nats per (log2 expansion)^2";
   std::string measured;
@@ -628,7 +622,7 @@ ojson claim_fixed_n_u_shape(Context& ctx) {
 // 6. At fixed training FLOPs, sparser is better (Abnar): per budget and replicate, each sparsity arm's IsoFLOP
 // minimum and the slope of a line through them against log2 (1 / (1 - S)); the claim's estimate is minus the slope
 // (nats gained per doubling of the expansion), averaged over budgets replicate by replicate.
-ojson claim_sparser_better(Context& ctx) {
+Claim claim_sparser_better(Context& ctx) {
   const Arms arms = isoflop_arms(ctx.study, ctx.column);
   Evidence e;
   e.unit = "nats per doubling of 1 / (1 - S)";
@@ -675,31 +669,27 @@ ojson claim_sparser_better(Context& ctx) {
 
 }  // namespace
 
-ojson study_findings(const Study& study, const ojson& summary, const std::string& column) {
+Findings study_findings(const Study& study, const StudySummary& summary, const std::string& column) {
   size_t groups = 0;
   const double sd = seed_spread(study, column, &groups);
   Context ctx{study, summary, column,
               std::isfinite(sd) ? "seed sd " + fmt("%.3g", sd) + " (" + std::to_string(groups) + " replicated configurations)"
-                                : "no replicate seeds"};
-  ojson out = ojson::array();
-  out.push_back(claim_moe_beats_dense(ctx));
-  out.push_back(claim_gap_by_domain(ctx));
-  out.push_back(claim_finetune(ctx));
-  out.push_back(claim_granularity(ctx));
-  out.push_back(claim_fixed_n_u_shape(ctx));
-  out.push_back(claim_sparser_better(ctx));
-  ojson& warnings = ctx.warnings;
+                                : "no replicate seeds",
+              {}, {}};
+  Findings out;
+  out.claims = {claim_moe_beats_dense(ctx), claim_gap_by_domain(ctx),    claim_finetune(ctx),
+                claim_granularity(ctx),     claim_fixed_n_u_shape(ctx), claim_sparser_better(ctx)};
+  auto& warnings = ctx.warnings;
   // The optimum of a curve at the edge of its measured range: the granularity optimum and the fixed-parameter
-  // U's bottom (replicate means, from summary.json).
-  for (const auto& row : summary.value("granularity_optimum", ojson::array()))
-    if (row.value("on_edge", false))
-      warnings.push_back("the best granularity at " + std::string(row.contains("C") ? "C " : "D ") +
-                         fmt("%.3g", row.contains("C") ? row["C"].get<double>() : row["tokens"].get<double>()) +
-                         " is the largest measured (G = " + fmt("%g", row["G_star"].get<double>()) +
+  // U's bottom (replicate means, from the summary).
+  for (const auto& row : summary.granularity_optimum)
+    if (row.on_edge)
+      warnings.push_back("the best granularity at " + std::string(row.by_budget ? "C " : "D ") + fmt("%.3g", row.key) +
+                         " is the largest measured (G = " + fmt("%g", static_cast<double>(row.G_star)) +
                          "): the optimum may lie beyond it; add a larger G");
-  for (const auto& g : summary.value("fixed_params", ojson::array()))
-    if (g.value("on_edge", false))
-      warnings.push_back("at fixed total parameters (N " + fmt("%.3g", g["params"].get<double>()) +
+  for (const auto& g : summary.fixed_params)
+    if (g.on_edge)
+      warnings.push_back("at fixed total parameters (N " + fmt("%.3g", g.params) +
                          ") the lowest mean loss is at an end of the measured S: the bottom of the U may lie beyond it");
   // Optima on the edge of the measured range: an extrapolation, flagged.
   // (a) The measured IsoFLOP curves: at each budget and sparsity, the best shape must not be the smallest or the
@@ -732,18 +722,17 @@ ojson study_findings(const Study& study, const ojson& summary, const std::string
     }
   }
   // (b) The fitted IsoFLOP surface's N*.
-  const auto& iso = summary.value("isoflop_fit", ojson::object());
-  for (const auto& b : iso.value("budgets", ojson::array())) {
-    const double n = b["N_star"].get<double>(), lo = b["box"]["N"][0].get<double>(), hi = b["box"]["N"][1].get<double>();
+  for (const auto& b : summary.isoflop_fit.budgets) {
+    const double n = b.N_star, lo = b.box_N.lo, hi = b.box_N.hi;
     if (n <= lo * 1.02 || n >= hi / 1.02)
-      warnings.push_back("the IsoFLOP optimum at C " + fmt("%.3g", b["C"].get<double>()) + " lies on the " +
+      warnings.push_back("the IsoFLOP optimum at C " + fmt("%.3g", b.C) + " lies on the " +
                          (n <= lo * 1.02 ? "smallest" : "largest") +
                          " measured shape: N* is an extrapolation; widen the shape ladder");
   }
-  return {{"claims", out},
-          {"edge_warnings", warnings},
-          {"seed_sd", std::isfinite(sd) ? ojson(sd) : ojson(nullptr)},
-          {"pairing", ctx.pairing}};
+  out.edge_warnings = std::move(warnings);
+  out.seed_sd = sd;
+  out.pairing = std::move(ctx.pairing);
+  return out;
 }
 
 }  // namespace moelab

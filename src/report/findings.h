@@ -5,6 +5,7 @@
 #include <string>
 
 #include "report/study.h"
+#include "report/summary.h"
 
 namespace moelab {
 
@@ -15,8 +16,7 @@ namespace moelab {
 // the detectable effect), "not measured" when the study has no runs for it. Each claim carries estimate,
 // interval, detectable_effect, unit and n_per_arm; `pairing` says how much pairing narrowed each dense-vs-MoE
 // interval (paired and unpaired se, the correlation of the arms' per-replicate minima).
-nlohmann::ordered_json study_findings(const Study& study, const nlohmann::ordered_json& summary,
-                                      const std::string& loss_column);
+Findings study_findings(const Study& study, const StudySummary& summary, const std::string& loss_column);
 
 // The seed spread: the pooled sd of the loss over groups of replicates (runs of one sweep with one base name,
 // differing only in their seeds; NaN: none).

@@ -83,18 +83,6 @@ std::vector<std::array<double, 2>> smoothed(const std::vector<std::array<double,
   return out;
 }
 
-// An IsoFLOP surface from fit.json, evaluated at (log N, -log(1 - S)).
-double surface_eval(const ojson& surface, double x, double y) {
-  const double u = (x - surface["x_center"].get<double>()) / surface["x_scale"].get<double>();
-  const double v = (y - surface["y_center"].get<double>()) / surface["y_scale"].get<double>();
-  double value = 0;
-  const auto& mono = surface["monomials"];
-  const auto& coef = surface["coefficients"];
-  for (size_t i = 0; i < mono.size(); ++i)
-    value += coef[i].get<double>() * std::pow(u, mono[i][0].get<int>()) * std::pow(v, mono[i][1].get<int>());
-  return value;
-}
-
 // Tick marks at the given compute budgets, labelled like "2e12": a log axis spanning less than a decade gets no
 // labelled tick of its own.
 std::string budget_tics(const std::vector<double>& values) {
@@ -110,13 +98,13 @@ std::string budget_tics(const std::vector<double>& values) {
 
 class Builder {
  public:
-  Builder(const Study& study, const ojson& summary, const std::string& figures_dir, std::ostream& log)
-      : study_(study), summary_(summary), dir_(figures_dir), log_(log), col_(summary["loss_column"]) {
+  Builder(const Study& study, const StudySummary& summary, const std::string& figures_dir, std::ostream& log)
+      : study_(study), summary_(summary), dir_(figures_dir), log_(log), col_(summary.loss_column) {
     for (const auto& s : study.sweeps)
       if (s.plan.kind == "isoflop")
         for (const auto& r : s.results)
           if (r.status == "ok" && r.budget > 0 && std::isfinite(loss_of(r, col_))) iso_.push_back({&s, &r});
-    for (const auto& b : summary["budgets"]) budgets_.push_back(b.get<double>());
+    budgets_ = summary.budgets;
   }
 
   std::vector<ReportFigure> figures;
@@ -242,22 +230,21 @@ class Builder {
   void isoflop() {
     const std::string title = "IsoFLOP curves";
     if (budgets_.empty()) return skip(title, "no IsoFLOP sweep results");
-    const ojson& fit = summary_["isoflop_fit"];
+    const IsoflopFit& fit = summary_.isoflop_fit;
     const Layout l = layout_for(budgets_.size());
     GnuplotFigure fig(l.width, l.height);
     fig.add(multiplot(l, title));
     for (double C : budgets_) {
       std::map<double, std::vector<std::vector<double>>> by_s;
       for (const auto* r : at_budget(C)) by_s[r->sparsity].push_back({double(r->nonembedding_params), L(*r)});
-      const ojson* surface = nullptr;
-      if (fit.contains("budgets"))
-        for (const auto& b : fit["budgets"])
-          if (same_budget(b["C"].get<double>(), C)) surface = &b;
+      const IsoflopBudget* surface = nullptr;
+      for (const auto& b : fit.budgets)
+        if (same_budget(b.C, C)) surface = &b;
       // The y range follows the runs, not the surface: a degree-2 slice can dive far below the data.
       double y_lo = 1e300, y_hi = -1e300;
       for (const auto& [s, pts] : by_s)
         for (const auto& p : pts) y_lo = std::min(y_lo, p[1]), y_hi = std::max(y_hi, p[1]);
-      if (surface) y_lo = std::min(y_lo, (*surface)["L_star"].get<double>());
+      if (surface) y_lo = std::min(y_lo, surface->L_star);
       const double pad = std::max(0.12 * (y_hi - y_lo), 0.01);
       std::string plot = "plot ";
       int lt = 1;
@@ -270,14 +257,14 @@ class Builder {
           const double lo = std::log(pts.front()[0]), hi = std::log(pts.back()[0]);
           for (int i = 0; i <= 40; ++i) {
             const double x = lo + (hi - lo) * i / 40.0;
-            line.push_back({std::exp(x), surface_eval((*surface)["surface"], x, -std::log(1 - s))});
+            line.push_back({std::exp(x), surface->surface.at(x, -std::log(1 - s))});
           }
           plot += fig.add_data(line) + " using 1:2 with lines lt " + std::to_string(lt) + " dt 2 notitle, ";
         }
         ++lt;
       }
       if (surface) {
-        std::vector<std::vector<double>> star{{(*surface)["N_star"].get<double>(), (*surface)["L_star"].get<double>()}};
+        std::vector<std::vector<double>> star{{surface->N_star, surface->L_star}};
         plot += fig.add_data(star) + " using 1:2 with points pt 3 ps 2.5 lc rgb 'black' title 'surface optimum N*', ";
       }
       plot.resize(plot.size() - 2);
@@ -332,10 +319,9 @@ class Builder {
   // 4. The fitted sparsity law against the observations, with residuals.
   void law_fit() {
     const std::string title = "Fitted sparsity law against the runs";
-    const ojson& fit = summary_["sparsity_fit"];
-    if (!fit.contains("parameters")) return skip(title, fit.value("skipped", std::string("no fit")));
-    std::vector<double> theta;
-    for (const auto& p : fit["parameters"]) theta.push_back(p.is_object() ? p["value"].get<double>() : p.get<double>());
+    const LawFit& fit = summary_.sparsity_fit;
+    if (!fit.fitted()) return skip(title, fit.skipped.empty() ? std::string("no fit") : fit.skipped);
+    const std::vector<double>& theta = fit.theta;
     std::map<double, std::vector<std::vector<double>>> parity, residual;
     double lo = 1e300, hi = 0;
     for (const auto& ir : iso_) {
@@ -349,7 +335,7 @@ class Builder {
     }
     GnuplotFigure fig(1140, 460);
     fig.add("set multiplot layout 1,2 title " + gnuplot_quote(title + " (Abnar et al. Eq. 6, RMSE of log L " +
-                                                             fmt("%.4f", fit["rmse"].get<double>()) + ")") +
+                                                             fmt("%.4f", fit.rmse) + ")") +
             " font ',14'");
     std::string plot = "plot ";
     int lt = 1;
@@ -382,18 +368,14 @@ class Builder {
   // frontier, and the recommendation of the sparsity law at the largest budget.
   void frontier() {
     const std::string title = "Compute-optimal frontier";
-    const ojson& fit = summary_["isoflop_fit"];
-    if (!fit.contains("budgets")) return skip(title, fit.value("skipped", std::string("no IsoFLOP fit")));
+    const IsoflopFit& fit = summary_.isoflop_fit;
+    if (!fit.skipped.empty()) return skip(title, fit.skipped);
+    if (fit.budgets.empty()) return skip(title, "no IsoFLOP fit");
     std::vector<std::vector<double>> n_pts, s_pts;
-    for (const auto& b : fit["budgets"]) {
-      const double C = b["C"].get<double>();
-      double n_lo = kNaN, n_hi = kNaN, s_lo = kNaN, s_hi = kNaN;
-      if (b.contains("intervals")) {
-        n_lo = b["intervals"]["N_star"]["p2.5"], n_hi = b["intervals"]["N_star"]["p97.5"];
-        s_lo = b["intervals"]["S_star"]["p2.5"], s_hi = b["intervals"]["S_star"]["p97.5"];
-      }
-      n_pts.push_back({C, b["N_star"].get<double>(), n_lo, n_hi});
-      s_pts.push_back({C, b["S_star"].get<double>(), s_lo, s_hi});
+    for (const auto& b : fit.budgets) {
+      const Range n = b.N_star_interval.value_or(Range{}), s = b.S_star_interval.value_or(Range{});
+      n_pts.push_back({b.C, b.N_star, n.lo, n.hi});
+      s_pts.push_back({b.C, b.S_star, s.lo, s.hi});
     }
     GnuplotFigure fig(1140, 460);
     fig.add("set multiplot layout 1,2 title " + gnuplot_quote(title) + " font ',14'");
@@ -404,19 +386,16 @@ class Builder {
     fig.add("set xrange [" + fmt("%.6g", c_lo) + ":" + fmt("%.6g", c_hi) + "]");
     std::string plot = "plot " + fig.add_data(n_pts) +
                        " using 1:2:3:4 with yerrorbars lt 1 pt 7 ps 1.3 title 'N* of the surface', ";
-    if (fit.contains("frontier") && fit["frontier"].contains("N_star_exponent")) {
-      const double a = fit["frontier"]["N_star_exponent"], k = fit["frontier"]["N_star_log_intercept"];
+    if (fit.N_star_frontier) {
+      const double a = (*fit.N_star_frontier)[0], k = (*fit.N_star_frontier)[1];
       plot += "exp(" + fmt("%.9g", k) + ") * x**" + fmt("%.9g", a) + " with lines lt 1 dt 2 title " +
               gnuplot_quote("fit: N* ~ C^{" + fmt("%.2f", a) + "}") + ", ";
     }
-    const ojson& rec = summary_["recommendation"];
-    if (rec.contains("sparsity_law") && rec["sparsity_law"].contains("optimum")) {
-      const auto& o = rec["sparsity_law"]["optimum"];
-      double lo = kNaN, hi = kNaN;
-      if (rec["sparsity_law"].contains("intervals") && rec["sparsity_law"]["intervals"].contains("N")) {
-        lo = rec["sparsity_law"]["intervals"]["N"]["p2.5"], hi = rec["sparsity_law"]["intervals"]["N"]["p97.5"];
-      }
-      std::vector<std::vector<double>> p{{rec["budget"].get<double>() * 1.08, o["N"].get<double>(), lo, hi}};
+    const Recommendation& rec = summary_.recommendation;
+    const LawOptimum* law = rec.sparsity_law && rec.sparsity_law->has_optimum ? &*rec.sparsity_law : nullptr;
+    if (law) {
+      const Range iv = law->N_interval.value_or(Range{});
+      std::vector<std::vector<double>> p{{rec.budget * 1.08, law->N, iv.lo, iv.hi}};
       plot += fig.add_data(p) + " using 1:2:3:4 with yerrorbars lt 7 pt 5 ps 1.3 title 'sparsity-law optimum', ";
     }
     plot.resize(plot.size() - 2);
@@ -424,12 +403,9 @@ class Builder {
     fig.add("unset logscale y\nset format y '%g'\nset ylabel 'optimal sparsity S*'\nset yrange [-0.05:1]");
     fig.add("set title 'S* per budget (95% bootstrap interval)'");
     plot = "plot " + fig.add_data(s_pts) + " using 1:2:3:4 with yerrorbars lt 2 pt 7 ps 1.3 title 'S* of the surface', ";
-    if (rec.contains("sparsity_law") && rec["sparsity_law"].contains("optimum")) {
-      const auto& r = rec["sparsity_law"];
-      double lo = kNaN, hi = kNaN;
-      if (r.contains("intervals") && r["intervals"].contains("S"))
-        lo = r["intervals"]["S"]["p2.5"], hi = r["intervals"]["S"]["p97.5"];
-      std::vector<std::vector<double>> p{{rec["budget"].get<double>() * 1.08, r["optimum"]["S"].get<double>(), lo, hi}};
+    if (law) {
+      const Range iv = law->S_interval.value_or(Range{});
+      std::vector<std::vector<double>> p{{rec.budget * 1.08, law->S, iv.lo, iv.hi}};
       plot += fig.add_data(p) + " using 1:2:3:4 with yerrorbars lt 7 pt 5 ps 1.3 title 'sparsity-law optimum', ";
     }
     plot.resize(plot.size() - 2);
@@ -446,25 +422,25 @@ class Builder {
   // compute dense needs for the MoE loss.
   void multiplier() {
     const std::string title = "Compute-efficiency multiplier (dense compute for the MoE loss)";
-    const ojson& m = summary_["compute_multiplier"];
-    if (!m.contains("per_budget")) return skip(title, m.value("skipped", std::string("no dense baselines")));
+    const ComputeMultiplier& m = summary_.compute_multiplier;
+    if (!m.per_budget) return skip(title, m.skipped.empty() ? std::string("no dense baselines") : m.skipped);
+    if (m.per_budget->empty()) return skip(title, "no budget has an MoE run");
     std::vector<std::vector<double>> dense, moe, arrows;
-    for (const auto& row : summary_["per_budget"]) {
-      const double C = row["C"].get<double>();
-      if (!row["best_dense"].is_null()) dense.push_back({C, row["best_dense"]["loss"].get<double>()});
-      if (!row["best_moe"].is_null()) moe.push_back({C, row["best_moe"]["loss"].get<double>()});
+    for (const auto& row : summary_.per_budget) {
+      if (row.best_dense) dense.push_back({row.C, row.best_dense->loss});
+      if (row.best_moe) moe.push_back({row.C, row.best_moe->loss});
     }
     double c_lo = budgets_.front(), c_hi = budgets_.back();
-    for (const auto& row : m["per_budget"]) {
-      const double C = row["C"], Cd = row["dense_compute_for_moe_loss"], Lm = row["moe_loss"];
+    for (const auto& row : *m.per_budget) {
+      const double C = row.C, Cd = row.dense_compute_for_moe_loss, Lm = row.moe_loss;
       arrows.push_back({C, Lm, Cd - C, 0});
       c_lo = std::min(c_lo, Cd), c_hi = std::max(c_hi, Cd);
     }
-    const double a = m["dense_frontier"]["a"], b = m["dense_frontier"]["b"];
-    const auto& last = m["per_budget"].back();
+    const double a = (*m.dense_frontier)[0], b = (*m.dense_frontier)[1];
+    const auto& last = m.per_budget->back();
     GnuplotFigure fig(900, 520);
-    fig.add("set title " + gnuplot_quote(title + ": " + fmt("%.2f", last["multiplier"].get<double>()) + "x at C = " +
-                                         fmt("%.3g", last["C"].get<double>())));
+    fig.add("set title " + gnuplot_quote(title + ": " + fmt("%.2f", last.multiplier) + "x at C = " +
+                                         fmt("%.3g", last.C)));
     fig.add("set logscale x\nset xlabel 'training compute C (FLOPs)'\nset ylabel " +
             gnuplot_quote("best " + loss_axis() + " at C") + "\nset key top right\n" + budget_tics(budgets_));
     fig.add("set xrange [" + fmt("%.6g", c_lo / 1.6) + ":" + fmt("%.6g", c_hi * 1.6) + "]");
@@ -482,20 +458,20 @@ class Builder {
   // 7. Granularity: loss against G at fixed shape and tokens.
   void granularity() {
     const std::string title = "Granularity comparison";
-    const ojson& g = summary_["granularity"];
+    const auto& g = summary_.granularity;
     if (g.empty()) return skip(title, "no granularity sweep in the study");
     // One curve per shape and budget (or token count, for a sweep over D).
     std::map<std::pair<int64_t, double>, std::vector<std::vector<double>>> moe;
     std::map<std::pair<int64_t, double>, double> dense;
     std::set<double> by_budget;
-    for (const auto& r : g) {
-      const double b = r.value("budget", 0.0);
+    for (const auto& [r, sweep] : g) {
+      const double b = r.budget;
       if (b > 0) by_budget.insert(b);
-      const std::pair<int64_t, double> key{r["d_model"].get<int64_t>(), b > 0 ? b : r["tokens"].get<double>()};
-      if (r["experts"].get<int64_t>() > 0)
-        moe[key].push_back({double(r["granularity"].get<int64_t>()), r["loss"].get<double>()});
+      const std::pair<int64_t, double> key{r.d_model, b > 0 ? b : static_cast<double>(r.tokens)};
+      if (r.experts > 0)
+        moe[key].push_back({double(r.granularity), r.loss});
       else
-        dense[key] = r["loss"].get<double>();
+        dense[key] = r.loss;
     }
     GnuplotFigure fig(900, 500);
     fig.add("set title " + gnuplot_quote(title + " (E*G experts of size d_ff/G, G active: equal active parameters)"));
@@ -526,7 +502,7 @@ class Builder {
   // 7b. Loss against sparsity at fixed total parameters (Abnar et al.'s U-shape).
   void fixed_params() {
     const std::string title = "Loss against sparsity at fixed total parameters";
-    const ojson& groups = summary_.value("fixed_params", ojson::array());
+    const auto& groups = summary_.fixed_params;
     if (groups.empty()) return skip(title, "no fixed_params sweep in the study");
     GnuplotFigure fig(900, 500);
     fig.add("set title " + gnuplot_quote(title));
@@ -535,17 +511,15 @@ class Builder {
             "set xtics ('0' 1, '0.5' 2, '0.75' 4, '0.875' 8, '0.9375' 16, '0.96875' 32, '0.984' 64, '0.992' 128)");
     double x_max = 1;
     for (const auto& g : groups)
-      for (const auto& p : g["points"]) x_max = std::max(x_max, 1 / (1 - p["sparsity"].get<double>()));
+      for (const auto& p : g.points) x_max = std::max(x_max, 1 / (1 - p.run.sparsity));
     fig.add("set xrange [0.8:" + fmt("%.6g", x_max * 1.25) + "]");
     std::string plot = "plot ";
     int lt = 1;
     for (const auto& g : groups) {
       std::vector<std::vector<double>> pts;
-      for (const auto& p : g["points"]) pts.push_back({1 / (1 - p["sparsity"].get<double>()), p["loss"].get<double>()});
+      for (const auto& p : g.points) pts.push_back({1 / (1 - p.run.sparsity), p.run.loss});
       if (pts.empty()) continue;
-      const std::string label = "N " + fmt("%.3g", g["params"].get<double>()) +
-                                (g.contains("C") ? ", C " + fmt("%.3g", g["C"].get<double>())
-                                                 : ", D " + fmt("%.3g", g["tokens"].get<double>()));
+      const std::string label = "N " + fmt("%.3g", g.params) + (g.by_budget ? ", C " : ", D ") + fmt("%.3g", g.key);
       plot += fig.add_data(pts) + " using 1:2 with linespoints lt " + std::to_string(lt++) + " pt 7 lw 1.5 title " +
               gnuplot_quote(label) + ", ";
     }
@@ -562,18 +536,16 @@ class Builder {
   // 8. Downstream accuracy against validation loss, a panel per task.
   void downstream() {
     const std::string title = "Downstream accuracy against validation loss";
-    const ojson& d = summary_["downstream"];
+    const auto& d = summary_.downstream;
     if (d.empty()) return skip(title, "no downstream evaluations in the results stores (moelab eval --tasks)");
     std::map<std::string, std::map<std::string, std::vector<std::vector<double>>>> by_task;  // task -> series -> pts
     for (const auto& r : d) {
-      if (r["loss"].is_null()) continue;
-      const std::string mode = r["mode"].get<std::string>() == "finetune"
+      if (!std::isfinite(r.loss)) continue;
+      const std::string mode = r.mode == "finetune"
                                    ? std::string("fine-tuned")
-                                   : (r["shots"].get<int>() == 0 ? std::string("zero-shot")
-                                                                 : std::to_string(r["shots"].get<int>()) + "-shot");
-      const std::string series = mode + (r["moe"].get<bool>() ? " MoE" : " dense");
-      by_task[r["task"].get<std::string>()][series].push_back(
-          {r["loss"].get<double>(), r["acc"].get<double>(), r["acc_stderr"].get<double>()});
+                                   : (r.shots == 0 ? std::string("zero-shot") : std::to_string(r.shots) + "-shot");
+      const std::string series = mode + (r.moe ? " MoE" : " dense");
+      by_task[r.task][series].push_back({r.loss, r.acc, r.acc_stderr});
     }
     if (by_task.empty()) return skip(title, "downstream rows name runs that are not in the study");
     const Layout l = layout_for(by_task.size());
@@ -650,7 +622,7 @@ class Builder {
   }
 
   const Study& study_;
-  const ojson& summary_;
+  const StudySummary& summary_;
   std::string dir_;
   std::ostream& log_;
   std::string col_;
@@ -670,68 +642,66 @@ std::string table_html(const std::vector<std::string>& header, const std::vector
   return out + "</table>\n";
 }
 
-std::string interval_text(const ojson& iv) {
-  if (!iv.is_object() || !iv.contains("p2.5")) return "";
-  return "[" + fmt("%.3g", iv["p2.5"].get<double>()) + ", " + fmt("%.3g", iv["p97.5"].get<double>()) + "]";
+std::string interval_text(const std::optional<Range>& iv) {
+  if (!iv) return "";
+  return "[" + fmt("%.3g", iv->lo) + ", " + fmt("%.3g", iv->hi) + "]";
+}
+
+std::string number_text(double x, const char* format) { return std::isfinite(x) ? fmt(format, x) : std::string("-"); }
+
+// "dense: runs 27, budgets 3, replicates 3; moe: ..." from a claim's n_per_arm record.
+std::string arm_counts_text(const nlohmann::ordered_json& n_per_arm) {
+  std::string n;
+  for (const auto& [arm, v] : n_per_arm.items()) {
+    std::string counts;
+    if (v.is_object())
+      for (const auto& [what, k] : v.items()) counts += (counts.empty() ? "" : ", ") + what + " " + k.dump();
+    n += (n.empty() ? "" : "; ") + arm + ": " + (v.is_object() ? counts : v.dump());
+  }
+  return n.empty() ? "-" : n;
 }
 
 // The findings table (each claim: measured, estimate with its interval, detectable effect, runs per arm, verdict),
 // the seed spread, the pairing table and the edge warnings.
-void findings_html(std::ostream& h, const ojson& f) {
+void findings_html(std::ostream& h, const Findings& f) {
   h << "<h2 id=\"findings\">Findings: the three studies' claims at this scale</h2>\n<p>Each claim, what this study "
        "measured, and a verdict from every run: an estimate fitted to all shapes and replicates, its 95% t interval "
        "over replicates (paired by data order where arms share it), and the smallest effect this design detects "
        "(80% power, 5% two-sided). Reproduced or not reproduced when the interval excludes 0, otherwise "
        "inconclusive (docs/report.md, \"Findings\").</p>\n";
-  auto number = [](const ojson& x, const char* format) {
-    return x.is_number() ? fmt(format, x.get<double>()) : std::string("-");
-  };
   std::vector<std::vector<std::string>> rows;
-  for (const auto& c : f["claims"]) {
-    std::string estimate = "-", n = "-";
-    if (c.contains("estimate") && c["estimate"].is_number())
-      estimate = number(c["estimate"], "%+.4g") + " [" + number(c["interval"][0], "%+.3g") + ", " +
-                 number(c["interval"][1], "%+.3g") + "] " + c.value("unit", std::string());
-    if (c.contains("n_per_arm") && !c["n_per_arm"].empty()) {
-      n.clear();
-      for (const auto& [arm, v] : c["n_per_arm"].items()) {
-        std::string counts;
-        if (v.is_object())
-          for (const auto& [what, k] : v.items()) counts += (counts.empty() ? "" : ", ") + what + " " + k.dump();
-        n += (n.empty() ? "" : "; ") + arm + ": " + (v.is_object() ? counts : v.dump());
-      }
-    }
-    rows.push_back({c["claim"].get<std::string>(), c["source"].get<std::string>(), c["measured"].get<std::string>(),
-                    estimate, c.contains("detectable_effect") ? number(c["detectable_effect"], "%.3g") : "-", n,
-                    c["verdict"].get<std::string>() +
-                        (c["why"].get<std::string>().empty() ? "" : ": " + c["why"].get<std::string>())});
+  for (const auto& c : f.claims) {
+    std::string estimate = "-";
+    if (std::isfinite(c.estimate))
+      estimate = number_text(c.estimate, "%+.4g") + " [" + number_text(c.lo, "%+.3g") + ", " +
+                 number_text(c.hi, "%+.3g") + "] " + c.unit;
+    rows.push_back({c.claim, c.source, c.measured, estimate, number_text(c.detectable_effect, "%.3g"),
+                    arm_counts_text(c.n_per_arm), c.verdict + (c.why.empty() ? "" : ": " + c.why)});
   }
   h << table_html({"claim", "study", "measured here", "estimate [95% interval]", "detectable effect", "n per arm",
                    "verdict"},
                   rows);
-  if (f.contains("seed_sd") && f["seed_sd"].is_number())
+  if (std::isfinite(f.seed_sd))
     h << "<p class=\"note\">Seed spread: the pooled sd of the loss over replicates of one configuration is "
-      << fmt("%.4f", f["seed_sd"].get<double>()) << ".</p>\n";
-  if (f.contains("pairing") && !f["pairing"].empty()) {
+      << fmt("%.4f", f.seed_sd) << ".</p>\n";
+  if (!f.pairing.empty()) {
     std::vector<std::vector<std::string>> prow;
-    for (const auto& p : f["pairing"])
-      prow.push_back({fmt("%.3g", p["C"].get<double>()), p["comparison"].get<std::string>(),
-                      std::to_string(p["replicates"].get<int64_t>()), number(p["se_paired"], "%.4f"),
-                      number(p["se_unpaired"], "%.4f"), number(p["variance_ratio"], "%.2f"),
-                      number(p["correlation"], "%.2f")});
+    for (const auto& p : f.pairing)
+      prow.push_back({fmt("%.3g", p.C), p.comparison, std::to_string(p.replicates), number_text(p.se_paired, "%.4f"),
+                      number_text(p.se_unpaired, "%.4f"), number_text(p.variance_ratio, "%.2f"),
+                      number_text(p.correlation, "%.2f")});
     h << "<p class=\"note\">What pairing by data order bought: the standard error of each dense-minus-MoE "
          "difference of minima paired by replicate, against Welch's unpaired one over the same per-replicate "
          "minima, and the correlation of the two arms' per-replicate minima.</p>\n";
     h << table_html({"C", "comparison", "replicates", "se paired", "se unpaired", "variance ratio", "correlation"},
                     prow);
   }
-  for (const auto& w : f["edge_warnings"])
-    h << "<p class=\"note\">Warning: " << html_escape(w.get<std::string>()) << "</p>\n";
+  for (const auto& w : f.edge_warnings) h << "<p class=\"note\">Warning: " << html_escape(w) << "</p>\n";
 }
 
 // ---- the page, one function per section, each writing its HTML to h --------------------------------------------
 
-void page_head(std::ostream& h, const Study& study, const ojson& s) {
+void page_head(std::ostream& h, const Study& study, const StudySummary& s) {
   h << "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n<title>moelab report: "
     << html_escape(fs::path(study.dir).filename().string()) << "</title>\n<style>\n"
     << "body{font-family:'DejaVu Sans',sans-serif;max-width:1180px;margin:24px auto;padding:0 16px;color:#222}\n"
@@ -742,216 +712,190 @@ void page_head(std::ostream& h, const Study& study, const ojson& s) {
        "text-align:right}th{background:#f4f4f4}td:first-child{text-align:left}\n"
     << ".note{color:#555;font-size:13px}code{background:#f4f4f4;padding:1px 4px}\n</style></head>\n<body>\n";
   h << "<h1>moelab report: " << html_escape(study.dir) << "</h1>\n";
-  h << "<p class=\"headline\" id=\"headline\">" << html_escape(s["headline"].get<std::string>()) << "</p>\n";
-  if (s.contains("findings")) findings_html(h, s["findings"]);
+  h << "<p class=\"headline\" id=\"headline\">" << html_escape(s.headline) << "</p>\n";
+  findings_html(h, s.findings);
   h << "<p class=\"note\">Every number on this page is in <a href=\"summary.json\">summary.json</a>, computed from the "
        "results stores (results.db, one row per run) and the runs' metrics.jsonl; L is the run's <code>"
-    << html_escape(s["loss_column"].get<std::string>())
+    << html_escape(s.loss_column)
     << "</code> at the end of training. Figures are SVG drawn by gnuplot; their scripts with the data inline are in "
        "figures/*.gp.</p>\n";
-
 }
 
-void sweeps_html(std::ostream& h, const ojson& s) {
+void sweeps_html(std::ostream& h, const StudySummary& s) {
   std::vector<std::vector<std::string>> rows;
   h << "<h2>Sweeps</h2>\n";
-  for (const auto& sw : s["sweeps"])
-    rows.push_back({sw["label"].get<std::string>(), sw["kind"].get<std::string>(),
-                    std::to_string(sw["runs_planned"].get<int64_t>()), std::to_string(sw["runs_ok"].get<int64_t>()),
-                    std::to_string(sw["runs_failed"].get<int64_t>()),
-                    std::to_string(sw["downstream_rows"].get<int64_t>()), sw["dir"].get<std::string>()});
+  for (const auto& sw : s.sweeps)
+    rows.push_back({sw.label, sw.kind, std::to_string(sw.runs_planned), std::to_string(sw.runs_ok),
+                    std::to_string(sw.runs_failed), std::to_string(sw.downstream_rows), sw.dir});
   h << table_html({"sweep", "kind", "runs planned", "ok", "failed", "downstream rows", "directory"}, rows);
-
 }
 
 // The best configuration per budget and the compute multiplier.
-void per_budget_html(std::ostream& h, const ojson& s) {
+void per_budget_html(std::ostream& h, const StudySummary& s) {
   std::vector<std::vector<std::string>> rows;
   h << "<h2>Best configuration per budget</h2>\n";
-  for (const auto& b : s["per_budget"]) {
-    auto brief = [](const ojson& r) {
-      return r.is_null() ? std::string("-") : r["name"].get<std::string>() + " (" + fmt("%.4f", r["loss"].get<double>()) + ")";
-    };
-    rows.push_back({fmt("%.3g", b["C"].get<double>()), brief(b["best"]), brief(b["best_dense"]), brief(b["best_moe"])});
-  }
+  auto brief = [](const std::optional<RunBrief>& r) {
+    return r ? r->name + " (" + fmt("%.4f", r->loss) + ")" : std::string("-");
+  };
+  for (const auto& b : s.per_budget) rows.push_back({fmt("%.3g", b.C), brief(b.best), brief(b.best_dense), brief(b.best_moe)});
   h << table_html({"budget C (FLOPs)", "best run (L)", "best dense (L)", "best MoE (L)"}, rows);
-  const ojson& m = s["compute_multiplier"];
-  if (m.contains("per_budget")) {
+  const ComputeMultiplier& m = s.compute_multiplier;
+  if (m.per_budget) {
     rows.clear();
-    for (const auto& r : m["per_budget"])
-      rows.push_back({fmt("%.3g", r["C"].get<double>()), fmt("%.4f", r["moe_loss"].get<double>()),
-                      r["dense_loss"].is_null() ? "-" : fmt("%.4f", r["dense_loss"].get<double>()),
-                      fmt("%.3g", r["dense_compute_for_moe_loss"].get<double>()),
-                      fmt("%.2f", r["multiplier"].get<double>()), r["extrapolated"].get<bool>() ? "yes" : "no"});
+    for (const auto& r : *m.per_budget)
+      rows.push_back({fmt("%.3g", r.C), fmt("%.4f", r.moe_loss), r.dense_loss ? fmt("%.4f", *r.dense_loss) : "-",
+                      fmt("%.3g", r.dense_compute_for_moe_loss), fmt("%.2f", r.multiplier), r.extrapolated ? "yes" : "no"});
     h << "<p>Compute multiplier: the FLOPs at which the dense power law (log L = a + b log C through the best dense "
          "run of each budget; b = "
-      << fmt("%.4f", m["dense_frontier"]["b"].get<double>()) << ") reaches the best MoE loss, over C.</p>\n";
+      << fmt("%.4f", (*m.dense_frontier)[1]) << ") reaches the best MoE loss, over C.</p>\n";
     h << table_html({"budget C", "best MoE L", "best dense L", "dense FLOPs for the MoE L", "multiplier",
                      "extrapolated"},
                     rows);
-  } else if (m.contains("skipped")) {
-    h << "<p class=\"note\">Compute multiplier: " << html_escape(m["skipped"].get<std::string>()) << "</p>\n";
+  } else if (!m.skipped.empty()) {
+    h << "<p class=\"note\">Compute multiplier: " << html_escape(m.skipped) << "</p>\n";
+  }
+}
+
+// The pair's downstream rows: per task, mode and shots, each side's accuracy (before -> after when fine-tuned).
+void pair_downstream_rows(const DenseMoePair& pair, std::vector<std::vector<std::string>>& rows) {
+  auto find = [](const PairSide& side, const std::string& task, const std::string& mode, int64_t shots) -> const PairTask* {
+    if (side.downstream)
+      for (const auto& t : *side.downstream)
+        if (t.task == task && t.mode == mode && (mode == "finetune" || t.shots == shots)) return &t;
+    return nullptr;
+  };
+  std::set<std::tuple<std::string, std::string, int64_t>> keys;
+  for (const auto* side : {&pair.dense, &pair.moe})
+    if (side->downstream)
+      for (const auto& t : *side->downstream) keys.insert({t.task, t.mode, t.mode == "finetune" ? 0 : t.shots});
+  for (const auto& [task, mode, shots] : keys) {
+    const PairTask *a = find(pair.dense, task, mode, shots), *b = find(pair.moe, task, mode, shots);
+    auto text = [&](const PairTask* t) {
+      if (!t) return std::string("-");
+      std::string x = fmt("%.3f", t->acc) + " ± " + fmt("%.3f", t->acc_stderr);
+      if (t->before) x = fmt("%.3f", t->before_acc()) + " -> " + x;
+      return x;
+    };
+    const std::string label = task + (mode == "finetune" ? " fine-tuned" : mode == "few" ? " " + std::to_string(shots) + "-shot" : " zero-shot") +
+                              " accuracy (n " + std::to_string((a ? a : b)->n) + ")";
+    std::string diff = "-";
+    if (a && b) {
+      diff = fmt("%+.3f", a->acc - b->acc);
+      if (a->before && b->before)
+        diff = "gain " + fmt("%+.3f", a->acc - a->before_acc()) + " vs " + fmt("%+.3f", b->acc - b->before_acc());
+    }
+    rows.push_back({label, text(a), text(b), diff});
   }
 }
 
 // The dense-vs-MoE pair of the largest budget, in domain, out of domain, downstream.
-void pair_html(std::ostream& h, const ojson& s) {
+void pair_html(std::ostream& h, const StudySummary& s) {
+  const DenseMoePair& pair = s.dense_vs_moe_pair;
+  if (!pair.skipped.empty()) return;
+  h << "<h2>Dense and MoE at equal FLOPs (C = " << fmt("%.3g", pair.C)
+    << ")</h2>\n<p>The best dense and the best MoE run of the largest budget, in domain (validation loss), on each "
+       "out-of-domain set, zero- and few-shot, and fine-tuned (before -> after, on the same test items).</p>\n";
+  const PairSide &dn = pair.dense, &mo = pair.moe;
+  auto difference = [](double a, double b) {
+    return std::isfinite(a) && std::isfinite(b) ? fmt("%+.4f", a - b) : std::string("-");
+  };
   std::vector<std::vector<std::string>> rows;
-  const ojson& pair = s.value("dense_vs_moe_pair", ojson::object());
-  if (pair.contains("dense") && pair.contains("moe")) {
-    h << "<h2>Dense and MoE at equal FLOPs (C = " << fmt("%.3g", pair["C"].get<double>())
-      << ")</h2>\n<p>The best dense and the best MoE run of the largest budget, in domain (validation loss), on each "
-         "out-of-domain set, zero- and few-shot, and fine-tuned (before -> after, on the same test items).</p>\n";
-    const ojson &dn = pair["dense"], &mo = pair["moe"];
-    auto num = [](const ojson& v) { return v.is_null() ? std::string("-") : fmt("%.4f", v.get<double>()); };
-    rows.push_back({"run", dn["name"].get<std::string>(), mo["name"].get<std::string>(), ""});
-    rows.push_back({"validation loss (in domain)", num(dn.value("val_loss", ojson())), num(mo.value("val_loss", ojson())),
-                    dn.value("val_loss", ojson()).is_null() || mo.value("val_loss", ojson()).is_null()
-                        ? "-" : fmt("%+.4f", dn["val_loss"].get<double>() - mo["val_loss"].get<double>())});
-    const ojson dense_ood = dn.value("ood_losses", ojson::object()), moe_ood = mo.value("ood_losses", ojson::object());
-    for (const auto& [k, v] : dense_ood.items()) {
-      const ojson m = moe_ood.value(k, ojson());
-      rows.push_back({k + " (out of domain)", num(v), num(m),
-                      v.is_null() || m.is_null() ? "-" : fmt("%+.4f", v.get<double>() - m.get<double>())});
-    }
-    auto acc_of = [](const ojson& side, const std::string& task, const std::string& mode, int64_t shots) -> ojson {
-      for (const auto& t : side.value("downstream", ojson::array()))
-        if (t["task"] == task && t["mode"] == mode && (mode == "finetune" || t["shots"].get<int64_t>() == shots)) return t;
-      return ojson();
-    };
-    std::set<std::tuple<std::string, std::string, int64_t>> keys;
-    for (const auto& side : {dn, mo})
-      for (const auto& t : side.value("downstream", ojson::array()))
-        keys.insert({t["task"].get<std::string>(), t["mode"].get<std::string>(),
-                     t["mode"] == "finetune" ? 0 : t["shots"].get<int64_t>()});
-    for (const auto& [task, mode, shots] : keys) {
-      const ojson a = acc_of(dn, task, mode, shots), b = acc_of(mo, task, mode, shots);
-      auto text = [&](const ojson& t) {
-        if (t.is_null()) return std::string("-");
-        std::string x = fmt("%.3f", t["acc"].get<double>()) + " ± " + fmt("%.3f", t["acc_stderr"].get<double>());
-        if (t.contains("before")) x = fmt("%.3f", t["before"]["acc"].get<double>()) + " -> " + x;
-        return x;
-      };
-      const std::string label = task + (mode == "finetune" ? " fine-tuned" : mode == "few" ? " " + std::to_string(shots) + "-shot" : " zero-shot") +
-                                " accuracy (n " + std::to_string((a.is_null() ? b : a)["n"].get<int64_t>()) + ")";
-      std::string diff = "-";
-      if (!a.is_null() && !b.is_null()) {
-        diff = fmt("%+.3f", a["acc"].get<double>() - b["acc"].get<double>());
-        if (a.contains("before") && b.contains("before"))
-          diff = "gain " + fmt("%+.3f", a["acc"].get<double>() - a["before"]["acc"].get<double>()) + " vs " +
-                 fmt("%+.3f", b["acc"].get<double>() - b["before"]["acc"].get<double>());
-      }
-      rows.push_back({label, text(a), text(b), diff});
-    }
-    h << table_html({"", "dense", "MoE", "dense - MoE (loss) / dense - MoE (accuracy)"}, rows);
+  rows.push_back({"run", dn.name, mo.name, ""});
+  rows.push_back({"validation loss (in domain)", number_text(dn.val_loss, "%.4f"), number_text(mo.val_loss, "%.4f"),
+                  difference(dn.val_loss, mo.val_loss)});
+  for (const auto& [k, v] : dn.ood_losses) {
+    const auto it = mo.ood_losses.find(k);
+    const double m = it == mo.ood_losses.end() ? kNaN : it->second;
+    rows.push_back({k + " (out of domain)", number_text(v, "%.4f"), number_text(m, "%.4f"), difference(v, m)});
   }
+  pair_downstream_rows(pair, rows);
+  h << table_html({"", "dense", "MoE", "dense - MoE (loss) / dense - MoE (accuracy)"}, rows);
 }
 
 // The optimal granularity per budget, measured and by the law.
-void granularity_html(std::ostream& h, const ojson& s) {
+void granularity_html(std::ostream& h, const StudySummary& s) {
+  if (s.granularity_optimum.empty()) return;
   std::vector<std::vector<std::string>> rows;
-  const ojson& gopt = s.value("granularity_optimum", ojson::array());
-  if (!gopt.empty()) {
-    h << "<h2>Optimal granularity per budget</h2>\n<p>The measured best G over the granularity sweep's shapes at each "
-         "budget, and the fitted granularity law's best G at that run's shape (its parameters and tokens carried to "
-         "G = 16 and 32 along the measured runs' trend in G).</p>\n";
-    for (const auto& r : gopt) {
-      std::string law = "-";
-      if (r.contains("law") && r["law"].contains("G_star"))
-        law = fmt("%g", r["law"]["G_star"].get<double>()) + " (L " + fmt("%.4f", r["law"]["loss"].get<double>()) + ")";
-      std::string curve;
-      for (const auto& p : r["curve_at_best_shape"])
-        curve += (curve.empty() ? "" : ", ") + std::string("G ") + std::to_string(p["G"].get<int64_t>()) + ": " +
-                 fmt("%.4f", p["loss"].get<double>());
-      rows.push_back({r.contains("C") ? "C " + fmt("%.3g", r["C"].get<double>()) : "D " + fmt("%.3g", r["tokens"].get<double>()),
-                      std::to_string(r["G_star"].get<int64_t>()) + (r["on_edge"].get<bool>() ? " (edge)" : ""),
-                      r["best"]["name"].get<std::string>(), curve,
-                      r["dense"].is_null() ? "-" : fmt("%.4f", r["dense"]["loss"].get<double>()), law});
-    }
-    h << table_html({"budget", "measured G*", "best run", "L by G at its shape", "best dense L", "law G*"}, rows);
-    const ojson& gf = s.value("granularity_fit", ojson::object());
-    if (gf.contains("skipped"))
-      h << "<p class=\"note\">Granularity law: " << html_escape(gf["skipped"].get<std::string>()) << "</p>\n";
-    else if (gf.contains("coefficients")) {
-      std::string coef;
-      for (const auto& [k, v] : gf["coefficients"].items())
-        if (v.is_number()) coef += (coef.empty() ? "" : ", ") + k + " " + fmt("%.4g", v.get<double>());
-      h << "<p>Granularity law L = c + (g/G^&gamma; + a)/N^&alpha; + b/D^&beta; fitted on "
-        << gf["n_points"].get<size_t>() << " MoE runs: " << html_escape(coef) << " (RMSE of log L "
-        << fmt("%.4f", gf.value("rmse", 0.0)) << ").</p>\n";
-      if (gf.contains("degenerate"))
-        h << "<p class=\"note\">Warning: " << html_escape(gf["degenerate"].get<std::string>()) << ".</p>\n";
-    }
+  h << "<h2>Optimal granularity per budget</h2>\n<p>The measured best G over the granularity sweep's shapes at each "
+       "budget, and the fitted granularity law's best G at that run's shape (its parameters and tokens carried to "
+       "G = 16 and 32 along the measured runs' trend in G).</p>\n";
+  for (const auto& r : s.granularity_optimum) {
+    std::string law = "-";
+    if (r.has_law && r.law_skipped.empty()) law = fmt("%g", r.law_G_star) + " (L " + fmt("%.4f", r.law_loss) + ")";
+    std::string curve;
+    for (const auto& p : r.curve_at_best_shape)
+      curve += (curve.empty() ? "" : ", ") + std::string("G ") + std::to_string(p.G) + ": " + fmt("%.4f", p.loss);
+    rows.push_back({(r.by_budget ? "C " : "D ") + fmt("%.3g", r.key), std::to_string(r.G_star) + (r.on_edge ? " (edge)" : ""),
+                    r.best.name, curve, r.dense ? fmt("%.4f", r.dense->loss) : "-", law});
+  }
+  h << table_html({"budget", "measured G*", "best run", "L by G at its shape", "best dense L", "law G*"}, rows);
+  const LawFit& gf = s.granularity_fit;
+  if (!gf.skipped.empty()) {
+    h << "<p class=\"note\">Granularity law: " << html_escape(gf.skipped) << "</p>\n";
+  } else if (!gf.coefficients.empty()) {
+    std::string coef;
+    for (const auto& [k, v] : gf.coefficients) coef += (coef.empty() ? "" : ", ") + k + " " + fmt("%.4g", v);
+    h << "<p>Granularity law L = c + (g/G^&gamma; + a)/N^&alpha; + b/D^&beta; fitted on " << gf.n_points
+      << " MoE runs: " << html_escape(coef) << " (RMSE of log L " << fmt("%.4f", std::isfinite(gf.rmse) ? gf.rmse : 0.0)
+      << ").</p>\n";
+    if (!gf.degenerate.empty()) h << "<p class=\"note\">Warning: " << html_escape(gf.degenerate) << ".</p>\n";
   }
 }
 
 // Fixed total parameters: loss against S.
-void fixed_params_html(std::ostream& h, const ojson& s) {
-  std::vector<std::vector<std::string>> rows;
-  const ojson& fixed = s.value("fixed_params", ojson::array());
-  for (const auto& g : fixed) {
-    h << "<h2>Fixed total parameters: N " << fmt("%.3g", g["params"].get<double>())
-      << (g.contains("C") ? " at C " + fmt("%.3g", g["C"].get<double>()) : " at D " + fmt("%.3g", g["tokens"].get<double>()))
-      << "</h2>\n";
-    rows.clear();
-    for (const auto& p : g["points"])
-      rows.push_back({fmt("%.4g", p["sparsity"].get<double>()), p["name"].get<std::string>(),
-                      std::to_string(p["d_model"].get<int64_t>()), std::to_string(p["experts"].get<int64_t>()),
-                      fmt("%.4g", static_cast<double>(p["active_params"].get<int64_t>())),
-                      fmt("%.4g", static_cast<double>(p["tokens"].get<int64_t>())), fmt("%.4f", p["loss"].get<double>()),
-                      std::to_string(p["seeds"].get<size_t>())});
+void fixed_params_html(std::ostream& h, const StudySummary& s) {
+  for (const auto& g : s.fixed_params) {
+    h << "<h2>Fixed total parameters: N " << fmt("%.3g", g.params) << (g.by_budget ? " at C " : " at D ")
+      << fmt("%.3g", g.key) << "</h2>\n";
+    std::vector<std::vector<std::string>> rows;
+    for (const auto& p : g.points)
+      rows.push_back({fmt("%.4g", p.run.sparsity), p.run.name, std::to_string(p.run.d_model), std::to_string(p.run.experts),
+                      fmt("%.4g", static_cast<double>(p.run.active_params)),
+                      fmt("%.4g", static_cast<double>(p.run.tokens)), fmt("%.4f", p.run.loss), std::to_string(p.seeds)});
     h << table_html({"S", "run", "d_model", "experts", "active params", "tokens", "L", "seeds"}, rows);
   }
 }
 
 // Which law extrapolates best.
-void law_comparison_html(std::ostream& h, const ojson& s) {
-  std::vector<std::vector<std::string>> rows;
-  if (s.contains("law_comparison") && s["law_comparison"].contains("ranking")) {
-    const ojson& c = s["law_comparison"];
-    h << "<h2>Which law extrapolates best</h2>\n<p>Every law the runs' columns allow, fitted without the held-out "
-         "runs ("
-      << html_escape(c["holdout"].get<std::string>())
-      << ") and ranked by the RMSE of log L in predicting them; the interval is over bootstrap refits "
-         "(docs/fitting.md, fit --law compare).</p>\n";
-    int rank = 1;
-    for (const auto& r : c["ranking"]) {
-      const ojson& iv = r["heldout_rmse_interval"];
-      rows.push_back({std::to_string(rank++), r["law"].get<std::string>(), fmt("%.4g", r["heldout_rmse"].get<double>()),
-                      iv.is_null() ? "-"
-                                   : "[" + fmt("%.3g", iv["p2.5"].get<double>()) + ", " +
-                                         fmt("%.3g", iv["p97.5"].get<double>()) + "]",
-                      fmt("%.4g", r["rmse"].get<double>()), std::to_string(r["parameters"].get<int64_t>())});
-    }
-    h << table_html({"rank", "law", "held-out RMSE (log L)", "95% bootstrap", "in-sample RMSE", "parameters"}, rows);
-    for (const auto& sk : c["skipped"])
-      h << "<p class=\"note\">Not fitted: " << html_escape(sk["law"].get<std::string>()) << " ("
-        << html_escape(sk["reason"].get<std::string>()) << ")</p>\n";
-  } else if (s.contains("law_comparison") && s["law_comparison"].contains("skipped")) {
-    h << "<p class=\"note\">Law comparison: " << html_escape(s["law_comparison"]["skipped"].get<std::string>())
-      << "</p>\n";
+void law_comparison_html(std::ostream& h, const StudySummary& s) {
+  const LawComparison& c = s.law_comparison;
+  if (!c.skipped.empty()) {
+    h << "<p class=\"note\">Law comparison: " << html_escape(c.skipped) << "</p>\n";
+    return;
   }
+  h << "<h2>Which law extrapolates best</h2>\n<p>Every law the runs' columns allow, fitted without the held-out "
+       "runs ("
+    << html_escape(c.holdout)
+    << ") and ranked by the RMSE of log L in predicting them; the interval is over bootstrap refits "
+       "(docs/fitting.md, fit --law compare).</p>\n";
+  std::vector<std::vector<std::string>> rows;
+  int rank = 1;
+  for (const auto& r : c.ranking)
+    rows.push_back({std::to_string(rank++), r.law, fmt("%.4g", r.heldout_rmse),
+                    r.heldout_interval ? "[" + fmt("%.3g", r.heldout_interval->lo) + ", " +
+                                             fmt("%.3g", r.heldout_interval->hi) + "]"
+                                       : "-",
+                    fmt("%.4g", r.rmse), std::to_string(r.parameters)});
+  h << table_html({"rank", "law", "held-out RMSE (log L)", "95% bootstrap", "in-sample RMSE", "parameters"}, rows);
+  for (const auto& [law, reason] : c.not_fitted)
+    h << "<p class=\"note\">Not fitted: " << html_escape(law) << " (" << html_escape(reason) << ")</p>\n";
 }
 
 // The fitted sparsity law's recommendation.
-void recommendation_html(std::ostream& h, const ojson& s) {
-  std::vector<std::vector<std::string>> rows;
-  const ojson& rec = s["recommendation"];
-  if (rec.contains("sparsity_law") && rec["sparsity_law"].contains("optimum")) {
-    const auto& r = rec["sparsity_law"];
-    const auto& o = r["optimum"];
-    const ojson iv = r.value("intervals", ojson::object());
-    h << "<h2>Recommendation of the fitted sparsity law at C = " << fmt("%.3g", rec["budget"].get<double>())
-      << "</h2>\n";
-    rows = {{"N (total non-embedding)", fmt("%.4g", o["N"].get<double>()), interval_text(iv.value("N", ojson()))},
-            {"D (tokens)", fmt("%.4g", o["D"].get<double>()), interval_text(iv.value("D", ojson()))},
-            {"S (sparsity)", fmt("%.4g", o["S"].get<double>()), interval_text(iv.value("S", ojson()))},
-            {"predicted loss", fmt("%.4f", o["loss"].get<double>()), interval_text(iv.value("loss", ojson()))}};
-    h << table_html({"quantity", "optimum", "95% bootstrap interval"}, rows);
-    h << "<p class=\"note\">Under the law's constraint " << html_escape(r.value("constraint", std::string()))
-      << " (the papers' 6 N D convention; the runs' budgets count every matrix product exactly, embeddings "
-         "included, so this optimum is an extrapolation of the fit, not a measured run).</p>\n";
-  }
+void recommendation_html(std::ostream& h, const StudySummary& s) {
+  const Recommendation& rec = s.recommendation;
+  if (!rec.sparsity_law || !rec.sparsity_law->has_optimum) return;
+  const LawOptimum& o = *rec.sparsity_law;
+  h << "<h2>Recommendation of the fitted sparsity law at C = " << fmt("%.3g", rec.budget) << "</h2>\n";
+  std::vector<std::vector<std::string>> rows = {
+      {"N (total non-embedding)", fmt("%.4g", o.N), interval_text(o.N_interval)},
+      {"D (tokens)", fmt("%.4g", o.D), interval_text(o.D_interval)},
+      {"S (sparsity)", fmt("%.4g", o.S), interval_text(o.S_interval)},
+      {"predicted loss", fmt("%.4f", o.loss), interval_text(o.loss_interval)}};
+  h << table_html({"quantity", "optimum", "95% bootstrap interval"}, rows);
+  h << "<p class=\"note\">Under the law's constraint " << html_escape(o.constraint)
+    << " (the papers' 6 N D convention; the runs' budgets count every matrix product exactly, embeddings "
+       "included, so this optimum is an extrapolation of the fit, not a measured run).</p>\n";
 }
 
 void figures_html(std::ostream& h, const std::vector<ReportFigure>& figures, const std::vector<std::string>& skipped) {
@@ -967,23 +911,18 @@ void figures_html(std::ostream& h, const std::vector<ReportFigure>& figures, con
     for (const auto& sk : skipped) h << "<li>" << html_escape(sk) << "</li>";
     h << "</ul>\n";
   }
-
 }
 
-void downstream_html(std::ostream& h, const ojson& s) {
+void downstream_html(std::ostream& h, const StudySummary& s) {
+  if (s.downstream.empty()) return;
   std::vector<std::vector<std::string>> rows;
-  if (!s["downstream"].empty()) {
-    h << "<h2>Downstream evaluation</h2>\n";
-    for (const auto& d : s["downstream"])
-      rows.push_back({d["run"].get<std::string>(), d["task"].get<std::string>(), d["mode"].get<std::string>(),
-                      std::to_string(d["shots"].get<int>()),
-                      fmt("%.3f", d["acc"].get<double>()) + " ± " + fmt("%.3f", d["acc_stderr"].get<double>()),
-                      fmt("%.3f", d["acc_norm"].get<double>()) + " ± " + fmt("%.3f", d["acc_norm_stderr"].get<double>()),
-                      std::to_string(d["n"].get<int64_t>()),
-                      d["loss"].is_null() ? "-" : fmt("%.4f", d["loss"].get<double>())});
-    h << table_html({"run", "task", "mode", "shots", "accuracy ± s.e.", "length-normalised ± s.e.", "items", "L"}, rows);
-  }
-
+  h << "<h2>Downstream evaluation</h2>\n";
+  for (const auto& d : s.downstream)
+    rows.push_back({d.run, d.task, d.mode, std::to_string(d.shots),
+                    fmt("%.3f", d.acc) + " ± " + fmt("%.3f", d.acc_stderr),
+                    fmt("%.3f", d.acc_norm) + " ± " + fmt("%.3f", d.acc_norm_stderr), std::to_string(d.n),
+                    number_text(d.loss, "%.4f")});
+  h << table_html({"run", "task", "mode", "shots", "accuracy ± s.e.", "length-normalised ± s.e.", "items", "L"}, rows);
 }
 
 void all_runs_html(std::ostream& h, const Study& study) {
@@ -1002,12 +941,12 @@ void all_runs_html(std::ostream& h, const Study& study) {
   }
 }
 
-std::string page(const Study& study, const ojson& s, const std::vector<ReportFigure>& figures,
+std::string page(const Study& study, const StudySummary& s, const std::vector<ReportFigure>& figures,
                  const std::vector<std::string>& skipped) {
   std::ostringstream h;
   page_head(h, study, s);
   sweeps_html(h, s);
-  if (!s["per_budget"].empty()) {
+  if (!s.per_budget.empty()) {
     per_budget_html(h, s);
     pair_html(h, s);
     granularity_html(h, s);
@@ -1049,13 +988,11 @@ ReportResult write_report(const std::string& study_dir, const ReportOptions& opt
   builder.build_all();
   result.figures = builder.figures;
   result.skipped = builder.skipped;
-  ojson figs = ojson::array();
   for (const auto& f : result.figures)
-    figs.push_back({{"id", f.id}, {"title", f.title}, {"caption", f.caption}, {"svg", "figures/" + f.id + ".svg"}});
-  result.summary["figures"] = figs;
-  result.summary["figures_skipped"] = result.skipped;
+    result.summary.figures.push_back({f.id, f.title, f.caption, "figures/" + f.id + ".svg"});
+  result.summary.figures_skipped = result.skipped;
   result.summary_path = (fs::path(out) / "summary.json").string();
-  write_file_atomic(result.summary_path, result.summary.dump(2) + "\n");
+  write_file_atomic(result.summary_path, summary_to_json(result.summary).dump(2) + "\n");
   result.html_path = (fs::path(out) / "index.html").string();
   write_file_atomic(result.html_path, page(study, result.summary, result.figures, result.skipped));
   return result;

@@ -27,7 +27,7 @@ struct ReportFigure {
 struct ReportResult {
   std::string html_path;
   std::string summary_path;
-  nlohmann::ordered_json summary;
+  StudySummary summary;  // written as summary.json (summary_to_json)
   std::vector<ReportFigure> figures;
   std::vector<std::string> skipped;  // figures the data could not support, with the reason
 };

@@ -11,6 +11,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "report/summary.h"
 #include "sweep/plan.h"
 #include "sweep/results.h"
 
@@ -65,10 +66,11 @@ struct AnalysisOptions {
   uint64_t seed = 0;
 };
 
-// Every number the report shows, with where it came from: per-sweep run counts, the IsoFLOP surfaces (with
-// bootstrap intervals), the sparsity law fit (Abnar et al.), the best measured configuration per budget, the
-// dense-equivalent compute multiplier, the granularity comparison, downstream rows, and `headline` (text).
-// Parts that the data cannot support are present with a "skipped" reason instead of numbers.
-nlohmann::ordered_json analyse_study(const Study& study, const AnalysisOptions& options);
+// Every number the report shows, with where it came from, one typed section each (report/summary.h): per-sweep run
+// counts, the IsoFLOP surfaces (with bootstrap intervals), the sparsity law fit (Abnar et al.), the best measured
+// configuration per budget, the dense-equivalent compute multiplier, the granularity comparison, downstream rows,
+// the headline (text) and the findings. Parts that the data cannot support carry a "skipped" reason instead of
+// numbers. summary_to_json writes it as summary.json.
+StudySummary analyse_study(const Study& study, const AnalysisOptions& options);
 
 }  // namespace moelab
