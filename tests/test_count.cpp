@@ -41,7 +41,35 @@ int64_t active_params_without_matmul(const ParamLayout& layout, const ModelConfi
   return n;
 }
 
-// ---- the grid: closed form == ParamLayout == Transformer::num_params ----------------------------------------
+// The counts by formula, independently of the parameter table that count_parameters reads: per block two norms,
+// attention (qkv, out, their biases, qk-norm), and the FFN or the MoE layer (router, shared experts, routed
+// experts); the embeddings (token, learned positions, an untied head) and the final norm.
+struct ClosedForm {
+  int64_t total = 0, active = 0, embedding = 0, non_expert = 0, per_expert = 0;
+};
+ClosedForm closed_form(const ModelConfig& m) {
+  const int64_t C = m.d_model, V = m.vocab_size, T = m.seq_len, L = m.n_layers;
+  const int64_t norm = (m.norm == NormKind::LayerNorm && m.bias) ? 2 * C : C;
+  const int64_t attention = 4 * C * C + (m.bias ? 4 * C : 0) + (m.qk_norm ? 2 * m.head_dim() : 0);
+  const int64_t moe_layers = moe_layer_count(m);
+  ClosedForm f;
+  f.embedding = V * C + (m.pos == PosKind::Learned ? T * C : 0) + (m.tied_embeddings ? 0 : V * C);
+  int64_t moe_layer_non_expert = 0, expert = 0;
+  if (m.moe.enabled()) {
+    const int64_t hidden = m.ffn_hidden() / m.moe.granularity;
+    expert = ffn_parameters(m, hidden);
+    moe_layer_non_expert = m.moe.routed_experts() * C +
+                           (m.moe.shared_experts > 0 ? ffn_parameters(m, m.moe.shared_experts * hidden) : 0);
+  }
+  f.per_expert = moe_layers * expert;
+  f.non_expert = f.embedding + L * (2 * norm + attention) + (L - moe_layers) * ffn_parameters(m, m.ffn_hidden()) +
+                 moe_layers * moe_layer_non_expert + norm;
+  f.total = f.non_expert + (m.moe.enabled() ? m.moe.routed_experts() : 0) * f.per_expert;
+  f.active = f.non_expert + (m.moe.enabled() ? m.moe.active_experts() : 0) * f.per_expert;
+  return f;
+}
+
+// ---- the grid: closed form == counts from the table == ParamLayout == Transformer::num_params -----------------
 
 TEST(Count, ClosedFormMatchesLayoutAndTransformerOverGrid) {
   const std::vector<std::string> tiny = {"model.vocab_size=32", "model.d_model=16", "model.n_heads=2",
@@ -80,6 +108,12 @@ TEST(Count, ClosedFormMatchesLayoutAndTransformerOverGrid) {
 
                     const ModelConfig m = config_from_string("", overrides).model;
                     const ParameterCounts n = count_parameters(m);
+                    const ClosedForm f = closed_form(m);
+                    EXPECT_EQ(n.total, f.total);
+                    EXPECT_EQ(n.active, f.active);
+                    EXPECT_EQ(n.embedding, f.embedding);
+                    EXPECT_EQ(n.non_expert, f.non_expert);
+                    EXPECT_EQ(n.per_expert, f.per_expert);
                     const ParamLayout layout(m);
                     EXPECT_EQ(n.total, layout.total());
                     EXPECT_EQ(n.active, active_parameter_count(layout, m));

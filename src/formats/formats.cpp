@@ -12,6 +12,7 @@
 #include "core/safetensors.h"
 #include "data/tokenizer.h"
 #include "model/param_layout.h"
+#include "model/params.h"
 #include "model/plan.h"
 
 namespace moelab {
@@ -171,23 +172,27 @@ class GgufWriter {
   uint64_t kvs_ = 0, tensors_ = 0;
 };
 
-// Host views of a model's tensors by their moelab names.
+// A model's tensors on the host, through the parameter table's typed views (model/params.h): the exporters name
+// moelab's tensors by field, never by their checkpoint names.
 struct Tensors {
-  const ParamLayout& layout;
-  const std::vector<float>& params;
-  std::vector<float> get(const std::string& name, int64_t begin = 0, int64_t count = -1) const {
-    const ParamEntry& e = layout.find(name);
-    const int64_t n = count < 0 ? e.shape.numel() - begin : count;
-    return std::vector<float>(params.begin() + e.offset + begin, params.begin() + e.offset + begin + n);
+  ModelParams w;
+  Tensors(const ParamLayout& layout, const ExportModel& model)
+      // param_views takes a writable base; the exporters only read through these views.
+      : w(param_views(layout, const_cast<float*>(model.params.data()), model.config.model)) {}
+  const BlockParams& block(int64_t i) const { return w.blocks[static_cast<size_t>(i)]; }
+  // Elements [begin, begin + count) of x (count < 0: to the end).
+  static std::vector<float> get(const Tensor& x, int64_t begin = 0, int64_t count = -1) {
+    MOELAB_CHECK(!x.empty(), "export: the model lacks a tensor this format needs");
+    const int64_t n = count < 0 ? x.numel() - begin : count;
+    return std::vector<float>(x.data + begin, x.data + begin + n);
   }
   // Rows [r0, r0 + rows) of every matrix of a (E, R, C) stack: (E, rows, C).
-  std::vector<float> rows_of_stack(const std::string& name, int64_t r0, int64_t rows) const {
-    const ParamEntry& e = layout.find(name);
-    const int64_t E = e.shape[0], R = e.shape[1], C = e.shape[2];
+  static std::vector<float> rows_of_stack(const Tensor& x, int64_t r0, int64_t rows) {
+    const int64_t E = x.dim(0), R = x.dim(1), C = x.dim(2);
     std::vector<float> out;
     out.reserve(static_cast<size_t>(E * rows * C));
-    for (int64_t x = 0; x < E; ++x) {
-      const auto from = params.begin() + e.offset + (x * R + r0) * C;
+    for (int64_t e = 0; e < E; ++e) {
+      const float* from = x.data + (e * R + r0) * C;
       out.insert(out.end(), from, from + rows * C);
     }
     return out;
@@ -323,7 +328,7 @@ void export_gguf(const ExportModel& model, const std::string& path, GgufDtype dt
   const ParamLayout layout(m);
   MOELAB_CHECK(static_cast<int64_t>(model.params.size()) == layout.total(), "export: parameters of another model");
   const ModelPlan plan(m);
-  const Tensors t{layout, model.params};
+  const Tensors t(layout, model);
   const int64_t C = m.d_model, H = m.n_heads, hd = m.head_dim(), V = m.vocab_size;
   GgufWriter g(dtype);
   g.str("general.architecture", arch);
@@ -354,37 +359,37 @@ void export_gguf(const ExportModel& model, const std::string& path, GgufDtype dt
   }
   write_vocabulary(g, model);
 
-  g.tensor("token_embd.weight", {V, C}, t.get("tok_emb.weight"), false);
+  g.tensor("token_embd.weight", {V, C}, t.get(t.w.tok_emb), false);
   for (int64_t i = 0; i < m.n_layers; ++i) {
-    const std::string p = "layers." + std::to_string(i) + ".", b = "blk." + std::to_string(i) + ".";
-    g.tensor(b + "attn_norm.weight", {C}, t.get(p + "norm1.weight"), true);
-    g.tensor(b + "attn_q.weight", {C, C}, interleave_rope_rows(t.get(p + "attn.qkv.weight", 0, C * C), H, hd, C), false);
+    const std::string b = "blk." + std::to_string(i) + ".";
+    g.tensor(b + "attn_norm.weight", {C}, t.get(t.block(i).norm1_w), true);
+    g.tensor(b + "attn_q.weight", {C, C}, interleave_rope_rows(t.get(t.block(i).qkv_w, 0, C * C), H, hd, C), false);
     g.tensor(b + "attn_k.weight", {C, C},
-             interleave_rope_rows(t.get(p + "attn.qkv.weight", C * C, C * C), H, hd, C), false);
-    g.tensor(b + "attn_v.weight", {C, C}, t.get(p + "attn.qkv.weight", 2 * C * C, C * C), false);
-    g.tensor(b + "attn_output.weight", {C, C}, t.get(p + "attn.out.weight"), false);
-    g.tensor(b + "ffn_norm.weight", {C}, t.get(p + "norm2.weight"), true);
+             interleave_rope_rows(t.get(t.block(i).qkv_w, C * C, C * C), H, hd, C), false);
+    g.tensor(b + "attn_v.weight", {C, C}, t.get(t.block(i).qkv_w, 2 * C * C, C * C), false);
+    g.tensor(b + "attn_output.weight", {C, C}, t.get(t.block(i).out_w), false);
+    g.tensor(b + "ffn_norm.weight", {C}, t.get(t.block(i).norm2_w), true);
     if (!plan.blocks[i].moe) {
       const int64_t F = plan.ffn_hidden;
-      g.tensor(b + "ffn_gate.weight", {F, C}, t.get(p + "ffn.fc1.weight", 0, F * C), false);
-      g.tensor(b + "ffn_up.weight", {F, C}, t.get(p + "ffn.fc1.weight", F * C, F * C), false);
-      g.tensor(b + "ffn_down.weight", {C, F}, t.get(p + "ffn.fc2.weight"), false);
+      g.tensor(b + "ffn_gate.weight", {F, C}, t.get(t.block(i).fc1_w, 0, F * C), false);
+      g.tensor(b + "ffn_up.weight", {F, C}, t.get(t.block(i).fc1_w, F * C, F * C), false);
+      g.tensor(b + "ffn_down.weight", {C, F}, t.get(t.block(i).fc2_w), false);
       continue;
     }
     const int64_t E = m.moe.routed_experts(), Fe = plan.expert_hidden;
-    g.tensor(b + "ffn_gate_inp.weight", {E, C}, t.get(p + "moe.router.weight"), true);
-    g.tensor(b + "ffn_gate_exps.weight", {E, Fe, C}, t.rows_of_stack(p + "moe.experts.fc1.weight", 0, Fe), false);
-    g.tensor(b + "ffn_up_exps.weight", {E, Fe, C}, t.rows_of_stack(p + "moe.experts.fc1.weight", Fe, Fe), false);
-    g.tensor(b + "ffn_down_exps.weight", {E, C, Fe}, t.get(p + "moe.experts.fc2.weight"), false);
+    g.tensor(b + "ffn_gate_inp.weight", {E, C}, t.get(t.block(i).moe.router), true);
+    g.tensor(b + "ffn_gate_exps.weight", {E, Fe, C}, t.rows_of_stack(t.block(i).moe.fc1_w, 0, Fe), false);
+    g.tensor(b + "ffn_up_exps.weight", {E, Fe, C}, t.rows_of_stack(t.block(i).moe.fc1_w, Fe, Fe), false);
+    g.tensor(b + "ffn_down_exps.weight", {E, C, Fe}, t.get(t.block(i).moe.fc2_w), false);
     if (arch == "deepseek") {
       const int64_t Fs = plan.blocks[i].moe_dims.shared_hidden;
-      g.tensor(b + "ffn_gate_shexp.weight", {Fs, C}, t.get(p + "moe.shared.fc1.weight", 0, Fs * C), false);
-      g.tensor(b + "ffn_up_shexp.weight", {Fs, C}, t.get(p + "moe.shared.fc1.weight", Fs * C, Fs * C), false);
-      g.tensor(b + "ffn_down_shexp.weight", {C, Fs}, t.get(p + "moe.shared.fc2.weight"), false);
+      g.tensor(b + "ffn_gate_shexp.weight", {Fs, C}, t.get(t.block(i).moe.shared_fc1_w, 0, Fs * C), false);
+      g.tensor(b + "ffn_up_shexp.weight", {Fs, C}, t.get(t.block(i).moe.shared_fc1_w, Fs * C, Fs * C), false);
+      g.tensor(b + "ffn_down_shexp.weight", {C, Fs}, t.get(t.block(i).moe.shared_fc2_w), false);
     }
   }
-  g.tensor("output_norm.weight", {C}, t.get("final_norm.weight"), true);
-  if (!m.tied_embeddings) g.tensor("output.weight", {V, C}, t.get("lm_head.weight"), false);
+  g.tensor("output_norm.weight", {C}, t.get(t.w.final_norm_w), true);
+  if (!m.tied_embeddings) g.tensor("output.weight", {V, C}, t.get(t.w.head), false);
   write_file_atomic(path, g.finish());
 }
 
@@ -395,7 +400,7 @@ void export_hf(const ExportModel& model, const std::string& dir) {
   const ParamLayout layout(m);
   MOELAB_CHECK(static_cast<int64_t>(model.params.size()) == layout.total(), "export: parameters of another model");
   const ModelPlan plan(m);
-  const Tensors t{layout, model.params};
+  const Tensors t(layout, model);
   const int64_t C = m.d_model, F = mixtral ? plan.expert_hidden : plan.ffn_hidden;
   if (model.tokenizer_path.empty() || !fs::exists(model.tokenizer_path))
     throw Error("Hugging Face export needs the SentencePiece model the data was encoded with ('" +
@@ -413,32 +418,32 @@ void export_hf(const ExportModel& model, const std::string& dir) {
   auto put = [&](const std::string& name, Shape shape, std::vector<float> values) {
     out.push_back({name, {shape, std::move(values)}});
   };
-  put("model.embed_tokens.weight", {m.vocab_size, C}, t.get("tok_emb.weight"));
+  put("model.embed_tokens.weight", {m.vocab_size, C}, t.get(t.w.tok_emb));
   for (int64_t i = 0; i < m.n_layers; ++i) {
-    const std::string p = "layers." + std::to_string(i) + ".", h = hf_layer(i);
-    put(h + "input_layernorm.weight", {C}, t.get(p + "norm1.weight"));
-    put(h + "self_attn.q_proj.weight", {C, C}, t.get(p + "attn.qkv.weight", 0, C * C));
-    put(h + "self_attn.k_proj.weight", {C, C}, t.get(p + "attn.qkv.weight", C * C, C * C));
-    put(h + "self_attn.v_proj.weight", {C, C}, t.get(p + "attn.qkv.weight", 2 * C * C, C * C));
-    put(h + "self_attn.o_proj.weight", {C, C}, t.get(p + "attn.out.weight"));
-    put(h + "post_attention_layernorm.weight", {C}, t.get(p + "norm2.weight"));
+    const std::string h = hf_layer(i);
+    put(h + "input_layernorm.weight", {C}, t.get(t.block(i).norm1_w));
+    put(h + "self_attn.q_proj.weight", {C, C}, t.get(t.block(i).qkv_w, 0, C * C));
+    put(h + "self_attn.k_proj.weight", {C, C}, t.get(t.block(i).qkv_w, C * C, C * C));
+    put(h + "self_attn.v_proj.weight", {C, C}, t.get(t.block(i).qkv_w, 2 * C * C, C * C));
+    put(h + "self_attn.o_proj.weight", {C, C}, t.get(t.block(i).out_w));
+    put(h + "post_attention_layernorm.weight", {C}, t.get(t.block(i).norm2_w));
     if (!mixtral) {
-      put(h + "mlp.gate_proj.weight", {F, C}, t.get(p + "ffn.fc1.weight", 0, F * C));
-      put(h + "mlp.up_proj.weight", {F, C}, t.get(p + "ffn.fc1.weight", F * C, F * C));
-      put(h + "mlp.down_proj.weight", {C, F}, t.get(p + "ffn.fc2.weight"));
+      put(h + "mlp.gate_proj.weight", {F, C}, t.get(t.block(i).fc1_w, 0, F * C));
+      put(h + "mlp.up_proj.weight", {F, C}, t.get(t.block(i).fc1_w, F * C, F * C));
+      put(h + "mlp.down_proj.weight", {C, F}, t.get(t.block(i).fc2_w));
       continue;
     }
     const int64_t E = m.moe.routed_experts();
-    put(h + "block_sparse_moe.gate.weight", {E, C}, t.get(p + "moe.router.weight"));
+    put(h + "block_sparse_moe.gate.weight", {E, C}, t.get(t.block(i).moe.router));
     for (int64_t e = 0; e < E; ++e) {
       const std::string x = h + "block_sparse_moe.experts." + std::to_string(e) + ".";
-      put(x + "w1.weight", {F, C}, t.get(p + "moe.experts.fc1.weight", e * 2 * F * C, F * C));
-      put(x + "w3.weight", {F, C}, t.get(p + "moe.experts.fc1.weight", e * 2 * F * C + F * C, F * C));
-      put(x + "w2.weight", {C, F}, t.get(p + "moe.experts.fc2.weight", e * C * F, C * F));
+      put(x + "w1.weight", {F, C}, t.get(t.block(i).moe.fc1_w, e * 2 * F * C, F * C));
+      put(x + "w3.weight", {F, C}, t.get(t.block(i).moe.fc1_w, e * 2 * F * C + F * C, F * C));
+      put(x + "w2.weight", {C, F}, t.get(t.block(i).moe.fc2_w, e * C * F, C * F));
     }
   }
-  put("model.norm.weight", {C}, t.get("final_norm.weight"));
-  if (!m.tied_embeddings) put("lm_head.weight", {m.vocab_size, C}, t.get("lm_head.weight"));
+  put("model.norm.weight", {C}, t.get(t.w.final_norm_w));
+  if (!m.tied_embeddings) put("lm_head.weight", {m.vocab_size, C}, t.get(t.w.head));
   std::vector<NamedTensor> named;
   for (const auto& [name, st] : out) named.push_back({name, st.first, st.second.data()});
   write_safetensors((fs::path(dir) / "model.safetensors").string(), named, {{"format", "pt"}});
@@ -582,27 +587,28 @@ HfWeights read_hf(const std::string& dir) {
   auto emb = read("model.embed_tokens.weight");
   const int64_t V = emb.first[0];
   expect("model.embed_tokens.weight", emb, {V, C});
-  w.tensors["tok_emb.weight"] = emb;
+  w.tensors[param_name::kTokEmb] = emb;
   for (int64_t i = 0; i < L; ++i) {
-    const std::string h = hf_layer(i), p = "layers." + std::to_string(i) + ".";
-    w.tensors[p + "norm1.weight"] = read(h + "input_layernorm.weight");
+    const std::string h = hf_layer(i);
+    const auto p = [i](const char* name) { return block_param_name(i, name); };
+    w.tensors[p(param_name::kNorm1)] = read(h + "input_layernorm.weight");
     auto q = read(h + "self_attn.q_proj.weight"), k = read(h + "self_attn.k_proj.weight"),
          v = read(h + "self_attn.v_proj.weight");
     expect(h + "self_attn.q_proj.weight", q, {C, C});
     expect(h + "self_attn.k_proj.weight", k, {C, C});
     expect(h + "self_attn.v_proj.weight", v, {C, C});
-    w.tensors[p + "attn.qkv.weight"] = {{3 * C, C}, concat({&q.second, &k.second, &v.second})};
-    w.tensors[p + "attn.out.weight"] = read(h + "self_attn.o_proj.weight");
-    w.tensors[p + "norm2.weight"] = read(h + "post_attention_layernorm.weight");
+    w.tensors[p(param_name::kQkv)] = {{3 * C, C}, concat({&q.second, &k.second, &v.second})};
+    w.tensors[p(param_name::kOut)] = read(h + "self_attn.o_proj.weight");
+    w.tensors[p(param_name::kNorm2)] = read(h + "post_attention_layernorm.weight");
     if (!mixtral) {
       auto gate = read(h + "mlp.gate_proj.weight"), up = read(h + "mlp.up_proj.weight");
       const int64_t F = gate.first[0];
       expect(h + "mlp.up_proj.weight", up, {F, C});
-      w.tensors[p + "ffn.fc1.weight"] = {{2 * F, C}, concat({&gate.second, &up.second})};
-      w.tensors[p + "ffn.fc2.weight"] = read(h + "mlp.down_proj.weight");
+      w.tensors[p(param_name::kFc1)] = {{2 * F, C}, concat({&gate.second, &up.second})};
+      w.tensors[p(param_name::kFc2)] = read(h + "mlp.down_proj.weight");
       continue;
     }
-    w.tensors[p + "moe.router.weight"] = read(h + "block_sparse_moe.gate.weight");
+    w.tensors[p(param_name::kRouter)] = read(h + "block_sparse_moe.gate.weight");
     std::vector<float> fc1, fc2;
     int64_t F = 0;
     for (int64_t e = 0; e < E; ++e) {
@@ -615,14 +621,14 @@ HfWeights read_hf(const std::string& dir) {
       fc1.insert(fc1.end(), w3.second.begin(), w3.second.end());
       fc2.insert(fc2.end(), w2.second.begin(), w2.second.end());
     }
-    w.tensors[p + "moe.experts.fc1.weight"] = {{E, 2 * F, C}, fc1};
-    w.tensors[p + "moe.experts.fc2.weight"] = {{E, C, F}, fc2};
+    w.tensors[p(param_name::kExpertsFc1)] = {{E, 2 * F, C}, fc1};
+    w.tensors[p(param_name::kExpertsFc2)] = {{E, C, F}, fc2};
   }
-  w.tensors["final_norm.weight"] = read("model.norm.weight");
+  w.tensors[param_name::kFinalNorm] = read("model.norm.weight");
   if (where.count("lm_head.weight")) {
     auto head = read("lm_head.weight");
     // A tied model's saved head is the embedding again: nothing of its own.
-    if (!(w.tied && head.second == w.tensors["tok_emb.weight"].second)) w.tensors["lm_head.weight"] = head;
+    if (!(w.tied && head.second == w.tensors[param_name::kTokEmb].second)) w.tensors[param_name::kLmHead] = head;
     else w.tied = true;
   } else if (!w.tied) {
     throw Error("'" + dir + "' has no tensor 'lm_head.weight' and config.json says tie_word_embeddings = false");

@@ -2,6 +2,7 @@
 
 #include "core/error.h"
 #include "model/flops.h"
+#include "model/params.h"
 #include "model/plan.h"
 
 namespace moelab {
@@ -21,38 +22,34 @@ int64_t moe_layer_count(const ModelConfig& m) {
 }
 
 ParameterCounts count_parameters(const ModelConfig& m) {
-  const int64_t C = m.d_model, V = m.vocab_size, T = m.seq_len, L = m.n_layers;
-  // LayerNorm has a bias only when the model has biases (fairseq style); RMSNorm never has one.
-  const int64_t norm = (m.norm == NormKind::LayerNorm && m.bias) ? 2 * C : C;
-  const int64_t attention = 4 * C * C + (m.bias ? 4 * C : 0);  // qkv (3C, C) + out (C, C), biases 3C + C
-  const int64_t qk_norm = m.qk_norm ? 2 * m.head_dim() : 0;     // q and k norm weights
-  const int64_t block_without_ffn = 2 * norm + attention + qk_norm;  // norm1, attention, norm2
-
   ParameterCounts n;
-  n.embedding = V * C + (m.pos == PosKind::Learned ? T * C : 0) + (m.tied_embeddings ? 0 : V * C);
   n.moe_layers = moe_layer_count(m);
-  const int64_t dense_layers = L - n.moe_layers;
-
-  int64_t moe_layer_non_expert = 0, expert = 0;
   if (m.moe.enabled()) {
     n.routed_experts = m.moe.routed_experts();
     n.active_experts = m.moe.active_experts();
     n.shared_experts = m.moe.shared_experts;
     n.granularity = m.moe.granularity;
     n.sparsity = m.moe.sparsity();
-    const int64_t expert_hidden = ModelPlan(m).expert_hidden;
-    expert = ffn_parameters(m, expert_hidden);
-    // The shared experts run as one dense FFN of width shared_experts * d_expert (one fc2 bias, not one each).
-    const int64_t shared = m.moe.shared_experts > 0 ? ffn_parameters(m, m.moe.shared_experts * expert_hidden) : 0;
-    const int64_t router = n.routed_experts * C;  // (E, C), no bias
-    moe_layer_non_expert = router + shared;
-    n.expansion_rate = static_cast<double>(n.routed_experts * expert) /
+    n.expansion_rate = static_cast<double>(n.routed_experts * ffn_parameters(m, ModelPlan(m).expert_hidden)) /
                        static_cast<double>(ffn_parameters(m, m.ffn_hidden()));
   }
-
-  n.per_expert = n.moe_layers * expert;
-  n.non_expert = n.embedding + L * block_without_ffn + dense_layers * ffn_parameters(m, m.ffn_hidden()) +
-                 n.moe_layers * moe_layer_non_expert + norm /* final norm */;
+  // Every tensor the parameter table gives this model, by its shape: embeddings (token, position, an untied head),
+  // the routed experts (per expert: a stack's size over its experts), everything else.
+  const auto size = [](const Shape& s) { return s.rank > 0 ? s.numel() : int64_t{0}; };
+  for (const ModelParamSpec& spec : model_param_table()) {
+    const int64_t k = size(spec.shape(m));
+    n.non_expert += k;
+    if (spec.embedding) n.embedding += k;
+  }
+  const ModelPlan plan(m);
+  for (int64_t i = 0; i < m.n_layers; ++i) {
+    const BlockPlan& block = plan.blocks[static_cast<size_t>(i)];
+    for (const BlockParamSpec& spec : block_param_table()) {
+      const int64_t k = size(spec.shape(m, block));
+      if (spec.routed_experts) n.per_expert += k > 0 ? k / block.moe_dims.local_experts() : 0;
+      else n.non_expert += k;
+    }
+  }
   n.total = n.non_expert + n.routed_experts * n.per_expert;
   n.active = n.non_expert + n.active_experts * n.per_expert;
   n.nonembedding_total = n.total - n.embedding;

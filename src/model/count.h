@@ -1,9 +1,10 @@
 #pragma once
 // The parameter / FLOPs calculator behind `moelab count` (docs/counting.md).
 //
-// Parameter counts are closed-form functions of the config: they never build a ParamLayout, never allocate,
-// and so answer instantly for shapes far too large to train (fairseq's 1.1T model). tests/test_count.cpp checks
-// them against ParamLayout and against what a constructed Transformer allocates.
+// Parameter counts add up the shapes the parameter table (model/params.h) gives the config: they never build a
+// ParamLayout, never allocate a tensor, and so answer instantly for shapes far too large to train (fairseq's
+// 1.1T model). tests/test_count.cpp checks them against closed forms, ParamLayout and what a constructed
+// Transformer allocates.
 //
 // FLOPs per token are given under each paper's convention by name, because the papers disagree on what counts
 // (embeddings, the attention-score term, the router): a number is only comparable to a paper's under its

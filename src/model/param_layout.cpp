@@ -23,10 +23,9 @@ ParamLayout::ParamLayout(const ModelConfig& m, int64_t expert_shards) {
   };
   add_model_params(false);
   for (int64_t i = 0; i < m.n_layers; ++i) {
-    const std::string prefix = "layers." + std::to_string(i) + ".";
     for (const BlockParamSpec& spec : block_param_table()) {
       const Shape shape = spec.shape(m, plan.blocks[i]);
-      if (shape.rank > 0) add(prefix + spec.name, shape, spec.kind, init_std(spec.init));
+      if (shape.rank > 0) add(block_param_name(i, spec.name), shape, spec.kind, init_std(spec.init));
     }
   }
   add_model_params(true);

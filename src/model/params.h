@@ -15,6 +15,26 @@
 namespace moelab {
 
 enum class ParamKind { Matrix, Embedding, NormWeight, Bias };
+
+// Checkpoint names, spelled once: the tables below declare each tensor under its name, and code that must name a
+// tensor from outside a model (the Hugging Face importer) uses these constants; block tensors are
+// layers.<i>.<name> (block_param_name).
+namespace param_name {
+inline constexpr char kTokEmb[] = "tok_emb.weight", kPosEmb[] = "pos_emb.weight",
+                      kFinalNorm[] = "final_norm.weight", kFinalNormBias[] = "final_norm.bias",
+                      kLmHead[] = "lm_head.weight";
+inline constexpr char kNorm1[] = "norm1.weight", kNorm1Bias[] = "norm1.bias", kQkv[] = "attn.qkv.weight",
+                      kQkvBias[] = "attn.qkv.bias", kQNorm[] = "attn.q_norm.weight", kKNorm[] = "attn.k_norm.weight",
+                      kOut[] = "attn.out.weight", kOutBias[] = "attn.out.bias", kNorm2[] = "norm2.weight",
+                      kNorm2Bias[] = "norm2.bias", kFc1[] = "ffn.fc1.weight", kFc1Bias[] = "ffn.fc1.bias",
+                      kFc2[] = "ffn.fc2.weight", kFc2Bias[] = "ffn.fc2.bias", kRouter[] = "moe.router.weight",
+                      kExpertsFc1[] = "moe.experts.fc1.weight", kExpertsFc1Bias[] = "moe.experts.fc1.bias",
+                      kExpertsFc2[] = "moe.experts.fc2.weight", kExpertsFc2Bias[] = "moe.experts.fc2.bias",
+                      kSharedFc1[] = "moe.shared.fc1.weight", kSharedFc1Bias[] = "moe.shared.fc1.bias",
+                      kSharedFc2[] = "moe.shared.fc2.weight", kSharedFc2Bias[] = "moe.shared.fc2.bias";
+}  // namespace param_name
+// "layers.<layer>.<name>"
+std::string block_param_name(int64_t layer, const char* name);
 // Normal(0, init_std); Residual: a projection into the residual stream, init_std / sqrt(2 n_layers) (GPT-2);
 // Zero (biases) and One (norm weights).
 enum class ParamInit { Normal, Residual, Zero, One };
@@ -39,6 +59,7 @@ struct ModelParamSpec {
   bool after_blocks;                             // laid out after the blocks (else before)
   Tensor& (*field)(ModelParams&);
   Shape (*shape)(const ModelConfig&);            // rank 0: this model has none
+  bool embedding = false;  // counted as an embedding (the papers' N leaves it out): token, position, untied head
 };
 // A tensor of every block, named layers.<i>.<name>.
 struct BlockParamSpec {
@@ -47,9 +68,12 @@ struct BlockParamSpec {
   ParamInit init;
   Tensor& (*field)(BlockParams&);
   Shape (*shape)(const ModelConfig&, const BlockPlan&);  // rank 0: this block has none
+  bool routed_experts = false;  // a stack over the block's routed experts (leading dimension): K of them are active
 };
 
-// In layout order: the model tensors before the blocks, every block's (in this order), those after.
+// In layout order: the model tensors before the blocks, every block's (in this order), those after. Everything
+// that needs the model's tensors reads these tables: the layout (checkpoints, the optimizer, initialisation), the
+// typed views (the model, export), the parameter-name check and the parameter counts (model/count.h).
 const std::vector<ModelParamSpec>& model_param_table();
 const std::vector<BlockParamSpec>& block_param_table();
 
