@@ -76,10 +76,10 @@ $moelab sweep run "$study/sparsity" --jobs "$jobs" --threads-per-job 1
 $moelab sweep run "$study/granularity" --jobs "$jobs" --threads-per-job 1
 $moelab sweep run "$study/fixed-params" --jobs "$jobs" --threads-per-job 1
 
-stage 5 "downstream: built-in tasks zero- and 5-shot (first $task_items test items), and the best dense and MoE run fine-tuned"
+stage 5 "downstream: built-in tasks zero- and 5-shot (first $task_items test items), and every replicate of the best dense and MoE configuration fine-tuned"
 $moelab sweep eval "$study/sparsity" --tasks wordnet-cloze prose-lastword --shots 0 5 \
   --limit "$task_items" --threads "$jobs" | grep --line-buffered -E '^\[[0-9]+/[0-9]+\]|^evaluated [0-9]+ runs'
-$moelab sweep finetune "$study/sparsity" --task wordnet-cloze --steps "$ft_steps" --lr 3e-3 --limit "$ft_items" \
+$moelab sweep finetune "$study/sparsity" --task wordnet-cloze --steps "$ft_steps" --lr 3e-3 --limit "$ft_items" --replicates \
   --threads "$jobs"
 
 stage 6 "fits, figures and the report"

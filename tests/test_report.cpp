@@ -470,6 +470,47 @@ TEST(Findings, FinetuneGainIsJudgedPerItemAtTheLargestBudgetWithBoth) {
   EXPECT_NE(old["why"].get<std::string>().find("predate per-item results"), std::string::npos) << old.dump(1);
 }
 
+// Every fine-tuned replicate counts: item by item, the gain difference is averaged over the replicates both arms
+// fine-tuned, paired by data seed; a replicate of one arm only is left out.
+TEST(Findings, FinetuneAveragesItemGainsOverPairedReplicates) {
+  Study study;
+  StudySweep s;
+  s.label = "sparsity";
+  s.plan.kind = "isoflop";
+  const std::vector<double> dense_gains = {0.20, 0.10, 0.15};
+  for (int r = 1; r <= 3; ++r) {
+    const std::string suffix = r == 1 ? "" : "-s" + std::to_string(r);
+    RunResult d = tuned_run("dense-4e12" + suffix, 4e12, false, 2.8), m = tuned_run("moe-4e12" + suffix, 4e12, true, 2.7);
+    d.seed = d.data_seed = m.seed = m.data_seed = r;
+    s.results.push_back(d), s.results.push_back(m);
+    s.downstream.push_back(tuned_record(d.name, 0.30, dense_gains[r - 1]));
+    s.downstream.push_back(tuned_record(m.name, 0.32, 0.05));
+  }
+  RunResult extra = tuned_run("moe-4e12-s4", 4e12, true, 2.7);  // no dense replicate 4: not paired
+  extra.seed = extra.data_seed = 4;
+  s.results.push_back(extra);
+  s.downstream.push_back(tuned_record(extra.name, 0.32, 0.5));
+  study.sweeps.push_back(s);
+  const ojson f = findings_json(study, "smoothed_loss");
+  const ojson& c = claim_of(f, "finetune");
+  EXPECT_EQ(c["verdict"], "reproduced") << c.dump(1);
+  const std::string measured = c["measured"];
+  EXPECT_NE(measured.find("dense-4e12 vs moe-4e12 and their other 2 replicates (means over 3)"), std::string::npos)
+      << measured;
+  EXPECT_NE(measured.find("dense gain - MoE gain = +0.100"), std::string::npos) << measured;
+  EXPECT_NE(c["spread"].get<std::string>().find("paired over 400 items x 3 replicates"), std::string::npos) << c["spread"];
+  EXPECT_EQ(c["n_per_arm"]["dense"]["runs"], 3);
+  EXPECT_EQ(c["n_per_arm"]["moe"]["runs"], 3);
+  EXPECT_NEAR(c["estimate"].get<double>(), 0.10, 1e-12);
+  // The same arms with one replicate each: a wider interval than with three.
+  Study one = study;
+  std::erase_if(one.sweeps[0].downstream, [](const DownstreamRecord& d) { return d.run.find("-s") != std::string::npos; });
+  const ojson g = findings_json(one, "smoothed_loss");
+  const ojson& c1 = claim_of(g, "finetune");
+  EXPECT_EQ(c1["n_per_arm"]["dense"]["runs"], 1);
+  EXPECT_GT(c1["detectable_effect"].get<double>(), c["detectable_effect"].get<double>()) << c1.dump(1);
+}
+
 TEST(Findings, FinetuneWithoutBeforeOrWithoutAPairIsNotMeasured) {
   Study study;
   StudySweep s;

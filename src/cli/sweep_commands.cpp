@@ -123,7 +123,7 @@ void add_sweep_finetune_command(CLI::App* sweep) {
   struct FinetuneArgs {
     std::string dir, task, loss = "val", tasks_dir = default_tasks_dir();
     FinetuneOptions options;
-    bool all_budgets = false, force = false;
+    bool all_budgets = false, force = false, replicates = false;
   };
   auto fa = std::make_shared<FinetuneArgs>();
   fa->options.steps = 150;
@@ -145,6 +145,9 @@ void add_sweep_finetune_command(CLI::App* sweep) {
   sft->add_option("--loss", fa->loss, "what picks the best run: val (default), smoothed or final")
       ->check(CLI::IsMember({"val", "smoothed", "final"}));
   sft->add_flag("--all-budgets", fa->all_budgets, "the best pair of every budget, not only the largest");
+  sft->add_flag("--replicates", fa->replicates,
+                "every replicate (seed) of the chosen configurations, not only the first: the findings then average "
+                "each test item's gain over replicates, paired by data seed");
   sft->add_flag("--force", fa->force, "fine-tune again runs that already hold a result for this task");
   sft->footer("Example:\n  moelab sweep finetune runs/study/sparsity --task wordnet-cloze --steps 150 --lr 1e-3\n"
               "Each run is fine-tuned into DIR/runs/<name>/finetune-<task>; the record (mode finetune, with the\n"
@@ -161,6 +164,7 @@ void add_sweep_finetune_command(CLI::App* sweep) {
         if (b.run->flops > most) most = b.run->flops, largest = b.budget_key;
       std::erase_if(best, [&](const BestRun& b) { return b.budget_key != largest; });
     }
+    if (fa->replicates) best = with_replicates(best, results);
     const Task task = load_task(fa->task, fa->tasks_dir);
     const std::string db = (std::filesystem::absolute(fa->dir) / "results.db").string();
     const auto started = std::chrono::steady_clock::now();

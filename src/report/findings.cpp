@@ -369,85 +369,113 @@ Claim claim_gap_by_domain(Context& ctx) {
                  not_measured("no budget with a dense and an MoE arm measured out of domain"), e);
 }
 // 3. MoE gains less from fine-tuning (fairseq): the accuracy gain of fine-tuning (after - before, on the same
-// test items) of the dense and the MoE run of the largest budget that has both, per item.
-Claim claim_finetune(Context& ctx) {
-  const Study& study = ctx.study;
-  const std::string& column = ctx.column;
-  Evidence e;
-  e.unit = "accuracy";
-  {
-    struct Tuned {
-      const RunResult* run;
-      const DownstreamRecord* rec;
-    };
-    std::map<double, std::pair<std::vector<Tuned>, std::vector<Tuned>>> by_budget;  // C -> (dense, MoE)
-    for (const auto& s : study.sweeps) {
-      std::map<std::string, const RunResult*> by_name;
-      for (const auto& r : s.results) by_name[r.name] = &r;
-      for (const auto& d : s.downstream) {
-        if (d.mode != "finetune" || !d.finetune.contains("before")) continue;
-        const auto it = by_name.find(d.run);
-        if (it == by_name.end() || !ok(*it->second, column)) continue;
-        // Runs without a FLOP budget are ordered by their FLOPs, so the last group is the largest either way.
-        const double key = it->second->budget > 0 ? it->second->budget : it->second->flops;
-        auto& slot = by_budget[key];
-        (it->second->experts > 0 ? slot.second : slot.first).push_back({it->second, &d});
-      }
+// test items) of the best dense and the best MoE configuration of the largest budget that has both, per item: item
+// i's dense gain minus its MoE gain, averaged over the replicates both arms fine-tuned (paired by data seed), and a
+// t interval over items; never four accuracies taken as independent.
+struct Tuned {
+  const RunResult* run;
+  const DownstreamRecord* rec;
+};
+
+// The fine-tuned runs of the largest budget that has both arms: per arm, the replicates of its configuration with
+// the lowest mean loss. Empty when no budget has both.
+std::pair<std::vector<Tuned>, std::vector<Tuned>> finetuned_pair(const Study& study, const std::string& column) {
+  std::map<double, std::pair<std::vector<Tuned>, std::vector<Tuned>>> by_budget;  // C -> (dense, MoE)
+  for (const auto& s : study.sweeps) {
+    std::map<std::string, const RunResult*> by_name;
+    for (const auto& r : s.results) by_name[r.name] = &r;
+    for (const auto& d : s.downstream) {
+      if (d.mode != "finetune" || !d.finetune.contains("before")) continue;
+      const auto it = by_name.find(d.run);
+      if (it == by_name.end() || !ok(*it->second, column)) continue;
+      // Runs without a FLOP budget are ordered by their FLOPs, so the last group is the largest either way.
+      const double key = it->second->budget > 0 ? it->second->budget : it->second->flops;
+      auto& slot = by_budget[key];
+      (it->second->experts > 0 ? slot.second : slot.first).push_back({it->second, &d});
     }
-    std::pair<std::string, std::string> verdict{"not measured", "no dense and MoE run of one budget were fine-tuned "
-                                                                "(moelab sweep finetune)"};
-    std::string measured = "the study fine-tunes no runs", interval = ctx.spread;
-    for (auto it = by_budget.rbegin(); it != by_budget.rend(); ++it) {
-      auto& [dense, moe] = it->second;
-      if (dense.empty() || moe.empty()) continue;
-      auto best = [&](std::vector<Tuned>& v) {
-        return *std::min_element(v.begin(), v.end(), [&](const Tuned& a, const Tuned& b) {
-          return loss(*a.run, column) < loss(*b.run, column);
-        });
-      };
-      const Tuned d = best(dense), m = best(moe);
-      const auto& db = d.rec->finetune["before"];
-      const auto& mb = m.rec->finetune["before"];
-      const double gd = d.rec->acc - db["acc"].get<double>(), gm = m.rec->acc - mb["acc"].get<double>();
-      measured = d.rec->task + " (" + std::to_string(d.rec->n) + " test items), " + d.run->name + " vs " +
-                 m.run->name + ": dense " + fmt("%.3f", db["acc"].get<double>()) + " -> " + fmt("%.3f", d.rec->acc) +
-                 " (" + fmt("%+.3f", gd) + "), MoE " + fmt("%.3f", mb["acc"].get<double>()) + " -> " +
-                 fmt("%.3f", m.rec->acc) + " (" + fmt("%+.3f", gm) + "); dense gain - MoE gain = " + fmt("%+.3f", gd - gm);
-      // Judged per item: item i's dense gain (after - before, each 0 or 1) minus its MoE gain, paired over the
-      // same test items, never four accuracies taken as independent.
-      const std::string before_d = db.value("correct", ""), before_m = mb.value("correct", "");
-      const std::string& after_d = d.rec->correct;
-      const std::string& after_m = m.rec->correct;
-      const size_t n = after_d.size();
-      if (n == 0 || before_d.size() != n || before_m.size() != n || after_m.size() != n) {
-        interval = "no per-item results";
-        verdict = {"inconclusive", "these fine-tuning records predate per-item results (moelab sweep finetune "
-                                   "records them now); four accuracies are not judged as if independent"};
-        break;
-      }
-      std::vector<double> diffs(n);
-      int64_t up_d = 0, down_d = 0, up_m = 0, down_m = 0;  // discordant items (McNemar's b and c) per arm
-      for (size_t i = 0; i < n; ++i) {
-        const int dd = (after_d[i] == '1') - (before_d[i] == '1'), dm = (after_m[i] == '1') - (before_m[i] == '1');
-        up_d += dd > 0, down_d += dd < 0, up_m += dm > 0, down_m += dm < 0;
-        diffs[i] = dd - dm;
-      }
-      const PairedMean p = paired_mean(diffs);
-      measured += "; items turned right / wrong by fine-tuning: dense " + std::to_string(up_d) + " / " +
-                  std::to_string(down_d) + ", MoE " + std::to_string(up_m) + " / " + std::to_string(down_m);
-      interval = "paired over " + std::to_string(n) + " items: 95% interval [" + fmt("%+.3f", p.lo) + ", " +
-                 fmt("%+.3f", p.hi) + "], detectable effect " + fmt("%.3f", p.mde);
-      const Verdict v = judge_positive(p.estimate, p.lo, p.hi, p.mde);
-      verdict = {v.verdict, v.why};
-      e.estimate = p.estimate, e.lo = p.lo, e.hi = p.hi, e.mde = p.mde;
-      e.n_per_arm = {{"dense", {{"runs", 1}, {"items", n}}}, {"moe", {{"runs", 1}, {"items", n}}}};
-      break;
-    }
-    return finding("finetune", "MoE gains less than dense from fine-tuning", "fairseq MoE vs dense", measured,
-                   interval, Verdict{verdict.first, verdict.second}, e);
   }
+  auto best_config = [&](const std::vector<Tuned>& v) {
+    std::map<std::string, std::vector<Tuned>> groups;
+    for (const auto& t : v) groups[replicate_base_name(*t.run)].push_back(t);
+    const std::vector<Tuned>* best = nullptr;
+    double best_loss = INFINITY;
+    for (const auto& [name, g] : groups) {
+      double m = 0;
+      for (const auto& t : g) m += loss(*t.run, column) / static_cast<double>(g.size());
+      if (m < best_loss) best_loss = m, best = &g;
+    }
+    std::vector<Tuned> out = *best;
+    std::sort(out.begin(), out.end(), [](const Tuned& a, const Tuned& b) { return a.run->data_seed < b.run->data_seed; });
+    return out;
+  };
+  for (auto it = by_budget.rbegin(); it != by_budget.rend(); ++it)
+    if (!it->second.first.empty() && !it->second.second.empty())
+      return {best_config(it->second.first), best_config(it->second.second)};
+  return {};
 }
 
+Claim claim_finetune(Context& ctx) {
+  Evidence e;
+  e.unit = "accuracy";
+  const std::string id = "finetune", claim = "MoE gains less than dense from fine-tuning", source = "fairseq MoE vs dense";
+  const auto [dense, moe] = finetuned_pair(ctx.study, ctx.column);
+  if (dense.empty())
+    return finding(id, claim, source, "the study fine-tunes no runs", ctx.spread,
+                   {"not measured", "no dense and MoE run of one budget were fine-tuned (moelab sweep finetune)"}, e);
+  // The replicates both arms fine-tuned (by data seed), each with per-item results on the same items.
+  std::vector<std::pair<Tuned, Tuned>> pairs;
+  for (const auto& d : dense)
+    for (const auto& m : moe)
+      if (d.run->data_seed == m.run->data_seed) pairs.push_back({d, m});
+  if (pairs.empty()) pairs.push_back({dense.front(), moe.front()});  // no common replicate: the first of each
+  const double R = static_cast<double>(pairs.size());
+  double before_d = 0, after_d = 0, before_m = 0, after_m = 0;
+  for (const auto& [d, m] : pairs) {
+    before_d += d.rec->finetune["before"]["acc"].get<double>() / R, after_d += d.rec->acc / R;
+    before_m += m.rec->finetune["before"]["acc"].get<double>() / R, after_m += m.rec->acc / R;
+  }
+  const Tuned &d0 = pairs.front().first, &m0 = pairs.front().second;
+  std::string measured = d0.rec->task + " (" + std::to_string(d0.rec->n) + " test items), " + d0.run->name + " vs " +
+                         m0.run->name + (pairs.size() > 1 ? " and their other " + std::to_string(pairs.size() - 1) +
+                                                                " replicates (means over " + std::to_string(pairs.size()) + ")"
+                                                          : "") +
+                         ": dense " + fmt("%.3f", before_d) + " -> " + fmt("%.3f", after_d) + " (" +
+                         fmt("%+.3f", after_d - before_d) + "), MoE " + fmt("%.3f", before_m) + " -> " +
+                         fmt("%.3f", after_m) + " (" + fmt("%+.3f", after_m - before_m) +
+                         "); dense gain - MoE gain = " + fmt("%+.3f", (after_d - before_d) - (after_m - before_m));
+  // Per item: the dense gain (after - before, each 0 or 1) minus the MoE gain, averaged over the replicate pairs.
+  const size_t n = d0.rec->correct.size();
+  bool per_item = n > 0;
+  for (const auto& [d, m] : pairs)
+    for (const Tuned* t : {&d, &m})
+      per_item &= t->rec->correct.size() == n && t->rec->finetune["before"].value("correct", "").size() == n;
+  if (!per_item)
+    return finding(id, claim, source, measured, "no per-item results",
+                   {"inconclusive", "these fine-tuning records predate per-item results (moelab sweep finetune "
+                                    "records them now); four accuracies are not judged as if independent"},
+                   e);
+  std::vector<double> diffs(n, 0.0);
+  int64_t up_d = 0, down_d = 0, up_m = 0, down_m = 0;  // discordant items (McNemar's b and c) per arm, all replicates
+  for (const auto& [d, m] : pairs) {
+    const std::string bd = d.rec->finetune["before"].value("correct", ""), bm = m.rec->finetune["before"].value("correct", "");
+    for (size_t i = 0; i < n; ++i) {
+      const int dd = (d.rec->correct[i] == '1') - (bd[i] == '1'), dm = (m.rec->correct[i] == '1') - (bm[i] == '1');
+      up_d += dd > 0, down_d += dd < 0, up_m += dm > 0, down_m += dm < 0;
+      diffs[i] += (dd - dm) / R;
+    }
+  }
+  const PairedMean p = paired_mean(diffs);
+  measured += "; items turned right / wrong by fine-tuning: dense " + std::to_string(up_d) + " / " +
+              std::to_string(down_d) + ", MoE " + std::to_string(up_m) + " / " + std::to_string(down_m);
+  const std::string interval = "paired over " + std::to_string(n) + " items" +
+                               (pairs.size() > 1 ? " x " + std::to_string(pairs.size()) + " replicates" : "") +
+                               ": 95% interval [" + fmt("%+.3f", p.lo) + ", " + fmt("%+.3f", p.hi) +
+                               "], detectable effect " + fmt("%.3f", p.mde);
+  e.estimate = p.estimate, e.lo = p.lo, e.hi = p.hi, e.mde = p.mde;
+  const int64_t runs = static_cast<int64_t>(pairs.size());
+  e.n_per_arm = {{"dense", {{"runs", runs}, {"items", n}}}, {"moe", {{"runs", runs}, {"items", n}}}};
+  return finding(id, claim, source, measured, interval, judge_positive(p.estimate, p.lo, p.hi, p.mde), e);
+}
 
 // Per replicate (data seed): the points (x, loss) of `runs`, for replicates with at least 3 distinct x.
 std::map<int, std::pair<std::vector<double>, std::vector<double>>> points_by_replicate(

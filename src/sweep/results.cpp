@@ -606,4 +606,16 @@ std::vector<BestRun> best_runs_per_budget(const std::vector<RunResult>& results,
   return out;
 }
 
+std::vector<BestRun> with_replicates(const std::vector<BestRun>& best, const std::vector<RunResult>& results) {
+  std::vector<BestRun> out;
+  for (const BestRun& b : best) {
+    std::vector<const RunResult*> group;
+    for (const auto& r : results)
+      if (r.status == "ok" && replicate_base_name(r) == replicate_base_name(*b.run)) group.push_back(&r);
+    std::sort(group.begin(), group.end(), [](const RunResult* x, const RunResult* y) { return x->seed < y->seed; });
+    for (const RunResult* r : group) out.push_back({b.budget_key, b.moe, r});
+  }
+  return out;
+}
+
 }  // namespace moelab

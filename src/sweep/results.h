@@ -73,6 +73,8 @@ struct BestRun {
 };
 std::vector<BestRun> best_runs_per_budget(const std::vector<RunResult>& results, const std::string& loss);
 double result_loss(const RunResult& r, const std::string& loss);  // "val", "smoothed" or "final"
+// Each best run followed by the other finished replicates of its configuration (same replicate_base_name), by seed.
+std::vector<BestRun> with_replicates(const std::vector<BestRun>& best, const std::vector<RunResult>& results);
 
 // CSV with a header row. Columns: name, status, params, active_params, nonembedding_params, tokens, flops, loss,
 // final_loss, smoothed_loss, val_loss, sparsity, granularity, experts, top_k, d_model, n_layers, steps, budget,
