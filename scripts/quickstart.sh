@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The main job: on a fresh Debian 12 machine, installs what is missing, builds, assembles the default corpus, and
-# runs a CPU-sized study of the three papers' questions, every run with 3 seeds paired by data order: IsoFLOP
+# runs a CPU-sized study of the three papers' questions, every run with 4 seeds paired by data order: IsoFLOP
 # sparsity curves at 3 budgets (dense, 4 and 16 experts, each over a shape ladder around its optimum), granularity
 # G = 1..8 at 3 budgets with the granularity law, loss against sparsity at fixed total parameters, downstream
-# evaluation zero- and few-shot, and the best dense and MoE configuration fine-tuned on a built-in task. It fits the
+# evaluation zero- and few-shot, and every replicate of the best dense and MoE configuration fine-tuned on a built-in task. It fits the
 # laws, writes the HTML report with its findings table (each claim of the papers: estimate, 95% interval, runs per
 # arm, the smallest effect the design detects, verdict) and prints the headline. Measured: docs/report.md.
 # Every step is idempotent: rerun it after an interruption and it resumes (finished runs are skipped, interrupted

@@ -1,10 +1,10 @@
 #!/usr/bin/python3
 """Scales one of the quickstart's study specs to a time budget (scripts/quickstart.sh --hours H).
 
-The default study (configs/study/*.toml) trains every configuration with 3 seeds in about DEFAULT_MINUTES of
+The default study (configs/study/*.toml) trains every configuration with 4 seeds in about DEFAULT_MINUTES of
 training on 2 cores (measured: docs/report.md). Given H hours, this keeps the design and spends the time on
-  * more seeds: 5 once H >= 2 (the t interval's width falls from 4.30 / sqrt(3) to 2.78 / sqrt(5) seed sd), and
-  * larger budgets: every FLOP budget times F, with F = available time / (default time x seeds / 3), and every
+  * more seeds: 6 once H >= 2 (the t interval's width falls from 3.18 / sqrt(4) to 2.57 / sqrt(6) seed sd), and
+  * larger budgets: every FLOP budget times F, with F = available time / (default time x seeds / 4), and every
     IsoFLOP and granularity shape widened by F^(1/4) (N* grows as C^(1/2), N as d^2), rounded to a multiple of 4,
     so that each ladder still brackets its budget's optimum; the learning-rate rule follows d_model.
 The fixed-parameter spec keeps its shapes and its N (its budget grows by F, the paper's curve at more tokens).
@@ -15,7 +15,8 @@ import math
 import re
 import sys
 
-DEFAULT_MINUTES = 29.0  # training minutes of the default study on 2 cores, --jobs 2 (measured: docs/report.md)
+DEFAULT_MINUTES = 25.0  # training minutes of the default study on 2 cores, --jobs 2 (measured: docs/report.md)
+BASE_SEEDS = 4          # the default study's seeds
 
 
 def scale_numbers(text, key, factor, fmt):
@@ -34,9 +35,9 @@ def main():
     if a.hours <= 0:
         sys.exit("scale-study: --hours must be positive")
     text = open(a.spec, encoding="utf-8").read()
-    seeds = 5 if a.hours >= 2 else 3
+    seeds = 6 if a.hours >= 2 else BASE_SEEDS
     available = a.hours * 60  # training minutes (the default's rate was measured with --jobs 2 on 2 cores)
-    factor = max(1.0, available / (DEFAULT_MINUTES * seeds / 3))
+    factor = max(1.0, available / (DEFAULT_MINUTES * seeds / BASE_SEEDS))
     widen = factor ** 0.25
     fixed = re.search(r'^kind\s*=\s*"fixed_params"', text, flags=re.M) is not None
     text = scale_numbers(text, "budgets", factor, lambda v: "%.3g" % v)
@@ -48,8 +49,9 @@ def main():
     header = ("# Scaled by scripts/scale-study.py from %s for --hours %g: budgets x %.3g, %s%d seeds.\n"
               % (a.spec, a.hours, factor, "" if fixed else "d_model x %.3g, " % widen, seeds))
     sys.stdout.write(header + text)
-    print("scale-study: %s: budgets x %.3g, %d seeds (the default study: %d min of training, 3 seeds; this one: about "
-          "%.0f min on 2 cores)" % (a.spec, factor, seeds, DEFAULT_MINUTES, DEFAULT_MINUTES * seeds / 3 * factor),
+    print("scale-study: %s: budgets x %.3g, %d seeds (the default study: %d min of training, %d seeds; this one: about "
+          "%.0f min on 2 cores)" % (a.spec, factor, seeds, DEFAULT_MINUTES, BASE_SEEDS,
+                                    DEFAULT_MINUTES * seeds / BASE_SEEDS * factor),
           file=sys.stderr)
 
 
