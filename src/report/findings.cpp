@@ -168,13 +168,24 @@ std::map<int, double> by_replicate(const ArmComparison& c) {
 
 Verdict not_measured(const std::string& why) { return {"not measured", why}; }
 
+// A PairedMean moved to another centre: the estimate of pooled fits, with the spread of the per-replicate values
+// (se, interval half-widths, detectable effect) kept. The per-replicate values' own mean can sit away from the
+// pooled fits where a replicate's curve is too noisy for its own minimum (a parabola through 3 noisy points).
+PairedMean recentred(PairedMean p, double centre) {
+  if (!std::isfinite(centre) || !std::isfinite(p.estimate)) return p;
+  p.lo += centre - p.estimate, p.hi += centre - p.estimate;
+  p.estimate = centre;
+  return p;
+}
+
 // A claim judged on the mean over budgets, replicate by replicate (each map: replicate -> the budget's estimate):
-// its t interval, the verdict, and "inconclusive" when it is positive on average but the opposite at some budget.
-// Fills the evidence and appends the pooled estimate to `measured`.
+// its t interval (centred on `centre`, the mean of the budgets' pooled estimates, when given), the verdict, and
+// "inconclusive" when it is positive on average but the opposite at some budget. Fills the evidence and appends
+// the pooled estimate to `measured`.
 Verdict judge_mean_over_budgets(const std::vector<std::map<int, double>>& per_budget,
                                 const std::vector<std::pair<std::string, Verdict>>& parts, Evidence& e,
-                                std::string& measured) {
-  const PairedMean pooled = paired_mean(mean_over_keys(per_budget));
+                                std::string& measured, double centre = kNaN) {
+  const PairedMean pooled = recentred(paired_mean(mean_over_keys(per_budget)), centre);
   e.estimate = pooled.estimate, e.lo = pooled.lo, e.hi = pooled.hi, e.mde = pooled.mde;
   measured += "; mean over " + std::to_string(parts.size()) + " budgets " + interval_text(pooled);
   Verdict verdict = judge_positive(pooled.estimate, pooled.lo, pooled.hi, pooled.mde);
@@ -244,6 +255,7 @@ Claim claim_moe_beats_dense(Context& ctx) {
   ojson n = ojson::object();
   std::map<int, std::vector<std::pair<double, double>>> dense_minima;  // replicate -> (log C, dense minimum)
   std::map<int, double> moe_at_top;
+  std::vector<double> pooled_estimates;  // per paired budget: the difference of the minima fitted to all runs
   double top_C = kNaN;
   for (const auto& [C, by_arm] : arms) {
     const auto dense_it = std::find_if(by_arm.begin(), by_arm.end(), [](const auto& a) { return a.first.experts == 0; });
@@ -278,6 +290,7 @@ Claim claim_moe_beats_dense(Context& ctx) {
     }
     if (c.paired) {
       per_budget.push_back(by_replicate(c));
+      pooled_estimates.push_back(c.estimate);
       ctx.pairing.push_back({C, "dense - MoE " + moe->first.label(), c.per_replicate.size(), c.se, c.se_unpaired,
                              c.se * c.se / (c.se_unpaired * c.se_unpaired), c.correlation});
     }
@@ -292,7 +305,9 @@ Claim claim_moe_beats_dense(Context& ctx) {
                    "fairseq MoE vs dense; Abnar et al.", "no budget with a dense and an MoE arm", ctx.spread,
                    not_measured("no IsoFLOP budget has both a dense and an MoE arm"), e);
   }
-  Verdict verdict = judge_mean_over_budgets(per_budget, parts, e, measured);
+  double centre = 0;
+  for (double x : pooled_estimates) centre += x / static_cast<double>(pooled_estimates.size());
+  Verdict verdict = judge_mean_over_budgets(per_budget, parts, e, measured, pooled_estimates.empty() ? kNaN : centre);
 
   // The compute multiplier: per replicate, dense's minima against log C (a line over the budgets) and the C at
   // which that line reaches the MoE minimum of the largest budget, over that budget; the mean of its log over
@@ -350,7 +365,8 @@ Claim claim_gap_by_domain(Context& ctx) {
       std::vector<double> d;
       for (const auto& [r, g_out] : by_replicate(out))
         if (in_by_r.count(r)) d.push_back(in_by_r.at(r) - g_out);
-      const PairedMean p = paired_mean(d);
+      // Centred on the minima fitted to all runs (in.estimate - out.estimate), with the replicates' spread.
+      const PairedMean p = recentred(paired_mean(d), in.estimate - out.estimate);
       measured += ", " + set + " " + fmt("%+.4f", out.estimate) + " (in - out " + interval_text(p) + ")";
       const Verdict v = judge_positive(p.estimate, p.lo, p.hi, p.mde);
       parts.push_back({set, v});
