@@ -15,7 +15,7 @@ import math
 import re
 import sys
 
-DEFAULT_MINUTES = 25.0  # training minutes of the default study on 2 cores, --jobs 2 (measured: docs/report.md)
+DEFAULT_MINUTES = 23.0  # training minutes of the default study on 2 cores, --jobs 2 (measured: docs/report.md)
 BASE_SEEDS = 4          # the default study's seeds
 
 
