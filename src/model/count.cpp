@@ -23,6 +23,7 @@ int64_t moe_layer_count(const ModelConfig& m) {
 
 ParameterCounts count_parameters(const ModelConfig& m) {
   ParameterCounts n;
+  const ModelPlan plan(m);
   n.moe_layers = moe_layer_count(m);
   if (m.moe.enabled()) {
     n.routed_experts = m.moe.routed_experts();
@@ -30,7 +31,7 @@ ParameterCounts count_parameters(const ModelConfig& m) {
     n.shared_experts = m.moe.shared_experts;
     n.granularity = m.moe.granularity;
     n.sparsity = m.moe.sparsity();
-    n.expansion_rate = static_cast<double>(n.routed_experts * ffn_parameters(m, ModelPlan(m).expert_hidden)) /
+    n.expansion_rate = static_cast<double>(n.routed_experts * ffn_parameters(m, plan.expert_hidden)) /
                        static_cast<double>(ffn_parameters(m, m.ffn_hidden()));
   }
   // Every tensor the parameter table gives this model, by its shape: embeddings (token, position, an untied head),
@@ -41,7 +42,6 @@ ParameterCounts count_parameters(const ModelConfig& m) {
     n.non_expert += k;
     if (spec.embedding) n.embedding += k;
   }
-  const ModelPlan plan(m);
   for (int64_t i = 0; i < m.n_layers; ++i) {
     const BlockPlan& block = plan.blocks[static_cast<size_t>(i)];
     for (const BlockParamSpec& spec : block_param_table()) {
