@@ -58,6 +58,17 @@ scripts/fetch-corpus.sh --out data/corpus
 $moelab data prepare --corpus data/corpus --out data/prepared-v512 --vocab 512 --quiet
 
 stage 3 "sweeps: plans"
+# Plans a sweep; prints its last line and, when some of its runs would need more training tokens than the corpus
+# holds (the planner leaves them out), says which, so that no arm goes missing unannounced.
+plan() {  # SPEC NAME
+  local out
+  out=$($moelab sweep plan "$1" --out "$study/$2")
+  tail -1 <<<"$out"
+  if grep -q '^infeasible runs' <<<"$out"; then
+    echo "note: the $2 sweep leaves out $(grep -c ': needs ' <<<"$out") runs, every seed of:"
+    grep ': needs ' <<<"$out" | grep -v -- '-s[0-9]*: needs' | sed 's/^ */  /'
+  fi
+}
 for sweep in sparsity granularity fixed-params; do
   if [[ -n "$hours" ]]; then
     # The longer study: the default specs with every budget scaled by F and more seeds (scripts/scale-study.py
@@ -65,9 +76,9 @@ for sweep in sparsity granularity fixed-params; do
     mkdir -p "$study/specs"
     /usr/bin/python3 scripts/scale-study.py "${spec}$sweep.toml" --hours "$hours" > "$study/specs/$sweep.toml.tmp"
     mv "$study/specs/$sweep.toml.tmp" "$study/specs/$sweep.toml"
-    $moelab sweep plan "$study/specs/$sweep.toml" --out "$study/$sweep" | tail -1
+    plan "$study/specs/$sweep.toml" "$sweep"
   else
-    $moelab sweep plan "${spec}$sweep.toml" --out "$study/$sweep" | tail -1
+    plan "${spec}$sweep.toml" "$sweep"
   fi
 done
 

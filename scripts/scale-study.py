@@ -7,7 +7,9 @@ training on 2 cores (measured: docs/report.md). Given H hours, this keeps the de
   * larger budgets: every FLOP budget times F, with F = available time / (default time x seeds / 4), and every
     IsoFLOP and granularity shape widened by F^(1/4) (N* grows as C^(1/2), N as d^2), rounded to a multiple of 4,
     so that each ladder still brackets its budget's optimum; the learning-rate rule follows d_model.
-The fixed-parameter spec keeps its shapes and its N (its budget grows by F, the paper's curve at more tokens).
+The fixed-parameter spec scales the same way: its budget by F, its total parameters N by F^(1/2) and its shapes
+by F^(1/4), so every run's tokens grow by F^(1/2) as the IsoFLOP runs' do (keeping N would have multiplied the
+sparsest runs' tokens by F, past what the default corpus holds from F = 2.5 on).
 Prints the scaled spec on stdout and the plan (F, seeds, ETA) on stderr. Standard library only.
 """
 import argparse
@@ -41,13 +43,14 @@ def main():
     widen = factor ** 0.25
     fixed = re.search(r'^kind\s*=\s*"fixed_params"', text, flags=re.M) is not None
     text = scale_numbers(text, "budgets", factor, lambda v: "%.3g" % v)
-    if not fixed:
-        text = re.sub(r"^(d_model\s*=\s*)(\d+)", lambda m: m.group(1) + str(max(8, 4 * round(int(m.group(2)) * widen / 4))),
-                      text, flags=re.M)
+    if fixed:
+        text = scale_numbers(text, "params", math.sqrt(factor), lambda v: "%.3g" % v)
+    text = re.sub(r"^(d_model\s*=\s*)(\d+)", lambda m: m.group(1) + str(max(8, 4 * round(int(m.group(2)) * widen / 4))),
+                  text, flags=re.M)
     text = re.sub(r"^seeds\s*=\s*\[[^\]]*\]", "seeds = [" + ", ".join(str(s) for s in range(1, seeds + 1)) + "]",
                   text, flags=re.M)
-    header = ("# Scaled by scripts/scale-study.py from %s for --hours %g: budgets x %.3g, %s%d seeds.\n"
-              % (a.spec, a.hours, factor, "" if fixed else "d_model x %.3g, " % widen, seeds))
+    header = ("# Scaled by scripts/scale-study.py from %s for --hours %g: budgets x %.3g, %sd_model x %.3g, %d seeds.\n"
+              % (a.spec, a.hours, factor, "params x %.3g, " % math.sqrt(factor) if fixed else "", widen, seeds))
     sys.stdout.write(header + text)
     print("scale-study: %s: budgets x %.3g, %d seeds (the default study: %d min of training, %d seeds; this one: about "
           "%.0f min on 2 cores)" % (a.spec, factor, seeds, DEFAULT_MINUTES, BASE_SEEDS,
