@@ -58,15 +58,16 @@ scripts/fetch-corpus.sh --out data/corpus
 $moelab data prepare --corpus data/corpus --out data/prepared-v512 --vocab 512 --quiet
 
 stage 3 "sweeps: plans"
-# Plans a sweep; prints its last line and, when some of its runs would need more training tokens than the corpus
-# holds (the planner leaves them out), says which, so that no arm goes missing unannounced.
+# Plans a sweep; prints its last line and, when the planner leaves runs out (a ladder without a shape near the
+# wanted size, more training tokens than the corpus holds), says which, so that no arm goes missing unannounced.
 plan() {  # SPEC NAME
-  local out
+  local out left
   out=$($moelab sweep plan "$1" --out "$study/$2")
   tail -1 <<<"$out"
-  if grep -q '^infeasible runs' <<<"$out"; then
-    echo "note: the $2 sweep leaves out $(grep -c ': needs ' <<<"$out") runs, every seed of:"
-    grep ': needs ' <<<"$out" | grep -v -- '-s[0-9]*: needs' | sed 's/^ */  /'
+  left=$(sed -n '/^infeasible runs/,/^planned /{/^  /p}' <<<"$out")
+  if [[ -n "$left" ]]; then
+    echo "note: the $2 sweep leaves out $(wc -l <<<"$left") runs (every seed of these configurations):"
+    grep -v -- '-s[0-9]*: ' <<<"$left" || true
   fi
 }
 for sweep in sparsity granularity fixed-params; do
