@@ -8,8 +8,9 @@ training on 2 cores (measured: docs/report.md). Given H hours, this keeps the de
     IsoFLOP and granularity shape widened by F^(1/4) (N* grows as C^(1/2), N as d^2), rounded to a multiple of 4,
     so that each ladder still brackets its budget's optimum; the learning-rate rule follows d_model.
 The fixed-parameter spec scales the same way: its budget by F, its total parameters N by F^(1/2) and its shapes
-by F^(1/4), so every run's tokens grow by F^(1/2) as the IsoFLOP runs' do (keeping N would have multiplied the
-sparsest runs' tokens by F, past what the default corpus holds from F = 2.5 on).
+by F^(1/4), so its runs' tokens grow by about F^(1/2) as the IsoFLOP runs' do (faster for the narrowest, sparsest
+shapes, whose FLOPs are mostly embedding and attention: at --hours 3 the 64-expert arm needs more tokens than the
+default corpus holds and the planner leaves it out; keeping N would have left out the 32-expert arm too).
 Prints the scaled spec on stdout and the plan (F, seeds, ETA) on stderr. Standard library only.
 """
 import argparse
