@@ -3,6 +3,7 @@
 // the parameter count, sparse upcycling (`train.init_from`) and its errors, and the config's refusals.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <map>
 
@@ -174,6 +175,56 @@ TEST(MoeOptions, ConfigRefusesWhatCannotWork) {
             }).find("moe.seq_aux_loss_weight"),
             std::string::npos);
   EXPECT_NE(error_of([] { config_from_string("", small_moe({"moe.score=tanh"})); }).find("softmax|sigmoid"),
+            std::string::npos);
+}
+
+// model.zero_init_residual and model.zero_init_head (docs/report.md, seed-noise experiments): the projections into
+// the residual stream (attention output, expert and shared fc2) and the untied head start at zero, every other
+// tensor starts as it does without them (the draws stay in step), the zeros leave within two steps (below a zero
+// head the first step's gradient is only the routers' auxiliary losses'), and a zero head with tied embeddings is
+// refused.
+TEST(InitOptions, ZeroResidualProjectionsAndHead) {
+  const fs::path dir = temp_dir("zero_init");
+  TokenFile data(write_tokens(dir / "tokens.bin", 5000, 64), "uint16");
+  const std::vector<std::string> base = {"model.tied_embeddings=false", "moe.every=1", "moe.shared_experts=1"};
+  std::vector<std::string> zero = base;
+  zero.insert(zero.end(), {"model.zero_init_residual=true", "model.zero_init_head=true"});
+  auto be = testing::make_test_backend(2);
+  Trainer plain(config_from_string("", small_moe(base)), *be), zeroed(config_from_string("", small_moe(zero)), *be);
+  const auto values = [&](Trainer& t) {
+    const Transformer& m = t.model();
+    return be->download_vector(m.params(), m.num_params());
+  };
+  const std::vector<float> p = values(plain), z = values(zeroed);
+  const auto is_zeroed = [](const std::string& name) {
+    for (const char* part : {"attn.out.weight", "fc2.weight", "lm_head.weight"})
+      if (name.find(part) != std::string::npos) return true;
+    return false;
+  };
+  int zeroed_tensors = 0;
+  for (const auto& e : zeroed.model().layout().entries()) {
+    const auto begin = z.begin() + e.offset, end = begin + e.shape.numel();
+    if (is_zeroed(e.name)) {
+      ++zeroed_tensors;
+      EXPECT_TRUE(std::all_of(begin, end, [](float x) { return x == 0.f; })) << e.name;
+      EXPECT_TRUE(std::any_of(p.begin() + e.offset, p.begin() + e.offset + e.shape.numel(),
+                              [](float x) { return x != 0.f; }))
+          << e.name << " is drawn at random without the options";
+    } else {
+      EXPECT_TRUE(std::equal(begin, end, p.begin() + e.offset)) << e.name << " should start as without the options";
+    }
+  }
+  EXPECT_EQ(zeroed_tensors, 2 * 3 + 1);  // per layer: attention output, expert fc2, shared fc2; and the head
+  zeroed.step(data);
+  zeroed.step(data);
+  const std::vector<float> after = values(zeroed);
+  for (const auto& e : zeroed.model().layout().entries())
+    if (is_zeroed(e.name))
+      EXPECT_TRUE(std::any_of(after.begin() + e.offset, after.begin() + e.offset + e.shape.numel(),
+                              [](float x) { return x != 0.f; }))
+          << e.name << " still zero after two steps";
+  EXPECT_NE(error_of([] { config_from_string("", small_moe({"model.zero_init_head=true"})); })
+                .find("model.tied_embeddings"),
             std::string::npos);
 }
 

@@ -72,6 +72,8 @@ struct ModelConfig {
   double norm_eps = 1e-5;
   double rope_theta = 10000.0;
   double init_std = 0.02;
+  bool zero_init_residual = false;  // projections into the residual stream start at zero
+  bool zero_init_head = false;      // the (untied) output head starts at zero
   MoeConfig moe;
 
   int64_t ffn_hidden() const { return d_ff > 0 ? d_ff : 4 * d_model; }

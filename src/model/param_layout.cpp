@@ -1,6 +1,7 @@
 #include "model/param_layout.h"
 
 #include <cmath>
+#include <string>
 
 #include "model/plan.h"
 
@@ -11,14 +12,18 @@ ParamLayout::ParamLayout(const ModelConfig& m, int64_t expert_shards) {
   const float std = static_cast<float>(m.init_std);
   // Projections that write into the residual stream are scaled down so the stream's variance does not grow
   // with depth (GPT-2).
-  const float residual_std = static_cast<float>(m.init_std / std::sqrt(2.0 * m.n_layers));
+  // model.zero_init_residual: those projections start at zero instead, every block the identity.
+  const float residual_std =
+      m.zero_init_residual ? 0.f : static_cast<float>(m.init_std / std::sqrt(2.0 * m.n_layers));
   const auto init_std = [&](ParamInit init) {
     return init == ParamInit::Normal ? std : init == ParamInit::Residual ? residual_std : 0.f;
   };
   const auto add_model_params = [&](bool after_blocks) {
     for (const ModelParamSpec& spec : model_param_table()) {
       const Shape shape = spec.shape(m);
-      if (spec.after_blocks == after_blocks && shape.rank > 0) add(spec.name, shape, spec.kind, init_std(spec.init));
+      const bool zero_head = m.zero_init_head && std::string(spec.name) == param_name::kLmHead;
+      if (spec.after_blocks == after_blocks && shape.rank > 0)
+        add(spec.name, shape, spec.kind, zero_head ? 0.f : init_std(spec.init));
     }
   };
   add_model_params(false);
