@@ -152,8 +152,8 @@ std::vector<KeyDef> model_keys() {
       float_key("model.init_std", [](Config& c) -> double& { return c.model.init_std; }, 0, 10,
                 "std of the normal init of weights (output projections are scaled by 1/sqrt(2 n_layers))"),
       bool_key("model.zero_init_residual", [](Config& c) -> bool& { return c.model.zero_init_residual; },
-               "projections into the residual stream (attention output, FFN and expert fc2) start at zero, so "
-               "every block starts as the identity and only the embeddings are drawn at random"),
+               "projections into the residual stream (attention output, FFN, expert and shared fc2) start at zero, "
+               "so every block starts as the identity; the other weights are drawn as without it"),
       bool_key("model.zero_init_head", [](Config& c) -> bool& { return c.model.zero_init_head; },
                "the output head starts at zero (uniform first predictions); needs model.tied_embeddings = false"),
   };
@@ -518,10 +518,10 @@ void apply_override(Config& c, const std::string& assignment) {
 }
 
 void validate(const Config& c) {
-  if (c.model.zero_init_head && c.model.tied_embeddings)
+  const auto& m = c.model;
+  if (m.zero_init_head && m.tied_embeddings)
     throw Error("model.zero_init_head = true would zero the token embeddings too, since model.tied_embeddings = "
                 "true shares them with the head; set model.tied_embeddings = false or drop model.zero_init_head");
-  const auto& m = c.model;
   if (m.d_model % m.n_heads != 0)
     throw Error("model.d_model = " + std::to_string(m.d_model) + " is not divisible by model.n_heads = " +
                 std::to_string(m.n_heads) + "; choose n_heads dividing d_model");
